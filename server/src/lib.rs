@@ -1,1 +1,23 @@
-//! placeholder
+//! jobwire-server: a durable job queue served over gRPC, backed by PostgreSQL.
+//!
+//! # Layout
+//!
+//! - [`config`]: flags and environment, validated at start-up.
+//! - [`domain`]: the names and states every layer shares.
+//! - [`api`]: one file per gRPC service; validates, calls the store or the engine, maps errors
+//!   to status codes once. Handlers hold no SQL and no timing.
+//! - [`engine`]: the loops that own timing and batching (dispatcher, completer, notifier,
+//!   leader election, reaper, scheduler).
+//! - [`store`]: every SQL statement.
+//! - [`embedded_pg`]: the private PostgreSQL cluster used when no `DATABASE_URL` is given.
+//! - [`server`]: wires the pieces together and runs them until shutdown.
+//!
+//! PostgreSQL holds all state, so any number of replicas can serve side by side.
+
+pub mod api;
+pub mod config;
+pub mod domain;
+pub mod embedded_pg;
+pub mod engine;
+pub mod server;
+pub mod store;

@@ -1,1 +1,112 @@
-fn main() {}
+//! The `jobwire-server` binary: parse flags, start logging and (when no DATABASE_URL is given)
+//! the private PostgreSQL cluster, bind, and run until SIGTERM or SIGINT.
+
+use std::{
+    io::{IsTerminal, Write},
+    process::ExitCode,
+};
+
+use clap::Parser;
+use jobwire_server::{
+    config::{Config, LogFormat},
+    embedded_pg::EmbeddedPostgres,
+    server,
+};
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let config = Config::parse();
+    if let Err(error) = config.validate() {
+        eprintln!("jobwire-server: {error}");
+        return ExitCode::from(2);
+    }
+    init_tracing(config.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("jobwire-server: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            eprintln!("jobwire-server: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let embedded = match &config.database_url {
+        Some(_) => None,
+        None => {
+            tracing::info!(data_dir = %config.data_dir.display(), "no DATABASE_URL: starting a private PostgreSQL");
+            let pg = EmbeddedPostgres::start(&config.data_dir).await?;
+            pg.ensure_database("jobwire").await?;
+            Some(pg)
+        }
+    };
+    let database_url = match (&config.database_url, &embedded) {
+        (Some(url), _) => url.clone(),
+        (None, Some(pg)) => pg.database_url("jobwire"),
+        (None, None) => anyhow::bail!("no database configured"),
+    };
+
+    let served = serve(&config, &database_url).await;
+    if let Some(pg) = embedded {
+        if let Err(error) = pg.stop().await {
+            tracing::warn!(%error, "could not stop the private PostgreSQL");
+        }
+    }
+    served
+}
+
+async fn serve(config: &Config, database_url: &str) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, "serving gRPC");
+    // The one line on stdout: scripts and tests wait for it to know the server is up.
+    println!("jobwire-server listening on {addr}");
+    std::io::stdout().flush()?;
+
+    let shutdown = CancellationToken::new();
+    let signals = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutdown requested");
+        signals.cancel();
+    });
+    server::run(config, database_url, listener, shutdown).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,110 @@
+//! The API's error type and its one mapping to gRPC status codes.
+//!
+//! Field errors carry a `google.rpc.BadRequest` detail naming the field path, so clients can
+//! point at the culprit; database errors never reach the wire as SQL text.
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::{engine::completer::SettleError, store};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The request is malformed; `field` is the path of the offending field.
+    #[error("{field}: {description}")]
+    InvalidArgument { field: String, description: String },
+    #[error("{0}")]
+    NotFound(String),
+    /// The request is well-formed but the target's state forbids it.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// A stale fencing token or a lost race; retrying with fresh state may succeed.
+    #[error("{0}")]
+    Aborted(String),
+    /// The database cannot be reached right now; retrying later may succeed.
+    #[error("{0}")]
+    Unavailable(String),
+    /// A bug or a corrupt row: logged in full, reported vaguely.
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn invalid(field: impl Into<String>, description: impl Into<String>) -> Self {
+        Self::InvalidArgument {
+            field: field.into(),
+            description: description.into(),
+        }
+    }
+
+    /// Maps a store error, naming what was looked for when it was not found.
+    pub fn from_store(error: store::Error, what: impl FnOnce() -> String) -> Self {
+        match error {
+            store::Error::NotFound => Self::NotFound(what()),
+            other => other.into(),
+        }
+    }
+
+    /// Prefixes the field path, for errors inside repeated or nested messages.
+    pub fn within(self, prefix: &str) -> Self {
+        match self {
+            Self::InvalidArgument { field, description } => Self::InvalidArgument {
+                field: format!("{prefix}.{field}"),
+                description,
+            },
+            other => other,
+        }
+    }
+
+    pub fn code(&self) -> Code {
+        match self {
+            Self::InvalidArgument { .. } => Code::InvalidArgument,
+            Self::NotFound(_) => Code::NotFound,
+            Self::FailedPrecondition(_) => Code::FailedPrecondition,
+            Self::Aborted(_) => Code::Aborted,
+            Self::Unavailable(_) => Code::Unavailable,
+            Self::Internal(_) => Code::Internal,
+        }
+    }
+}
+
+impl From<store::Error> for ApiError {
+    fn from(error: store::Error) -> Self {
+        if error.is_transient() {
+            tracing::warn!(%error, "database unavailable");
+            return Self::Unavailable("database unavailable; retry later".into());
+        }
+        match error {
+            store::Error::NotFound => Self::NotFound("not found".into()),
+            other => Self::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<SettleError> for ApiError {
+    fn from(error: SettleError) -> Self {
+        match error {
+            SettleError::ShuttingDown | SettleError::Unavailable(_) => {
+                Self::Unavailable(error.to_string())
+            }
+            SettleError::Internal(message) => Self::Internal(message),
+        }
+    }
+}
+
+impl From<ApiError> for Status {
+    fn from(error: ApiError) -> Self {
+        match error {
+            ApiError::InvalidArgument { field, description } => Status::with_error_details(
+                Code::InvalidArgument,
+                format!("{field}: {description}"),
+                ErrorDetails::with_bad_request_violation(field, description),
+            ),
+            ApiError::Internal(detail) => {
+                tracing::error!(%detail, "internal error");
+                Status::internal("internal error")
+            }
+            other => Status::new(other.code(), other.to_string()),
+        }
+    }
+}

@@ -1,0 +1,270 @@
+//! `jobwire.v1.JobService`: enqueue, inspect and control jobs.
+
+use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
+use jobwire_proto::v1::{self as pb, job_service_server::JobService};
+use serde::{Deserialize, Serialize};
+use tonic::{Request, Response, Status};
+
+use super::{ApiError, convert, tenant_of, validate};
+use crate::{
+    domain::{JobId, JobState, TenantId},
+    store::{ListFilter, Store},
+};
+
+const DEFAULT_PAGE_SIZE: i32 = 50;
+const MAX_PAGE_SIZE: i32 = 1000;
+
+pub struct JobApi {
+    store: Store,
+    max_payload_bytes: usize,
+}
+
+impl JobApi {
+    pub fn new(store: Store, max_payload_bytes: usize) -> Self {
+        Self {
+            store,
+            max_payload_bytes,
+        }
+    }
+
+    async fn full_job(&self, tenant: &TenantId, id: JobId, view: i32) -> Result<pb::Job, ApiError> {
+        let row = self
+            .store
+            .get_job(tenant, id)
+            .await
+            .map_err(|e| ApiError::from_store(e, || format!("job {id} not found")))?;
+        let attempts = if view == pb::JobView::Basic as i32 {
+            Vec::new()
+        } else {
+            self.store.list_attempts(tenant, id).await?
+        };
+        Ok(convert::job(row, &attempts))
+    }
+
+    /// Explains why a job could not take a transition: missing, or in the wrong state.
+    async fn refusal(&self, tenant: &TenantId, id: JobId, action: &str) -> ApiError {
+        match self.store.get_job(tenant, id).await {
+            Ok(row) => ApiError::FailedPrecondition(format!(
+                "job {id} is {}; cannot {action} it",
+                state_name(row.state)
+            )),
+            Err(e) => ApiError::from_store(e, || format!("job {id} not found")),
+        }
+    }
+}
+
+fn state_name(state: JobState) -> &'static str {
+    state.to_proto().as_str_name()
+}
+
+/// What a page token remembers: where the last page ended, and the filters it was made for
+/// (AIP-158: a token must not be reused with other filters).
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+struct PageToken {
+    before: uuid::Uuid,
+    states: Vec<i32>,
+    queue: String,
+    job_type: String,
+}
+
+impl PageToken {
+    fn encode(&self) -> String {
+        URL_SAFE_NO_PAD.encode(serde_json::to_vec(self).unwrap_or_default())
+    }
+
+    fn decode(token: &str) -> Result<Self, ApiError> {
+        URL_SAFE_NO_PAD
+            .decode(token)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .ok_or_else(|| ApiError::invalid("page_token", "is not a token this server issued"))
+    }
+}
+
+#[tonic::async_trait]
+impl JobService for JobApi {
+    async fn enqueue_job(
+        &self,
+        request: Request<pb::EnqueueJobRequest>,
+    ) -> Result<Response<pb::EnqueueJobResponse>, Status> {
+        let tenant = tenant_of(&request)?;
+        let spec = request
+            .get_ref()
+            .job
+            .as_ref()
+            .ok_or_else(|| ApiError::invalid("job", "is required"))?;
+        let job = validate::job_spec(spec, self.max_payload_bytes).map_err(|e| e.within("job"))?;
+        let mut outcomes = self
+            .store
+            .enqueue_many(&tenant, std::slice::from_ref(&job))
+            .await
+            .map_err(ApiError::from)?;
+        let outcome = outcomes
+            .pop()
+            .ok_or_else(|| ApiError::Internal("enqueue returned no row".into()))?;
+        if outcome.created {
+            tracing::debug!(job_id = %outcome.job.id, %tenant, queue = %job.queue, "job enqueued");
+        }
+        Ok(Response::new(pb::EnqueueJobResponse {
+            created: outcome.created,
+            job: Some(convert::job(outcome.job, &[])),
+        }))
+    }
+
+    async fn enqueue_jobs(
+        &self,
+        request: Request<pb::EnqueueJobsRequest>,
+    ) -> Result<Response<pb::EnqueueJobsResponse>, Status> {
+        let tenant = tenant_of(&request)?;
+        let jobs = validate::job_specs(&request.get_ref().jobs, self.max_payload_bytes)?;
+        let outcomes = self
+            .store
+            .enqueue_many(&tenant, &jobs)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(pb::EnqueueJobsResponse {
+            jobs: outcomes
+                .into_iter()
+                .map(|o| pb::EnqueuedJob {
+                    id: o.job.id.to_string(),
+                    state: o.job.state.to_proto().into(),
+                    created: o.created,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn get_job(
+        &self,
+        request: Request<pb::GetJobRequest>,
+    ) -> Result<Response<pb::GetJobResponse>, Status> {
+        let tenant = tenant_of(&request)?;
+        let req = request.get_ref();
+        let id = validate::job_id("id", &req.id)?;
+        let job = self.full_job(&tenant, id, req.view).await?;
+        Ok(Response::new(pb::GetJobResponse { job: Some(job) }))
+    }
+
+    async fn list_jobs(
+        &self,
+        request: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let tenant = tenant_of(&request)?;
+        let req = request.get_ref();
+        let page_size = match req.page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            n if (1..=MAX_PAGE_SIZE).contains(&n) => n,
+            n => {
+                return Err(ApiError::invalid(
+                    "page_size",
+                    format!("must be between 1 and {MAX_PAGE_SIZE}, got {n}"),
+                )
+                .into());
+            }
+        };
+        let mut filter = ListFilter {
+            states: validate::states(&req.states)?,
+            queue: (!req.queue.is_empty())
+                .then(|| validate::queue("queue", &req.queue))
+                .transpose()?,
+            job_type: (!req.job_type.is_empty())
+                .then(|| validate::job_type("job_type", &req.job_type))
+                .transpose()?,
+            before: None,
+        };
+        if !req.page_token.is_empty() {
+            let token = PageToken::decode(&req.page_token)?;
+            if token.states != req.states
+                || token.queue != req.queue
+                || token.job_type != req.job_type
+            {
+                return Err(ApiError::invalid(
+                    "page_token",
+                    "was issued for other filters; filters must not change between pages",
+                )
+                .into());
+            }
+            filter.before = Some(JobId(token.before));
+        }
+        let mut rows = self
+            .store
+            .list_jobs(&tenant, &filter, i64::from(page_size) + 1)
+            .await
+            .map_err(ApiError::from)?;
+        let next_page_token = if rows.len() > page_size as usize {
+            rows.truncate(page_size as usize);
+            rows.last()
+                .map(|last| {
+                    PageToken {
+                        before: last.id,
+                        states: req.states.clone(),
+                        queue: req.queue.clone(),
+                        job_type: req.job_type.clone(),
+                    }
+                    .encode()
+                })
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        let full = req.view == pb::JobView::Full as i32;
+        let mut jobs = Vec::with_capacity(rows.len());
+        for row in rows {
+            let attempts = if full {
+                self.store
+                    .list_attempts(&tenant, JobId(row.id))
+                    .await
+                    .map_err(ApiError::from)?
+            } else {
+                Vec::new()
+            };
+            jobs.push(convert::job(row, &attempts));
+        }
+        Ok(Response::new(pb::ListJobsResponse {
+            jobs,
+            next_page_token,
+        }))
+    }
+
+    async fn cancel_job(
+        &self,
+        request: Request<pb::CancelJobRequest>,
+    ) -> Result<Response<pb::CancelJobResponse>, Status> {
+        let tenant = tenant_of(&request)?;
+        let req = request.get_ref();
+        let id = validate::job_id("id", &req.id)?;
+        let reason = validate::reason(&req.reason)?;
+        let Some(row) = self
+            .store
+            .cancel_queued(&tenant, id, &reason)
+            .await
+            .map_err(ApiError::from)?
+        else {
+            return Err(self.refusal(&tenant, id, "cancel").await.into());
+        };
+        tracing::info!(job_id = %id, %tenant, "job cancelled");
+        Ok(Response::new(pb::CancelJobResponse {
+            job: Some(convert::job(row, &[])),
+        }))
+    }
+
+    async fn retry_job(
+        &self,
+        request: Request<pb::RetryJobRequest>,
+    ) -> Result<Response<pb::RetryJobResponse>, Status> {
+        let tenant = tenant_of(&request)?;
+        let id = validate::job_id("id", &request.get_ref().id)?;
+        let Some(row) = self
+            .store
+            .retry_finished(&tenant, id)
+            .await
+            .map_err(ApiError::from)?
+        else {
+            return Err(self.refusal(&tenant, id, "retry").await.into());
+        };
+        tracing::info!(job_id = %id, %tenant, "job retried");
+        Ok(Response::new(pb::RetryJobResponse {
+            job: Some(convert::job(row, &[])),
+        }))
+    }
+}

@@ -1,0 +1,31 @@
+//! The gRPC API: one file per service, plus the pieces they share.
+//!
+//! Handlers stay thin: read the tenant, validate the request into domain types ([`validate`]),
+//! call one store or engine function, convert the result ([`convert`]). Every failure becomes an
+//! [`ApiError`], which maps to a `tonic::Status` in exactly one place ([`error`]).
+
+pub mod convert;
+pub mod error;
+pub mod job_service;
+pub mod validate;
+pub mod worker_service;
+
+pub use error::ApiError;
+
+use crate::domain::TenantId;
+
+/// The request header naming the tenant a call acts for.
+pub const TENANT_HEADER: &str = "jobwire-tenant";
+
+/// The tenant of a request: its `jobwire-tenant` header, or the default tenant.
+pub fn tenant_of<T>(request: &tonic::Request<T>) -> Result<TenantId, ApiError> {
+    match request.metadata().get(TENANT_HEADER) {
+        None => Ok(TenantId::default_tenant()),
+        Some(value) => {
+            let value = value.to_str().map_err(|_| {
+                ApiError::invalid(TENANT_HEADER, "must be printable ASCII")
+            })?;
+            validate::tenant(value)
+        }
+    }
+}

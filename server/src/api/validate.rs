@@ -1,0 +1,318 @@
+//! Request validation: protobuf in, domain types out, or an error naming the field.
+//!
+//! Invariant 7: bad input never reaches the store. Field paths are relative to the message being
+//! checked; callers prefix them ([`ApiError::within`]) for nested and repeated messages.
+
+use std::{collections::HashMap, time::Duration};
+
+use chrono::{DateTime, TimeDelta, Utc};
+use jobwire_proto::v1 as pb;
+use uuid::Uuid;
+
+use super::ApiError;
+use crate::{
+    domain::{JobId, JobState, LeaseRef, QueueName, RetryPolicy, TenantId},
+    store::NewJob,
+};
+
+pub const DEFAULT_QUEUE: &str = "default";
+pub const DEFAULT_PRIORITY: i32 = 50;
+const MAX_NAME_LEN: usize = 128;
+const MAX_TENANT_LEN: usize = 63;
+const MAX_IDEMPOTENCY_KEY_LEN: usize = 256;
+const MAX_LABELS: usize = 64;
+const MAX_LABEL_KEY_LEN: usize = 63;
+const MAX_LABEL_VALUE_LEN: usize = 256;
+const MAX_REASON_LEN: usize = 1024;
+const MAX_DELAY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+pub const MAX_BATCH: usize = 5000;
+
+/// Names of job types and queues: readable in logs and URLs, free of the separators used in
+/// notification payloads.
+fn check_name(field: &str, value: &str, max: usize) -> Result<(), ApiError> {
+    if value.is_empty() {
+        return Err(ApiError::invalid(field, "must not be empty"));
+    }
+    if value.len() > max {
+        return Err(ApiError::invalid(
+            field,
+            format!("must be at most {max} characters"),
+        ));
+    }
+    if !value
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':'))
+    {
+        return Err(ApiError::invalid(
+            field,
+            "may contain only letters, digits, '.', '_', '-' and ':'",
+        ));
+    }
+    Ok(())
+}
+
+pub fn tenant(value: &str) -> Result<TenantId, ApiError> {
+    check_name(super::TENANT_HEADER, value, MAX_TENANT_LEN)?;
+    Ok(TenantId::new_unchecked(value))
+}
+
+pub fn job_type(field: &str, value: &str) -> Result<String, ApiError> {
+    check_name(field, value, MAX_NAME_LEN)?;
+    Ok(value.to_owned())
+}
+
+/// An empty queue name means the default queue.
+pub fn queue(field: &str, value: &str) -> Result<QueueName, ApiError> {
+    if value.is_empty() {
+        return Ok(QueueName::new_unchecked(DEFAULT_QUEUE));
+    }
+    check_name(field, value, MAX_NAME_LEN)?;
+    Ok(QueueName::new_unchecked(value))
+}
+
+pub fn job_id(field: &str, value: &str) -> Result<JobId, ApiError> {
+    if value.is_empty() {
+        return Err(ApiError::invalid(field, "must not be empty"));
+    }
+    Uuid::parse_str(value)
+        .map(JobId)
+        .map_err(|_| ApiError::invalid(field, format!("{value:?} is not a UUID")))
+}
+
+pub fn lease_ref(field: &str, lease: Option<&pb::LeaseRef>) -> Result<LeaseRef, ApiError> {
+    let lease = lease.ok_or_else(|| ApiError::invalid(field, "is required"))?;
+    let job_id = job_id(&format!("{field}.job_id"), &lease.job_id)?;
+    if lease.attempt < 1 {
+        return Err(ApiError::invalid(
+            format!("{field}.attempt"),
+            "must be at least 1",
+        ));
+    }
+    Ok(LeaseRef {
+        job_id,
+        attempt: lease.attempt,
+    })
+}
+
+pub fn duration(field: &str, value: &prost_types::Duration) -> Result<Duration, ApiError> {
+    if value.seconds < 0 || value.nanos < 0 || value.nanos >= 1_000_000_000 {
+        return Err(ApiError::invalid(
+            field,
+            "must be a non-negative, normalized duration",
+        ));
+    }
+    let d = Duration::new(value.seconds.unsigned_abs(), value.nanos.unsigned_abs());
+    if d > MAX_DELAY {
+        return Err(ApiError::invalid(field, "must be at most 10 years"));
+    }
+    Ok(d)
+}
+
+fn timestamp(field: &str, value: &prost_types::Timestamp) -> Result<DateTime<Utc>, ApiError> {
+    u32::try_from(value.nanos)
+        .ok()
+        .and_then(|nanos| DateTime::from_timestamp(value.seconds, nanos))
+        .ok_or_else(|| ApiError::invalid(field, "is not a valid timestamp"))
+}
+
+pub fn priority(value: Option<i32>) -> Result<i16, ApiError> {
+    let p = value.unwrap_or(DEFAULT_PRIORITY);
+    if !(0..=100).contains(&p) {
+        return Err(ApiError::invalid(
+            "priority",
+            format!("must be between 0 and 100, got {p}"),
+        ));
+    }
+    i16::try_from(p).map_err(|_| ApiError::invalid("priority", "out of range"))
+}
+
+/// Bytes of an `Any`, bounded by the configured limit.
+pub fn any_size(field: &str, any: &prost_types::Any, max: usize) -> Result<(), ApiError> {
+    if any.value.len() > max {
+        return Err(ApiError::invalid(
+            field,
+            format!(
+                "is {} bytes, over the limit of {max} bytes",
+                any.value.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+pub fn retry_policy(policy: Option<&pb::RetryPolicy>) -> Result<RetryPolicy, ApiError> {
+    let mut out = RetryPolicy::default();
+    let Some(p) = policy else { return Ok(out) };
+    if let Some(n) = p.max_attempts {
+        if !(1..=1000).contains(&n) {
+            return Err(ApiError::invalid(
+                "retry_policy.max_attempts",
+                format!("must be between 1 and 1000, got {n}"),
+            ));
+        }
+        out.max_attempts = n;
+    }
+    if let Some(d) = &p.initial_backoff {
+        out.initial_backoff = duration("retry_policy.initial_backoff", d)?;
+    }
+    if let Some(d) = &p.max_backoff {
+        out.max_backoff = duration("retry_policy.max_backoff", d)?;
+    }
+    if out.max_backoff < out.initial_backoff {
+        return Err(ApiError::invalid(
+            "retry_policy.max_backoff",
+            "must not be shorter than initial_backoff",
+        ));
+    }
+    if let Some(m) = p.backoff_multiplier {
+        if !(1.0..=10.0).contains(&m) {
+            return Err(ApiError::invalid(
+                "retry_policy.backoff_multiplier",
+                format!("must be between 1.0 and 10.0, got {m}"),
+            ));
+        }
+        out.multiplier = m;
+    }
+    if let Some(j) = p.jitter {
+        if !(0.0..=1.0).contains(&j) {
+            return Err(ApiError::invalid(
+                "retry_policy.jitter",
+                format!("must be between 0.0 and 1.0, got {j}"),
+            ));
+        }
+        out.jitter = j;
+    }
+    Ok(out)
+}
+
+fn labels(labels: &HashMap<String, String>) -> Result<HashMap<String, String>, ApiError> {
+    if labels.len() > MAX_LABELS {
+        return Err(ApiError::invalid(
+            "labels",
+            format!("at most {MAX_LABELS} labels"),
+        ));
+    }
+    for (k, v) in labels {
+        if k.is_empty() || k.len() > MAX_LABEL_KEY_LEN {
+            return Err(ApiError::invalid(
+                format!("labels[{k:?}]"),
+                format!("keys must have 1 to {MAX_LABEL_KEY_LEN} characters"),
+            ));
+        }
+        if v.len() > MAX_LABEL_VALUE_LEN {
+            return Err(ApiError::invalid(
+                format!("labels[{k:?}]"),
+                format!("values must have at most {MAX_LABEL_VALUE_LEN} characters"),
+            ));
+        }
+    }
+    Ok(labels.clone())
+}
+
+/// A job to enqueue, with every default applied.
+pub fn job_spec(spec: &pb::JobSpec, max_payload: usize) -> Result<NewJob, ApiError> {
+    let job_type = job_type("job_type", &spec.job_type)?;
+    let payload = spec
+        .payload
+        .as_ref()
+        .ok_or_else(|| ApiError::invalid("payload", "is required"))?;
+    if payload.type_url.is_empty() {
+        return Err(ApiError::invalid("payload.type_url", "must not be empty"));
+    }
+    any_size("payload", payload, max_payload)?;
+    let queue = queue("queue", &spec.queue)?;
+    let priority = priority(spec.priority)?;
+    let run_at = match &spec.schedule {
+        None => None,
+        Some(pb::job_spec::Schedule::RunAt(ts)) => Some(timestamp("run_at", ts)?),
+        Some(pb::job_spec::Schedule::Delay(d)) => {
+            let d = duration("delay", d)?;
+            let delta = TimeDelta::from_std(d)
+                .map_err(|_| ApiError::invalid("delay", "is too long"))?;
+            Some(Utc::now() + delta)
+        }
+    };
+    let policy = retry_policy(spec.retry_policy.as_ref())?;
+    let idempotency_key = match spec.idempotency_key.as_str() {
+        "" => None,
+        key if key.len() > MAX_IDEMPOTENCY_KEY_LEN => {
+            return Err(ApiError::invalid(
+                "idempotency_key",
+                format!("must be at most {MAX_IDEMPOTENCY_KEY_LEN} characters"),
+            ));
+        }
+        key => Some(key.to_owned()),
+    };
+    Ok(NewJob {
+        id: JobId::new(),
+        queue,
+        job_type,
+        payload_type: payload.type_url.clone(),
+        payload: payload.value.clone(),
+        priority,
+        max_attempts: policy.max_attempts,
+        retry_initial_ms: millis(policy.initial_backoff),
+        retry_max_ms: millis(policy.max_backoff),
+        retry_multiplier: policy.multiplier,
+        retry_jitter: policy.jitter,
+        run_at,
+        idempotency_key,
+        labels: labels(&spec.labels)?,
+    })
+}
+
+/// A batch: each job valid, no idempotency key used twice, and not too many.
+pub fn job_specs(specs: &[pb::JobSpec], max_payload: usize) -> Result<Vec<NewJob>, ApiError> {
+    if specs.is_empty() || specs.len() > MAX_BATCH {
+        return Err(ApiError::invalid(
+            "jobs",
+            format!("must hold 1 to {MAX_BATCH} jobs, got {}", specs.len()),
+        ));
+    }
+    let mut seen = HashMap::new();
+    specs
+        .iter()
+        .enumerate()
+        .map(|(i, spec)| {
+            let job = job_spec(spec, max_payload).map_err(|e| e.within(&format!("jobs[{i}]")))?;
+            if let Some(key) = &job.idempotency_key {
+                if let Some(first) = seen.insert(key.clone(), i) {
+                    return Err(ApiError::invalid(
+                        format!("jobs[{i}].idempotency_key"),
+                        format!("repeats the key of jobs[{first}]"),
+                    ));
+                }
+            }
+            Ok(job)
+        })
+        .collect()
+}
+
+pub fn states(values: &[i32]) -> Result<Vec<JobState>, ApiError> {
+    values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            pb::JobState::try_from(*v)
+                .ok()
+                .and_then(JobState::from_proto)
+                .ok_or_else(|| {
+                    ApiError::invalid(format!("states[{i}]"), format!("{v} is not a job state"))
+                })
+        })
+        .collect()
+}
+
+pub fn reason(value: &str) -> Result<String, ApiError> {
+    if value.len() > MAX_REASON_LEN {
+        return Err(ApiError::invalid(
+            "reason",
+            format!("must be at most {MAX_REASON_LEN} characters"),
+        ));
+    }
+    Ok(value.to_owned())
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}

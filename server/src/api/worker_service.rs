@@ -1,0 +1,534 @@
+//! `jobwire.v1.WorkerService`: the stream between the server and each worker process.
+//!
+//! Every stream has one owner task, a [`Session`], which `select!`s over the worker's messages,
+//! leases from the dispatcher, acknowledgements from the completer and shutdown, and writes
+//! through one bounded channel. A failed write means the worker left: leases not yet written are
+//! handed back at once; leases it already holds stay until it reconnects and adopts them again,
+//! or until they lapse and the reaper retries their jobs (invariant 2).
+//!
+//! The session keeps the set of leases its worker holds, to return a dispatcher slot exactly
+//! once per lease when the worker reports its outcome.
+
+use std::{
+    collections::HashSet,
+    pin::Pin,
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
+
+use futures::{StreamExt, stream::FuturesUnordered};
+use jobwire_proto::v1::{
+    self as pb, connect_request::Message as In, connect_response::Message as Out,
+    worker_service_server::WorkerService,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tonic::{Code, Request, Response, Status, Streaming};
+use tracing::Instrument;
+
+use super::{ApiError, convert, tenant_of, validate};
+use crate::{
+    domain::{JobId, LeaseRef, QueueName, TenantId},
+    engine::{
+        Engine,
+        completer::{Settle, SettleError},
+        dispatcher::{Registration, SessionId},
+    },
+    store::{Completion, Failure, SettleResult, Store},
+};
+
+/// Messages buffered towards one worker before its session waits for the worker to read.
+const OUTBOUND_CAPACITY: usize = 256;
+/// How long a new stream may take to say hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
+const MAX_SLOTS: i32 = 10_000;
+const MAX_FAILURE_MESSAGE: usize = 8192;
+
+/// Timings and limits a session enforces.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    pub lease_duration: Duration,
+    pub heartbeat_interval: Duration,
+    pub max_payload_bytes: usize,
+}
+
+pub struct WorkerApi {
+    store: Store,
+    engine: Engine,
+    config: SessionConfig,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+    next_session: AtomicU64,
+}
+
+impl WorkerApi {
+    pub fn new(
+        store: Store,
+        engine: Engine,
+        config: SessionConfig,
+        shutdown: CancellationToken,
+        tasks: TaskTracker,
+    ) -> Self {
+        Self {
+            store,
+            engine,
+            config,
+            shutdown,
+            tasks,
+            next_session: AtomicU64::new(1),
+        }
+    }
+}
+
+type Outbound = mpsc::Sender<Result<pb::ConnectResponse, Status>>;
+
+#[tonic::async_trait]
+impl WorkerService for WorkerApi {
+    type ConnectStream = ReceiverStream<Result<pb::ConnectResponse, Status>>;
+
+    async fn connect(
+        &self,
+        request: Request<Streaming<pb::ConnectRequest>>,
+    ) -> Result<Response<Self::ConnectStream>, Status> {
+        let tenant = tenant_of(&request)?;
+        let (tx, rx) = mpsc::channel(OUTBOUND_CAPACITY);
+        let id = self.next_session.fetch_add(1, Ordering::Relaxed);
+        let session = Session {
+            id,
+            tenant: tenant.clone(),
+            store: self.store.clone(),
+            engine: self.engine.clone(),
+            config: self.config.clone(),
+            tx,
+            held: HashSet::new(),
+        };
+        let span = tracing::info_span!("worker_stream", session = id, %tenant);
+        self.tasks.spawn(
+            session
+                .run(request.into_inner(), self.shutdown.clone())
+                .instrument(span),
+        );
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+type AckFuture = Pin<Box<dyn Future<Output = pb::Ack> + Send>>;
+
+/// A validated hello.
+struct Hello {
+    worker_id: String,
+    job_types: Vec<String>,
+    queues: Vec<QueueName>,
+    slots: u32,
+    running: Vec<LeaseRef>,
+}
+
+fn validate_hello(hello: pb::Hello) -> Result<Hello, ApiError> {
+    if hello.worker_id.is_empty() || hello.worker_id.len() > 128 {
+        return Err(ApiError::invalid(
+            "hello.worker_id",
+            "must have 1 to 128 characters",
+        ));
+    }
+    if hello.job_types.is_empty() {
+        return Err(ApiError::invalid(
+            "hello.job_types",
+            "must name at least one job type",
+        ));
+    }
+    let job_types = hello
+        .job_types
+        .iter()
+        .enumerate()
+        .map(|(i, t)| validate::job_type(&format!("hello.job_types[{i}]"), t))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut queues = hello
+        .queues
+        .iter()
+        .enumerate()
+        .map(|(i, q)| validate::queue(&format!("hello.queues[{i}]"), q))
+        .collect::<Result<Vec<_>, _>>()?;
+    if queues.is_empty() {
+        queues.push(QueueName::new_unchecked(validate::DEFAULT_QUEUE));
+    }
+    if !(1..=MAX_SLOTS).contains(&hello.slots) {
+        return Err(ApiError::invalid(
+            "hello.slots",
+            format!("must be between 1 and {MAX_SLOTS}, got {}", hello.slots),
+        ));
+    }
+    let running = hello
+        .running
+        .iter()
+        .enumerate()
+        .map(|(i, l)| validate::lease_ref(&format!("hello.running[{i}]"), Some(l)))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Hello {
+        worker_id: hello.worker_id,
+        job_types,
+        queues,
+        slots: hello.slots.unsigned_abs(),
+        running,
+    })
+}
+
+fn lease_msg(lease: LeaseRef) -> pb::LeaseRef {
+    pb::LeaseRef {
+        job_id: lease.job_id.to_string(),
+        attempt: lease.attempt,
+    }
+}
+
+fn stop_job(lease: LeaseRef, reason: pb::StopReason, message: &str) -> pb::ConnectResponse {
+    pb::ConnectResponse {
+        message: Some(Out::StopJob(pb::StopJob {
+            lease: Some(lease_msg(lease)),
+            reason: reason.into(),
+            message: message.to_owned(),
+        })),
+    }
+}
+
+fn ack(request_id: u64, code: Code, message: impl Into<String>) -> pb::Ack {
+    pb::Ack {
+        request_id,
+        code: code as i32,
+        message: message.into(),
+    }
+}
+
+/// The owner of one worker stream.
+struct Session {
+    id: SessionId,
+    tenant: TenantId,
+    store: Store,
+    engine: Engine,
+    config: SessionConfig,
+    tx: Outbound,
+    /// Leases this worker holds through this stream; each returns one slot when settled.
+    held: HashSet<LeaseRef>,
+}
+
+/// Why a session ended.
+enum End {
+    /// The worker closed its side, or its connection broke.
+    WorkerLeft,
+    /// The server is shutting down; the worker should reconnect elsewhere.
+    Shutdown,
+}
+
+impl Session {
+    async fn send(&self, message: Out) -> bool {
+        self.tx
+            .send(Ok(pb::ConnectResponse {
+                message: Some(message),
+            }))
+            .await
+            .is_ok()
+    }
+
+    async fn run(mut self, mut inbound: Streaming<pb::ConnectRequest>, shutdown: CancellationToken) {
+        let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
+            Ok(Ok(Some(pb::ConnectRequest {
+                message: Some(In::Hello(hello)),
+            }))) => validate_hello(hello),
+            Ok(Ok(None)) | Ok(Err(_)) => return,
+            Ok(Ok(Some(_))) => Err(ApiError::invalid("hello", "the first message must be hello")),
+            Err(_) => Err(ApiError::invalid("hello", "not received within 30s")),
+        };
+        let hello = match hello {
+            Ok(hello) => hello,
+            Err(error) => {
+                let _ = self.tx.send(Err(error.into())).await;
+                return;
+            }
+        };
+        tracing::info!(worker = %hello.worker_id, slots = hello.slots, "worker connected");
+        match self.serve(hello, &mut inbound, &shutdown).await {
+            End::WorkerLeft => tracing::info!("worker disconnected"),
+            End::Shutdown => {
+                let _ = self
+                    .tx
+                    .send(Err(Status::unavailable("server is shutting down; reconnect")))
+                    .await;
+            }
+        }
+    }
+
+    async fn serve(
+        &mut self,
+        hello: Hello,
+        inbound: &mut Streaming<pb::ConnectRequest>,
+        shutdown: &CancellationToken,
+    ) -> End {
+        let adopted = match self
+            .store
+            .renew(
+                &self.tenant,
+                &hello.running,
+                &hello.worker_id,
+                self.config.lease_duration,
+            )
+            .await
+        {
+            Ok(adopted) => adopted,
+            Err(error) => {
+                let _ = self.tx.send(Err(ApiError::from(error).into())).await;
+                return End::WorkerLeft;
+            }
+        };
+        self.held.extend(adopted.iter().copied());
+        let rejected: Vec<LeaseRef> = hello
+            .running
+            .iter()
+            .filter(|l| !self.held.contains(l))
+            .copied()
+            .collect();
+        let welcome = Out::Welcome(pb::Welcome {
+            session_id: self.id.to_string(),
+            heartbeat_interval: Some(convert::duration(self.config.heartbeat_interval)),
+            lease_duration: Some(convert::duration(self.config.lease_duration)),
+            rejected: rejected.iter().copied().map(lease_msg).collect(),
+        });
+        if !self.send(welcome).await {
+            return End::WorkerLeft;
+        }
+        for lease in &rejected {
+            let stop = stop_job(*lease, pb::StopReason::LeaseLost, "lease lapsed while away");
+            if self.tx.send(Ok(stop)).await.is_err() {
+                return End::WorkerLeft;
+            }
+        }
+
+        let slots = usize::try_from(hello.slots).unwrap_or(1);
+        let (lease_tx, mut lease_rx) = mpsc::channel(slots);
+        let free = hello
+            .slots
+            .saturating_sub(u32::try_from(adopted.len()).unwrap_or(u32::MAX));
+        self.engine
+            .dispatcher
+            .register(Registration {
+                session: self.id,
+                tenant: self.tenant.clone(),
+                worker_id: hello.worker_id.clone(),
+                queues: hello.queues.clone(),
+                job_types: hello.job_types.clone(),
+                free,
+                leases: lease_tx,
+            })
+            .await;
+
+        let mut acks: FuturesUnordered<AckFuture> = FuturesUnordered::new();
+        let end = loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break End::Shutdown,
+                message = inbound.message() => match message {
+                    Ok(Some(pb::ConnectRequest { message: Some(message) })) => {
+                        if !self.handle(message, &hello.worker_id, &mut acks).await {
+                            break End::WorkerLeft;
+                        }
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) | Err(_) => break End::WorkerLeft,
+                },
+                Some(row) = lease_rx.recv() => {
+                    let lease = LeaseRef { job_id: JobId(row.id), attempt: row.attempt };
+                    tracing::debug!(job_id = %lease.job_id, attempt = lease.attempt, "lease sent");
+                    self.held.insert(lease);
+                    if !self.send(Out::Lease(convert::lease(row))).await {
+                        self.held.remove(&lease);
+                        self.release(vec![lease]).await;
+                        break End::WorkerLeft;
+                    }
+                }
+                Some(ack) = acks.next(), if !acks.is_empty() => {
+                    if !self.send(Out::Ack(ack)).await {
+                        break End::WorkerLeft;
+                    }
+                }
+            }
+        };
+        self.engine.dispatcher.unregister(self.id).await;
+        lease_rx.close();
+        let mut undelivered = Vec::new();
+        while let Some(row) = lease_rx.recv().await {
+            undelivered.push(LeaseRef {
+                job_id: JobId(row.id),
+                attempt: row.attempt,
+            });
+        }
+        self.release(undelivered).await;
+        // Outcomes already handed to the completer are written whatever happens; let the worker
+        // hear about them if it is still listening, so it need not resend.
+        while let Some(ack) = acks.next().await {
+            if !self.send(Out::Ack(ack)).await {
+                break;
+            }
+        }
+        end
+    }
+
+    async fn release(&self, leases: Vec<LeaseRef>) {
+        if leases.is_empty() {
+            return;
+        }
+        if let Err(error) = self.store.release_undelivered(&self.tenant, &leases).await {
+            tracing::warn!(%error, "could not hand back undelivered leases; they will lapse");
+        }
+    }
+
+    /// Handles one message from the worker. Returns false when the worker is gone.
+    async fn handle(&mut self, message: In, worker: &str, acks: &mut FuturesUnordered<AckFuture>) -> bool {
+        match message {
+            In::Hello(_) => {
+                tracing::warn!("ignoring a second hello on the same stream");
+                true
+            }
+            In::Heartbeat(heartbeat) => self.heartbeat(heartbeat, worker).await,
+            In::Complete(complete) => {
+                let request_id = complete.request_id;
+                match self.completion(complete) {
+                    Ok(completion) => {
+                        self.settle(request_id, completion.lease, Settle::Complete(completion), acks)
+                            .await;
+                        true
+                    }
+                    Err(error) => self.reject(request_id, error).await,
+                }
+            }
+            In::Fail(fail) => {
+                let request_id = fail.request_id;
+                match self.failure(fail) {
+                    Ok(failure) => {
+                        self.settle(request_id, failure.lease, Settle::Fail(failure), acks)
+                            .await;
+                        true
+                    }
+                    Err(error) => self.reject(request_id, error).await,
+                }
+            }
+            In::Drain(_) => {
+                tracing::info!("worker draining");
+                self.engine.dispatcher.drain(self.id).await;
+                true
+            }
+        }
+    }
+
+    async fn reject(&self, request_id: u64, error: ApiError) -> bool {
+        self.send(Out::Ack(ack(request_id, error.code(), error.to_string())))
+            .await
+    }
+
+    async fn heartbeat(&mut self, heartbeat: pb::Heartbeat, worker: &str) -> bool {
+        let leases: Vec<LeaseRef> = heartbeat
+            .running
+            .iter()
+            .filter_map(|l| validate::lease_ref("running", Some(l)).ok())
+            .collect();
+        let renewed = match self
+            .store
+            .renew(&self.tenant, &leases, worker, self.config.lease_duration)
+            .await
+        {
+            Ok(renewed) => renewed,
+            Err(error) => {
+                // The lease outlives a few missed heartbeats; the next one may get through.
+                tracing::warn!(%error, "heartbeat renewal failed");
+                return true;
+            }
+        };
+        for lease in leases.iter().filter(|l| !renewed.contains(l)) {
+            let stop = stop_job(*lease, pb::StopReason::LeaseLost, "the lease is no longer held");
+            if self.tx.send(Ok(stop)).await.is_err() {
+                return false;
+            }
+        }
+        true
+    }
+
+    fn completion(&self, complete: pb::CompleteJob) -> Result<Completion, ApiError> {
+        let lease = validate::lease_ref("complete.lease", complete.lease.as_ref())?;
+        if let Some(result) = &complete.result {
+            validate::any_size("complete.result", result, self.config.max_payload_bytes)?;
+        }
+        let (result_type, result) = match complete.result {
+            Some(any) => (Some(any.type_url), Some(any.value)),
+            None => (None, None),
+        };
+        Ok(Completion {
+            tenant: self.tenant.clone(),
+            lease,
+            result_type,
+            result,
+        })
+    }
+
+    fn failure(&self, fail: pb::FailJob) -> Result<Failure, ApiError> {
+        let lease = validate::lease_ref("fail.lease", fail.lease.as_ref())?;
+        let retry_after = fail
+            .retry_after
+            .as_ref()
+            .map(|d| validate::duration("fail.retry_after", d))
+            .transpose()?;
+        let mut message = fail.message;
+        if message.is_empty() {
+            message = "the handler failed without a message".to_owned();
+        }
+        if message.len() > MAX_FAILURE_MESSAGE {
+            let mut cut = MAX_FAILURE_MESSAGE;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+        }
+        let mut kind = fail.kind;
+        kind.truncate(kind.len().min(128));
+        Ok(Failure {
+            tenant: self.tenant.clone(),
+            lease,
+            message,
+            kind,
+            non_retryable: fail.non_retryable,
+            retry_after,
+        })
+    }
+
+    /// Frees the worker's slot for this lease, then queues the outcome with the completer; its
+    /// acknowledgement is sent when the batch holding it has committed.
+    async fn settle(
+        &mut self,
+        request_id: u64,
+        lease: LeaseRef,
+        settle: Settle,
+        acks: &mut FuturesUnordered<AckFuture>,
+    ) {
+        if self.held.remove(&lease) {
+            self.engine.dispatcher.credit(self.id, 1).await;
+        }
+        let completer = self.engine.completer.clone();
+        acks.push(Box::pin(async move {
+            match completer.settle(settle).await {
+                Ok(SettleResult::Applied(_)) | Ok(SettleResult::AlreadySettled) => {
+                    ack(request_id, Code::Ok, "")
+                }
+                Ok(SettleResult::Stale) => ack(
+                    request_id,
+                    Code::Aborted,
+                    format!(
+                        "lease {}/{} is no longer held: the job has moved on; nothing changed",
+                        lease.job_id, lease.attempt
+                    ),
+                ),
+                Err(error @ (SettleError::ShuttingDown | SettleError::Unavailable(_))) => {
+                    ack(request_id, Code::Unavailable, error.to_string())
+                }
+                Err(SettleError::Internal(detail)) => {
+                    tracing::error!(%detail, "recording an outcome failed");
+                    ack(request_id, Code::Internal, "internal error")
+                }
+            }
+        }));
+    }
+}

@@ -1,0 +1,109 @@
+//! Server configuration, from flags and environment variables.
+//!
+//! Validated once at start-up so the engine can trust every value it reads.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{Parser, ValueEnum};
+
+/// How log lines are written to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// jobwire-server: a durable job queue served over gRPC, backed by PostgreSQL.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "jobwire-server", version, about)]
+pub struct Config {
+    /// Address to serve gRPC on (port 0 picks a free port; the chosen address is printed).
+    #[arg(long, env = "JOBWIRE_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+
+    /// PostgreSQL to use. Without it the server starts a private cluster in --data-dir.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+
+    /// Where the private PostgreSQL cluster lives when no DATABASE_URL is given.
+    #[arg(long, env = "JOBWIRE_DATA_DIR", default_value = ".jobwire")]
+    pub data_dir: PathBuf,
+
+    /// Log format on stderr (the level comes from RUST_LOG, default info).
+    #[arg(long, env = "JOBWIRE_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// How long a lease lasts without a heartbeat before its job is retried elsewhere.
+    #[arg(long, env = "JOBWIRE_LEASE_DURATION", value_parser = humantime::parse_duration, default_value = "30s")]
+    pub lease_duration: Duration,
+
+    /// How often workers heartbeat; at most a third of the lease duration.
+    #[arg(long, env = "JOBWIRE_HEARTBEAT_INTERVAL", value_parser = humantime::parse_duration, default_value = "5s")]
+    pub heartbeat_interval: Duration,
+
+    /// The safety-net poll for work when no notification arrives, and the longest the
+    /// scheduler sleeps.
+    #[arg(long, env = "JOBWIRE_POLL_INTERVAL", value_parser = humantime::parse_duration, default_value = "1s")]
+    pub poll_interval: Duration,
+
+    /// How often the leader looks for lapsed leases.
+    #[arg(long, env = "JOBWIRE_REAP_INTERVAL", value_parser = humantime::parse_duration, default_value = "1s")]
+    pub reap_interval: Duration,
+
+    /// The largest payload or result accepted, in bytes.
+    #[arg(long, env = "JOBWIRE_MAX_PAYLOAD_BYTES", default_value_t = 1024 * 1024)]
+    pub max_payload_bytes: usize,
+
+    /// Size of the PostgreSQL connection pool.
+    #[arg(long, env = "JOBWIRE_DB_MAX_CONNECTIONS", default_value_t = 20)]
+    pub db_max_connections: u32,
+
+    /// How long in-flight work may take to finish on SIGTERM before the server stops anyway.
+    #[arg(long, env = "JOBWIRE_SHUTDOWN_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s")]
+    pub shutdown_timeout: Duration,
+}
+
+/// A setting that cannot work, named for the flag.
+#[derive(Debug, thiserror::Error)]
+#[error("--{flag}: {message}")]
+pub struct ConfigError {
+    pub flag: &'static str,
+    pub message: String,
+}
+
+impl Config {
+    /// Checks the relations between settings that clap cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let fail = |flag, message: &str| {
+            Err(ConfigError {
+                flag,
+                message: message.to_owned(),
+            })
+        };
+        if self.lease_duration < Duration::from_millis(100) {
+            return fail("lease-duration", "must be at least 100ms");
+        }
+        if self.heartbeat_interval.is_zero() || self.heartbeat_interval * 3 > self.lease_duration
+        {
+            return fail(
+                "heartbeat-interval",
+                "must be positive and at most a third of --lease-duration",
+            );
+        }
+        if self.poll_interval < Duration::from_millis(10) {
+            return fail("poll-interval", "must be at least 10ms");
+        }
+        if self.reap_interval < Duration::from_millis(10) {
+            return fail("reap-interval", "must be at least 10ms");
+        }
+        if self.max_payload_bytes == 0 || self.max_payload_bytes > 16 * 1024 * 1024 {
+            return fail("max-payload-bytes", "must be between 1 and 16777216");
+        }
+        if self.db_max_connections < 4 {
+            return fail("db-max-connections", "must be at least 4");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,185 @@
+//! Domain types shared by the API, the engine and the store.
+//!
+//! Names travel as newtypes so that a queue can never be passed where a tenant is expected, and
+//! a job's state is one enum mapped to its PostgreSQL type and to its protobuf value in exactly
+//! one place each.
+
+use std::{fmt, time::Duration};
+
+use jobwire_proto::v1 as pb;
+use uuid::Uuid;
+
+/// The lifecycle state of a job; the column type `job_state`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, sqlx::Type)]
+#[sqlx(type_name = "job_state", rename_all = "snake_case")]
+pub enum JobState {
+    AwaitingApproval,
+    Pending,
+    Scheduled,
+    Available,
+    Running,
+    Retrying,
+    Paused,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    /// Terminal states never change again except through RetryJob.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
+    }
+
+    /// `None` for `JOB_STATE_UNSPECIFIED`, which names no state.
+    pub fn from_proto(state: pb::JobState) -> Option<Self> {
+        Some(match state {
+            pb::JobState::Unspecified => return None,
+            pb::JobState::AwaitingApproval => Self::AwaitingApproval,
+            pb::JobState::Pending => Self::Pending,
+            pb::JobState::Scheduled => Self::Scheduled,
+            pb::JobState::Available => Self::Available,
+            pb::JobState::Running => Self::Running,
+            pb::JobState::Retrying => Self::Retrying,
+            pb::JobState::Paused => Self::Paused,
+            pb::JobState::Succeeded => Self::Succeeded,
+            pb::JobState::Failed => Self::Failed,
+            pb::JobState::Cancelled => Self::Cancelled,
+        })
+    }
+
+    pub fn to_proto(self) -> pb::JobState {
+        match self {
+            Self::AwaitingApproval => pb::JobState::AwaitingApproval,
+            Self::Pending => pb::JobState::Pending,
+            Self::Scheduled => pb::JobState::Scheduled,
+            Self::Available => pb::JobState::Available,
+            Self::Running => pb::JobState::Running,
+            Self::Retrying => pb::JobState::Retrying,
+            Self::Paused => pb::JobState::Paused,
+            Self::Succeeded => pb::JobState::Succeeded,
+            Self::Failed => pb::JobState::Failed,
+            Self::Cancelled => pb::JobState::Cancelled,
+        }
+    }
+}
+
+/// How an attempt ended; the column type `attempt_outcome`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type)]
+#[sqlx(type_name = "attempt_outcome", rename_all = "snake_case")]
+pub enum AttemptOutcome {
+    Running,
+    Succeeded,
+    Failed,
+    LeaseExpired,
+    Cancelled,
+}
+
+impl AttemptOutcome {
+    pub fn to_proto(self) -> pb::AttemptOutcome {
+        match self {
+            Self::Running => pb::AttemptOutcome::Running,
+            Self::Succeeded => pb::AttemptOutcome::Succeeded,
+            Self::Failed => pb::AttemptOutcome::Failed,
+            Self::LeaseExpired => pb::AttemptOutcome::LeaseExpired,
+            Self::Cancelled => pb::AttemptOutcome::Cancelled,
+        }
+    }
+}
+
+macro_rules! name_type {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(String);
+
+        impl $name {
+            /// Wraps a name the API layer has already validated.
+            pub fn new_unchecked(name: impl Into<String>) -> Self {
+                Self(name.into())
+            }
+
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    };
+}
+
+name_type!(
+    /// The owner of jobs; every query is scoped to one.
+    TenantId
+);
+name_type!(
+    /// A queue: the unit workers subscribe to and (later) limits apply to.
+    QueueName
+);
+name_type!(
+    /// A job type such as `download.fetch`; workers declare which they run.
+    JobTypeName
+);
+
+impl TenantId {
+    /// The tenant of requests that name none, until authentication assigns tenants.
+    pub fn default_tenant() -> Self {
+        Self("default".to_owned())
+    }
+}
+
+/// A job's id: a UUID v7, so ids sort by creation time and index locality is good.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct JobId(pub Uuid);
+
+impl JobId {
+    pub fn new() -> Self {
+        Self(Uuid::now_v7())
+    }
+}
+
+impl Default for JobId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Names one lease: a job and the attempt holding it. The attempt is the fencing token that
+/// makes a late message from a lost worker harmless.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LeaseRef {
+    pub job_id: JobId,
+    pub attempt: i32,
+}
+
+/// A retry policy with every default filled in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryPolicy {
+    pub max_attempts: i32,
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+    pub multiplier: f64,
+    pub jitter: f64,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 3,
+            initial_backoff: Duration::from_secs(5),
+            max_backoff: Duration::from_secs(3600),
+            multiplier: 2.0,
+            jitter: 0.1,
+        }
+    }
+}

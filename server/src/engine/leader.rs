@@ -1,0 +1,97 @@
+//! Leader election: one replica at a time runs the singleton loops (reaper, scheduler).
+//!
+//! Leadership is a PostgreSQL advisory lock held on a dedicated connection. Followers try to take
+//! it every interval; the leader checks its connection on the same beat and steps down when the
+//! check fails (the lock went with the session). On shutdown the lock is released explicitly so
+//! a successor takes over within one interval rather than after a connection timeout.
+
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::store::{LeaderLock, Store};
+
+/// A view of whether this replica leads, for the singleton loops.
+#[derive(Debug, Clone)]
+pub struct Leadership {
+    rx: watch::Receiver<bool>,
+}
+
+impl Leadership {
+    /// Returns at once when leading, otherwise when leadership is won. Returns false when the
+    /// elector has stopped (shutdown).
+    pub async fn wait_leading(&mut self) -> bool {
+        self.rx.wait_for(|leading| *leading).await.is_ok()
+    }
+
+    pub fn is_leading(&self) -> bool {
+        *self.rx.borrow()
+    }
+}
+
+/// Campaigns for leadership until shutdown.
+pub struct Elector {
+    store: Store,
+    interval: Duration,
+    tx: watch::Sender<bool>,
+}
+
+impl Elector {
+    pub fn new(store: Store, interval: Duration) -> (Self, Leadership) {
+        let (tx, rx) = watch::channel(false);
+        (
+            Self {
+                store,
+                interval,
+                tx,
+            },
+            Leadership { rx },
+        )
+    }
+
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut lock: Option<LeaderLock> = None;
+        let mut leading = false;
+        loop {
+            let step = async {
+                let conn = match lock.as_mut() {
+                    Some(conn) => conn,
+                    None => lock.insert(self.store.leader_lock().await?),
+                };
+                if leading {
+                    conn.check().await.map(|()| true)
+                } else {
+                    conn.try_acquire().await
+                }
+            };
+            let result = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                result = step => result,
+            };
+            let now_leading = match result {
+                Ok(v) => v,
+                Err(error) => {
+                    tracing::warn!(%error, "leader election connection failed");
+                    lock = None;
+                    false
+                }
+            };
+            if now_leading != leading {
+                leading = now_leading;
+                tracing::info!(leading, "leadership changed");
+                self.tx.send_replace(leading);
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(self.interval) => {}
+            }
+        }
+        self.tx.send_replace(false);
+        if let Some(lock) = lock.filter(|_| leading) {
+            if let Err(error) = lock.release().await {
+                tracing::warn!(%error, "could not release leadership");
+            }
+        }
+    }
+}

@@ -1,0 +1,79 @@
+//! The engine: every loop that owns timing and batching.
+//!
+//! | loop | runs on | job |
+//! | --- | --- | --- |
+//! | [`dispatcher`] | every replica | leases available jobs to this replica's workers |
+//! | [`completer`] | every replica | writes attempt outcomes in batches |
+//! | [`notifier`] | every replica | turns NOTIFY into dispatcher wake-ups |
+//! | [`leader`] | every replica | elects the one replica that runs the singletons |
+//! | [`reaper`] | leader | retries or fails jobs whose lease lapsed |
+//! | [`scheduler`] | leader | makes due SCHEDULED / RETRYING jobs AVAILABLE |
+//!
+//! Each loop has one job and is wired here; every task runs on one [`TaskTracker`], so shutdown
+//! can wait for all of them. The completer stops last: only once every worker stream (each
+//! holding a handle) has ended and its queue is flushed.
+
+pub mod completer;
+pub mod dispatcher;
+pub mod leader;
+pub mod notifier;
+pub mod reaper;
+pub mod scheduler;
+
+use std::time::Duration;
+
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{config::Config, store::Store};
+use completer::{Completer, CompleterHandle};
+use dispatcher::{Dispatcher, DispatcherHandle};
+use leader::{Elector, Leadership};
+use notifier::Notifier;
+use reaper::Reaper;
+use scheduler::Scheduler;
+
+/// How often followers try to become leader, and the leader checks its lock.
+const ELECTION_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Handles to the running engine, for the API layer.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    pub dispatcher: DispatcherHandle,
+    pub completer: CompleterHandle,
+    pub leadership: Leadership,
+}
+
+impl Engine {
+    /// Starts every loop on `tasks`. The loops stop on `shutdown`; the completer stops when the
+    /// last [`CompleterHandle`] is dropped.
+    pub fn start(
+        store: &Store,
+        config: &Config,
+        tasks: &TaskTracker,
+        shutdown: &CancellationToken,
+    ) -> Self {
+        let (dispatcher, dispatcher_handle) = Dispatcher::new(
+            store.clone(),
+            config.lease_duration,
+            config.poll_interval,
+        );
+        let (completer, completer_handle) = Completer::new(store.clone());
+        let (elector, leadership) = Elector::new(store.clone(), ELECTION_INTERVAL);
+        let notifier = Notifier::new(store.clone(), dispatcher_handle.clone());
+        let reaper = Reaper::new(store.clone(), config.reap_interval, leadership.clone());
+        let scheduler = Scheduler::new(store.clone(), config.poll_interval, leadership.clone());
+
+        tasks.spawn(dispatcher.run(shutdown.clone()));
+        tasks.spawn(completer.run());
+        tasks.spawn(elector.run(shutdown.clone()));
+        tasks.spawn(notifier.run(shutdown.clone()));
+        tasks.spawn(reaper.run(shutdown.clone()));
+        tasks.spawn(scheduler.run(shutdown.clone()));
+
+        Self {
+            dispatcher: dispatcher_handle,
+            completer: completer_handle,
+            leadership,
+        }
+    }
+}

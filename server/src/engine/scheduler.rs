@@ -1,0 +1,75 @@
+//! The scheduler: makes SCHEDULED and RETRYING jobs AVAILABLE when their time comes.
+//!
+//! Runs on the leader only. After promoting what is due it sleeps until the next run_at it knows
+//! of, but never longer than the poll interval, so a job enqueued meanwhile with an earlier time
+//! (possibly on another replica) starts at most one poll interval late. Promotion notifies the
+//! queue, which wakes the dispatchers of every replica.
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::leader::Leadership;
+use crate::store::Store;
+
+const BATCH: i64 = 1000;
+
+pub struct Scheduler {
+    store: Store,
+    poll_interval: Duration,
+    leadership: Leadership,
+}
+
+impl Scheduler {
+    pub fn new(store: Store, poll_interval: Duration, leadership: Leadership) -> Self {
+        Self {
+            store,
+            poll_interval,
+            leadership,
+        }
+    }
+
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                leading = self.leadership.wait_leading() => if !leading { return },
+            }
+            let sleep = self.tick().await;
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(sleep) => {}
+            }
+        }
+    }
+
+    /// Promotes what is due and returns how long to sleep.
+    async fn tick(&self) -> Duration {
+        loop {
+            match self.store.promote_due(BATCH).await {
+                Ok(n) if n >= BATCH as u64 => continue,
+                Ok(n) => {
+                    if n > 0 {
+                        tracing::debug!(promoted = n, "due jobs promoted");
+                    }
+                    break;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "promoting due jobs failed");
+                    return self.poll_interval;
+                }
+            }
+        }
+        match self.store.next_due().await {
+            Ok(Some(at)) => (at - chrono::Utc::now())
+                .to_std()
+                .unwrap_or(Duration::ZERO)
+                .clamp(Duration::from_millis(1), self.poll_interval),
+            Ok(None) => self.poll_interval,
+            Err(error) => {
+                tracing::warn!(%error, "reading the next due time failed");
+                self.poll_interval
+            }
+        }
+    }
+}

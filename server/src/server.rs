@@ -1,0 +1,141 @@
+//! Wires the store, the engine and the gRPC services together and runs them until shutdown.
+//!
+//! Shutdown order: stop accepting calls and end every worker stream (they watch the same token),
+//! let the engine loops stop, then wait for the completer to flush what the streams handed it.
+//! Health reports NOT_SERVING from the first moment of shutdown, and whenever PostgreSQL stops
+//! answering, so load balancers route around this replica.
+
+use std::time::Duration;
+
+use jobwire_proto::v1::{
+    job_service_server::JobServiceServer, worker_service_server::WorkerServiceServer,
+};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tonic_health::{ServingStatus, server::HealthReporter};
+
+use crate::{
+    api::{
+        job_service::JobApi,
+        worker_service::{SessionConfig, WorkerApi},
+    },
+    config::Config,
+    engine::Engine,
+    store::Store,
+};
+
+/// How often health is re-checked against PostgreSQL.
+const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+/// Room for the rest of a message around its largest allowed payload.
+const ENVELOPE_BYTES: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot open the database: {0}")]
+    Store(#[from] crate::store::Error),
+    #[error("reflection descriptors are invalid: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Serves on `listener` until `shutdown` fires, then stops in order.
+pub async fn run(
+    config: &Config,
+    database_url: &str,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
+    let store = Store::connect(database_url, config.db_max_connections).await?;
+    let tasks = TaskTracker::new();
+    let engine = Engine::start(&store, config, &tasks, &shutdown);
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    tasks.spawn(report_health(
+        store.clone(),
+        health_reporter,
+        shutdown.clone(),
+    ));
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(jobwire_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(jobwire_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let max_message = config.max_payload_bytes + ENVELOPE_BYTES;
+    let jobs = JobServiceServer::new(JobApi::new(store.clone(), config.max_payload_bytes))
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
+    let workers = WorkerServiceServer::new(WorkerApi::new(
+        store.clone(),
+        engine.clone(),
+        SessionConfig {
+            lease_duration: config.lease_duration,
+            heartbeat_interval: config.heartbeat_interval,
+            max_payload_bytes: config.max_payload_bytes,
+        },
+        shutdown.clone(),
+        tasks.clone(),
+    ))
+    .max_decoding_message_size(max_message)
+    .max_encoding_message_size(max_message);
+    drop(engine);
+
+    let served = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(jobs)
+        .add_service(workers)
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(listener),
+            shutdown.clone().cancelled_owned(),
+        )
+        .await;
+    // Also reached when serving failed on its own: stop the loops either way.
+    shutdown.cancel();
+    tasks.close();
+    if tokio::time::timeout(config.shutdown_timeout, tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("some tasks did not stop within the shutdown timeout");
+    }
+    store.pool().close().await;
+    served?;
+    Ok(())
+}
+
+/// Keeps the health service in step with PostgreSQL until shutdown.
+async fn report_health(store: Store, reporter: HealthReporter, shutdown: CancellationToken) {
+    let mut last = None;
+    loop {
+        let status = match tokio::time::timeout(HEALTH_INTERVAL, store.ping()).await {
+            Ok(Ok(())) => ServingStatus::Serving,
+            _ => ServingStatus::NotServing,
+        };
+        if last != Some(status) {
+            tracing::info!(?status, "health changed");
+            set_all(&reporter, status).await;
+            last = Some(status);
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(HEALTH_INTERVAL) => {}
+        }
+    }
+    set_all(&reporter, ServingStatus::NotServing).await;
+}
+
+async fn set_all(reporter: &HealthReporter, status: ServingStatus) {
+    for service in ["", "jobwire.v1.JobService", "jobwire.v1.WorkerService"] {
+        reporter.set_service_status(service, status).await;
+    }
+}

@@ -1,0 +1,334 @@
+//! Statements on whole jobs: enqueue, read, list, cancel and retry.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgExecutor, types::Json};
+use uuid::Uuid;
+
+use super::{
+    Error, JOBS_CHANNEL, Result, Store,
+    rows::{AttemptRow, JOB_COLUMNS, JobRow},
+};
+use crate::domain::{JobId, JobState, QueueName, TenantId};
+
+/// A validated job to insert.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub id: JobId,
+    pub queue: QueueName,
+    pub job_type: String,
+    pub payload_type: String,
+    pub payload: Vec<u8>,
+    pub priority: i16,
+    pub max_attempts: i32,
+    pub retry_initial_ms: i64,
+    pub retry_max_ms: i64,
+    pub retry_multiplier: f64,
+    pub retry_jitter: f64,
+    /// `None` means now.
+    pub run_at: Option<DateTime<Utc>>,
+    pub idempotency_key: Option<String>,
+    pub labels: HashMap<String, String>,
+}
+
+/// The job an enqueue produced, or the one its idempotency key already named.
+#[derive(Debug, Clone)]
+pub struct EnqueueOutcome {
+    pub job: JobRow,
+    pub created: bool,
+}
+
+/// Filters of ListJobs; empty fields match everything.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    pub states: Vec<JobState>,
+    pub queue: Option<QueueName>,
+    pub job_type: Option<String>,
+    /// Only jobs older (smaller id) than this one: the page cursor.
+    pub before: Option<JobId>,
+}
+
+impl Store {
+    /// Inserts jobs in one statement, with their first event rows and a NOTIFY per queue that
+    /// received available work. Jobs whose idempotency key the tenant already used are not
+    /// inserted; the existing job is returned instead. Outcomes come back in input order.
+    pub async fn enqueue_many(
+        &self,
+        tenant: &TenantId,
+        jobs: &[NewJob],
+    ) -> Result<Vec<EnqueueOutcome>> {
+        let mut outcomes = enqueue_statement(&self.pool, tenant, jobs).await?;
+        // A key used by a concurrent, not yet committed enqueue is skipped by ON CONFLICT but is
+        // invisible to the statement's snapshot; read it again now that it has committed.
+        let missing: Vec<String> = jobs
+            .iter()
+            .zip(&outcomes)
+            .filter(|(_, o)| o.is_none())
+            .filter_map(|(j, _)| j.idempotency_key.clone())
+            .collect();
+        if !missing.is_empty() {
+            let found = jobs_by_keys(&self.pool, tenant, &missing).await?;
+            for (job, outcome) in jobs.iter().zip(outcomes.iter_mut()) {
+                if outcome.is_none() {
+                    *outcome = job
+                        .idempotency_key
+                        .as_ref()
+                        .and_then(|k| found.iter().find(|r| r.idempotency_key.as_ref() == Some(k)))
+                        .map(|row| EnqueueOutcome {
+                            job: row.clone(),
+                            created: false,
+                        });
+                }
+            }
+        }
+        outcomes
+            .into_iter()
+            .map(|o| {
+                o.ok_or_else(|| {
+                    Error::Corrupt("an idempotency key conflict named no visible job".into())
+                })
+            })
+            .collect()
+    }
+
+    pub async fn get_job(&self, tenant: &TenantId, id: JobId) -> Result<JobRow> {
+        get_job(&self.pool, tenant, id).await
+    }
+
+    /// The attempts of a job, oldest first.
+    pub async fn list_attempts(&self, tenant: &TenantId, id: JobId) -> Result<Vec<AttemptRow>> {
+        Ok(sqlx::query_as::<_, AttemptRow>(
+            "SELECT attempt, worker_id, started_at, finished_at, outcome, error \
+             FROM job_attempts WHERE tenant_id = $1 AND job_id = $2 ORDER BY attempt",
+        )
+        .bind(tenant.as_str())
+        .bind(id.0)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Jobs newest first, at most `limit`.
+    pub async fn list_jobs(
+        &self,
+        tenant: &TenantId,
+        filter: &ListFilter,
+        limit: i64,
+    ) -> Result<Vec<JobRow>> {
+        let sql = static_sql!(
+            "SELECT {JOB_COLUMNS} FROM jobs \
+             WHERE tenant_id = $1 \
+               AND (cardinality($2::job_state[]) = 0 OR state = ANY($2)) \
+               AND ($3::text IS NULL OR queue = $3) \
+               AND ($4::text IS NULL OR job_type = $4) \
+               AND ($5::uuid IS NULL OR id < $5) \
+             ORDER BY id DESC LIMIT $6"
+        );
+        Ok(sqlx::query_as::<_, JobRow>(sql)
+            .bind(tenant.as_str())
+            .bind(&filter.states)
+            .bind(filter.queue.as_ref().map(QueueName::as_str))
+            .bind(filter.job_type.as_deref())
+            .bind(filter.before.map(|id| id.0))
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    /// Cancels a job that no worker runs yet. Returns `None` when the job exists but is not in
+    /// a cancellable queued state; the caller reads it to say why.
+    pub async fn cancel_queued(
+        &self,
+        tenant: &TenantId,
+        id: JobId,
+        reason: &str,
+    ) -> Result<Option<JobRow>> {
+        let sql = static_sql!(
+            "WITH upd AS ( \
+                 UPDATE jobs SET state = 'cancelled', cancel_reason = $3, \
+                        finished_at = now(), updated_at = now() \
+                 WHERE tenant_id = $1 AND id = $2 \
+                   AND state IN ('awaiting_approval', 'pending', 'scheduled', 'available', \
+                                 'retrying', 'paused') \
+                 RETURNING * \
+             ), ev AS ( \
+                 INSERT INTO job_events (tenant_id, job_id, kind, state, attempt, data) \
+                 SELECT tenant_id, id, 'state', state, attempt, jsonb_build_object('reason', $3) \
+                 FROM upd \
+             ) \
+             SELECT {JOB_COLUMNS} FROM upd"
+        );
+        Ok(sqlx::query_as::<_, JobRow>(sql)
+            .bind(tenant.as_str())
+            .bind(id.0)
+            .bind(reason)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    /// Makes a FAILED or CANCELLED job available again with a fresh set of attempts. The attempt
+    /// counter keeps counting, so fencing tokens never repeat; `attempt_base` moves instead.
+    /// Returns `None` when the job exists but is in another state.
+    pub async fn retry_finished(&self, tenant: &TenantId, id: JobId) -> Result<Option<JobRow>> {
+        let sql = static_sql!(
+            "WITH upd AS ( \
+                 UPDATE jobs SET state = 'available', attempt_base = attempt, \
+                        run_at = now(), finished_at = NULL, cancel_reason = NULL, \
+                        result = NULL, result_type = NULL, updated_at = now() \
+                 WHERE tenant_id = $1 AND id = $2 AND state IN ('failed', 'cancelled') \
+                 RETURNING * \
+             ), ev AS ( \
+                 INSERT INTO job_events (tenant_id, job_id, kind, state, attempt, data) \
+                 SELECT tenant_id, id, 'state', state, attempt, '{{\"reason\": \"retried\"}}' \
+                 FROM upd \
+             ), wake AS ( \
+                 SELECT pg_notify('{JOBS_CHANNEL}', tenant_id || '/' || queue) FROM upd \
+             ) \
+             SELECT {JOB_COLUMNS} FROM upd, (SELECT count(*) FROM wake) w"
+        );
+        Ok(sqlx::query_as::<_, JobRow>(sql)
+            .bind(tenant.as_str())
+            .bind(id.0)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+}
+
+async fn get_job(db: impl PgExecutor<'_>, tenant: &TenantId, id: JobId) -> Result<JobRow> {
+    let sql = static_sql!("SELECT {JOB_COLUMNS} FROM jobs WHERE tenant_id = $1 AND id = $2");
+    sqlx::query_as::<_, JobRow>(sql)
+        .bind(tenant.as_str())
+        .bind(id.0)
+        .fetch_optional(db)
+        .await?
+        .ok_or(Error::NotFound)
+}
+
+async fn jobs_by_keys(
+    db: impl PgExecutor<'_>,
+    tenant: &TenantId,
+    keys: &[String],
+) -> Result<Vec<JobRow>> {
+    let sql = static_sql!(
+        "SELECT {JOB_COLUMNS} FROM jobs WHERE tenant_id = $1 AND idempotency_key = ANY($2)"
+    );
+    Ok(sqlx::query_as::<_, JobRow>(sql)
+        .bind(tenant.as_str())
+        .bind(keys)
+        .fetch_all(db)
+        .await?)
+}
+
+#[derive(sqlx::FromRow)]
+struct EnqueuedRow {
+    ord: i64,
+    created: bool,
+    #[sqlx(flatten)]
+    job: JobRow,
+}
+
+/// The single enqueue statement. Rows skipped by an idempotency conflict whose winner is not
+/// visible yet come back as `None`.
+async fn enqueue_statement(
+    db: impl PgExecutor<'_>,
+    tenant: &TenantId,
+    jobs: &[NewJob],
+) -> Result<Vec<Option<EnqueueOutcome>>> {
+    let sql = static_sql!(
+        "WITH input AS ( \
+             SELECT * FROM UNNEST($2::uuid[], $3::text[], $4::text[], $5::text[], $6::bytea[], \
+                 $7::int2[], $8::int4[], $9::int8[], $10::int8[], $11::float8[], $12::float8[], \
+                 $13::timestamptz[], $14::text[], $15::jsonb[]) WITH ORDINALITY \
+             AS t(id, queue, job_type, payload_type, payload, priority, max_attempts, \
+                  retry_initial_ms, retry_max_ms, retry_multiplier, retry_jitter, run_at, \
+                  idempotency_key, labels, ord) \
+         ), ins AS ( \
+             INSERT INTO jobs (id, tenant_id, queue, job_type, payload_type, payload, priority, \
+                 state, max_attempts, retry_initial_ms, retry_max_ms, retry_multiplier, \
+                 retry_jitter, run_at, idempotency_key, labels) \
+             SELECT id, $1, queue, job_type, payload_type, payload, priority, \
+                 CASE WHEN coalesce(run_at, now()) <= now() THEN 'available'::job_state \
+                      ELSE 'scheduled'::job_state END, \
+                 max_attempts, retry_initial_ms, retry_max_ms, retry_multiplier, retry_jitter, \
+                 coalesce(run_at, now()), idempotency_key, labels \
+             FROM input ORDER BY ord \
+             ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL \
+             DO NOTHING \
+             RETURNING * \
+         ), ev AS ( \
+             INSERT INTO job_events (tenant_id, job_id, kind, state, attempt) \
+             SELECT tenant_id, id, 'state', state, 0 FROM ins \
+         ), wake AS ( \
+             SELECT pg_notify('{JOBS_CHANNEL}', tenant_id || '/' || queue) \
+             FROM (SELECT DISTINCT tenant_id, queue FROM ins WHERE state = 'available') q \
+         ) \
+         SELECT u.* FROM ( \
+             SELECT i.ord, true AS created, {ins_cols} \
+             FROM ins JOIN input i ON i.id = ins.id \
+             UNION ALL \
+             SELECT i.ord, false AS created, {old_cols} \
+             FROM input i \
+             JOIN jobs j ON j.tenant_id = $1 AND j.idempotency_key = i.idempotency_key \
+             WHERE NOT EXISTS (SELECT 1 FROM ins WHERE ins.id = i.id) \
+         ) u CROSS JOIN (SELECT count(*) AS woken FROM wake) w \
+         ORDER BY u.ord",
+        ins_cols = prefixed("ins"),
+        old_cols = prefixed("j"),
+    );
+    let mut q = sqlx::query_as::<_, EnqueuedRow>(sql).bind(tenant.as_str());
+    q = q
+        .bind(jobs.iter().map(|j| j.id.0).collect::<Vec<Uuid>>())
+        .bind(
+            jobs.iter()
+                .map(|j| j.queue.as_str().to_owned())
+                .collect::<Vec<_>>(),
+        )
+        .bind(jobs.iter().map(|j| j.job_type.clone()).collect::<Vec<_>>())
+        .bind(
+            jobs.iter()
+                .map(|j| j.payload_type.clone())
+                .collect::<Vec<_>>(),
+        )
+        .bind(jobs.iter().map(|j| j.payload.clone()).collect::<Vec<_>>())
+        .bind(jobs.iter().map(|j| j.priority).collect::<Vec<_>>())
+        .bind(jobs.iter().map(|j| j.max_attempts).collect::<Vec<_>>())
+        .bind(jobs.iter().map(|j| j.retry_initial_ms).collect::<Vec<_>>())
+        .bind(jobs.iter().map(|j| j.retry_max_ms).collect::<Vec<_>>())
+        .bind(jobs.iter().map(|j| j.retry_multiplier).collect::<Vec<_>>())
+        .bind(jobs.iter().map(|j| j.retry_jitter).collect::<Vec<_>>())
+        .bind(jobs.iter().map(|j| j.run_at).collect::<Vec<_>>())
+        .bind(
+            jobs.iter()
+                .map(|j| j.idempotency_key.clone())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            jobs.iter()
+                .map(|j| Json(j.labels.clone()))
+                .collect::<Vec<_>>(),
+        );
+    let rows = q.fetch_all(db).await?;
+    let mut out: Vec<Option<EnqueueOutcome>> = vec![None; jobs.len()];
+    for row in rows {
+        let Some(slot) = usize::try_from(row.ord - 1)
+            .ok()
+            .and_then(|i| out.get_mut(i))
+        else {
+            continue;
+        };
+        *slot = Some(EnqueueOutcome {
+            job: row.job,
+            created: row.created,
+        });
+    }
+    Ok(out)
+}
+
+/// `JOB_COLUMNS` qualified by a table alias, for statements that join.
+fn prefixed(alias: &str) -> String {
+    JOB_COLUMNS
+        .split(", ")
+        .map(|c| format!("{alias}.{}", c.trim()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}

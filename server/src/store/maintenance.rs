@@ -1,0 +1,150 @@
+//! Statements of the leader-only loops: reaping lapsed leases and promoting due jobs.
+
+use chrono::{DateTime, Utc};
+
+use super::{JOBS_CHANNEL, Result, Store, leases::BACKOFF_MS};
+
+impl Store {
+    /// Ends up to `limit` attempts whose lease lapsed (the worker stopped heartbeating): the
+    /// job is retried with its backoff, or FAILED when no attempt is left (invariant 2: never
+    /// RUNNING forever). Returns how many were reaped.
+    pub async fn reap_expired(&self, limit: i64) -> Result<u64> {
+        let sql = static_sql!(
+            "WITH expired AS ( \
+                 SELECT id, lease_owner FROM jobs \
+                 WHERE state = 'running' AND lease_expires_at < now() \
+                 ORDER BY lease_expires_at LIMIT $1 \
+                 FOR UPDATE SKIP LOCKED \
+             ), upd AS ( \
+                 UPDATE jobs j SET \
+                     state = CASE WHEN j.attempt - j.attempt_base >= j.max_attempts THEN 'failed'::job_state \
+                                  ELSE 'retrying'::job_state END, \
+                     run_at = CASE WHEN j.attempt - j.attempt_base >= j.max_attempts THEN j.run_at \
+                                   ELSE now() + ({BACKOFF_MS}) * interval '1 millisecond' END, \
+                     last_error = jsonb_build_object( \
+                         'message', 'lease expired: worker ' || coalesce(e.lease_owner, '?') \
+                                    || ' stopped heartbeating', \
+                         'kind', 'lease_expired', 'retryable', true, 'attempt', j.attempt, \
+                         'occurred_at', now()), \
+                     lease_owner = NULL, lease_expires_at = NULL, \
+                     finished_at = CASE WHEN j.attempt - j.attempt_base >= j.max_attempts THEN now() END, \
+                     updated_at = now() \
+                 FROM expired e WHERE j.id = e.id \
+                 RETURNING j.id, j.tenant_id, j.attempt, j.state, j.last_error \
+             ), att AS ( \
+                 UPDATE job_attempts a SET finished_at = now(), outcome = 'lease_expired', \
+                        error = upd.last_error \
+                 FROM upd WHERE a.job_id = upd.id AND a.attempt = upd.attempt \
+             ), ev AS ( \
+                 INSERT INTO job_events (tenant_id, job_id, kind, state, attempt, data) \
+                 SELECT tenant_id, id, 'state', state, attempt, \
+                        jsonb_build_object('error', last_error) \
+                 FROM upd \
+             ) \
+             SELECT count(*) FROM upd"
+        );
+        let (n,): (i64,) = sqlx::query_as(sql)
+            .bind(limit)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    /// Makes up to `limit` SCHEDULED or RETRYING jobs whose time has come AVAILABLE, and wakes
+    /// the dispatchers of their queues. Returns how many were promoted.
+    pub async fn promote_due(&self, limit: i64) -> Result<u64> {
+        let sql = static_sql!(
+            "WITH due AS ( \
+                 SELECT id FROM jobs \
+                 WHERE state IN ('scheduled', 'retrying') AND run_at <= now() \
+                 ORDER BY run_at LIMIT $1 \
+                 FOR UPDATE SKIP LOCKED \
+             ), upd AS ( \
+                 UPDATE jobs j SET state = 'available', updated_at = now() \
+                 FROM due WHERE j.id = due.id \
+                 RETURNING j.id, j.tenant_id, j.queue, j.attempt \
+             ), ev AS ( \
+                 INSERT INTO job_events (tenant_id, job_id, kind, state, attempt) \
+                 SELECT tenant_id, id, 'state', 'available', attempt FROM upd \
+             ), wake AS ( \
+                 SELECT pg_notify('{JOBS_CHANNEL}', tenant_id || '/' || queue) \
+                 FROM (SELECT DISTINCT tenant_id, queue FROM upd) q \
+             ) \
+             SELECT (SELECT count(*) FROM upd), (SELECT count(*) FROM wake)"
+        );
+        let (n, _woken): (i64, i64) = sqlx::query_as(sql)
+            .bind(limit)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    /// The earliest run_at among SCHEDULED and RETRYING jobs, so the scheduler can sleep until
+    /// exactly then.
+    pub async fn next_due(&self) -> Result<Option<DateTime<Utc>>> {
+        let (at,): (Option<DateTime<Utc>>,) = sqlx::query_as(
+            "SELECT min(run_at) FROM jobs WHERE state IN ('scheduled', 'retrying')",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(at)
+    }
+}
+
+/// The advisory lock that elects the replica running the singleton loops. It lives on a
+/// connection of its own: PostgreSQL releases it the moment that session ends, so a replica
+/// that dies hands leadership over as soon as its connection drops.
+#[derive(Debug)]
+pub struct LeaderLock {
+    conn: sqlx::PgConnection,
+}
+
+/// Any 64-bit constant works; this one spells "jobwire" in ASCII.
+const LEADER_LOCK_KEY: i64 = 0x006a_6f62_7769_7265;
+
+impl Store {
+    /// Opens the dedicated connection on which leadership is held.
+    pub async fn leader_lock(&self) -> Result<LeaderLock> {
+        use sqlx::Connection;
+        let options = (*self.pool.connect_options()).clone();
+        let conn = sqlx::PgConnection::connect_with(&options).await?;
+        Ok(LeaderLock { conn })
+    }
+}
+
+impl LeaderLock {
+    /// Takes the lock if no other session holds it.
+    pub async fn try_acquire(&mut self) -> Result<bool> {
+        let (got,): (bool,) = sqlx::query_as("SELECT pg_try_advisory_lock($1)")
+            .bind(LEADER_LOCK_KEY)
+            .fetch_one(&mut self.conn)
+            .await?;
+        Ok(got)
+    }
+
+    /// Proves the session (and so the lock) is still alive.
+    pub async fn check(&mut self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&mut self.conn).await?;
+        Ok(())
+    }
+
+    /// Gives the lock up at once, so another replica need not wait for the connection to drop.
+    pub async fn release(mut self) -> Result<()> {
+        use sqlx::Connection;
+        sqlx::query("SELECT pg_advisory_unlock($1)")
+            .bind(LEADER_LOCK_KEY)
+            .execute(&mut self.conn)
+            .await?;
+        self.conn.close().await?;
+        Ok(())
+    }
+}
+
+impl Store {
+    /// A listener on the channel where enqueues announce work.
+    pub async fn jobs_listener(&self) -> Result<sqlx::postgres::PgListener> {
+        let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
+        listener.listen(JOBS_CHANNEL).await?;
+        Ok(listener)
+    }
+}

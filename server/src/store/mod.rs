@@ -1,0 +1,102 @@
+//! The store: every SQL statement jobwire runs, and nothing else.
+//!
+//! Each function is one statement, named for the operation, taking any executor so callers can
+//! compose transactions. A state change and the event row describing it are written by the same
+//! statement (data-modifying CTEs), so they commit together. Updates of leased jobs are guarded
+//! by the expected state and the attempt (fencing token), so a late message from a lost worker
+//! matches no row and changes nothing. Batches travel as arrays (`UNNEST`), one round trip each.
+
+/// SQL assembled once, on first use, from compile-time constants (column lists, channel names,
+/// shared expressions), never from input; the result is a `&'static str` sqlx accepts as safe.
+macro_rules! static_sql {
+    ($($arg:tt)*) => {{
+        static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| format!($($arg)*));
+        SQL.as_str()
+    }};
+}
+
+mod jobs;
+mod leases;
+mod maintenance;
+mod rows;
+
+use std::time::Duration;
+
+use sqlx::{
+    PgPool,
+    postgres::{PgConnectOptions, PgPoolOptions},
+};
+
+pub use jobs::{EnqueueOutcome, ListFilter, NewJob};
+pub use maintenance::LeaderLock;
+pub use leases::{Completion, Failure, SettleResult};
+pub use rows::{AttemptRow, ErrorRecord, JobRow};
+
+/// The PostgreSQL channel on which enqueues and promotions announce available work; the payload
+/// is `tenant/queue`. A wake-up only: listeners re-read the table.
+pub const JOBS_CHANNEL: &str = "jobwire_jobs";
+
+/// What can go wrong in the store. Callers decide retries with [`Error::is_transient`].
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("not found")]
+    NotFound,
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("stored row is invalid: {0}")]
+    Corrupt(String),
+}
+
+impl Error {
+    /// True when the same statement may succeed if tried again: the connection dropped, the pool
+    /// was momentarily exhausted, the database is restarting, or a serialization conflict.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Database(sqlx::Error::Io(_))
+            | Error::Database(sqlx::Error::PoolTimedOut)
+            | Error::Database(sqlx::Error::Protocol(_)) => true,
+            Error::Database(sqlx::Error::Database(db)) => db.code().is_some_and(|code| {
+                code.starts_with("08")
+                    || code.starts_with("57P")
+                    || code == "40001"
+                    || code == "40P01"
+                    || code == "53300"
+            }),
+            _ => false,
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A handle on the database: a connection pool plus the statements of the submodules.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: PgPool,
+}
+
+impl Store {
+    /// Connects and applies pending migrations, so a fresh database is ready to serve.
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Self> {
+        let options: PgConnectOptions = url.parse()?;
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options.application_name("jobwire-server"))
+            .await?;
+        sqlx::migrate!("../migrations").run(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// A cheap round trip, for health checks.
+    pub async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+}
