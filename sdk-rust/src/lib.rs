@@ -1,1 +1,90 @@
-//! placeholder
+//! Rust SDK for jobwire, a durable job queue served over gRPC.
+//!
+//! A job type is a protobuf message (its payload) tied by the [`JobType`] trait to a name and an
+//! output message. Producers enqueue payloads through a [`Client`] and get a typed
+//! [`JobHandle`] back; workers register typed handlers on a [`Worker`], which leases jobs from
+//! the server, runs them with bounded concurrency and reports their results.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use jobwire::{Client, HandlerError, JobContext, JobType, Worker};
+//!
+//! #[derive(Clone, PartialEq, prost::Message)]
+//! struct Resize {
+//!     #[prost(string, tag = "1")]
+//!     url: String,
+//!     #[prost(uint32, tag = "2")]
+//!     width: u32,
+//! }
+//!
+//! impl prost::Name for Resize {
+//!     const NAME: &'static str = "Resize";
+//!     const PACKAGE: &'static str = "example.v1";
+//! }
+//!
+//! impl JobType for Resize {
+//!     const JOB_TYPE: &'static str = "image.resize";
+//!     // `()` is `google.protobuf.Empty`: for jobs whose only result is that they finished.
+//!     type Output = ();
+//! }
+//!
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! // The producer side.
+//! let client = Client::connect("http://127.0.0.1:50051").await?;
+//! let handle = client
+//!     .enqueue(Resize { url: "https://example.com/a.png".into(), width: 64 })
+//!     .queue("images")
+//!     .await?;
+//! handle.wait().await?;
+//!
+//! // The worker side, usually another process.
+//! let worker = Worker::builder("http://127.0.0.1:50051")
+//!     .queues(["images"])
+//!     .concurrency(8)
+//!     .register::<Resize, _, _>(|_ctx: JobContext, job: Resize| async move {
+//!         if job.width == 0 {
+//!             return Err(HandlerError::fatal("width must be positive"));
+//!         }
+//!         Ok(())
+//!     })
+//!     .build()?;
+//! worker.run(async { tokio::signal::ctrl_c().await.ok(); }).await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Layout
+//!
+//! - [`client`]: the producer's side: enqueue, inspect, wait for, cancel and retry jobs.
+//! - [`worker`]: the worker runtime: one stream to the server, leases, heartbeats, results,
+//!   reconnects and graceful drain.
+//! - [`context`]: what a handler learns about the attempt it runs, and how it is told to stop.
+//! - [`job`]: the typed vocabulary both sides share: [`JobType`], [`JobId`], [`JobState`],
+//!   [`RetryPolicy`], [`JobInfo`].
+//! - [`error`]: [`Error`] for calls that fail (and jobs that end badly), [`HandlerError`] for
+//!   handlers that fail.
+//!
+//! The client and the worker share nothing but the job vocabulary and the connection settings,
+//! so a producer never pulls in the worker's machinery and the other way round.
+
+mod backoff;
+pub mod client;
+pub mod context;
+pub mod error;
+pub mod job;
+mod transport;
+pub mod worker;
+
+pub use client::{Client, Enqueue, Enqueued, JobHandle, JobPage, ListJobs, NewJob};
+pub use context::{JobContext, StopReason};
+pub use error::{Error, HandlerError, JobFailure};
+pub use job::{JobError, JobId, JobInfo, JobState, JobType, RetryPolicy};
+pub use worker::{Worker, WorkerBuilder};
+
+/// The generated protocol types, for what the typed API does not cover (such as
+/// [`JobInfo::as_proto`]).
+pub use jobwire_proto as proto;
+/// Re-exported so callers can name [`tonic::Code`] (see [`Error::code`]) and build their own
+/// [`tonic::transport::Channel`] for [`Client::from_channel`] without a version mismatch.
+pub use tonic;

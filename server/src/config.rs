@@ -85,8 +85,7 @@ impl Config {
         if self.lease_duration < Duration::from_millis(100) {
             return fail("lease-duration", "must be at least 100ms");
         }
-        if self.heartbeat_interval.is_zero() || self.heartbeat_interval * 3 > self.lease_duration
-        {
+        if self.heartbeat_interval.is_zero() || self.heartbeat_interval * 3 > self.lease_duration {
             return fail(
                 "heartbeat-interval",
                 "must be positive and at most a third of --lease-duration",

@@ -68,10 +68,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
     };
 
     let served = serve(&config, &database_url).await;
-    if let Some(pg) = embedded {
-        if let Err(error) = pg.stop().await {
-            tracing::warn!(%error, "could not stop the private PostgreSQL");
-        }
+    if let Some(pg) = embedded
+        && let Err(error) = pg.stop().await
+    {
+        tracing::warn!(%error, "could not stop the private PostgreSQL");
     }
     served
 }

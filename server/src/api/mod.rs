@@ -22,9 +22,9 @@ pub fn tenant_of<T>(request: &tonic::Request<T>) -> Result<TenantId, ApiError> {
     match request.metadata().get(TENANT_HEADER) {
         None => Ok(TenantId::default_tenant()),
         Some(value) => {
-            let value = value.to_str().map_err(|_| {
-                ApiError::invalid(TENANT_HEADER, "must be printable ASCII")
-            })?;
+            let value = value
+                .to_str()
+                .map_err(|_| ApiError::invalid(TENANT_HEADER, "must be printable ASCII"))?;
             validate::tenant(value)
         }
     }

@@ -227,8 +227,8 @@ pub fn job_spec(spec: &pb::JobSpec, max_payload: usize) -> Result<NewJob, ApiErr
         Some(pb::job_spec::Schedule::RunAt(ts)) => Some(timestamp("run_at", ts)?),
         Some(pb::job_spec::Schedule::Delay(d)) => {
             let d = duration("delay", d)?;
-            let delta = TimeDelta::from_std(d)
-                .map_err(|_| ApiError::invalid("delay", "is too long"))?;
+            let delta =
+                TimeDelta::from_std(d).map_err(|_| ApiError::invalid("delay", "is too long"))?;
             Some(Utc::now() + delta)
         }
     };
@@ -275,13 +275,15 @@ pub fn job_specs(specs: &[pb::JobSpec], max_payload: usize) -> Result<Vec<NewJob
         .enumerate()
         .map(|(i, spec)| {
             let job = job_spec(spec, max_payload).map_err(|e| e.within(&format!("jobs[{i}]")))?;
-            if let Some(key) = &job.idempotency_key {
-                if let Some(first) = seen.insert(key.clone(), i) {
-                    return Err(ApiError::invalid(
-                        format!("jobs[{i}].idempotency_key"),
-                        format!("repeats the key of jobs[{first}]"),
-                    ));
-                }
+            if let Some(first) = job
+                .idempotency_key
+                .as_ref()
+                .and_then(|key| seen.insert(key.clone(), i))
+            {
+                return Err(ApiError::invalid(
+                    format!("jobs[{i}].idempotency_key"),
+                    format!("repeats the key of jobs[{first}]"),
+                ));
             }
             Ok(job)
         })

@@ -228,13 +228,20 @@ impl Session {
             .is_ok()
     }
 
-    async fn run(mut self, mut inbound: Streaming<pb::ConnectRequest>, shutdown: CancellationToken) {
+    async fn run(
+        mut self,
+        mut inbound: Streaming<pb::ConnectRequest>,
+        shutdown: CancellationToken,
+    ) {
         let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
             Ok(Ok(Some(pb::ConnectRequest {
                 message: Some(In::Hello(hello)),
             }))) => validate_hello(hello),
             Ok(Ok(None)) | Ok(Err(_)) => return,
-            Ok(Ok(Some(_))) => Err(ApiError::invalid("hello", "the first message must be hello")),
+            Ok(Ok(Some(_))) => Err(ApiError::invalid(
+                "hello",
+                "the first message must be hello",
+            )),
             Err(_) => Err(ApiError::invalid("hello", "not received within 30s")),
         };
         let hello = match hello {
@@ -250,7 +257,9 @@ impl Session {
             End::Shutdown => {
                 let _ = self
                     .tx
-                    .send(Err(Status::unavailable("server is shutting down; reconnect")))
+                    .send(Err(Status::unavailable(
+                        "server is shutting down; reconnect",
+                    )))
                     .await;
             }
         }
@@ -379,7 +388,12 @@ impl Session {
     }
 
     /// Handles one message from the worker. Returns false when the worker is gone.
-    async fn handle(&mut self, message: In, worker: &str, acks: &mut FuturesUnordered<AckFuture>) -> bool {
+    async fn handle(
+        &mut self,
+        message: In,
+        worker: &str,
+        acks: &mut FuturesUnordered<AckFuture>,
+    ) -> bool {
         match message {
             In::Hello(_) => {
                 tracing::warn!("ignoring a second hello on the same stream");
@@ -390,8 +404,13 @@ impl Session {
                 let request_id = complete.request_id;
                 match self.completion(complete) {
                     Ok(completion) => {
-                        self.settle(request_id, completion.lease, Settle::Complete(completion), acks)
-                            .await;
+                        self.settle(
+                            request_id,
+                            completion.lease,
+                            Settle::Complete(completion),
+                            acks,
+                        )
+                        .await;
                         true
                     }
                     Err(error) => self.reject(request_id, error).await,
@@ -440,7 +459,11 @@ impl Session {
             }
         };
         for lease in leases.iter().filter(|l| !renewed.contains(l)) {
-            let stop = stop_job(*lease, pb::StopReason::LeaseLost, "the lease is no longer held");
+            let stop = stop_job(
+                *lease,
+                pb::StopReason::LeaseLost,
+                "the lease is no longer held",
+            );
             if self.tx.send(Ok(stop)).await.is_err() {
                 return false;
             }

@@ -253,7 +253,11 @@ impl Dispatcher {
                     .free
                     .saturating_add(u32::try_from(undelivered.len()).unwrap_or(u32::MAX));
                 worker.hungry = false;
-                if let Err(error) = self.store.release_undelivered(&r.tenant, &undelivered).await {
+                if let Err(error) = self
+                    .store
+                    .release_undelivered(&r.tenant, &undelivered)
+                    .await
+                {
                     tracing::warn!(%error, "could not hand back undelivered leases; they will lapse");
                 }
             }

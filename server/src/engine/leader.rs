@@ -88,10 +88,10 @@ impl Elector {
             }
         }
         self.tx.send_replace(false);
-        if let Some(lock) = lock.filter(|_| leading) {
-            if let Err(error) = lock.release().await {
-                tracing::warn!(%error, "could not release leadership");
-            }
+        if let Some(lock) = lock.filter(|_| leading)
+            && let Err(error) = lock.release().await
+        {
+            tracing::warn!(%error, "could not release leadership");
         }
     }
 }

@@ -52,11 +52,8 @@ impl Engine {
         tasks: &TaskTracker,
         shutdown: &CancellationToken,
     ) -> Self {
-        let (dispatcher, dispatcher_handle) = Dispatcher::new(
-            store.clone(),
-            config.lease_duration,
-            config.poll_interval,
-        );
+        let (dispatcher, dispatcher_handle) =
+            Dispatcher::new(store.clone(), config.lease_duration, config.poll_interval);
         let (completer, completer_handle) = Completer::new(store.clone());
         let (elector, leadership) = Elector::new(store.clone(), ELECTION_INTERVAL);
         let notifier = Notifier::new(store.clone(), dispatcher_handle.clone());

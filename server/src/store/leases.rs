@@ -230,7 +230,11 @@ impl Store {
         )
         .bind(done.iter().map(|c| c.lease.job_id.0).collect::<Vec<_>>())
         .bind(done.iter().map(|c| c.lease.attempt).collect::<Vec<_>>())
-        .bind(done.iter().map(|c| c.result_type.clone()).collect::<Vec<_>>())
+        .bind(
+            done.iter()
+                .map(|c| c.result_type.clone())
+                .collect::<Vec<_>>(),
+        )
         .bind(done.iter().map(|c| c.result.clone()).collect::<Vec<_>>())
         .fetch_all(&self.pool)
         .await?;

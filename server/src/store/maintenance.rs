@@ -82,11 +82,10 @@ impl Store {
     /// The earliest run_at among SCHEDULED and RETRYING jobs, so the scheduler can sleep until
     /// exactly then.
     pub async fn next_due(&self) -> Result<Option<DateTime<Utc>>> {
-        let (at,): (Option<DateTime<Utc>>,) = sqlx::query_as(
-            "SELECT min(run_at) FROM jobs WHERE state IN ('scheduled', 'retrying')",
-        )
-        .fetch_one(&self.pool)
-        .await?;
+        let (at,): (Option<DateTime<Utc>>,) =
+            sqlx::query_as("SELECT min(run_at) FROM jobs WHERE state IN ('scheduled', 'retrying')")
+                .fetch_one(&self.pool)
+                .await?;
         Ok(at)
     }
 }

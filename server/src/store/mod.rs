@@ -28,8 +28,8 @@ use sqlx::{
 };
 
 pub use jobs::{EnqueueOutcome, ListFilter, NewJob};
-pub use maintenance::LeaderLock;
 pub use leases::{Completion, Failure, SettleResult};
+pub use maintenance::LeaderLock;
 pub use rows::{AttemptRow, ErrorRecord, JobRow};
 
 /// The PostgreSQL channel on which enqueues and promotions announce available work; the payload

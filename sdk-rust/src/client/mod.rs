@@ -1,0 +1,250 @@
+//! The producer's side of jobwire: enqueue typed jobs, then inspect, wait for, cancel and retry
+//! them through `JobService`.
+//!
+//! A [`Client`] is a cheap, cloneable handle around one multiplexed HTTP/2 channel; clone it
+//! into every task that needs it instead of connecting again. It never runs jobs: that is the
+//! [`worker`](crate::worker)'s job, and the two share no state.
+//!
+//! - [`enqueue`](Client::enqueue) returns an [`Enqueue`] builder (queue, priority, schedule,
+//!   retries, idempotency key, labels) that is sent by awaiting it.
+//! - [`JobHandle`] is a job id that remembers its job type, so [`JobHandle::wait`] returns the
+//!   typed output.
+//! - [`list_jobs`](Client::list_jobs) returns a [`ListJobs`] builder for filtered, paged reads.
+
+mod enqueue;
+mod handle;
+mod list;
+
+pub use enqueue::{Enqueue, Enqueued, NewJob};
+
+use enqueue::sealed::Sealed as _;
+pub use handle::JobHandle;
+pub use list::{JobPage, ListJobs};
+
+use tonic::transport::Channel;
+
+use crate::Error;
+use crate::job::{JobId, JobInfo, JobState, JobType};
+use crate::proto::v1 as pb;
+use crate::proto::v1::job_service_client::JobServiceClient;
+use crate::transport::{self, Tenant};
+
+/// A connection to a jobwire server for enqueueing and managing jobs.
+///
+/// Every call acts within one tenant: the one set with [`with_tenant`](Self::with_tenant), or
+/// the server's `default` tenant.
+#[derive(Debug, Clone)]
+pub struct Client {
+    /// Cloned per call: tonic clients take `&mut self`, and a clone shares the channel.
+    jobs: JobServiceClient<Channel>,
+    tenant: Tenant,
+}
+
+impl Client {
+    /// Connects to the server at `url` (such as `http://127.0.0.1:50051`).
+    ///
+    /// The first connection is made now, so a wrong address fails here rather than on the first
+    /// call; later the channel reconnects by itself after the server restarts.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] when `url` is not a valid address, [`Error::Transport`] when the
+    /// server cannot be reached.
+    pub async fn connect(url: impl Into<String>) -> Result<Self, Error> {
+        let channel = transport::endpoint(url.into())?.connect().await?;
+        Ok(Self::from_channel(channel))
+    }
+
+    /// A client over a channel built by the caller, for settings the SDK does not choose (TLS,
+    /// timeouts, load balancing).
+    pub fn from_channel(channel: Channel) -> Self {
+        Self {
+            jobs: JobServiceClient::new(channel),
+            tenant: Tenant::default(),
+        }
+    }
+
+    /// The same client acting within `tenant` (sent as the `jobwire-tenant` header).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] when `tenant` is empty or not a valid header value.
+    pub fn with_tenant(mut self, tenant: impl AsRef<str>) -> Result<Self, Error> {
+        self.tenant = Tenant::parse(tenant.as_ref())?;
+        Ok(self)
+    }
+
+    /// The tenant set with [`with_tenant`](Self::with_tenant), if any.
+    pub fn tenant(&self) -> Option<&str> {
+        self.tenant.name()
+    }
+
+    /// Starts an enqueue of `payload`; set options on the builder, then await it (or call
+    /// [`Enqueue::send`]).
+    pub fn enqueue<J: JobType>(&self, payload: J) -> Enqueue<J> {
+        Enqueue::new(self.clone(), payload)
+    }
+
+    /// Enqueues many jobs of one type in one transaction: all of them, or none when any is
+    /// invalid. The results are in the order of `jobs`.
+    ///
+    /// Each job is a bare payload (server defaults for every option) or an [`Enqueue`] builder;
+    /// a builder is only read for its options, and the batch goes through `self` whichever
+    /// client made it.
+    ///
+    /// ```no_run
+    /// # async fn demo<J: jobwire::JobType>(client: jobwire::Client, a: J, b: J) -> Result<(), jobwire::Error> {
+    /// let plain = client.enqueue_many(vec![a]).await?;
+    /// let keyed = client.enqueue_many([client.enqueue(b).idempotency_key("b-1")]).await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Rpc`] with `InvalidArgument` when any job is invalid (then none was stored),
+    /// [`Error::Encode`] when a payload cannot be encoded.
+    pub async fn enqueue_many<I>(
+        &self,
+        jobs: I,
+    ) -> Result<Vec<Enqueued<<I::Item as NewJob>::Job>>, Error>
+    where
+        I: IntoIterator,
+        I::Item: NewJob,
+    {
+        let jobs = jobs
+            .into_iter()
+            .map(|job| job.into_spec())
+            .collect::<Result<Vec<_>, _>>()?;
+        let response = self
+            .jobs
+            .clone()
+            .enqueue_jobs(self.tenant.request(pb::EnqueueJobsRequest { jobs }))
+            .await?
+            .into_inner();
+        response
+            .jobs
+            .into_iter()
+            .map(|job| {
+                Ok(Enqueued::new(
+                    self.job(job.id),
+                    JobState::from_proto(job.state)?,
+                    job.created,
+                ))
+            })
+            .collect()
+    }
+
+    /// A handle to an existing job, typed by the caller; nothing is checked until it is used.
+    pub fn job<J: JobType>(&self, id: impl Into<JobId>) -> JobHandle<J> {
+        JobHandle::new(self.clone(), id.into())
+    }
+
+    /// The job with this id, with its attempt history.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Rpc`] with `NotFound` when no such job exists in this tenant.
+    pub async fn get_job(&self, id: impl AsRef<str>) -> Result<JobInfo, Error> {
+        self.fetch(id.as_ref(), pb::JobView::Full).await
+    }
+
+    /// Starts a listing of jobs, newest first; set filters on the builder, then
+    /// [`send`](ListJobs::send) it.
+    pub fn list_jobs(&self) -> ListJobs {
+        ListJobs::new(self.clone())
+    }
+
+    /// Cancels a job that has not finished: a queued one at once, a running one through its
+    /// worker. Returns the job after the change.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Rpc`] with `FailedPrecondition` when the job already finished, `NotFound` when
+    /// it does not exist.
+    pub async fn cancel_job(
+        &self,
+        id: impl AsRef<str>,
+        reason: impl Into<String>,
+    ) -> Result<JobInfo, Error> {
+        let request = pb::CancelJobRequest {
+            id: id.as_ref().to_owned(),
+            reason: reason.into(),
+        };
+        let response = self
+            .jobs
+            .clone()
+            .cancel_job(self.tenant.request(request))
+            .await?
+            .into_inner();
+        job_info(response.job)
+    }
+
+    /// Makes a FAILED or CANCELLED job available again with a fresh set of attempts. Returns the
+    /// job after the change.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Rpc`] with `FailedPrecondition` when the job is not FAILED or CANCELLED.
+    pub async fn retry_job(&self, id: impl AsRef<str>) -> Result<JobInfo, Error> {
+        let request = pb::RetryJobRequest {
+            id: id.as_ref().to_owned(),
+        };
+        let response = self
+            .jobs
+            .clone()
+            .retry_job(self.tenant.request(request))
+            .await?
+            .into_inner();
+        job_info(response.job)
+    }
+
+    /// One `GetJob` call with the given view.
+    async fn fetch(&self, id: &str, view: pb::JobView) -> Result<JobInfo, Error> {
+        job_info(self.fetch_raw(id, view).await?.job)
+    }
+
+    /// One `GetJob` call, keeping the status so a caller can tell a transport failure from the
+    /// server's answer.
+    async fn fetch_raw(
+        &self,
+        id: &str,
+        view: pb::JobView,
+    ) -> Result<pb::GetJobResponse, tonic::Status> {
+        let request = pb::GetJobRequest {
+            id: id.to_owned(),
+            view: view as i32,
+        };
+        Ok(self
+            .jobs
+            .clone()
+            .get_job(self.tenant.request(request))
+            .await?
+            .into_inner())
+    }
+
+    /// One `EnqueueJob` call.
+    async fn enqueue_one(&self, spec: pb::JobSpec) -> Result<pb::EnqueueJobResponse, Error> {
+        let request = pb::EnqueueJobRequest { job: Some(spec) };
+        Ok(self
+            .jobs
+            .clone()
+            .enqueue_job(self.tenant.request(request))
+            .await?
+            .into_inner())
+    }
+
+    /// One `ListJobs` call.
+    async fn list(&self, request: pb::ListJobsRequest) -> Result<pb::ListJobsResponse, Error> {
+        Ok(self
+            .jobs
+            .clone()
+            .list_jobs(self.tenant.request(request))
+            .await?
+            .into_inner())
+    }
+}
+
+/// The job every single-job response carries.
+fn job_info(job: Option<pb::Job>) -> Result<JobInfo, Error> {
+    JobInfo::from_proto(job.ok_or_else(|| Error::Protocol("the response has no job".into()))?)
+}

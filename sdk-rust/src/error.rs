@@ -1,0 +1,324 @@
+//! Errors, split by direction.
+//!
+//! [`Error`] is what the SDK returns to its caller: a call that failed, or a job waited on that
+//! ended FAILED or CANCELLED ([`JobFailure`]). [`HandlerError`] goes the other way: a handler
+//! returns it to the worker runtime to say how its attempt failed and whether retrying can help.
+//! Keeping them apart means a handler cannot accidentally report a transport error as a job
+//! failure without choosing whether it is retryable.
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::job::{JobError, JobId, JobInfo, JobState};
+
+/// Why a call into the SDK failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The server could not be reached.
+    #[error("transport error: {0}")]
+    Transport(#[from] tonic::transport::Error),
+
+    /// The server answered with a non-OK status; `code` and `message` are the server's.
+    #[error("server returned {code:?}: {message}")]
+    Rpc {
+        /// The gRPC status code, such as [`tonic::Code::NotFound`].
+        code: tonic::Code,
+        /// The server's message, which names the field at fault for `InvalidArgument`.
+        message: String,
+    },
+
+    /// A payload or result is not the message the caller's type expects (another type URL, or
+    /// bytes that do not decode).
+    #[error("could not decode the {what}: {source}")]
+    Decode {
+        /// What was being decoded, such as "job result".
+        what: &'static str,
+        /// What prost reported.
+        #[source]
+        source: prost::DecodeError,
+    },
+
+    /// A payload could not be encoded.
+    #[error("could not encode the {what}: {source}")]
+    Encode {
+        /// What was being encoded, such as "job payload".
+        what: &'static str,
+        /// What prost reported.
+        #[source]
+        source: prost::EncodeError,
+    },
+
+    /// The server's answer lacks something the protocol promises, such as the job of a
+    /// `GetJobResponse` or a known job state.
+    #[error("unexpected answer from the server: {0}")]
+    Protocol(String),
+
+    /// A job that was waited on ended FAILED or CANCELLED; see [`JobFailure::state`].
+    #[error("{0}")]
+    JobFailed(Box<JobFailure>),
+
+    /// A setting given to a builder is invalid; the message says which.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+
+    /// A worker's graceful drain did not finish in time: handlers were told to stop, and what
+    /// was left was abandoned. Their leases lapse and the server retries those jobs.
+    #[error(
+        "drain did not finish within {timeout:?}: {running} handler(s) still running, \
+         {unacknowledged} result(s) not acknowledged by the server"
+    )]
+    DrainTimeout {
+        /// The configured drain timeout.
+        timeout: Duration,
+        /// Handlers that had not returned.
+        running: usize,
+        /// Results the server had not acknowledged.
+        unacknowledged: usize,
+    },
+}
+
+impl Error {
+    /// The gRPC status code when the server answered with one, so callers can tell
+    /// `NotFound` from `FailedPrecondition` without matching on the variant.
+    pub fn code(&self) -> Option<tonic::Code> {
+        match self {
+            Self::Rpc { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    /// How the job ended, when this error is [`Error::JobFailed`].
+    pub fn job_failure(&self) -> Option<&JobFailure> {
+        match self {
+            Self::JobFailed(failure) => Some(failure),
+            _ => None,
+        }
+    }
+}
+
+impl From<tonic::Status> for Error {
+    fn from(status: tonic::Status) -> Self {
+        Self::Rpc {
+            code: status.code(),
+            message: status.message().to_owned(),
+        }
+    }
+}
+
+/// How a job ended without a result: FAILED (attempts exhausted, or a non-retryable failure) or
+/// CANCELLED.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobFailure {
+    job_id: JobId,
+    state: JobState,
+    attempt: u32,
+    last_error: Option<JobError>,
+    cancel_reason: Option<String>,
+}
+
+impl JobFailure {
+    /// The failure a finished job describes, or `None` when it did not fail.
+    pub(crate) fn from_info(job: &JobInfo) -> Option<Self> {
+        matches!(job.state(), JobState::Failed | JobState::Cancelled).then(|| Self {
+            job_id: job.id().clone(),
+            state: job.state(),
+            attempt: job.attempt(),
+            last_error: job.last_error().cloned(),
+            cancel_reason: job.cancel_reason().map(str::to_owned),
+        })
+    }
+
+    /// The job that failed.
+    pub fn job_id(&self) -> &JobId {
+        &self.job_id
+    }
+
+    /// [`JobState::Failed`] or [`JobState::Cancelled`].
+    pub fn state(&self) -> JobState {
+        self.state
+    }
+
+    /// Attempts started before the job ended (0 when it was cancelled before running).
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// The most recent failure a worker reported, if any; a cancelled job may have none.
+    pub fn last_error(&self) -> Option<&JobError> {
+        self.last_error.as_ref()
+    }
+
+    /// Why the job was cancelled, when it was and a reason was given.
+    pub fn cancel_reason(&self) -> Option<&str> {
+        self.cancel_reason.as_deref()
+    }
+}
+
+impl fmt::Display for JobFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.state {
+            JobState::Cancelled => {
+                write!(f, "job {} was cancelled", self.job_id)?;
+                if let Some(reason) = &self.cancel_reason {
+                    write!(f, ": {reason}")?;
+                }
+            }
+            _ => {
+                write!(
+                    f,
+                    "job {} failed after {} attempt(s)",
+                    self.job_id, self.attempt
+                )?;
+                if let Some(error) = &self.last_error {
+                    write!(f, ": {error}")?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How a handler's attempt failed.
+///
+/// A handler error is retryable unless made with [`HandlerError::fatal`]: the server then runs
+/// the job again after its retry policy's backoff (or after
+/// [`with_retry_after`](Self::with_retry_after)), until its attempts are used up.
+///
+/// Any [`std::error::Error`] converts into a retryable `HandlerError` whose message is the
+/// error and its chain of sources, so `?` works in handlers. For that blanket conversion to be
+/// possible, `HandlerError` itself does not implement `std::error::Error` (the same trade-off as
+/// `anyhow::Error`); it is a report to the server, not something to propagate further.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HandlerError {
+    message: String,
+    kind: Option<String>,
+    retryable: bool,
+    retry_after: Option<Duration>,
+}
+
+impl HandlerError {
+    /// A failure that another attempt may overcome, such as a timeout or an unavailable
+    /// dependency.
+    pub fn retryable(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            kind: None,
+            retryable: true,
+            retry_after: None,
+        }
+    }
+
+    /// A failure that no retry can fix, such as an invalid payload: the job fails at once,
+    /// whatever attempts remain.
+    pub fn fatal(message: impl Into<String>) -> Self {
+        Self {
+            retryable: false,
+            ..Self::retryable(message)
+        }
+    }
+
+    /// Names the class of failure (such as `timeout`), for dashboards and filtering.
+    #[must_use]
+    pub fn with_kind(mut self, kind: impl Into<String>) -> Self {
+        self.kind = Some(kind.into());
+        self
+    }
+
+    /// Asks for the next attempt after `delay` instead of the retry policy's backoff, for
+    /// instance when a rate-limited API said when to come back.
+    #[must_use]
+    pub fn with_retry_after(mut self, delay: Duration) -> Self {
+        self.retry_after = Some(delay);
+        self
+    }
+
+    /// What went wrong.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// The class of failure, if one was named.
+    pub fn kind(&self) -> Option<&str> {
+        self.kind.as_deref()
+    }
+
+    /// Whether the server may run the job again.
+    pub fn is_retryable(&self) -> bool {
+        self.retryable
+    }
+
+    /// The requested delay before the next attempt, if any.
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.retry_after
+    }
+}
+
+impl fmt::Display for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(kind) = &self.kind {
+            write!(f, "{kind}: ")?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+impl<E> From<E> for HandlerError
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    fn from(error: E) -> Self {
+        let mut message = error.to_string();
+        let mut source = error.source();
+        while let Some(cause) = source {
+            message.push_str(": ");
+            message.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        Self::retryable(message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer")]
+    struct Outer(#[source] Inner);
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("inner")]
+    struct Inner;
+
+    #[test]
+    fn std_errors_become_retryable_with_their_chain() {
+        let error = HandlerError::from(Outer(Inner));
+        assert_eq!(error.message(), "outer: inner");
+        assert!(error.is_retryable());
+    }
+
+    #[test]
+    fn fatal_is_not_retryable_and_keeps_its_details() {
+        let error = HandlerError::fatal("bad payload")
+            .with_kind("validation")
+            .with_retry_after(Duration::from_secs(3));
+        assert!(!error.is_retryable());
+        assert_eq!(error.kind(), Some("validation"));
+        assert_eq!(error.retry_after(), Some(Duration::from_secs(3)));
+        assert_eq!(error.to_string(), "validation: bad payload");
+    }
+
+    #[test]
+    fn status_keeps_code_and_message() {
+        let error = Error::from(tonic::Status::not_found("job 42 not found"));
+        assert_eq!(error.code(), Some(tonic::Code::NotFound));
+        assert!(error.to_string().contains("job 42 not found"));
+    }
+
+    #[test]
+    fn error_is_send_sync_and_static() {
+        fn assert_traits<T: std::error::Error + Send + Sync + 'static>() {}
+        assert_traits::<Error>();
+    }
+}

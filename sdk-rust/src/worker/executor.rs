@@ -1,0 +1,376 @@
+//! Runs handlers: one task per lease on a [`JoinSet`], never more than the worker's slots.
+//!
+//! The executor owns every handler task, so none is detached: dropping it aborts whatever still
+//! runs. A panicking handler ends its task, not the worker; the runtime's `JoinError` is turned
+//! into a retryable failure for that lease. Tasks outlive any one stream to the server, which is
+//! why the executor belongs to the worker and not to a connection.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prost_types::Any;
+use tokio::task::{self, JoinError, JoinSet};
+use tracing::Instrument;
+
+use crate::context::{JobContext, StopReason, StopSignal};
+use crate::error::HandlerError;
+use crate::proto::v1 as pb;
+use crate::worker::registry::Registry;
+
+/// A lease that is running.
+struct InFlight {
+    job_type: String,
+    stop: StopSignal,
+}
+
+/// A handler that returned (or panicked), with the lease it ran.
+#[derive(Debug)]
+pub(super) struct Finished {
+    pub(super) lease: pb::LeaseRef,
+    pub(super) job_type: String,
+    pub(super) outcome: Result<Any, HandlerError>,
+}
+
+/// A lease the worker will not run, and the failure to report for it.
+#[derive(Debug)]
+pub(super) struct Refusal {
+    pub(super) lease: pb::LeaseRef,
+    pub(super) job_type: String,
+    pub(super) error: HandlerError,
+}
+
+/// The handler tasks of one worker.
+pub(super) struct Executor {
+    registry: Registry,
+    worker_id: Arc<str>,
+    /// The most handlers that may run at once.
+    slots: usize,
+    tasks: JoinSet<Result<Any, HandlerError>>,
+    /// Every lease whose task has not been reaped yet.
+    leases: HashMap<pb::LeaseRef, InFlight>,
+    /// Which lease each task runs; a panicked task tells only its id.
+    by_task: HashMap<task::Id, pb::LeaseRef>,
+}
+
+impl Executor {
+    pub(super) fn new(registry: Registry, worker_id: Arc<str>, slots: usize) -> Self {
+        Self {
+            registry,
+            worker_id,
+            slots,
+            tasks: JoinSet::new(),
+            leases: HashMap::new(),
+            by_task: HashMap::new(),
+        }
+    }
+
+    /// Starts the handler of `lease` on its own task, or says why it will not run (boxed: a
+    /// refusal is rare and large).
+    pub(super) fn start(&mut self, lease: pb::Lease) -> Result<(), Box<Refusal>> {
+        let lease_ref = pb::LeaseRef {
+            job_id: lease.job_id.clone(),
+            attempt: lease.attempt,
+        };
+        let refuse = |error: HandlerError| {
+            Box::new(Refusal {
+                lease: lease_ref.clone(),
+                job_type: lease.job_type.clone(),
+                error,
+            })
+        };
+        let Some(handler) = self.registry.get(&lease.job_type) else {
+            return Err(refuse(
+                HandlerError::retryable(format!(
+                    "no handler registered for type {} on this worker",
+                    lease.job_type
+                ))
+                .with_kind("unknown_job_type"),
+            ));
+        };
+        if self.leases.contains_key(&lease_ref) {
+            // The same attempt again (never expected): the run in progress will report it, and
+            // a failure sent for the duplicate would end that run's attempt under its feet.
+            tracing::warn!(
+                job_id = %lease_ref.job_id,
+                attempt = lease_ref.attempt,
+                "ignoring a lease for an attempt that already runs here"
+            );
+            return Ok(());
+        }
+        if self.leases.len() >= self.slots {
+            return Err(refuse(
+                HandlerError::retryable(format!(
+                    "worker {} has no free slot ({} of {} busy); the lease was refused",
+                    self.worker_id,
+                    self.leases.len(),
+                    self.slots
+                ))
+                .with_kind("worker_full")
+                .with_retry_after(Duration::ZERO),
+            ));
+        }
+
+        let stop = StopSignal::default();
+        let ctx = JobContext::new(&lease, Arc::clone(&self.worker_id), stop.clone());
+        let span = tracing::info_span!(
+            "job",
+            job_id = %lease.job_id,
+            attempt = lease.attempt,
+            job_type = %lease.job_type,
+            worker = %self.worker_id,
+        );
+        let payload = lease.payload.unwrap_or_default();
+        // The handler is called inside the task, so a panic even before its first await is
+        // caught by the task and not by the worker's loop.
+        let task = self
+            .tasks
+            .spawn(async move { handler(ctx, payload).await }.instrument(span));
+        tracing::debug!(job_id = %lease_ref.job_id, attempt = lease_ref.attempt, "handler started");
+        self.by_task.insert(task.id(), lease_ref.clone());
+        self.leases.insert(
+            lease_ref,
+            InFlight {
+                job_type: lease.job_type,
+                stop,
+            },
+        );
+        Ok(())
+    }
+
+    /// The next handler to finish; pending while none runs. Cancel-safe: a result is only taken
+    /// from the task set when it is returned.
+    pub(super) async fn next_finished(&mut self) -> Finished {
+        loop {
+            let Some(joined) = self.tasks.join_next_with_id().await else {
+                return std::future::pending().await;
+            };
+            if let Some(finished) = self.settle(joined) {
+                return finished;
+            }
+        }
+    }
+
+    /// A handler that already finished, if any, without waiting.
+    pub(super) fn try_next_finished(&mut self) -> Option<Finished> {
+        while let Some(joined) = self.tasks.try_join_next_with_id() {
+            if let Some(finished) = self.settle(joined) {
+                return Some(finished);
+            }
+        }
+        None
+    }
+
+    /// Asks the handler of `lease` to stop; false when it does not run here.
+    pub(super) fn stop(&mut self, lease: &pb::LeaseRef, reason: StopReason) -> bool {
+        match self.leases.get(lease) {
+            Some(running) => {
+                running.stop.stop(reason);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Asks every handler to stop.
+    pub(super) fn stop_all(&mut self, reason: StopReason) {
+        for running in self.leases.values() {
+            running.stop.stop(reason);
+        }
+    }
+
+    /// The leases to renew: running ones the server has not told us to stop.
+    pub(super) fn live_leases(&self) -> Vec<pb::LeaseRef> {
+        let mut live: Vec<pb::LeaseRef> = self
+            .leases
+            .iter()
+            .filter(|(_, running)| !running.stop.is_stopped())
+            .map(|(lease, _)| lease.clone())
+            .collect();
+        live.sort_unstable_by(|a, b| (&a.job_id, a.attempt).cmp(&(&b.job_id, b.attempt)));
+        live
+    }
+
+    /// How many handlers run (including those asked to stop that have not returned).
+    pub(super) fn len(&self) -> usize {
+        self.leases.len()
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.leases.is_empty()
+    }
+
+    pub(super) fn slots(&self) -> usize {
+        self.slots
+    }
+
+    pub(super) fn job_types(&self) -> Vec<String> {
+        self.registry.job_types()
+    }
+
+    /// Pairs a joined task with its lease.
+    fn settle(
+        &mut self,
+        joined: Result<(task::Id, Result<Any, HandlerError>), JoinError>,
+    ) -> Option<Finished> {
+        let (id, outcome) = match joined {
+            Ok((id, outcome)) => (id, outcome),
+            Err(err) => (err.id(), Err(join_failure(err))),
+        };
+        let lease = self.by_task.remove(&id)?;
+        let running = self.leases.remove(&lease)?;
+        Some(Finished {
+            lease,
+            job_type: running.job_type,
+            outcome,
+        })
+    }
+}
+
+/// The failure to report for a task that did not return: a panic, or an abort.
+fn join_failure(err: JoinError) -> HandlerError {
+    if err.is_panic() {
+        let panic = err.into_panic();
+        let message = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a non-string panic payload".to_owned());
+        HandlerError::retryable(format!("handler panicked: {message}")).with_kind("panic")
+    } else {
+        HandlerError::retryable("handler task was aborted").with_kind("aborted")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::JobType;
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct Work {
+        #[prost(string, tag = "1")]
+        mode: String,
+    }
+
+    impl prost::Name for Work {
+        const NAME: &'static str = "Work";
+        const PACKAGE: &'static str = "jobwire.test";
+    }
+
+    impl JobType for Work {
+        const JOB_TYPE: &'static str = "test.work";
+        type Output = ();
+    }
+
+    /// A handler that does what its payload says: "ok", "panic", or "wait" for cancellation.
+    fn executor(slots: usize) -> Executor {
+        let mut registry = Registry::default();
+        registry.insert::<Work, _, _>(|ctx: JobContext, work: Work| async move {
+            match work.mode.as_str() {
+                "panic" => panic!("boom"),
+                "wait" => {
+                    ctx.cancelled().await;
+                    Err(HandlerError::retryable("stopped"))
+                }
+                _ => Ok(()),
+            }
+        });
+        Executor::new(registry, Arc::from("w1"), slots)
+    }
+
+    fn lease(job_id: &str, job_type: &str, mode: &str) -> pb::Lease {
+        pb::Lease {
+            job_id: job_id.into(),
+            attempt: 1,
+            job_type: job_type.into(),
+            payload: Some(Any::from_msg(&Work { mode: mode.into() }).expect("encode")),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_finished_handler_frees_its_slot() {
+        let mut executor = executor(1);
+        executor
+            .start(lease("j1", "test.work", "ok"))
+            .expect("starts");
+        assert_eq!(executor.len(), 1);
+        let finished = executor.next_finished().await;
+        assert_eq!(finished.lease.job_id, "j1");
+        assert!(finished.outcome.is_ok());
+        assert!(executor.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_panic_becomes_a_retryable_failure() {
+        let mut executor = executor(1);
+        executor
+            .start(lease("j1", "test.work", "panic"))
+            .expect("starts");
+        let finished = executor.next_finished().await;
+        let error = finished.outcome.expect_err("panicked");
+        assert!(error.is_retryable());
+        assert_eq!(error.message(), "handler panicked: boom");
+        assert!(executor.is_empty());
+    }
+
+    #[tokio::test]
+    async fn leases_beyond_the_slots_or_of_unknown_types_are_refused() {
+        let mut executor = executor(1);
+        executor
+            .start(lease("j1", "test.work", "wait"))
+            .expect("starts");
+
+        let refusal = executor
+            .start(lease("j2", "test.work", "ok"))
+            .expect_err("no free slot");
+        assert_eq!(refusal.lease.job_id, "j2");
+        assert!(refusal.error.is_retryable());
+        assert_eq!(refusal.error.retry_after(), Some(Duration::ZERO));
+
+        let refusal = executor
+            .start(lease("j3", "test.other", "ok"))
+            .expect_err("unknown type");
+        assert_eq!(
+            refusal.error.message(),
+            "no handler registered for type test.other on this worker"
+        );
+        assert!(refusal.error.is_retryable());
+        assert_eq!(executor.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn stopped_leases_are_not_renewed_and_their_handlers_wake() {
+        let mut executor = executor(2);
+        executor
+            .start(lease("j1", "test.work", "wait"))
+            .expect("starts");
+        executor
+            .start(lease("j2", "test.work", "wait"))
+            .expect("starts");
+        assert_eq!(executor.live_leases().len(), 2);
+
+        let j1 = pb::LeaseRef {
+            job_id: "j1".into(),
+            attempt: 1,
+        };
+        assert!(executor.stop(&j1, StopReason::Cancelled));
+        assert_eq!(
+            executor
+                .live_leases()
+                .iter()
+                .map(|l| l.job_id.as_str())
+                .collect::<Vec<_>>(),
+            ["j2"]
+        );
+        let finished = executor.next_finished().await;
+        assert_eq!(finished.lease, j1);
+
+        executor.stop_all(StopReason::Shutdown);
+        let finished = executor.next_finished().await;
+        assert_eq!(finished.lease.job_id, "j2");
+        assert!(executor.try_next_finished().is_none());
+        assert!(!executor.stop(&j1, StopReason::Cancelled));
+    }
+}

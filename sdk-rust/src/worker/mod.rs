@@ -1,0 +1,552 @@
+//! The worker runtime: serves registered job types from one stream to the server.
+//!
+//! A [`Worker`] is built once ([`Worker::builder`]) and then [`run`](Worker::run) with a
+//! shutdown future. While it runs it keeps one `Connect` stream open, reconnecting with
+//! jittered exponential backoff (100 ms up to 5 s, forever) whenever the stream or the
+//! connection fails. Handlers keep running across a reconnect, and results the server has not
+//! acknowledged are sent again on the next stream; the server's fencing tokens make that safe.
+//!
+//! When the shutdown future resolves the worker drains: it tells the server to send no more
+//! leases, lets running handlers finish and waits for their results to be acknowledged,
+//! reconnecting if needed to deliver them. A drain that outlasts the drain timeout cancels the
+//! handlers' contexts, waits a short grace, and gives up on what is left (those jobs' leases
+//! lapse and the server retries them).
+//!
+//! Bounds: at most `concurrency` handlers run at once (leases beyond it are refused as
+//! retryable failures), the outbound channel is bounded, and the results awaiting an
+//! acknowledgement are bounded by the handlers that produced them.
+//!
+//! Pieces, one job each:
+//! - `registry`: typed handlers, erased to `Any` → `Any`.
+//! - `executor`: the handler tasks and the leases they hold.
+//! - `outbox`: results awaiting their acknowledgement.
+//! - `session`: one stream, from hello to its end.
+//! - `lifecycle`: serving, draining, aborting, finished.
+
+mod executor;
+mod lifecycle;
+mod outbox;
+mod registry;
+mod session;
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tonic::transport::Endpoint;
+use tracing::Instrument;
+
+use crate::Error;
+use crate::backoff::Backoff;
+use crate::context::{JobContext, StopReason};
+use crate::error::HandlerError;
+use crate::job::JobType;
+use crate::proto::v1 as pb;
+use crate::proto::v1::worker_service_client::WorkerServiceClient;
+use crate::transport::{self, Tenant};
+
+use executor::{Executor, Finished, Refusal};
+use lifecycle::{Lifecycle, Phase};
+use outbox::Outbox;
+use registry::Registry;
+use session::Ended;
+
+/// Slots when none are configured.
+const DEFAULT_CONCURRENCY: usize = 10;
+/// The most slots the protocol allows a worker.
+const MAX_CONCURRENCY: usize = 10_000;
+/// The longest worker id the protocol allows, in characters.
+const MAX_WORKER_ID_CHARS: usize = 128;
+/// The drain timeout when none is configured.
+const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long handlers get to return after the drain timeout cancelled them.
+const ABORT_GRACE: Duration = Duration::from_secs(2);
+/// The first delay before reconnecting after a stream failed.
+const RECONNECT_MIN: Duration = Duration::from_millis(100);
+/// The longest delay before reconnecting.
+const RECONNECT_MAX: Duration = Duration::from_secs(5);
+/// The share of each reconnect delay drawn at random, so workers do not reconnect in lockstep.
+const RECONNECT_JITTER: f64 = 0.5;
+
+/// A configured worker, ready to [`run`](Self::run).
+pub struct Worker {
+    config: Config,
+    executor: Executor,
+}
+
+/// What a worker says about itself on every stream.
+struct Config {
+    endpoint: Endpoint,
+    tenant: Tenant,
+    worker_id: Arc<str>,
+    queues: Vec<String>,
+    drain_timeout: Duration,
+}
+
+impl Worker {
+    /// Starts configuring a worker for the server at `url` (such as
+    /// `http://127.0.0.1:50051`).
+    pub fn builder(url: impl Into<String>) -> WorkerBuilder {
+        WorkerBuilder::new(url.into())
+    }
+
+    /// The name the worker gives the server, shown as the lease owner of the jobs it runs.
+    pub fn worker_id(&self) -> &str {
+        &self.config.worker_id
+    }
+
+    /// Serves jobs until `shutdown` resolves, then drains and returns.
+    ///
+    /// The server need not be up: the worker connects when it can and keeps retrying. Run it
+    /// with a signal future (see the `worker` example) or any other trigger, such as
+    /// `token.cancelled_owned()` of a `tokio_util` cancellation token.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::DrainTimeout`] when the drain did not finish within the drain timeout; the
+    /// abandoned jobs' leases lapse and the server retries them.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), Error> {
+        let span = tracing::info_span!(
+            "worker",
+            worker = %self.config.worker_id,
+            tenant = self.config.tenant.name().unwrap_or("default"),
+        );
+        self.serve(shutdown).instrument(span).await
+    }
+
+    async fn serve(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), Error> {
+        let Self { config, executor } = self;
+        let mut client = WorkerServiceClient::new(config.endpoint.connect_lazy());
+        let mut lifecycle = Lifecycle::new(shutdown, config.drain_timeout, ABORT_GRACE);
+        let mut work = Work {
+            executor,
+            outbox: Outbox::new(),
+        };
+        let mut reconnect =
+            Backoff::new(RECONNECT_MIN, RECONNECT_MAX).with_jitter(RECONNECT_JITTER);
+        tracing::info!(
+            job_types = ?work.executor.job_types(),
+            queues = ?config.queues,
+            slots = work.executor.slots(),
+            "worker starting"
+        );
+        loop {
+            if lifecycle.phase().is_stopping() && work.is_idle() {
+                tracing::info!("worker stopped");
+                return Ok(());
+            }
+            if lifecycle.phase() == Phase::Finished {
+                return Err(work.abandon(config.drain_timeout));
+            }
+            match session::run(&mut client, &config, &mut work, &mut lifecycle).await {
+                Ok(Ended::Drained | Ended::Finished) => {}
+                Err(broken) => {
+                    if broken.welcomed {
+                        reconnect.reset();
+                    }
+                    let delay = reconnect.next_delay();
+                    tracing::warn!(
+                        error = %broken.error,
+                        retry_in = ?delay,
+                        "stream to the server failed; reconnecting"
+                    );
+                    work.wait_out(delay, &mut lifecycle).await;
+                }
+            }
+        }
+    }
+}
+
+impl fmt::Debug for Worker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Worker")
+            .field("worker_id", &self.config.worker_id)
+            .field("queues", &self.config.queues)
+            .field("job_types", &self.executor.job_types())
+            .field("concurrency", &self.executor.slots())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The state that outlives any one stream: running handlers and unacknowledged results.
+struct Work {
+    executor: Executor,
+    outbox: Outbox,
+}
+
+impl Work {
+    /// Nothing runs and nothing awaits an acknowledgement: a drain is complete.
+    fn is_idle(&self) -> bool {
+        self.executor.is_empty() && self.outbox.is_empty()
+    }
+
+    /// Records a finished handler's result in the outbox and returns the message to send.
+    fn record(&mut self, finished: Finished) -> pb::ConnectRequest {
+        let Finished {
+            lease,
+            job_type,
+            outcome,
+        } = finished;
+        match outcome {
+            Ok(result) => {
+                tracing::info!(
+                    job_id = %lease.job_id,
+                    attempt = lease.attempt,
+                    %job_type,
+                    "job succeeded"
+                );
+                self.outbox.complete(lease, job_type, result)
+            }
+            Err(error) => {
+                tracing::warn!(
+                    job_id = %lease.job_id,
+                    attempt = lease.attempt,
+                    %job_type,
+                    retryable = error.is_retryable(),
+                    %error,
+                    "job failed"
+                );
+                self.outbox.fail(lease, job_type, &error)
+            }
+        }
+    }
+
+    /// Records a refused lease's failure in the outbox and returns the message to send.
+    fn refuse(&mut self, refusal: Refusal) -> pb::ConnectRequest {
+        let Refusal {
+            lease,
+            job_type,
+            error,
+        } = refusal;
+        tracing::warn!(
+            job_id = %lease.job_id,
+            attempt = lease.attempt,
+            %job_type,
+            %error,
+            "lease refused"
+        );
+        self.outbox.fail(lease, job_type, &error)
+    }
+
+    /// Moves handlers that already finished into the outbox, to be sent on the next stream.
+    fn collect_finished(&mut self) {
+        while let Some(finished) = self.executor.try_next_finished() {
+            self.record(finished);
+        }
+    }
+
+    /// Acts on entering a phase; the session adds what needs the stream.
+    fn on_phase(&mut self, phase: Phase) {
+        match phase {
+            Phase::Serving => {}
+            Phase::Draining => tracing::info!(
+                running = self.executor.len(),
+                unacknowledged = self.outbox.len(),
+                "shutdown requested; draining"
+            ),
+            Phase::Aborting => {
+                tracing::warn!(
+                    running = self.executor.len(),
+                    "drain timeout reached; asking handlers to stop"
+                );
+                self.executor.stop_all(StopReason::Shutdown);
+            }
+            Phase::Finished => {}
+        }
+    }
+
+    /// Waits `delay` before a reconnect while handlers keep finishing and the lifecycle keeps
+    /// moving.
+    async fn wait_out(&mut self, delay: Duration, lifecycle: &mut Lifecycle<'_>) {
+        let sleep = tokio::time::sleep(delay);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                () = &mut sleep => return,
+                finished = self.executor.next_finished() => {
+                    // Sent when the next stream is up.
+                    self.record(finished);
+                }
+                phase = lifecycle.changed() => {
+                    self.on_phase(phase);
+                    if phase == Phase::Finished {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Gives up on a drain that ran out of time.
+    fn abandon(&self, timeout: Duration) -> Error {
+        let error = Error::DrainTimeout {
+            timeout,
+            running: self.executor.len(),
+            unacknowledged: self.outbox.len(),
+        };
+        tracing::warn!(%error, "worker stopped before its drain completed");
+        error
+    }
+}
+
+/// Configures a [`Worker`]: where it connects, what it serves, how much at once.
+///
+/// ```no_run
+/// # fn demo<J: jobwire::JobType<Output = ()>>() -> Result<(), jobwire::Error> {
+/// use std::time::Duration;
+/// use jobwire::{HandlerError, JobContext, Worker};
+///
+/// let worker = Worker::builder("http://127.0.0.1:50051")
+///     .worker_id("thumbnailer-1")
+///     .queues(["images", "default"])
+///     .concurrency(20)
+///     .drain_timeout(Duration::from_secs(60))
+///     .register::<J, _, _>(|ctx: JobContext, _job: J| async move {
+///         tokio::select! {
+///             () = ctx.cancelled() => Err(HandlerError::retryable("stopped")),
+///             () = tokio::time::sleep(Duration::from_secs(1)) => Ok(()),
+///         }
+///     })
+///     .build()?;
+/// # Ok(()) }
+/// ```
+#[must_use = "a builder does nothing until built"]
+pub struct WorkerBuilder {
+    url: String,
+    worker_id: Option<String>,
+    queues: Vec<String>,
+    concurrency: usize,
+    tenant: Option<String>,
+    drain_timeout: Duration,
+    registry: Registry,
+    /// The first job type registered twice, reported by `build`.
+    duplicate: Option<&'static str>,
+}
+
+impl WorkerBuilder {
+    fn new(url: String) -> Self {
+        Self {
+            url,
+            worker_id: None,
+            queues: Vec::new(),
+            concurrency: DEFAULT_CONCURRENCY,
+            tenant: None,
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            registry: Registry::default(),
+            duplicate: None,
+        }
+    }
+
+    /// The name shown as the lease owner (at most 128 characters). Default:
+    /// `<hostname>-<pid>-<random>`, unique per worker even within one process.
+    pub fn worker_id(mut self, id: impl Into<String>) -> Self {
+        self.worker_id = Some(id.into());
+        self
+    }
+
+    /// The queues to take jobs from, replacing any set before (default: `default`).
+    pub fn queues<I, S>(mut self, queues: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.queues = queues.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// How many handlers may run at once, 1 to 10000 (default 10).
+    pub fn concurrency(mut self, slots: usize) -> Self {
+        self.concurrency = slots;
+        self
+    }
+
+    /// The tenant to work for (sent as the `jobwire-tenant` header; default: the server's
+    /// `default` tenant).
+    pub fn tenant(mut self, tenant: impl Into<String>) -> Self {
+        self.tenant = Some(tenant.into());
+        self
+    }
+
+    /// How long a drain may take before handlers are told to stop (default 30 s).
+    pub fn drain_timeout(mut self, timeout: Duration) -> Self {
+        self.drain_timeout = timeout;
+        self
+    }
+
+    /// Serves job type `J` with `handler`, called once per attempt on its own task.
+    ///
+    /// A handler returns `J::Output` on success or a [`HandlerError`] that says whether the
+    /// failure is worth retrying. A handler that panics fails its attempt as retryable, and the
+    /// worker carries on.
+    pub fn register<J, F, Fut>(mut self, handler: F) -> Self
+    where
+        J: JobType,
+        F: Fn(JobContext, J) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<J::Output, HandlerError>> + Send + 'static,
+    {
+        if !self.registry.insert::<J, F, Fut>(handler) && self.duplicate.is_none() {
+            self.duplicate = Some(J::JOB_TYPE);
+        }
+        self
+    }
+
+    /// Checks the settings and builds the worker. No connection is made until it runs.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] when the address or tenant is invalid, no handler was registered, a
+    /// job type was registered twice, the concurrency is out of range, or the worker id is
+    /// empty or too long.
+    pub fn build(self) -> Result<Worker, Error> {
+        if let Some(job_type) = self.duplicate {
+            return Err(Error::Config(format!(
+                "job type {job_type} is registered twice"
+            )));
+        }
+        if self.registry.is_empty() {
+            return Err(Error::Config("no job type is registered".into()));
+        }
+        if !(1..=MAX_CONCURRENCY).contains(&self.concurrency) {
+            return Err(Error::Config(format!(
+                "concurrency must be 1 to {MAX_CONCURRENCY}, not {}",
+                self.concurrency
+            )));
+        }
+        let worker_id = self.worker_id.unwrap_or_else(default_worker_id);
+        let id_chars = worker_id.chars().count();
+        if id_chars == 0 || id_chars > MAX_WORKER_ID_CHARS {
+            return Err(Error::Config(format!(
+                "the worker id must be 1 to {MAX_WORKER_ID_CHARS} characters, not {id_chars}"
+            )));
+        }
+        let tenant = match &self.tenant {
+            Some(name) => Tenant::parse(name)?,
+            None => Tenant::default(),
+        };
+        let queues = if self.queues.is_empty() {
+            vec!["default".to_owned()]
+        } else {
+            self.queues
+        };
+        let worker_id: Arc<str> = Arc::from(worker_id);
+        Ok(Worker {
+            config: Config {
+                endpoint: transport::endpoint(self.url)?,
+                tenant,
+                worker_id: Arc::clone(&worker_id),
+                queues,
+                drain_timeout: self.drain_timeout,
+            },
+            executor: Executor::new(self.registry, worker_id, self.concurrency),
+        })
+    }
+}
+
+impl fmt::Debug for WorkerBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WorkerBuilder")
+            .field("url", &self.url)
+            .field("worker_id", &self.worker_id)
+            .field("queues", &self.queues)
+            .field("concurrency", &self.concurrency)
+            .field("job_types", &self.registry.job_types())
+            .finish_non_exhaustive()
+    }
+}
+
+/// `<hostname>-<pid>-<random>`: readable in lease owners, and unique even for several workers
+/// in one process (as in tests).
+fn default_worker_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "worker".to_owned());
+    let host: String = host.chars().take(96).collect();
+    format!(
+        "{host}-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct Noop {}
+
+    impl prost::Name for Noop {
+        const NAME: &'static str = "Noop";
+        const PACKAGE: &'static str = "jobwire.test";
+    }
+
+    impl JobType for Noop {
+        const JOB_TYPE: &'static str = "test.noop";
+        type Output = ();
+    }
+
+    fn builder() -> WorkerBuilder {
+        Worker::builder("http://127.0.0.1:50051")
+            .register::<Noop, _, _>(|_ctx, _job: Noop| async { Ok(()) })
+    }
+
+    fn config_error(builder: WorkerBuilder) -> String {
+        match builder.build() {
+            Err(Error::Config(message)) => message,
+            other => panic!("expected a config error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_are_filled_in() {
+        let worker = builder().build().expect("valid");
+        assert_eq!(worker.config.queues, ["default"]);
+        assert_eq!(worker.executor.slots(), DEFAULT_CONCURRENCY);
+        assert_eq!(worker.config.drain_timeout, DEFAULT_DRAIN_TIMEOUT);
+        assert!(worker.worker_id().contains(&std::process::id().to_string()));
+        let other = builder().build().expect("valid");
+        assert_ne!(worker.worker_id(), other.worker_id());
+    }
+
+    #[test]
+    fn settings_are_checked_at_build() {
+        assert!(config_error(Worker::builder("http://x")).contains("no job type"));
+        assert!(config_error(builder().concurrency(0)).contains("concurrency"));
+        assert!(config_error(builder().concurrency(10_001)).contains("concurrency"));
+        assert!(config_error(builder().worker_id("")).contains("worker id"));
+        assert!(config_error(builder().worker_id("w".repeat(129))).contains("worker id"));
+        assert!(config_error(builder().tenant("")).contains("tenant"));
+        assert!(
+            config_error(builder().register::<Noop, _, _>(|_ctx, _job: Noop| async { Ok(()) }))
+                .contains("registered twice")
+        );
+    }
+
+    #[test]
+    fn a_running_worker_can_be_spawned() {
+        fn assert_send<T: Send + 'static>(_: &T) {}
+        let worker = builder().build().expect("valid");
+        assert_send(&worker.run(async {}));
+    }
+
+    #[test]
+    fn settings_reach_the_worker() {
+        let worker = builder()
+            .worker_id("w1")
+            .queues(["a", "b"])
+            .concurrency(3)
+            .tenant("acme")
+            .drain_timeout(Duration::from_secs(5))
+            .build()
+            .expect("valid");
+        assert_eq!(worker.worker_id(), "w1");
+        assert_eq!(worker.config.queues, ["a", "b"]);
+        assert_eq!(worker.executor.slots(), 3);
+        assert_eq!(worker.config.tenant.name(), Some("acme"));
+        assert_eq!(worker.config.drain_timeout, Duration::from_secs(5));
+    }
+}

@@ -1,0 +1,492 @@
+//! JobService end to end on the real server binary and real PostgreSQL: reads, filters and page
+//! tokens, cancel and retry, idempotency, bad input, and the fencing token of the worker stream.
+
+mod support;
+
+use jobwire_proto::v1 as pb;
+use jobwire_tests::{ServerProcess, test_db};
+use support::{RawWorker, assert_status, enqueue, get, jobs, spec};
+use tonic::Code;
+
+fn state(job: &pb::Job) -> pb::JobState {
+    pb::JobState::try_from(job.state).expect("known state")
+}
+
+#[tokio::test]
+async fn list_filters_and_pages() {
+    let db = test_db().await;
+    let server = ServerProcess::start(&db, &[]).await;
+    let mut client = jobs(&server.url()).await;
+
+    let mut a_ids = Vec::new();
+    for _ in 0..3 {
+        a_ids.push(enqueue(&mut client, spec("type.one", "queue-a")).await.id);
+    }
+    for _ in 0..2 {
+        enqueue(&mut client, spec("type.two", "queue-b")).await;
+    }
+    let lister = client.clone();
+    let list = |req: pb::ListJobsRequest| {
+        let mut client = lister.clone();
+        async move { client.list_jobs(req).await.map(|r| r.into_inner()) }
+    };
+
+    let by_queue = list(pb::ListJobsRequest {
+        queue: "queue-a".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("list by queue");
+    assert_eq!(by_queue.jobs.len(), 3);
+    // Newest first: ids are UUID v7, so the last enqueued comes first.
+    let listed: Vec<_> = by_queue.jobs.iter().map(|j| j.id.clone()).collect();
+    let mut expected = a_ids.clone();
+    expected.reverse();
+    assert_eq!(listed, expected);
+
+    let by_type = list(pb::ListJobsRequest {
+        job_type: "type.two".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("list by type");
+    assert_eq!(by_type.jobs.len(), 2);
+    assert!(by_type.jobs.iter().all(|j| j.job_type == "type.two"));
+
+    let cancelled = client
+        .cancel_job(pb::CancelJobRequest {
+            id: a_ids[0].clone(),
+            reason: "not needed".into(),
+        })
+        .await
+        .expect("cancel")
+        .into_inner()
+        .job
+        .expect("job");
+    assert_eq!(state(&cancelled), pb::JobState::Cancelled);
+    assert_eq!(cancelled.cancel_reason, "not needed");
+
+    let by_state = list(pb::ListJobsRequest {
+        states: vec![pb::JobState::Available.into()],
+        ..Default::default()
+    })
+    .await
+    .expect("list by state");
+    assert_eq!(by_state.jobs.len(), 4);
+    let only_cancelled = list(pb::ListJobsRequest {
+        states: vec![pb::JobState::Cancelled.into()],
+        ..Default::default()
+    })
+    .await
+    .expect("list cancelled");
+    assert_eq!(only_cancelled.jobs.len(), 1);
+    assert_eq!(only_cancelled.jobs[0].id, a_ids[0]);
+
+    // Pages of 2 over 5 jobs: 2, 2, 1, each job once.
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let page = list(pb::ListJobsRequest {
+            page_size: 2,
+            page_token: token.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("page");
+        pages += 1;
+        seen.extend(page.jobs.iter().map(|j| j.id.clone()));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+        // A token is bound to its filters.
+        assert_status(
+            list(pb::ListJobsRequest {
+                page_size: 2,
+                page_token: token.clone(),
+                queue: "queue-b".into(),
+                ..Default::default()
+            })
+            .await,
+            Code::InvalidArgument,
+            "page_token",
+        );
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(seen.len(), 5);
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), 5);
+
+    assert_status(
+        list(pb::ListJobsRequest {
+            page_token: "garbage".into(),
+            ..Default::default()
+        })
+        .await,
+        Code::InvalidArgument,
+        "page_token",
+    );
+    assert_status(
+        list(pb::ListJobsRequest {
+            page_size: 5000,
+            ..Default::default()
+        })
+        .await,
+        Code::InvalidArgument,
+        "page_size",
+    );
+}
+
+#[tokio::test]
+async fn cancel_retry_and_idempotency() {
+    let db = test_db().await;
+    let server = ServerProcess::start(&db, &[]).await;
+    let mut client = jobs(&server.url()).await;
+
+    // The same idempotency key returns the first job.
+    let mut keyed = spec("type.keyed", "default");
+    keyed.idempotency_key = "order-42".into();
+    let first = client
+        .enqueue_job(pb::EnqueueJobRequest {
+            job: Some(keyed.clone()),
+        })
+        .await
+        .expect("first enqueue")
+        .into_inner();
+    let second = client
+        .enqueue_job(pb::EnqueueJobRequest { job: Some(keyed) })
+        .await
+        .expect("second enqueue")
+        .into_inner();
+    assert!(first.created);
+    assert!(!second.created);
+    assert_eq!(first.job.expect("job").id, second.job.expect("job").id);
+
+    // A non-retryable failure fails at once; RetryJob gives it a fresh set of attempts.
+    let job = enqueue(&mut client, spec("type.flaky", "default")).await;
+    let mut worker = RawWorker::connect(&server.url(), "raw-1", &["type.flaky"], 1).await;
+    let lease = worker.next_lease().await;
+    assert_eq!(lease.job_id, job.id);
+    assert_eq!(lease.attempt, 1);
+    let ack = worker.fail(&job.id, 1, "disk full", true).await;
+    assert_eq!(ack.code, Code::Ok as i32, "{ack:?}");
+    let failed = get(&mut client, &job.id).await;
+    assert_eq!(state(&failed), pb::JobState::Failed);
+    assert_eq!(failed.attempts.len(), 1);
+    let error = failed.last_error.expect("last error");
+    assert_eq!(error.message, "disk full");
+    assert!(!error.retryable);
+
+    // Cancelling a finished job is refused and changes nothing.
+    assert_status(
+        client
+            .cancel_job(pb::CancelJobRequest {
+                id: job.id.clone(),
+                reason: String::new(),
+            })
+            .await,
+        Code::FailedPrecondition,
+        "JOB_STATE_FAILED",
+    );
+
+    let retried = client
+        .retry_job(pb::RetryJobRequest { id: job.id.clone() })
+        .await
+        .expect("retry")
+        .into_inner()
+        .job
+        .expect("job");
+    assert_eq!(state(&retried), pb::JobState::Available);
+    let lease = worker.next_lease().await;
+    assert_eq!(lease.job_id, job.id);
+    assert_eq!(lease.attempt, 2, "fencing tokens never repeat");
+    let ack = worker.complete(&job.id, 2, b"done").await;
+    assert_eq!(ack.code, Code::Ok as i32, "{ack:?}");
+    let done = get(&mut client, &job.id).await;
+    assert_eq!(state(&done), pb::JobState::Succeeded);
+    assert_eq!(done.result.expect("result").value, b"done");
+    assert_eq!(done.attempts.len(), 2);
+
+    // Retrying a job that succeeded is refused.
+    assert_status(
+        client
+            .retry_job(pb::RetryJobRequest { id: job.id.clone() })
+            .await,
+        Code::FailedPrecondition,
+        "JOB_STATE_SUCCEEDED",
+    );
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_with_the_field_named() {
+    let db = test_db().await;
+    let server = ServerProcess::start(&db, &[]).await;
+    let mut client = jobs(&server.url()).await;
+
+    let missing = "0190b2c4-5e6f-7a8b-9c0d-1e2f3a4b5c6d";
+    assert_status(
+        client
+            .get_job(pb::GetJobRequest {
+                id: missing.into(),
+                view: 0,
+            })
+            .await,
+        Code::NotFound,
+        missing,
+    );
+    assert_status(
+        client
+            .get_job(pb::GetJobRequest {
+                id: "not-a-uuid".into(),
+                view: 0,
+            })
+            .await,
+        Code::InvalidArgument,
+        "id",
+    );
+    assert_status(
+        client
+            .cancel_job(pb::CancelJobRequest {
+                id: String::new(),
+                reason: String::new(),
+            })
+            .await,
+        Code::InvalidArgument,
+        "id",
+    );
+
+    let mut high = spec("type.a", "default");
+    high.priority = Some(101);
+    assert_status(
+        client
+            .enqueue_job(pb::EnqueueJobRequest { job: Some(high) })
+            .await,
+        Code::InvalidArgument,
+        "job.priority",
+    );
+    let mut negative = spec("type.a", "default");
+    negative.priority = Some(-1);
+    assert_status(
+        client
+            .enqueue_job(pb::EnqueueJobRequest {
+                job: Some(negative),
+            })
+            .await,
+        Code::InvalidArgument,
+        "job.priority",
+    );
+    assert_status(
+        client
+            .enqueue_job(pb::EnqueueJobRequest {
+                job: Some(spec("", "default")),
+            })
+            .await,
+        Code::InvalidArgument,
+        "job.job_type",
+    );
+    assert_status(
+        client
+            .enqueue_job(pb::EnqueueJobRequest {
+                job: Some(spec("bad type!", "default")),
+            })
+            .await,
+        Code::InvalidArgument,
+        "job.job_type",
+    );
+    assert_status(
+        client
+            .enqueue_job(pb::EnqueueJobRequest { job: None })
+            .await,
+        Code::InvalidArgument,
+        "job",
+    );
+    let mut no_payload = spec("type.a", "default");
+    no_payload.payload = None;
+    assert_status(
+        client
+            .enqueue_job(pb::EnqueueJobRequest {
+                job: Some(no_payload),
+            })
+            .await,
+        Code::InvalidArgument,
+        "job.payload",
+    );
+    let mut big = spec("type.a", "default");
+    big.payload = Some(support::any_bytes("test.Big", vec![7; 1024 * 1024 + 1]));
+    assert_status(
+        client
+            .enqueue_job(pb::EnqueueJobRequest { job: Some(big) })
+            .await,
+        Code::InvalidArgument,
+        "job.payload",
+    );
+    let mut policy = spec("type.a", "default");
+    policy.retry_policy = Some(pb::RetryPolicy {
+        max_attempts: Some(0),
+        ..Default::default()
+    });
+    assert_status(
+        client
+            .enqueue_job(pb::EnqueueJobRequest { job: Some(policy) })
+            .await,
+        Code::InvalidArgument,
+        "job.retry_policy.max_attempts",
+    );
+    let mut tenant_request = tonic::Request::new(pb::ListJobsRequest::default());
+    tenant_request
+        .metadata_mut()
+        .insert("jobwire-tenant", "no/slashes".parse().expect("ascii"));
+    assert_status(
+        client.list_jobs(tenant_request).await,
+        Code::InvalidArgument,
+        "jobwire-tenant",
+    );
+
+    // A batch is all or nothing: one bad job, and none is stored.
+    let mut bad = spec("type.a", "default");
+    bad.priority = Some(500);
+    assert_status(
+        client
+            .enqueue_jobs(pb::EnqueueJobsRequest {
+                jobs: vec![spec("type.a", "default"), bad, spec("type.a", "default")],
+            })
+            .await,
+        Code::InvalidArgument,
+        "jobs[1].priority",
+    );
+    let all = client
+        .list_jobs(pb::ListJobsRequest::default())
+        .await
+        .expect("list")
+        .into_inner();
+    assert!(all.jobs.is_empty(), "no half-written batch: {:?}", all.jobs);
+
+    // Cancelling a finished job.
+    let job = enqueue(&mut client, spec("type.a", "default")).await;
+    client
+        .cancel_job(pb::CancelJobRequest {
+            id: job.id.clone(),
+            reason: String::new(),
+        })
+        .await
+        .expect("first cancel");
+    assert_status(
+        client
+            .cancel_job(pb::CancelJobRequest {
+                id: job.id.clone(),
+                reason: String::new(),
+            })
+            .await,
+        Code::FailedPrecondition,
+        "JOB_STATE_CANCELLED",
+    );
+
+    // The server is still serving, and the valid batch goes through.
+    let batch = client
+        .enqueue_jobs(pb::EnqueueJobsRequest {
+            jobs: vec![spec("type.a", "default"), spec("type.b", "default")],
+        })
+        .await
+        .expect("valid batch")
+        .into_inner();
+    assert_eq!(batch.jobs.len(), 2);
+    assert!(batch.jobs.iter().all(|j| j.created));
+}
+
+#[tokio::test]
+async fn tenants_are_isolated() {
+    let db = test_db().await;
+    let server = ServerProcess::start(&db, &[]).await;
+    let mut client = jobs(&server.url()).await;
+    let job = enqueue(&mut client, spec("type.a", "default")).await;
+
+    let mut request = tonic::Request::new(pb::GetJobRequest {
+        id: job.id.clone(),
+        view: 0,
+    });
+    request
+        .metadata_mut()
+        .insert("jobwire-tenant", "other".parse().expect("ascii"));
+    assert_status(client.get_job(request).await, Code::NotFound, &job.id);
+
+    let mut request = tonic::Request::new(pb::ListJobsRequest::default());
+    request
+        .metadata_mut()
+        .insert("jobwire-tenant", "other".parse().expect("ascii"));
+    let listed = client.list_jobs(request).await.expect("list").into_inner();
+    assert!(listed.jobs.is_empty());
+}
+
+/// A worker that stops heartbeating loses its lease; the job is retried on another worker with
+/// a new fencing token, and the first worker's late completion is refused and changes nothing.
+#[tokio::test]
+async fn stale_lease_is_refused_after_expiry() {
+    let db = test_db().await;
+    let server = ServerProcess::start(
+        &db,
+        &[
+            "--lease-duration",
+            "600ms",
+            "--heartbeat-interval",
+            "200ms",
+            "--reap-interval",
+            "100ms",
+            "--poll-interval",
+            "100ms",
+        ],
+    )
+    .await;
+    let mut client = jobs(&server.url()).await;
+    let mut job_spec = spec("type.slow", "default");
+    job_spec.retry_policy = Some(pb::RetryPolicy {
+        initial_backoff: Some(prost_types::Duration {
+            seconds: 0,
+            nanos: 0,
+        }),
+        ..Default::default()
+    });
+    let job = enqueue(&mut client, job_spec).await;
+
+    let mut silent = RawWorker::connect(&server.url(), "silent", &["type.slow"], 1).await;
+    let first = silent.next_lease().await;
+    assert_eq!(first.attempt, 1);
+
+    // The silent worker never heartbeats; the lease lapses and a second worker gets attempt 2.
+    let mut second = RawWorker::connect(&server.url(), "second", &["type.slow"], 1).await;
+    let lease = second.next_lease().await;
+    assert_eq!(lease.job_id, job.id);
+    assert_eq!(lease.attempt, 2);
+
+    let ack = second.complete(&job.id, 2, b"fresh").await;
+    assert_eq!(ack.code, Code::Ok as i32, "{ack:?}");
+
+    let late = silent.complete(&job.id, 1, b"late").await;
+    assert_eq!(late.code, Code::Aborted as i32, "{late:?}");
+    let late_fail = silent.fail(&job.id, 1, "late failure", false).await;
+    assert_eq!(late_fail.code, Code::Aborted as i32, "{late_fail:?}");
+
+    // A heartbeat naming the lost lease is answered with a stop.
+    silent
+        .heartbeat(vec![pb::LeaseRef {
+            job_id: job.id.clone(),
+            attempt: 1,
+        }])
+        .await;
+    let stop = silent.next_stop().await;
+    assert_eq!(stop.reason, pb::StopReason::LeaseLost as i32);
+
+    let done = get(&mut client, &job.id).await;
+    assert_eq!(state(&done), pb::JobState::Succeeded);
+    assert_eq!(done.result.expect("result").value, b"fresh");
+    assert_eq!(done.attempts.len(), 2);
+    assert_eq!(
+        done.attempts[0].outcome,
+        pb::AttemptOutcome::LeaseExpired as i32
+    );
+    assert_eq!(
+        done.attempts[1].outcome,
+        pb::AttemptOutcome::Succeeded as i32
+    );
+}

@@ -1,0 +1,237 @@
+//! Raw-protocol helpers shared by the end-to-end tests: a gRPC client and a hand-driven worker
+//! stream, for checking the wire contract itself (fencing tokens, acks, bad input) without the
+//! SDK's retries and reconnects in the way.
+
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use jobwire_proto::v1::{
+    self as pb, connect_request::Message as In, connect_response::Message as Out,
+    job_service_client::JobServiceClient, worker_service_client::WorkerServiceClient,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, Status, Streaming, transport::Channel};
+
+/// How long any single expected message may take before the test fails.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+pub async fn channel(url: &str) -> Channel {
+    Channel::from_shared(url.to_owned())
+        .expect("valid url")
+        .connect()
+        .await
+        .expect("connect to server")
+}
+
+pub async fn jobs(url: &str) -> JobServiceClient<Channel> {
+    JobServiceClient::new(channel(url).await)
+}
+
+pub fn any_bytes(type_name: &str, value: Vec<u8>) -> prost_types::Any {
+    prost_types::Any {
+        type_url: format!("type.googleapis.com/{type_name}"),
+        value,
+    }
+}
+
+/// A job spec with a small opaque payload.
+pub fn spec(job_type: &str, queue: &str) -> pb::JobSpec {
+    pb::JobSpec {
+        job_type: job_type.into(),
+        queue: queue.into(),
+        payload: Some(any_bytes("test.Payload", b"payload".to_vec())),
+        ..Default::default()
+    }
+}
+
+pub async fn enqueue(client: &mut JobServiceClient<Channel>, spec: pb::JobSpec) -> pb::Job {
+    client
+        .enqueue_job(pb::EnqueueJobRequest { job: Some(spec) })
+        .await
+        .expect("enqueue")
+        .into_inner()
+        .job
+        .expect("job in response")
+}
+
+pub async fn get(client: &mut JobServiceClient<Channel>, id: &str) -> pb::Job {
+    client
+        .get_job(pb::GetJobRequest {
+            id: id.into(),
+            view: pb::JobView::Full.into(),
+        })
+        .await
+        .expect("get job")
+        .into_inner()
+        .job
+        .expect("job in response")
+}
+
+/// Asserts a status code and that the message names `field`.
+#[track_caller]
+pub fn assert_status(result: Result<impl std::fmt::Debug, Status>, code: Code, field: &str) {
+    let status = result.expect_err("the call should have failed");
+    assert_eq!(status.code(), code, "unexpected status: {status:?}");
+    assert!(
+        status.message().contains(field),
+        "message {:?} should name {field:?}",
+        status.message()
+    );
+}
+
+/// A worker stream driven by hand.
+pub struct RawWorker {
+    tx: mpsc::Sender<pb::ConnectRequest>,
+    rx: Streaming<pb::ConnectResponse>,
+    pub welcome: pb::Welcome,
+    next_request: u64,
+    /// Messages read while looking for another kind.
+    pub backlog: Vec<Out>,
+}
+
+impl RawWorker {
+    pub async fn connect(url: &str, worker_id: &str, job_types: &[&str], slots: i32) -> Self {
+        Self::connect_with(url, worker_id, job_types, slots, Vec::new()).await
+    }
+
+    pub async fn connect_with(
+        url: &str,
+        worker_id: &str,
+        job_types: &[&str],
+        slots: i32,
+        running: Vec<pb::LeaseRef>,
+    ) -> Self {
+        let (tx, out_rx) = mpsc::channel(64);
+        tx.send(pb::ConnectRequest {
+            message: Some(In::Hello(pb::Hello {
+                worker_id: worker_id.into(),
+                job_types: job_types.iter().map(|s| s.to_string()).collect(),
+                queues: vec![],
+                slots,
+                running,
+            })),
+        })
+        .await
+        .expect("queue hello");
+        let mut client = WorkerServiceClient::new(channel(url).await);
+        let mut rx = client
+            .connect(ReceiverStream::new(out_rx))
+            .await
+            .expect("open worker stream")
+            .into_inner();
+        let first = tokio::time::timeout(WAIT, rx.message())
+            .await
+            .expect("welcome in time")
+            .expect("stream ok")
+            .expect("a message");
+        let Some(Out::Welcome(welcome)) = first.message else {
+            panic!("expected welcome, got {first:?}");
+        };
+        Self {
+            tx,
+            rx,
+            welcome,
+            next_request: 1,
+            backlog: Vec::new(),
+        }
+    }
+
+    async fn send(&self, message: In) {
+        self.tx
+            .send(pb::ConnectRequest {
+                message: Some(message),
+            })
+            .await
+            .expect("stream open");
+    }
+
+    async fn recv(&mut self) -> Out {
+        let message = tokio::time::timeout(WAIT, self.rx.message())
+            .await
+            .expect("a server message in time")
+            .expect("stream ok")
+            .expect("stream not closed");
+        message.message.expect("message set")
+    }
+
+    pub async fn next_lease(&mut self) -> pb::Lease {
+        if let Some(i) = self.backlog.iter().position(|m| matches!(m, Out::Lease(_)))
+            && let Out::Lease(lease) = self.backlog.remove(i)
+        {
+            return lease;
+        }
+        loop {
+            match self.recv().await {
+                Out::Lease(lease) => return lease,
+                other => self.backlog.push(other),
+            }
+        }
+    }
+
+    async fn ack(&mut self, request_id: u64) -> pb::Ack {
+        loop {
+            match self.recv().await {
+                Out::Ack(ack) if ack.request_id == request_id => return ack,
+                other => self.backlog.push(other),
+            }
+        }
+    }
+
+    pub async fn complete(&mut self, job_id: &str, attempt: i32, result: &[u8]) -> pb::Ack {
+        let request_id = self.next_request;
+        self.next_request += 1;
+        self.send(In::Complete(pb::CompleteJob {
+            request_id,
+            lease: Some(pb::LeaseRef {
+                job_id: job_id.into(),
+                attempt,
+            }),
+            result: Some(any_bytes("test.Result", result.to_vec())),
+        }))
+        .await;
+        self.ack(request_id).await
+    }
+
+    pub async fn fail(
+        &mut self,
+        job_id: &str,
+        attempt: i32,
+        message: &str,
+        non_retryable: bool,
+    ) -> pb::Ack {
+        let request_id = self.next_request;
+        self.next_request += 1;
+        self.send(In::Fail(pb::FailJob {
+            request_id,
+            lease: Some(pb::LeaseRef {
+                job_id: job_id.into(),
+                attempt,
+            }),
+            message: message.into(),
+            kind: "test".into(),
+            non_retryable,
+            retry_after: Some(prost_types::Duration {
+                seconds: 0,
+                nanos: 0,
+            }),
+        }))
+        .await;
+        self.ack(request_id).await
+    }
+
+    pub async fn heartbeat(&self, running: Vec<pb::LeaseRef>) {
+        self.send(In::Heartbeat(pb::Heartbeat { running })).await;
+    }
+
+    /// The next StopJob, reading past anything else.
+    pub async fn next_stop(&mut self) -> pb::StopJob {
+        loop {
+            match self.recv().await {
+                Out::StopJob(stop) => return stop,
+                other => self.backlog.push(other),
+            }
+        }
+    }
+}
