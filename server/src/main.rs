@@ -51,7 +51,9 @@ fn init_tracing(format: LogFormat) {
     }
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
+async fn run(mut config: Config) -> anyhow::Result<()> {
+    // `DATABASE_URL=` (set but empty) means the same as unset.
+    config.database_url = config.database_url.filter(|url| !url.is_empty());
     let embedded = match &config.database_url {
         Some(_) => None,
         None => {

@@ -229,8 +229,15 @@ impl ServerProcess {
     /// Starts the server on `db` with a free port, and waits until it accepts connections.
     /// `extra_args` follow the harness's own `--listen` and `--database-url`.
     pub async fn start(db: &TestDb, extra_args: &[&str]) -> Self {
-        let mut args = vec!["--database-url".to_owned(), db.url().to_owned()];
-        args.extend(extra_args.iter().map(|arg| (*arg).to_owned()));
+        let mut args = vec!["--database-url", db.url()];
+        args.extend_from_slice(extra_args);
+        Self::start_with_args(&args).await
+    }
+
+    /// Starts the server with exactly `args` after the harness's `--listen`, for tests that
+    /// bring their own database settings (a dedicated cluster, or the embedded default).
+    pub async fn start_with_args(args: &[&str]) -> Self {
+        let args: Vec<String> = args.iter().map(|arg| (*arg).to_owned()).collect();
         let (process, addr) = match spawn_server("127.0.0.1:0", &args).await {
             Ok(started) => started,
             Err(failure) => panic!("{failure}"),
@@ -332,7 +339,9 @@ async fn spawn_server(
     let bin = server_binary();
     let mut all_args = vec!["--listen", listen];
     all_args.extend(args.iter().map(String::as_str));
-    let mut process = ChildProcess::spawn(&bin, &all_args, &[]);
+    // An empty DATABASE_URL counts as unset, so the test's own never leaks into a server that
+    // was meant to use the embedded default.
+    let mut process = ChildProcess::spawn(&bin, &all_args, &[("DATABASE_URL", "")]);
     let deadline = Instant::now() + READY_TIMEOUT;
     let mut pause = Duration::from_millis(5);
     loop {

@@ -1,0 +1,176 @@
+//! The server as an operator runs it: health that follows PostgreSQL (through a PostgreSQL
+//! crash and restart, which loses no accepted job), the embedded default cluster, and graceful
+//! shutdown with workers connected.
+
+use std::{path::Path, time::Duration};
+
+use jobwire::{Client, JobContext, Worker};
+use jobwire_server::embedded_pg::EmbeddedPostgres;
+use jobwire_tests::{
+    ServerProcess, eventually,
+    jobs::{self, Sleep},
+};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn spawn_worker(url: &str) -> (CancellationToken, JoinHandle<()>) {
+    let stop = CancellationToken::new();
+    let worker = Worker::builder(url)
+        .worker_id("ops")
+        .concurrency(2)
+        .drain_timeout(Duration::from_secs(5))
+        .register::<Sleep, _, _>(|ctx: JobContext, job: Sleep| async move {
+            jobs::run_sleep(ctx, job, "ops".into()).await
+        })
+        .build()
+        .expect("worker builds");
+    let token = stop.clone();
+    let task = tokio::spawn(async move {
+        // A drain may time out when the server went away first; that is not what is tested.
+        let _ = worker.run(token.cancelled_owned()).await;
+    });
+    (stop, task)
+}
+
+/// The health status, or None when the server cannot be asked.
+async fn health(url: &str) -> Option<ServingStatus> {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
+        .ok()?
+        .connect()
+        .await
+        .ok()?;
+    let mut client = HealthClient::new(channel);
+    let status = client
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .ok()?
+        .into_inner()
+        .status;
+    ServingStatus::try_from(status).ok()
+}
+
+async fn wait_for_health(url: &str, want: ServingStatus) {
+    eventually(&format!("health {want:?}"), WAIT, || async move {
+        (health(url).await == Some(want)).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn health_follows_postgres_and_a_postgres_crash_loses_no_job() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pg = EmbeddedPostgres::start(dir.path())
+        .await
+        .expect("start cluster");
+    pg.ensure_database("jobwire").await.expect("database");
+    let url = pg.database_url("jobwire");
+    let server =
+        ServerProcess::start_with_args(&["--database-url", &url, "--poll-interval", "100ms"]).await;
+    wait_for_health(&server.url(), ServingStatus::Serving).await;
+
+    let client = Client::connect(server.url()).await.expect("client");
+    let accepted = client
+        .enqueue(Sleep {
+            seq: 1,
+            ..Default::default()
+        })
+        .await
+        .expect("enqueue");
+
+    // PostgreSQL crashes (SIGKILL): the replica stops reporting SERVING.
+    pg.kill().await.expect("kill cluster");
+    wait_for_health(&server.url(), ServingStatus::NotServing).await;
+
+    // It comes back (crash recovery): the replica serves again, and the job accepted before
+    // the crash is there and runs.
+    let pg = EmbeddedPostgres::start(dir.path())
+        .await
+        .expect("restart cluster");
+    wait_for_health(&server.url(), ServingStatus::Serving).await;
+    let (stop, worker) = spawn_worker(&server.url());
+    let output = tokio::time::timeout(WAIT, accepted.wait())
+        .await
+        .expect("in time")
+        .expect("the accepted job succeeds");
+    assert_eq!(output.seq, 1);
+    let after = client
+        .enqueue(Sleep {
+            seq: 2,
+            ..Default::default()
+        })
+        .await
+        .expect("enqueue after recovery");
+    assert_eq!(after.wait().await.expect("succeeds").seq, 2);
+
+    stop.cancel();
+    worker.await.expect("worker stopped");
+    drop(server);
+    pg.stop().await.expect("stop cluster");
+}
+
+fn postmaster_running(data_dir: &Path) -> bool {
+    data_dir.join("pgdata/postmaster.pid").exists()
+}
+
+#[tokio::test]
+async fn embedded_default_starts_reuses_and_stops_its_cluster() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data_dir = dir.path().to_str().expect("utf-8 path");
+
+    let mut server = ServerProcess::start_with_args(&["--data-dir", data_dir]).await;
+    assert!(
+        postmaster_running(dir.path()),
+        "the server started its own cluster"
+    );
+    wait_for_health(&server.url(), ServingStatus::Serving).await;
+    let client = Client::connect(server.url()).await.expect("client");
+    let job = client
+        .enqueue(Sleep {
+            millis: 200,
+            seq: 9,
+            ..Default::default()
+        })
+        .await
+        .expect("enqueue");
+
+    // SIGTERM with a worker connected and a job running: a clean exit, cluster stopped.
+    let (stop, worker) = spawn_worker(&server.url());
+    eventually("the job runs", WAIT, || {
+        let job = job.clone();
+        async move {
+            let info = job.get().await.ok()?;
+            (info.state() != jobwire::JobState::Available).then_some(())
+        }
+    })
+    .await;
+    let status = server.terminate().await;
+    assert!(status.success(), "graceful shutdown exits 0, got {status}");
+    assert!(
+        !postmaster_running(dir.path()),
+        "the server stopped its cluster on exit"
+    );
+
+    // The next start, on the same address, reuses the cluster and its data; the worker
+    // reconnects by itself and delivers the result of the job it kept running.
+    server.restart().await;
+    assert!(postmaster_running(dir.path()));
+    let client = Client::connect(server.url()).await.expect("client");
+    let again = client.job::<Sleep>(job.id().clone());
+    let output = tokio::time::timeout(WAIT, again.wait())
+        .await
+        .expect("in time")
+        .expect("the job finishes after the restart");
+    assert_eq!(output.seq, 9);
+
+    stop.cancel();
+    worker.await.expect("worker stopped");
+    assert!(server.terminate().await.success());
+    assert!(!postmaster_running(dir.path()));
+}
