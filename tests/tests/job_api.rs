@@ -490,3 +490,38 @@ async fn stale_lease_is_refused_after_expiry() {
         pb::AttemptOutcome::Succeeded as i32
     );
 }
+
+/// A worker may name its own retry delay: it replaces the policy's backoff (5 s by default).
+#[tokio::test]
+async fn worker_named_retry_delay_overrides_the_policy() {
+    let db = test_db().await;
+    let server = ServerProcess::start(&db, &[]).await;
+    let mut client = jobs(&server.url()).await;
+    let job = enqueue(&mut client, spec("type.later", "default")).await;
+    let mut worker = RawWorker::connect(&server.url(), "raw", &["type.later"], 1).await;
+    worker.next_lease().await;
+
+    let ack = worker
+        .fail_after(
+            &job.id,
+            1,
+            "rate limited",
+            false,
+            std::time::Duration::from_secs(120),
+        )
+        .await;
+    assert_eq!(ack.code, Code::Ok as i32, "{ack:?}");
+    let waiting = get(&mut client, &job.id).await;
+    assert_eq!(state(&waiting), pb::JobState::Retrying);
+    let failed_at = waiting
+        .last_error
+        .expect("error")
+        .occurred_at
+        .expect("time");
+    let run_at = waiting.run_at.expect("run_at");
+    let delay = run_at.seconds - failed_at.seconds;
+    assert!(
+        (119..=121).contains(&delay),
+        "the next attempt waits the worker's 120 s, not the policy's 5 s: {delay} s"
+    );
+}

@@ -201,6 +201,19 @@ impl RawWorker {
         message: &str,
         non_retryable: bool,
     ) -> pb::Ack {
+        self.fail_after(job_id, attempt, message, non_retryable, Duration::ZERO)
+            .await
+    }
+
+    /// Fails with the worker's own retry delay instead of the policy's backoff.
+    pub async fn fail_after(
+        &mut self,
+        job_id: &str,
+        attempt: i32,
+        message: &str,
+        non_retryable: bool,
+        retry_after: Duration,
+    ) -> pb::Ack {
         let request_id = self.next_request;
         self.next_request += 1;
         self.send(In::Fail(pb::FailJob {
@@ -213,8 +226,8 @@ impl RawWorker {
             kind: "test".into(),
             non_retryable,
             retry_after: Some(prost_types::Duration {
-                seconds: 0,
-                nanos: 0,
+                seconds: i64::try_from(retry_after.as_secs()).expect("small"),
+                nanos: i32::try_from(retry_after.subsec_nanos()).expect("small"),
             }),
         }))
         .await;
