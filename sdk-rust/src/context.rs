@@ -1,13 +1,22 @@
-//! What a handler knows about the attempt it runs, and how it learns that it must stop.
+//! What a handler knows about the attempt it runs, how it reports on it, and how it learns
+//! that it must stop.
 //!
 //! Stopping is cooperative: the worker runtime never kills a handler that is making progress.
 //! It fires the context's cancellation when the server sends `StopJob` for the lease (the job
-//! was cancelled, or its lease was lost), or when a graceful drain runs out of time. A handler
-//! that ignores it keeps running, but its result will be refused by the server if the lease is
-//! gone.
+//! was cancelled or paused, its lease was lost, or it ran past its timeout), when the attempt's
+//! deadline passes, when the server refuses a report as stale, or when a graceful drain runs out
+//! of time; [`JobContext::stop_reason`] says which. A handler that ignores it keeps running, but
+//! once the lease is gone its result is refused. A handler told to stop does best to return
+//! promptly (after a [`checkpoint`](JobContext::checkpoint) when pausing): the worker keeps
+//! renewing its lease while it winds down, but the server honours it only for a grace period
+//! after the stop, and then the lease is lost.
 //!
-//! The context is the handler's channel back to the worker: progress, log and checkpoint calls
-//! will be added here and travel on the worker's stream.
+//! The context is also the handler's channel back to the server. [`progress`](JobContext::progress)
+//! and the [`log`](JobContext::log) family never wait and are cheap enough for tight loops: the
+//! worker coalesces progress to the latest value and batches log lines, and sends both on its
+//! stream before the attempt's result. A [`checkpoint`](JobContext::checkpoint) waits for the
+//! server to store it; the next attempt (after a pause, a crash or a retry) starts with it in
+//! [`last_checkpoint`](JobContext::last_checkpoint).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -17,8 +26,11 @@ use std::time::SystemTime;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::Error;
 use crate::job::{self, JobId};
 use crate::proto::v1 as pb;
+use crate::report::{LogLevel, Progress};
+use crate::worker::reports::Reports;
 
 /// Why a handler was asked to stop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -26,15 +38,46 @@ use crate::proto::v1 as pb;
 pub enum StopReason {
     /// The job was cancelled; it will not run again.
     Cancelled,
+    /// The job was paused: save a [`checkpoint`](JobContext::checkpoint), then return. It runs
+    /// again, from that checkpoint, once resumed; the attempt does not count against its
+    /// retries.
+    Paused,
+    /// The attempt ran past the job's timeout; it counts as a retryable failure.
+    TimedOut,
     /// The lease lapsed or moved to another attempt; this attempt's result will be refused.
     LeaseLost,
     /// The worker is shutting down and its drain timeout passed; the job will be retried.
     Shutdown,
 }
 
-/// The attempt a handler runs: which job, which attempt, and whether to stop.
+impl StopReason {
+    /// The failure kind reported for an attempt that failed after this stop, when the stop
+    /// decides how the server settles it.
+    pub(crate) fn failure_kind(self) -> Option<&'static str> {
+        match self {
+            Self::Cancelled => Some("cancelled"),
+            Self::Paused => Some("paused"),
+            Self::TimedOut => Some("timeout"),
+            Self::LeaseLost | Self::Shutdown => None,
+        }
+    }
+}
+
+impl fmt::Display for StopReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Cancelled => "cancelled",
+            Self::Paused => "paused",
+            Self::TimedOut => "timed out",
+            Self::LeaseLost => "lease lost",
+            Self::Shutdown => "worker shutting down",
+        })
+    }
+}
+
+/// The attempt a handler runs: which job, which attempt, whether to stop, and how to report.
 ///
-/// Cheap to clone; clones share the cancellation.
+/// Cheap to clone; clones share the cancellation and the reports.
 #[derive(Clone)]
 pub struct JobContext {
     inner: Arc<Inner>,
@@ -49,13 +92,22 @@ struct Inner {
     priority: i32,
     labels: HashMap<String, String>,
     created_at: Option<SystemTime>,
+    deadline: Option<SystemTime>,
+    /// The checkpoint the attempt started from; empty when there is none.
+    checkpoint: Vec<u8>,
     worker_id: Arc<str>,
     stop: StopSignal,
+    reports: Reports,
 }
 
 impl JobContext {
     /// The context of the attempt a lease starts.
-    pub(crate) fn new(lease: &pb::Lease, worker_id: Arc<str>, stop: StopSignal) -> Self {
+    pub(crate) fn new(
+        lease: &pb::Lease,
+        worker_id: Arc<str>,
+        stop: StopSignal,
+        reports: Reports,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 job_id: JobId::from(lease.job_id.clone()),
@@ -66,8 +118,11 @@ impl JobContext {
                 priority: lease.priority,
                 labels: lease.labels.clone(),
                 created_at: job::system_time(lease.created_at.as_ref()),
+                deadline: job::system_time(lease.deadline.as_ref()),
+                checkpoint: lease.checkpoint.clone(),
                 worker_id,
                 stop,
+                reports,
             }),
         }
     }
@@ -118,6 +173,13 @@ impl JobContext {
         self.inner.created_at
     }
 
+    /// When the attempt must stop, if the job has a timeout. The worker fires the cancellation
+    /// with [`StopReason::TimedOut`] then (by its own clock, which may differ from the
+    /// server's).
+    pub fn deadline(&self) -> Option<SystemTime> {
+        self.inner.deadline
+    }
+
     /// The id of the worker running the attempt.
     pub fn worker_id(&self) -> &str {
         &self.inner.worker_id
@@ -136,7 +198,101 @@ impl JobContext {
 
     /// Why the handler was asked to stop, once it was.
     pub fn stop_reason(&self) -> Option<StopReason> {
-        self.inner.stop.reason.get().copied()
+        self.inner.stop.reason()
+    }
+
+    /// Reports how far the job has come; watchers see it as a progress event.
+    ///
+    /// Never waits, and is cheap enough to call for every item of a large job: the worker keeps
+    /// only the latest value and sends it at most once per progress interval (see
+    /// [`WorkerBuilder::progress_interval`](crate::WorkerBuilder::progress_interval)), and
+    /// always before the attempt's result. When the worker reconnects, it sends the latest value
+    /// again. After the lease is lost, or the attempt's result was recorded, it does nothing.
+    pub fn progress(&self, progress: Progress) {
+        self.inner
+            .reports
+            .progress(progress.into_proto(SystemTime::now()));
+    }
+
+    /// Logs a line to the job's own log, which watchers see as log events.
+    ///
+    /// Never waits: lines are batched and sent in order, at the latest with the attempt's
+    /// result. A line longer than 8192 characters is cut. When a handler logs faster than the
+    /// worker can send, at most 10,000 lines wait; older ones are dropped, and a warning line
+    /// in the job's log (and in the worker's) says how many. Lines on their way when the
+    /// worker's stream breaks are not sent again (the server may or may not have stored them);
+    /// lines not sent yet wait for the next stream. After the lease is lost, or the attempt's
+    /// result was recorded, it does nothing.
+    pub fn log(&self, level: LogLevel, message: impl Into<String>) {
+        self.inner.reports.log(level, message.into());
+    }
+
+    /// Logs a line at [`LogLevel::Debug`]; see [`log`](Self::log).
+    pub fn debug(&self, message: impl Into<String>) {
+        self.log(LogLevel::Debug, message);
+    }
+
+    /// Logs a line at [`LogLevel::Info`]; see [`log`](Self::log).
+    pub fn info(&self, message: impl Into<String>) {
+        self.log(LogLevel::Info, message);
+    }
+
+    /// Logs a line at [`LogLevel::Warn`]; see [`log`](Self::log).
+    pub fn warn(&self, message: impl Into<String>) {
+        self.log(LogLevel::Warn, message);
+    }
+
+    /// Logs a line at [`LogLevel::Error`]; see [`log`](Self::log).
+    pub fn error(&self, message: impl Into<String>) {
+        self.log(LogLevel::Error, message);
+    }
+
+    /// Stores opaque state from which a later attempt can resume, and waits until the server
+    /// has it. The next attempt of the job (after a pause, a lost worker or a retryable
+    /// failure) starts with the last one saved, in [`last_checkpoint`](Self::last_checkpoint).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::LeaseLost`] when the attempt no longer holds its lease (the handler's
+    /// cancellation fires too); [`Error::Disconnected`] when the worker's stream broke before
+    /// the server answered (whether it was stored is unknown; calling again after the
+    /// reconnect may succeed); [`Error::Rpc`] when the server refused it, such as
+    /// `InvalidArgument` for data beyond its payload limit.
+    pub async fn checkpoint(&self, data: impl Into<Vec<u8>>) -> Result<(), Error> {
+        self.inner.reports.checkpoint(data.into()).await
+    }
+
+    /// Stores a protobuf message as the checkpoint; see [`checkpoint`](Self::checkpoint).
+    ///
+    /// # Errors
+    ///
+    /// As for [`checkpoint`](Self::checkpoint).
+    pub async fn checkpoint_msg<M: prost::Message>(&self, message: &M) -> Result<(), Error> {
+        self.checkpoint(message.encode_to_vec()).await
+    }
+
+    /// The checkpoint the attempt started from: the last one an earlier attempt saved, or
+    /// `None` when there is none.
+    pub fn last_checkpoint(&self) -> Option<&[u8]> {
+        (!self.inner.checkpoint.is_empty()).then_some(self.inner.checkpoint.as_slice())
+    }
+
+    /// The checkpoint the attempt started from, decoded as `M`; see
+    /// [`last_checkpoint`](Self::last_checkpoint).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Decode`] when the checkpoint is not an `M` (say, one saved by an older version
+    /// of the handler).
+    pub fn last_checkpoint_msg<M: prost::Message + Default>(&self) -> Result<Option<M>, Error> {
+        self.last_checkpoint()
+            .map(|data| {
+                M::decode(data).map_err(|source| Error::Decode {
+                    what: "checkpoint",
+                    source,
+                })
+            })
+            .transpose()
     }
 }
 
@@ -161,22 +317,25 @@ pub(crate) struct StopSignal {
 }
 
 impl StopSignal {
-    /// Asks the handler to stop; the first reason given is the one kept.
-    pub(crate) fn stop(&self, reason: StopReason) {
+    /// Asks the handler to stop; the first reason given is the one kept. True for the first
+    /// call.
+    pub(crate) fn stop(&self, reason: StopReason) -> bool {
         // A second stop keeps the first reason: that is the one the handler may have acted on.
-        let _ = self.reason.set(reason);
+        let first = self.reason.set(reason).is_ok();
         self.token.cancel();
+        first
     }
 
-    /// Whether [`stop`](Self::stop) was called.
-    pub(crate) fn is_stopped(&self) -> bool {
-        self.token.is_cancelled()
+    /// The reason kept, once stopped.
+    pub(crate) fn reason(&self) -> Option<StopReason> {
+        self.reason.get().copied()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::worker::reports::Links;
 
     fn lease() -> pb::Lease {
         pb::Lease {
@@ -189,10 +348,25 @@ mod tests {
         }
     }
 
+    fn context(lease: &pb::Lease, stop: StopSignal) -> JobContext {
+        let (links, _hub, _checkpoints) = Links::new();
+        let reports = links.attach(pb::LeaseRef {
+            job_id: lease.job_id.clone(),
+            attempt: lease.attempt,
+        });
+        JobContext::new(lease, Arc::from("w1"), stop, reports)
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct Step {
+        #[prost(uint32, tag = "1")]
+        step: u32,
+    }
+
     #[tokio::test]
     async fn stopping_records_the_first_reason_and_fires_the_future() {
         let stop = StopSignal::default();
-        let ctx = JobContext::new(&lease(), Arc::from("w1"), stop.clone());
+        let ctx = context(&lease(), stop.clone());
         assert!(!ctx.is_cancelled());
         assert_eq!(ctx.stop_reason(), None);
         let cancelled = ctx.cancelled();
@@ -206,11 +380,54 @@ mod tests {
 
     #[test]
     fn lease_fields_reach_the_context() {
-        let ctx = JobContext::new(&lease(), Arc::from("w1"), StopSignal::default());
+        let ctx = context(&lease(), StopSignal::default());
         assert_eq!(ctx.job_id().as_str(), "j1");
         assert_eq!(ctx.attempt(), 2);
         assert!(ctx.is_last_attempt());
         assert_eq!(ctx.job_type(), "test.ping");
         assert_eq!(ctx.worker_id(), "w1");
+        assert_eq!(ctx.deadline(), None);
+        assert_eq!(ctx.last_checkpoint(), None);
+        assert!(matches!(ctx.last_checkpoint_msg::<Step>(), Ok(None)));
+    }
+
+    #[test]
+    fn the_checkpoint_of_the_lease_is_the_last_one() {
+        let mut with_checkpoint = lease();
+        with_checkpoint.checkpoint = prost::Message::encode_to_vec(&Step { step: 7 });
+        with_checkpoint.deadline = Some(prost_types::Timestamp {
+            seconds: 5,
+            nanos: 0,
+        });
+        let ctx = context(&with_checkpoint, StopSignal::default());
+        assert_eq!(ctx.last_checkpoint(), Some(&[8, 7][..]));
+        assert_eq!(
+            ctx.last_checkpoint_msg::<Step>().ok(),
+            Some(Some(Step { step: 7 }))
+        );
+        assert_eq!(
+            ctx.deadline(),
+            Some(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(5))
+        );
+
+        with_checkpoint.checkpoint = vec![0xff];
+        let ctx = context(&with_checkpoint, StopSignal::default());
+        assert!(matches!(
+            ctx.last_checkpoint_msg::<Step>(),
+            Err(Error::Decode {
+                what: "checkpoint",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn stops_that_settle_the_job_name_its_failure_kind() {
+        assert_eq!(StopReason::Cancelled.failure_kind(), Some("cancelled"));
+        assert_eq!(StopReason::Paused.failure_kind(), Some("paused"));
+        assert_eq!(StopReason::TimedOut.failure_kind(), Some("timeout"));
+        assert_eq!(StopReason::LeaseLost.failure_kind(), None);
+        assert_eq!(StopReason::Shutdown.failure_kind(), None);
+        assert_eq!(StopReason::TimedOut.to_string(), "timed out");
     }
 }

@@ -58,6 +58,26 @@ pub enum Error {
     #[error("{0}")]
     JobFailed(Box<JobFailure>),
 
+    /// The attempt a handler runs no longer holds its lease: the server refused one of its
+    /// reports as stale (ABORTED), said the lease moved on, or the attempt already reported its
+    /// result. Nothing the handler sends for it will be applied any more; it should return.
+    #[error("the lease of job {job_id} attempt {attempt} is no longer held")]
+    LeaseLost {
+        /// The job.
+        job_id: JobId,
+        /// The attempt that lost its lease.
+        attempt: u32,
+    },
+
+    /// The worker's stream to the server broke (or the worker stopped) before the server
+    /// acknowledged a report, so whether it was applied is unknown. It is not sent again by
+    /// itself; calling again once the worker has reconnected may succeed.
+    #[error("the stream to the server ended before the {what} was acknowledged")]
+    Disconnected {
+        /// What was not acknowledged, such as "checkpoint".
+        what: &'static str,
+    },
+
     /// A setting given to a builder is invalid; the message says which.
     #[error("invalid configuration: {0}")]
     Config(String),
@@ -118,14 +138,32 @@ pub struct JobFailure {
 }
 
 impl JobFailure {
+    pub(crate) fn new(
+        job_id: JobId,
+        state: JobState,
+        attempt: u32,
+        last_error: Option<JobError>,
+        cancel_reason: Option<String>,
+    ) -> Self {
+        Self {
+            job_id,
+            state,
+            attempt,
+            last_error,
+            cancel_reason,
+        }
+    }
+
     /// The failure a finished job describes, or `None` when it did not fail.
     pub(crate) fn from_info(job: &JobInfo) -> Option<Self> {
-        matches!(job.state(), JobState::Failed | JobState::Cancelled).then(|| Self {
-            job_id: job.id().clone(),
-            state: job.state(),
-            attempt: job.attempt(),
-            last_error: job.last_error().cloned(),
-            cancel_reason: job.cancel_reason().map(str::to_owned),
+        matches!(job.state(), JobState::Failed | JobState::Cancelled).then(|| {
+            Self::new(
+                job.id().clone(),
+                job.state(),
+                job.attempt(),
+                job.last_error().cloned(),
+                job.cancel_reason().map(str::to_owned),
+            )
         })
     }
 

@@ -13,6 +13,7 @@ use prost_types::Any;
 
 use crate::Error;
 use crate::proto::v1 as pb;
+use crate::report::ProgressInfo;
 
 /// Ties a payload message to a job type name and to the message its handler returns.
 ///
@@ -253,7 +254,7 @@ pub struct JobError {
 }
 
 impl JobError {
-    fn from_proto(error: &pb::JobError) -> Self {
+    pub(crate) fn from_proto(error: &pb::JobError) -> Self {
         Self {
             message: error.message.clone(),
             kind: non_empty(&error.kind).map(str::to_owned),
@@ -307,6 +308,7 @@ pub struct JobInfo {
     id: JobId,
     state: JobState,
     last_error: Option<JobError>,
+    progress: Option<ProgressInfo>,
     job: pb::Job,
 }
 
@@ -317,6 +319,7 @@ impl JobInfo {
             id: JobId(job.id.clone()),
             state: JobState::from_proto(job.state)?,
             last_error: job.last_error.as_ref().map(JobError::from_proto),
+            progress: job.progress.clone().map(ProgressInfo::from_proto),
             job,
         })
     }
@@ -364,9 +367,42 @@ impl JobInfo {
             .map(count)
     }
 
+    /// Attempts that count against the retry policy's `max_attempts`: paused attempts do not.
+    pub fn attempts_counted(&self) -> u32 {
+        count(self.job.attempts_counted)
+    }
+
     /// The most recent failure, if any.
     pub fn last_error(&self) -> Option<&JobError> {
         self.last_error.as_ref()
+    }
+
+    /// The latest progress of the current (or last) attempt, if its handler reported any.
+    pub fn progress(&self) -> Option<&ProgressInfo> {
+        self.progress.as_ref()
+    }
+
+    /// How long one attempt may run before it is stopped and counted as failed; `None` for
+    /// no limit.
+    pub fn timeout(&self) -> Option<Duration> {
+        self.job
+            .timeout
+            .and_then(|timeout| Duration::try_from(timeout).ok())
+    }
+
+    /// Whether a checkpoint is stored, which the next attempt receives.
+    pub fn has_checkpoint(&self) -> bool {
+        self.job.has_checkpoint
+    }
+
+    /// When a cancel of the running job was requested, while its worker has not stopped yet.
+    pub fn cancel_requested_at(&self) -> Option<SystemTime> {
+        system_time(self.job.cancel_requested_at.as_ref())
+    }
+
+    /// When a pause of the running job was requested, while its worker has not stopped yet.
+    pub fn pause_requested_at(&self) -> Option<SystemTime> {
+        system_time(self.job.pause_requested_at.as_ref())
     }
 
     /// Why the job was cancelled, if it was and a reason was given.
@@ -547,6 +583,52 @@ mod tests {
         let error = info.last_error().expect("last error");
         assert_eq!((error.message(), error.kind()), ("boom", None));
         assert!(!error.is_retryable());
+    }
+
+    #[test]
+    fn job_info_reads_progress_timeout_and_stop_requests() {
+        let info = JobInfo::from_proto(pb::Job {
+            id: "j1".into(),
+            state: pb::JobState::Running as i32,
+            progress: Some(pb::Progress {
+                fraction: Some(0.5),
+                stage: "render".into(),
+                ..Default::default()
+            }),
+            timeout: Some(prost_types::Duration {
+                seconds: 30,
+                nanos: 0,
+            }),
+            pause_requested_at: Some(prost_types::Timestamp {
+                seconds: 10,
+                nanos: 0,
+            }),
+            attempts_counted: 1,
+            attempt: 2,
+            has_checkpoint: true,
+            ..Default::default()
+        })
+        .expect("valid job");
+        let progress = info.progress().expect("progress");
+        assert_eq!(progress.fraction(), Some(0.5));
+        assert_eq!(progress.stage(), Some("render"));
+        assert_eq!(info.timeout(), Some(Duration::from_secs(30)));
+        assert_eq!(
+            info.pause_requested_at(),
+            Some(SystemTime::UNIX_EPOCH + Duration::from_secs(10))
+        );
+        assert_eq!(info.cancel_requested_at(), None);
+        assert_eq!((info.attempt(), info.attempts_counted()), (2, 1));
+        assert!(info.has_checkpoint());
+
+        let bare = JobInfo::from_proto(pb::Job {
+            state: pb::JobState::Available as i32,
+            ..Default::default()
+        })
+        .expect("valid job");
+        assert_eq!(bare.progress(), None);
+        assert_eq!(bare.timeout(), None);
+        assert!(!bare.has_checkpoint());
     }
 
     #[test]

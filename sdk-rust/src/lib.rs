@@ -2,8 +2,10 @@
 //!
 //! A job type is a protobuf message (its payload) tied by the [`JobType`] trait to a name and an
 //! output message. Producers enqueue payloads through a [`Client`] and get a typed
-//! [`JobHandle`] back; workers register typed handlers on a [`Worker`], which leases jobs from
-//! the server, runs them with bounded concurrency and reports their results.
+//! [`JobHandle`] back, which can wait for the typed result or stream the job's events (state
+//! changes, progress, log lines) as they happen; workers register typed handlers on a
+//! [`Worker`], which leases jobs from the server, runs them with bounded concurrency, carries
+//! their progress, logs and checkpoints to the server, and reports their results.
 //!
 //! # Example
 //!
@@ -42,10 +44,11 @@
 //! let worker = Worker::builder("http://127.0.0.1:50051")
 //!     .queues(["images"])
 //!     .concurrency(8)
-//!     .register::<Resize, _, _>(|_ctx: JobContext, job: Resize| async move {
+//!     .register::<Resize, _, _>(|ctx: JobContext, job: Resize| async move {
 //!         if job.width == 0 {
 //!             return Err(HandlerError::fatal("width must be positive"));
 //!         }
+//!         ctx.progress(jobwire::Progress::fraction(1.0).message("resized"));
 //!         Ok(())
 //!     })
 //!     .build()?;
@@ -56,12 +59,17 @@
 //!
 //! # Layout
 //!
-//! - [`client`]: the producer's side: enqueue, inspect, wait for, cancel and retry jobs.
-//! - [`worker`]: the worker runtime: one stream to the server, leases, heartbeats, results,
-//!   reconnects and graceful drain.
-//! - [`context`]: what a handler learns about the attempt it runs, and how it is told to stop.
+//! - [`client`]: the producer's side: enqueue, inspect, watch, wait for, pause, resume, cancel
+//!   and retry jobs.
+//! - [`worker`]: the worker runtime: one stream to the server, leases, heartbeats, reports,
+//!   results, reconnects and graceful drain.
+//! - [`context`]: what a handler learns about the attempt it runs, how it reports progress,
+//!   logs and checkpoints, and how it is told to stop.
 //! - [`job`]: the typed vocabulary both sides share: [`JobType`], [`JobId`], [`JobState`],
 //!   [`RetryPolicy`], [`JobInfo`].
+//! - [`report`]: what a running job says about itself: [`Progress`], [`ProgressInfo`],
+//!   [`LogLevel`].
+//! - [`event`]: typed job events, [`JobEvent`] and [`JobEventKind`].
 //! - [`error`]: [`Error`] for calls that fail (and jobs that end badly), [`HandlerError`] for
 //!   handlers that fail.
 //!
@@ -72,14 +80,20 @@ mod backoff;
 pub mod client;
 pub mod context;
 pub mod error;
+pub mod event;
 pub mod job;
+pub mod report;
 mod transport;
 pub mod worker;
 
-pub use client::{Client, Enqueue, Enqueued, JobHandle, JobPage, ListJobs, NewJob};
+pub use client::{
+    Client, Enqueue, Enqueued, JobEvents, JobHandle, JobPage, ListJobs, NewJob, WatchJobs,
+};
 pub use context::{JobContext, StopReason};
 pub use error::{Error, HandlerError, JobFailure};
+pub use event::{JobEvent, JobEventKind};
 pub use job::{JobError, JobId, JobInfo, JobState, JobType, RetryPolicy};
+pub use report::{LogLevel, Progress, ProgressInfo};
 pub use worker::{Worker, WorkerBuilder};
 
 /// The generated protocol types, for what the typed API does not cover (such as

@@ -48,6 +48,15 @@ pub struct Config {
     #[arg(long, env = "JOBWIRE_POLL_INTERVAL", value_parser = humantime::parse_duration, default_value = "1s")]
     pub poll_interval: Duration,
 
+    /// How often watch streams look for new events while anyone watches.
+    #[arg(long, env = "JOBWIRE_WATCH_POLL_INTERVAL", value_parser = humantime::parse_duration, default_value = "5ms")]
+    pub watch_poll_interval: Duration,
+
+    /// How long a worker has to stop a running job after a cancel or a pause (or past its
+    /// timeout) before its lease is no longer renewed.
+    #[arg(long, env = "JOBWIRE_STOP_GRACE", value_parser = humantime::parse_duration, default_value = "10s")]
+    pub stop_grace: Duration,
+
     /// How often the leader looks for lapsed leases.
     #[arg(long, env = "JOBWIRE_REAP_INTERVAL", value_parser = humantime::parse_duration, default_value = "1s")]
     pub reap_interval: Duration,
@@ -93,6 +102,9 @@ impl Config {
         }
         if self.poll_interval < Duration::from_millis(10) {
             return fail("poll-interval", "must be at least 10ms");
+        }
+        if self.watch_poll_interval < Duration::from_millis(1) {
+            return fail("watch-poll-interval", "must be at least 1ms");
         }
         if self.reap_interval < Duration::from_millis(10) {
             return fail("reap-interval", "must be at least 10ms");

@@ -73,6 +73,8 @@ pub enum AttemptOutcome {
     Failed,
     LeaseExpired,
     Cancelled,
+    Paused,
+    TimedOut,
 }
 
 impl AttemptOutcome {
@@ -83,6 +85,8 @@ impl AttemptOutcome {
             Self::Failed => pb::AttemptOutcome::Failed,
             Self::LeaseExpired => pb::AttemptOutcome::LeaseExpired,
             Self::Cancelled => pb::AttemptOutcome::Cancelled,
+            Self::Paused => pb::AttemptOutcome::Paused,
+            Self::TimedOut => pb::AttemptOutcome::TimedOut,
         }
     }
 }

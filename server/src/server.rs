@@ -27,6 +27,8 @@ use crate::{
 
 /// How often health is re-checked against PostgreSQL.
 const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+/// Concurrent calls (streams included) on one client connection.
+const MAX_STREAMS_PER_CONNECTION: u32 = 2048;
 /// Room for the rest of a message around its largest allowed payload.
 const ENVELOPE_BYTES: usize = 64 * 1024;
 
@@ -68,9 +70,15 @@ pub async fn run(
         .build_v1alpha()?;
 
     let max_message = config.max_payload_bytes + ENVELOPE_BYTES;
-    let jobs = JobServiceServer::new(JobApi::new(store.clone(), config.max_payload_bytes))
-        .max_decoding_message_size(max_message)
-        .max_encoding_message_size(max_message);
+    let jobs = JobServiceServer::new(JobApi::new(
+        store.clone(),
+        config.max_payload_bytes,
+        engine.fanout.clone(),
+        shutdown.clone(),
+        tasks.clone(),
+    ))
+    .max_decoding_message_size(max_message)
+    .max_encoding_message_size(max_message);
     let workers = WorkerServiceServer::new(WorkerApi::new(
         store.clone(),
         engine.clone(),
@@ -78,6 +86,7 @@ pub async fn run(
             lease_duration: config.lease_duration,
             heartbeat_interval: config.heartbeat_interval,
             max_payload_bytes: config.max_payload_bytes,
+            stop_grace: config.stop_grace,
         },
         shutdown.clone(),
         tasks.clone(),
@@ -89,6 +98,9 @@ pub async fn run(
     let served = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        // Dashboards multiplex many watch streams over one connection; hyper's default of 200
+        // would leave their unary calls waiting for a free stream.
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

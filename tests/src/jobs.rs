@@ -69,3 +69,95 @@ pub async fn run_sleep(
         worker,
     })
 }
+
+/// Counts `steps` steps of `step_millis` each, reporting progress and saving the step reached
+/// as a checkpoint after each; resumes from the last checkpoint; stops when told to.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Steps {
+    #[prost(uint32, tag = "1")]
+    pub steps: u32,
+    #[prost(uint32, tag = "2")]
+    pub step_millis: u32,
+}
+
+impl prost::Name for Steps {
+    const NAME: &'static str = "Steps";
+    const PACKAGE: &'static str = "jobwire.tests";
+}
+
+/// Where the attempt that finished started from, and where it ended.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StepsOutput {
+    #[prost(uint32, tag = "1")]
+    pub started_from: u32,
+    #[prost(uint32, tag = "2")]
+    pub reached: u32,
+}
+
+impl prost::Name for StepsOutput {
+    const NAME: &'static str = "StepsOutput";
+    const PACKAGE: &'static str = "jobwire.tests";
+}
+
+impl JobType for Steps {
+    const JOB_TYPE: &'static str = "test.steps";
+    type Output = StepsOutput;
+}
+
+/// The handler of [`Steps`].
+pub async fn run_steps(ctx: JobContext, job: Steps) -> Result<StepsOutput, HandlerError> {
+    let started_from = ctx
+        .last_checkpoint()
+        .and_then(|b| <[u8; 4]>::try_from(b).ok())
+        .map(u32::from_le_bytes)
+        .unwrap_or(0);
+    for step in started_from..job.steps {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(u64::from(job.step_millis))) => {}
+            _ = ctx.cancelled() => return Err(HandlerError::retryable(format!("stopped at step {step}"))),
+        }
+        ctx.progress(
+            jobwire::Progress::items(u64::from(step + 1), u64::from(job.steps))
+                .message(format!("step {}", step + 1)),
+        );
+        ctx.checkpoint((step + 1).to_le_bytes().to_vec())
+            .await
+            .map_err(|e| HandlerError::retryable(e.to_string()))?;
+    }
+    Ok(StepsOutput {
+        started_from,
+        reached: job.steps,
+    })
+}
+
+/// Reports progress `calls` times in a tight loop, then finishes.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Spin {
+    #[prost(uint32, tag = "1")]
+    pub calls: u32,
+}
+
+impl prost::Name for Spin {
+    const NAME: &'static str = "Spin";
+    const PACKAGE: &'static str = "jobwire.tests";
+}
+
+impl JobType for Spin {
+    const JOB_TYPE: &'static str = "test.spin";
+    type Output = ();
+}
+
+/// The handler of [`Spin`].
+pub async fn run_spin(ctx: JobContext, job: Spin) -> Result<(), HandlerError> {
+    for done in 1..=job.calls {
+        ctx.progress(jobwire::Progress::items(
+            u64::from(done),
+            u64::from(job.calls),
+        ));
+    }
+    ctx.log(
+        jobwire::LogLevel::Info,
+        format!("reported {} times", job.calls),
+    );
+    Ok(())
+}

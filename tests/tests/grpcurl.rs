@@ -101,4 +101,37 @@ async fn grpcurl_lists_describes_checks_health_and_calls() {
     assert_eq!(jobs[0]["id"], id.as_str());
     assert_eq!(jobs[0]["priority"], 75);
     assert_eq!(jobs[0]["payload"]["value"], "2026-11-23T00:00:00Z");
+
+    // WatchJob streams readable JSON: cancel the job so its history ends, then watch it.
+    run(&[
+        "-plaintext",
+        "-d",
+        &format!(r#"{{"id": "{id}", "reason": "seen enough"}}"#),
+        &addr,
+        "jobwire.v1.JobService/CancelJob",
+    ]);
+    let streamed = run(&[
+        "-plaintext",
+        "-d",
+        &format!(r#"{{"id": "{id}"}}"#),
+        &addr,
+        "jobwire.v1.JobService/WatchJob",
+    ]);
+    let events: Vec<serde_json::Value> = serde_json::Deserializer::from_str(&streamed)
+        .into_iter::<serde_json::Value>()
+        .collect::<Result<_, _>>()
+        .expect("a JSON object per event");
+    assert_eq!(events.len(), 2, "{streamed}");
+    assert_eq!(
+        events[0]["event"]["stateChanged"]["state"],
+        "JOB_STATE_AVAILABLE"
+    );
+    let last = &events[1]["event"];
+    assert_eq!(last["stateChanged"]["state"], "JOB_STATE_CANCELLED");
+    assert_eq!(last["stateChanged"]["reason"], "seen enough");
+    assert_eq!(last["stateChanged"]["job"]["id"], id.as_str());
+    assert!(
+        last["sequence"].as_str().is_some(),
+        "int64 renders as a string: {last}"
+    );
 }

@@ -1,8 +1,12 @@
-//! The job type shared by the `quickstart` (producer) and `worker` examples, so both sides
-//! agree on its name and messages the way two real services would through a shared crate.
+//! The job types shared by the producer examples (`quickstart`, `progress`) and the `worker`
+//! example, so both sides agree on names and messages the way two real services would through
+//! a shared crate.
 //!
 //! The messages are written by hand with prost's derive; generated code from a `.proto` file
 //! works the same way as long as it implements `prost::Name`.
+
+// Each producer example is its own crate and uses only its own job type from here.
+#![allow(dead_code, reason = "each example uses only part of this module")]
 
 use jobwire::JobType;
 
@@ -39,6 +43,49 @@ impl prost::Name for ResizeOutput {
 impl JobType for Resize {
     const JOB_TYPE: &'static str = "image.resize";
     type Output = ResizeOutput;
+}
+
+/// Count `steps` steps of `step_millis` each, reporting progress, logging, and saving a
+/// checkpoint now and then, so that a paused or interrupted countdown resumes where it was.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Countdown {
+    #[prost(uint32, tag = "1")]
+    pub steps: u32,
+    #[prost(uint32, tag = "2")]
+    pub step_millis: u32,
+}
+
+impl prost::Name for Countdown {
+    const NAME: &'static str = "Countdown";
+    const PACKAGE: &'static str = "jobwire.examples";
+}
+
+/// How a countdown went: the steps counted, and the step the last attempt started from.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CountdownOutput {
+    #[prost(uint32, tag = "1")]
+    pub steps: u32,
+    #[prost(uint32, tag = "2")]
+    pub resumed_from: u32,
+    #[prost(uint32, tag = "3")]
+    pub attempt: u32,
+}
+
+impl prost::Name for CountdownOutput {
+    const NAME: &'static str = "CountdownOutput";
+    const PACKAGE: &'static str = "jobwire.examples";
+}
+
+impl JobType for Countdown {
+    const JOB_TYPE: &'static str = "demo.countdown";
+    type Output = CountdownOutput;
+}
+
+/// A countdown's checkpoint: the steps done so far.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CountdownCheckpoint {
+    #[prost(uint32, tag = "1")]
+    pub done: u32,
 }
 
 /// The server address: `JOBWIRE_URL`, or a local server on the default port.

@@ -27,6 +27,7 @@ use crate::proto::v1::job_spec::Schedule;
 ///     .queue("emails")
 ///     .priority(80)
 ///     .delay(Duration::from_secs(30))
+///     .timeout(Duration::from_secs(300))
 ///     .idempotency_key("welcome-mail:user-42")
 ///     .label("user", "42")
 ///     .await?;
@@ -82,6 +83,14 @@ impl<J: JobType> Enqueue<J> {
     /// tenant is retained, the server returns it instead of creating another.
     pub fn idempotency_key(mut self, key: impl Into<String>) -> Self {
         self.draft.idempotency_key = Some(key.into());
+        self
+    }
+
+    /// How long one attempt may run (default: no limit). When it runs over, its handler is
+    /// told to stop ([`StopReason::TimedOut`](crate::StopReason::TimedOut)) and the attempt
+    /// counts as a retryable failure.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.draft.timeout = Some(timeout);
         self
     }
 
@@ -240,6 +249,7 @@ struct Draft<J> {
     retry: Option<RetryPolicy>,
     idempotency_key: Option<String>,
     labels: HashMap<String, String>,
+    timeout: Option<Duration>,
 }
 
 impl<J: JobType> Draft<J> {
@@ -252,6 +262,7 @@ impl<J: JobType> Draft<J> {
             retry: None,
             idempotency_key: None,
             labels: HashMap::new(),
+            timeout: None,
         }
     }
 
@@ -269,6 +280,7 @@ impl<J: JobType> Draft<J> {
             retry_policy: self.retry.map(RetryPolicy::to_proto),
             idempotency_key: self.idempotency_key.unwrap_or_default(),
             labels: self.labels,
+            timeout: self.timeout.map(job::duration_to_proto),
         })
     }
 }
@@ -307,6 +319,7 @@ mod tests {
         assert_eq!(spec.retry_policy, None);
         assert_eq!(spec.idempotency_key, "");
         assert!(spec.labels.is_empty());
+        assert_eq!(spec.timeout, None);
         let payload = spec.payload.expect("payload");
         assert_eq!(payload.type_url, "/jobwire.test.Ping");
         assert_eq!(payload.to_msg::<Ping>().ok(), Some(ping()));
@@ -321,6 +334,7 @@ mod tests {
         draft.retry = Some(RetryPolicy::no_retries());
         draft.idempotency_key = Some("k1".into());
         draft.labels.insert("user".into(), "42".into());
+        draft.timeout = Some(Duration::from_secs(90));
         let spec = draft.into_spec().expect("spec");
         assert_eq!(spec.queue, "emails");
         assert_eq!(spec.priority, Some(80));
@@ -334,6 +348,13 @@ mod tests {
         assert_eq!(spec.retry_policy.and_then(|p| p.max_attempts), Some(1));
         assert_eq!(spec.idempotency_key, "k1");
         assert_eq!(spec.labels.get("user").map(String::as_str), Some("42"));
+        assert_eq!(
+            spec.timeout,
+            Some(prost_types::Duration {
+                seconds: 90,
+                nanos: 0
+            })
+        );
     }
 
     #[test]

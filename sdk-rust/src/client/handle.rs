@@ -1,25 +1,31 @@
-//! Typed handles to enqueued jobs, and waiting for their outcome.
+//! Typed handles to enqueued jobs: watching them, waiting for their outcome, and controlling
+//! them.
 //!
 //! A handle is only a job id plus the job type it was enqueued as, so it is cheap to clone,
-//! store and rebuild from an id ([`Client::job`]). Waiting polls `GetJob` with a backoff for
-//! now; it will follow the job's `WatchJob` event stream once the server offers it, without a
-//! change to this API.
+//! store and rebuild from an id ([`Client::job`]). Waiting follows the job's `WatchJob` event
+//! stream until its terminal state change, so a waiter learns the outcome as soon as the server
+//! records it; against a server that does not offer `WatchJob` yet (`Unimplemented`) it polls
+//! `GetJob` with a backoff instead.
 
 use std::fmt;
 use std::marker::PhantomData;
 use std::time::Duration;
 
+use futures::StreamExt;
+
 use crate::Error;
 use crate::backoff::Backoff;
 use crate::client::Client;
+use crate::client::watch::{self, JobEvents};
 use crate::error::JobFailure;
+use crate::event::{JobEvent, JobEventKind};
 use crate::job::{self, JobId, JobInfo, JobState, JobType};
 use crate::proto::v1 as pb;
 
 /// The first delay between two polls of a waited-on job: short, because most jobs that are
 /// waited on are quick.
 const FIRST_POLL: Duration = Duration::from_millis(10);
-/// The longest delay between two polls, which bounds how late `wait` notices the outcome.
+/// The longest delay between two polls, which bounds how late a poll notices the outcome.
 const MAX_POLL: Duration = Duration::from_millis(500);
 
 /// A job of type `J` on the server.
@@ -53,18 +59,107 @@ impl<J: JobType> JobHandle<J> {
         self.client.get_job(&self.id).await
     }
 
+    /// The job's events from its beginning: state changes, progress, log lines and stop
+    /// requests, each exactly once and in order, across reconnects. The stream ends after the
+    /// job's terminal state change (SUCCEEDED, FAILED or CANCELLED); see [`JobEvents`] for when
+    /// it gives up instead.
+    pub fn watch(&self) -> JobEvents {
+        self.watch_from(0)
+    }
+
+    /// The job's events after `after_sequence` (such as the [`JobEvent::sequence`] of the last
+    /// one seen), as for [`watch`](Self::watch).
+    pub fn watch_from(&self, after_sequence: i64) -> JobEvents {
+        watch::job_events(self.client.clone(), self.id.clone(), after_sequence)
+    }
+
     /// Waits until the job finishes and returns its typed output.
     ///
-    /// Polls `GetJob` every 10 ms at first, backing off to every 500 ms (a `WatchJob` stream
-    /// will replace the polling later). A server that is unreachable or restarting does not end
-    /// the wait (the polls go on); an error status the server sends does. Wrap the call in [`tokio::time::timeout`] to
-    /// bound it.
+    /// Follows the job's events ([`watch`](Self::watch)) until its terminal state change. A
+    /// server that is unreachable or restarting does not end the wait, however long it lasts
+    /// (the stream resumes where it left off); an error status the server sends about the job
+    /// does. Wrap the call in [`tokio::time::timeout`] to bound it.
     ///
     /// # Errors
     ///
     /// [`Error::JobFailed`] when the job ends FAILED or CANCELLED, [`Error::Decode`] when its
-    /// result is not a `J::Output`, [`Error::Rpc`] when the server refuses the read.
+    /// result is not a `J::Output`, [`Error::Rpc`] when the server refuses the watch (such as
+    /// `NotFound`).
     pub async fn wait(&self) -> Result<J::Output, Error> {
+        let mut events = self.watch().give_up_after(Duration::MAX);
+        while let Some(event) = events.next().await {
+            match event {
+                Ok(event) if event.is_terminal() => return self.settle(&event).await,
+                Ok(_) => {}
+                Err(error) if error.code() == Some(tonic::Code::Unimplemented) => {
+                    tracing::debug!(job_id = %self.id, "WatchJob is not offered; polling");
+                    return self.poll().await;
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        // The stream ended without the terminal change: the job finished beyond its reach.
+        self.poll().await
+    }
+
+    /// Cancels the job if it has not finished; returns it after the change.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Rpc`] with `FailedPrecondition` when the job already finished.
+    pub async fn cancel(&self, reason: impl Into<String>) -> Result<JobInfo, Error> {
+        self.client.cancel_job(&self.id, reason).await
+    }
+
+    /// Holds the job: a queued one is PAUSED at once; a running one is asked to checkpoint and
+    /// stop, and becomes PAUSED when it has. A pause uses none of the job's attempts. Returns
+    /// the job after the change.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Rpc`] with `FailedPrecondition` when the job cannot be paused (say, it already
+    /// finished).
+    pub async fn pause(&self, reason: impl Into<String>) -> Result<JobInfo, Error> {
+        self.client.pause_job(&self.id, reason).await
+    }
+
+    /// Makes a PAUSED job available again; its next attempt starts from its last checkpoint.
+    /// Returns the job after the change.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Rpc`] with `FailedPrecondition` when the job is not PAUSED.
+    pub async fn resume(&self) -> Result<JobInfo, Error> {
+        self.client.resume_job(&self.id).await
+    }
+
+    /// Makes a FAILED or CANCELLED job available again with a fresh set of attempts; returns it
+    /// after the change.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Rpc`] with `FailedPrecondition` when the job is not FAILED or CANCELLED.
+    pub async fn retry(&self) -> Result<JobInfo, Error> {
+        self.client.retry_job(&self.id).await
+    }
+
+    /// The outcome a terminal event announces: a failure from the event itself, a result from
+    /// the event's snapshot of the job, or from reading the job when the snapshot lacks it.
+    async fn settle(&self, event: &JobEvent) -> Result<J::Output, Error> {
+        if let Some(failure) = event.failure() {
+            return Err(Error::JobFailed(Box::new(failure)));
+        }
+        if let JobEventKind::StateChanged { job: Some(job), .. } = event.kind()
+            && job.as_proto().result.is_some()
+        {
+            return job::decode(job.as_proto().result.as_ref(), "job result");
+        }
+        self.poll().await
+    }
+
+    /// Polls `GetJob` every 10 ms at first, backing off to every 500 ms, until the job has
+    /// finished. Failures of the transport do not end it; a status the server sends does.
+    async fn poll(&self) -> Result<J::Output, Error> {
         let mut backoff = Backoff::new(FIRST_POLL, MAX_POLL);
         loop {
             match self
@@ -84,25 +179,6 @@ impl<J: JobType> JobHandle<J> {
             }
             tokio::time::sleep(backoff.next_delay()).await;
         }
-    }
-
-    /// Cancels the job if it has not finished; returns it after the change.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::Rpc`] with `FailedPrecondition` when the job already finished.
-    pub async fn cancel(&self, reason: impl Into<String>) -> Result<JobInfo, Error> {
-        self.client.cancel_job(&self.id, reason).await
-    }
-
-    /// Makes a FAILED or CANCELLED job available again with a fresh set of attempts; returns it
-    /// after the change.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::Rpc`] with `FailedPrecondition` when the job is not FAILED or CANCELLED.
-    pub async fn retry(&self) -> Result<JobInfo, Error> {
-        self.client.retry_job(&self.id).await
     }
 }
 

@@ -1,5 +1,5 @@
-//! The producer's side of jobwire: enqueue typed jobs, then inspect, wait for, cancel and retry
-//! them through `JobService`.
+//! The producer's side of jobwire: enqueue typed jobs, then inspect, watch, wait for, pause,
+//! resume, cancel and retry them through `JobService`.
 //!
 //! A [`Client`] is a cheap, cloneable handle around one multiplexed HTTP/2 channel; clone it
 //! into every task that needs it instead of connecting again. It never runs jobs: that is the
@@ -8,18 +8,25 @@
 //! - [`enqueue`](Client::enqueue) returns an [`Enqueue`] builder (queue, priority, schedule,
 //!   retries, idempotency key, labels) that is sent by awaiting it.
 //! - [`JobHandle`] is a job id that remembers its job type, so [`JobHandle::wait`] returns the
-//!   typed output.
+//!   typed output; [`JobHandle::watch`] streams its events.
 //! - [`list_jobs`](Client::list_jobs) returns a [`ListJobs`] builder for filtered, paged reads.
+//! - [`watch_jobs`](Client::watch_jobs) returns a [`WatchJobs`] builder for a filtered stream of
+//!   every matching job's events.
+//!
+//! Event streams ([`JobEvents`]) reconnect and resume by themselves, so a consumer sees every
+//! event once, in order, across server restarts.
 
 mod enqueue;
 mod handle;
 mod list;
+mod watch;
 
 pub use enqueue::{Enqueue, Enqueued, NewJob};
 
 use enqueue::sealed::Sealed as _;
 pub use handle::JobHandle;
 pub use list::{JobPage, ListJobs};
+pub use watch::{JobEvents, WatchJobs};
 
 use tonic::transport::Channel;
 
@@ -196,6 +203,58 @@ impl Client {
             .await?
             .into_inner();
         job_info(response.job)
+    }
+
+    /// Holds a job that has not finished: a queued one is PAUSED at once; a running one is
+    /// asked to checkpoint and stop, and becomes PAUSED when it has (or when its lease lapses).
+    /// A pause uses none of the job's attempts. Returns the job after the change.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Rpc`] with `FailedPrecondition` when the job cannot be paused (say, it already
+    /// finished), `NotFound` when it does not exist.
+    pub async fn pause_job(
+        &self,
+        id: impl AsRef<str>,
+        reason: impl Into<String>,
+    ) -> Result<JobInfo, Error> {
+        let request = pb::PauseJobRequest {
+            id: id.as_ref().to_owned(),
+            reason: reason.into(),
+        };
+        let response = self
+            .jobs
+            .clone()
+            .pause_job(self.tenant.request(request))
+            .await?
+            .into_inner();
+        job_info(response.job)
+    }
+
+    /// Makes a PAUSED job AVAILABLE again; its next attempt receives its last checkpoint.
+    /// Returns the job after the change.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Rpc`] with `FailedPrecondition` when the job is not PAUSED, `NotFound` when it
+    /// does not exist.
+    pub async fn resume_job(&self, id: impl AsRef<str>) -> Result<JobInfo, Error> {
+        let request = pb::ResumeJobRequest {
+            id: id.as_ref().to_owned(),
+        };
+        let response = self
+            .jobs
+            .clone()
+            .resume_job(self.tenant.request(request))
+            .await?
+            .into_inner();
+        job_info(response.job)
+    }
+
+    /// Starts a watch of every job's events, filtered on the builder; call
+    /// [`stream`](WatchJobs::stream) for the events.
+    pub fn watch_jobs(&self) -> WatchJobs {
+        WatchJobs::new(self.clone())
     }
 
     /// One `GetJob` call with the given view.

@@ -4,10 +4,17 @@
 //! runs. A panicking handler ends its task, not the worker; the runtime's `JoinError` is turned
 //! into a retryable failure for that lease. Tasks outlive any one stream to the server, which is
 //! why the executor belongs to the worker and not to a connection.
+//!
+//! The executor also decides what a stopped attempt reports: a handler stopped by a cancel, a
+//! pause or its timeout that returns an error fails with the kind `cancelled`, `paused` or
+//! `timeout` (retryable: the server settles the job by the stop's reason); one that returns a
+//! result completes as usual. A lease's deadline is watched inside its own task, so a timeout
+//! needs no task of its own.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use prost_types::Any;
 use tokio::task::{self, JoinError, JoinSet};
@@ -15,13 +22,30 @@ use tracing::Instrument;
 
 use crate::context::{JobContext, StopReason, StopSignal};
 use crate::error::HandlerError;
+use crate::job;
 use crate::proto::v1 as pb;
 use crate::worker::registry::Registry;
+use crate::worker::reports::{Final, LeaseReports, Links};
 
 /// A lease that is running.
 struct InFlight {
     job_type: String,
     stop: StopSignal,
+    reports: Arc<LeaseReports>,
+    /// The server no longer honours the lease: it is not renewed any more.
+    lost: bool,
+}
+
+/// What asking a handler to stop did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Stopping {
+    /// The lease does not run here.
+    NotRunning,
+    /// The handler was asked to stop.
+    Asked,
+    /// The handler had been asked before (its first reason stands), as when the server repeats
+    /// a stop with every heartbeat.
+    AlreadyAsked,
 }
 
 /// A handler that returned (or panicked), with the lease it ran.
@@ -29,7 +53,10 @@ struct InFlight {
 pub(super) struct Finished {
     pub(super) lease: pb::LeaseRef,
     pub(super) job_type: String,
+    /// What to report, after the stop's reason (if any) was taken into account.
     pub(super) outcome: Result<Any, HandlerError>,
+    /// What was left of the lease's reports, to send before the result.
+    pub(super) left: Final,
 }
 
 /// A lease the worker will not run, and the failure to report for it.
@@ -44,6 +71,8 @@ pub(super) struct Refusal {
 pub(super) struct Executor {
     registry: Registry,
     worker_id: Arc<str>,
+    /// Where each lease's progress, logs and checkpoints go.
+    links: Links,
     /// The most handlers that may run at once.
     slots: usize,
     tasks: JoinSet<Result<Any, HandlerError>>,
@@ -54,10 +83,11 @@ pub(super) struct Executor {
 }
 
 impl Executor {
-    pub(super) fn new(registry: Registry, worker_id: Arc<str>, slots: usize) -> Self {
+    pub(super) fn new(registry: Registry, worker_id: Arc<str>, slots: usize, links: Links) -> Self {
         Self {
             registry,
             worker_id,
+            links,
             slots,
             tasks: JoinSet::new(),
             leases: HashMap::new(),
@@ -112,7 +142,11 @@ impl Executor {
         }
 
         let stop = StopSignal::default();
-        let ctx = JobContext::new(&lease, Arc::clone(&self.worker_id), stop.clone());
+        let reports = self.links.attach(lease_ref.clone());
+        let shared = reports.shared();
+        let ctx = JobContext::new(&lease, Arc::clone(&self.worker_id), stop.clone(), reports);
+        let deadline = job::system_time(lease.deadline.as_ref());
+        let timer = stop.clone();
         let span = tracing::info_span!(
             "job",
             job_id = %lease.job_id,
@@ -123,9 +157,10 @@ impl Executor {
         let payload = lease.payload.unwrap_or_default();
         // The handler is called inside the task, so a panic even before its first await is
         // caught by the task and not by the worker's loop.
-        let task = self
-            .tasks
-            .spawn(async move { handler(ctx, payload).await }.instrument(span));
+        let task = self.tasks.spawn(
+            async move { until_deadline(handler(ctx, payload), deadline, timer).await }
+                .instrument(span),
+        );
         tracing::debug!(job_id = %lease_ref.job_id, attempt = lease_ref.attempt, "handler started");
         self.by_task.insert(task.id(), lease_ref.clone());
         self.leases.insert(
@@ -133,6 +168,8 @@ impl Executor {
             InFlight {
                 job_type: lease.job_type,
                 stop,
+                reports: shared,
+                lost: false,
             },
         );
         Ok(())
@@ -161,14 +198,20 @@ impl Executor {
         None
     }
 
-    /// Asks the handler of `lease` to stop; false when it does not run here.
-    pub(super) fn stop(&mut self, lease: &pb::LeaseRef, reason: StopReason) -> bool {
-        match self.leases.get(lease) {
-            Some(running) => {
-                running.stop.stop(reason);
-                true
-            }
-            None => false,
+    /// Asks the handler of `lease` to stop. A lost lease is no longer renewed and its reports
+    /// are closed: the server would refuse them.
+    pub(super) fn stop(&mut self, lease: &pb::LeaseRef, reason: StopReason) -> Stopping {
+        let Some(running) = self.leases.get_mut(lease) else {
+            return Stopping::NotRunning;
+        };
+        if reason == StopReason::LeaseLost {
+            running.lost = true;
+            running.reports.lose();
+        }
+        if running.stop.stop(reason) {
+            Stopping::Asked
+        } else {
+            Stopping::AlreadyAsked
         }
     }
 
@@ -179,12 +222,14 @@ impl Executor {
         }
     }
 
-    /// The leases to renew: running ones the server has not told us to stop.
+    /// The leases to renew: every running one that is not lost. A handler asked to stop keeps
+    /// its lease while it winds down (a pausing one still saves its checkpoint); the server
+    /// bounds that with its own grace, and the result then settles the job.
     pub(super) fn live_leases(&self) -> Vec<pb::LeaseRef> {
         let mut live: Vec<pb::LeaseRef> = self
             .leases
             .iter()
-            .filter(|(_, running)| !running.stop.is_stopped())
+            .filter(|(_, running)| !running.lost)
             .map(|(lease, _)| lease.clone())
             .collect();
         live.sort_unstable_by(|a, b| (&a.job_id, a.attempt).cmp(&(&b.job_id, b.attempt)));
@@ -222,9 +267,60 @@ impl Executor {
         Some(Finished {
             lease,
             job_type: running.job_type,
-            outcome,
+            outcome: after_stop(outcome, running.stop.reason()),
+            left: running.reports.finish(),
         })
     }
+}
+
+/// Runs `handler`, firing its cancellation with [`StopReason::TimedOut`] at `deadline` (a time
+/// of the server's, read by the worker's clock) and then letting it return.
+async fn until_deadline<F: Future>(
+    handler: F,
+    deadline: Option<SystemTime>,
+    stop: StopSignal,
+) -> F::Output {
+    let Some(deadline) = deadline else {
+        return handler.await;
+    };
+    // A deadline already past fires at once.
+    let remaining = deadline
+        .duration_since(SystemTime::now())
+        .unwrap_or_default();
+    tokio::pin!(handler);
+    tokio::select! {
+        output = &mut handler => output,
+        () = tokio::time::sleep(remaining) => {
+            stop.stop(StopReason::TimedOut);
+            handler.await
+        }
+    }
+}
+
+/// What a handler's outcome reports once its stop's reason is known. A result stands (the
+/// server decides what a result after a stop means); a failure after a cancel, pause or
+/// timeout is named for it and retryable, so the server settles the job by the stop's reason
+/// rather than by the handler's view of the error.
+fn after_stop(
+    outcome: Result<Any, HandlerError>,
+    reason: Option<StopReason>,
+) -> Result<Any, HandlerError> {
+    let Err(error) = outcome else {
+        return outcome;
+    };
+    let Some((reason, kind)) = reason.and_then(|r| r.failure_kind().map(|kind| (r, kind))) else {
+        return Err(error);
+    };
+    let message = if error.message().is_empty() {
+        format!("stopped: {reason}")
+    } else {
+        error.message().to_owned()
+    };
+    let stopped = HandlerError::retryable(message).with_kind(kind);
+    Err(match error.retry_after() {
+        Some(delay) => stopped.with_retry_after(delay),
+        None => stopped,
+    })
 }
 
 /// The failure to report for a task that did not return: a panic, or an abort.
@@ -263,7 +359,8 @@ mod tests {
         type Output = ();
     }
 
-    /// A handler that does what its payload says: "ok", "panic", or "wait" for cancellation.
+    /// A handler that does what its payload says: "ok", "panic", "wait" for cancellation and
+    /// fail, "finish" its work despite a cancellation, or "report" progress and a line.
     fn executor(slots: usize) -> Executor {
         let mut registry = Registry::default();
         registry.insert::<Work, _, _>(|ctx: JobContext, work: Work| async move {
@@ -271,12 +368,23 @@ mod tests {
                 "panic" => panic!("boom"),
                 "wait" => {
                     ctx.cancelled().await;
-                    Err(HandlerError::retryable("stopped"))
+                    Err(HandlerError::fatal(""))
+                }
+                "finish" => {
+                    ctx.cancelled().await;
+                    Ok(())
+                }
+                "report" => {
+                    ctx.progress(crate::Progress::items(1, 2));
+                    ctx.progress(crate::Progress::items(2, 2));
+                    ctx.info("done");
+                    Ok(())
                 }
                 _ => Ok(()),
             }
         });
-        Executor::new(registry, Arc::from("w1"), slots)
+        let (links, _hub, _checkpoints) = Links::new();
+        Executor::new(registry, Arc::from("w1"), slots, links)
     }
 
     fn lease(job_id: &str, job_type: &str, mode: &str) -> pb::Lease {
@@ -341,36 +449,127 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn stopped_leases_are_not_renewed_and_their_handlers_wake() {
-        let mut executor = executor(2);
-        executor
-            .start(lease("j1", "test.work", "wait"))
-            .expect("starts");
-        executor
-            .start(lease("j2", "test.work", "wait"))
-            .expect("starts");
-        assert_eq!(executor.live_leases().len(), 2);
+    async fn lost_leases_are_not_renewed_and_stopped_handlers_wake() {
+        let mut executor = executor(3);
+        for job in ["j1", "j2", "j3"] {
+            executor
+                .start(lease(job, "test.work", "wait"))
+                .expect("starts");
+        }
+        assert_eq!(executor.live_leases().len(), 3);
 
-        let j1 = pb::LeaseRef {
-            job_id: "j1".into(),
+        let lease_ref = |job_id: &str| pb::LeaseRef {
+            job_id: job_id.into(),
             attempt: 1,
         };
-        assert!(executor.stop(&j1, StopReason::Cancelled));
+        let j1 = lease_ref("j1");
+        assert_eq!(executor.stop(&j1, StopReason::Cancelled), Stopping::Asked);
+        assert_eq!(
+            executor.stop(&j1, StopReason::Cancelled),
+            Stopping::AlreadyAsked
+        );
+        // Stopping, not lost: still renewed while it winds down.
+        assert_eq!(executor.live_leases().len(), 3);
+        assert_eq!(
+            executor.stop(&lease_ref("j3"), StopReason::LeaseLost),
+            Stopping::Asked
+        );
         assert_eq!(
             executor
                 .live_leases()
                 .iter()
                 .map(|l| l.job_id.as_str())
                 .collect::<Vec<_>>(),
-            ["j2"]
+            ["j1", "j2"]
         );
-        let finished = executor.next_finished().await;
-        assert_eq!(finished.lease, j1);
+        let mut errors = HashMap::new();
+        for _ in 0..2 {
+            let finished = executor.next_finished().await;
+            errors.insert(
+                finished.lease.job_id,
+                finished.outcome.expect_err("stopped"),
+            );
+        }
+        let cancelled = &errors["j1"];
+        assert_eq!(cancelled.kind(), Some("cancelled"));
+        assert_eq!(cancelled.message(), "stopped: cancelled");
+        assert!(
+            cancelled.is_retryable(),
+            "the server settles a cancel, not a retry"
+        );
+        assert_eq!(
+            errors["j3"].kind(),
+            None,
+            "a lost lease reports the handler's own error"
+        );
 
         executor.stop_all(StopReason::Shutdown);
         let finished = executor.next_finished().await;
         assert_eq!(finished.lease.job_id, "j2");
+        let error = finished.outcome.expect_err("stopped");
+        assert_eq!(
+            error.kind(),
+            None,
+            "a shutdown reports the handler's own error"
+        );
         assert!(executor.try_next_finished().is_none());
-        assert!(!executor.stop(&j1, StopReason::Cancelled));
+        assert_eq!(
+            executor.stop(&j1, StopReason::Cancelled),
+            Stopping::NotRunning
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deadline_stops_the_handler_as_timed_out() {
+        let mut executor = executor(1);
+        let mut timed = lease("j1", "test.work", "wait");
+        timed.deadline = Some((SystemTime::now() + Duration::from_secs(30)).into());
+        executor.start(timed).expect("starts");
+        let finished = executor.next_finished().await;
+        let error = finished.outcome.expect_err("timed out");
+        assert_eq!(error.kind(), Some("timeout"));
+        assert!(error.is_retryable());
+    }
+
+    #[tokio::test]
+    async fn a_result_after_a_stop_stands() {
+        let mut executor = executor(1);
+        executor
+            .start(lease("j1", "test.work", "finish"))
+            .expect("starts");
+        let j1 = pb::LeaseRef {
+            job_id: "j1".into(),
+            attempt: 1,
+        };
+        assert_eq!(executor.stop(&j1, StopReason::Paused), Stopping::Asked);
+        assert!(executor.next_finished().await.outcome.is_ok());
+    }
+
+    #[tokio::test]
+    async fn what_a_handler_reported_last_comes_with_its_result() {
+        let mut executor = executor(1);
+        executor
+            .start(lease("j1", "test.work", "report"))
+            .expect("starts");
+        let finished = executor.next_finished().await;
+        assert_eq!(finished.left.latest.map(|p| p.items_done), Some(2));
+        assert!(finished.left.latest_unsent);
+        assert_eq!(finished.left.lines.len(), 1);
+    }
+
+    #[test]
+    fn failures_after_a_stop_keep_the_handlers_message_and_delay() {
+        let error = HandlerError::fatal("disk full").with_retry_after(Duration::from_secs(4));
+        let reported =
+            after_stop(Err(error.clone()), Some(StopReason::TimedOut)).expect_err("a failure");
+        assert_eq!(reported.message(), "disk full");
+        assert_eq!(reported.kind(), Some("timeout"));
+        assert!(reported.is_retryable());
+        assert_eq!(reported.retry_after(), Some(Duration::from_secs(4)));
+        assert_eq!(
+            after_stop(Err(error.clone()), Some(StopReason::LeaseLost)),
+            Err(error.clone())
+        );
+        assert_eq!(after_stop(Err(error.clone()), None), Err(error));
     }
 }

@@ -12,13 +12,20 @@
 //! handlers' contexts, waits a short grace, and gives up on what is left (those jobs' leases
 //! lapse and the server retries them).
 //!
+//! Handlers report progress, log lines and checkpoints through their context while they run;
+//! the worker coalesces and batches them onto the same stream, and sends what is left of them
+//! before each result.
+//!
 //! Bounds: at most `concurrency` handlers run at once (leases beyond it are refused as
-//! retryable failures), the outbound channel is bounded, and the results awaiting an
-//! acknowledgement are bounded by the handlers that produced them.
+//! retryable failures), the outbound channel is bounded, the results awaiting an
+//! acknowledgement are bounded by the handlers that produced them, and each lease's unsent
+//! reports and reports awaiting an acknowledgement are bounded (see `reports` and `reporter`).
 //!
 //! Pieces, one job each:
 //! - `registry`: typed handlers, erased to `Any` → `Any`.
 //! - `executor`: the handler tasks and the leases they hold.
+//! - `reports`: what handlers reported and the worker has not sent yet.
+//! - `reporter`: when reports are sent, and what their acknowledgements mean.
 //! - `outbox`: results awaiting their acknowledgement.
 //! - `session`: one stream, from hello to its end.
 //! - `lifecycle`: serving, draining, aborting, finished.
@@ -27,6 +34,8 @@ mod executor;
 mod lifecycle;
 mod outbox;
 mod registry;
+mod reporter;
+pub(crate) mod reports;
 mod session;
 
 use std::fmt;
@@ -50,6 +59,8 @@ use executor::{Executor, Finished, Refusal};
 use lifecycle::{Lifecycle, Phase};
 use outbox::Outbox;
 use registry::Registry;
+use reporter::Reporter;
+use reports::Final;
 use session::Ended;
 
 /// Slots when none are configured.
@@ -68,11 +79,14 @@ const RECONNECT_MIN: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
 /// The share of each reconnect delay drawn at random, so workers do not reconnect in lockstep.
 const RECONNECT_JITTER: f64 = 0.5;
+/// The shortest time between two progress reports of a lease, when none is configured.
+const DEFAULT_PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
 
 /// A configured worker, ready to [`run`](Self::run).
 pub struct Worker {
     config: Config,
     executor: Executor,
+    reporter: Reporter,
 }
 
 /// What a worker says about itself on every stream.
@@ -116,12 +130,18 @@ impl Worker {
     }
 
     async fn serve(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), Error> {
-        let Self { config, executor } = self;
+        let Self {
+            config,
+            executor,
+            reporter,
+        } = self;
         let mut client = WorkerServiceClient::new(config.endpoint.connect_lazy());
         let mut lifecycle = Lifecycle::new(shutdown, config.drain_timeout, ABORT_GRACE);
         let mut work = Work {
             executor,
-            outbox: Outbox::new(),
+            outbox: Outbox::default(),
+            reporter,
+            ids: RequestIds::default(),
         };
         let mut reconnect =
             Backoff::new(RECONNECT_MIN, RECONNECT_MAX).with_jitter(RECONNECT_JITTER);
@@ -139,7 +159,9 @@ impl Worker {
             if lifecycle.phase() == Phase::Finished {
                 return Err(work.abandon(config.drain_timeout));
             }
-            match session::run(&mut client, &config, &mut work, &mut lifecycle).await {
+            let ended = session::run(&mut client, &config, &mut work, &mut lifecycle).await;
+            work.stream_ended();
+            match ended {
                 Ok(Ended::Drained | Ended::Finished) => {}
                 Err(broken) => {
                     if broken.welcomed {
@@ -169,10 +191,35 @@ impl fmt::Debug for Worker {
     }
 }
 
-/// The state that outlives any one stream: running handlers and unacknowledged results.
+/// Request ids for every message the server acknowledges (results and reports alike), unique
+/// per worker across streams: an ack is routed by its id alone, and a late one can never settle
+/// the wrong message.
+#[derive(Debug)]
+pub(super) struct RequestIds {
+    next: u64,
+}
+
+impl Default for RequestIds {
+    fn default() -> Self {
+        Self { next: 1 }
+    }
+}
+
+impl RequestIds {
+    pub(super) fn next(&mut self) -> u64 {
+        let id = self.next;
+        self.next += 1;
+        id
+    }
+}
+
+/// The state that outlives any one stream: running handlers, their reports, and unacknowledged
+/// results.
 struct Work {
     executor: Executor,
     outbox: Outbox,
+    reporter: Reporter,
+    ids: RequestIds,
 }
 
 impl Work {
@@ -181,13 +228,16 @@ impl Work {
         self.executor.is_empty() && self.outbox.is_empty()
     }
 
-    /// Records a finished handler's result in the outbox and returns the message to send.
-    fn record(&mut self, finished: Finished) -> pb::ConnectRequest {
+    /// Records a finished handler's result in the outbox, to be sent by
+    /// [`outgoing`](Self::outgoing).
+    fn record(&mut self, finished: Finished) {
         let Finished {
             lease,
             job_type,
             outcome,
+            left,
         } = finished;
+        let request_id = self.ids.next();
         match outcome {
             Ok(result) => {
                 tracing::info!(
@@ -196,7 +246,8 @@ impl Work {
                     %job_type,
                     "job succeeded"
                 );
-                self.outbox.complete(lease, job_type, result)
+                self.outbox
+                    .complete(request_id, lease, job_type, result, left);
             }
             Err(error) => {
                 tracing::warn!(
@@ -207,13 +258,14 @@ impl Work {
                     %error,
                     "job failed"
                 );
-                self.outbox.fail(lease, job_type, &error)
+                self.outbox.fail(request_id, lease, job_type, &error, left);
             }
         }
     }
 
-    /// Records a refused lease's failure in the outbox and returns the message to send.
-    fn refuse(&mut self, refusal: Refusal) -> pb::ConnectRequest {
+    /// Records a refused lease's failure in the outbox, to be sent by
+    /// [`outgoing`](Self::outgoing).
+    fn refuse(&mut self, refusal: Refusal) {
         let Refusal {
             lease,
             job_type,
@@ -226,7 +278,32 @@ impl Work {
             %error,
             "lease refused"
         );
-        self.outbox.fail(lease, job_type, &error)
+        let request_id = self.ids.next();
+        self.outbox
+            .fail(request_id, lease, job_type, &error, Final::default());
+    }
+
+    /// The results not sent on the current stream yet, each after what was left of its
+    /// lease's reports.
+    fn outgoing(&mut self) -> Vec<pb::ConnectRequest> {
+        let mut messages = Vec::new();
+        for unsent in self.outbox.unsent() {
+            self.reporter.final_reports(
+                &unsent.lease,
+                unsent.lines,
+                unsent.progress,
+                &mut self.ids,
+                &mut messages,
+            );
+            messages.push(unsent.result);
+        }
+        messages
+    }
+
+    /// The stream ended: what was in flight on it will not be acknowledged.
+    fn stream_ended(&mut self) {
+        self.reporter.disconnected();
+        self.outbox.rewind();
     }
 
     /// Moves handlers that already finished into the outbox, to be sent on the next stream.
@@ -319,6 +396,7 @@ pub struct WorkerBuilder {
     concurrency: usize,
     tenant: Option<String>,
     drain_timeout: Duration,
+    progress_interval: Duration,
     registry: Registry,
     /// The first job type registered twice, reported by `build`.
     duplicate: Option<&'static str>,
@@ -333,6 +411,7 @@ impl WorkerBuilder {
             concurrency: DEFAULT_CONCURRENCY,
             tenant: None,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            progress_interval: DEFAULT_PROGRESS_INTERVAL,
             registry: Registry::default(),
             duplicate: None,
         }
@@ -374,6 +453,15 @@ impl WorkerBuilder {
         self
     }
 
+    /// The shortest time between two progress reports of one lease (default 100 ms); also how
+    /// long log lines may wait to be sent in a batch. Handlers may report as often as they like:
+    /// only the latest progress of each lease is sent per interval, and the last one always
+    /// goes before the attempt's result.
+    pub fn progress_interval(mut self, interval: Duration) -> Self {
+        self.progress_interval = interval;
+        self
+    }
+
     /// Serves job type `J` with `handler`, called once per attempt on its own task.
     ///
     /// A handler returns `J::Output` on success or a [`HandlerError`] that says whether the
@@ -396,8 +484,8 @@ impl WorkerBuilder {
     /// # Errors
     ///
     /// [`Error::Config`] when the address or tenant is invalid, no handler was registered, a
-    /// job type was registered twice, the concurrency is out of range, or the worker id is
-    /// empty or too long.
+    /// job type was registered twice, the concurrency is out of range, the progress interval is
+    /// zero, or the worker id is empty or too long.
     pub fn build(self) -> Result<Worker, Error> {
         if let Some(job_type) = self.duplicate {
             return Err(Error::Config(format!(
@@ -412,6 +500,11 @@ impl WorkerBuilder {
                 "concurrency must be 1 to {MAX_CONCURRENCY}, not {}",
                 self.concurrency
             )));
+        }
+        if self.progress_interval.is_zero() {
+            return Err(Error::Config(
+                "the progress interval must be positive".into(),
+            ));
         }
         let worker_id = self.worker_id.unwrap_or_else(default_worker_id);
         let id_chars = worker_id.chars().count();
@@ -430,6 +523,7 @@ impl WorkerBuilder {
             self.queues
         };
         let worker_id: Arc<str> = Arc::from(worker_id);
+        let reporter = Reporter::new(self.progress_interval);
         Ok(Worker {
             config: Config {
                 endpoint: transport::endpoint(self.url)?,
@@ -438,7 +532,8 @@ impl WorkerBuilder {
                 queues,
                 drain_timeout: self.drain_timeout,
             },
-            executor: Executor::new(self.registry, worker_id, self.concurrency),
+            executor: Executor::new(self.registry, worker_id, self.concurrency, reporter.links()),
+            reporter,
         })
     }
 }
@@ -450,6 +545,7 @@ impl fmt::Debug for WorkerBuilder {
             .field("worker_id", &self.worker_id)
             .field("queues", &self.queues)
             .field("concurrency", &self.concurrency)
+            .field("progress_interval", &self.progress_interval)
             .field("job_types", &self.registry.job_types())
             .finish_non_exhaustive()
     }
@@ -521,9 +617,18 @@ mod tests {
         assert!(config_error(builder().worker_id("w".repeat(129))).contains("worker id"));
         assert!(config_error(builder().tenant("")).contains("tenant"));
         assert!(
+            config_error(builder().progress_interval(Duration::ZERO)).contains("progress interval")
+        );
+        assert!(
             config_error(builder().register::<Noop, _, _>(|_ctx, _job: Noop| async { Ok(()) }))
                 .contains("registered twice")
         );
+    }
+
+    #[test]
+    fn request_ids_are_unique_and_start_at_one() {
+        let mut ids = RequestIds::default();
+        assert_eq!((ids.next(), ids.next(), ids.next()), (1, 2, 3));
     }
 
     #[test]

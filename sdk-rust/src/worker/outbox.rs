@@ -1,11 +1,17 @@
-//! Results on their way to the server: every `CompleteJob` and `FailJob` the worker sent and
-//! the server has not acknowledged yet.
+//! Results on their way to the server: every `CompleteJob` and `FailJob` the worker recorded
+//! and the server has not acknowledged yet.
 //!
 //! A result stays here until an `Ack` with its request id arrives, so that a stream that breaks
-//! in between loses nothing: the next stream sends every pending result again. Re-sending is
-//! safe because each result carries its lease's fencing token, and the server refuses (with
-//! ABORTED) one whose attempt is no longer current. The outbox is bounded by the worker's slots:
-//! each result frees the slot of the handler that produced it.
+//! in between loses nothing: each new stream [rewinds](Outbox::rewind) the outbox and sends every
+//! pending result again. Re-sending is safe because each result carries its lease's fencing
+//! token, and the server refuses (with ABORTED) one whose attempt is no longer current. The
+//! outbox is bounded by the worker's slots: each result frees the slot of the handler that
+//! produced it.
+//!
+//! A result also carries what was left of its lease's reports when the handler returned, to be
+//! sent just before it: unsent log lines (once: lines are never sent twice) and the latest
+//! progress (again on every later stream, since what was sent on a broken one may not have
+//! arrived), so that the stored progress ends at the handler's last value.
 
 use std::collections::BTreeMap;
 
@@ -15,6 +21,7 @@ use crate::error::HandlerError;
 use crate::job;
 use crate::proto::v1 as pb;
 use crate::proto::v1::connect_request::Message;
+use crate::worker::reports::{self, Final};
 
 /// The longest failure message the server accepts, in characters.
 const MAX_MESSAGE_CHARS: usize = 8192;
@@ -25,6 +32,21 @@ pub(super) struct Pending {
     pub(super) lease: pb::LeaseRef,
     pub(super) job_type: String,
     message: Message,
+    /// What was left of the lease's reports.
+    left: Final,
+    /// Streams the result was sent on, the current one included.
+    sends: u32,
+    /// Whether it was sent on the current stream.
+    sent: bool,
+}
+
+/// A result to send on the current stream, with what must precede it.
+#[derive(Debug, PartialEq)]
+pub(super) struct Unsent {
+    pub(super) lease: pb::LeaseRef,
+    pub(super) lines: Vec<pb::LogLine>,
+    pub(super) progress: Option<pb::Progress>,
+    pub(super) result: pb::ConnectRequest,
 }
 
 /// What an acknowledgement meant for the result it answers.
@@ -40,57 +62,49 @@ pub(super) enum Acknowledged {
     Unknown(u64),
 }
 
-/// Results sent and not yet acknowledged, by request id.
-#[derive(Debug)]
+/// Results recorded and not yet acknowledged, by request id.
+#[derive(Debug, Default)]
 pub(super) struct Outbox {
-    /// Request ids are unique per worker, across streams, so a late ack can never settle the
-    /// wrong result.
-    next_request_id: u64,
     /// Ordered by request id, so a reconnect re-sends in the original order.
     pending: BTreeMap<u64, Pending>,
 }
 
 impl Outbox {
-    pub(super) fn new() -> Self {
-        Self {
-            next_request_id: 1,
-            pending: BTreeMap::new(),
-        }
-    }
-
-    /// Records a successful attempt and returns the message to send.
+    /// Records a successful attempt, to be sent by [`unsent`](Self::unsent).
     pub(super) fn complete(
         &mut self,
+        request_id: u64,
         lease: pb::LeaseRef,
         job_type: String,
         result: Any,
-    ) -> pb::ConnectRequest {
-        self.push(lease, job_type, |request_id, lease| {
-            Message::Complete(pb::CompleteJob {
-                request_id,
-                lease: Some(lease),
-                result: Some(result),
-            })
-        })
+        left: Final,
+    ) {
+        let message = Message::Complete(pb::CompleteJob {
+            request_id,
+            lease: Some(lease.clone()),
+            result: Some(result),
+        });
+        self.push(request_id, lease, job_type, message, left);
     }
 
-    /// Records a failed attempt and returns the message to send.
+    /// Records a failed attempt, to be sent by [`unsent`](Self::unsent).
     pub(super) fn fail(
         &mut self,
+        request_id: u64,
         lease: pb::LeaseRef,
         job_type: String,
         error: &HandlerError,
-    ) -> pb::ConnectRequest {
-        self.push(lease, job_type, |request_id, lease| {
-            Message::Fail(pb::FailJob {
-                request_id,
-                lease: Some(lease),
-                message: failure_message(error.message()),
-                kind: error.kind().unwrap_or_default().to_owned(),
-                non_retryable: !error.is_retryable(),
-                retry_after: error.retry_after().map(job::duration_to_proto),
-            })
-        })
+        left: Final,
+    ) {
+        let message = Message::Fail(pb::FailJob {
+            request_id,
+            lease: Some(lease.clone()),
+            message: failure_message(error.message()),
+            kind: error.kind().unwrap_or_default().to_owned(),
+            non_retryable: !error.is_retryable(),
+            retry_after: error.retry_after().map(job::duration_to_proto),
+        });
+        self.push(request_id, lease, job_type, message, left);
     }
 
     /// Settles the result that `ack` answers.
@@ -105,11 +119,33 @@ impl Outbox {
         }
     }
 
-    /// Every pending result, in the order first sent, for a new stream.
-    pub(super) fn resend(&self) -> impl Iterator<Item = pb::ConnectRequest> + '_ {
-        self.pending.values().map(|pending| pb::ConnectRequest {
-            message: Some(pending.message.clone()),
-        })
+    /// The results not sent on the current stream yet, in the order first recorded; they
+    /// count as sent from now on.
+    pub(super) fn unsent(&mut self) -> Vec<Unsent> {
+        self.pending
+            .values_mut()
+            .filter(|pending| !pending.sent)
+            .map(|pending| {
+                let progress = pending.left.progress_to_send(pending.sends > 0);
+                pending.sent = true;
+                pending.sends += 1;
+                Unsent {
+                    lease: pending.lease.clone(),
+                    lines: std::mem::take(&mut pending.left.lines),
+                    progress,
+                    result: pb::ConnectRequest {
+                        message: Some(pending.message.clone()),
+                    },
+                }
+            })
+            .collect()
+    }
+
+    /// A new stream: every pending result is to be sent again.
+    pub(super) fn rewind(&mut self) {
+        for pending in self.pending.values_mut() {
+            pending.sent = false;
+        }
     }
 
     pub(super) fn len(&self) -> usize {
@@ -122,24 +158,23 @@ impl Outbox {
 
     fn push(
         &mut self,
+        request_id: u64,
         lease: pb::LeaseRef,
         job_type: String,
-        build: impl FnOnce(u64, pb::LeaseRef) -> Message,
-    ) -> pb::ConnectRequest {
-        let request_id = self.next_request_id;
-        self.next_request_id += 1;
-        let message = build(request_id, lease.clone());
+        message: Message,
+        left: Final,
+    ) {
         self.pending.insert(
             request_id,
             Pending {
                 lease,
                 job_type,
-                message: message.clone(),
+                message,
+                left,
+                sends: 0,
+                sent: false,
             },
         );
-        pb::ConnectRequest {
-            message: Some(message),
-        }
     }
 }
 
@@ -149,18 +184,7 @@ fn failure_message(message: &str) -> String {
     if message.is_empty() {
         return "the handler failed without a message".to_owned();
     }
-    match message.char_indices().nth(MAX_MESSAGE_CHARS) {
-        None => message.to_owned(),
-        Some(_) => {
-            let marker = "...";
-            let keep = MAX_MESSAGE_CHARS - marker.len();
-            let end = message
-                .char_indices()
-                .nth(keep)
-                .map_or(message.len(), |(i, _)| i);
-            format!("{}{marker}", &message[..end])
-        }
-    }
+    reports::truncated(message.to_owned(), MAX_MESSAGE_CHARS)
 }
 
 #[cfg(test)]
@@ -176,12 +200,16 @@ mod tests {
         }
     }
 
-    fn request_id(request: &pb::ConnectRequest) -> u64 {
-        match &request.message {
+    fn request_id(unsent: &Unsent) -> u64 {
+        match &unsent.result.message {
             Some(Message::Complete(complete)) => complete.request_id,
             Some(Message::Fail(fail)) => fail.request_id,
             other => panic!("not a result: {other:?}"),
         }
+    }
+
+    fn ids(unsent: &[Unsent]) -> Vec<u64> {
+        unsent.iter().map(request_id).collect()
     }
 
     fn ack(request_id: u64, code: tonic::Code) -> pb::Ack {
@@ -192,28 +220,45 @@ mod tests {
         }
     }
 
+    fn progress(done: i64) -> pb::Progress {
+        pb::Progress {
+            items_done: done,
+            ..Default::default()
+        }
+    }
+
     #[test]
-    fn results_get_fresh_request_ids_and_carry_the_fencing_token() {
-        let mut outbox = Outbox::new();
-        let first = outbox.complete(lease("j1"), "t".into(), Any::default());
-        let second = outbox.fail(lease("j2"), "t".into(), &HandlerError::retryable("x"));
-        assert_eq!((request_id(&first), request_id(&second)), (1, 2));
-        let Some(Message::Fail(fail)) = second.message else {
+    fn results_keep_their_request_ids_and_carry_the_fencing_token() {
+        let mut outbox = Outbox::default();
+        outbox.complete(1, lease("j1"), "t".into(), Any::default(), Final::default());
+        outbox.fail(
+            2,
+            lease("j2"),
+            "t".into(),
+            &HandlerError::retryable("x"),
+            Final::default(),
+        );
+        let unsent = outbox.unsent();
+        assert_eq!(ids(&unsent), [1, 2]);
+        let Some(Message::Fail(fail)) = &unsent[1].result.message else {
             panic!("expected a FailJob");
         };
         assert_eq!(fail.lease, Some(lease("j2")));
         assert!(!fail.non_retryable);
         assert_eq!(fail.retry_after, None);
         assert_eq!(outbox.len(), 2);
+        assert!(outbox.unsent().is_empty(), "sent once per stream");
     }
 
     #[test]
     fn handler_errors_map_onto_fail_job() {
-        let mut outbox = Outbox::new();
+        let mut outbox = Outbox::default();
         let error = HandlerError::fatal("bad input")
             .with_kind("validation")
             .with_retry_after(Duration::from_secs(2));
-        let Some(Message::Fail(fail)) = outbox.fail(lease("j1"), "t".into(), &error).message else {
+        outbox.fail(1, lease("j1"), "t".into(), &error, Final::default());
+        let unsent = outbox.unsent();
+        let Some(Message::Fail(fail)) = &unsent[0].result.message else {
             panic!("expected a FailJob");
         };
         assert_eq!(fail.message, "bad input");
@@ -230,39 +275,68 @@ mod tests {
 
     #[test]
     fn acks_settle_by_request_id_and_code() {
-        let mut outbox = Outbox::new();
-        let ok = request_id(&outbox.complete(lease("j1"), "t".into(), Any::default()));
-        let stale = request_id(&outbox.complete(lease("j2"), "t".into(), Any::default()));
-        let bad = request_id(&outbox.complete(lease("j3"), "t".into(), Any::default()));
-
+        let mut outbox = Outbox::default();
+        for (id, job) in [(1, "j1"), (2, "j2"), (3, "j3")] {
+            outbox.complete(id, lease(job), "t".into(), Any::default(), Final::default());
+        }
         assert!(matches!(
-            outbox.acknowledge(&ack(ok, tonic::Code::Ok)),
+            outbox.acknowledge(&ack(1, tonic::Code::Ok)),
             Acknowledged::Applied(p) if p.lease == lease("j1")
         ));
         assert!(matches!(
-            outbox.acknowledge(&ack(stale, tonic::Code::Aborted)),
+            outbox.acknowledge(&ack(2, tonic::Code::Aborted)),
             Acknowledged::Stale(p, _) if p.lease == lease("j2")
         ));
         assert!(matches!(
-            outbox.acknowledge(&ack(bad, tonic::Code::InvalidArgument)),
+            outbox.acknowledge(&ack(3, tonic::Code::InvalidArgument)),
             Acknowledged::Refused(p, tonic::Code::InvalidArgument, _) if p.lease == lease("j3")
         ));
         assert!(outbox.is_empty());
         assert_eq!(
-            outbox.acknowledge(&ack(ok, tonic::Code::Ok)),
-            Acknowledged::Unknown(ok)
+            outbox.acknowledge(&ack(1, tonic::Code::Ok)),
+            Acknowledged::Unknown(1)
         );
     }
 
     #[test]
-    fn unacknowledged_results_are_resent_in_order_with_their_ids() {
-        let mut outbox = Outbox::new();
-        let first = outbox.complete(lease("j1"), "t".into(), Any::default());
-        let second = outbox.fail(lease("j2"), "t".into(), &HandlerError::retryable("x"));
-        let third = outbox.complete(lease("j3"), "t".into(), Any::default());
-        outbox.acknowledge(&ack(request_id(&second), tonic::Code::Ok));
-        let resent: Vec<_> = outbox.resend().collect();
-        assert_eq!(resent, [first, third]);
+    fn unacknowledged_results_are_resent_in_order_on_a_new_stream() {
+        let mut outbox = Outbox::default();
+        outbox.complete(1, lease("j1"), "t".into(), Any::default(), Final::default());
+        outbox.fail(
+            2,
+            lease("j2"),
+            "t".into(),
+            &HandlerError::retryable("x"),
+            Final::default(),
+        );
+        outbox.complete(3, lease("j3"), "t".into(), Any::default(), Final::default());
+        let first = outbox.unsent();
+        outbox.acknowledge(&ack(2, tonic::Code::Ok));
+        outbox.rewind();
+        let again = outbox.unsent();
+        assert_eq!(ids(&again), [1, 3]);
+        assert_eq!(again[0].result, first[0].result);
+    }
+
+    #[test]
+    fn lines_go_once_and_the_latest_progress_on_every_later_stream() {
+        let mut outbox = Outbox::default();
+        let left = Final {
+            lines: vec![pb::LogLine::default(); 3],
+            latest: Some(progress(5)),
+            latest_unsent: false,
+        };
+        outbox.complete(1, lease("j1"), "t".into(), Any::default(), left);
+        let first = outbox.unsent();
+        assert_eq!(first[0].lines.len(), 3);
+        assert_eq!(
+            first[0].progress, None,
+            "sent with the lease's reports already"
+        );
+        outbox.rewind();
+        let again = outbox.unsent();
+        assert!(again[0].lines.is_empty());
+        assert_eq!(again[0].progress, Some(progress(5)));
     }
 
     #[test]

@@ -84,6 +84,7 @@ mod tests {
     use super::*;
     use crate::context::StopSignal;
     use crate::proto::v1 as pb;
+    use crate::worker::reports::Links;
 
     #[derive(Clone, PartialEq, prost::Message)]
     struct Echo {
@@ -102,7 +103,14 @@ mod tests {
     }
 
     fn ctx() -> JobContext {
-        JobContext::new(&pb::Lease::default(), Arc::from("w"), StopSignal::default())
+        let (links, _hub, _checkpoints) = Links::new();
+        let reports = links.attach(pb::LeaseRef::default());
+        JobContext::new(
+            &pb::Lease::default(),
+            Arc::from("w"),
+            StopSignal::default(),
+            reports,
+        )
     }
 
     fn registry() -> Registry {

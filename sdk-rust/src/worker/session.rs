@@ -1,11 +1,13 @@
 //! One `Connect` stream to the server, from `Hello` to its end.
 //!
 //! The session is the stream's only owner: one loop that `select!`s over the server's messages,
-//! the heartbeat ticker, handlers finishing and the worker's lifecycle, and writes through a
+//! the heartbeat ticker, handlers finishing, handlers' reports (a wake-up from the reports hub,
+//! the reporter's flush deadline, checkpoints) and the worker's lifecycle, and writes through a
 //! bounded channel (its capacity is the backpressure on a server that stops reading). It holds
-//! no state of its own that must survive: leases run on in the executor and unacknowledged
-//! results stay in the outbox, so when the stream breaks the worker simply starts a new session,
-//! which names the leases it still runs in its `Hello` and sends those results again.
+//! no state of its own that must survive: leases run on in the executor, unsent reports stay in
+//! their buffers and unacknowledged results stay in the outbox, so when the stream breaks the
+//! worker simply starts a new session, which names the leases it still runs in its `Hello` and
+//! sends those results again.
 //!
 //! A session ends when the stream breaks ([`Broken`], and the worker reconnects), when a drain
 //! completes (every handler returned and every result was acknowledged), or when the lifecycle
@@ -25,9 +27,10 @@ use crate::proto::v1 as pb;
 use crate::proto::v1::connect_request::Message as Outbound;
 use crate::proto::v1::connect_response::Message as Inbound;
 use crate::proto::v1::worker_service_client::WorkerServiceClient;
-use crate::worker::executor::Refusal;
+use crate::worker::executor::{Executor, Refusal, Stopping};
 use crate::worker::lifecycle::{Lifecycle, Phase};
 use crate::worker::outbox::Acknowledged;
+use crate::worker::reporter::ReportAck;
 use crate::worker::{Config, Work};
 
 /// Messages that may wait to be written; beyond this the session waits for the transport.
@@ -96,6 +99,14 @@ impl Writer<'_> {
             message: Some(message),
         })
         .await
+    }
+
+    /// Queues messages in order.
+    async fn send_all(&self, messages: Vec<pb::ConnectRequest>) -> Result<(), StreamError> {
+        for message in messages {
+            self.send(message).await?;
+        }
+        Ok(())
     }
 }
 
@@ -169,11 +180,11 @@ pub(super) async fn run(
 
     let period = heartbeat_period(&welcome);
     welcomed(&welcome, period, work);
-    for message in work.outbox.resend().collect::<Vec<_>>() {
-        out.send(message).await.map_err(broken(true))?;
-    }
+    out.send_all(work.outgoing()).await.map_err(broken(true))?;
+    work.reporter.connected(Instant::now());
     let mut ticker = tokio::time::interval_at(Instant::now() + period, period);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let hub = work.reporter.hub();
 
     loop {
         if lifecycle.phase().is_stopping() && work.is_idle() {
@@ -181,6 +192,7 @@ pub(super) async fn run(
             close(&mut inbound).await;
             return Ok(Ended::Drained);
         }
+        let flush_at = work.reporter.flush_at();
         tokio::select! {
             message = inbound.message() => match message {
                 Ok(Some(pb::ConnectResponse { message: Some(message) })) => {
@@ -201,8 +213,21 @@ pub(super) async fn run(
                     .map_err(broken(true))?;
             }
             finished = work.executor.next_finished() => {
-                let message = work.record(finished);
-                out.send(message).await.map_err(broken(true))?;
+                work.record(finished);
+                out.send_all(work.outgoing()).await.map_err(broken(true))?;
+            }
+            () = hub.woken() => {
+                let reports = work.reporter.woken(Instant::now(), &mut work.ids);
+                out.send_all(reports).await.map_err(broken(true))?;
+            }
+            () = flush_due(flush_at) => {
+                let reports = work.reporter.flush(Instant::now(), &mut work.ids);
+                out.send_all(reports).await.map_err(broken(true))?;
+            }
+            request = work.reporter.next_checkpoint() => {
+                if let Some(message) = work.reporter.checkpoint(request, &mut work.ids) {
+                    out.send(message).await.map_err(broken(true))?;
+                }
             }
             phase = lifecycle.changed() => {
                 work.on_phase(phase);
@@ -216,6 +241,14 @@ pub(super) async fn run(
                 }
             }
         }
+    }
+}
+
+/// Resolves when the reporter's flush is due; pending while none is planned.
+async fn flush_due(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -233,7 +266,7 @@ fn welcomed(welcome: &pb::Welcome, heartbeat: Duration, work: &mut Work) {
         "connected to the server"
     );
     for lease in &welcome.rejected {
-        if work.executor.stop(lease, StopReason::LeaseLost) {
+        if work.executor.stop(lease, StopReason::LeaseLost) != Stopping::NotRunning {
             tracing::warn!(
                 job_id = %lease.job_id,
                 attempt = lease.attempt,
@@ -269,8 +302,8 @@ async fn receive(
                 work.executor.start(lease)
             };
             if let Err(refusal) = refused {
-                let message = work.refuse(*refusal);
-                out.send(message).await?;
+                work.refuse(*refusal);
+                out.send_all(work.outgoing()).await?;
             }
         }
         Inbound::StopJob(stop) => {
@@ -278,24 +311,82 @@ async fn receive(
                 tracing::warn!("ignoring a stop_job without a lease");
                 return Ok(());
             };
-            let reason = match pb::StopReason::try_from(stop.reason) {
-                Ok(pb::StopReason::Cancelled) => StopReason::Cancelled,
-                _ => StopReason::LeaseLost,
-            };
-            let known = work.executor.stop(&lease, reason);
-            tracing::info!(
-                job_id = %lease.job_id,
-                attempt = lease.attempt,
-                ?reason,
-                message = %stop.message,
-                known,
-                "the server asked to stop a job"
-            );
+            let reason = stop_reason(stop.reason);
+            match work.executor.stop(&lease, reason) {
+                Stopping::Asked => tracing::info!(
+                    job_id = %lease.job_id,
+                    attempt = lease.attempt,
+                    ?reason,
+                    message = %stop.message,
+                    "the server asked to stop a job"
+                ),
+                // The server repeats a standing stop with every heartbeat.
+                Stopping::AlreadyAsked => tracing::debug!(
+                    job_id = %lease.job_id,
+                    attempt = lease.attempt,
+                    ?reason,
+                    "the server repeated a stop"
+                ),
+                Stopping::NotRunning => tracing::debug!(
+                    job_id = %lease.job_id,
+                    attempt = lease.attempt,
+                    ?reason,
+                    "the server asked to stop a job that does not run here"
+                ),
+            }
         }
-        Inbound::Ack(ack) => acknowledged(work.outbox.acknowledge(&ack)),
+        Inbound::Ack(ack) => match work.reporter.acknowledge(&ack) {
+            Some(outcome) => report_acknowledged(outcome, &mut work.executor),
+            None => acknowledged(work.outbox.acknowledge(&ack)),
+        },
         Inbound::Welcome(_) => tracing::warn!("ignoring a second welcome on the same stream"),
     }
     Ok(())
+}
+
+/// The reason of a `StopJob`; an unspecified or unknown one (from a newer server) is taken as
+/// a lost lease, the one reason under which nothing the handler does can still count.
+fn stop_reason(reason: i32) -> StopReason {
+    match pb::StopReason::try_from(reason) {
+        Ok(pb::StopReason::Cancelled) => StopReason::Cancelled,
+        Ok(pb::StopReason::Paused) => StopReason::Paused,
+        Ok(pb::StopReason::TimedOut) => StopReason::TimedOut,
+        Ok(pb::StopReason::LeaseLost | pb::StopReason::Unspecified) | Err(_) => {
+            StopReason::LeaseLost
+        }
+    }
+}
+
+/// Acts on the acknowledgement of a report: a stale lease stops its handler.
+fn report_acknowledged(outcome: ReportAck, executor: &mut Executor) {
+    match outcome {
+        ReportAck::Applied => {}
+        ReportAck::LeaseLost(lease) => match executor.stop(&lease, StopReason::LeaseLost) {
+            Stopping::Asked => tracing::warn!(
+                job_id = %lease.job_id,
+                attempt = lease.attempt,
+                "a report was refused as stale; the handler was asked to stop"
+            ),
+            Stopping::AlreadyAsked | Stopping::NotRunning => tracing::debug!(
+                job_id = %lease.job_id,
+                attempt = lease.attempt,
+                "a report was refused as stale"
+            ),
+        },
+        ReportAck::Refused {
+            lease,
+            kind,
+            code,
+            message,
+        } => tracing::warn!(
+            job_id = %lease.job_id,
+            attempt = lease.attempt,
+            ?kind,
+            ?code,
+            %message,
+            "a report was refused by the server"
+        ),
+    }
 }
 
 /// Logs what an acknowledgement settled; nothing is ever sent again after one.
@@ -381,5 +472,27 @@ mod tests {
         };
         assert_eq!(heartbeat_period(&welcome), Duration::from_secs(2));
         assert_eq!(heartbeat_period(&pb::Welcome::default()), DEFAULT_HEARTBEAT);
+    }
+
+    #[test]
+    fn every_stop_reason_reaches_the_handler() {
+        assert_eq!(
+            stop_reason(pb::StopReason::Cancelled as i32),
+            StopReason::Cancelled
+        );
+        assert_eq!(
+            stop_reason(pb::StopReason::Paused as i32),
+            StopReason::Paused
+        );
+        assert_eq!(
+            stop_reason(pb::StopReason::TimedOut as i32),
+            StopReason::TimedOut
+        );
+        assert_eq!(
+            stop_reason(pb::StopReason::LeaseLost as i32),
+            StopReason::LeaseLost
+        );
+        assert_eq!(stop_reason(0), StopReason::LeaseLost);
+        assert_eq!(stop_reason(42), StopReason::LeaseLost);
     }
 }

@@ -5,7 +5,10 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use jobwire_proto::v1 as pb;
 
-use crate::store::{AttemptRow, ErrorRecord, JobRow};
+use crate::{
+    engine::fanout::FanoutEvent,
+    store::{AttemptRow, ErrorRecord, EventRow, JobRow, LeasedRow},
+};
 
 pub fn timestamp(at: DateTime<Utc>) -> prost_types::Timestamp {
     prost_types::Timestamp {
@@ -83,12 +86,30 @@ pub fn job(row: JobRow, attempts: &[AttemptRow]) -> pb::Job {
         finished_at: row.finished_at.map(timestamp),
         attempts: attempts.iter().map(attempt).collect(),
         cancel_reason: row.cancel_reason.unwrap_or_default(),
+        progress: row.progress.as_ref().map(|p| progress_from_json(&p.0)),
+        timeout: row
+            .timeout_ms
+            .map(|ms| duration(Duration::from_millis(u64::try_from(ms).unwrap_or(0)))),
+        cancel_requested_at: row
+            .cancel_requested_at
+            .filter(|_| row.state == crate::domain::JobState::Running)
+            .map(timestamp),
+        pause_requested_at: row.pause_requested_at.map(timestamp),
+        attempts_counted: row.attempt - row.attempt_base,
+        has_checkpoint: row.has_checkpoint,
     }
 }
 
 /// The lease message pushed to a worker for a freshly claimed job.
-pub fn lease(row: JobRow) -> pb::Lease {
+pub fn lease(leased: LeasedRow) -> pb::Lease {
+    let row = leased.job;
+    let deadline = row
+        .timeout_ms
+        .zip(row.attempt_started_at)
+        .map(|(ms, at)| timestamp(at + chrono::TimeDelta::milliseconds(ms)));
     pb::Lease {
+        checkpoint: leased.checkpoint.unwrap_or_default(),
+        deadline,
         job_id: row.id.to_string(),
         attempt: row.attempt,
         job_type: row.job_type,
@@ -103,4 +124,165 @@ pub fn lease(row: JobRow) -> pb::Lease {
         labels: row.labels.0,
         created_at: Some(timestamp(row.created_at)),
     }
+}
+
+/// The completed fraction a progress report implies: its fraction, or items done of total.
+pub fn progress_fraction(p: &pb::Progress) -> Option<f64> {
+    p.fraction
+        .or_else(|| (p.items_total > 0).then(|| p.items_done as f64 / p.items_total as f64))
+}
+
+/// Progress as stored: the API message in JSON (the server adds `eta` when it knows one).
+pub fn progress_to_json(p: &pb::Progress, at: DateTime<Utc>) -> serde_json::Value {
+    let mut object = serde_json::Map::new();
+    if let Some(fraction) = p.fraction {
+        object.insert("fraction".into(), fraction.into());
+    }
+    object.insert("message".into(), p.message.clone().into());
+    object.insert("stage".into(), p.stage.clone().into());
+    object.insert("items_done".into(), p.items_done.into());
+    object.insert("items_total".into(), p.items_total.into());
+    if let Some(data) = &p.data {
+        object.insert("data".into(), struct_to_json(data));
+    }
+    object.insert("updated_at".into(), at.to_rfc3339().into());
+    serde_json::Value::Object(object)
+}
+
+fn parse_time(value: &serde_json::Value) -> Option<prost_types::Timestamp> {
+    value
+        .as_str()
+        .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
+        .map(|t| timestamp(t.with_timezone(&Utc)))
+}
+
+pub fn progress_from_json(value: &serde_json::Value) -> pb::Progress {
+    let text = |key: &str| {
+        value
+            .get(key)
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let int = |key: &str| value.get(key).and_then(|v| v.as_i64()).unwrap_or_default();
+    pb::Progress {
+        fraction: value.get("fraction").and_then(|v| v.as_f64()),
+        message: text("message"),
+        stage: text("stage"),
+        items_done: int("items_done"),
+        items_total: int("items_total"),
+        data: value.get("data").and_then(json_to_struct),
+        updated_at: value.get("updated_at").and_then(parse_time),
+        eta: value.get("eta").and_then(parse_time),
+    }
+}
+
+fn struct_to_json(s: &prost_types::Struct) -> serde_json::Value {
+    serde_json::Value::Object(
+        s.fields
+            .iter()
+            .map(|(k, v)| (k.clone(), value_to_json(v)))
+            .collect(),
+    )
+}
+
+fn value_to_json(v: &prost_types::Value) -> serde_json::Value {
+    use prost_types::value::Kind;
+    match &v.kind {
+        None | Some(Kind::NullValue(_)) => serde_json::Value::Null,
+        Some(Kind::NumberValue(n)) => serde_json::Number::from_f64(*n)
+            .map(serde_json::Value::Number)
+            .unwrap_or(serde_json::Value::Null),
+        Some(Kind::StringValue(s)) => s.clone().into(),
+        Some(Kind::BoolValue(b)) => (*b).into(),
+        Some(Kind::StructValue(s)) => struct_to_json(s),
+        Some(Kind::ListValue(l)) => l.values.iter().map(value_to_json).collect(),
+    }
+}
+
+fn json_to_struct(v: &serde_json::Value) -> Option<prost_types::Struct> {
+    match v {
+        serde_json::Value::Object(map) => Some(prost_types::Struct {
+            fields: map
+                .iter()
+                .map(|(k, v)| (k.clone(), json_to_value(v)))
+                .collect(),
+        }),
+        _ => None,
+    }
+}
+
+fn json_to_value(v: &serde_json::Value) -> prost_types::Value {
+    use prost_types::value::Kind;
+    let kind = match v {
+        serde_json::Value::Null => Kind::NullValue(0),
+        serde_json::Value::Bool(b) => Kind::BoolValue(*b),
+        serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
+        serde_json::Value::String(s) => Kind::StringValue(s.clone()),
+        serde_json::Value::Array(a) => Kind::ListValue(prost_types::ListValue {
+            values: a.iter().map(json_to_value).collect(),
+        }),
+        serde_json::Value::Object(_) => match json_to_struct(v) {
+            Some(s) => Kind::StructValue(s),
+            None => Kind::NullValue(0),
+        },
+    };
+    prost_types::Value { kind: Some(kind) }
+}
+
+fn log_level(name: &str) -> pb::LogLevel {
+    pb::LogLevel::from_str_name(name).unwrap_or(pb::LogLevel::Unspecified)
+}
+
+/// An event as watchers see it. State changes carry `job`, the job as it is now.
+pub fn event(row: &EventRow, job: Option<&JobRow>) -> pb::JobEvent {
+    use pb::job_event::Event;
+    let data = &row.data.0;
+    let text = |key: &str| {
+        data.get(key)
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let event = match row.kind.as_str() {
+        "progress" => Some(Event::Progress(progress_from_json(data))),
+        "log" => Some(Event::Log(pb::LogLine {
+            level: log_level(&text("level")).into(),
+            message: text("message"),
+            time: data.get("time").and_then(parse_time),
+        })),
+        "stop_requested" => Some(Event::StopRequested(pb::StopRequested {
+            target_state: match text("target").as_str() {
+                "paused" => pb::JobState::Paused,
+                _ => pb::JobState::Cancelled,
+            }
+            .into(),
+            reason: text("reason"),
+        })),
+        _ => Some(Event::StateChanged(pb::StateChanged {
+            state: row
+                .state
+                .map(|s| s.to_proto())
+                .unwrap_or(pb::JobState::Unspecified)
+                .into(),
+            reason: text("reason"),
+            worker_id: text("worker"),
+            error: data
+                .get("error")
+                .and_then(|e| serde_json::from_value::<ErrorRecord>(e.clone()).ok())
+                .map(|e| error(&e)),
+            job: job.map(|j| self::job(j.clone(), &[])),
+        })),
+    };
+    pb::JobEvent {
+        sequence: row.seq,
+        job_id: row.job_id.to_string(),
+        time: Some(timestamp(row.created_at)),
+        attempt: row.attempt,
+        event,
+    }
+}
+
+pub fn fanout_event(e: &FanoutEvent) -> pb::JobEvent {
+    event(&e.row, e.job.as_ref())
 }

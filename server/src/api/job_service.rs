@@ -5,10 +5,17 @@ use jobwire_proto::v1::{self as pb, job_service_server::JobService};
 use serde::{Deserialize, Serialize};
 use tonic::{Request, Response, Status};
 
-use super::{ApiError, convert, tenant_of, validate};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use super::{
+    ApiError, convert, tenant_of, validate,
+    watch::{self, JobSink, JobsSink},
+};
 use crate::{
     domain::{JobId, JobState, TenantId},
-    store::{ListFilter, Store},
+    engine::fanout::{FanoutHandle, Target},
+    store::{EventFilter, ListFilter, StopKind, Store},
 };
 
 const DEFAULT_PAGE_SIZE: i32 = 50;
@@ -17,13 +24,45 @@ const MAX_PAGE_SIZE: i32 = 1000;
 pub struct JobApi {
     store: Store,
     max_payload_bytes: usize,
+    fanout: FanoutHandle,
+    /// Ends watch streams on shutdown, so the server can stop.
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
 }
 
 impl JobApi {
-    pub fn new(store: Store, max_payload_bytes: usize) -> Self {
+    pub fn new(
+        store: Store,
+        max_payload_bytes: usize,
+        fanout: FanoutHandle,
+        shutdown: CancellationToken,
+        tasks: TaskTracker,
+    ) -> Self {
         Self {
             store,
             max_payload_bytes,
+            fanout,
+            shutdown,
+            tasks,
+        }
+    }
+
+    /// Asks the worker running `id` to stop it; for a job that is not running, explains why
+    /// the request cannot apply.
+    async fn stop_running(
+        &self,
+        tenant: &TenantId,
+        id: JobId,
+        stop: StopKind,
+        reason: &str,
+        action: &str,
+    ) -> Result<pb::Job, ApiError> {
+        match self.store.request_stop(tenant, id, stop, reason).await? {
+            Some(row) => {
+                tracing::info!(job_id = %id, %tenant, ?stop, "stop requested of a running job");
+                Ok(convert::job(row, &[]))
+            }
+            None => Err(self.refusal(tenant, id, action).await),
         }
     }
 
@@ -234,18 +273,22 @@ impl JobService for JobApi {
         let req = request.get_ref();
         let id = validate::job_id("id", &req.id)?;
         let reason = validate::reason(&req.reason)?;
-        let Some(row) = self
+        let job = match self
             .store
             .cancel_queued(&tenant, id, &reason)
             .await
             .map_err(ApiError::from)?
-        else {
-            return Err(self.refusal(&tenant, id, "cancel").await.into());
+        {
+            Some(row) => {
+                tracing::info!(job_id = %id, %tenant, "job cancelled");
+                convert::job(row, &[])
+            }
+            None => {
+                self.stop_running(&tenant, id, StopKind::Cancel, &reason, "cancel")
+                    .await?
+            }
         };
-        tracing::info!(job_id = %id, %tenant, "job cancelled");
-        Ok(Response::new(pb::CancelJobResponse {
-            job: Some(convert::job(row, &[])),
-        }))
+        Ok(Response::new(pb::CancelJobResponse { job: Some(job) }))
     }
 
     async fn retry_job(
@@ -266,5 +309,104 @@ impl JobService for JobApi {
         Ok(Response::new(pb::RetryJobResponse {
             job: Some(convert::job(row, &[])),
         }))
+    }
+
+    async fn pause_job(
+        &self,
+        request: Request<pb::PauseJobRequest>,
+    ) -> Result<Response<pb::PauseJobResponse>, Status> {
+        let tenant = tenant_of(&request)?;
+        let req = request.get_ref();
+        let id = validate::job_id("id", &req.id)?;
+        let reason = validate::reason(&req.reason)?;
+        let job = match self
+            .store
+            .pause_queued(&tenant, id, &reason)
+            .await
+            .map_err(ApiError::from)?
+        {
+            Some(row) => convert::job(row, &[]),
+            None => {
+                self.stop_running(&tenant, id, StopKind::Pause, &reason, "pause")
+                    .await?
+            }
+        };
+        Ok(Response::new(pb::PauseJobResponse { job: Some(job) }))
+    }
+
+    async fn resume_job(
+        &self,
+        request: Request<pb::ResumeJobRequest>,
+    ) -> Result<Response<pb::ResumeJobResponse>, Status> {
+        let tenant = tenant_of(&request)?;
+        let id = validate::job_id("id", &request.get_ref().id)?;
+        let Some(row) = self
+            .store
+            .resume_paused(&tenant, id)
+            .await
+            .map_err(ApiError::from)?
+        else {
+            return Err(self.refusal(&tenant, id, "resume").await.into());
+        };
+        Ok(Response::new(pb::ResumeJobResponse {
+            job: Some(convert::job(row, &[])),
+        }))
+    }
+
+    type WatchJobStream = ReceiverStream<Result<pb::WatchJobResponse, Status>>;
+
+    async fn watch_job(
+        &self,
+        request: Request<pb::WatchJobRequest>,
+    ) -> Result<Response<Self::WatchJobStream>, Status> {
+        let tenant = tenant_of(&request)?;
+        let req = request.get_ref();
+        let id = validate::job_id("id", &req.id)?;
+        let after = validate::sequence("after_sequence", req.after_sequence)?;
+        self.store
+            .get_job(&tenant, id)
+            .await
+            .map_err(|e| ApiError::from_store(e, || format!("job {id} not found")))?;
+        let rx = watch::start::<JobSink>(
+            self.store.clone(),
+            &self.fanout,
+            tenant,
+            Target::Job(id),
+            after,
+            self.shutdown.clone(),
+            &self.tasks,
+        );
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    type WatchJobsStream = ReceiverStream<Result<pb::WatchJobsResponse, Status>>;
+
+    async fn watch_jobs(
+        &self,
+        request: Request<pb::WatchJobsRequest>,
+    ) -> Result<Response<Self::WatchJobsStream>, Status> {
+        let tenant = tenant_of(&request)?;
+        let req = request.get_ref();
+        let filter = EventFilter {
+            queue: (!req.queue.is_empty())
+                .then(|| validate::queue("queue", &req.queue))
+                .transpose()?,
+            job_type: (!req.job_type.is_empty())
+                .then(|| validate::job_type("job_type", &req.job_type))
+                .transpose()?,
+            states: validate::states(&req.states)?,
+            labels: req.labels.clone(),
+        };
+        let after = validate::sequence("after_sequence", req.after_sequence)?;
+        let rx = watch::start::<JobsSink>(
+            self.store.clone(),
+            &self.fanout,
+            tenant,
+            Target::Filter(filter),
+            after,
+            self.shutdown.clone(),
+            &self.tasks,
+        );
+        Ok(Response::new(ReceiverStream::new(rx)))
     }
 }

@@ -8,6 +8,7 @@ pub mod convert;
 pub mod error;
 pub mod job_service;
 pub mod validate;
+pub mod watch;
 pub mod worker_service;
 
 pub use error::ApiError;

@@ -243,8 +243,19 @@ pub fn job_spec(spec: &pb::JobSpec, max_payload: usize) -> Result<NewJob, ApiErr
         }
         key => Some(key.to_owned()),
     };
+    let timeout_ms = match &spec.timeout {
+        None => None,
+        Some(d) => {
+            let d = duration("timeout", d)?;
+            if d < Duration::from_millis(1) {
+                return Err(ApiError::invalid("timeout", "must be at least 1ms"));
+            }
+            Some(millis(d))
+        }
+    };
     Ok(NewJob {
         id: JobId::new(),
+        timeout_ms,
         queue,
         job_type,
         payload_type: payload.type_url.clone(),
@@ -303,6 +314,13 @@ pub fn states(values: &[i32]) -> Result<Vec<JobState>, ApiError> {
                 })
         })
         .collect()
+}
+
+pub fn sequence(field: &str, value: i64) -> Result<i64, ApiError> {
+    if value < 0 {
+        return Err(ApiError::invalid(field, "must not be negative"));
+    }
+    Ok(value)
 }
 
 pub fn reason(value: &str) -> Result<String, ApiError> {

@@ -7,7 +7,10 @@
 //! or until they lapse and the reaper retries their jobs (invariant 2).
 //!
 //! The session keeps the set of leases its worker holds, to return a dispatcher slot exactly
-//! once per lease when the worker reports its outcome.
+//! once per lease when the worker reports its outcome, and to pass on stop requests (cancel,
+//! pause) for them: at once when the request's notification arrives, and again with every
+//! heartbeat while the request stands, so a missed notification or a reconnect loses nothing
+//! (invariant 3).
 
 use std::{
     collections::HashSet,
@@ -21,7 +24,7 @@ use jobwire_proto::v1::{
     self as pb, connect_request::Message as In, connect_response::Message as Out,
     worker_service_server::WorkerService,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::{Code, Request, Response, Status, Streaming};
@@ -34,8 +37,12 @@ use crate::{
         Engine,
         completer::{Settle, SettleError},
         dispatcher::{Registration, SessionId},
+        notifier::StopSignal,
     },
-    store::{Completion, Failure, SettleResult, Store},
+    store::{
+        Checkpoint, Completion, Failure, LogBatch, ProgressUpdate, Renewed, SettleResult, StopKind,
+        Store,
+    },
 };
 
 /// Messages buffered towards one worker before its session waits for the worker to read.
@@ -44,6 +51,10 @@ const OUTBOUND_CAPACITY: usize = 256;
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_SLOTS: i32 = 10_000;
 const MAX_FAILURE_MESSAGE: usize = 8192;
+const MAX_LOG_LINES: usize = 1000;
+const MAX_LOG_LINE: usize = 8192;
+const MAX_PROGRESS_TEXT: usize = 1024;
+const MAX_PROGRESS_DATA: usize = 64 * 1024;
 
 /// Timings and limits a session enforces.
 #[derive(Debug, Clone)]
@@ -51,6 +62,8 @@ pub struct SessionConfig {
     pub lease_duration: Duration,
     pub heartbeat_interval: Duration,
     pub max_payload_bytes: usize,
+    /// How long a worker has to stop a job after a cancel or pause before its lease lapses.
+    pub stop_grace: Duration,
 }
 
 pub struct WorkerApi {
@@ -190,6 +203,28 @@ fn stop_job(lease: LeaseRef, reason: pb::StopReason, message: &str) -> pb::Conne
     }
 }
 
+fn stop_reason(stop: StopKind) -> (pb::StopReason, &'static str) {
+    match stop {
+        StopKind::Cancel => (pb::StopReason::Cancelled, "the job was cancelled"),
+        StopKind::Pause => (
+            pb::StopReason::Paused,
+            "the job was paused: save a checkpoint and stop",
+        ),
+    }
+}
+
+/// Cuts a string to at most `max` bytes, on a character boundary.
+fn truncate(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut cut = max;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+    }
+    text
+}
+
 fn ack(request_id: u64, code: Code, message: impl Into<String>) -> pb::Ack {
     pb::Ack {
         request_id,
@@ -278,6 +313,7 @@ impl Session {
                 &hello.running,
                 &hello.worker_id,
                 self.config.lease_duration,
+                self.config.stop_grace,
             )
             .await
         {
@@ -287,7 +323,7 @@ impl Session {
                 return End::WorkerLeft;
             }
         };
-        self.held.extend(adopted.iter().copied());
+        self.held.extend(adopted.iter().map(|r| r.lease));
         let rejected: Vec<LeaseRef> = hello
             .running
             .iter()
@@ -309,6 +345,10 @@ impl Session {
                 return End::WorkerLeft;
             }
         }
+        if !self.pass_on_stops(&adopted).await {
+            return End::WorkerLeft;
+        }
+        let mut stops = self.engine.stops.subscribe();
 
         let slots = usize::try_from(hello.slots).unwrap_or(1);
         let (lease_tx, mut lease_rx) = mpsc::channel(slots);
@@ -341,8 +381,18 @@ impl Session {
                     Ok(Some(_)) => {}
                     Ok(None) | Err(_) => break End::WorkerLeft,
                 },
+                signal = stops.recv() => match signal {
+                    Ok(signal) => {
+                        if !self.stop_signal(signal).await {
+                            break End::WorkerLeft;
+                        }
+                    }
+                    // Missed signals reach the worker with its next heartbeat.
+                    Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => break End::Shutdown,
+                },
                 Some(row) = lease_rx.recv() => {
-                    let lease = LeaseRef { job_id: JobId(row.id), attempt: row.attempt };
+                    let lease = LeaseRef { job_id: JobId(row.job.id), attempt: row.job.attempt };
                     tracing::debug!(job_id = %lease.job_id, attempt = lease.attempt, "lease sent");
                     self.held.insert(lease);
                     if !self.send(Out::Lease(convert::lease(row))).await {
@@ -363,8 +413,8 @@ impl Session {
         let mut undelivered = Vec::new();
         while let Some(row) = lease_rx.recv().await {
             undelivered.push(LeaseRef {
-                job_id: JobId(row.id),
-                attempt: row.attempt,
+                job_id: JobId(row.job.id),
+                attempt: row.job.attempt,
             });
         }
         self.release(undelivered).await;
@@ -432,7 +482,165 @@ impl Session {
                 self.engine.dispatcher.drain(self.id).await;
                 true
             }
+            In::Progress(report) => {
+                let request_id = report.request_id;
+                match self.progress(report) {
+                    Ok(update) => {
+                        self.report(request_id, Settle::Progress(update), acks);
+                        true
+                    }
+                    Err(error) => self.reject(request_id, error).await,
+                }
+            }
+            In::Logs(report) => {
+                let request_id = report.request_id;
+                match self.logs(report) {
+                    Ok(batch) => {
+                        self.report(request_id, Settle::Logs(batch), acks);
+                        true
+                    }
+                    Err(error) => self.reject(request_id, error).await,
+                }
+            }
+            In::Checkpoint(save) => {
+                let request_id = save.request_id;
+                match self.checkpoint(save) {
+                    Ok(checkpoint) => {
+                        self.report(request_id, Settle::Checkpoint(checkpoint), acks);
+                        true
+                    }
+                    Err(error) => self.reject(request_id, error).await,
+                }
+            }
         }
+    }
+
+    /// Tells the worker of a stop requested for one of its leases.
+    async fn stop_signal(&self, signal: StopSignal) -> bool {
+        if signal.tenant != self.tenant || !self.held.contains(&signal.lease) {
+            return true;
+        }
+        let (reason, message) = stop_reason(signal.stop);
+        tracing::info!(job_id = %signal.lease.job_id, ?reason, "telling the worker to stop");
+        self.tx
+            .send(Ok(stop_job(signal.lease, reason, message)))
+            .await
+            .is_ok()
+    }
+
+    /// Repeats every stop that stands for the renewed leases.
+    async fn pass_on_stops(&self, renewed: &[Renewed]) -> bool {
+        for r in renewed {
+            if let Some(stop) = r.stop {
+                let (reason, message) = stop_reason(stop);
+                if self
+                    .tx
+                    .send(Ok(stop_job(r.lease, reason, message)))
+                    .await
+                    .is_err()
+                {
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    fn progress(&self, report: pb::ReportProgress) -> Result<ProgressUpdate, ApiError> {
+        let lease = validate::lease_ref("progress.lease", report.lease.as_ref())?;
+        let progress = report
+            .progress
+            .ok_or_else(|| ApiError::invalid("progress.progress", "is required"))?;
+        if let Some(f) = progress.fraction
+            && !(0.0..=1.0).contains(&f)
+        {
+            return Err(ApiError::invalid(
+                "progress.progress.fraction",
+                format!("must be between 0.0 and 1.0, got {f}"),
+            ));
+        }
+        if progress.items_done < 0 || progress.items_total < 0 {
+            return Err(ApiError::invalid(
+                "progress.progress.items_done",
+                "item counts must not be negative",
+            ));
+        }
+        if progress
+            .data
+            .as_ref()
+            .is_some_and(|d| prost::Message::encoded_len(d) > MAX_PROGRESS_DATA)
+        {
+            return Err(ApiError::invalid(
+                "progress.progress.data",
+                format!("must encode to at most {MAX_PROGRESS_DATA} bytes"),
+            ));
+        }
+        let progress = pb::Progress {
+            message: truncate(progress.message, MAX_PROGRESS_TEXT),
+            stage: truncate(progress.stage, MAX_PROGRESS_TEXT),
+            ..progress
+        };
+        Ok(ProgressUpdate {
+            tenant: self.tenant.clone(),
+            lease,
+            fraction: convert::progress_fraction(&progress),
+            progress: convert::progress_to_json(&progress, chrono::Utc::now()),
+        })
+    }
+
+    fn logs(&self, report: pb::ReportLogs) -> Result<LogBatch, ApiError> {
+        let lease = validate::lease_ref("logs.lease", report.lease.as_ref())?;
+        if report.lines.len() > MAX_LOG_LINES {
+            return Err(ApiError::invalid(
+                "logs.lines",
+                format!("at most {MAX_LOG_LINES} lines per message"),
+            ));
+        }
+        let now = chrono::Utc::now();
+        let lines = report
+            .lines
+            .into_iter()
+            .map(|line| {
+                let level = pb::LogLevel::try_from(line.level)
+                    .unwrap_or(pb::LogLevel::Info)
+                    .as_str_name();
+                let time = line
+                    .time
+                    .and_then(|t| {
+                        chrono::DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).ok()?)
+                    })
+                    .unwrap_or(now);
+                serde_json::json!({
+                    "level": level,
+                    "message": truncate(line.message, MAX_LOG_LINE),
+                    "time": time.to_rfc3339(),
+                })
+            })
+            .collect();
+        Ok(LogBatch {
+            tenant: self.tenant.clone(),
+            lease,
+            lines,
+        })
+    }
+
+    fn checkpoint(&self, save: pb::SaveCheckpoint) -> Result<Checkpoint, ApiError> {
+        let lease = validate::lease_ref("checkpoint.lease", save.lease.as_ref())?;
+        if save.data.len() > self.config.max_payload_bytes {
+            return Err(ApiError::invalid(
+                "checkpoint.data",
+                format!(
+                    "is {} bytes, over the limit of {} bytes",
+                    save.data.len(),
+                    self.config.max_payload_bytes
+                ),
+            ));
+        }
+        Ok(Checkpoint {
+            tenant: self.tenant.clone(),
+            lease,
+            data: save.data,
+        })
     }
 
     async fn reject(&self, request_id: u64, error: ApiError) -> bool {
@@ -448,7 +656,13 @@ impl Session {
             .collect();
         let renewed = match self
             .store
-            .renew(&self.tenant, &leases, worker, self.config.lease_duration)
+            .renew(
+                &self.tenant,
+                &leases,
+                worker,
+                self.config.lease_duration,
+                self.config.stop_grace,
+            )
             .await
         {
             Ok(renewed) => renewed,
@@ -458,7 +672,10 @@ impl Session {
                 return true;
             }
         };
-        for lease in leases.iter().filter(|l| !renewed.contains(l)) {
+        for lease in leases
+            .iter()
+            .filter(|l| !renewed.iter().any(|r| r.lease == **l))
+        {
             let stop = stop_job(
                 *lease,
                 pb::StopReason::LeaseLost,
@@ -468,7 +685,7 @@ impl Session {
                 return false;
             }
         }
-        true
+        self.pass_on_stops(&renewed).await
     }
 
     fn completion(&self, complete: pb::CompleteJob) -> Result<Completion, ApiError> {
@@ -495,19 +712,11 @@ impl Session {
             .as_ref()
             .map(|d| validate::duration("fail.retry_after", d))
             .transpose()?;
-        let mut message = fail.message;
+        let mut message = truncate(fail.message, MAX_FAILURE_MESSAGE);
         if message.is_empty() {
             message = "the handler failed without a message".to_owned();
         }
-        if message.len() > MAX_FAILURE_MESSAGE {
-            let mut cut = MAX_FAILURE_MESSAGE;
-            while !message.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            message.truncate(cut);
-        }
-        let mut kind = fail.kind;
-        kind.truncate(kind.len().min(128));
+        let kind = truncate(fail.kind, 128);
         Ok(Failure {
             tenant: self.tenant.clone(),
             lease,
@@ -530,6 +739,18 @@ impl Session {
         if self.held.remove(&lease) {
             self.engine.dispatcher.credit(self.id, 1).await;
         }
+        self.report(request_id, settle, acks);
+    }
+
+    /// Queues a report with the completer; the ack follows its commit.
+    fn report(&self, request_id: u64, settle: Settle, acks: &mut FuturesUnordered<AckFuture>) {
+        let lease = match &settle {
+            Settle::Complete(c) => c.lease,
+            Settle::Fail(f) => f.lease,
+            Settle::Progress(p) => p.lease,
+            Settle::Logs(l) => l.lease,
+            Settle::Checkpoint(c) => c.lease,
+        };
         let completer = self.engine.completer.clone();
         acks.push(Box::pin(async move {
             match completer.settle(settle).await {
@@ -548,7 +769,7 @@ impl Session {
                     ack(request_id, Code::Unavailable, error.to_string())
                 }
                 Err(SettleError::Internal(detail)) => {
-                    tracing::error!(%detail, "recording an outcome failed");
+                    tracing::error!(%detail, "recording a report failed");
                     ack(request_id, Code::Internal, "internal error")
                 }
             }

@@ -1,8 +1,11 @@
-//! The completer: records the outcomes of attempts in batches.
+//! The completer: records what workers report, in batches.
 //!
-//! Worker streams hand it completions and failures; it coalesces whatever has queued up while the
-//! previous batch was being written into one `complete_many` and one `fail_many` statement, so
-//! the database sees one round trip per batch, not per job. The queue is bounded: when it is full,
+//! Worker streams hand it completions, failures, progress, log lines and checkpoints; it
+//! coalesces whatever has queued up while the previous batch was being written into one
+//! statement per kind, so the database sees a few round trips per batch, not one per job.
+//! Progress is coalesced further: of several reports for one lease in a batch only the latest is
+//! written (all are acknowledged). Within a batch, progress, logs and checkpoints are written
+//! before completions and failures, so a job's last progress never lands after its end. The queue is bounded: when it is full,
 //! streams wait (backpressure reaches the workers through their unacknowledged results).
 //!
 //! A transient database failure is retried with backoff; a caller is answered only once its
@@ -13,18 +16,26 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::store::{self, Completion, Failure, SettleResult, Store};
+use std::collections::HashMap;
+
+use crate::{
+    domain::{JobState, LeaseRef},
+    store::{self, Checkpoint, Completion, Failure, LogBatch, ProgressUpdate, SettleResult, Store},
+};
 
 /// The most outcomes written by one statement.
 const MAX_BATCH: usize = 1000;
 /// How long a batch is retried on transient errors before its callers get an error.
 const RETRY_BUDGET: Duration = Duration::from_secs(30);
 
-/// An outcome to record.
+/// A report to record.
 #[derive(Debug)]
 pub enum Settle {
     Complete(Completion),
     Fail(Failure),
+    Progress(ProgressUpdate),
+    Logs(LogBatch),
+    Checkpoint(Checkpoint),
 }
 
 type Reply = oneshot::Sender<Result<SettleResult, SettleError>>;
@@ -85,33 +96,81 @@ impl Completer {
     }
 
     async fn flush(&self, batch: &mut Vec<(Settle, Reply)>) {
-        let mut completions = Vec::new();
-        let mut completion_replies = Vec::new();
-        let mut failures = Vec::new();
-        let mut failure_replies = Vec::new();
+        let mut completions = (Vec::new(), Vec::new());
+        let mut failures = (Vec::new(), Vec::new());
+        let mut logs = (Vec::new(), Vec::new());
+        let mut checkpoints = (Vec::new(), Vec::new());
+        // The latest progress per lease, and every caller waiting on any report for it.
+        let mut progress: HashMap<LeaseRef, (ProgressUpdate, Vec<Reply>)> = HashMap::new();
         for (settle, reply) in batch.drain(..) {
             match settle {
-                Settle::Complete(c) => {
-                    completions.push(c);
-                    completion_replies.push(reply);
-                }
-                Settle::Fail(f) => {
-                    failures.push(f);
-                    failure_replies.push(reply);
+                Settle::Complete(c) => push(&mut completions, c, reply),
+                Settle::Fail(f) => push(&mut failures, f, reply),
+                Settle::Logs(l) => push(&mut logs, l, reply),
+                Settle::Checkpoint(c) => push(&mut checkpoints, c, reply),
+                Settle::Progress(p) => match progress.get_mut(&p.lease) {
+                    Some((latest, replies)) => {
+                        *latest = p;
+                        replies.push(reply);
+                    }
+                    None => {
+                        progress.insert(p.lease, (p, vec![reply]));
+                    }
+                },
+            }
+        }
+        let (updates, progress_replies): (Vec<_>, Vec<_>) = progress.into_values().unzip();
+        tracing::debug!(
+            completions = completions.0.len(),
+            failures = failures.0.len(),
+            progress = updates.len(),
+            logs = logs.0.len(),
+            checkpoints = checkpoints.0.len(),
+            "flushing batch"
+        );
+        let (written, logged, saved) = tokio::join!(
+            with_retries(|| self.store.record_progress_many(&updates)),
+            with_retries(|| self.store.record_logs_many(&logs.0)),
+            with_retries(|| self.store.save_checkpoints(&checkpoints.0)),
+        );
+        answer_matched(written, progress_replies);
+        answer_matched(logged, logs.1.into_iter().map(|r| vec![r]).collect());
+        answer_matched(saved, checkpoints.1.into_iter().map(|r| vec![r]).collect());
+        let (done, failed) = tokio::join!(
+            with_retries(|| self.store.complete_many(&completions.0)),
+            with_retries(|| self.store.fail_many(&failures.0)),
+        );
+        answer(done, completions.1);
+        answer(failed, failures.1);
+    }
+}
+
+fn push<T>(group: &mut (Vec<T>, Vec<Reply>), item: T, reply: Reply) {
+    group.0.push(item);
+    group.1.push(reply);
+}
+
+/// Answers reports whose statement says, per row, whether the lease was current; each row has
+/// the group of callers whose reports it stands for.
+fn answer_matched(outcome: Result<Vec<bool>, SettleError>, groups: Vec<Vec<Reply>>) {
+    match outcome {
+        Ok(matched) => {
+            for (current, replies) in matched.into_iter().zip(groups) {
+                let result = if current {
+                    SettleResult::Applied(JobState::Running)
+                } else {
+                    SettleResult::Stale
+                };
+                for reply in replies {
+                    let _ = reply.send(Ok(result));
                 }
             }
         }
-        tracing::debug!(
-            completions = completions.len(),
-            failures = failures.len(),
-            "flushing batch"
-        );
-        let (done, failed) = tokio::join!(
-            with_retries(|| self.store.complete_many(&completions)),
-            with_retries(|| self.store.fail_many(&failures)),
-        );
-        answer(done, completion_replies);
-        answer(failed, failure_replies);
+        Err(error) => {
+            for reply in groups.into_iter().flatten() {
+                let _ = reply.send(Err(error.clone()));
+            }
+        }
     }
 }
 
@@ -131,10 +190,10 @@ fn answer(outcome: Result<Vec<SettleResult>, SettleError>, replies: Vec<Reply>) 
 }
 
 /// Runs a batch statement, retrying transient failures with exponential backoff.
-async fn with_retries<F, Fut>(mut op: F) -> Result<Vec<SettleResult>, SettleError>
+async fn with_retries<T, F, Fut>(mut op: F) -> Result<Vec<T>, SettleError>
 where
     F: FnMut() -> Fut,
-    Fut: Future<Output = store::Result<Vec<SettleResult>>>,
+    Fut: Future<Output = store::Result<Vec<T>>>,
 {
     let started = tokio::time::Instant::now();
     let mut delay = Duration::from_millis(20);

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     domain::{JobId, LeaseRef, QueueName, TenantId},
-    store::{JobRow, Store},
+    store::{LeasedRow, Store},
 };
 
 /// Identifies one worker stream on this replica.
@@ -38,7 +38,7 @@ pub struct Registration {
     /// Slots free at registration (slots minus leases adopted from an earlier stream).
     pub free: u32,
     /// Where leases are delivered; capacity at least the worker's slot count.
-    pub leases: mpsc::Sender<JobRow>,
+    pub leases: mpsc::Sender<LeasedRow>,
 }
 
 #[derive(Debug)]
@@ -241,8 +241,8 @@ impl Dispatcher {
             let mut undelivered = Vec::new();
             for row in rows {
                 let lease = LeaseRef {
-                    job_id: JobId(row.id),
-                    attempt: row.attempt,
+                    job_id: JobId(row.job.id),
+                    attempt: row.job.attempt,
                 };
                 if r.leases.try_send(row).is_err() {
                     undelivered.push(lease);

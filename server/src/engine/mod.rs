@@ -4,7 +4,8 @@
 //! | --- | --- | --- |
 //! | [`dispatcher`] | every replica | leases available jobs to this replica's workers |
 //! | [`completer`] | every replica | writes attempt outcomes in batches |
-//! | [`notifier`] | every replica | turns NOTIFY into dispatcher wake-ups |
+//! | [`notifier`] | every replica | turns NOTIFY into dispatcher wake-ups and stop signals |
+//! | [`fanout`] | every replica | delivers committed events to watchers, in order |
 //! | [`leader`] | every replica | elects the one replica that runs the singletons |
 //! | [`reaper`] | leader | retries or fails jobs whose lease lapsed |
 //! | [`scheduler`] | leader | makes due SCHEDULED / RETRYING jobs AVAILABLE |
@@ -15,6 +16,7 @@
 
 pub mod completer;
 pub mod dispatcher;
+pub mod fanout;
 pub mod leader;
 pub mod notifier;
 pub mod reaper;
@@ -22,25 +24,33 @@ pub mod scheduler;
 
 use std::time::Duration;
 
+use tokio::sync::broadcast;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{config::Config, store::Store};
 use completer::{Completer, CompleterHandle};
 use dispatcher::{Dispatcher, DispatcherHandle};
+use fanout::{Fanout, FanoutHandle};
 use leader::{Elector, Leadership};
-use notifier::Notifier;
+use notifier::{Notifier, StopSignal};
 use reaper::Reaper;
 use scheduler::Scheduler;
 
 /// How often followers try to become leader, and the leader checks its lock.
 const ELECTION_INTERVAL: Duration = Duration::from_secs(1);
+/// Stop signals buffered per worker stream; one that lags misses some, and its next heartbeat
+/// delivers them instead.
+const STOP_SIGNALS: usize = 1024;
 
 /// Handles to the running engine, for the API layer.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Engine {
     pub dispatcher: DispatcherHandle,
     pub completer: CompleterHandle,
     pub leadership: Leadership,
+    pub fanout: FanoutHandle,
+    /// Stop requests for running leases, for the worker streams to pick up.
+    pub stops: broadcast::Sender<StopSignal>,
 }
 
 impl Engine {
@@ -56,7 +66,9 @@ impl Engine {
             Dispatcher::new(store.clone(), config.lease_duration, config.poll_interval);
         let (completer, completer_handle) = Completer::new(store.clone());
         let (elector, leadership) = Elector::new(store.clone(), ELECTION_INTERVAL);
-        let notifier = Notifier::new(store.clone(), dispatcher_handle.clone());
+        let (stops, _) = broadcast::channel(STOP_SIGNALS);
+        let notifier = Notifier::new(store.clone(), dispatcher_handle.clone(), stops.clone());
+        let (fanout, fanout_handle) = Fanout::new(store.clone(), config.watch_poll_interval);
         let reaper = Reaper::new(store.clone(), config.reap_interval, leadership.clone());
         let scheduler = Scheduler::new(store.clone(), config.poll_interval, leadership.clone());
 
@@ -66,11 +78,14 @@ impl Engine {
         tasks.spawn(notifier.run(shutdown.clone()));
         tasks.spawn(reaper.run(shutdown.clone()));
         tasks.spawn(scheduler.run(shutdown.clone()));
+        tasks.spawn(fanout.run(shutdown.clone()));
 
         Self {
             dispatcher: dispatcher_handle,
             completer: completer_handle,
             leadership,
+            fanout: fanout_handle,
+            stops,
         }
     }
 }

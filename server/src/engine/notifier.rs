@@ -1,28 +1,69 @@
-//! The notifier: turns PostgreSQL notifications into dispatcher wake-ups.
+//! The notifier: turns PostgreSQL notifications into dispatcher wake-ups and stop signals.
 //!
 //! Enqueues and promotions `NOTIFY` the queue that received work, on whichever replica they ran,
-//! so a worker connected to any replica learns of it without polling. A notification is only a
-//! hint: when the listening connection drops, notifications may have been missed, so every
-//! worker is woken to re-read the table.
+//! so a worker connected to any replica learns of it without polling. CancelJob and PauseJob of
+//! a running job notify the control channel; the signal is broadcast to this replica's worker
+//! streams, and the one holding the lease tells its worker. A notification is only a hint: when
+//! the listening connection drops, notifications may have been missed, so every worker is woken
+//! to re-read the table, and stop requests still reach workers through their next heartbeat.
 
 use std::time::Duration;
 
+use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 use super::dispatcher::DispatcherHandle;
 use crate::{
-    domain::{QueueName, TenantId},
-    store::Store,
+    domain::{JobId, LeaseRef, QueueName, TenantId},
+    store::{CONTROL_CHANNEL, StopKind, Store},
 };
+
+/// A stop requested for a running lease, for whichever stream holds it.
+#[derive(Debug, Clone)]
+pub struct StopSignal {
+    pub tenant: TenantId,
+    pub lease: LeaseRef,
+    pub stop: StopKind,
+}
+
+impl StopSignal {
+    /// Parses `tenant/job_id/attempt/cancel|pause`.
+    fn parse(payload: &str) -> Option<Self> {
+        let mut parts = payload.split('/');
+        let tenant = TenantId::new_unchecked(parts.next()?);
+        let job_id = JobId(Uuid::parse_str(parts.next()?).ok()?);
+        let attempt = parts.next()?.parse().ok()?;
+        let stop = match parts.next()? {
+            "cancel" => StopKind::Cancel,
+            "pause" => StopKind::Pause,
+            _ => return None,
+        };
+        Some(Self {
+            tenant,
+            lease: LeaseRef { job_id, attempt },
+            stop,
+        })
+    }
+}
 
 pub struct Notifier {
     store: Store,
     dispatcher: DispatcherHandle,
+    stops: broadcast::Sender<StopSignal>,
 }
 
 impl Notifier {
-    pub fn new(store: Store, dispatcher: DispatcherHandle) -> Self {
-        Self { store, dispatcher }
+    pub fn new(
+        store: Store,
+        dispatcher: DispatcherHandle,
+        stops: broadcast::Sender<StopSignal>,
+    ) -> Self {
+        Self {
+            store,
+            dispatcher,
+            stops,
+        }
     }
 
     pub async fn run(self, shutdown: CancellationToken) {
@@ -30,7 +71,7 @@ impl Notifier {
         loop {
             let listener = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                listener = self.store.jobs_listener() => listener,
+                listener = self.store.listener() => listener,
             };
             let mut listener = match listener {
                 Ok(listener) => listener,
@@ -53,6 +94,12 @@ impl Notifier {
                     next = listener.try_recv() => next,
                 };
                 match next {
+                    Ok(Some(notification)) if notification.channel() == CONTROL_CHANNEL => {
+                        if let Some(signal) = StopSignal::parse(notification.payload()) {
+                            // No stream listening is fine: the lease is held elsewhere.
+                            let _ = self.stops.send(signal);
+                        }
+                    }
                     Ok(Some(notification)) => {
                         if let Some((tenant, queue)) = notification.payload().split_once('/') {
                             self.dispatcher

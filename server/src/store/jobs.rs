@@ -7,7 +7,7 @@ use sqlx::{PgExecutor, types::Json};
 use uuid::Uuid;
 
 use super::{
-    Error, JOBS_CHANNEL, Result, Store,
+    CONTROL_CHANNEL, Error, JOBS_CHANNEL, Result, StopKind, Store,
     rows::{AttemptRow, JOB_COLUMNS, JobRow},
 };
 use crate::domain::{JobId, JobState, QueueName, TenantId};
@@ -30,6 +30,7 @@ pub struct NewJob {
     pub run_at: Option<DateTime<Utc>>,
     pub idempotency_key: Option<String>,
     pub labels: HashMap<String, String>,
+    pub timeout_ms: Option<i64>,
 }
 
 /// The job an enqueue produced, or the one its idempotency key already named.
@@ -166,6 +167,109 @@ impl Store {
             .await?)
     }
 
+    /// Asks the worker running a job to stop it, for good (`Cancel`) or to resume later
+    /// (`Pause`): the request is recorded durably (so a worker that reconnects, or a replica
+    /// that missed the notification, still honours it), an event is written and every replica
+    /// is notified. Returns `None` when the job exists but is not running.
+    pub async fn request_stop(
+        &self,
+        tenant: &TenantId,
+        id: JobId,
+        stop: StopKind,
+        reason: &str,
+    ) -> Result<Option<JobRow>> {
+        let sql = static_sql!(
+            "WITH upd AS ( \
+                 UPDATE jobs SET \
+                     cancel_requested_at = CASE WHEN $3 = 'cancel' \
+                         THEN coalesce(cancel_requested_at, now()) ELSE cancel_requested_at END, \
+                     cancel_reason = CASE WHEN $3 = 'cancel' THEN $4 ELSE cancel_reason END, \
+                     pause_requested_at = CASE WHEN $3 = 'pause' \
+                         THEN coalesce(pause_requested_at, now()) ELSE pause_requested_at END, \
+                     pause_reason = CASE WHEN $3 = 'pause' THEN $4 ELSE pause_reason END, \
+                     updated_at = now() \
+                 WHERE tenant_id = $1 AND id = $2 AND state = 'running' \
+                 RETURNING * \
+             ), ev AS ( \
+                 INSERT INTO job_events (tenant_id, job_id, kind, attempt, data) \
+                 SELECT tenant_id, id, 'stop_requested', attempt, \
+                        jsonb_build_object('target', CASE WHEN $3 = 'cancel' THEN 'cancelled' \
+                                                          ELSE 'paused' END, 'reason', $4) \
+                 FROM upd \
+             ), wake AS ( \
+                 SELECT pg_notify('{CONTROL_CHANNEL}', \
+                                  tenant_id || '/' || id || '/' || attempt || '/' || $3) \
+                 FROM upd \
+             ) \
+             SELECT {JOB_COLUMNS} FROM upd, (SELECT count(*) FROM wake) w"
+        );
+        let kind = match stop {
+            StopKind::Cancel => "cancel",
+            StopKind::Pause => "pause",
+        };
+        Ok(sqlx::query_as::<_, JobRow>(sql)
+            .bind(tenant.as_str())
+            .bind(id.0)
+            .bind(kind)
+            .bind(reason)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    /// Holds a job that no worker runs: it stays PAUSED until resumed. Returns `None` when the
+    /// job exists but is not queued.
+    pub async fn pause_queued(
+        &self,
+        tenant: &TenantId,
+        id: JobId,
+        reason: &str,
+    ) -> Result<Option<JobRow>> {
+        let sql = static_sql!(
+            "WITH upd AS ( \
+                 UPDATE jobs SET state = 'paused', pause_reason = $3, updated_at = now() \
+                 WHERE tenant_id = $1 AND id = $2 \
+                   AND state IN ('scheduled', 'available', 'retrying') \
+                 RETURNING * \
+             ), ev AS ( \
+                 INSERT INTO job_events (tenant_id, job_id, kind, state, attempt, data) \
+                 SELECT tenant_id, id, 'state', state, attempt, jsonb_build_object('reason', $3) \
+                 FROM upd \
+             ) \
+             SELECT {JOB_COLUMNS} FROM upd"
+        );
+        Ok(sqlx::query_as::<_, JobRow>(sql)
+            .bind(tenant.as_str())
+            .bind(id.0)
+            .bind(reason)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    /// Makes a PAUSED job available again. Returns `None` when the job exists but is not
+    /// paused.
+    pub async fn resume_paused(&self, tenant: &TenantId, id: JobId) -> Result<Option<JobRow>> {
+        let sql = static_sql!(
+            "WITH upd AS ( \
+                 UPDATE jobs SET state = 'available', run_at = now(), pause_reason = NULL, \
+                        updated_at = now() \
+                 WHERE tenant_id = $1 AND id = $2 AND state = 'paused' \
+                 RETURNING * \
+             ), ev AS ( \
+                 INSERT INTO job_events (tenant_id, job_id, kind, state, attempt, data) \
+                 SELECT tenant_id, id, 'state', state, attempt, '{{\"reason\": \"resumed\"}}' \
+                 FROM upd \
+             ), wake AS ( \
+                 SELECT pg_notify('{JOBS_CHANNEL}', tenant_id || '/' || queue) FROM upd \
+             ) \
+             SELECT {JOB_COLUMNS} FROM upd, (SELECT count(*) FROM wake) w"
+        );
+        Ok(sqlx::query_as::<_, JobRow>(sql)
+            .bind(tenant.as_str())
+            .bind(id.0)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
     /// Makes a FAILED or CANCELLED job available again with a fresh set of attempts. The attempt
     /// counter keeps counting, so fencing tokens never repeat; `attempt_base` moves instead.
     /// Returns `None` when the job exists but is in another state.
@@ -174,6 +278,7 @@ impl Store {
             "WITH upd AS ( \
                  UPDATE jobs SET state = 'available', attempt_base = attempt, \
                         run_at = now(), finished_at = NULL, cancel_reason = NULL, \
+                        cancel_requested_at = NULL, pause_requested_at = NULL, \
                         result = NULL, result_type = NULL, updated_at = now() \
                  WHERE tenant_id = $1 AND id = $2 AND state IN ('failed', 'cancelled') \
                  RETURNING * \
@@ -238,19 +343,19 @@ async fn enqueue_statement(
         "WITH input AS ( \
              SELECT * FROM UNNEST($2::uuid[], $3::text[], $4::text[], $5::text[], $6::bytea[], \
                  $7::int2[], $8::int4[], $9::int8[], $10::int8[], $11::float8[], $12::float8[], \
-                 $13::timestamptz[], $14::text[], $15::jsonb[]) WITH ORDINALITY \
+                 $13::timestamptz[], $14::text[], $15::jsonb[], $16::int8[]) WITH ORDINALITY \
              AS t(id, queue, job_type, payload_type, payload, priority, max_attempts, \
                   retry_initial_ms, retry_max_ms, retry_multiplier, retry_jitter, run_at, \
-                  idempotency_key, labels, ord) \
+                  idempotency_key, labels, timeout_ms, ord) \
          ), ins AS ( \
              INSERT INTO jobs (id, tenant_id, queue, job_type, payload_type, payload, priority, \
                  state, max_attempts, retry_initial_ms, retry_max_ms, retry_multiplier, \
-                 retry_jitter, run_at, idempotency_key, labels) \
+                 retry_jitter, run_at, idempotency_key, labels, timeout_ms) \
              SELECT id, $1, queue, job_type, payload_type, payload, priority, \
                  CASE WHEN coalesce(run_at, now()) <= now() THEN 'available'::job_state \
                       ELSE 'scheduled'::job_state END, \
                  max_attempts, retry_initial_ms, retry_max_ms, retry_multiplier, retry_jitter, \
-                 coalesce(run_at, now()), idempotency_key, labels \
+                 coalesce(run_at, now()), idempotency_key, labels, timeout_ms \
              FROM input ORDER BY ord \
              ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL \
              DO NOTHING \
@@ -306,7 +411,8 @@ async fn enqueue_statement(
             jobs.iter()
                 .map(|j| Json(j.labels.clone()))
                 .collect::<Vec<_>>(),
-        );
+        )
+        .bind(jobs.iter().map(|j| j.timeout_ms).collect::<Vec<_>>());
     let rows = q.fetch_all(db).await?;
     let mut out: Vec<Option<EnqueueOutcome>> = vec![None; jobs.len()];
     for row in rows {

@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use super::{
     Result, Store,
-    rows::{JOB_COLUMNS, JobRow},
+    rows::{JOB_COLUMNS, LeasedRow},
 };
 use crate::domain::{AttemptOutcome, JobId, JobState, LeaseRef, QueueName, TenantId};
 
@@ -52,6 +52,48 @@ pub enum SettleResult {
     Stale,
 }
 
+/// A stop asked of a running job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type)]
+#[sqlx(type_name = "text", rename_all = "snake_case")]
+pub enum StopKind {
+    Cancel,
+    Pause,
+}
+
+/// A lease a heartbeat renewed, and the stop asked of it, if any.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Renewed {
+    pub lease: LeaseRef,
+    pub stop: Option<StopKind>,
+}
+
+/// The latest progress of a running attempt, as the API's Progress message in JSON, with the
+/// fraction the ETA is computed from.
+#[derive(Debug, Clone)]
+pub struct ProgressUpdate {
+    pub tenant: TenantId,
+    pub lease: LeaseRef,
+    pub progress: serde_json::Value,
+    /// The completed fraction the progress implies, if any.
+    pub fraction: Option<f64>,
+}
+
+/// Log lines of a running attempt, each as `{"level", "message", "time"}`.
+#[derive(Debug, Clone)]
+pub struct LogBatch {
+    pub tenant: TenantId,
+    pub lease: LeaseRef,
+    pub lines: Vec<serde_json::Value>,
+}
+
+/// A checkpoint of a running attempt.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    pub tenant: TenantId,
+    pub lease: LeaseRef,
+    pub data: Vec<u8>,
+}
+
 #[derive(sqlx::FromRow)]
 struct SettledRow {
     applied_state: Option<JobState>,
@@ -62,10 +104,10 @@ struct SettledRow {
 impl SettledRow {
     /// A message for an attempt that already ended the same way is a resend: acknowledge it.
     /// Any other unmatched message carries a stale token.
-    fn into_result(self, same: AttemptOutcome) -> SettleResult {
+    fn into_result(self, settled_by: fn(AttemptOutcome) -> bool) -> SettleResult {
         match (self.applied_state, self.prior_outcome) {
             (Some(state), _) => SettleResult::Applied(state),
-            (None, Some(outcome)) if outcome == same => SettleResult::AlreadySettled,
+            (None, Some(outcome)) if settled_by(outcome) => SettleResult::AlreadySettled,
             _ => SettleResult::Stale,
         }
     }
@@ -84,7 +126,7 @@ impl Store {
         limit: i64,
         worker: &str,
         lease: Duration,
-    ) -> Result<Vec<JobRow>> {
+    ) -> Result<Vec<LeasedRow>> {
         let sql = static_sql!(
             "WITH picked AS ( \
                  SELECT id FROM jobs \
@@ -96,7 +138,8 @@ impl Store {
              ), upd AS ( \
                  UPDATE jobs j SET state = 'running', attempt = j.attempt + 1, \
                         lease_owner = $5, lease_expires_at = now() + $6 * interval '1 millisecond', \
-                        started_at = coalesce(j.started_at, now()), updated_at = now() \
+                        started_at = coalesce(j.started_at, now()), \
+                        attempt_started_at = now(), updated_at = now() \
                  FROM picked WHERE j.id = picked.id \
                  RETURNING j.* \
              ), att AS ( \
@@ -107,10 +150,10 @@ impl Store {
                  SELECT tenant_id, id, 'state', state, attempt, jsonb_build_object('worker', $5) \
                  FROM upd \
              ) \
-             SELECT {JOB_COLUMNS} FROM upd ORDER BY priority DESC, run_at, id"
+             SELECT {JOB_COLUMNS}, checkpoint FROM upd ORDER BY priority DESC, run_at, id"
         );
         let queues: Vec<&str> = queues.iter().map(QueueName::as_str).collect();
-        Ok(sqlx::query_as::<_, JobRow>(sql)
+        Ok(sqlx::query_as::<_, LeasedRow>(sql)
             .bind(tenant.as_str())
             .bind(&queues)
             .bind(job_types)
@@ -122,37 +165,51 @@ impl Store {
     }
 
     /// Extends the listed leases, and names `worker` their owner (a reconnected worker adopts
-    /// its leases again). Returns the leases renewed; the others are no longer the worker's.
+    /// its leases again). Returns the leases renewed, each with the stop asked of it if any, so
+    /// a stop whose notification was missed is still delivered. A lease whose stop was asked
+    /// more than `grace` ago, or whose attempt ran `grace` past its timeout, is not renewed: an
+    /// unresponsive handler cannot keep a cancelled, paused or timed-out job past its lease.
     pub async fn renew(
         &self,
         tenant: &TenantId,
         leases: &[LeaseRef],
         worker: &str,
         lease: Duration,
-    ) -> Result<Vec<LeaseRef>> {
+        grace: Duration,
+    ) -> Result<Vec<Renewed>> {
         if leases.is_empty() {
             return Ok(Vec::new());
         }
-        let rows: Vec<(Uuid, i32)> = sqlx::query_as(
+        let rows: Vec<(Uuid, i32, Option<StopKind>)> = sqlx::query_as(
             "UPDATE jobs j SET lease_expires_at = now() + $5 * interval '1 millisecond', \
                     lease_owner = $4 \
              FROM UNNEST($2::uuid[], $3::int4[]) AS r(id, attempt) \
              WHERE j.tenant_id = $1 AND j.id = r.id AND j.attempt = r.attempt \
                AND j.state = 'running' \
-             RETURNING j.id, j.attempt",
+               AND coalesce(j.cancel_requested_at, j.pause_requested_at, 'infinity') \
+                   > now() - $6 * interval '1 millisecond' \
+               AND (j.timeout_ms IS NULL OR j.attempt_started_at \
+                    + (j.timeout_ms + $6) * interval '1 millisecond' > now()) \
+             RETURNING j.id, j.attempt, \
+                 CASE WHEN j.cancel_requested_at IS NOT NULL THEN 'cancel' \
+                      WHEN j.pause_requested_at IS NOT NULL THEN 'pause' END",
         )
         .bind(tenant.as_str())
         .bind(leases.iter().map(|l| l.job_id.0).collect::<Vec<_>>())
         .bind(leases.iter().map(|l| l.attempt).collect::<Vec<_>>())
         .bind(worker)
         .bind(millis(lease))
+        .bind(millis(grace))
         .fetch_all(&self.pool)
         .await?;
         Ok(rows
             .into_iter()
-            .map(|(id, attempt)| LeaseRef {
-                job_id: JobId(id),
-                attempt,
+            .map(|(id, attempt, stop)| Renewed {
+                lease: LeaseRef {
+                    job_id: JobId(id),
+                    attempt,
+                },
+                stop,
             })
             .collect())
     }
@@ -204,7 +261,7 @@ impl Store {
              ), upd AS ( \
                  UPDATE jobs j SET state = 'succeeded', result_type = i.result_type, \
                         result = i.result, lease_owner = NULL, lease_expires_at = NULL, \
-                        finished_at = now(), updated_at = now() \
+                        pause_requested_at = NULL, finished_at = now(), updated_at = now() \
                  FROM input i \
                  WHERE j.id = i.id AND j.tenant_id = i.tenant_id AND j.attempt = i.attempt \
                    AND j.state = 'running' \
@@ -240,7 +297,7 @@ impl Store {
         .await?;
         Ok(rows
             .into_iter()
-            .map(|r| r.into_result(AttemptOutcome::Succeeded))
+            .map(|r| r.into_result(|o| o == AttemptOutcome::Succeeded))
             .collect())
     }
 
@@ -257,31 +314,57 @@ impl Store {
                  AS t(tenant_id, id, attempt, message, kind, non_retryable, retry_after_ms, ord) \
              ), upd AS ( \
                  UPDATE jobs j SET \
-                     state = CASE WHEN i.non_retryable OR j.attempt - j.attempt_base >= j.max_attempts \
-                                  THEN 'failed'::job_state ELSE 'retrying'::job_state END, \
-                     run_at = CASE WHEN i.non_retryable OR j.attempt - j.attempt_base >= j.max_attempts \
-                                   THEN j.run_at \
-                                   ELSE now() + coalesce(i.retry_after_ms, {BACKOFF_MS}) \
-                                                * interval '1 millisecond' END, \
-                     last_error = jsonb_build_object('message', i.message, 'kind', i.kind, \
-                         'retryable', NOT i.non_retryable, 'attempt', j.attempt, \
-                         'occurred_at', now()), \
-                     lease_owner = NULL, lease_expires_at = NULL, \
-                     finished_at = CASE WHEN i.non_retryable OR j.attempt - j.attempt_base >= j.max_attempts \
-                                        THEN now() END, \
+                     state = CASE \
+                         WHEN j.cancel_requested_at IS NOT NULL THEN 'cancelled'::job_state \
+                         WHEN j.pause_requested_at IS NOT NULL THEN 'paused'::job_state \
+                         WHEN i.non_retryable OR j.attempt - j.attempt_base >= j.max_attempts \
+                             THEN 'failed'::job_state \
+                         ELSE 'retrying'::job_state END, \
+                     run_at = CASE \
+                         WHEN j.cancel_requested_at IS NOT NULL \
+                           OR j.pause_requested_at IS NOT NULL \
+                           OR i.non_retryable OR j.attempt - j.attempt_base >= j.max_attempts \
+                             THEN j.run_at \
+                         ELSE now() + coalesce(i.retry_after_ms, {BACKOFF_MS}) \
+                                      * interval '1 millisecond' END, \
+                     attempt_base = CASE WHEN j.cancel_requested_at IS NULL \
+                                          AND j.pause_requested_at IS NOT NULL \
+                                         THEN j.attempt_base + 1 ELSE j.attempt_base END, \
+                     last_error = CASE \
+                         WHEN j.cancel_requested_at IS NOT NULL \
+                           OR j.pause_requested_at IS NOT NULL THEN j.last_error \
+                         ELSE jsonb_build_object('message', i.message, 'kind', i.kind, \
+                             'retryable', NOT i.non_retryable, 'attempt', j.attempt, \
+                             'occurred_at', now()) END, \
+                     lease_owner = NULL, lease_expires_at = NULL, pause_requested_at = NULL, \
+                     finished_at = CASE \
+                         WHEN j.cancel_requested_at IS NOT NULL THEN now() \
+                         WHEN j.pause_requested_at IS NOT NULL THEN NULL \
+                         WHEN i.non_retryable OR j.attempt - j.attempt_base >= j.max_attempts \
+                             THEN now() END, \
                      updated_at = now() \
                  FROM input i \
                  WHERE j.id = i.id AND j.tenant_id = i.tenant_id AND j.attempt = i.attempt \
                    AND j.state = 'running' \
-                 RETURNING j.id, j.tenant_id, j.attempt, j.state, j.last_error \
+                 RETURNING j.id, j.tenant_id, j.attempt, j.state, j.last_error, j.cancel_reason, \
+                           j.pause_reason, i.kind, i.message \
              ), att AS ( \
-                 UPDATE job_attempts a SET finished_at = now(), outcome = 'failed', \
-                        error = upd.last_error \
+                 UPDATE job_attempts a SET finished_at = now(), \
+                        outcome = CASE upd.state \
+                            WHEN 'cancelled' THEN 'cancelled'::attempt_outcome \
+                            WHEN 'paused' THEN 'paused'::attempt_outcome \
+                            ELSE CASE WHEN upd.kind = 'timeout' THEN 'timed_out'::attempt_outcome \
+                                      ELSE 'failed'::attempt_outcome END END, \
+                        error = jsonb_build_object('message', upd.message, 'kind', upd.kind, \
+                            'retryable', upd.state NOT IN ('failed'), 'attempt', upd.attempt, \
+                            'occurred_at', now()) \
                  FROM upd WHERE a.job_id = upd.id AND a.attempt = upd.attempt \
              ), ev AS ( \
                  INSERT INTO job_events (tenant_id, job_id, kind, state, attempt, data) \
                  SELECT tenant_id, id, 'state', state, attempt, \
-                        jsonb_build_object('error', last_error) \
+                        CASE state WHEN 'cancelled' THEN jsonb_build_object('reason', cancel_reason) \
+                                   WHEN 'paused' THEN jsonb_build_object('reason', pause_reason) \
+                                   ELSE jsonb_build_object('error', last_error) END \
                  FROM upd \
              ) \
              SELECT upd.state AS applied_state, prior.outcome AS prior_outcome \
@@ -313,8 +396,189 @@ impl Store {
             .await?;
         Ok(rows
             .into_iter()
-            .map(|r| r.into_result(AttemptOutcome::Failed))
+            .map(|r| {
+                r.into_result(|o| {
+                    matches!(
+                        o,
+                        AttemptOutcome::Failed
+                            | AttemptOutcome::Cancelled
+                            | AttemptOutcome::Paused
+                            | AttemptOutcome::TimedOut
+                    )
+                })
+            })
             .collect())
+    }
+}
+
+/// Which inputs of a guarded batch matched a running attempt, in input order.
+#[derive(sqlx::FromRow)]
+struct MatchedRow {
+    matched: bool,
+}
+
+fn matched(rows: Vec<MatchedRow>) -> Vec<bool> {
+    rows.into_iter().map(|r| r.matched).collect()
+}
+
+impl Store {
+    /// Stores the latest progress of running attempts and writes one progress event each.
+    /// The first report of an attempt becomes its ETA origin. Returns, per input, whether its
+    /// lease was current.
+    pub async fn record_progress_many(&self, updates: &[ProgressUpdate]) -> Result<Vec<bool>> {
+        if updates.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows: Vec<MatchedRow> = sqlx::query_as(
+            "WITH input AS ( \
+                 SELECT * FROM UNNEST($1::text[], $2::uuid[], $3::int4[], $4::jsonb[], \
+                                      $5::float8[]) WITH ORDINALITY \
+                 AS t(tenant_id, id, attempt, progress, fraction, ord) \
+             ), upd AS ( \
+                 UPDATE jobs j SET \
+                     progress = CASE \
+                         WHEN i.fraction > 0 AND i.fraction < 1 \
+                          AND (j.progress_origin->>'attempt')::int = j.attempt \
+                          AND i.fraction > (j.progress_origin->>'fraction')::float8 \
+                         THEN i.progress || jsonb_build_object('eta', now() \
+                             + (now() - (j.progress_origin->>'at')::timestamptz) \
+                             * ((1 - i.fraction) \
+                                / (i.fraction - (j.progress_origin->>'fraction')::float8))) \
+                         ELSE i.progress END, \
+                     progress_origin = CASE \
+                         WHEN i.fraction IS NULL THEN j.progress_origin \
+                         WHEN j.progress_origin IS NULL \
+                           OR (j.progress_origin->>'attempt')::int <> j.attempt \
+                         THEN jsonb_build_object('fraction', i.fraction, 'at', now(), \
+                                                 'attempt', j.attempt) \
+                         ELSE j.progress_origin END \
+                 FROM input i \
+                 WHERE j.id = i.id AND j.tenant_id = i.tenant_id AND j.attempt = i.attempt \
+                   AND j.state = 'running' \
+                 RETURNING j.id, j.tenant_id, j.attempt, j.progress \
+             ), ev AS ( \
+                 INSERT INTO job_events (tenant_id, job_id, kind, attempt, data) \
+                 SELECT tenant_id, id, 'progress', attempt, progress FROM upd \
+             ) \
+             SELECT upd.id IS NOT NULL AS matched FROM input i \
+             LEFT JOIN upd ON upd.id = i.id AND upd.attempt = i.attempt \
+             ORDER BY i.ord",
+        )
+        .bind(
+            updates
+                .iter()
+                .map(|u| u.tenant.as_str().to_owned())
+                .collect::<Vec<_>>(),
+        )
+        .bind(updates.iter().map(|u| u.lease.job_id.0).collect::<Vec<_>>())
+        .bind(updates.iter().map(|u| u.lease.attempt).collect::<Vec<_>>())
+        .bind(
+            updates
+                .iter()
+                .map(|u| u.progress.clone())
+                .collect::<Vec<_>>(),
+        )
+        .bind(updates.iter().map(|u| u.fraction).collect::<Vec<_>>())
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(matched(rows))
+    }
+
+    /// Appends log lines of running attempts as events. The job row is locked first so that,
+    /// like every other event of the job, they are numbered in commit order.
+    pub async fn record_logs_many(&self, batches: &[LogBatch]) -> Result<Vec<bool>> {
+        if batches.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut batch_index = Vec::new();
+        let mut lines = Vec::new();
+        for (i, batch) in batches.iter().enumerate() {
+            for line in &batch.lines {
+                batch_index.push(i64::try_from(i + 1).unwrap_or(i64::MAX));
+                lines.push(line.clone());
+            }
+        }
+        let rows: Vec<MatchedRow> = sqlx::query_as(
+            "WITH input AS ( \
+                 SELECT * FROM UNNEST($1::text[], $2::uuid[], $3::int4[]) WITH ORDINALITY \
+                 AS t(tenant_id, id, attempt, ord) \
+             ), line AS ( \
+                 SELECT * FROM UNNEST($4::int8[], $5::jsonb[]) WITH ORDINALITY \
+                 AS l(batch, data, n) \
+             ), locked AS ( \
+                 SELECT j.id, j.tenant_id, j.attempt, i.ord FROM jobs j \
+                 JOIN input i ON j.id = i.id AND j.tenant_id = i.tenant_id \
+                   AND j.attempt = i.attempt AND j.state = 'running' \
+                 FOR UPDATE OF j \
+             ), ev AS ( \
+                 INSERT INTO job_events (tenant_id, job_id, kind, attempt, data) \
+                 SELECT k.tenant_id, k.id, 'log', k.attempt, l.data \
+                 FROM locked k JOIN line l ON l.batch = k.ord ORDER BY k.ord, l.n \
+             ) \
+             SELECT EXISTS (SELECT 1 FROM locked k WHERE k.ord = i.ord) AS matched \
+             FROM input i ORDER BY i.ord",
+        )
+        .bind(
+            batches
+                .iter()
+                .map(|b| b.tenant.as_str().to_owned())
+                .collect::<Vec<_>>(),
+        )
+        .bind(batches.iter().map(|b| b.lease.job_id.0).collect::<Vec<_>>())
+        .bind(batches.iter().map(|b| b.lease.attempt).collect::<Vec<_>>())
+        .bind(batch_index)
+        .bind(lines)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(matched(rows))
+    }
+
+    /// Stores the checkpoints of running attempts, for their job's next attempt.
+    pub async fn save_checkpoints(&self, checkpoints: &[Checkpoint]) -> Result<Vec<bool>> {
+        if checkpoints.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows: Vec<MatchedRow> = sqlx::query_as(
+            "WITH input AS ( \
+                 SELECT * FROM UNNEST($1::text[], $2::uuid[], $3::int4[], $4::bytea[]) \
+                 WITH ORDINALITY AS t(tenant_id, id, attempt, data, ord) \
+             ), upd AS ( \
+                 UPDATE jobs j SET checkpoint = i.data FROM input i \
+                 WHERE j.id = i.id AND j.tenant_id = i.tenant_id AND j.attempt = i.attempt \
+                   AND j.state = 'running' \
+                 RETURNING j.id, j.attempt \
+             ) \
+             SELECT upd.id IS NOT NULL AS matched FROM input i \
+             LEFT JOIN upd ON upd.id = i.id AND upd.attempt = i.attempt \
+             ORDER BY i.ord",
+        )
+        .bind(
+            checkpoints
+                .iter()
+                .map(|c| c.tenant.as_str().to_owned())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            checkpoints
+                .iter()
+                .map(|c| c.lease.job_id.0)
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            checkpoints
+                .iter()
+                .map(|c| c.lease.attempt)
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            checkpoints
+                .iter()
+                .map(|c| c.data.clone())
+                .collect::<Vec<_>>(),
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(matched(rows))
     }
 }
 

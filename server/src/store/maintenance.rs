@@ -5,9 +5,10 @@ use chrono::{DateTime, Utc};
 use super::{JOBS_CHANNEL, Result, Store, leases::BACKOFF_MS};
 
 impl Store {
-    /// Ends up to `limit` attempts whose lease lapsed (the worker stopped heartbeating): the
-    /// job is retried with its backoff, or FAILED when no attempt is left (invariant 2: never
-    /// RUNNING forever). Returns how many were reaped.
+    /// Ends up to `limit` attempts whose lease lapsed (the worker stopped heartbeating, or would
+    /// not stop after a cancel, a pause or its timeout): a cancelled job ends CANCELLED, a paused
+    /// one PAUSED; any other is retried with its backoff, or FAILED when no attempt is left
+    /// (invariant 2: never RUNNING forever). Returns how many were reaped.
     pub async fn reap_expired(&self, limit: i64) -> Result<u64> {
         let sql = static_sql!(
             "WITH expired AS ( \
@@ -17,28 +18,60 @@ impl Store {
                  FOR UPDATE SKIP LOCKED \
              ), upd AS ( \
                  UPDATE jobs j SET \
-                     state = CASE WHEN j.attempt - j.attempt_base >= j.max_attempts THEN 'failed'::job_state \
-                                  ELSE 'retrying'::job_state END, \
-                     run_at = CASE WHEN j.attempt - j.attempt_base >= j.max_attempts THEN j.run_at \
-                                   ELSE now() + ({BACKOFF_MS}) * interval '1 millisecond' END, \
-                     last_error = jsonb_build_object( \
-                         'message', 'lease expired: worker ' || coalesce(e.lease_owner, '?') \
-                                    || ' stopped heartbeating', \
-                         'kind', 'lease_expired', 'retryable', true, 'attempt', j.attempt, \
-                         'occurred_at', now()), \
-                     lease_owner = NULL, lease_expires_at = NULL, \
-                     finished_at = CASE WHEN j.attempt - j.attempt_base >= j.max_attempts THEN now() END, \
+                     state = CASE \
+                         WHEN j.cancel_requested_at IS NOT NULL THEN 'cancelled'::job_state \
+                         WHEN j.pause_requested_at IS NOT NULL THEN 'paused'::job_state \
+                         WHEN j.attempt - j.attempt_base >= j.max_attempts \
+                             THEN 'failed'::job_state \
+                         ELSE 'retrying'::job_state END, \
+                     run_at = CASE \
+                         WHEN j.cancel_requested_at IS NOT NULL \
+                           OR j.pause_requested_at IS NOT NULL \
+                           OR j.attempt - j.attempt_base >= j.max_attempts THEN j.run_at \
+                         ELSE now() + ({BACKOFF_MS}) * interval '1 millisecond' END, \
+                     attempt_base = CASE WHEN j.cancel_requested_at IS NULL \
+                                          AND j.pause_requested_at IS NOT NULL \
+                                         THEN j.attempt_base + 1 ELSE j.attempt_base END, \
+                     last_error = CASE \
+                         WHEN j.cancel_requested_at IS NOT NULL \
+                           OR j.pause_requested_at IS NOT NULL THEN j.last_error \
+                         ELSE jsonb_build_object( \
+                         'message', CASE WHEN j.timeout_ms IS NOT NULL AND j.attempt_started_at \
+                                         + j.timeout_ms * interval '1 millisecond' < now() \
+                                    THEN 'timed out after ' || j.timeout_ms || ' ms; worker ' \
+                                         || coalesce(e.lease_owner, '?') || ' did not stop' \
+                                    ELSE 'lease expired: worker ' || coalesce(e.lease_owner, '?') \
+                                         || ' stopped heartbeating' END, \
+                         'kind', CASE WHEN j.timeout_ms IS NOT NULL AND j.attempt_started_at \
+                                      + j.timeout_ms * interval '1 millisecond' < now() \
+                                 THEN 'timeout' ELSE 'lease_expired' END, \
+                         'retryable', true, 'attempt', j.attempt, 'occurred_at', now()) END, \
+                     lease_owner = NULL, lease_expires_at = NULL, pause_requested_at = NULL, \
+                     finished_at = CASE \
+                         WHEN j.cancel_requested_at IS NOT NULL THEN now() \
+                         WHEN j.pause_requested_at IS NOT NULL THEN NULL \
+                         WHEN j.attempt - j.attempt_base >= j.max_attempts THEN now() END, \
                      updated_at = now() \
                  FROM expired e WHERE j.id = e.id \
-                 RETURNING j.id, j.tenant_id, j.attempt, j.state, j.last_error \
+                 RETURNING j.id, j.tenant_id, j.attempt, j.state, j.last_error, j.cancel_reason, \
+                           j.pause_reason \
              ), att AS ( \
-                 UPDATE job_attempts a SET finished_at = now(), outcome = 'lease_expired', \
-                        error = upd.last_error \
+                 UPDATE job_attempts a SET finished_at = now(), \
+                        outcome = CASE \
+                            WHEN upd.state = 'cancelled' THEN 'cancelled'::attempt_outcome \
+                            WHEN upd.state = 'paused' THEN 'paused'::attempt_outcome \
+                            WHEN upd.last_error->>'kind' = 'timeout' \
+                                THEN 'timed_out'::attempt_outcome \
+                            ELSE 'lease_expired'::attempt_outcome END, \
+                        error = CASE WHEN upd.state IN ('cancelled', 'paused') THEN NULL \
+                                     ELSE upd.last_error END \
                  FROM upd WHERE a.job_id = upd.id AND a.attempt = upd.attempt \
              ), ev AS ( \
                  INSERT INTO job_events (tenant_id, job_id, kind, state, attempt, data) \
                  SELECT tenant_id, id, 'state', state, attempt, \
-                        jsonb_build_object('error', last_error) \
+                        CASE state WHEN 'cancelled' THEN jsonb_build_object('reason', cancel_reason) \
+                                   WHEN 'paused' THEN jsonb_build_object('reason', pause_reason) \
+                                   ELSE jsonb_build_object('error', last_error) END \
                  FROM upd \
              ) \
              SELECT count(*) FROM upd"
@@ -140,10 +173,12 @@ impl LeaderLock {
 }
 
 impl Store {
-    /// A listener on the channel where enqueues announce work.
-    pub async fn jobs_listener(&self) -> Result<sqlx::postgres::PgListener> {
+    /// A listener on the channels where enqueues announce work and stop requests travel.
+    pub async fn listener(&self) -> Result<sqlx::postgres::PgListener> {
         let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
-        listener.listen(JOBS_CHANNEL).await?;
+        listener
+            .listen_all([JOBS_CHANNEL, super::CONTROL_CHANNEL])
+            .await?;
         Ok(listener)
     }
 }

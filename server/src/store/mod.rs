@@ -15,6 +15,7 @@ macro_rules! static_sql {
     }};
 }
 
+mod events;
 mod jobs;
 mod leases;
 mod maintenance;
@@ -27,14 +28,21 @@ use sqlx::{
     postgres::{PgConnectOptions, PgPoolOptions},
 };
 
+pub use events::{EventFilter, SnapshotXids};
 pub use jobs::{EnqueueOutcome, ListFilter, NewJob};
-pub use leases::{Completion, Failure, SettleResult};
+pub use leases::{
+    Checkpoint, Completion, Failure, LogBatch, ProgressUpdate, Renewed, SettleResult, StopKind,
+};
 pub use maintenance::LeaderLock;
-pub use rows::{AttemptRow, ErrorRecord, JobRow};
+pub use rows::{AttemptRow, ErrorRecord, EventRow, JobRow, LeasedRow, ProgressOrigin};
 
 /// The PostgreSQL channel on which enqueues and promotions announce available work; the payload
 /// is `tenant/queue`. A wake-up only: listeners re-read the table.
 pub const JOBS_CHANNEL: &str = "jobwire_jobs";
+
+/// The channel on which stop requests for running jobs reach every replica; the payload is
+/// `tenant/job_id/attempt/cancel|pause`. A wake-up only: heartbeats re-read the request.
+pub const CONTROL_CHANNEL: &str = "jobwire_control";
 
 /// What can go wrong in the store. Callers decide retries with [`Error::is_transient`].
 #[derive(Debug, thiserror::Error)]

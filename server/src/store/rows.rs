@@ -14,7 +14,9 @@ use crate::domain::{AttemptOutcome, JobState};
 pub(crate) const JOB_COLUMNS: &str = "id, tenant_id, queue, job_type, payload_type, payload, \
     priority, state, attempt, max_attempts, retry_initial_ms, retry_max_ms, retry_multiplier, \
     retry_jitter, run_at, lease_owner, lease_expires_at, result_type, result, last_error, \
-    idempotency_key, labels, cancel_reason, created_at, updated_at, started_at, finished_at";
+    idempotency_key, labels, cancel_reason, created_at, updated_at, started_at, finished_at, \
+    attempt_base, progress, progress_origin, checkpoint IS NOT NULL AS has_checkpoint, \
+    timeout_ms, attempt_started_at, cancel_requested_at, pause_requested_at, pause_reason";
 
 /// One row of `jobs`.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -46,6 +48,48 @@ pub struct JobRow {
     pub updated_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
+    pub attempt_base: i32,
+    pub progress: Option<Json<serde_json::Value>>,
+    pub progress_origin: Option<Json<ProgressOrigin>>,
+    pub has_checkpoint: bool,
+    pub timeout_ms: Option<i64>,
+    pub attempt_started_at: Option<DateTime<Utc>>,
+    pub cancel_requested_at: Option<DateTime<Utc>>,
+    pub pause_requested_at: Option<DateTime<Utc>>,
+    pub pause_reason: Option<String>,
+}
+
+/// A job freshly leased: the row plus what only its worker needs.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct LeasedRow {
+    #[sqlx(flatten)]
+    pub job: JobRow,
+    /// The last checkpoint, for the attempt to resume from.
+    pub checkpoint: Option<Vec<u8>>,
+}
+
+/// Where the current attempt's progress started, for the ETA.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProgressOrigin {
+    pub fraction: f64,
+    pub at: DateTime<Utc>,
+    pub attempt: i32,
+}
+
+/// One row of `job_events`, with what filters need to know of its job.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct EventRow {
+    pub seq: i64,
+    pub tenant_id: String,
+    pub job_id: Uuid,
+    pub kind: String,
+    pub state: Option<JobState>,
+    pub attempt: i32,
+    pub data: Json<serde_json::Value>,
+    pub created_at: DateTime<Utc>,
+    pub queue: String,
+    pub job_type: String,
+    pub labels: Json<HashMap<String, String>>,
 }
 
 /// One row of `job_attempts`.

@@ -194,6 +194,21 @@ impl RawWorker {
         self.ack(request_id).await
     }
 
+    /// Completes without waiting for the ack (acks pile up in the backlog).
+    pub async fn complete_nowait(&mut self, job_id: &str, attempt: i32) {
+        let request_id = self.next_request;
+        self.next_request += 1;
+        self.send(In::Complete(pb::CompleteJob {
+            request_id,
+            lease: Some(pb::LeaseRef {
+                job_id: job_id.into(),
+                attempt,
+            }),
+            result: None,
+        }))
+        .await;
+    }
+
     pub async fn fail(
         &mut self,
         job_id: &str,
@@ -234,6 +249,26 @@ impl RawWorker {
         self.ack(request_id).await
     }
 
+    /// Reports progress without waiting for the ack (acks pile up in the backlog).
+    pub async fn progress(&mut self, job_id: &str, attempt: i32, done: i64, total: i64) {
+        let request_id = self.next_request;
+        self.next_request += 1;
+        self.send(In::Progress(pb::ReportProgress {
+            request_id,
+            lease: Some(pb::LeaseRef {
+                job_id: job_id.into(),
+                attempt,
+            }),
+            progress: Some(pb::Progress {
+                items_done: done,
+                items_total: total,
+                message: format!("{done} of {total}"),
+                ..Default::default()
+            }),
+        }))
+        .await;
+    }
+
     pub async fn heartbeat(&self, running: Vec<pb::LeaseRef>) {
         self.send(In::Heartbeat(pb::Heartbeat { running })).await;
     }
@@ -247,4 +282,46 @@ impl RawWorker {
             }
         }
     }
+}
+
+/// A WatchJob stream from `after`.
+pub async fn watch_job(url: &str, id: &str, after: i64) -> Streaming<pb::WatchJobResponse> {
+    jobs(url)
+        .await
+        .watch_job(pb::WatchJobRequest {
+            id: id.into(),
+            after_sequence: after,
+        })
+        .await
+        .expect("watch job")
+        .into_inner()
+}
+
+/// The next event of a watch stream, or None when it ended.
+pub async fn next_event<T>(stream: &mut Streaming<T>) -> Option<T> {
+    tokio::time::timeout(WAIT, stream.message())
+        .await
+        .expect("an event in time")
+        .expect("stream ok")
+}
+
+/// Whether an event is a state change into a terminal state.
+pub fn is_terminal(event: &pb::JobEvent) -> bool {
+    matches!(
+        &event.event,
+        Some(pb::job_event::Event::StateChanged(s))
+            if [pb::JobState::Succeeded, pb::JobState::Failed, pb::JobState::Cancelled]
+                .iter()
+                .any(|t| *t as i32 == s.state)
+    )
+}
+
+/// Every event of a WatchJob stream until it ends.
+pub async fn collect_job_events(url: &str, id: &str, after: i64) -> Vec<pb::JobEvent> {
+    let mut stream = watch_job(url, id, after).await;
+    let mut events = Vec::new();
+    while let Some(response) = next_event(&mut stream).await {
+        events.push(response.event.expect("event"));
+    }
+    events
 }

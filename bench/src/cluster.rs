@@ -1,0 +1,163 @@
+//! The system under test: a PostgreSQL (DATABASE_URL's, or a private one), a fresh database per
+//! workload, and jobwire-server processes built in the same profile as this binary.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context, bail};
+use jobwire_server::embedded_pg::EmbeddedPostgres;
+use sqlx::{AssertSqlSafe, Connection, PgConnection};
+
+/// Where databases come from.
+pub enum Postgres {
+    External(String),
+    Private {
+        pg: Option<EmbeddedPostgres>,
+        _dir: tempfile::TempDir,
+    },
+}
+
+impl Postgres {
+    /// `DATABASE_URL` when set, otherwise a private cluster in a temporary directory.
+    pub async fn start() -> anyhow::Result<Self> {
+        match std::env::var("DATABASE_URL") {
+            Ok(url) if !url.is_empty() => Ok(Self::External(url)),
+            _ => {
+                let dir = tempfile::tempdir()?;
+                let pg = EmbeddedPostgres::start(dir.path()).await?;
+                Ok(Self::Private {
+                    pg: Some(pg),
+                    _dir: dir,
+                })
+            }
+        }
+    }
+
+    fn admin_url(&self) -> anyhow::Result<String> {
+        match self {
+            Self::External(url) => Ok(url.clone()),
+            Self::Private { pg: Some(pg), .. } => Ok(pg.admin_url()),
+            Self::Private { pg: None, .. } => bail!("the private cluster has stopped"),
+        }
+    }
+
+    /// A new, empty database for one workload.
+    pub async fn fresh_database(&self, name: &str) -> anyhow::Result<String> {
+        let admin = self.admin_url()?;
+        let mut conn = PgConnection::connect(&admin).await?;
+        sqlx::query(AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+        )))
+        .execute(&mut conn)
+        .await?;
+        sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut conn)
+            .await?;
+        Ok(match self {
+            Self::External(url) => {
+                let (base, _) = url.rsplit_once('/').context("DATABASE_URL has no path")?;
+                let query = url
+                    .split_once('?')
+                    .map(|(_, q)| format!("?{q}"))
+                    .unwrap_or_default();
+                format!("{base}/{name}{query}")
+            }
+            Self::Private { pg: Some(pg), .. } => pg.database_url(name),
+            Self::Private { pg: None, .. } => bail!("the private cluster has stopped"),
+        })
+    }
+
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Self::Private { pg, .. } = &mut self
+            && let Some(pg) = pg.take()
+        {
+            pg.stop().await?;
+        }
+        Ok(())
+    }
+}
+
+/// A jobwire-server process, killed on drop.
+pub struct Server {
+    child: Child,
+    pub url: String,
+}
+
+/// The server binary next to this one (same profile).
+fn server_binary() -> anyhow::Result<PathBuf> {
+    if let Some(bin) = std::env::var_os("JOBWIRE_SERVER_BIN") {
+        return Ok(PathBuf::from(bin));
+    }
+    let exe = std::env::current_exe()?;
+    let bin = exe
+        .parent()
+        .context("binary directory")?
+        .join("jobwire-server");
+    if !bin.exists() {
+        bail!(
+            "{} is missing: build it in the same profile (cargo build --release -p jobwire-server)",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+impl Server {
+    pub fn start(database_url: &str, extra: &[&str]) -> anyhow::Result<Self> {
+        let mut child = Command::new(server_binary()?)
+            .args(["--listen", "127.0.0.1:0", "--database-url", database_url])
+            .args(extra)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let stdout = child.stdout.take().context("server stdout")?;
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        let addr = line
+            .trim()
+            .strip_prefix("jobwire-server listening on ")
+            .with_context(|| format!("unexpected first line from the server: {line:?}"))?;
+        Ok(Self {
+            url: format!("http://{addr}"),
+            child,
+        })
+    }
+
+    /// Peak resident memory so far, in MiB (VmHWM).
+    pub fn peak_rss_mib(&self) -> Option<f64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
+        let kib: f64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        Some(kib / 1024.0)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A gRPC channel to a server.
+pub async fn channel(url: &str) -> anyhow::Result<tonic::transport::Channel> {
+    Ok(tonic::transport::Endpoint::from_shared(url.to_owned())?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(10))
+        .connect()
+        .await?)
+}

@@ -1,0 +1,205 @@
+//! The bodies of the WatchJob and WatchJobs streams.
+//!
+//! Each stream is one task writing into a bounded channel (its size is the backpressure). It
+//! subscribes to the fanout first, then replays stored events up to the subscription's horizon,
+//! then forwards live events after it, skipping any it has already sent: so every event after the
+//! client's `after_sequence` arrives once, in order (invariant 5). When the fanout drops the
+//! subscription for falling behind, the stream ends with RESOURCE_EXHAUSTED naming the sequence
+//! to resume after.
+
+use std::sync::Arc;
+
+use jobwire_proto::v1 as pb;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+
+use super::{ApiError, convert};
+use crate::{
+    domain::TenantId,
+    engine::fanout::{FanoutEvent, FanoutHandle, Subscription, Target},
+    store::{EventRow, JobRow, Store},
+};
+
+/// Events read per replay statement.
+const REPLAY_PAGE: i64 = 500;
+
+/// Where a stream's events go; wraps the two response types.
+pub trait Sink: Send + 'static {
+    type Item: Send + 'static;
+    fn wrap(event: pb::JobEvent) -> Self::Item;
+}
+
+pub struct JobSink;
+impl Sink for JobSink {
+    type Item = pb::WatchJobResponse;
+    fn wrap(event: pb::JobEvent) -> Self::Item {
+        pb::WatchJobResponse { event: Some(event) }
+    }
+}
+
+pub struct JobsSink;
+impl Sink for JobsSink {
+    type Item = pb::WatchJobsResponse;
+    fn wrap(event: pb::JobEvent) -> Self::Item {
+        pb::WatchJobsResponse { event: Some(event) }
+    }
+}
+
+/// A running watch: what to read, and where the client stands.
+pub struct Watch<S: Sink> {
+    pub store: Store,
+    pub tenant: TenantId,
+    pub target: Target,
+    /// The last sequence the client has.
+    pub after: i64,
+    pub tx: mpsc::Sender<Result<S::Item, Status>>,
+}
+
+/// How a watch ended.
+enum End {
+    /// The terminal event was sent, or the client left.
+    Done,
+    /// The server is shutting down.
+    Shutdown,
+    /// The subscription fell behind; the client resumes after this sequence.
+    Lagged(i64),
+    Failed(ApiError),
+}
+
+impl<S: Sink> Watch<S> {
+    async fn send(&self, event: pb::JobEvent) -> bool {
+        self.tx.send(Ok(S::wrap(event))).await.is_ok()
+    }
+
+    /// Runs the stream to its end. `subscription` must be taken before any replay read.
+    pub async fn run(mut self, mut subscription: Subscription, shutdown: CancellationToken) {
+        let end = tokio::select! {
+            _ = shutdown.cancelled() => End::Shutdown,
+            end = self.stream(&mut subscription) => end,
+        };
+        let status = match end {
+            End::Done => return,
+            End::Shutdown => Status::unavailable(format!(
+                "server is shutting down; resume after sequence {}",
+                self.after
+            )),
+            End::Lagged(after) => Status::resource_exhausted(format!(
+                "watcher fell behind; resume after sequence {after}"
+            )),
+            End::Failed(error) => error.into(),
+        };
+        let _ = self.tx.send(Err(status)).await;
+    }
+
+    async fn stream(&mut self, subscription: &mut Subscription) -> End {
+        let horizon = subscription.horizon;
+        // Replay what is stored up to where live delivery starts.
+        let mut last_state = None;
+        while self.after < horizon {
+            let rows = match self.replay(horizon).await {
+                Ok(rows) => rows,
+                Err(error) => return End::Failed(error),
+            };
+            let Some(last) = rows.last().map(|r| r.seq) else {
+                break;
+            };
+            let snapshot = match self.snapshot(&rows).await {
+                Ok(snapshot) => snapshot,
+                Err(error) => return End::Failed(error),
+            };
+            for row in &rows {
+                if row.kind == "state" {
+                    last_state = row.state;
+                }
+                if !self.send(convert::event(row, snapshot.as_ref())).await {
+                    return End::Done;
+                }
+            }
+            self.after = last;
+        }
+        if let Target::Job(id) = &self.target {
+            // A job already finished ends the stream now: its terminal event was replayed, or
+            // the client had it before asking.
+            let finished = match last_state {
+                Some(state) => state.is_terminal(),
+                None => match self.store.get_job(&self.tenant, *id).await {
+                    Ok(job) => job.state.is_terminal(),
+                    Err(error) => return End::Failed(error.into()),
+                },
+            };
+            if finished {
+                return End::Done;
+            }
+        }
+        // Live events.
+        while let Some(event) = subscription.events.recv().await {
+            if event.row.seq <= self.after {
+                continue;
+            }
+            if !self.forward(&event).await {
+                return End::Done;
+            }
+            if matches!(self.target, Target::Job(_))
+                && event.state().is_some_and(|s| s.is_terminal())
+            {
+                return End::Done;
+            }
+        }
+        End::Lagged(self.after)
+    }
+
+    async fn forward(&mut self, event: &Arc<FanoutEvent>) -> bool {
+        self.after = event.row.seq;
+        self.send(convert::fanout_event(event)).await
+    }
+
+    async fn replay(&self, horizon: i64) -> Result<Vec<EventRow>, ApiError> {
+        Ok(match &self.target {
+            Target::Job(id) => {
+                self.store
+                    .job_events(&self.tenant, *id, self.after, horizon, REPLAY_PAGE)
+                    .await?
+            }
+            Target::Filter(filter) => {
+                self.store
+                    .filtered_events(&self.tenant, filter, self.after, horizon, REPLAY_PAGE)
+                    .await?
+            }
+        })
+    }
+
+    /// For a single job's replay, its current row, so state events carry a snapshot. (Replays
+    /// of many jobs leave it out rather than read a row per event.)
+    async fn snapshot(&self, rows: &[EventRow]) -> Result<Option<JobRow>, ApiError> {
+        match &self.target {
+            Target::Job(id) if rows.iter().any(|r| r.kind == "state") => {
+                Ok(Some(self.store.get_job(&self.tenant, *id).await?))
+            }
+            _ => Ok(None),
+        }
+    }
+}
+
+/// Starts a watch of one job, or of every job matching a filter, on `tasks`.
+pub fn start<S: Sink>(
+    store: Store,
+    fanout: &FanoutHandle,
+    tenant: TenantId,
+    target: Target,
+    after: i64,
+    shutdown: CancellationToken,
+    tasks: &tokio_util::task::TaskTracker,
+) -> mpsc::Receiver<Result<S::Item, Status>> {
+    let (tx, rx) = mpsc::channel(256);
+    let subscription = fanout.subscribe(tenant.clone(), target.clone());
+    let watch = Watch::<S> {
+        store,
+        tenant,
+        target,
+        after,
+        tx,
+    };
+    tasks.spawn(watch.run(subscription, shutdown));
+    rx
+}

@@ -1,0 +1,318 @@
+//! The fanout: delivers committed events to this replica's watchers, in sequence order, once.
+//!
+//! One loop per replica reads the event log, whoever wrote it (so a watcher here sees progress
+//! reported to any replica), and hands each event to every matching subscription. It only reads
+//! up to a safe horizon (see `store::events`): a number below which every event has committed,
+//! so nothing is delivered out of order and nothing is skipped. While nobody watches it only
+//! keeps the horizon current, slowly; with watchers it polls at the watch interval.
+//!
+//! A subscription starts at the horizon it was registered at: its stream replays the stored
+//! events up to there, then takes live ones from here. Each subscription has a bounded buffer;
+//! one that falls behind is dropped (never blocking the others) and its stream tells the client
+//! to resume from its last sequence (invariant 5 holds across the reconnect).
+
+use std::{
+    collections::{HashMap, HashSet, VecDeque},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    domain::{JobId, JobState, TenantId},
+    store::{EventFilter, EventRow, JobRow, SnapshotXids, Store},
+};
+
+/// Events buffered per subscription before it counts as too slow.
+const BUFFER: usize = 4096;
+/// Events read per statement.
+const PAGE: i64 = 2000;
+/// How often the horizon is refreshed while nobody watches.
+const IDLE_INTERVAL: Duration = Duration::from_millis(100);
+
+/// An event as delivered: the row, and for state changes the job as it is now.
+#[derive(Debug)]
+pub struct FanoutEvent {
+    pub row: EventRow,
+    pub job: Option<JobRow>,
+}
+
+impl FanoutEvent {
+    /// The state a state-change event entered, if it is one.
+    pub fn state(&self) -> Option<JobState> {
+        (self.row.kind == "state")
+            .then_some(self.row.state)
+            .flatten()
+    }
+}
+
+/// What a subscription wants.
+#[derive(Debug, Clone)]
+pub enum Target {
+    Job(JobId),
+    Filter(EventFilter),
+}
+
+impl Target {
+    fn matches(&self, row: &EventRow) -> bool {
+        match self {
+            Target::Job(id) => id.0 == row.job_id,
+            Target::Filter(f) => {
+                f.queue.as_ref().is_none_or(|q| q.as_str() == row.queue)
+                    && f.job_type.as_ref().is_none_or(|t| *t == row.job_type)
+                    && (f.states.is_empty()
+                        || (row.kind == "state"
+                            && row.state.is_some_and(|s| f.states.contains(&s))))
+                    && f.labels
+                        .iter()
+                        .all(|(k, v)| row.labels.0.get(k).is_some_and(|x| x == v))
+            }
+        }
+    }
+}
+
+struct Subscriber {
+    tenant: TenantId,
+    target: Target,
+    tx: mpsc::Sender<Arc<FanoutEvent>>,
+}
+
+struct State {
+    /// Every event at or below this number has been handed to the subscriptions of its time.
+    horizon: i64,
+    subscribers: HashMap<u64, Subscriber>,
+    next_id: u64,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    /// Wakes the loop when the first watcher arrives.
+    wake: Notify,
+}
+
+/// A cloneable handle for registering watchers.
+#[derive(Clone)]
+pub struct FanoutHandle {
+    shared: Arc<Shared>,
+}
+
+/// A registered watcher. Dropping it unregisters.
+pub struct Subscription {
+    id: u64,
+    /// Live events start after this sequence; the stream replays up to it from the store.
+    pub horizon: i64,
+    pub events: mpsc::Receiver<Arc<FanoutEvent>>,
+    shared: Arc<Shared>,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        if let Ok(mut state) = self.shared.state.lock() {
+            state.subscribers.remove(&self.id);
+        }
+    }
+}
+
+impl FanoutHandle {
+    pub fn subscribe(&self, tenant: TenantId, target: Target) -> Subscription {
+        let (tx, events) = mpsc::channel(BUFFER);
+        let (id, horizon) = match self.shared.state.lock() {
+            Ok(mut state) => {
+                let id = state.next_id;
+                state.next_id += 1;
+                state
+                    .subscribers
+                    .insert(id, Subscriber { tenant, target, tx });
+                (id, state.horizon)
+            }
+            // A poisoned lock means the loop panicked: the subscription gets no live events and
+            // its stream ends, so the client reconnects (possibly to a healthy replica).
+            Err(_) => (0, 0),
+        };
+        self.shared.wake.notify_one();
+        Subscription {
+            id,
+            horizon,
+            events,
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+pub struct Fanout {
+    store: Store,
+    interval: Duration,
+    shared: Arc<Shared>,
+    /// Horizons waiting for the transactions in progress when they were read to end.
+    pending: VecDeque<(i64, SnapshotXids)>,
+}
+
+impl Fanout {
+    pub fn new(store: Store, interval: Duration) -> (Self, FanoutHandle) {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                horizon: 0,
+                subscribers: HashMap::new(),
+                next_id: 1,
+            }),
+            wake: Notify::new(),
+        });
+        (
+            Self {
+                store,
+                interval,
+                shared: shared.clone(),
+                pending: VecDeque::new(),
+            },
+            FanoutHandle { shared },
+        )
+    }
+
+    fn watched(&self) -> bool {
+        self.shared
+            .state
+            .lock()
+            .map(|s| !s.subscribers.is_empty())
+            .unwrap_or(false)
+    }
+
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        // Start at the current end of the log: watchers replay history from the store.
+        match self.store.event_watermark().await {
+            Ok((last, xips)) => self.pending.push_back((last, xips)),
+            Err(error) => tracing::warn!(%error, "reading the event watermark failed"),
+        }
+        loop {
+            if let Err(error) = self.tick().await {
+                tracing::warn!(%error, "event fanout failed; retrying");
+            }
+            let pause = if self.watched() {
+                self.interval
+            } else {
+                IDLE_INTERVAL
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(pause) => {}
+                _ = self.shared.wake.notified() => {}
+            }
+        }
+        // Ending every subscription ends every watch stream, so the server can stop.
+        if let Ok(mut state) = self.shared.state.lock() {
+            state.subscribers.clear();
+        }
+    }
+
+    /// Advances the safe horizon, and delivers what lies below it when anyone watches.
+    async fn tick(&mut self) -> crate::store::Result<()> {
+        let (last, xips) = self.store.event_watermark().await?;
+        let in_progress: HashSet<i64> = xips.iter().copied().collect();
+        self.pending.push_back((last, xips));
+        let mut safe = None;
+        while let Some((horizon, xids)) = self.pending.front() {
+            if xids.iter().any(|x| in_progress.contains(x)) {
+                break;
+            }
+            safe = Some(*horizon);
+            self.pending.pop_front();
+        }
+        let Some(safe) = safe else { return Ok(()) };
+        if self.advance_if_unwatched(safe) {
+            return Ok(());
+        }
+        let mut from = self.horizon();
+        while from < safe {
+            let rows = self.store.events_between(from, safe, PAGE).await?;
+            let Some(last_row) = rows.last() else {
+                break;
+            };
+            // Rows past this page's last are read next time round; only what was read is passed.
+            let upto = if rows.len() < PAGE as usize {
+                safe
+            } else {
+                last_row.seq
+            };
+            let snapshot_ids: Vec<uuid::Uuid> = rows
+                .iter()
+                .filter(|r| r.kind == "state")
+                .map(|r| r.job_id)
+                .collect::<HashSet<_>>()
+                .into_iter()
+                .collect();
+            let jobs: HashMap<uuid::Uuid, JobRow> = if snapshot_ids.is_empty() {
+                HashMap::new()
+            } else {
+                self.store
+                    .jobs_by_ids(&snapshot_ids)
+                    .await?
+                    .into_iter()
+                    .map(|j| (j.id, j))
+                    .collect()
+            };
+            tracing::debug!(
+                from,
+                upto,
+                safe,
+                count = rows.len(),
+                first = rows.first().map(|r| r.seq),
+                "delivering events"
+            );
+            self.deliver(rows, &jobs, upto);
+            from = upto;
+        }
+        self.set_horizon(safe.max(from));
+        Ok(())
+    }
+
+    fn horizon(&self) -> i64 {
+        self.shared.state.lock().map(|s| s.horizon).unwrap_or(0)
+    }
+
+    /// Moves the horizon without reading events when nobody watches; checked under the lock,
+    /// so a watcher arriving meanwhile cannot miss the events skipped.
+    fn advance_if_unwatched(&self, safe: i64) -> bool {
+        match self.shared.state.lock() {
+            Ok(mut state) if state.subscribers.is_empty() => {
+                state.horizon = state.horizon.max(safe);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn set_horizon(&self, horizon: i64) {
+        if let Ok(mut state) = self.shared.state.lock() {
+            state.horizon = state.horizon.max(horizon);
+        }
+    }
+
+    /// Hands events to matching subscriptions and moves the horizon, under one lock so that a
+    /// subscription registered meanwhile starts exactly where delivery stopped.
+    fn deliver(&self, rows: Vec<EventRow>, jobs: &HashMap<uuid::Uuid, JobRow>, upto: i64) {
+        let Ok(mut state) = self.shared.state.lock() else {
+            return;
+        };
+        let mut lagging = Vec::new();
+        for row in rows {
+            let job = (row.kind == "state")
+                .then(|| jobs.get(&row.job_id).cloned())
+                .flatten();
+            let event = Arc::new(FanoutEvent { row, job });
+            for (id, sub) in &state.subscribers {
+                if sub.tenant.as_str() != event.row.tenant_id || !sub.target.matches(&event.row) {
+                    continue;
+                }
+                if sub.tx.try_send(event.clone()).is_err() {
+                    lagging.push(*id);
+                }
+            }
+            for id in lagging.drain(..) {
+                tracing::debug!(subscription = id, "watcher fell behind; disconnecting it");
+                state.subscribers.remove(&id);
+            }
+        }
+        state.horizon = state.horizon.max(upto);
+    }
+}

@@ -1,0 +1,144 @@
+//! Reading the event log: the watermark below which every event has committed, and the events
+//! watchers replay or follow.
+//!
+//! `seq` comes from a sequence, so a transaction can commit an event with a smaller number after
+//! another transaction's larger one is already visible. Readers therefore only go up to a
+//! horizon: the sequence's value read at some moment, once every transaction that held a
+//! transaction id just after that moment has ended. Every event writer modifies a row before it
+//! inserts its event (statements feed the insert from an UPDATE or INSERT, or lock the job row
+//! first), so it holds a transaction id before it takes a number.
+//!
+//! The ids come from `pg_stat_activity.backend_xid`, read straight from each backend. A
+//! snapshot's `xip` list would not do: it leaves out transactions whose id is newer than the
+//! last completed one, though they are in progress. Seeing another role's `backend_xid` needs
+//! that role or `pg_read_all_stats`, so every replica should connect as the same role.
+
+use std::collections::HashMap;
+
+use sqlx::types::Json;
+use uuid::Uuid;
+
+use super::{
+    Result, Store,
+    rows::{EventRow, JOB_COLUMNS, JobRow},
+};
+use crate::domain::{JobId, JobState, QueueName, TenantId};
+
+/// Transaction ids held by backends at one moment.
+pub type SnapshotXids = Vec<i64>;
+
+/// What a WatchJobs stream asks for; empty fields match everything.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EventFilter {
+    pub queue: Option<QueueName>,
+    pub job_type: Option<String>,
+    pub states: Vec<JobState>,
+    pub labels: HashMap<String, String>,
+}
+
+const EVENT_COLUMNS: &str = "e.seq, e.tenant_id, e.job_id, e.kind, e.state, e.attempt, e.data, \
+    e.created_at, j.queue, j.job_type, j.labels";
+
+impl Store {
+    /// The last event number handed out, then the transaction ids held right after: one round
+    /// trip, two statements, in that order (the order is what makes the horizon safe).
+    pub async fn event_watermark(&self) -> Result<(i64, SnapshotXids)> {
+        use futures::TryStreamExt;
+        use sqlx::Row;
+        let rows: Vec<sqlx::postgres::PgRow> = sqlx::raw_sql(
+            "SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END \
+                 FROM job_events_seq_seq; \
+             SELECT coalesce(array_agg(backend_xid::text::int8), '{}') \
+                 FROM pg_stat_activity WHERE backend_xid IS NOT NULL",
+        )
+        .fetch(&self.pool)
+        .try_collect()
+        .await?;
+        let last: i64 = rows.first().map(|r| r.try_get(0)).transpose()?.unwrap_or(0);
+        let xips: Vec<i64> = rows
+            .get(1)
+            .map(|r| r.try_get(0))
+            .transpose()?
+            .unwrap_or_default();
+        Ok((last, xips))
+    }
+
+    /// Events in `(after, upto]`, in order, at most `limit`.
+    pub async fn events_between(&self, after: i64, upto: i64, limit: i64) -> Result<Vec<EventRow>> {
+        let sql = static_sql!(
+            "SELECT {EVENT_COLUMNS} FROM job_events e JOIN jobs j ON j.id = e.job_id \
+             WHERE e.seq > $1 AND e.seq <= $2 ORDER BY e.seq LIMIT $3"
+        );
+        Ok(sqlx::query_as::<_, EventRow>(sql)
+            .bind(after)
+            .bind(upto)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    /// One job's events in `(after, upto]`, in order, at most `limit`.
+    pub async fn job_events(
+        &self,
+        tenant: &TenantId,
+        id: JobId,
+        after: i64,
+        upto: i64,
+        limit: i64,
+    ) -> Result<Vec<EventRow>> {
+        let sql = static_sql!(
+            "SELECT {EVENT_COLUMNS} FROM job_events e JOIN jobs j ON j.id = e.job_id \
+             WHERE e.job_id = $1 AND e.tenant_id = $2 AND e.seq > $3 AND e.seq <= $4 \
+             ORDER BY e.seq LIMIT $5"
+        );
+        Ok(sqlx::query_as::<_, EventRow>(sql)
+            .bind(id.0)
+            .bind(tenant.as_str())
+            .bind(after)
+            .bind(upto)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    /// A tenant's events matching a filter in `(after, upto]`, in order, at most `limit`.
+    pub async fn filtered_events(
+        &self,
+        tenant: &TenantId,
+        filter: &EventFilter,
+        after: i64,
+        upto: i64,
+        limit: i64,
+    ) -> Result<Vec<EventRow>> {
+        let sql = static_sql!(
+            "SELECT {EVENT_COLUMNS} FROM job_events e JOIN jobs j ON j.id = e.job_id \
+             WHERE e.tenant_id = $1 AND e.seq > $2 AND e.seq <= $3 \
+               AND ($4::text IS NULL OR j.queue = $4) \
+               AND ($5::text IS NULL OR j.job_type = $5) \
+               AND (cardinality($6::job_state[]) = 0 \
+                    OR (e.kind = 'state' AND e.state = ANY($6))) \
+               AND j.labels @> $7 \
+             ORDER BY e.seq LIMIT $8"
+        );
+        Ok(sqlx::query_as::<_, EventRow>(sql)
+            .bind(tenant.as_str())
+            .bind(after)
+            .bind(upto)
+            .bind(filter.queue.as_ref().map(QueueName::as_str))
+            .bind(filter.job_type.as_deref())
+            .bind(&filter.states)
+            .bind(Json(&filter.labels))
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    /// Jobs by id, for the snapshots state events carry.
+    pub async fn jobs_by_ids(&self, ids: &[Uuid]) -> Result<Vec<JobRow>> {
+        let sql = static_sql!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ANY($1)");
+        Ok(sqlx::query_as::<_, JobRow>(sql)
+            .bind(ids)
+            .fetch_all(&self.pool)
+            .await?)
+    }
+}

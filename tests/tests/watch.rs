@@ -1,0 +1,313 @@
+//! WatchJob and WatchJobs: full history after the fact, exactly-once resume, delivery across
+//! replicas, and many dashboards at once. Real server binaries, real PostgreSQL.
+
+mod support;
+
+use std::time::Duration;
+
+use jobwire_proto::v1::{self as pb, job_event::Event};
+use jobwire_tests::{ServerProcess, test_db};
+use support::{
+    RawWorker, collect_job_events, enqueue, is_terminal, jobs, next_event, spec, watch_job,
+};
+use tonic::Code;
+
+fn sequences(events: &[pb::JobEvent]) -> Vec<i64> {
+    events.iter().map(|e| e.sequence).collect()
+}
+
+fn assert_strictly_increasing(events: &[pb::JobEvent]) {
+    for pair in events.windows(2) {
+        assert!(
+            pair[0].sequence < pair[1].sequence,
+            "events out of order: {} then {}",
+            pair[0].sequence,
+            pair[1].sequence
+        );
+    }
+}
+
+/// Runs a job on a raw worker: `updates` progress reports, then completion.
+async fn run_with_progress(worker: &mut RawWorker, job_id: &str, updates: i64, pause: Duration) {
+    let lease = worker.next_lease().await;
+    assert_eq!(lease.job_id, job_id);
+    for done in 1..=updates {
+        worker.progress(job_id, lease.attempt, done, updates).await;
+        if !pause.is_zero() {
+            tokio::time::sleep(pause).await;
+        }
+    }
+    let ack = worker.complete(job_id, lease.attempt, b"done").await;
+    assert_eq!(ack.code, Code::Ok as i32, "{ack:?}");
+}
+
+#[tokio::test]
+async fn watcher_connecting_after_the_end_receives_the_whole_history() {
+    let db = test_db().await;
+    let server = ServerProcess::start(&db, &[]).await;
+    let mut client = jobs(&server.url()).await;
+    let job = enqueue(&mut client, spec("type.watched", "default")).await;
+    let mut worker = RawWorker::connect(&server.url(), "raw", &["type.watched"], 1).await;
+    run_with_progress(&mut worker, &job.id, 20, Duration::from_millis(2)).await;
+
+    let events = collect_job_events(&server.url(), &job.id, 0).await;
+    assert_strictly_increasing(&events);
+    let states: Vec<i32> = events
+        .iter()
+        .filter_map(|e| match &e.event {
+            Some(Event::StateChanged(s)) => Some(s.state),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        states,
+        vec![
+            pb::JobState::Available as i32,
+            pb::JobState::Running as i32,
+            pb::JobState::Succeeded as i32
+        ]
+    );
+    assert!(
+        is_terminal(events.last().expect("events")),
+        "ends with the terminal event"
+    );
+    let progress: Vec<i64> = events
+        .iter()
+        .filter_map(|e| match &e.event {
+            Some(Event::Progress(p)) => Some(p.items_done),
+            _ => None,
+        })
+        .collect();
+    assert!(!progress.is_empty(), "progress events are kept");
+    assert_eq!(
+        progress.last(),
+        Some(&20),
+        "the last progress is the final value"
+    );
+    assert!(progress.windows(2).all(|w| w[0] < w[1]));
+    // The terminal event carries the job, result included.
+    let Some(Event::StateChanged(done)) = &events.last().expect("events").event else {
+        panic!("terminal state change expected");
+    };
+    let snapshot = done.job.as_ref().expect("job snapshot");
+    assert_eq!(snapshot.result.as_ref().expect("result").value, b"done");
+    assert_eq!(snapshot.progress.as_ref().expect("progress").items_done, 20);
+
+    // Resuming after the terminal event ends at once; an unknown job is NOT_FOUND.
+    let after_end =
+        collect_job_events(&server.url(), &job.id, events.last().expect("e").sequence).await;
+    assert!(after_end.is_empty());
+    let status = client
+        .watch_job(pb::WatchJobRequest {
+            id: "0190b2c4-5e6f-7a8b-9c0d-1e2f3a4b5c6d".into(),
+            after_sequence: 0,
+        })
+        .await
+        .expect_err("unknown job");
+    assert_eq!(status.code(), Code::NotFound);
+}
+
+/// A watcher dropped every few events and resumed from its last sequence sees exactly the
+/// events an uninterrupted watcher sees: none missing, none twice, in order.
+#[tokio::test]
+async fn resumed_watcher_receives_every_later_event_exactly_once() {
+    let db = test_db().await;
+    let server = ServerProcess::start(&db, &[]).await;
+    let url = server.url();
+    let mut client = jobs(&url).await;
+    let job = enqueue(&mut client, spec("type.chatty", "default")).await;
+
+    let full = tokio::spawn({
+        let (url, id) = (url.clone(), job.id.clone());
+        async move { collect_job_events(&url, &id, 0).await }
+    });
+    let resumed = tokio::spawn({
+        let (url, id) = (url.clone(), job.id.clone());
+        async move {
+            let mut seen: Vec<pb::JobEvent> = Vec::new();
+            let mut reconnects = 0;
+            'outer: loop {
+                let after = seen.last().map(|e| e.sequence).unwrap_or(0);
+                let mut stream = watch_job(&url, &id, after).await;
+                // Drop the stream after a handful of events, as a killed watcher would.
+                for _ in 0..7 {
+                    match next_event(&mut stream).await {
+                        Some(response) => seen.push(response.event.expect("event")),
+                        None => break 'outer,
+                    }
+                }
+                reconnects += 1;
+            }
+            (seen, reconnects)
+        }
+    });
+
+    let mut worker = RawWorker::connect(&url, "raw", &["type.chatty"], 1).await;
+    run_with_progress(&mut worker, &job.id, 500, Duration::from_micros(500)).await;
+
+    let full = full.await.expect("full watcher");
+    let (resumed, reconnects) = resumed.await.expect("resumed watcher");
+    assert!(reconnects >= 5, "the watcher was cut {reconnects} times");
+    assert_strictly_increasing(&full);
+    assert!(is_terminal(full.last().expect("events")));
+    let progress_events = full
+        .iter()
+        .filter(|e| matches!(e.event, Some(Event::Progress(_))))
+        .count();
+    assert!(
+        progress_events > 20,
+        "only {progress_events} progress events were written"
+    );
+    assert_eq!(
+        sequences(&resumed),
+        sequences(&full),
+        "the resumed watcher saw other events than the uninterrupted one"
+    );
+    // And the store agrees with both.
+    let stored: Vec<i64> =
+        sqlx::query_scalar("SELECT seq FROM job_events WHERE job_id = $1::uuid ORDER BY seq")
+            .bind(&job.id)
+            .fetch_all(&db.pool().await)
+            .await
+            .expect("stored events");
+    assert_eq!(stored, sequences(&full));
+}
+
+/// Progress reported to one replica reaches a watcher on another.
+#[tokio::test]
+async fn watcher_on_one_replica_sees_progress_reported_to_another() {
+    let db = test_db().await;
+    let a = ServerProcess::start(&db, &[]).await;
+    let b = ServerProcess::start(&db, &[]).await;
+    let mut client = jobs(&a.url()).await;
+    let job = enqueue(&mut client, spec("type.remote", "default")).await;
+    let mut on_b = watch_job(&b.url(), &job.id, 0).await;
+
+    let mut worker = RawWorker::connect(&a.url(), "raw-a", &["type.remote"], 1).await;
+    let lease = worker.next_lease().await;
+    worker.progress(&job.id, lease.attempt, 3, 10).await;
+    let progress = loop {
+        let event = next_event(&mut on_b)
+            .await
+            .expect("stream open")
+            .event
+            .expect("event");
+        if let Some(Event::Progress(p)) = event.event {
+            break p;
+        }
+    };
+    assert_eq!((progress.items_done, progress.items_total), (3, 10));
+    assert_eq!(progress.message, "3 of 10");
+    worker.complete(&job.id, lease.attempt, b"ok").await;
+    let mut last = None;
+    while let Some(response) = next_event(&mut on_b).await {
+        last = response.event;
+    }
+    assert!(is_terminal(&last.expect("a terminal event")));
+}
+
+/// Many dashboards at once while thousands of jobs run: every stream sees every event.
+#[tokio::test]
+async fn concurrent_watch_jobs_streams_miss_nothing() {
+    const JOBS: usize = 5000;
+    const STREAMS: usize = 200;
+    let db = test_db().await;
+    let server = ServerProcess::start(&db, &["--poll-interval", "100ms"]).await;
+    let url = server.url();
+    let mut client = jobs(&url).await;
+
+    // 200 dashboards of finished jobs, and a few that take every event of the queue.
+    let mut streams = Vec::new();
+    for i in 0..STREAMS {
+        let request = pb::WatchJobsRequest {
+            queue: "default".into(),
+            states: if i < 5 {
+                vec![]
+            } else {
+                vec![pb::JobState::Succeeded.into()]
+            },
+            ..Default::default()
+        };
+        streams.push(
+            client
+                .watch_jobs(request)
+                .await
+                .expect("watch jobs")
+                .into_inner(),
+        );
+    }
+    let collectors: Vec<_> = streams
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut stream)| {
+            tokio::spawn(async move {
+                let mut seqs = Vec::new();
+                let mut succeeded = 0;
+                while succeeded < JOBS {
+                    let Some(response) = next_event(&mut stream).await else {
+                        panic!("stream {i} ended early");
+                    };
+                    let event = response.event.expect("event");
+                    if let Some(Event::StateChanged(s)) = &event.event
+                        && s.state == pb::JobState::Succeeded as i32
+                    {
+                        succeeded += 1;
+                    }
+                    seqs.push(event.sequence);
+                }
+                (i, seqs)
+            })
+        })
+        .collect();
+
+    let mut producer = jobs(&url).await;
+    for chunk in (0..JOBS).collect::<Vec<_>>().chunks(1000) {
+        producer
+            .enqueue_jobs(pb::EnqueueJobsRequest {
+                jobs: chunk.iter().map(|_| spec("type.busy", "default")).collect(),
+            })
+            .await
+            .expect("enqueue");
+    }
+    let mut worker = RawWorker::connect(&url, "raw", &["type.busy"], 50).await;
+    for _ in 0..JOBS {
+        let lease = worker.next_lease().await;
+        worker.complete_nowait(&lease.job_id, lease.attempt).await;
+    }
+
+    // Every stream has seen every job finish, so every event it must have is committed.
+    let mut collected = Vec::new();
+    for collector in collectors {
+        collected.push(collector.await.expect("collector"));
+    }
+    let pool = db.pool().await;
+    let all: Vec<i64> = sqlx::query_scalar("SELECT seq FROM job_events ORDER BY seq")
+        .fetch_all(&pool)
+        .await
+        .expect("events");
+    let succeeded: Vec<i64> =
+        sqlx::query_scalar("SELECT seq FROM job_events WHERE state = 'succeeded' ORDER BY seq")
+            .fetch_all(&pool)
+            .await
+            .expect("events");
+    for (i, seqs) in collected {
+        let expected = if i < 5 { &all } else { &succeeded };
+        let last = *seqs.last().expect("events");
+        let expected: Vec<i64> = expected.iter().copied().filter(|s| *s <= last).collect();
+        assert_eq!(
+            seqs.len(),
+            expected.len(),
+            "stream {i} missed or repeated events"
+        );
+        assert_eq!(seqs, expected, "stream {i} differs from the log");
+    }
+    let rss = std::fs::read_to_string(format!("/proc/{}/status", server.pid()))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .map(|l| l.to_owned())
+        })
+        .unwrap_or_default();
+    eprintln!("server peak RSS after {STREAMS} WatchJobs streams and {JOBS} jobs: {rss}");
+}
