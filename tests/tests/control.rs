@@ -312,6 +312,20 @@ async fn a_tight_progress_loop_costs_a_bounded_number_of_writes() {
     .await
     .expect("count");
     eprintln!("{CALLS} progress calls became {writes} progress writes");
+    let logged: Vec<serde_json::Value> = sqlx::query_scalar(
+        "SELECT data FROM job_events WHERE job_id = $1::uuid AND kind = 'log' ORDER BY seq",
+    )
+    .bind(handle.id().as_str())
+    .fetch_all(&db.pool().await)
+    .await
+    .expect("logs");
+    assert_eq!(
+        logged.len(),
+        1,
+        "the handler's log line is kept: {logged:?}"
+    );
+    assert_eq!(logged[0]["message"], format!("reported {CALLS} times"));
+    assert_eq!(logged[0]["level"], "LOG_LEVEL_INFO");
     assert!(
         (1..=100).contains(&writes),
         "{writes} writes for {CALLS} calls"

@@ -311,3 +311,71 @@ async fn concurrent_watch_jobs_streams_miss_nothing() {
         .unwrap_or_default();
     eprintln!("server peak RSS after {STREAMS} WatchJobs streams and {JOBS} jobs: {rss}");
 }
+
+/// WatchJobs filters by labels, job type and state.
+#[tokio::test]
+async fn watch_jobs_filters_by_label_type_and_state() {
+    let db = test_db().await;
+    let server = ServerProcess::start(&db, &[]).await;
+    let mut client = jobs(&server.url()).await;
+    let mut a = spec("type.a", "default");
+    a.labels.insert("team".into(), "alpha".into());
+    let a = enqueue(&mut client, a).await;
+    let mut b = spec("type.b", "default");
+    b.labels.insert("team".into(), "beta".into());
+    let b = enqueue(&mut client, b).await;
+    for id in [&a.id, &b.id] {
+        client
+            .cancel_job(pb::CancelJobRequest {
+                id: id.clone(),
+                reason: "done".into(),
+            })
+            .await
+            .expect("cancel");
+    }
+
+    // Reads a filtered stream until the given job's cancellation arrives.
+    let read_until_cancelled = |request: pb::WatchJobsRequest, id: String| {
+        let mut client = client.clone();
+        async move {
+            let mut stream = client
+                .watch_jobs(request)
+                .await
+                .expect("watch")
+                .into_inner();
+            let mut events = Vec::new();
+            loop {
+                let event = next_event(&mut stream)
+                    .await
+                    .expect("open")
+                    .event
+                    .expect("event");
+                let done = event.job_id == id && is_terminal(&event);
+                events.push(event);
+                if done {
+                    return events;
+                }
+            }
+        }
+    };
+    let mut by_label = pb::WatchJobsRequest::default();
+    by_label.labels.insert("team".into(), "alpha".into());
+    let events = read_until_cancelled(by_label, a.id.clone()).await;
+    assert_eq!(events.len(), 2, "AVAILABLE and CANCELLED of job a");
+    assert!(events.iter().all(|e| e.job_id == a.id));
+
+    let by_type = pb::WatchJobsRequest {
+        job_type: "type.b".into(),
+        ..Default::default()
+    };
+    let events = read_until_cancelled(by_type, b.id.clone()).await;
+    assert!(events.iter().all(|e| e.job_id == b.id));
+
+    let by_state = pb::WatchJobsRequest {
+        states: vec![pb::JobState::Cancelled.into()],
+        ..Default::default()
+    };
+    let events = read_until_cancelled(by_state, b.id.clone()).await;
+    assert_eq!(events.len(), 2, "only the two cancellations");
+    assert!(events.iter().all(is_terminal));
+}

@@ -11,7 +11,9 @@
 //! The ids come from `pg_stat_activity.backend_xid`, read straight from each backend. A
 //! snapshot's `xip` list would not do: it leaves out transactions whose id is newer than the
 //! last completed one, though they are in progress. Seeing another role's `backend_xid` needs
-//! that role or `pg_read_all_stats`, so every replica should connect as the same role.
+//! that role or `pg_read_all_stats`, so every replica should connect as the same role. Only
+//! this database's transactions count (no other can write its events); still, a long-running
+//! writing transaction in this database holds the horizon back until it ends.
 
 use std::collections::HashMap;
 
@@ -49,7 +51,8 @@ impl Store {
             "SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END \
                  FROM job_events_seq_seq; \
              SELECT coalesce(array_agg(backend_xid::text::int8), '{}') \
-                 FROM pg_stat_activity WHERE backend_xid IS NOT NULL",
+                 FROM pg_stat_activity \
+                 WHERE backend_xid IS NOT NULL AND datname = current_database()",
         )
         .fetch(&self.pool)
         .try_collect()
