@@ -72,6 +72,7 @@ pub async fn run(
     let max_message = config.max_payload_bytes + ENVELOPE_BYTES;
     let jobs = JobServiceServer::new(JobApi::new(
         store.clone(),
+        engine.enqueuer.clone(),
         config.max_payload_bytes,
         engine.fanout.clone(),
         shutdown.clone(),

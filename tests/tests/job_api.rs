@@ -525,3 +525,71 @@ async fn worker_named_retry_delay_overrides_the_policy() {
         "the next attempt waits the worker's 120 s, not the policy's 5 s: {delay} s"
     );
 }
+
+/// Concurrent single enqueues are group-committed: every caller is answered after its own
+/// commit (its job is readable at once from another connection), a bad request fails alone,
+/// and racing callers with one idempotency key get one job.
+#[tokio::test]
+async fn concurrent_enqueues_share_commits_but_not_failures() {
+    let db = test_db().await;
+    let server = ServerProcess::start(&db, &[]).await;
+    let url = server.url();
+    let mut tasks = Vec::new();
+    for i in 0..300 {
+        let url = url.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut client = jobs(&url).await;
+            let mut job = spec("type.grouped", "default");
+            if i % 10 == 3 {
+                job.priority = Some(500);
+            }
+            if i % 10 == 7 {
+                job.idempotency_key = "shared-key".into();
+            }
+            let result = client
+                .enqueue_job(pb::EnqueueJobRequest { job: Some(job) })
+                .await
+                .map(|r| r.into_inner());
+            if let Ok(response) = &result {
+                let id = &response.job.as_ref().expect("job").id;
+                let mut reader = jobs(&url).await;
+                let stored = get(&mut reader, id).await;
+                assert_eq!(&stored.id, id, "an answered enqueue is committed");
+            }
+            (i, result)
+        }));
+    }
+    let mut created = 0;
+    let mut shared_ids = Vec::new();
+    let mut shared_created = 0;
+    for task in tasks {
+        let (i, result) = task.await.expect("task");
+        match i % 10 {
+            3 => {
+                let status = result.expect_err("bad priority fails");
+                assert_eq!(status.code(), Code::InvalidArgument);
+                assert!(status.message().contains("job.priority"));
+            }
+            7 => {
+                let response = result.expect("keyed enqueue");
+                shared_ids.push(response.job.expect("job").id);
+                shared_created += i32::from(response.created);
+            }
+            _ => {
+                let response = result.expect("valid enqueue succeeds");
+                assert!(response.created);
+                created += 1;
+            }
+        }
+    }
+    assert_eq!(created, 240);
+    assert_eq!(shared_created, 1, "one caller created the keyed job");
+    shared_ids.sort();
+    shared_ids.dedup();
+    assert_eq!(shared_ids.len(), 1, "every keyed caller got the same job");
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs")
+        .fetch_one(&db.pool().await)
+        .await
+        .expect("count");
+    assert_eq!(stored, 241);
+}

@@ -6,7 +6,10 @@
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::{engine::completer::SettleError, store};
+use crate::{
+    engine::{completer::SettleError, enqueuer::EnqueueError},
+    store,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -88,6 +91,17 @@ impl From<SettleError> for ApiError {
                 Self::Unavailable(error.to_string())
             }
             SettleError::Internal(message) => Self::Internal(message),
+        }
+    }
+}
+
+impl From<EnqueueError> for ApiError {
+    fn from(error: EnqueueError) -> Self {
+        match error {
+            EnqueueError::ShuttingDown | EnqueueError::Unavailable(_) => {
+                Self::Unavailable(error.to_string())
+            }
+            EnqueueError::Internal(message) => Self::Internal(message),
         }
     }
 }

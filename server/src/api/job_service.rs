@@ -14,7 +14,10 @@ use super::{
 };
 use crate::{
     domain::{JobId, JobState, TenantId},
-    engine::fanout::{FanoutHandle, Target},
+    engine::{
+        enqueuer::EnqueuerHandle,
+        fanout::{FanoutHandle, Target},
+    },
     store::{EventFilter, ListFilter, StopKind, Store},
 };
 
@@ -23,6 +26,8 @@ const MAX_PAGE_SIZE: i32 = 1000;
 
 pub struct JobApi {
     store: Store,
+    /// Group-commits single enqueues.
+    enqueuer: EnqueuerHandle,
     max_payload_bytes: usize,
     fanout: FanoutHandle,
     /// Ends watch streams on shutdown, so the server can stop.
@@ -33,6 +38,7 @@ pub struct JobApi {
 impl JobApi {
     pub fn new(
         store: Store,
+        enqueuer: EnqueuerHandle,
         max_payload_bytes: usize,
         fanout: FanoutHandle,
         shutdown: CancellationToken,
@@ -40,6 +46,7 @@ impl JobApi {
     ) -> Self {
         Self {
             store,
+            enqueuer,
             max_payload_bytes,
             fanout,
             shutdown,
@@ -133,16 +140,14 @@ impl JobService for JobApi {
             .as_ref()
             .ok_or_else(|| ApiError::invalid("job", "is required"))?;
         let job = validate::job_spec(spec, self.max_payload_bytes).map_err(|e| e.within("job"))?;
-        let mut outcomes = self
-            .store
-            .enqueue_many(&tenant, std::slice::from_ref(&job))
+        let queue = job.queue.clone();
+        let outcome = self
+            .enqueuer
+            .enqueue(tenant.clone(), job)
             .await
             .map_err(ApiError::from)?;
-        let outcome = outcomes
-            .pop()
-            .ok_or_else(|| ApiError::Internal("enqueue returned no row".into()))?;
         if outcome.created {
-            tracing::debug!(job_id = %outcome.job.id, %tenant, queue = %job.queue, "job enqueued");
+            tracing::debug!(job_id = %outcome.job.id, %tenant, %queue, "job enqueued");
         }
         Ok(Response::new(pb::EnqueueJobResponse {
             created: outcome.created,

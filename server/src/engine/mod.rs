@@ -3,6 +3,7 @@
 //! | loop | runs on | job |
 //! | --- | --- | --- |
 //! | [`dispatcher`] | every replica | leases available jobs to this replica's workers |
+//! | [`enqueuer`] | every replica | group-commits concurrent single enqueues |
 //! | [`completer`] | every replica | writes attempt outcomes in batches |
 //! | [`notifier`] | every replica | turns NOTIFY into dispatcher wake-ups and stop signals |
 //! | [`fanout`] | every replica | delivers committed events to watchers, in order |
@@ -11,11 +12,12 @@
 //! | [`scheduler`] | leader | makes due SCHEDULED / RETRYING jobs AVAILABLE |
 //!
 //! Each loop has one job and is wired here; every task runs on one [`TaskTracker`], so shutdown
-//! can wait for all of them. The completer stops last: only once every worker stream (each
-//! holding a handle) has ended and its queue is flushed.
+//! can wait for all of them. The completer and the enqueuer stop last: only once every stream
+//! and call holding a handle has ended and their queues are flushed.
 
 pub mod completer;
 pub mod dispatcher;
+pub mod enqueuer;
 pub mod fanout;
 pub mod leader;
 pub mod notifier;
@@ -30,6 +32,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{config::Config, store::Store};
 use completer::{Completer, CompleterHandle};
 use dispatcher::{Dispatcher, DispatcherHandle};
+use enqueuer::{Enqueuer, EnqueuerHandle};
 use fanout::{Fanout, FanoutHandle};
 use leader::{Elector, Leadership};
 use notifier::{Notifier, StopSignal};
@@ -47,6 +50,7 @@ const STOP_SIGNALS: usize = 1024;
 pub struct Engine {
     pub dispatcher: DispatcherHandle,
     pub completer: CompleterHandle,
+    pub enqueuer: EnqueuerHandle,
     pub leadership: Leadership,
     pub fanout: FanoutHandle,
     /// Stop requests for running leases, for the worker streams to pick up.
@@ -65,6 +69,7 @@ impl Engine {
         let (dispatcher, dispatcher_handle) =
             Dispatcher::new(store.clone(), config.lease_duration, config.poll_interval);
         let (completer, completer_handle) = Completer::new(store.clone());
+        let (enqueuer, enqueuer_handle) = Enqueuer::new(store.clone());
         let (elector, leadership) = Elector::new(store.clone(), ELECTION_INTERVAL);
         let (stops, _) = broadcast::channel(STOP_SIGNALS);
         let notifier = Notifier::new(store.clone(), dispatcher_handle.clone(), stops.clone());
@@ -74,6 +79,7 @@ impl Engine {
 
         tasks.spawn(dispatcher.run(shutdown.clone()));
         tasks.spawn(completer.run());
+        tasks.spawn(enqueuer.run());
         tasks.spawn(elector.run(shutdown.clone()));
         tasks.spawn(notifier.run(shutdown.clone()));
         tasks.spawn(reaper.run(shutdown.clone()));
@@ -83,6 +89,7 @@ impl Engine {
         Self {
             dispatcher: dispatcher_handle,
             completer: completer_handle,
+            enqueuer: enqueuer_handle,
             leadership,
             fanout: fanout_handle,
             stops,
