@@ -363,6 +363,7 @@ impl Session {
                 worker_id: hello.worker_id.clone(),
                 queues: hello.queues.clone(),
                 job_types: hello.job_types.clone(),
+                slots: hello.slots,
                 free,
                 leases: lease_tx,
             })
