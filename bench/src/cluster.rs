@@ -1,5 +1,6 @@
 //! The system under test: a PostgreSQL (DATABASE_URL's, or a private one), a fresh database per
-//! workload, and jobwire-server processes built in the same profile as this binary.
+//! workload, jobwire-server processes built in the same profile as this binary, and worker
+//! subprocesses (this binary's hidden `worker` command, see `crate::worker`).
 
 use std::{
     io::{BufRead, BufReader},
@@ -11,6 +12,15 @@ use std::{
 use anyhow::{Context, bail};
 use jobwire_server::embedded_pg::EmbeddedPostgres;
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
+use tokio::{
+    io::{AsyncBufReadExt, BufReader as AsyncBufReader, Lines},
+    process::{ChildStdin, ChildStdout},
+};
+
+use crate::worker::Handler;
+
+/// How long a worker subprocess may take to drain and exit once told to stop.
+const WORKER_STOP_GRACE: Duration = Duration::from_secs(30);
 
 /// Where databases come from.
 pub enum Postgres {
@@ -160,4 +170,89 @@ pub async fn channel(url: &str) -> anyhow::Result<tonic::transport::Channel> {
         .connect_timeout(Duration::from_secs(10))
         .connect()
         .await?)
+}
+
+/// A worker subprocess serving one job type through the SDK; killed on drop.
+pub struct WorkerProcess {
+    child: tokio::process::Child,
+    /// Held open while the worker should serve: end of file is its signal to drain. Kept out of
+    /// `child`, whose `wait` would close it.
+    stdin: Option<ChildStdin>,
+    stdout: Option<ChildStdout>,
+}
+
+impl WorkerProcess {
+    /// Starts `jobwire-bench worker` against `server_url` with `concurrency` slots and, when
+    /// given, the SDK's progress interval (its default otherwise). It connects in the
+    /// background; a workload that needs it connected waits for a warm-up job.
+    pub fn start(
+        server_url: &str,
+        handler: Handler,
+        concurrency: usize,
+        progress_interval: Option<Duration>,
+    ) -> anyhow::Result<Self> {
+        let handler = clap::ValueEnum::to_possible_value(&handler)
+            .context("handler name")?
+            .get_name()
+            .to_owned();
+        let mut command = tokio::process::Command::new(std::env::current_exe()?);
+        command
+            .arg("worker")
+            .args(["--url", server_url, "--handler", &handler])
+            .args(["--concurrency", &concurrency.to_string()]);
+        if let Some(interval) = progress_interval {
+            command.args(["--progress-interval-ms", &interval.as_millis().to_string()]);
+        }
+        let mut child = command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()?;
+        Ok(Self {
+            stdin: child.stdin.take(),
+            stdout: child.stdout.take(),
+            child,
+        })
+    }
+
+    /// The worker's measurement lines (see `crate::worker`); there is one reader, so this
+    /// succeeds once.
+    pub fn lines(&mut self) -> anyhow::Result<Lines<AsyncBufReader<ChildStdout>>> {
+        Ok(
+            AsyncBufReader::new(self.stdout.take().context("the worker's stdout is taken")?)
+                .lines(),
+        )
+    }
+
+    /// Runs `work`, failing instead if the worker exits first (so a crashed worker ends the
+    /// workload at once rather than at its timeout).
+    pub async fn while_running<T>(
+        &mut self,
+        work: impl Future<Output = anyhow::Result<T>>,
+    ) -> anyhow::Result<T> {
+        tokio::select! {
+            result = work => result,
+            status = self.child.wait() => bail!("the worker exited early ({})", status?),
+        }
+    }
+
+    /// Closes the worker's stdin, so it drains and exits; kills it if that takes longer than
+    /// [`WORKER_STOP_GRACE`]. Fails when it did not exit cleanly.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        drop(self.stdin.take());
+        match tokio::time::timeout(WORKER_STOP_GRACE, self.child.wait()).await {
+            Ok(status) => {
+                let status = status?;
+                if !status.success() {
+                    bail!("the worker exited with {status}");
+                }
+                Ok(())
+            }
+            Err(_) => {
+                self.child.kill().await?;
+                bail!("the worker did not stop within {WORKER_STOP_GRACE:?}")
+            }
+        }
+    }
 }

@@ -1,22 +1,77 @@
 //! jobwire-bench: runs workloads against real jobwire-server processes on real PostgreSQL and
 //! prints one JSON line per workload on stdout. Figures are counted from what happened (the
-//! database, the handlers, the watchers), on a fresh database per workload.
+//! database, the handlers, the watchers), on a fresh database per workload, and the workloads
+//! measure what the Graphile Worker peer (`/work/shared/peers`) measures, the same way.
 //!
-//! `cargo run --release -p jobwire-bench -- --workloads CR`
+//! `cargo run --release -p jobwire-bench -- --workloads W1,W2,W3,W4`
+//!
+//! # Layout
+//!
+//! - `cluster`: the system under test: PostgreSQL, server processes, worker subprocesses.
+//! - `worker`: the body of a worker subprocess (the hidden `worker` command): this binary
+//!   re-executed, serving the bench's job types through the SDK.
+//! - `jobs`: the bench's job types, shared by producers and workers.
+//! - `ledger`: what the bench reads back from a workload's database.
+//! - `clock`: wall-clock timestamps that cross processes; `stats`: percentiles.
+//! - `workloads`: one module per workload.
 
+mod clock;
 mod cluster;
+mod jobs;
+mod ledger;
 mod stats;
+mod worker;
 mod workloads;
 
-use clap::Parser;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// The longest a workload may run; one that runs over is reported as failed and the rest run.
+const WORKLOAD_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Benchmarks of jobwire.
 #[derive(Debug, Parser)]
 #[command(name = "jobwire-bench")]
 struct Args {
-    /// Comma-separated workloads: CR (cross-replica watch delay).
-    #[arg(long, value_delimiter = ',', default_value = "CR")]
-    workloads: Vec<String>,
+    /// Comma-separated workloads, run in order, each on a fresh database and server.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "W1,W2,W3,W4",
+        ignore_case = true
+    )]
+    workloads: Vec<Workload>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve one bench job type through the SDK until stdin closes (started by the bench).
+    #[command(hide = true)]
+    Worker(worker::WorkerArgs),
+}
+
+/// What to measure (see `workloads`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Workload {
+    /// Bulk-enqueue 20,000 no-op jobs in chunks of 1,000, then drain them with 20 slots
+    #[value(name = "W1")]
+    BulkDrain,
+    /// Enqueue 2,000 jobs at an open-loop 200/s to idle workers; enqueue-to-start latency
+    #[value(name = "W2")]
+    PickupLatency,
+    /// 8 producers enqueue 20,000 jobs while 20 slots work; end-to-end jobs/s
+    #[value(name = "W3")]
+    ConcurrentEnqueue,
+    /// 500 WatchJob streams on jobs reporting progress 10 times; delivery latency, lost events
+    #[value(name = "W4")]
+    WatchFanout,
+    /// Progress reported to one replica, watched on another; delivery latency, lost events
+    #[value(name = "CR")]
+    CrossReplica,
 }
 
 #[tokio::main]
@@ -28,17 +83,35 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    if let Some(Command::Worker(worker)) = args.command {
+        return worker::run(worker).await;
+    }
     let pg = cluster::Postgres::start().await?;
     let mut failed = None;
-    for workload in &args.workloads {
-        let report = match workload.as_str() {
-            "CR" => workloads::cross_replica::run(&pg).await,
-            other => Err(anyhow::anyhow!("unknown workload {other:?}")),
+    for &workload in &args.workloads {
+        let run = async {
+            match workload {
+                Workload::BulkDrain => workloads::bulk_drain::run(&pg).await,
+                Workload::PickupLatency => workloads::pickup_latency::run(&pg).await,
+                Workload::ConcurrentEnqueue => workloads::concurrent_enqueue::run(&pg).await,
+                Workload::WatchFanout => workloads::watch_fanout::run(&pg).await,
+                Workload::CrossReplica => workloads::cross_replica::run(&pg).await,
+            }
         };
+        let report = match tokio::time::timeout(WORKLOAD_TIMEOUT, run).await {
+            Ok(report) => report,
+            Err(_) => Err(anyhow::anyhow!("timed out after {WORKLOAD_TIMEOUT:?}")),
+        };
+        let name = workload
+            .to_possible_value()
+            .map(|v| v.get_name().to_owned());
         match report {
             Ok(report) => println!("{}", serde_json::Value::Object(report)),
             Err(error) => {
-                eprintln!("workload {workload} failed: {error:#}");
+                eprintln!(
+                    "workload {} failed: {error:#}",
+                    name.as_deref().unwrap_or("?")
+                );
                 failed = Some(error);
             }
         }

@@ -11,8 +11,8 @@ use jobwire_proto::v1::{
     job_service_server::JobServiceServer, worker_service_server::WorkerServiceServer,
 };
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tonic::transport::server::TcpIncoming;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
@@ -108,7 +108,9 @@ pub async fn run(
         .add_service(jobs)
         .add_service(workers)
         .serve_with_incoming_shutdown(
-            TcpListenerStream::new(listener),
+            // Leases, acks and events are small messages: Nagle's algorithm would hold them
+            // back for tens of milliseconds.
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
             shutdown.clone().cancelled_owned(),
         )
         .await;

@@ -155,25 +155,13 @@ pub async fn run(pg: &Postgres) -> anyhow::Result<Report> {
     .fetch_one(&mut db)
     .await?;
     let received = i64::try_from(delays.len())?;
-    let mut report = Report::new();
-    report.insert("workload".into(), "CR".into());
-    report.insert("jobs".into(), 1.into());
+    let mut report = super::report("CR", 1);
     report.insert("progress_reports".into(), REPORTS.into());
     report.insert("events".into(), received.into());
     report.insert("events_lost".into(), (stored - received).into());
     if let Some(p) = Percentiles::of(&mut delays) {
         p.write_to(&mut report);
     }
-    if let Some(rss) = a
-        .peak_rss_mib()
-        .into_iter()
-        .chain(b.peak_rss_mib())
-        .reduce(f64::max)
-    {
-        report.insert(
-            "server_peak_rss_mib".into(),
-            ((rss * 10.0).round() / 10.0).into(),
-        );
-    }
+    super::insert_peak_rss(&mut report, [&a, &b]);
     Ok(report)
 }

@@ -117,7 +117,9 @@ impl Store {
     /// Leases up to `limit` available jobs of the tenant's `queues` and `job_types` to `worker`,
     /// highest priority first, oldest first among equals. One statement: pick with
     /// `FOR UPDATE SKIP LOCKED` (replicas never pick the same row), bump the attempt (the new
-    /// fencing token), open the attempt row and write the event.
+    /// fencing token), open the attempt row and write the event. Each queue is read on its own
+    /// (`LATERAL`), so the `jobs_claim` index delivers rows in dispatch order: a `queue = ANY`
+    /// filter would read and sort every available job on each claim.
     pub async fn claim(
         &self,
         tenant: &TenantId,
@@ -129,12 +131,17 @@ impl Store {
     ) -> Result<Vec<LeasedRow>> {
         let sql = static_sql!(
             "WITH picked AS ( \
-                 SELECT id FROM jobs \
-                 WHERE tenant_id = $1 AND state = 'available' AND queue = ANY($2) \
-                   AND job_type = ANY($3) \
-                 ORDER BY priority DESC, run_at, id \
+                 SELECT c.id FROM unnest($2::text[]) AS q(queue) \
+                 CROSS JOIN LATERAL ( \
+                     SELECT id, priority, run_at FROM jobs \
+                     WHERE tenant_id = $1 AND state = 'available' AND queue = q.queue \
+                       AND job_type = ANY($3) \
+                     ORDER BY priority DESC, run_at, id \
+                     LIMIT $4 \
+                     FOR UPDATE SKIP LOCKED \
+                 ) c \
+                 ORDER BY c.priority DESC, c.run_at, c.id \
                  LIMIT $4 \
-                 FOR UPDATE SKIP LOCKED \
              ), upd AS ( \
                  UPDATE jobs j SET state = 'running', attempt = j.attempt + 1, \
                         lease_owner = $5, lease_expires_at = now() + $6 * interval '1 millisecond', \

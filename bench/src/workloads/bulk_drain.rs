@@ -1,0 +1,58 @@
+//! W1: bulk-enqueue 20,000 no-op jobs with `EnqueueJobs` in chunks of 1,000, then start a worker
+//! subprocess with 20 slots and time the drain.
+//!
+//! As the Graphile peer measures it: `enqueue_per_s` spans the first chunk's call to the last
+//! chunk's reply; `drain_per_s` spans the worker's spawn (its start-up and connection count)
+//! to the first poll (every 10 ms) that finds no job waiting or running in the database. Both
+//! ends of each span are read on this process's monotonic clock; the database must then hold
+//! exactly 20,000 succeeded jobs.
+
+use jobwire::Client;
+use tokio::time::Instant;
+
+use super::Report;
+use crate::{
+    cluster::{Postgres, Server, WorkerProcess},
+    jobs::Noop,
+    ledger::Ledger,
+    worker::Handler,
+};
+
+const JOBS: usize = 20_000;
+const CHUNK: usize = 1_000;
+const SLOTS: usize = 20;
+
+pub async fn run(pg: &Postgres) -> anyhow::Result<Report> {
+    let url = pg.fresh_database("jobwire_bench_w1").await?;
+    let server = Server::start(&url, &[])?;
+    let mut ledger = Ledger::connect(&url).await?;
+    let client = Client::connect(server.url.clone()).await?;
+
+    let enqueue_start = Instant::now();
+    for _ in 0..JOBS / CHUNK {
+        client.enqueue_many((0..CHUNK).map(|_| Noop {})).await?;
+    }
+    let enqueued = enqueue_start.elapsed();
+    let states = ledger.states().await?;
+    if states.get("available").copied().unwrap_or_default() != i64::try_from(JOBS)? {
+        anyhow::bail!("expected {JOBS} available jobs before the drain, found {states:?}");
+    }
+
+    let drain_start = Instant::now();
+    let mut worker = WorkerProcess::start(&server.url, Handler::Noop, SLOTS, None)?;
+    let drained = worker.while_running(ledger.wait_until_settled()).await? - drain_start;
+    ledger.ensure_succeeded(JOBS).await?;
+    worker.stop().await?;
+
+    let mut report = super::report("W1", JOBS);
+    report.insert(
+        "enqueue_per_s".into(),
+        super::per_second(JOBS, enqueued).into(),
+    );
+    report.insert(
+        "drain_per_s".into(),
+        super::per_second(JOBS, drained).into(),
+    );
+    super::insert_peak_rss(&mut report, [&server]);
+    Ok(report)
+}
