@@ -119,12 +119,19 @@ impl<S: Sink> Watch<S> {
             self.after = last;
         }
         if let Target::Job(id) = &self.target {
-            // A job already finished ends the stream now: its terminal event was replayed, or
-            // the client had it before asking.
+            // A finished job whose last event the client already has ends the stream now. The
+            // row alone is not enough: it can turn terminal before the fanout's horizon reaches
+            // the terminal event, which then arrives live.
             let finished = match last_state {
                 Some(state) => state.is_terminal(),
                 None => match self.store.get_job(&self.tenant, *id).await {
-                    Ok(job) => job.state.is_terminal(),
+                    Ok(job) if job.state.is_terminal() => {
+                        match self.store.last_job_event(&self.tenant, *id).await {
+                            Ok(last) => last <= self.after,
+                            Err(error) => return End::Failed(error.into()),
+                        }
+                    }
+                    Ok(_) => false,
                     Err(error) => return End::Failed(error.into()),
                 },
             };

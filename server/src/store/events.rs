@@ -136,6 +136,17 @@ impl Store {
             .await?)
     }
 
+    /// The sequence of a job's newest event (0 when it has none).
+    pub async fn last_job_event(&self, tenant: &TenantId, id: JobId) -> Result<i64> {
+        let (last,): (Option<i64>,) =
+            sqlx::query_as("SELECT max(seq) FROM job_events WHERE job_id = $1 AND tenant_id = $2")
+                .bind(id.0)
+                .bind(tenant.as_str())
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(last.unwrap_or(0))
+    }
+
     /// Jobs by id, for the snapshots state events carry.
     pub async fn jobs_by_ids(&self, ids: &[Uuid]) -> Result<Vec<JobRow>> {
         let sql = static_sql!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ANY($1)");
