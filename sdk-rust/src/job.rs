@@ -445,6 +445,18 @@ impl JobInfo {
         system_time(self.job.finished_at.as_ref())
     }
 
+    /// The schedule that created the job, if one did: its
+    /// [`ScheduleInfo::id`](crate::ScheduleInfo::id).
+    pub fn schedule_id(&self) -> Option<&str> {
+        non_empty(&self.job.schedule_id)
+    }
+
+    /// The tick of the schedule the job is for; `None` for a job a trigger created, or no
+    /// schedule. The server creates at most one job per tick, so this tells catch-up runs apart.
+    pub fn schedule_tick(&self) -> Option<SystemTime> {
+        system_time(self.job.schedule_tick.as_ref())
+    }
+
     /// The payload, decoded as `J`; fails when the job is of another type.
     pub fn payload<J: JobType>(&self) -> Result<J, Error> {
         decode(self.job.payload.as_ref(), "job payload")

@@ -60,7 +60,8 @@
 //! # Layout
 //!
 //! - [`client`]: the producer's side: enqueue, inspect, watch, wait for, pause, resume, cancel
-//!   and retry jobs.
+//!   and retry jobs; administer queues ([`QueueRef`]) and cron schedules of typed jobs
+//!   ([`ScheduleRef`]).
 //! - [`worker`]: the worker runtime: one stream to the server, leases, heartbeats, reports,
 //!   results, reconnects and graceful drain.
 //! - [`context`]: what a handler learns about the attempt it runs, how it reports progress,
@@ -87,7 +88,9 @@ mod transport;
 pub mod worker;
 
 pub use client::{
-    Client, Enqueue, Enqueued, JobEvents, JobHandle, JobPage, ListJobs, NewJob, WatchJobs,
+    CatchUpPolicy, Client, CreateSchedule, Enqueue, Enqueued, JobEvents, JobHandle, JobPage,
+    ListJobs, NewJob, OverlapPolicy, QueueInfo, QueueRef, RateLimit, ScheduleInfo, ScheduleRef,
+    UpdateQueue, UpdateSchedule, WatchJobs,
 };
 pub use context::{JobContext, StopReason};
 pub use error::{Error, HandlerError, JobFailure};

@@ -6,6 +6,8 @@
 
 use std::{fmt, time::Duration};
 
+use chrono::{DateTime, Utc};
+
 use jobwire_proto::v1 as pb;
 use uuid::Uuid;
 
@@ -185,5 +187,59 @@ impl Default for RetryPolicy {
             multiplier: 2.0,
             jitter: 0.1,
         }
+    }
+}
+
+/// A cron expression read in a time zone: when a schedule ticks.
+#[derive(Debug, Clone)]
+pub struct CronSchedule {
+    cron: croner::Cron,
+    zone: chrono_tz::Tz,
+}
+
+/// Why a cron expression or time zone was refused, and which of the two.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CronError {
+    Expression(String),
+    TimeZone(String),
+}
+
+impl CronSchedule {
+    /// Accepts 5 fields (minute first) or 6 (seconds first); a seventh (year) is refused to
+    /// keep expressions portable between cron dialects.
+    pub fn parse(expression: &str, zone: &str) -> Result<Self, CronError> {
+        let fields = expression.split_whitespace().count();
+        if !(5..=6).contains(&fields) {
+            return Err(CronError::Expression(format!(
+                "must have 5 fields (minute hour day-of-month month day-of-week) or 6 (seconds \
+                 first), found {fields}"
+            )));
+        }
+        let cron = croner::parser::CronParser::builder()
+            .seconds(croner::parser::Seconds::Optional)
+            .year(croner::parser::Year::Disallowed)
+            .build()
+            .parse(expression)
+            .map_err(|e| CronError::Expression(e.to_string()))?;
+        let zone = zone
+            .parse::<chrono_tz::Tz>()
+            .map_err(|_| CronError::TimeZone(format!("{zone:?} is not an IANA time zone name")))?;
+        Ok(Self { cron, zone })
+    }
+
+    /// The first tick strictly after `after`; `None` when the expression never matches again.
+    pub fn next_after(&self, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        self.cron
+            .find_next_occurrence(&after.with_timezone(&self.zone), false)
+            .ok()
+            .map(|t| t.with_timezone(&Utc))
+    }
+
+    /// The last tick before `at`, or at `at` itself when `inclusive`.
+    pub fn previous(&self, at: DateTime<Utc>, inclusive: bool) -> Option<DateTime<Utc>> {
+        self.cron
+            .find_previous_occurrence(&at.with_timezone(&self.zone), inclusive)
+            .ok()
+            .map(|t| t.with_timezone(&Utc))
     }
 }

@@ -8,7 +8,8 @@
 use std::time::Duration;
 
 use jobwire_proto::v1::{
-    job_service_server::JobServiceServer, worker_service_server::WorkerServiceServer,
+    job_service_server::JobServiceServer, queue_service_server::QueueServiceServer,
+    schedule_service_server::ScheduleServiceServer, worker_service_server::WorkerServiceServer,
 };
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -18,6 +19,8 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 use crate::{
     api::{
         job_service::JobApi,
+        queue_service::QueueApi,
+        schedule_service::ScheduleApi,
         worker_service::{SessionConfig, WorkerApi},
     },
     config::Config,
@@ -95,6 +98,11 @@ pub async fn run(
     .max_decoding_message_size(max_message)
     .max_encoding_message_size(max_message);
     drop(engine);
+    let queues = QueueServiceServer::new(QueueApi::new(store.clone()));
+    let schedules =
+        ScheduleServiceServer::new(ScheduleApi::new(store.clone(), config.max_payload_bytes))
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message);
 
     let served = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
@@ -107,6 +115,8 @@ pub async fn run(
         .add_service(reflection_v1alpha)
         .add_service(jobs)
         .add_service(workers)
+        .add_service(queues)
+        .add_service(schedules)
         .serve_with_incoming_shutdown(
             // Leases, acks and events are small messages: Nagle's algorithm would hold them
             // back for tens of milliseconds.
@@ -150,7 +160,13 @@ async fn report_health(store: Store, reporter: HealthReporter, shutdown: Cancell
 }
 
 async fn set_all(reporter: &HealthReporter, status: ServingStatus) {
-    for service in ["", "jobwire.v1.JobService", "jobwire.v1.WorkerService"] {
+    for service in [
+        "",
+        "jobwire.v1.JobService",
+        "jobwire.v1.WorkerService",
+        "jobwire.v1.QueueService",
+        "jobwire.v1.ScheduleService",
+    ] {
         reporter.set_service_status(service, status).await;
     }
 }

@@ -1,5 +1,6 @@
 //! The producer's side of jobwire: enqueue typed jobs, then inspect, watch, wait for, pause,
-//! resume, cancel and retry them through `JobService`.
+//! resume, cancel and retry them through `JobService`; administer queues through
+//! `QueueService` and recurring jobs through `ScheduleService`.
 //!
 //! A [`Client`] is a cheap, cloneable handle around one multiplexed HTTP/2 channel; clone it
 //! into every task that needs it instead of connecting again. It never runs jobs: that is the
@@ -12,6 +13,11 @@
 //! - [`list_jobs`](Client::list_jobs) returns a [`ListJobs`] builder for filtered, paged reads.
 //! - [`watch_jobs`](Client::watch_jobs) returns a [`WatchJobs`] builder for a filtered stream of
 //!   every matching job's events.
+//! - [`queue`](Client::queue) returns a [`QueueRef`] to read a queue's figures, pause it, or
+//!   set its concurrency and rate limits ([`UpdateQueue`]).
+//! - [`create_schedule`](Client::create_schedule) returns a [`CreateSchedule`] builder for a
+//!   cron schedule of typed jobs; [`schedule`](Client::schedule) returns a [`ScheduleRef`] to
+//!   change, pause, trigger or delete one.
 //!
 //! Event streams ([`JobEvents`]) reconnect and resume by themselves, so a consumer sees every
 //! event once, in order, across server restarts.
@@ -19,6 +25,8 @@
 mod enqueue;
 mod handle;
 mod list;
+mod queues;
+mod schedules;
 mod watch;
 
 pub use enqueue::{Enqueue, Enqueued, NewJob};
@@ -26,6 +34,10 @@ pub use enqueue::{Enqueue, Enqueued, NewJob};
 use enqueue::sealed::Sealed as _;
 pub use handle::JobHandle;
 pub use list::{JobPage, ListJobs};
+pub use queues::{QueueInfo, QueueRef, RateLimit, UpdateQueue};
+pub use schedules::{
+    CatchUpPolicy, CreateSchedule, OverlapPolicy, ScheduleInfo, ScheduleRef, UpdateSchedule,
+};
 pub use watch::{JobEvents, WatchJobs};
 
 use tonic::transport::Channel;
@@ -34,9 +46,11 @@ use crate::Error;
 use crate::job::{JobId, JobInfo, JobState, JobType};
 use crate::proto::v1 as pb;
 use crate::proto::v1::job_service_client::JobServiceClient;
+use crate::proto::v1::queue_service_client::QueueServiceClient;
+use crate::proto::v1::schedule_service_client::ScheduleServiceClient;
 use crate::transport::{self, Tenant};
 
-/// A connection to a jobwire server for enqueueing and managing jobs.
+/// A connection to a jobwire server for enqueueing and managing jobs, queues and schedules.
 ///
 /// Every call acts within one tenant: the one set with [`with_tenant`](Self::with_tenant), or
 /// the server's `default` tenant.
@@ -44,6 +58,10 @@ use crate::transport::{self, Tenant};
 pub struct Client {
     /// Cloned per call: tonic clients take `&mut self`, and a clone shares the channel.
     jobs: JobServiceClient<Channel>,
+    /// On the same channel as `jobs`, so administering queues opens no other connection.
+    queues: QueueServiceClient<Channel>,
+    /// On the same channel as `jobs`.
+    schedules: ScheduleServiceClient<Channel>,
     tenant: Tenant,
 }
 
@@ -66,7 +84,9 @@ impl Client {
     /// timeouts, load balancing).
     pub fn from_channel(channel: Channel) -> Self {
         Self {
-            jobs: JobServiceClient::new(channel),
+            jobs: JobServiceClient::new(channel.clone()),
+            queues: QueueServiceClient::new(channel.clone()),
+            schedules: ScheduleServiceClient::new(channel),
             tenant: Tenant::default(),
         }
     }
@@ -257,6 +277,87 @@ impl Client {
         WatchJobs::new(self.clone())
     }
 
+    /// The tenant's queues by name, with their figures, from every page: a tenant has few
+    /// queues, unlike jobs, so they are read in full.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Rpc`] when the server refuses a page.
+    pub async fn list_queues(&self) -> Result<Vec<QueueInfo>, Error> {
+        let mut queues = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let request = pb::ListQueuesRequest {
+                page_size: MAX_PAGE_SIZE,
+                page_token,
+            };
+            let response = self
+                .queues
+                .clone()
+                .list_queues(self.tenant.request(request))
+                .await?
+                .into_inner();
+            queues.extend(response.queues.into_iter().map(QueueInfo::from_proto));
+            if response.next_page_token.is_empty() {
+                return Ok(queues);
+            }
+            page_token = response.next_page_token;
+        }
+    }
+
+    /// A handle to a queue of this tenant; nothing is checked until it is used.
+    pub fn queue(&self, name: impl Into<String>) -> QueueRef {
+        QueueRef::new(self.clone(), name.into())
+    }
+
+    /// Starts the creation of a schedule that enqueues `payload` as a `J` job on each tick of
+    /// `cron` (5 fields, or 6 with seconds first); set options on the builder, then await it
+    /// (or call [`CreateSchedule::send`]).
+    pub fn create_schedule<J: JobType>(
+        &self,
+        name: impl Into<String>,
+        cron: impl Into<String>,
+        payload: J,
+    ) -> CreateSchedule<J> {
+        CreateSchedule::new(self.clone(), name.into(), cron.into(), payload)
+    }
+
+    /// The tenant's schedules by name, from every page: a tenant has few schedules, unlike
+    /// jobs, so they are read in full.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Rpc`] when the server refuses a page, [`Error::Protocol`] when a schedule has
+    /// a policy this SDK does not know.
+    pub async fn list_schedules(&self) -> Result<Vec<ScheduleInfo>, Error> {
+        let mut schedules = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let request = pb::ListSchedulesRequest {
+                page_size: MAX_PAGE_SIZE,
+                page_token,
+            };
+            let response = self
+                .schedules
+                .clone()
+                .list_schedules(self.tenant.request(request))
+                .await?
+                .into_inner();
+            for schedule in response.schedules {
+                schedules.push(ScheduleInfo::from_proto(schedule)?);
+            }
+            if response.next_page_token.is_empty() {
+                return Ok(schedules);
+            }
+            page_token = response.next_page_token;
+        }
+    }
+
+    /// A handle to a schedule of this tenant; nothing is checked until it is used.
+    pub fn schedule(&self, name: impl Into<String>) -> ScheduleRef {
+        ScheduleRef::new(self.clone(), name.into())
+    }
+
     /// One `GetJob` call with the given view.
     async fn fetch(&self, id: &str, view: pb::JobView) -> Result<JobInfo, Error> {
         job_info(self.fetch_raw(id, view).await?.job)
@@ -301,6 +402,23 @@ impl Client {
             .await?
             .into_inner())
     }
+}
+
+/// The largest page the list calls allow, so that reading a whole listing takes the fewest
+/// round trips.
+const MAX_PAGE_SIZE: i32 = 1000;
+
+/// Names `path` in an update's field mask once, however often its setter is called.
+fn mask_path(mask: &mut prost_types::FieldMask, path: &str) {
+    if !mask.paths.iter().any(|named| named == path) {
+        mask.paths.push(path.to_owned());
+    }
+}
+
+/// A `u32` for an `int32` field; saturating keeps an absurd value absurd, so the server names
+/// the field.
+fn saturating_int32(value: u32) -> i32 {
+    i32::try_from(value).unwrap_or(i32::MAX)
 }
 
 /// The job every single-job response carries.

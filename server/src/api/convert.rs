@@ -7,7 +7,10 @@ use jobwire_proto::v1 as pb;
 
 use crate::{
     engine::fanout::FanoutEvent,
-    store::{AttemptRow, ErrorRecord, EventRow, JobRow, LeasedRow},
+    store::{
+        AttemptRow, CatchUpPolicy, ErrorRecord, EventRow, JobRow, LeasedRow, OverlapPolicy,
+        QueueView, ScheduleRow,
+    },
 };
 
 pub fn timestamp(at: DateTime<Utc>) -> prost_types::Timestamp {
@@ -97,6 +100,8 @@ pub fn job(row: JobRow, attempts: &[AttemptRow]) -> pb::Job {
         pause_requested_at: row.pause_requested_at.map(timestamp),
         attempts_counted: row.attempt - row.attempt_base,
         has_checkpoint: row.has_checkpoint,
+        schedule_id: row.schedule_id.map(|id| id.to_string()).unwrap_or_default(),
+        schedule_tick: row.schedule_tick.map(timestamp),
     }
 }
 
@@ -285,4 +290,96 @@ pub fn event(row: &EventRow, job: Option<&JobRow>) -> pb::JobEvent {
 
 pub fn fanout_event(e: &FanoutEvent) -> pb::JobEvent {
     event(&e.row, e.job.as_ref())
+}
+
+/// A page token continuing a by-name listing after `name`.
+pub fn name_page_token(name: &str) -> String {
+    use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
+    URL_SAFE_NO_PAD.encode(format!("after:{name}"))
+}
+
+/// A queue with its figures.
+pub fn queue(view: QueueView) -> pb::Queue {
+    let q = view.queue;
+    let counts = view
+        .states
+        .unwrap_or_default()
+        .into_iter()
+        .zip(view.counts.unwrap_or_default())
+        .map(|(state, count)| pb::StateCount {
+            state: state.to_proto().into(),
+            count,
+        })
+        .collect();
+    pb::Queue {
+        name: q.name,
+        paused: q.paused_at.is_some(),
+        paused_at: q.paused_at.map(timestamp),
+        pause_reason: q.pause_reason.unwrap_or_default(),
+        concurrency_limit: q.concurrency_limit,
+        rate_limit: q
+            .rate_per_second
+            .zip(q.rate_burst)
+            .map(|(per_second, burst)| pb::RateLimit { per_second, burst }),
+        created_at: Some(timestamp(q.created_at)),
+        updated_at: Some(timestamp(q.updated_at)),
+        stats: Some(pb::QueueStats {
+            counts,
+            oldest_available_age: view
+                .oldest_available
+                .map(|at| duration((view.read_at - at).to_std().unwrap_or_default())),
+            finished_last_minute: view.finished_last_minute,
+            throughput_per_second: view.finished_last_minute as f64 / 60.0,
+        }),
+    }
+}
+
+/// A schedule as the API shows it.
+pub fn schedule(row: ScheduleRow) -> pb::Schedule {
+    let job = row.job;
+    pb::Schedule {
+        id: row.id.to_string(),
+        name: row.name,
+        description: row.description,
+        cron: row.cron,
+        time_zone: row.time_zone,
+        job: Some(pb::JobTemplate {
+            job_type: job.job_type,
+            payload: Some(prost_types::Any {
+                type_url: job.payload_type,
+                value: job.payload,
+            }),
+            queue: job.queue,
+            priority: Some(i32::from(job.priority)),
+            retry_policy: Some(pb::RetryPolicy {
+                max_attempts: Some(job.max_attempts),
+                initial_backoff: Some(millis(job.retry_initial_ms)),
+                max_backoff: Some(millis(job.retry_max_ms)),
+                backoff_multiplier: Some(job.retry_multiplier),
+                jitter: Some(job.retry_jitter),
+            }),
+            labels: job.labels.0,
+            timeout: job.timeout_ms.map(millis),
+        }),
+        overlap_policy: match row.overlap_policy {
+            OverlapPolicy::Allow => pb::OverlapPolicy::Allow,
+            OverlapPolicy::Skip => pb::OverlapPolicy::Skip,
+            OverlapPolicy::CancelPrevious => pb::OverlapPolicy::CancelPrevious,
+        }
+        .into(),
+        catch_up_policy: match row.catch_up_policy {
+            CatchUpPolicy::Once => pb::CatchUpPolicy::Once,
+            CatchUpPolicy::Skip => pb::CatchUpPolicy::Skip,
+            CatchUpPolicy::All => pb::CatchUpPolicy::All,
+        }
+        .into(),
+        max_catch_up: row.max_catch_up,
+        misfire_grace: Some(millis(row.misfire_grace_ms)),
+        paused: row.paused,
+        next_run_at: row.next_run_at.map(timestamp),
+        last_run_at: row.last_run_at.map(timestamp),
+        last_job_id: row.last_job_id.map(|id| id.to_string()).unwrap_or_default(),
+        created_at: Some(timestamp(row.created_at)),
+        updated_at: Some(timestamp(row.updated_at)),
+    }
 }

@@ -18,6 +18,8 @@ pub enum ApiError {
     InvalidArgument { field: String, description: String },
     #[error("{0}")]
     NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
     /// The request is well-formed but the target's state forbids it.
     #[error("{0}")]
     FailedPrecondition(String),
@@ -63,6 +65,7 @@ impl ApiError {
         match self {
             Self::InvalidArgument { .. } => Code::InvalidArgument,
             Self::NotFound(_) => Code::NotFound,
+            Self::AlreadyExists(_) => Code::AlreadyExists,
             Self::FailedPrecondition(_) => Code::FailedPrecondition,
             Self::Aborted(_) => Code::Aborted,
             Self::Unavailable(_) => Code::Unavailable,

@@ -269,6 +269,7 @@ pub fn job_spec(spec: &pb::JobSpec, max_payload: usize) -> Result<NewJob, ApiErr
         run_at,
         idempotency_key,
         labels: labels(&spec.labels)?,
+        schedule: None,
     })
 }
 
@@ -335,4 +336,65 @@ pub fn reason(value: &str) -> Result<String, ApiError> {
 
 fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// A page size of a List call: 0 means `default`.
+pub fn page_size(value: i32, default: i32, max: i32) -> Result<i64, ApiError> {
+    match value {
+        0 => Ok(i64::from(default)),
+        n if (1..=max).contains(&n) => Ok(i64::from(n)),
+        n => Err(ApiError::invalid(
+            "page_size",
+            format!("must be between 1 and {max}, got {n}"),
+        )),
+    }
+}
+
+/// The name a page token of a by-name listing (queues, schedules) continues after.
+pub fn name_page_token(token: &str) -> Result<Option<String>, ApiError> {
+    use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
+    if token.is_empty() {
+        return Ok(None);
+    }
+    URL_SAFE_NO_PAD
+        .decode(token)
+        .ok()
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+        .and_then(|s| s.strip_prefix("after:").map(str::to_owned))
+        .map(Some)
+        .ok_or_else(|| ApiError::invalid("page_token", "is not a token this server issued"))
+}
+
+/// A name such as a schedule's: the characters of queue and job type names.
+pub fn name(field: &str, value: &str) -> Result<String, ApiError> {
+    check_name(field, value, MAX_NAME_LEN)?;
+    Ok(value.to_owned())
+}
+
+/// The paths of an AIP-134 update mask, each one of `allowed`; `*` stands for all of them.
+pub fn update_mask<'a>(
+    mask: Option<&prost_types::FieldMask>,
+    allowed: &[&'a str],
+) -> Result<Vec<&'a str>, ApiError> {
+    let mask = mask.ok_or_else(|| ApiError::invalid("update_mask", "is required"))?;
+    if mask.paths.is_empty() {
+        return Err(ApiError::invalid(
+            "update_mask",
+            "must name at least one field",
+        ));
+    }
+    let mut out = Vec::new();
+    for (i, path) in mask.paths.iter().enumerate() {
+        if path == "*" {
+            return Ok(allowed.to_vec());
+        }
+        let known = allowed.iter().find(|a| **a == path).ok_or_else(|| {
+            ApiError::invalid(
+                format!("update_mask.paths[{i}]"),
+                format!("{path:?} cannot be updated; one of {}", allowed.join(", ")),
+            )
+        })?;
+        out.push(*known);
+    }
+    Ok(out)
 }

@@ -324,6 +324,11 @@ impl Session {
             }
         };
         self.held.extend(adopted.iter().map(|r| r.lease));
+        // A queue a worker serves is in use: list it (so it can be limited) before its first job.
+        if let Err(error) = self.store.ensure_queues(&self.tenant, &hello.queues).await {
+            let _ = self.tx.send(Err(ApiError::from(error).into())).await;
+            return End::WorkerLeft;
+        }
         let rejected: Vec<LeaseRef> = hello
             .running
             .iter()

@@ -10,12 +10,19 @@
 //! trip per job. So a worker whose slots are partly free waits up to [`CLAIM_DEBOUNCE`] for more
 //! to free up (or until half are free) before the next claim. An idle worker claims at once.
 //!
+//! Queues with a concurrency or rate limit are claimed one at a time under the queue's row lock
+//! ([`Store::claim_limited`]); the dispatcher keeps the set of limited queues (re-read when a
+//! queue's settings change and on every poll) so that the common, unlimited case keeps its
+//! single-statement claim. A claim held back by a limit is tried again when a token is due, or
+//! after a short backoff for a concurrency limit (a job finishing on another replica sends no
+//! wake-up; one finishing here frees a slot, which does).
+//!
 //! Leases go to a session through a channel whose capacity is the worker's slot count, which the
 //! free-slot accounting never exceeds, so a send can only fail because the session has gone; the
 //! lease is then handed back at once instead of waiting for it to lapse.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashSet},
     time::{Duration, Instant},
 };
 
@@ -25,11 +32,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     domain::{JobId, LeaseRef, QueueName, TenantId},
-    store::{LeasedRow, Store},
+    store::{HeldBack, LeasedRow, Store, Worker as LeaseTo},
 };
 
 /// How long a partly busy worker's freed slots may accumulate before a claim.
 const CLAIM_DEBOUNCE: Duration = Duration::from_millis(2);
+/// The first and the longest wait before a claim held back by a concurrency limit is tried again.
+const LIMIT_BACKOFF_MIN: Duration = Duration::from_millis(5);
+const LIMIT_BACKOFF_MAX: Duration = Duration::from_millis(200);
 
 /// Identifies one worker stream on this replica.
 pub type SessionId = u64;
@@ -58,6 +68,7 @@ enum Command {
     Unregister { session: SessionId },
     Wake { tenant: TenantId, queue: QueueName },
     WakeAll,
+    QueueChanged { tenant: TenantId, queue: QueueName },
 }
 
 /// A cloneable handle to the dispatcher task.
@@ -100,6 +111,11 @@ impl DispatcherHandle {
     pub async fn wake_all(&self) {
         self.send(Command::WakeAll).await;
     }
+
+    /// A queue's pause or limits changed.
+    pub async fn queue_changed(&self, tenant: TenantId, queue: QueueName) {
+        self.send(Command::QueueChanged { tenant, queue }).await;
+    }
 }
 
 struct Worker {
@@ -112,6 +128,10 @@ struct Worker {
     draining: bool,
     /// Whether a claim may find work; cleared when a claim comes back short.
     hungry: bool,
+    /// When to claim again for a queue whose limit held the last claim back.
+    retry_at: Option<Instant>,
+    /// The next wait after a claim held back by a concurrency limit.
+    limit_backoff: Duration,
 }
 
 /// The dispatcher task's state.
@@ -120,6 +140,10 @@ pub struct Dispatcher {
     lease_duration: Duration,
     poll_interval: Duration,
     workers: BTreeMap<SessionId, Worker>,
+    /// Queues with a concurrency or rate limit.
+    limited: HashSet<(TenantId, QueueName)>,
+    /// Whether `limited` must be re-read before the next claim.
+    limits_stale: bool,
     rx: mpsc::Receiver<Command>,
 }
 
@@ -136,6 +160,8 @@ impl Dispatcher {
                 lease_duration,
                 poll_interval,
                 workers: BTreeMap::new(),
+                limited: HashSet::new(),
+                limits_stale: true,
                 rx,
             },
             DispatcherHandle { tx },
@@ -146,6 +172,7 @@ impl Dispatcher {
         let mut next_poll = Instant::now() + self.jittered_poll();
         loop {
             let debounce = self.debouncing().then(|| self.next_debounce());
+            let retry = self.next_retry();
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
@@ -158,11 +185,24 @@ impl Dispatcher {
                 }
                 _ = tokio::time::sleep_until(next_poll.into()) => {
                     next_poll = Instant::now() + self.jittered_poll();
+                    self.limits_stale = true;
                     for worker in self.workers.values_mut() {
                         worker.hungry = true;
                     }
                 }
                 _ = tokio::time::sleep_until(debounce.unwrap_or(next_poll).into()), if debounce.is_some() => {}
+                _ = tokio::time::sleep_until(retry.unwrap_or(next_poll).into()), if retry.is_some() => {
+                    let now = Instant::now();
+                    for worker in self.workers.values_mut() {
+                        if worker.retry_at.is_some_and(|at| at <= now) {
+                            worker.retry_at = None;
+                            worker.hungry = true;
+                        }
+                    }
+                }
+            }
+            if self.limits_stale {
+                self.refresh_limits().await;
             }
             self.dispatch().await;
         }
@@ -181,6 +221,23 @@ impl Dispatcher {
             .filter_map(|w| w.freed_at)
             .min()
             .map_or_else(Instant::now, |at| at + CLAIM_DEBOUNCE)
+    }
+
+    /// When the earliest claim held back by a limit is to be tried again.
+    fn next_retry(&self) -> Option<Instant> {
+        self.workers.values().filter_map(|w| w.retry_at).min()
+    }
+
+    async fn refresh_limits(&mut self) {
+        match self.store.limited_queues().await {
+            Ok(limited) => {
+                self.limited = limited.into_iter().collect();
+                self.limits_stale = false;
+            }
+            // The claim statement skips limited queues by itself, so a stale set never
+            // oversteps a limit; the next poll retries.
+            Err(error) => tracing::warn!(%error, "reading the limited queues failed"),
+        }
     }
 
     /// The poll interval ±10%, so replicas started together do not poll in lockstep.
@@ -202,6 +259,8 @@ impl Dispatcher {
                         freed_at: None,
                         draining: false,
                         hungry: true,
+                        retry_at: None,
+                        limit_backoff: LIMIT_BACKOFF_MIN,
                     },
                 );
             }
@@ -233,10 +292,21 @@ impl Dispatcher {
                     worker.hungry = true;
                 }
             }
+            Command::QueueChanged { tenant, queue } => {
+                self.limits_stale = true;
+                for worker in self.workers.values_mut() {
+                    let r = &worker.registration;
+                    if r.tenant == tenant && r.queues.contains(&queue) {
+                        worker.hungry = true;
+                        worker.limit_backoff = LIMIT_BACKOFF_MIN;
+                    }
+                }
+            }
         }
     }
 
-    /// Claims for every worker that has free slots and may find work.
+    /// Claims for every worker that has free slots and may find work: first from its
+    /// unlimited queues in one statement, then from each limited queue in turn.
     async fn dispatch(&mut self) {
         let mut failed = false;
         for worker in self.workers.values_mut() {
@@ -252,56 +322,12 @@ impl Dispatcher {
                 continue;
             }
             worker.freed_at = None;
-            let r = &worker.registration;
-            let claimed = self
-                .store
-                .claim(
-                    &r.tenant,
-                    &r.queues,
-                    &r.job_types,
-                    i64::from(worker.free),
-                    &r.worker_id,
-                    self.lease_duration,
-                )
-                .await;
-            let rows = match claimed {
-                Ok(rows) => rows,
-                Err(error) => {
-                    tracing::warn!(%error, worker = %r.worker_id, "claim failed");
-                    failed = true;
-                    break;
-                }
-            };
-            let count = u32::try_from(rows.len()).unwrap_or(u32::MAX);
-            if count < worker.free {
-                worker.hungry = false;
-            }
-            worker.free = worker.free.saturating_sub(count);
-            if count > 0 {
-                tracing::debug!(worker = %r.worker_id, count, "leased jobs");
-            }
-            let mut undelivered = Vec::new();
-            for row in rows {
-                let lease = LeaseRef {
-                    job_id: JobId(row.job.id),
-                    attempt: row.job.attempt,
-                };
-                if r.leases.try_send(row).is_err() {
-                    undelivered.push(lease);
-                }
-            }
-            if !undelivered.is_empty() {
-                worker.free = worker
-                    .free
-                    .saturating_add(u32::try_from(undelivered.len()).unwrap_or(u32::MAX));
-                worker.hungry = false;
-                if let Err(error) = self
-                    .store
-                    .release_undelivered(&r.tenant, &undelivered)
-                    .await
-                {
-                    tracing::warn!(%error, "could not hand back undelivered leases; they will lapse");
-                }
+            if let Err(error) =
+                claim_for(&self.store, &self.limited, self.lease_duration, worker).await
+            {
+                tracing::warn!(%error, worker = %worker.registration.worker_id, "claim failed");
+                failed = true;
+                break;
             }
         }
         if failed {
@@ -309,6 +335,99 @@ impl Dispatcher {
             for worker in self.workers.values_mut() {
                 worker.hungry = false;
             }
+        }
+    }
+}
+
+/// Claims up to the worker's free slots and hands the leases over. Leaves the worker hungry
+/// only when some claim came back full (there may be more), and sets its retry time when a
+/// limit held a claim back.
+async fn claim_for(
+    store: &Store,
+    limited: &HashSet<(TenantId, QueueName)>,
+    lease: Duration,
+    worker: &mut Worker,
+) -> crate::store::Result<()> {
+    let r = &worker.registration;
+    let to = LeaseTo {
+        id: &r.worker_id,
+        lease,
+    };
+    let (limited_queues, unlimited): (Vec<QueueName>, Vec<QueueName>) = r
+        .queues
+        .iter()
+        .cloned()
+        .partition(|q| limited.contains(&(r.tenant.clone(), q.clone())));
+    let mut more = false;
+    let mut retry: Option<Duration> = None;
+    let mut rows = Vec::new();
+    if !unlimited.is_empty() {
+        let want = worker.free;
+        rows = store
+            .claim(&r.tenant, &unlimited, &r.job_types, i64::from(want), &to)
+            .await?;
+        more |= rows.len() >= want as usize;
+    }
+    for queue in &limited_queues {
+        let want = worker
+            .free
+            .saturating_sub(u32::try_from(rows.len()).unwrap_or(u32::MAX));
+        if want == 0 {
+            more = true;
+            break;
+        }
+        let claim = store
+            .claim_limited(&r.tenant, queue, &r.job_types, i64::from(want), &to)
+            .await?;
+        more |= claim.rows.len() >= want as usize;
+        match claim.held_back {
+            None | Some(HeldBack::Paused) => {}
+            Some(HeldBack::Rate(wait)) => {
+                retry = Some(retry.map_or(wait, |r| r.min(wait)));
+            }
+            Some(HeldBack::Concurrency) => {
+                let wait = worker.limit_backoff;
+                worker.limit_backoff = (wait * 2).min(LIMIT_BACKOFF_MAX);
+                retry = Some(retry.map_or(wait, |r| r.min(wait)));
+            }
+        }
+        if !claim.rows.is_empty() {
+            worker.limit_backoff = LIMIT_BACKOFF_MIN;
+        }
+        rows.extend(claim.rows);
+    }
+    worker.hungry = more;
+    worker.retry_at = retry.map(|wait| Instant::now() + wait);
+    deliver(store, worker, rows).await;
+    Ok(())
+}
+
+/// Sends leases to the worker's session; any it can no longer take are handed back at once.
+async fn deliver(store: &Store, worker: &mut Worker, rows: Vec<LeasedRow>) {
+    let r = &worker.registration;
+    let count = u32::try_from(rows.len()).unwrap_or(u32::MAX);
+    worker.free = worker.free.saturating_sub(count);
+    if count > 0 {
+        tracing::debug!(worker = %r.worker_id, count, "leased jobs");
+    }
+    let mut undelivered = Vec::new();
+    for row in rows {
+        let lease = LeaseRef {
+            job_id: JobId(row.job.id),
+            attempt: row.job.attempt,
+        };
+        if r.leases.try_send(row).is_err() {
+            undelivered.push(lease);
+        }
+    }
+    if !undelivered.is_empty() {
+        worker.free = worker
+            .free
+            .saturating_add(u32::try_from(undelivered.len()).unwrap_or(u32::MAX));
+        worker.hungry = false;
+        worker.retry_at = None;
+        if let Err(error) = store.release_undelivered(&r.tenant, &undelivered).await {
+            tracing::warn!(%error, "could not hand back undelivered leases; they will lapse");
         }
     }
 }

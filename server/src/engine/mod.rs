@@ -10,12 +10,14 @@
 //! | [`leader`] | every replica | elects the one replica that runs the singletons |
 //! | [`reaper`] | leader | retries or fails jobs whose lease lapsed |
 //! | [`scheduler`] | leader | makes due SCHEDULED / RETRYING jobs AVAILABLE |
+//! | [`cron`] | leader | creates the jobs of due cron schedule ticks |
 //!
 //! Each loop has one job and is wired here; every task runs on one [`TaskTracker`], so shutdown
 //! can wait for all of them. The completer and the enqueuer stop last: only once every stream
 //! and call holding a handle has ended and their queues are flushed.
 
 pub mod completer;
+pub mod cron;
 pub mod dispatcher;
 pub mod enqueuer;
 pub mod fanout;
@@ -31,11 +33,12 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{config::Config, store::Store};
 use completer::{Completer, CompleterHandle};
+use cron::Cron;
 use dispatcher::{Dispatcher, DispatcherHandle};
 use enqueuer::{Enqueuer, EnqueuerHandle};
 use fanout::{Fanout, FanoutHandle};
 use leader::{Elector, Leadership};
-use notifier::{Notifier, StopSignal};
+use notifier::{DueSignal, Notifier, StopSignal};
 use reaper::Reaper;
 use scheduler::Scheduler;
 
@@ -72,10 +75,22 @@ impl Engine {
         let (enqueuer, enqueuer_handle) = Enqueuer::new(store.clone());
         let (elector, leadership) = Elector::new(store.clone(), ELECTION_INTERVAL);
         let (stops, _) = broadcast::channel(STOP_SIGNALS);
-        let notifier = Notifier::new(store.clone(), dispatcher_handle.clone(), stops.clone());
+        let due = DueSignal::default();
+        let notifier = Notifier::new(
+            store.clone(),
+            dispatcher_handle.clone(),
+            stops.clone(),
+            due.clone(),
+        );
         let (fanout, fanout_handle) = Fanout::new(store.clone(), config.watch_poll_interval);
         let reaper = Reaper::new(store.clone(), config.reap_interval, leadership.clone());
-        let scheduler = Scheduler::new(store.clone(), config.poll_interval, leadership.clone());
+        let scheduler = Scheduler::new(
+            store.clone(),
+            config.poll_interval,
+            leadership.clone(),
+            due.clone(),
+        );
+        let cron = Cron::new(store.clone(), config.poll_interval, leadership.clone(), due);
 
         tasks.spawn(dispatcher.run(shutdown.clone()));
         tasks.spawn(completer.run());
@@ -84,6 +99,7 @@ impl Engine {
         tasks.spawn(notifier.run(shutdown.clone()));
         tasks.spawn(reaper.run(shutdown.clone()));
         tasks.spawn(scheduler.run(shutdown.clone()));
+        tasks.spawn(cron.run(shutdown.clone()));
         tasks.spawn(fanout.run(shutdown.clone()));
 
         Self {

@@ -9,14 +9,14 @@
 
 use std::time::Duration;
 
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::dispatcher::DispatcherHandle;
 use crate::{
     domain::{JobId, LeaseRef, QueueName, TenantId},
-    store::{CONTROL_CHANNEL, StopKind, Store},
+    store::{CONTROL_CHANNEL, DUE_CHANNEL, QUEUES_CHANNEL, StopKind, Store},
 };
 
 /// A stop requested for a running lease, for whichever stream holds it.
@@ -51,6 +51,33 @@ pub struct Notifier {
     store: Store,
     dispatcher: DispatcherHandle,
     stops: broadcast::Sender<StopSignal>,
+    due: DueSignal,
+}
+
+/// Wakes the leader's timed loops (delayed jobs, cron schedules): something may now be due
+/// earlier than they planned. A counter, so a wake-up sent while a loop was busy is seen when
+/// it next waits.
+#[derive(Debug, Clone)]
+pub struct DueSignal {
+    tx: std::sync::Arc<watch::Sender<u64>>,
+}
+
+impl Default for DueSignal {
+    fn default() -> Self {
+        Self {
+            tx: std::sync::Arc::new(watch::channel(0).0),
+        }
+    }
+}
+
+impl DueSignal {
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.tx.subscribe()
+    }
+
+    fn wake(&self) {
+        self.tx.send_modify(|n| *n = n.wrapping_add(1));
+    }
 }
 
 impl Notifier {
@@ -58,11 +85,13 @@ impl Notifier {
         store: Store,
         dispatcher: DispatcherHandle,
         stops: broadcast::Sender<StopSignal>,
+        due: DueSignal,
     ) -> Self {
         Self {
             store,
             dispatcher,
             stops,
+            due,
         }
     }
 
@@ -88,6 +117,7 @@ impl Notifier {
             backoff = Duration::from_millis(100);
             // Anything announced while we were not listening must be found by a re-read.
             self.dispatcher.wake_all().await;
+            self.due.wake();
             loop {
                 let next = tokio::select! {
                     _ = shutdown.cancelled() => return,
@@ -98,6 +128,19 @@ impl Notifier {
                         if let Some(signal) = StopSignal::parse(notification.payload()) {
                             // No stream listening is fine: the lease is held elsewhere.
                             let _ = self.stops.send(signal);
+                        }
+                    }
+                    Ok(Some(notification)) if notification.channel() == DUE_CHANNEL => {
+                        self.due.wake();
+                    }
+                    Ok(Some(notification)) if notification.channel() == QUEUES_CHANNEL => {
+                        if let Some((tenant, queue)) = notification.payload().split_once('/') {
+                            self.dispatcher
+                                .queue_changed(
+                                    TenantId::new_unchecked(tenant),
+                                    QueueName::new_unchecked(queue),
+                                )
+                                .await;
                         }
                     }
                     Ok(Some(notification)) => {
@@ -113,6 +156,7 @@ impl Notifier {
                     Ok(None) => {
                         tracing::warn!("notification connection lost; reconnecting");
                         self.dispatcher.wake_all().await;
+                        self.due.wake();
                     }
                     Err(error) => {
                         tracing::warn!(%error, "notification listener failed");

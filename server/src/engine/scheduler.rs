@@ -1,15 +1,16 @@
 //! The scheduler: makes SCHEDULED and RETRYING jobs AVAILABLE when their time comes.
 //!
 //! Runs on the leader only. After promoting what is due it sleeps until the next run_at it knows
-//! of, but never longer than the poll interval, so a job enqueued meanwhile with an earlier time
-//! (possibly on another replica) starts at most one poll interval late. Promotion notifies the
-//! queue, which wakes the dispatchers of every replica.
+//! of, but never longer than the poll interval. A job enqueued meanwhile for an earlier time, on
+//! any replica, notifies the due channel, which cuts the sleep short so the new time is honoured
+//! (a missed notification costs at most one poll interval). Promotion notifies the queue, which
+//! wakes the dispatchers of every replica.
 
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::leader::Leadership;
+use super::{leader::Leadership, notifier::DueSignal};
 use crate::store::Store;
 
 const BATCH: i64 = 1000;
@@ -18,27 +19,37 @@ pub struct Scheduler {
     store: Store,
     poll_interval: Duration,
     leadership: Leadership,
+    due: DueSignal,
 }
 
 impl Scheduler {
-    pub fn new(store: Store, poll_interval: Duration, leadership: Leadership) -> Self {
+    pub fn new(
+        store: Store,
+        poll_interval: Duration,
+        leadership: Leadership,
+        due: DueSignal,
+    ) -> Self {
         Self {
             store,
             poll_interval,
             leadership,
+            due,
         }
     }
 
     pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut due = self.due.subscribe();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 leading = self.leadership.wait_leading() => if !leading { return },
             }
+            due.mark_unchanged();
             let sleep = self.tick().await;
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(sleep) => {}
+                _ = due.changed() => {}
             }
         }
     }

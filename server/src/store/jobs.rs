@@ -7,7 +7,7 @@ use sqlx::{PgExecutor, types::Json};
 use uuid::Uuid;
 
 use super::{
-    CONTROL_CHANNEL, Error, JOBS_CHANNEL, Result, StopKind, Store,
+    CONTROL_CHANNEL, DUE_CHANNEL, Error, JOBS_CHANNEL, Result, StopKind, Store,
     rows::{AttemptRow, JOB_COLUMNS, JobRow},
 };
 use crate::domain::{JobId, JobState, QueueName, TenantId};
@@ -31,6 +31,8 @@ pub struct NewJob {
     pub idempotency_key: Option<String>,
     pub labels: HashMap<String, String>,
     pub timeout_ms: Option<i64>,
+    /// The schedule and tick that created the job, if one did.
+    pub schedule: Option<(Uuid, Option<DateTime<Utc>>)>,
 }
 
 /// The job an enqueue produced, or the one its idempotency key already named.
@@ -334,7 +336,7 @@ struct EnqueuedRow {
 
 /// The single enqueue statement. Rows skipped by an idempotency conflict whose winner is not
 /// visible yet come back as `None`.
-async fn enqueue_statement(
+pub(super) async fn enqueue_statement(
     db: impl PgExecutor<'_>,
     tenant: &TenantId,
     jobs: &[NewJob],
@@ -343,29 +345,38 @@ async fn enqueue_statement(
         "WITH input AS ( \
              SELECT * FROM UNNEST($2::uuid[], $3::text[], $4::text[], $5::text[], $6::bytea[], \
                  $7::int2[], $8::int4[], $9::int8[], $10::int8[], $11::float8[], $12::float8[], \
-                 $13::timestamptz[], $14::text[], $15::jsonb[], $16::int8[]) WITH ORDINALITY \
+                 $13::timestamptz[], $14::text[], $15::jsonb[], $16::int8[], $17::uuid[], \
+                 $18::timestamptz[]) WITH ORDINALITY \
              AS t(id, queue, job_type, payload_type, payload, priority, max_attempts, \
                   retry_initial_ms, retry_max_ms, retry_multiplier, retry_jitter, run_at, \
-                  idempotency_key, labels, timeout_ms, ord) \
+                  idempotency_key, labels, timeout_ms, schedule_id, schedule_tick, ord) \
          ), ins AS ( \
              INSERT INTO jobs (id, tenant_id, queue, job_type, payload_type, payload, priority, \
                  state, max_attempts, retry_initial_ms, retry_max_ms, retry_multiplier, \
-                 retry_jitter, run_at, idempotency_key, labels, timeout_ms) \
+                 retry_jitter, run_at, idempotency_key, labels, timeout_ms, schedule_id, \
+                 schedule_tick) \
              SELECT id, $1, queue, job_type, payload_type, payload, priority, \
                  CASE WHEN coalesce(run_at, now()) <= now() THEN 'available'::job_state \
                       ELSE 'scheduled'::job_state END, \
                  max_attempts, retry_initial_ms, retry_max_ms, retry_multiplier, retry_jitter, \
-                 coalesce(run_at, now()), idempotency_key, labels, timeout_ms \
+                 coalesce(run_at, now()), idempotency_key, labels, timeout_ms, schedule_id, \
+                 schedule_tick \
              FROM input ORDER BY ord \
-             ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL \
-             DO NOTHING \
+             ON CONFLICT DO NOTHING \
              RETURNING * \
+         ), queues AS ( \
+             INSERT INTO queues (tenant_id, name) \
+             SELECT DISTINCT $1, queue FROM input ORDER BY 2 \
+             ON CONFLICT DO NOTHING \
          ), ev AS ( \
              INSERT INTO job_events (tenant_id, job_id, kind, state, attempt) \
              SELECT tenant_id, id, 'state', state, 0 FROM ins \
          ), wake AS ( \
              SELECT pg_notify('{JOBS_CHANNEL}', tenant_id || '/' || queue) \
              FROM (SELECT DISTINCT tenant_id, queue FROM ins WHERE state = 'available') q \
+             UNION ALL \
+             SELECT pg_notify('{DUE_CHANNEL}', '') \
+             FROM (SELECT 1 FROM ins WHERE state = 'scheduled' LIMIT 1) d \
          ) \
          SELECT u.* FROM ( \
              SELECT i.ord, true AS created, {ins_cols} \
@@ -412,7 +423,17 @@ async fn enqueue_statement(
                 .map(|j| Json(j.labels.clone()))
                 .collect::<Vec<_>>(),
         )
-        .bind(jobs.iter().map(|j| j.timeout_ms).collect::<Vec<_>>());
+        .bind(jobs.iter().map(|j| j.timeout_ms).collect::<Vec<_>>())
+        .bind(
+            jobs.iter()
+                .map(|j| j.schedule.map(|(id, _)| id))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            jobs.iter()
+                .map(|j| j.schedule.and_then(|(_, tick)| tick))
+                .collect::<Vec<_>>(),
+        );
     let rows = q.fetch_all(db).await?;
     let mut out: Vec<Option<EnqueueOutcome>> = vec![None; jobs.len()];
     for row in rows {

@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use sqlx::PgExecutor;
 use uuid::Uuid;
 
 use super::{
@@ -115,60 +116,17 @@ impl SettledRow {
 
 impl Store {
     /// Leases up to `limit` available jobs of the tenant's `queues` and `job_types` to `worker`,
-    /// highest priority first, oldest first among equals. One statement: pick with
-    /// `FOR UPDATE SKIP LOCKED` (replicas never pick the same row), bump the attempt (the new
-    /// fencing token), open the attempt row and write the event. Each queue is read on its own
-    /// (`LATERAL`), so the `jobs_claim` index delivers rows in dispatch order: a `queue = ANY`
-    /// filter would read and sort every available job on each claim.
+    /// highest priority first, oldest first among equals. Queues that are paused or limited are
+    /// skipped: [`claim_limited`](Self::claim_limited) serves those.
     pub async fn claim(
         &self,
         tenant: &TenantId,
         queues: &[QueueName],
         job_types: &[String],
         limit: i64,
-        worker: &str,
-        lease: Duration,
+        worker: &Worker<'_>,
     ) -> Result<Vec<LeasedRow>> {
-        let sql = static_sql!(
-            "WITH picked AS ( \
-                 SELECT c.id FROM unnest($2::text[]) AS q(queue) \
-                 CROSS JOIN LATERAL ( \
-                     SELECT id, priority, run_at FROM jobs \
-                     WHERE tenant_id = $1 AND state = 'available' AND queue = q.queue \
-                       AND job_type = ANY($3) \
-                     ORDER BY priority DESC, run_at, id \
-                     LIMIT $4 \
-                     FOR UPDATE SKIP LOCKED \
-                 ) c \
-                 ORDER BY c.priority DESC, c.run_at, c.id \
-                 LIMIT $4 \
-             ), upd AS ( \
-                 UPDATE jobs j SET state = 'running', attempt = j.attempt + 1, \
-                        lease_owner = $5, lease_expires_at = now() + $6 * interval '1 millisecond', \
-                        started_at = coalesce(j.started_at, now()), \
-                        attempt_started_at = now(), updated_at = now() \
-                 FROM picked WHERE j.id = picked.id \
-                 RETURNING j.* \
-             ), att AS ( \
-                 INSERT INTO job_attempts (job_id, attempt, tenant_id, worker_id) \
-                 SELECT id, attempt, tenant_id, $5 FROM upd \
-             ), ev AS ( \
-                 INSERT INTO job_events (tenant_id, job_id, kind, state, attempt, data) \
-                 SELECT tenant_id, id, 'state', state, attempt, jsonb_build_object('worker', $5) \
-                 FROM upd \
-             ) \
-             SELECT {JOB_COLUMNS}, checkpoint FROM upd ORDER BY priority DESC, run_at, id"
-        );
-        let queues: Vec<&str> = queues.iter().map(QueueName::as_str).collect();
-        Ok(sqlx::query_as::<_, LeasedRow>(sql)
-            .bind(tenant.as_str())
-            .bind(&queues)
-            .bind(job_types)
-            .bind(limit)
-            .bind(worker)
-            .bind(millis(lease))
-            .fetch_all(&self.pool)
-            .await?)
+        claim_statement(&self.pool, tenant, queues, job_types, limit, worker, false).await
     }
 
     /// Extends the listed leases, and names `worker` their owner (a reconnected worker adopts
@@ -590,6 +548,76 @@ impl Store {
 }
 
 /// Durations as whole milliseconds for SQL intervals, saturating rather than wrapping.
+/// Who a claim leases to, and for how long.
+#[derive(Debug, Clone, Copy)]
+pub struct Worker<'a> {
+    pub id: &'a str,
+    pub lease: Duration,
+}
+
+/// The claim statement. Pick with `FOR UPDATE SKIP LOCKED` (replicas never pick the same row),
+/// bump the attempt (the new fencing token), open the attempt row and write the event. Each
+/// queue is read on its own (`LATERAL`), so the `jobs_claim` index delivers rows in dispatch
+/// order: a `queue = ANY` filter would read and sort every available job on each claim.
+/// Unless `limits_checked`, queues that are paused or limited are left out.
+pub(super) async fn claim_statement(
+    db: impl PgExecutor<'_>,
+    tenant: &TenantId,
+    queues: &[QueueName],
+    job_types: &[String],
+    limit: i64,
+    worker: &Worker<'_>,
+    limits_checked: bool,
+) -> Result<Vec<LeasedRow>> {
+    let sql = static_sql!(
+        "WITH picked AS ( \
+             SELECT c.id FROM ( \
+                 SELECT u.queue FROM unnest($2::text[]) AS u(queue) \
+                 WHERE $7 OR NOT EXISTS ( \
+                     SELECT 1 FROM queues s WHERE s.tenant_id = $1 AND s.name = u.queue \
+                       AND (s.paused_at IS NOT NULL OR s.concurrency_limit IS NOT NULL \
+                            OR s.rate_per_second IS NOT NULL)) \
+             ) q \
+             CROSS JOIN LATERAL ( \
+                 SELECT id, priority, run_at FROM jobs \
+                 WHERE tenant_id = $1 AND state = 'available' AND queue = q.queue \
+                   AND job_type = ANY($3) \
+                 ORDER BY priority DESC, run_at, id \
+                 LIMIT $4 \
+                 FOR UPDATE SKIP LOCKED \
+             ) c \
+             ORDER BY c.priority DESC, c.run_at, c.id \
+             LIMIT $4 \
+         ), upd AS ( \
+             UPDATE jobs j SET state = 'running', attempt = j.attempt + 1, \
+                    lease_owner = $5, lease_expires_at = now() + $6 * interval '1 millisecond', \
+                    started_at = coalesce(j.started_at, now()), \
+                    attempt_started_at = now(), updated_at = now() \
+             FROM picked WHERE j.id = picked.id \
+             RETURNING j.* \
+         ), att AS ( \
+             INSERT INTO job_attempts (job_id, attempt, tenant_id, worker_id) \
+             SELECT id, attempt, tenant_id, $5 FROM upd \
+         ), ev AS ( \
+             INSERT INTO job_events (tenant_id, job_id, kind, state, attempt, data) \
+             SELECT tenant_id, id, 'state', state, attempt, jsonb_build_object('worker', $5) \
+             FROM upd \
+         ) \
+         SELECT {JOB_COLUMNS}, checkpoint FROM upd ORDER BY priority DESC, run_at, id"
+    );
+    let queues: Vec<&str> = queues.iter().map(QueueName::as_str).collect();
+    Ok(sqlx::query_as::<_, LeasedRow>(sql)
+        .bind(tenant.as_str())
+        .bind(&queues)
+        .bind(job_types)
+        .bind(limit)
+        .bind(worker.id)
+        .bind(millis(worker.lease))
+        .bind(limits_checked)
+        .fetch_all(db)
+        .await?)
+}
+
 pub(crate) fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }

@@ -177,7 +177,12 @@ impl Store {
     pub async fn listener(&self) -> Result<sqlx::postgres::PgListener> {
         let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
         listener
-            .listen_all([JOBS_CHANNEL, super::CONTROL_CHANNEL])
+            .listen_all([
+                JOBS_CHANNEL,
+                super::CONTROL_CHANNEL,
+                super::QUEUES_CHANNEL,
+                super::DUE_CHANNEL,
+            ])
             .await?;
         Ok(listener)
     }

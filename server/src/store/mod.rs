@@ -19,7 +19,9 @@ mod events;
 mod jobs;
 mod leases;
 mod maintenance;
+mod queues;
 mod rows;
+mod schedules;
 
 use std::time::Duration;
 
@@ -30,15 +32,29 @@ use sqlx::{
 
 pub use events::{EventFilter, SnapshotXids};
 pub use jobs::{EnqueueOutcome, ListFilter, NewJob};
+pub use leases::Worker;
 pub use leases::{
     Checkpoint, Completion, Failure, LogBatch, ProgressUpdate, Renewed, SettleResult, StopKind,
 };
 pub use maintenance::LeaderLock;
+pub use queues::{HeldBack, LimitedClaim, QueueRow, QueueUpdate, QueueView};
 pub use rows::{AttemptRow, ErrorRecord, EventRow, JobRow, LeasedRow, ProgressOrigin};
+pub use schedules::{
+    CatchUpPolicy, DueSchedule, Firing, JobTemplate, NewSchedule, OverlapPolicy, ScheduleRow,
+    ScheduleSpec, ScheduleUpdate,
+};
 
 /// The PostgreSQL channel on which enqueues and promotions announce available work; the payload
 /// is `tenant/queue`. A wake-up only: listeners re-read the table.
 pub const JOBS_CHANNEL: &str = "jobwire_jobs";
+
+/// The channel on which a queue's pause or limits change; the payload is `tenant/queue`.
+/// Dispatchers re-read which queues are limited.
+pub const QUEUES_CHANNEL: &str = "jobwire_queues";
+
+/// The channel on which a new SCHEDULED job or a changed schedule wakes the leader's timers,
+/// which may now be due earlier than they planned.
+pub const DUE_CHANNEL: &str = "jobwire_due";
 
 /// The channel on which stop requests for running jobs reach every replica; the payload is
 /// `tenant/job_id/attempt/cancel|pause`. A wake-up only: heartbeats re-read the request.
@@ -49,6 +65,8 @@ pub const CONTROL_CHANNEL: &str = "jobwire_control";
 pub enum Error {
     #[error("not found")]
     NotFound,
+    #[error("already exists")]
+    AlreadyExists,
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
     #[error("migration failed: {0}")]

@@ -16,7 +16,8 @@ pub(crate) const JOB_COLUMNS: &str = "id, tenant_id, queue, job_type, payload_ty
     retry_jitter, run_at, lease_owner, lease_expires_at, result_type, result, last_error, \
     idempotency_key, labels, cancel_reason, created_at, updated_at, started_at, finished_at, \
     attempt_base, progress, progress_origin, checkpoint IS NOT NULL AS has_checkpoint, \
-    timeout_ms, attempt_started_at, cancel_requested_at, pause_requested_at, pause_reason";
+    timeout_ms, attempt_started_at, cancel_requested_at, pause_requested_at, pause_reason, \
+    schedule_id, schedule_tick";
 
 /// One row of `jobs`.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -57,6 +58,8 @@ pub struct JobRow {
     pub cancel_requested_at: Option<DateTime<Utc>>,
     pub pause_requested_at: Option<DateTime<Utc>>,
     pub pause_reason: Option<String>,
+    pub schedule_id: Option<Uuid>,
+    pub schedule_tick: Option<DateTime<Utc>>,
 }
 
 /// A job freshly leased: the row plus what only its worker needs.

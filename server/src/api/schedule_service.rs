@@ -1,0 +1,428 @@
+//! `jobwire.v1.ScheduleService`: cron schedules and their job templates.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use jobwire_proto::v1::{self as pb, schedule_service_server::ScheduleService};
+use sqlx::types::Json;
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use super::{ApiError, convert, tenant_of, validate};
+use crate::{
+    domain::{CronError, CronSchedule, TenantId},
+    store::{
+        CatchUpPolicy, JobTemplate, NewSchedule, OverlapPolicy, ScheduleRow, ScheduleSpec,
+        ScheduleUpdate, Store,
+    },
+};
+
+const DEFAULT_PAGE_SIZE: i32 = 100;
+const MAX_PAGE_SIZE: i32 = 1000;
+const DEFAULT_MAX_CATCH_UP: i32 = 100;
+const MAX_CATCH_UP: i32 = 1000;
+const DEFAULT_MISFIRE_GRACE: Duration = Duration::from_secs(60);
+const MAX_MISFIRE_GRACE: Duration = Duration::from_secs(24 * 3600);
+const MAX_DESCRIPTION_LEN: usize = 1024;
+const DEFAULT_TIME_ZONE: &str = "UTC";
+
+/// Every field UpdateSchedule can change.
+const UPDATABLE: &[&str] = &[
+    "description",
+    "cron",
+    "time_zone",
+    "job",
+    "overlap_policy",
+    "catch_up_policy",
+    "max_catch_up",
+    "misfire_grace",
+];
+
+pub struct ScheduleApi {
+    store: Store,
+    max_payload_bytes: usize,
+}
+
+impl ScheduleApi {
+    pub fn new(store: Store, max_payload_bytes: usize) -> Self {
+        Self {
+            store,
+            max_payload_bytes,
+        }
+    }
+
+    fn template(&self, job: Option<&pb::JobTemplate>) -> Result<JobTemplate, ApiError> {
+        let job = job.ok_or_else(|| ApiError::invalid("schedule.job", "is required"))?;
+        // A template is a job spec without a time or a key: the same rules and defaults apply.
+        let spec = pb::JobSpec {
+            job_type: job.job_type.clone(),
+            payload: job.payload.clone(),
+            queue: job.queue.clone(),
+            priority: job.priority,
+            schedule: None,
+            retry_policy: job.retry_policy,
+            idempotency_key: String::new(),
+            labels: job.labels.clone(),
+            timeout: job.timeout,
+        };
+        let new = validate::job_spec(&spec, self.max_payload_bytes)
+            .map_err(|e| e.within("schedule.job"))?;
+        Ok(JobTemplate {
+            job_type: new.job_type,
+            payload_type: new.payload_type,
+            payload: new.payload,
+            queue: new.queue.as_str().to_owned(),
+            priority: new.priority,
+            max_attempts: new.max_attempts,
+            retry_initial_ms: new.retry_initial_ms,
+            retry_max_ms: new.retry_max_ms,
+            retry_multiplier: new.retry_multiplier,
+            retry_jitter: new.retry_jitter,
+            labels: Json(new.labels),
+            timeout_ms: new.timeout_ms,
+        })
+    }
+
+    /// Every field of a new schedule, validated, with defaults.
+    fn spec(&self, s: &pb::Schedule) -> Result<(ScheduleSpec, CronSchedule), ApiError> {
+        let time_zone = time_zone(&s.time_zone);
+        let cron = cron(&s.cron, &time_zone)?;
+        let spec = ScheduleSpec {
+            description: description(&s.description)?,
+            cron: s.cron.trim().to_owned(),
+            time_zone,
+            job: self.template(s.job.as_ref())?,
+            overlap_policy: overlap(s.overlap_policy)?,
+            catch_up_policy: catch_up(s.catch_up_policy)?,
+            max_catch_up: max_catch_up(s.max_catch_up)?,
+            misfire_grace_ms: misfire_grace(s.misfire_grace.as_ref())?,
+        };
+        Ok((spec, cron))
+    }
+
+    /// The current schedule with the masked fields of `s` applied, and when it ticks next.
+    fn updated(
+        &self,
+        current: &ScheduleRow,
+        s: &pb::Schedule,
+        paths: &[&str],
+    ) -> Result<ScheduleUpdate, ApiError> {
+        let mut spec = current.spec();
+        let mut retimed = false;
+        for path in paths {
+            match *path {
+                "description" => spec.description = description(&s.description)?,
+                "cron" => {
+                    spec.cron = s.cron.trim().to_owned();
+                    retimed = true;
+                }
+                "time_zone" => {
+                    spec.time_zone = time_zone(&s.time_zone);
+                    retimed = true;
+                }
+                "job" => spec.job = self.template(s.job.as_ref())?,
+                "overlap_policy" => spec.overlap_policy = overlap(s.overlap_policy)?,
+                "catch_up_policy" => spec.catch_up_policy = catch_up(s.catch_up_policy)?,
+                "max_catch_up" => spec.max_catch_up = max_catch_up(s.max_catch_up)?,
+                "misfire_grace" => {
+                    spec.misfire_grace_ms = misfire_grace(s.misfire_grace.as_ref())?;
+                }
+                _ => unreachable!("update_mask admits only the updatable paths"),
+            }
+        }
+        let cron = cron(&spec.cron, &spec.time_zone)?;
+        let next_run_at = match current.next_run_at {
+            Some(_) if retimed => cron.next_after(Utc::now()),
+            keep => keep,
+        };
+        Ok(ScheduleUpdate { spec, next_run_at })
+    }
+}
+
+fn time_zone(value: &str) -> String {
+    match value.trim() {
+        "" => DEFAULT_TIME_ZONE.to_owned(),
+        zone => zone.to_owned(),
+    }
+}
+
+fn cron(expression: &str, zone: &str) -> Result<CronSchedule, ApiError> {
+    if expression.trim().is_empty() {
+        return Err(ApiError::invalid("schedule.cron", "is required"));
+    }
+    CronSchedule::parse(expression, zone).map_err(|e| match e {
+        CronError::Expression(why) => ApiError::invalid(
+            "schedule.cron",
+            format!("{expression:?} is not a valid cron expression: {why}"),
+        ),
+        CronError::TimeZone(why) => ApiError::invalid("schedule.time_zone", why),
+    })
+}
+
+fn description(value: &str) -> Result<String, ApiError> {
+    if value.len() > MAX_DESCRIPTION_LEN {
+        return Err(ApiError::invalid(
+            "schedule.description",
+            format!("must be at most {MAX_DESCRIPTION_LEN} characters"),
+        ));
+    }
+    Ok(value.to_owned())
+}
+
+fn overlap(value: i32) -> Result<OverlapPolicy, ApiError> {
+    match pb::OverlapPolicy::try_from(value) {
+        Ok(pb::OverlapPolicy::Unspecified | pb::OverlapPolicy::Allow) => Ok(OverlapPolicy::Allow),
+        Ok(pb::OverlapPolicy::Skip) => Ok(OverlapPolicy::Skip),
+        Ok(pb::OverlapPolicy::CancelPrevious) => Ok(OverlapPolicy::CancelPrevious),
+        Err(_) => Err(ApiError::invalid(
+            "schedule.overlap_policy",
+            format!("{value} is not an overlap policy"),
+        )),
+    }
+}
+
+fn catch_up(value: i32) -> Result<CatchUpPolicy, ApiError> {
+    match pb::CatchUpPolicy::try_from(value) {
+        Ok(pb::CatchUpPolicy::Unspecified | pb::CatchUpPolicy::Once) => Ok(CatchUpPolicy::Once),
+        Ok(pb::CatchUpPolicy::Skip) => Ok(CatchUpPolicy::Skip),
+        Ok(pb::CatchUpPolicy::All) => Ok(CatchUpPolicy::All),
+        Err(_) => Err(ApiError::invalid(
+            "schedule.catch_up_policy",
+            format!("{value} is not a catch-up policy"),
+        )),
+    }
+}
+
+fn max_catch_up(value: i32) -> Result<i32, ApiError> {
+    match value {
+        0 => Ok(DEFAULT_MAX_CATCH_UP),
+        n if (1..=MAX_CATCH_UP).contains(&n) => Ok(n),
+        n => Err(ApiError::invalid(
+            "schedule.max_catch_up",
+            format!("must be between 1 and {MAX_CATCH_UP}, got {n}"),
+        )),
+    }
+}
+
+fn misfire_grace(value: Option<&prost_types::Duration>) -> Result<i64, ApiError> {
+    let grace = match value {
+        None => DEFAULT_MISFIRE_GRACE,
+        Some(d) => validate::duration("schedule.misfire_grace", d)?,
+    };
+    if grace > MAX_MISFIRE_GRACE {
+        return Err(ApiError::invalid(
+            "schedule.misfire_grace",
+            "must be at most 24h",
+        ));
+    }
+    Ok(i64::try_from(grace.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn schedule_name(value: &str) -> Result<String, ApiError> {
+    validate::name("name", value)
+}
+
+fn not_found(tenant: &TenantId, name: &str) -> impl FnOnce() -> String {
+    let message = format!("schedule {name:?} not found in tenant {tenant}");
+    move || message
+}
+
+/// Names the schedule in a NOT_FOUND that the store reported without a name.
+fn name_missing(tenant: &TenantId, name: &str) -> impl FnOnce(ApiError) -> ApiError {
+    let message = not_found(tenant, name)();
+    move |e| match e {
+        ApiError::NotFound(_) => ApiError::NotFound(message),
+        other => other,
+    }
+}
+
+#[tonic::async_trait]
+impl ScheduleService for ScheduleApi {
+    async fn create_schedule(
+        &self,
+        request: Request<pb::CreateScheduleRequest>,
+    ) -> Result<Response<pb::CreateScheduleResponse>, Status> {
+        let tenant = tenant_of(&request)?;
+        let req = request.get_ref();
+        let s = req
+            .schedule
+            .as_ref()
+            .ok_or_else(|| ApiError::invalid("schedule", "is required"))?;
+        let name = validate::name("schedule.name", &s.name)?;
+        let (spec, cron) = self.spec(s)?;
+        let next_run_at =
+            if req.paused {
+                None
+            } else {
+                Some(cron.next_after(Utc::now()).ok_or_else(|| {
+                    ApiError::invalid("schedule.cron", "never matches a future time")
+                })?)
+            };
+        let new = NewSchedule {
+            id: Uuid::now_v7(),
+            name,
+            spec,
+            next_run_at,
+        };
+        let row = self
+            .store
+            .create_schedule(&tenant, &new)
+            .await
+            .map_err(|e| match e {
+                crate::store::Error::AlreadyExists => ApiError::AlreadyExists(format!(
+                    "schedule {:?} already exists in tenant {tenant}",
+                    new.name
+                )),
+                other => other.into(),
+            })?;
+        tracing::info!(%tenant, schedule = %row.name, cron = %row.cron, "schedule created");
+        Ok(Response::new(pb::CreateScheduleResponse {
+            schedule: Some(convert::schedule(row)),
+        }))
+    }
+
+    async fn get_schedule(
+        &self,
+        request: Request<pb::GetScheduleRequest>,
+    ) -> Result<Response<pb::GetScheduleResponse>, Status> {
+        let tenant = tenant_of(&request)?;
+        let name = schedule_name(&request.get_ref().name)?;
+        let row = self
+            .store
+            .get_schedule(&tenant, &name)
+            .await
+            .map_err(|e| ApiError::from_store(e, not_found(&tenant, &name)))?;
+        Ok(Response::new(pb::GetScheduleResponse {
+            schedule: Some(convert::schedule(row)),
+        }))
+    }
+
+    async fn list_schedules(
+        &self,
+        request: Request<pb::ListSchedulesRequest>,
+    ) -> Result<Response<pb::ListSchedulesResponse>, Status> {
+        let tenant = tenant_of(&request)?;
+        let req = request.get_ref();
+        let page_size = validate::page_size(req.page_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)?;
+        let after = validate::name_page_token(&req.page_token)?;
+        let mut rows = self
+            .store
+            .list_schedules(&tenant, after.as_deref(), page_size + 1)
+            .await
+            .map_err(ApiError::from)?;
+        let next_page_token = if rows.len() as i64 > page_size {
+            rows.truncate(page_size as usize);
+            rows.last()
+                .map(|row| convert::name_page_token(&row.name))
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListSchedulesResponse {
+            schedules: rows.into_iter().map(convert::schedule).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn update_schedule(
+        &self,
+        request: Request<pb::UpdateScheduleRequest>,
+    ) -> Result<Response<pb::UpdateScheduleResponse>, Status> {
+        let tenant = tenant_of(&request)?;
+        let req = request.get_ref();
+        let s = req
+            .schedule
+            .as_ref()
+            .ok_or_else(|| ApiError::invalid("schedule", "is required"))?;
+        let name = validate::name("schedule.name", &s.name)?;
+        let paths = validate::update_mask(req.update_mask.as_ref(), UPDATABLE)?;
+        let row = self
+            .store
+            .modify_schedule(&tenant, &name, |current| self.updated(current, s, &paths))
+            .await
+            .map_err(name_missing(&tenant, &name))?;
+        tracing::info!(%tenant, schedule = %row.name, ?paths, "schedule updated");
+        Ok(Response::new(pb::UpdateScheduleResponse {
+            schedule: Some(convert::schedule(row)),
+        }))
+    }
+
+    async fn delete_schedule(
+        &self,
+        request: Request<pb::DeleteScheduleRequest>,
+    ) -> Result<Response<pb::DeleteScheduleResponse>, Status> {
+        let tenant = tenant_of(&request)?;
+        let name = schedule_name(&request.get_ref().name)?;
+        self.store
+            .delete_schedule(&tenant, &name)
+            .await
+            .map_err(|e| ApiError::from_store(e, not_found(&tenant, &name)))?;
+        tracing::info!(%tenant, schedule = %name, "schedule deleted");
+        Ok(Response::new(pb::DeleteScheduleResponse {}))
+    }
+
+    async fn pause_schedule(
+        &self,
+        request: Request<pb::PauseScheduleRequest>,
+    ) -> Result<Response<pb::PauseScheduleResponse>, Status> {
+        let tenant = tenant_of(&request)?;
+        let name = schedule_name(&request.get_ref().name)?;
+        let row = self
+            .store
+            .modify_schedule(&tenant, &name, |current| {
+                Ok::<_, ApiError>(ScheduleUpdate {
+                    spec: current.spec(),
+                    next_run_at: None,
+                })
+            })
+            .await
+            .map_err(name_missing(&tenant, &name))?;
+        tracing::info!(%tenant, schedule = %name, "schedule paused");
+        Ok(Response::new(pb::PauseScheduleResponse {
+            schedule: Some(convert::schedule(row)),
+        }))
+    }
+
+    async fn resume_schedule(
+        &self,
+        request: Request<pb::ResumeScheduleRequest>,
+    ) -> Result<Response<pb::ResumeScheduleResponse>, Status> {
+        let tenant = tenant_of(&request)?;
+        let name = schedule_name(&request.get_ref().name)?;
+        let row = self
+            .store
+            .modify_schedule(&tenant, &name, |current| {
+                let next_run_at = match current.next_run_at {
+                    Some(next) => Some(next),
+                    None => cron(&current.cron, &current.time_zone)?.next_after(Utc::now()),
+                };
+                Ok::<_, ApiError>(ScheduleUpdate {
+                    spec: current.spec(),
+                    next_run_at,
+                })
+            })
+            .await
+            .map_err(name_missing(&tenant, &name))?;
+        tracing::info!(%tenant, schedule = %name, "schedule resumed");
+        Ok(Response::new(pb::ResumeScheduleResponse {
+            schedule: Some(convert::schedule(row)),
+        }))
+    }
+
+    async fn trigger_schedule(
+        &self,
+        request: Request<pb::TriggerScheduleRequest>,
+    ) -> Result<Response<pb::TriggerScheduleResponse>, Status> {
+        let tenant = tenant_of(&request)?;
+        let name = schedule_name(&request.get_ref().name)?;
+        let job = self
+            .store
+            .trigger_schedule(&tenant, &name)
+            .await
+            .map_err(|e| ApiError::from_store(e, not_found(&tenant, &name)))?;
+        tracing::info!(%tenant, schedule = %name, job_id = %job.id, "schedule triggered");
+        Ok(Response::new(pb::TriggerScheduleResponse {
+            job: Some(convert::job(job, &[])),
+        }))
+    }
+}

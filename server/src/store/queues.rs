@@ -1,0 +1,375 @@
+//! Statements on queues: their settings and figures, and the claim of a queue whose starts are
+//! limited.
+//!
+//! A limited queue's claims are serialized on its row (`FOR UPDATE`): under READ COMMITTED each
+//! later statement of the transaction sees every claim committed before the lock was granted,
+//! so the running count and the token bucket it reads are exact, on every replica. Unlimited
+//! queues never touch the row and keep the single-statement claim.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use super::{
+    Error, JOBS_CHANNEL, QUEUES_CHANNEL, Result, Store,
+    leases::{Worker, claim_statement},
+    rows::LeasedRow,
+};
+use crate::domain::{JobState, QueueName, TenantId};
+
+/// The columns of [`QueueRow`].
+const QUEUE_COLUMNS: &str = "q.name, q.paused_at, q.pause_reason, q.concurrency_limit, \
+    q.rate_per_second, q.rate_burst, q.created_at, q.updated_at";
+
+/// A queue's settings.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct QueueRow {
+    pub name: String,
+    pub paused_at: Option<DateTime<Utc>>,
+    pub pause_reason: Option<String>,
+    pub concurrency_limit: Option<i32>,
+    pub rate_per_second: Option<f64>,
+    pub rate_burst: Option<i32>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A queue's settings with its figures, read together.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct QueueView {
+    #[sqlx(flatten)]
+    pub queue: QueueRow,
+    /// Jobs per state, as two arrays of equal length (NULL when the queue has no jobs).
+    pub states: Option<Vec<JobState>>,
+    pub counts: Option<Vec<i64>>,
+    /// When the oldest AVAILABLE job became due.
+    pub oldest_available: Option<DateTime<Utc>>,
+    pub finished_last_minute: i64,
+    /// The database's clock when the figures were read, to age `oldest_available` by.
+    pub read_at: DateTime<Utc>,
+}
+
+/// A change of a queue's limits; `None` leaves a limit as it is, `Some(None)` removes it.
+#[derive(Debug, Clone, Default)]
+pub struct QueueUpdate {
+    pub concurrency_limit: Option<Option<i32>>,
+    /// Jobs per second and burst.
+    pub rate_limit: Option<Option<(f64, i32)>>,
+}
+
+/// Why a limited claim came back with fewer jobs than asked, though more may be waiting.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum HeldBack {
+    /// The queue is paused: nothing starts until it is resumed (which notifies).
+    Paused,
+    /// The queue's running jobs reached its concurrency limit.
+    Concurrency,
+    /// The token bucket is empty; the next token comes after this long.
+    Rate(Duration),
+}
+
+/// The jobs a limited claim leased, and what held it back.
+#[derive(Debug)]
+pub struct LimitedClaim {
+    pub rows: Vec<LeasedRow>,
+    pub held_back: Option<HeldBack>,
+}
+
+#[derive(sqlx::FromRow)]
+struct LimitRow {
+    paused: bool,
+    concurrency_limit: Option<i32>,
+    rate_per_second: Option<f64>,
+    rate_burst: Option<i32>,
+    rate_tokens: f64,
+    /// Seconds since the bucket was last refilled.
+    elapsed_s: f64,
+}
+
+impl Store {
+    /// One queue with its figures.
+    pub async fn get_queue(&self, tenant: &TenantId, name: &QueueName) -> Result<QueueView> {
+        self.queue_views(tenant, Some(name), None, 1)
+            .await?
+            .pop()
+            .ok_or(Error::NotFound)
+    }
+
+    /// Queues by name after `after`, at most `limit`, with their figures.
+    pub async fn list_queues(
+        &self,
+        tenant: &TenantId,
+        after: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<QueueView>> {
+        self.queue_views(tenant, None, after, limit).await
+    }
+
+    async fn queue_views(
+        &self,
+        tenant: &TenantId,
+        name: Option<&QueueName>,
+        after: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<QueueView>> {
+        let sql = static_sql!(
+            "SELECT {QUEUE_COLUMNS}, st.states, st.counts, \
+                 (SELECT min(run_at) FROM jobs \
+                  WHERE tenant_id = q.tenant_id AND queue = q.name AND state = 'available') \
+                     AS oldest_available, \
+                 (SELECT count(*) FROM jobs \
+                  WHERE tenant_id = q.tenant_id AND queue = q.name \
+                    AND state IN ('succeeded', 'failed') \
+                    AND finished_at > now() - interval '60 seconds') AS finished_last_minute, \
+                 now() AS read_at \
+             FROM queues q \
+             CROSS JOIN LATERAL ( \
+                 SELECT array_agg(state ORDER BY state) AS states, \
+                        array_agg(n ORDER BY state) AS counts \
+                 FROM (SELECT state, count(*) AS n FROM jobs \
+                       WHERE tenant_id = q.tenant_id AND queue = q.name GROUP BY state) c \
+             ) st \
+             WHERE q.tenant_id = $1 AND ($2::text IS NULL OR q.name = $2) \
+               AND ($3::text IS NULL OR q.name > $3) \
+             ORDER BY q.name LIMIT $4"
+        );
+        Ok(sqlx::query_as::<_, QueueView>(sql)
+            .bind(tenant.as_str())
+            .bind(name.map(QueueName::as_str))
+            .bind(after)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    /// Changes a queue's limits, creating the queue first when `create` is set. A new rate
+    /// limit starts with a full bucket. Every replica is told to re-read which queues are
+    /// limited.
+    pub async fn update_queue(
+        &self,
+        tenant: &TenantId,
+        name: &QueueName,
+        update: &QueueUpdate,
+        create: bool,
+    ) -> Result<QueueRow> {
+        let sql = static_sql!(
+            "WITH ins AS ( \
+                 INSERT INTO queues (tenant_id, name) SELECT $1, $2 WHERE $3 \
+                 ON CONFLICT DO NOTHING \
+             ), upd AS ( \
+                 UPDATE queues q SET \
+                     concurrency_limit = CASE WHEN $4 THEN $5 ELSE q.concurrency_limit END, \
+                     rate_per_second = CASE WHEN $6 THEN $7 ELSE q.rate_per_second END, \
+                     rate_burst = CASE WHEN $6 THEN $8 ELSE q.rate_burst END, \
+                     rate_tokens = CASE WHEN $6 THEN coalesce($8, 0) ELSE q.rate_tokens END, \
+                     rate_refilled_at = CASE WHEN $6 THEN now() ELSE q.rate_refilled_at END, \
+                     updated_at = now() \
+                 WHERE q.tenant_id = $1 AND q.name = $2 \
+                 RETURNING {QUEUE_COLUMNS} \
+             ), wake AS ( \
+                 SELECT pg_notify('{QUEUES_CHANNEL}', $1 || '/' || $2) FROM upd \
+             ) \
+             SELECT upd.* FROM upd, (SELECT count(*) FROM wake) w"
+        );
+        // A queue created by this very statement is invisible to its UPDATE (one snapshot), so
+        // a creating call that found nothing to update runs once more.
+        for _ in 0..2 {
+            let row = sqlx::query_as::<_, QueueRow>(sql)
+                .bind(tenant.as_str())
+                .bind(name.as_str())
+                .bind(create)
+                .bind(update.concurrency_limit.is_some())
+                .bind(update.concurrency_limit.flatten())
+                .bind(update.rate_limit.is_some())
+                .bind(update.rate_limit.flatten().map(|(rate, _)| rate))
+                .bind(update.rate_limit.flatten().map(|(_, burst)| burst))
+                .fetch_optional(&self.pool)
+                .await?;
+            if let Some(row) = row {
+                return Ok(row);
+            }
+            if !create {
+                break;
+            }
+        }
+        Err(Error::NotFound)
+    }
+
+    /// Pauses a queue (keeping the first pause time when already paused) and tells every
+    /// replica. Claims that began before the pause committed may still start their jobs; none
+    /// that begins after does.
+    pub async fn pause_queue(
+        &self,
+        tenant: &TenantId,
+        name: &QueueName,
+        reason: &str,
+    ) -> Result<QueueRow> {
+        let sql = static_sql!(
+            "WITH upd AS ( \
+                 UPDATE queues q SET paused_at = coalesce(q.paused_at, now()), \
+                        pause_reason = $3, updated_at = now() \
+                 WHERE q.tenant_id = $1 AND q.name = $2 \
+                 RETURNING {QUEUE_COLUMNS} \
+             ), wake AS ( \
+                 SELECT pg_notify('{QUEUES_CHANNEL}', $1 || '/' || $2) FROM upd \
+             ) \
+             SELECT upd.* FROM upd, (SELECT count(*) FROM wake) w"
+        );
+        sqlx::query_as::<_, QueueRow>(sql)
+            .bind(tenant.as_str())
+            .bind(name.as_str())
+            .bind(reason)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or(Error::NotFound)
+    }
+
+    /// Resumes a queue and wakes the dispatchers of every replica for it.
+    pub async fn resume_queue(&self, tenant: &TenantId, name: &QueueName) -> Result<QueueRow> {
+        let sql = static_sql!(
+            "WITH upd AS ( \
+                 UPDATE queues q SET paused_at = NULL, pause_reason = NULL, updated_at = now() \
+                 WHERE q.tenant_id = $1 AND q.name = $2 \
+                 RETURNING {QUEUE_COLUMNS} \
+             ), wake AS ( \
+                 SELECT pg_notify('{QUEUES_CHANNEL}', $1 || '/' || $2) FROM upd \
+                 UNION ALL \
+                 SELECT pg_notify('{JOBS_CHANNEL}', $1 || '/' || $2) FROM upd \
+             ) \
+             SELECT upd.* FROM upd, (SELECT count(*) FROM wake) w"
+        );
+        sqlx::query_as::<_, QueueRow>(sql)
+            .bind(tenant.as_str())
+            .bind(name.as_str())
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or(Error::NotFound)
+    }
+
+    /// Creates the queues a worker serves, so they are listed (and can be limited) before
+    /// their first job.
+    pub async fn ensure_queues(&self, tenant: &TenantId, names: &[QueueName]) -> Result<()> {
+        let names: Vec<&str> = names.iter().map(QueueName::as_str).collect();
+        sqlx::query(
+            "INSERT INTO queues (tenant_id, name) \
+             SELECT $1, n FROM unnest($2::text[]) AS n ORDER BY n \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(tenant.as_str())
+        .bind(&names)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Every queue with a concurrency or rate limit, of every tenant: the dispatcher claims
+    /// these through [`claim_limited`](Self::claim_limited).
+    pub async fn limited_queues(&self) -> Result<Vec<(TenantId, QueueName)>> {
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "SELECT tenant_id, name FROM queues \
+             WHERE concurrency_limit IS NOT NULL OR rate_per_second IS NOT NULL",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(t, q)| (TenantId::new_unchecked(&t), QueueName::new_unchecked(&q)))
+            .collect())
+    }
+
+    /// Leases up to `limit` jobs of one queue within its limits: the queue row is locked, the
+    /// running jobs counted and the token bucket refilled, then at most what both allow is
+    /// claimed and the tokens taken, all in one transaction. A queue without limits (they were
+    /// just removed) is claimed up to `limit`.
+    pub async fn claim_limited(
+        &self,
+        tenant: &TenantId,
+        queue: &QueueName,
+        job_types: &[String],
+        limit: i64,
+        worker: &Worker<'_>,
+    ) -> Result<LimitedClaim> {
+        let mut tx = self.pool.begin().await?;
+        let row: Option<LimitRow> = sqlx::query_as(
+            "SELECT paused_at IS NOT NULL AS paused, concurrency_limit, rate_per_second, \
+                    rate_burst, rate_tokens, \
+                    greatest(0, extract(epoch FROM now() - coalesce(rate_refilled_at, now())))::float8 \
+                        AS elapsed_s \
+             FROM queues WHERE tenant_id = $1 AND name = $2 FOR UPDATE",
+        )
+        .bind(tenant.as_str())
+        .bind(queue.as_str())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            return Ok(LimitedClaim {
+                rows: Vec::new(),
+                held_back: None,
+            });
+        };
+        if row.paused {
+            return Ok(LimitedClaim {
+                rows: Vec::new(),
+                held_back: Some(HeldBack::Paused),
+            });
+        }
+        let mut allowed = limit;
+        if let Some(max) = row.concurrency_limit {
+            let (running,): (i64,) = sqlx::query_as(
+                "SELECT count(*) FROM jobs \
+                 WHERE tenant_id = $1 AND queue = $2 AND state = 'running'",
+            )
+            .bind(tenant.as_str())
+            .bind(queue.as_str())
+            .fetch_one(&mut *tx)
+            .await?;
+            allowed = allowed.min((i64::from(max) - running).max(0));
+        }
+        // (rate, tokens after the refill)
+        let bucket = row
+            .rate_per_second
+            .zip(row.rate_burst)
+            .map(|(rate, burst)| {
+                let tokens = (row.rate_tokens + row.elapsed_s * rate).min(f64::from(burst));
+                (rate, tokens)
+            });
+        // Whole tokens only: a fraction of a token starts no job.
+        let whole_tokens = bucket.map(|(_, tokens)| tokens.floor() as i64);
+        if let Some(whole) = whole_tokens {
+            allowed = allowed.min(whole);
+        }
+        let rows = if allowed > 0 {
+            let queues = std::slice::from_ref(queue);
+            claim_statement(&mut *tx, tenant, queues, job_types, allowed, worker, true).await?
+        } else {
+            Vec::new()
+        };
+        let claimed = rows.len() as i64;
+        if let Some((_, tokens)) = bucket {
+            sqlx::query(
+                "UPDATE queues SET rate_tokens = $3, rate_refilled_at = now() \
+                 WHERE tenant_id = $1 AND name = $2",
+            )
+            .bind(tenant.as_str())
+            .bind(queue.as_str())
+            .bind(tokens - claimed as f64)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        // Fewer rows than allowed means the queue ran dry: only new work can help. A full claim
+        // needs nothing. Otherwise a limit stopped the claim short.
+        let held_back = if claimed < allowed || claimed >= limit {
+            None
+        } else {
+            match bucket {
+                Some((rate, tokens)) if whole_tokens == Some(allowed) => {
+                    let missing = (1.0 - (tokens - claimed as f64)).max(0.0);
+                    Some(HeldBack::Rate(Duration::from_secs_f64(missing / rate)))
+                }
+                _ => Some(HeldBack::Concurrency),
+            }
+        };
+        Ok(LimitedClaim { rows, held_back })
+    }
+}

@@ -1,0 +1,444 @@
+//! Statements on cron schedules: their definitions, and the firing of due ticks.
+//!
+//! A firing is one transaction: the due schedules are locked (`FOR UPDATE SKIP LOCKED`), each
+//! tick's job is inserted and the schedule advanced, and both commit together. A job records its
+//! schedule and tick under a unique index, so even two replicas that both believed they led
+//! could not create one tick's job twice.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use sqlx::{Postgres, Transaction, types::Json};
+use uuid::Uuid;
+
+use super::{
+    DUE_CHANNEL, Error, Result, Store,
+    jobs::{NewJob, enqueue_statement},
+    rows::JobRow,
+};
+use crate::domain::{JobId, QueueName, TenantId};
+
+/// What a tick does while the previous tick's job has not finished; the column type
+/// `overlap_policy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type)]
+#[sqlx(type_name = "overlap_policy", rename_all = "snake_case")]
+pub enum OverlapPolicy {
+    Allow,
+    Skip,
+    CancelPrevious,
+}
+
+/// What becomes of ticks missed while no replica ran the schedules; the column type
+/// `catch_up_policy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type)]
+#[sqlx(type_name = "catch_up_policy", rename_all = "snake_case")]
+pub enum CatchUpPolicy {
+    Once,
+    Skip,
+    All,
+}
+
+/// The job a schedule creates at each tick, as stored.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct JobTemplate {
+    pub job_type: String,
+    pub payload_type: String,
+    pub payload: Vec<u8>,
+    pub queue: String,
+    pub priority: i16,
+    pub max_attempts: i32,
+    pub retry_initial_ms: i64,
+    pub retry_max_ms: i64,
+    pub retry_multiplier: f64,
+    pub retry_jitter: f64,
+    pub labels: Json<HashMap<String, String>>,
+    pub timeout_ms: Option<i64>,
+}
+
+impl JobTemplate {
+    /// The job for one tick (`None`: a manual trigger) of schedule `schedule`.
+    fn to_job(&self, schedule: Uuid, tick: Option<DateTime<Utc>>) -> NewJob {
+        NewJob {
+            id: JobId::new(),
+            queue: QueueName::new_unchecked(&self.queue),
+            job_type: self.job_type.clone(),
+            payload_type: self.payload_type.clone(),
+            payload: self.payload.clone(),
+            priority: self.priority,
+            max_attempts: self.max_attempts,
+            retry_initial_ms: self.retry_initial_ms,
+            retry_max_ms: self.retry_max_ms,
+            retry_multiplier: self.retry_multiplier,
+            retry_jitter: self.retry_jitter,
+            run_at: None,
+            idempotency_key: None,
+            labels: self.labels.0.clone(),
+            timeout_ms: self.timeout_ms,
+            schedule: Some((schedule, tick)),
+        }
+    }
+}
+
+/// The settable part of a schedule, validated.
+#[derive(Debug, Clone)]
+pub struct ScheduleSpec {
+    pub description: String,
+    pub cron: String,
+    pub time_zone: String,
+    pub job: JobTemplate,
+    pub overlap_policy: OverlapPolicy,
+    pub catch_up_policy: CatchUpPolicy,
+    pub max_catch_up: i32,
+    pub misfire_grace_ms: i64,
+}
+
+/// A schedule to create.
+#[derive(Debug, Clone)]
+pub struct NewSchedule {
+    pub id: Uuid,
+    pub name: String,
+    pub spec: ScheduleSpec,
+    /// The first tick; `None` creates the schedule paused.
+    pub next_run_at: Option<DateTime<Utc>>,
+}
+
+/// A change to a schedule, decided from its current row under lock.
+#[derive(Debug, Clone)]
+pub struct ScheduleUpdate {
+    pub spec: ScheduleSpec,
+    /// `None` pauses the schedule.
+    pub next_run_at: Option<DateTime<Utc>>,
+}
+
+/// One row of `schedules`.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ScheduleRow {
+    pub id: Uuid,
+    pub tenant_id: String,
+    pub name: String,
+    pub description: String,
+    pub cron: String,
+    pub time_zone: String,
+    #[sqlx(flatten)]
+    pub job: JobTemplate,
+    pub overlap_policy: OverlapPolicy,
+    pub catch_up_policy: CatchUpPolicy,
+    pub max_catch_up: i32,
+    pub misfire_grace_ms: i64,
+    pub paused: bool,
+    pub next_run_at: Option<DateTime<Utc>>,
+    pub last_run_at: Option<DateTime<Utc>>,
+    pub last_job_id: Option<Uuid>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl ScheduleRow {
+    pub fn spec(&self) -> ScheduleSpec {
+        ScheduleSpec {
+            description: self.description.clone(),
+            cron: self.cron.clone(),
+            time_zone: self.time_zone.clone(),
+            job: self.job.clone(),
+            overlap_policy: self.overlap_policy,
+            catch_up_policy: self.catch_up_policy,
+            max_catch_up: self.max_catch_up,
+            misfire_grace_ms: self.misfire_grace_ms,
+        }
+    }
+}
+
+/// A due schedule, locked for firing, with the state of the job its last tick created.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct DueSchedule {
+    #[sqlx(flatten)]
+    pub schedule: ScheduleRow,
+    /// `None` when there is no last job (or it was deleted).
+    pub last_job_state: Option<crate::domain::JobState>,
+    /// The database's clock, which decides what is due.
+    pub db_now: DateTime<Utc>,
+}
+
+const SCHEDULE_COLUMNS: &str = "s.id, s.tenant_id, s.name, s.description, s.cron, s.time_zone, \
+    s.job_type, s.payload_type, s.payload, s.queue, s.priority, s.max_attempts, \
+    s.retry_initial_ms, s.retry_max_ms, s.retry_multiplier, s.retry_jitter, s.labels, \
+    s.timeout_ms, s.overlap_policy, s.catch_up_policy, s.max_catch_up, s.misfire_grace_ms, \
+    s.paused, s.next_run_at, s.last_run_at, s.last_job_id, s.created_at, s.updated_at";
+
+/// An open firing: due schedules locked until [`commit`](Self::commit).
+pub struct Firing {
+    tx: Transaction<'static, Postgres>,
+}
+
+impl Store {
+    pub async fn create_schedule(
+        &self,
+        tenant: &TenantId,
+        new: &NewSchedule,
+    ) -> Result<ScheduleRow> {
+        let sql = static_sql!(
+            "WITH s AS ( \
+                 INSERT INTO schedules (id, tenant_id, name, description, cron, time_zone, \
+                     job_type, payload_type, payload, queue, priority, max_attempts, \
+                     retry_initial_ms, retry_max_ms, retry_multiplier, retry_jitter, labels, \
+                     timeout_ms, overlap_policy, catch_up_policy, max_catch_up, misfire_grace_ms, \
+                     paused, next_run_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, \
+                     $17, $18, $19, $20, $21, $22, $23 IS NULL, $23) \
+                 ON CONFLICT (tenant_id, name) DO NOTHING \
+                 RETURNING * \
+             ), wake AS ( \
+                 SELECT pg_notify('{DUE_CHANNEL}', '') FROM s \
+             ) \
+             SELECT {SCHEDULE_COLUMNS} FROM s, (SELECT count(*) FROM wake) w"
+        );
+        let spec = &new.spec;
+        let job = &spec.job;
+        sqlx::query_as::<_, ScheduleRow>(sql)
+            .bind(new.id)
+            .bind(tenant.as_str())
+            .bind(&new.name)
+            .bind(&spec.description)
+            .bind(&spec.cron)
+            .bind(&spec.time_zone)
+            .bind(&job.job_type)
+            .bind(&job.payload_type)
+            .bind(&job.payload)
+            .bind(&job.queue)
+            .bind(job.priority)
+            .bind(job.max_attempts)
+            .bind(job.retry_initial_ms)
+            .bind(job.retry_max_ms)
+            .bind(job.retry_multiplier)
+            .bind(job.retry_jitter)
+            .bind(&job.labels)
+            .bind(job.timeout_ms)
+            .bind(spec.overlap_policy)
+            .bind(spec.catch_up_policy)
+            .bind(spec.max_catch_up)
+            .bind(spec.misfire_grace_ms)
+            .bind(new.next_run_at)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or(Error::AlreadyExists)
+    }
+
+    pub async fn get_schedule(&self, tenant: &TenantId, name: &str) -> Result<ScheduleRow> {
+        let sql = static_sql!(
+            "SELECT {SCHEDULE_COLUMNS} FROM schedules s WHERE s.tenant_id = $1 AND s.name = $2"
+        );
+        sqlx::query_as::<_, ScheduleRow>(sql)
+            .bind(tenant.as_str())
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or(Error::NotFound)
+    }
+
+    /// Schedules by name after `after`, at most `limit`.
+    pub async fn list_schedules(
+        &self,
+        tenant: &TenantId,
+        after: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<ScheduleRow>> {
+        let sql = static_sql!(
+            "SELECT {SCHEDULE_COLUMNS} FROM schedules s \
+             WHERE s.tenant_id = $1 AND ($2::text IS NULL OR s.name > $2) \
+             ORDER BY s.name LIMIT $3"
+        );
+        Ok(sqlx::query_as::<_, ScheduleRow>(sql)
+            .bind(tenant.as_str())
+            .bind(after)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    /// Changes a schedule under lock: `change` sees the current row and decides the new one,
+    /// so a concurrent firing (which advances `next_run_at`) is never overwritten with a stale
+    /// view. `change`'s own errors pass through.
+    pub async fn modify_schedule<E: From<Error>>(
+        &self,
+        tenant: &TenantId,
+        name: &str,
+        change: impl FnOnce(&ScheduleRow) -> Result<ScheduleUpdate, E>,
+    ) -> Result<ScheduleRow, E> {
+        let mut tx = self.pool.begin().await.map_err(Error::from)?;
+        let lock = static_sql!(
+            "SELECT {SCHEDULE_COLUMNS} FROM schedules s \
+             WHERE s.tenant_id = $1 AND s.name = $2 FOR UPDATE"
+        );
+        let current = sqlx::query_as::<_, ScheduleRow>(lock)
+            .bind(tenant.as_str())
+            .bind(name)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(Error::from)?
+            .ok_or(Error::NotFound)?;
+        let update = change(&current)?;
+        let sql = static_sql!(
+            "WITH s AS ( \
+                 UPDATE schedules SET description = $2, cron = $3, time_zone = $4, \
+                     job_type = $5, payload_type = $6, payload = $7, queue = $8, priority = $9, \
+                     max_attempts = $10, retry_initial_ms = $11, retry_max_ms = $12, \
+                     retry_multiplier = $13, retry_jitter = $14, labels = $15, timeout_ms = $16, \
+                     overlap_policy = $17, catch_up_policy = $18, max_catch_up = $19, \
+                     misfire_grace_ms = $20, paused = $21 IS NULL, next_run_at = $21, \
+                     updated_at = now() \
+                 WHERE id = $1 \
+                 RETURNING * \
+             ), wake AS ( \
+                 SELECT pg_notify('{DUE_CHANNEL}', '') FROM s \
+             ) \
+             SELECT {SCHEDULE_COLUMNS} FROM s, (SELECT count(*) FROM wake) w"
+        );
+        let spec = &update.spec;
+        let job = &spec.job;
+        let row = sqlx::query_as::<_, ScheduleRow>(sql)
+            .bind(current.id)
+            .bind(&spec.description)
+            .bind(&spec.cron)
+            .bind(&spec.time_zone)
+            .bind(&job.job_type)
+            .bind(&job.payload_type)
+            .bind(&job.payload)
+            .bind(&job.queue)
+            .bind(job.priority)
+            .bind(job.max_attempts)
+            .bind(job.retry_initial_ms)
+            .bind(job.retry_max_ms)
+            .bind(job.retry_multiplier)
+            .bind(job.retry_jitter)
+            .bind(&job.labels)
+            .bind(job.timeout_ms)
+            .bind(spec.overlap_policy)
+            .bind(spec.catch_up_policy)
+            .bind(spec.max_catch_up)
+            .bind(spec.misfire_grace_ms)
+            .bind(update.next_run_at)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(Error::from)?;
+        tx.commit().await.map_err(Error::from)?;
+        Ok(row)
+    }
+
+    pub async fn delete_schedule(&self, tenant: &TenantId, name: &str) -> Result<()> {
+        let done = sqlx::query("DELETE FROM schedules WHERE tenant_id = $1 AND name = $2")
+            .bind(tenant.as_str())
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(Error::NotFound);
+        }
+        Ok(())
+    }
+
+    /// Creates a job from a schedule's template now, outside its ticks, and records it as the
+    /// schedule's last job.
+    pub async fn trigger_schedule(&self, tenant: &TenantId, name: &str) -> Result<JobRow> {
+        let mut tx = self.pool.begin().await?;
+        let lock = static_sql!(
+            "SELECT {SCHEDULE_COLUMNS} FROM schedules s \
+             WHERE s.tenant_id = $1 AND s.name = $2 FOR UPDATE"
+        );
+        let schedule = sqlx::query_as::<_, ScheduleRow>(lock)
+            .bind(tenant.as_str())
+            .bind(name)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or(Error::NotFound)?;
+        let job = schedule.job.to_job(schedule.id, None);
+        let created = enqueue_statement(&mut *tx, tenant, std::slice::from_ref(&job))
+            .await?
+            .pop()
+            .flatten()
+            .ok_or_else(|| Error::Corrupt("a triggered job was not inserted".into()))?;
+        sqlx::query(
+            "UPDATE schedules SET last_run_at = now(), last_job_id = $2, updated_at = now() \
+             WHERE id = $1",
+        )
+        .bind(schedule.id)
+        .bind(created.job.id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(created.job)
+    }
+
+    /// Opens a firing: locks up to `limit` due, unpaused schedules (of every tenant) that no
+    /// other firing holds.
+    pub async fn begin_firing(&self, limit: i64) -> Result<(Firing, Vec<DueSchedule>)> {
+        let mut tx = self.pool.begin().await?;
+        let sql = static_sql!(
+            "SELECT {SCHEDULE_COLUMNS}, j.state AS last_job_state, now() AS db_now \
+             FROM schedules s LEFT JOIN jobs j ON j.id = s.last_job_id \
+             WHERE s.next_run_at <= now() \
+             ORDER BY s.next_run_at LIMIT $1 \
+             FOR UPDATE OF s SKIP LOCKED"
+        );
+        let due = sqlx::query_as::<_, DueSchedule>(sql)
+            .bind(limit)
+            .fetch_all(&mut *tx)
+            .await?;
+        Ok((Firing { tx }, due))
+    }
+
+    /// The earliest next tick of any unpaused schedule.
+    pub async fn next_schedule_tick(&self) -> Result<Option<DateTime<Utc>>> {
+        let (at,): (Option<DateTime<Utc>>,) =
+            sqlx::query_as("SELECT min(next_run_at) FROM schedules")
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(at)
+    }
+}
+
+impl Firing {
+    /// Creates the jobs of `ticks` (oldest first) for a locked schedule and advances it to
+    /// `next_run_at` (`None`, for a schedule that can never tick again, pauses it). A tick whose
+    /// job exists already creates nothing. Returns the jobs created.
+    pub async fn fire(
+        &mut self,
+        schedule: &ScheduleRow,
+        ticks: &[DateTime<Utc>],
+        next_run_at: Option<DateTime<Utc>>,
+    ) -> Result<Vec<JobRow>> {
+        let tenant = TenantId::new_unchecked(&schedule.tenant_id);
+        let jobs: Vec<NewJob> = ticks
+            .iter()
+            .map(|tick| schedule.job.to_job(schedule.id, Some(*tick)))
+            .collect();
+        let created: Vec<JobRow> = if jobs.is_empty() {
+            Vec::new()
+        } else {
+            enqueue_statement(&mut *self.tx, &tenant, &jobs)
+                .await?
+                .into_iter()
+                .flatten()
+                .map(|outcome| outcome.job)
+                .collect()
+        };
+        let last = created.last();
+        sqlx::query(
+            "UPDATE schedules SET next_run_at = $2, paused = $2 IS NULL, \
+                 last_run_at = coalesce($3, last_run_at), \
+                 last_job_id = coalesce($4, last_job_id), updated_at = now() \
+             WHERE id = $1",
+        )
+        .bind(schedule.id)
+        .bind(next_run_at)
+        .bind(last.and_then(|job| job.schedule_tick))
+        .bind(last.map(|job| job.id))
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(created)
+    }
+
+    pub async fn commit(self) -> Result<()> {
+        self.tx.commit().await?;
+        Ok(())
+    }
+}
