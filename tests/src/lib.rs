@@ -22,6 +22,7 @@
 //! [`jobs`] holds the job types that the tests and the test worker binary share.
 
 pub mod jobs;
+pub mod workers;
 
 use std::fs;
 use std::net::SocketAddr;

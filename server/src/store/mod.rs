@@ -110,7 +110,11 @@ impl Store {
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(10))
-            .connect_with(options.application_name("jobwire-server"))
+            // The pid tells an operator (and the failover tests) which replica holds which
+            // session, such as the one holding the leader lock.
+            .connect_with(
+                options.application_name(&format!("jobwire-server/{}", std::process::id())),
+            )
             .await?;
         sqlx::migrate!("../migrations").run(&pool).await?;
         Ok(Self { pool })

@@ -84,6 +84,9 @@ struct LimitRow {
     rate_tokens: f64,
     /// Seconds since the bucket was last refilled.
     elapsed_s: f64,
+    /// When the row was read under lock: the bucket's new refill time. The wall clock, not the
+    /// transaction's start, which may precede the previous holder's refill.
+    read_at: DateTime<Utc>,
 }
 
 impl Store {
@@ -292,9 +295,9 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         let row: Option<LimitRow> = sqlx::query_as(
             "SELECT paused_at IS NOT NULL AS paused, concurrency_limit, rate_per_second, \
-                    rate_burst, rate_tokens, \
-                    greatest(0, extract(epoch FROM now() - coalesce(rate_refilled_at, now())))::float8 \
-                        AS elapsed_s \
+                    rate_burst, rate_tokens, clock_timestamp() AS read_at, \
+                    greatest(0, extract(epoch FROM clock_timestamp() \
+                        - coalesce(rate_refilled_at, clock_timestamp())))::float8 AS elapsed_s \
              FROM queues WHERE tenant_id = $1 AND name = $2 FOR UPDATE",
         )
         .bind(tenant.as_str())
@@ -347,12 +350,13 @@ impl Store {
         let claimed = rows.len() as i64;
         if let Some((_, tokens)) = bucket {
             sqlx::query(
-                "UPDATE queues SET rate_tokens = $3, rate_refilled_at = now() \
+                "UPDATE queues SET rate_tokens = $3, rate_refilled_at = $4 \
                  WHERE tenant_id = $1 AND name = $2",
             )
             .bind(tenant.as_str())
             .bind(queue.as_str())
             .bind(tokens - claimed as f64)
+            .bind(row.read_at)
             .execute(&mut *tx)
             .await?;
         }
