@@ -63,7 +63,7 @@ fn assert_contiguous(ticks: &[DateTime<Utc>]) {
 async fn every_second_on_three_replicas_makes_one_job_per_tick_through_a_leader_kill() {
     let db = test_db().await;
     let pool = db.pool().await;
-    let mut servers = vec![
+    let mut servers = [
         ServerProcess::start(&db, &[]).await,
         ServerProcess::start(&db, &[]).await,
         ServerProcess::start(&db, &[]).await,
