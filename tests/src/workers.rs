@@ -54,7 +54,7 @@ pub struct SleepWorker {
 #[derive(Debug)]
 pub struct RunningWorker {
     stop: CancellationToken,
-    task: JoinHandle<()>,
+    task: JoinHandle<Result<(), jobwire::Error>>,
 }
 
 impl SleepWorker {
@@ -108,17 +108,16 @@ impl SleepWorker {
             .expect("worker builds");
         let stop = CancellationToken::new();
         let token = stop.clone();
-        let task = tokio::spawn(async move {
-            // A drain may time out when the server went away first; no test here checks that.
-            let _ = worker.run(token.cancelled_owned()).await;
-        });
+        let task = tokio::spawn(async move { worker.run(token.cancelled_owned()).await });
         RunningWorker { stop, task }
     }
 }
 
 impl RunningWorker {
-    pub async fn stop(self) {
+    /// Drains the worker and returns how its run ended (a drain may time out when the server
+    /// went away first, which some tests expect).
+    pub async fn stop(self) -> Result<(), jobwire::Error> {
         self.stop.cancel();
-        let _ = self.task.await;
+        self.task.await.expect("the worker task panicked")
     }
 }

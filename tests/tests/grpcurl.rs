@@ -135,3 +135,71 @@ async fn grpcurl_lists_describes_checks_health_and_calls() {
         "int64 renders as a string: {last}"
     );
 }
+
+#[tokio::test]
+async fn grpcurl_administers_queues_and_schedules() {
+    let db = test_db().await;
+    let server = ServerProcess::start(&db, &[]).await;
+    let addr = server.addr().to_string();
+    let call = |method: &str, body: &str| -> serde_json::Value {
+        let out = run(&["-plaintext", "-d", body, &addr, method]);
+        serde_json::from_str(&out).expect("JSON output")
+    };
+
+    let updated = call(
+        "jobwire.v1.QueueService/UpdateQueue",
+        r#"{"queue": {"name": "downloads", "concurrency_limit": 4,
+                      "rate_limit": {"per_second": 2.5, "burst": 5}},
+            "update_mask": {"paths": ["concurrency_limit", "rate_limit"]}, "allow_missing": true}"#,
+    );
+    assert_eq!(updated["queue"]["concurrencyLimit"], 4);
+    assert_eq!(updated["queue"]["rateLimit"]["perSecond"], 2.5);
+    let paused = call(
+        "jobwire.v1.QueueService/PauseQueue",
+        r#"{"name": "downloads", "reason": "mirror down"}"#,
+    );
+    assert_eq!(paused["queue"]["paused"], true);
+    call(
+        "jobwire.v1.JobService/EnqueueJob",
+        r#"{"job": {"job_type": "download.fetch", "queue": "downloads",
+            "payload": {"@type": "type.googleapis.com/google.protobuf.StringValue",
+                        "value": "https://example.com/a.tar.gz"}}}"#,
+    );
+    let queue = call(
+        "jobwire.v1.QueueService/GetQueue",
+        r#"{"name": "downloads"}"#,
+    );
+    let counts = queue["queue"]["stats"]["counts"]
+        .as_array()
+        .expect("counts");
+    assert_eq!(counts.len(), 1, "{queue}");
+    assert_eq!(counts[0]["state"], "JOB_STATE_AVAILABLE");
+    assert_eq!(counts[0]["count"], "1");
+    let listed = call("jobwire.v1.QueueService/ListQueues", "{}");
+    assert_eq!(listed["queues"][0]["name"], "downloads");
+
+    let created = call(
+        "jobwire.v1.ScheduleService/CreateSchedule",
+        r#"{"schedule": {"name": "daily_registry_scan", "cron": "0 2 * * *",
+            "time_zone": "UTC", "overlap_policy": "OVERLAP_POLICY_SKIP",
+            "job": {"job_type": "discovery.scan.registry", "priority": 50,
+                    "payload": {"@type": "type.googleapis.com/google.protobuf.StringValue",
+                                "value": "all"}}}}"#,
+    );
+    let schedule = &created["schedule"];
+    assert_eq!(schedule["overlapPolicy"], "OVERLAP_POLICY_SKIP");
+    assert!(
+        schedule["nextRunAt"]
+            .as_str()
+            .is_some_and(|t| t.ends_with("T02:00:00Z")),
+        "{schedule}"
+    );
+    let triggered = call(
+        "jobwire.v1.ScheduleService/TriggerSchedule",
+        r#"{"name": "daily_registry_scan"}"#,
+    );
+    assert_eq!(triggered["job"]["jobType"], "discovery.scan.registry");
+    assert_eq!(triggered["job"]["scheduleId"], schedule["id"]);
+    let listed = call("jobwire.v1.ScheduleService/ListSchedules", "{}");
+    assert_eq!(listed["schedules"].as_array().map(Vec::len), Some(1));
+}

@@ -5,39 +5,10 @@ mod support;
 
 use std::time::Duration;
 
-use jobwire::{Client, Error, JobContext, JobState, RetryPolicy, Worker};
+use jobwire::{Client, Error, JobState, RetryPolicy};
 use jobwire_proto::v1 as pb;
-use jobwire_tests::{
-    ServerProcess,
-    jobs::{self, Sleep},
-    test_db,
-};
+use jobwire_tests::{ServerProcess, jobs::Sleep, test_db, workers::SleepWorker};
 use support::{get, jobs as job_client};
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
-
-/// An SDK worker serving `test.sleep` in this process until the token fires.
-fn spawn_worker(url: &str, id: &str, concurrency: usize) -> (CancellationToken, JoinHandle<()>) {
-    let stop = CancellationToken::new();
-    let name = id.to_owned();
-    let worker = Worker::builder(url)
-        .worker_id(id)
-        .concurrency(concurrency)
-        .register::<Sleep, _, _>(move |ctx: JobContext, job: Sleep| {
-            let name = name.clone();
-            async move { jobs::run_sleep(ctx, job, name).await }
-        })
-        .build()
-        .expect("worker builds");
-    let token = stop.clone();
-    let task = tokio::spawn(async move {
-        worker
-            .run(token.cancelled_owned())
-            .await
-            .expect("worker ran");
-    });
-    (stop, task)
-}
 
 fn secs(d: &prost_types::Timestamp) -> f64 {
     d.seconds as f64 + f64::from(d.nanos) / 1e9
@@ -47,7 +18,7 @@ fn secs(d: &prost_types::Timestamp) -> f64 {
 async fn enqueued_job_runs_and_returns_its_typed_result() {
     let db = test_db().await;
     let server = ServerProcess::start(&db, &[]).await;
-    let (stop, worker) = spawn_worker(&server.url(), "w1", 4);
+    let worker = SleepWorker::new(server.url(), "w1").concurrency(4).spawn();
     let client = Client::connect(server.url()).await.expect("client");
 
     let handle = client
@@ -67,15 +38,14 @@ async fn enqueued_job_runs_and_returns_its_typed_result() {
     let info = handle.get().await.expect("get");
     assert_eq!(info.state(), JobState::Succeeded);
 
-    stop.cancel();
-    worker.await.expect("worker stopped");
+    worker.stop().await.expect("worker ran");
 }
 
 #[tokio::test]
 async fn failing_twice_then_succeeding_respects_backoff() {
     let db = test_db().await;
     let server = ServerProcess::start(&db, &["--poll-interval", "50ms"]).await;
-    let (stop, worker) = spawn_worker(&server.url(), "w1", 2);
+    let worker = SleepWorker::new(server.url(), "w1").concurrency(2).spawn();
     let client = Client::connect(server.url()).await.expect("client");
 
     let handle = client
@@ -125,15 +95,14 @@ async fn failing_twice_then_succeeding_respects_backoff() {
         "attempt 1 failed"
     );
 
-    stop.cancel();
-    worker.await.expect("worker stopped");
+    worker.stop().await.expect("worker ran");
 }
 
 #[tokio::test]
 async fn exhausted_attempts_fail_the_job_and_keep_every_error() {
     let db = test_db().await;
     let server = ServerProcess::start(&db, &["--poll-interval", "50ms"]).await;
-    let (stop, worker) = spawn_worker(&server.url(), "w1", 2);
+    let worker = SleepWorker::new(server.url(), "w1").concurrency(2).spawn();
     let client = Client::connect(server.url()).await.expect("client");
 
     let handle = client
@@ -170,15 +139,14 @@ async fn exhausted_attempts_fail_the_job_and_keep_every_error() {
         vec!["attempt 1 failed", "attempt 2 failed", "attempt 3 failed"]
     );
 
-    stop.cancel();
-    worker.await.expect("worker stopped");
+    worker.stop().await.expect("worker ran");
 }
 
 #[tokio::test]
 async fn non_retryable_failure_fails_after_one_attempt() {
     let db = test_db().await;
     let server = ServerProcess::start(&db, &[]).await;
-    let (stop, worker) = spawn_worker(&server.url(), "w1", 2);
+    let worker = SleepWorker::new(server.url(), "w1").concurrency(2).spawn();
     let client = Client::connect(server.url()).await.expect("client");
 
     let handle = client
@@ -202,8 +170,7 @@ async fn non_retryable_failure_fails_after_one_attempt() {
     let job = get(&mut raw, handle.id().as_str()).await;
     assert_eq!(job.attempts.len(), 1);
 
-    stop.cancel();
-    worker.await.expect("worker stopped");
+    worker.stop().await.expect("worker ran");
 }
 
 #[tokio::test]
@@ -226,7 +193,7 @@ async fn cancelled_queued_job_never_runs() {
 
     // One slot, highest priority first: had the cancelled job been claimable, it would have run
     // before the later, low-priority one finished.
-    let (stop, worker) = spawn_worker(&server.url(), "w1", 1);
+    let worker = SleepWorker::new(server.url(), "w1").concurrency(1).spawn();
     later.wait().await.expect("the later job runs");
     let mut raw = job_client(&server.url()).await;
     let cancelled = get(&mut raw, handle.id().as_str()).await;
@@ -237,6 +204,5 @@ async fn cancelled_queued_job_never_runs() {
         other => panic!("expected a cancelled job, got {other:?}"),
     }
 
-    stop.cancel();
-    worker.await.expect("worker stopped");
+    worker.stop().await.expect("worker ran");
 }

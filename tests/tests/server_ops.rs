@@ -4,38 +4,14 @@
 
 use std::{path::Path, time::Duration};
 
-use jobwire::{Client, JobContext, Worker};
+use jobwire::Client;
 use jobwire_server::embedded_pg::EmbeddedPostgres;
-use jobwire_tests::{
-    ServerProcess, eventually,
-    jobs::{self, Sleep},
-};
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
+use jobwire_tests::{ServerProcess, eventually, jobs::Sleep, workers::SleepWorker};
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
 const WAIT: Duration = Duration::from_secs(60);
-
-fn spawn_worker(url: &str) -> (CancellationToken, JoinHandle<()>) {
-    let stop = CancellationToken::new();
-    let worker = Worker::builder(url)
-        .worker_id("ops")
-        .concurrency(2)
-        .drain_timeout(Duration::from_secs(5))
-        .register::<Sleep, _, _>(|ctx: JobContext, job: Sleep| async move {
-            jobs::run_sleep(ctx, job, "ops".into()).await
-        })
-        .build()
-        .expect("worker builds");
-    let token = stop.clone();
-    let task = tokio::spawn(async move {
-        // A drain may time out when the server went away first; that is not what is tested.
-        let _ = worker.run(token.cancelled_owned()).await;
-    });
-    (stop, task)
-}
 
 /// The health status, or None when the server cannot be asked.
 async fn health(url: &str) -> Option<ServingStatus> {
@@ -94,7 +70,7 @@ async fn health_follows_postgres_and_a_postgres_crash_loses_no_job() {
         .await
         .expect("restart cluster");
     wait_for_health(&server.url(), ServingStatus::Serving).await;
-    let (stop, worker) = spawn_worker(&server.url());
+    let worker = SleepWorker::new(server.url(), "ops").concurrency(2).spawn();
     let output = tokio::time::timeout(WAIT, accepted.wait())
         .await
         .expect("in time")
@@ -109,8 +85,8 @@ async fn health_follows_postgres_and_a_postgres_crash_loses_no_job() {
         .expect("enqueue after recovery");
     assert_eq!(after.wait().await.expect("succeeds").seq, 2);
 
-    stop.cancel();
-    worker.await.expect("worker stopped");
+    // A drain may time out when the server went away first; that is not what is tested.
+    let _ = worker.stop().await;
     drop(server);
     pg.stop().await.expect("stop cluster");
 }
@@ -141,7 +117,7 @@ async fn embedded_default_starts_reuses_and_stops_its_cluster() {
         .expect("enqueue");
 
     // SIGTERM with a worker connected and a job running: a clean exit, cluster stopped.
-    let (stop, worker) = spawn_worker(&server.url());
+    let worker = SleepWorker::new(server.url(), "ops").concurrency(2).spawn();
     eventually("the job runs", WAIT, || {
         let job = job.clone();
         async move {
@@ -169,8 +145,8 @@ async fn embedded_default_starts_reuses_and_stops_its_cluster() {
         .expect("the job finishes after the restart");
     assert_eq!(output.seq, 9);
 
-    stop.cancel();
-    worker.await.expect("worker stopped");
+    // A drain may time out when the server went away first; that is not what is tested.
+    let _ = worker.stop().await;
     assert!(server.terminate().await.success());
     assert!(!postmaster_running(dir.path()));
 }
