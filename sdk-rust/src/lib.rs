@@ -95,7 +95,7 @@ pub use client::{
 pub use context::{JobContext, StopReason};
 pub use error::{Error, HandlerError, JobFailure};
 pub use event::{JobEvent, JobEventKind};
-pub use job::{JobError, JobId, JobInfo, JobState, JobType, RetryPolicy};
+pub use job::{JobError, JobId, JobInfo, JobSchema, JobState, JobType, RetryPolicy};
 pub use report::{LogLevel, Progress, ProgressInfo};
 pub use worker::{Worker, WorkerBuilder};
 

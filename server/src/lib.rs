@@ -7,7 +7,9 @@
 //! - [`api`]: one file per gRPC service; validates, calls the store or the engine, maps errors
 //!   to status codes once. Handlers hold no SQL and no timing.
 //! - [`engine`]: the loops that own timing and batching (dispatcher, completer, notifier,
-//!   leader election, reaper, scheduler).
+//!   leader election, reaper, scheduler, cron).
+//! - [`registry`]: registered job types with their descriptors decoded and cached; JSON
+//!   payloads checked and converted against them.
 //! - [`store`]: every SQL statement.
 //! - [`embedded_pg`]: the private PostgreSQL cluster used when no `DATABASE_URL` is given.
 //! - [`server`]: wires the pieces together and runs them until shutdown.
@@ -19,5 +21,6 @@ pub mod config;
 pub mod domain;
 pub mod embedded_pg;
 pub mod engine;
+pub mod registry;
 pub mod server;
 pub mod store;

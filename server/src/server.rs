@@ -8,8 +8,9 @@
 use std::time::Duration;
 
 use jobwire_proto::v1::{
-    job_service_server::JobServiceServer, queue_service_server::QueueServiceServer,
-    schedule_service_server::ScheduleServiceServer, worker_service_server::WorkerServiceServer,
+    job_service_server::JobServiceServer, job_type_service_server::JobTypeServiceServer,
+    queue_service_server::QueueServiceServer, schedule_service_server::ScheduleServiceServer,
+    worker_service_server::WorkerServiceServer,
 };
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -19,12 +20,14 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 use crate::{
     api::{
         job_service::JobApi,
+        job_type_service::JobTypeApi,
         queue_service::QueueApi,
         schedule_service::ScheduleApi,
         worker_service::{SessionConfig, WorkerApi},
     },
     config::Config,
     engine::Engine,
+    registry::Registry,
     store::Store,
 };
 
@@ -73,8 +76,10 @@ pub async fn run(
         .build_v1alpha()?;
 
     let max_message = config.max_payload_bytes + ENVELOPE_BYTES;
+    let registry = Registry::new(store.clone());
     let jobs = JobServiceServer::new(JobApi::new(
         store.clone(),
+        registry.clone(),
         engine.enqueuer.clone(),
         config.max_payload_bytes,
         engine.fanout.clone(),
@@ -85,6 +90,7 @@ pub async fn run(
     .max_encoding_message_size(max_message);
     let workers = WorkerServiceServer::new(WorkerApi::new(
         store.clone(),
+        registry.clone(),
         engine.clone(),
         SessionConfig {
             lease_duration: config.lease_duration,
@@ -99,6 +105,9 @@ pub async fn run(
     .max_encoding_message_size(max_message);
     drop(engine);
     let queues = QueueServiceServer::new(QueueApi::new(store.clone()));
+    let job_types = JobTypeServiceServer::new(JobTypeApi::new(store.clone(), registry.clone()))
+        .max_decoding_message_size(max_message.max(8 * 1024 * 1024))
+        .max_encoding_message_size(max_message.max(8 * 1024 * 1024));
     let schedules =
         ScheduleServiceServer::new(ScheduleApi::new(store.clone(), config.max_payload_bytes))
             .max_decoding_message_size(max_message)
@@ -117,6 +126,7 @@ pub async fn run(
         .add_service(workers)
         .add_service(queues)
         .add_service(schedules)
+        .add_service(job_types)
         .serve_with_incoming_shutdown(
             // Leases, acks and events are small messages: Nagle's algorithm would hold them
             // back for tens of milliseconds.
@@ -166,6 +176,7 @@ async fn set_all(reporter: &HealthReporter, status: ServingStatus) {
         "jobwire.v1.WorkerService",
         "jobwire.v1.QueueService",
         "jobwire.v1.ScheduleService",
+        "jobwire.v1.JobTypeService",
     ] {
         reporter.set_service_status(service, status).await;
     }

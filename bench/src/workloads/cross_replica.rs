@@ -97,6 +97,7 @@ pub async fn run(pg: &Postgres) -> anyhow::Result<Report> {
         queues: vec![],
         slots: 1,
         running: vec![],
+        schemas: vec![],
     })))
     .await?;
     let mut stream = WorkerServiceClient::new(channel(&a.url).await?)

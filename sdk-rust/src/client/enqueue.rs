@@ -281,6 +281,10 @@ impl<J: JobType> Draft<J> {
             idempotency_key: self.idempotency_key.unwrap_or_default(),
             labels: self.labels,
             timeout: self.timeout.map(job::duration_to_proto),
+            // Typed payloads travel encoded; JSON and examples are for untyped callers.
+            payload_json: None,
+            example: String::new(),
+            job_type_version: 0,
         })
     }
 }

@@ -253,6 +253,10 @@ impl Executor {
         self.registry.job_types()
     }
 
+    pub(super) fn job_schemas(&self) -> Vec<crate::proto::v1::JobType> {
+        self.registry.schemas()
+    }
+
     /// Pairs a joined task with its lease.
     fn settle(
         &mut self,

@@ -23,6 +23,8 @@ pub(super) type ErasedHandler =
 #[derive(Default)]
 pub(super) struct Registry {
     handlers: HashMap<&'static str, ErasedHandler>,
+    /// The schemas of the types that have one, registered with the server on connect.
+    schemas: HashMap<&'static str, crate::job::JobSchema>,
 }
 
 impl Registry {
@@ -59,7 +61,21 @@ impl Registry {
             })
         });
         self.handlers.insert(J::JOB_TYPE, erased);
+        if let Some(schema) = J::SCHEMA {
+            self.schemas.insert(J::JOB_TYPE, schema);
+        }
         true
+    }
+
+    /// The registrations of the types with a schema, sorted like [`job_types`](Self::job_types).
+    pub(super) fn schemas(&self) -> Vec<crate::proto::v1::JobType> {
+        let mut out: Vec<_> = self
+            .schemas
+            .iter()
+            .map(|(name, schema)| schema.to_proto(name))
+            .collect();
+        out.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+        out
     }
 
     /// The handler of `job_type`, if this worker serves it.

@@ -133,6 +133,7 @@ pub(super) async fn run(
         queues: config.queues.clone(),
         slots: i32::try_from(work.executor.slots()).unwrap_or(i32::MAX),
         running: work.executor.live_leases(),
+        schemas: work.executor.job_schemas(),
     };
     out.send_message(Outbound::Hello(hello))
         .await

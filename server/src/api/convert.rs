@@ -102,6 +102,10 @@ pub fn job(row: JobRow, attempts: &[AttemptRow]) -> pb::Job {
         has_checkpoint: row.has_checkpoint,
         schedule_id: row.schedule_id.map(|id| id.to_string()).unwrap_or_default(),
         schedule_tick: row.schedule_tick.map(timestamp),
+        job_type_version: row.job_type_version.unwrap_or(0),
+        // Filled in by the caller when the job type's schema is registered.
+        payload_json: None,
+        result_json: None,
     }
 }
 
@@ -182,7 +186,7 @@ pub fn progress_from_json(value: &serde_json::Value) -> pb::Progress {
     }
 }
 
-fn struct_to_json(s: &prost_types::Struct) -> serde_json::Value {
+pub fn struct_to_json(s: &prost_types::Struct) -> serde_json::Value {
     serde_json::Value::Object(
         s.fields
             .iter()
@@ -205,7 +209,7 @@ fn value_to_json(v: &prost_types::Value) -> serde_json::Value {
     }
 }
 
-fn json_to_struct(v: &serde_json::Value) -> Option<prost_types::Struct> {
+pub fn json_to_struct(v: &serde_json::Value) -> Option<prost_types::Struct> {
     match v {
         serde_json::Value::Object(map) => Some(prost_types::Struct {
             fields: map

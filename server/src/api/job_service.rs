@@ -9,7 +9,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{
-    ApiError, convert, tenant_of, validate,
+    ApiError, convert, payloads, tenant_of, validate,
     watch::{self, JobSink, JobsSink},
 };
 use crate::{
@@ -18,6 +18,7 @@ use crate::{
         enqueuer::EnqueuerHandle,
         fanout::{FanoutHandle, Target},
     },
+    registry::Registry,
     store::{EventFilter, ListFilter, StopKind, Store},
 };
 
@@ -26,6 +27,7 @@ const MAX_PAGE_SIZE: i32 = 1000;
 
 pub struct JobApi {
     store: Store,
+    registry: Registry,
     /// Group-commits single enqueues.
     enqueuer: EnqueuerHandle,
     max_payload_bytes: usize,
@@ -38,6 +40,7 @@ pub struct JobApi {
 impl JobApi {
     pub fn new(
         store: Store,
+        registry: Registry,
         enqueuer: EnqueuerHandle,
         max_payload_bytes: usize,
         fanout: FanoutHandle,
@@ -46,6 +49,7 @@ impl JobApi {
     ) -> Self {
         Self {
             store,
+            registry,
             enqueuer,
             max_payload_bytes,
             fanout,
@@ -84,7 +88,9 @@ impl JobApi {
         } else {
             self.store.list_attempts(tenant, id).await?
         };
-        Ok(convert::job(row, &attempts))
+        let mut job = convert::job(row, &attempts);
+        payloads::render(&self.registry, tenant, &mut job).await;
+        Ok(job)
     }
 
     /// Explains why a job could not take a transition: missing, or in the wrong state.
@@ -139,7 +145,12 @@ impl JobService for JobApi {
             .job
             .as_ref()
             .ok_or_else(|| ApiError::invalid("job", "is required"))?;
-        let job = validate::job_spec(spec, self.max_payload_bytes).map_err(|e| e.within("job"))?;
+        let (spec, version) = payloads::prepare(&self.registry, &tenant, spec)
+            .await
+            .map_err(|e| e.within("job"))?;
+        let mut job =
+            validate::job_spec(&spec, self.max_payload_bytes).map_err(|e| e.within("job"))?;
+        job.job_type_version = version;
         let queue = job.queue.clone();
         let outcome = self
             .enqueuer
@@ -149,9 +160,11 @@ impl JobService for JobApi {
         if outcome.created {
             tracing::debug!(job_id = %outcome.job.id, %tenant, %queue, "job enqueued");
         }
+        let mut job = convert::job(outcome.job, &[]);
+        payloads::render(&self.registry, &tenant, &mut job).await;
         Ok(Response::new(pb::EnqueueJobResponse {
             created: outcome.created,
-            job: Some(convert::job(outcome.job, &[])),
+            job: Some(job),
         }))
     }
 
@@ -160,7 +173,22 @@ impl JobService for JobApi {
         request: Request<pb::EnqueueJobsRequest>,
     ) -> Result<Response<pb::EnqueueJobsResponse>, Status> {
         let tenant = tenant_of(&request)?;
-        let jobs = validate::job_specs(&request.get_ref().jobs, self.max_payload_bytes)?;
+        let requested = &request.get_ref().jobs;
+        // Before the registry lookups, so an oversized batch costs none.
+        validate::batch_len(requested.len())?;
+        let mut specs = Vec::with_capacity(requested.len());
+        let mut versions = Vec::with_capacity(requested.len());
+        for (i, spec) in requested.iter().enumerate() {
+            let (spec, version) = payloads::prepare(&self.registry, &tenant, spec)
+                .await
+                .map_err(|e| e.within(&format!("jobs[{i}]")))?;
+            specs.push(spec);
+            versions.push(version);
+        }
+        let mut jobs = validate::job_specs(&specs, self.max_payload_bytes)?;
+        for (job, version) in jobs.iter_mut().zip(versions) {
+            job.job_type_version = version;
+        }
         let outcomes = self
             .store
             .enqueue_many(&tenant, &jobs)
@@ -262,7 +290,9 @@ impl JobService for JobApi {
             } else {
                 Vec::new()
             };
-            jobs.push(convert::job(row, &attempts));
+            let mut job = convert::job(row, &attempts);
+            payloads::render(&self.registry, &tenant, &mut job).await;
+            jobs.push(job);
         }
         Ok(Response::new(pb::ListJobsResponse {
             jobs,

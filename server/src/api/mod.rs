@@ -7,6 +7,8 @@
 pub mod convert;
 pub mod error;
 pub mod job_service;
+pub mod job_type_service;
+pub mod payloads;
 pub mod queue_service;
 pub mod schedule_service;
 pub mod validate;

@@ -64,6 +64,7 @@ impl ScheduleApi {
             idempotency_key: String::new(),
             labels: job.labels.clone(),
             timeout: job.timeout,
+            ..Default::default()
         };
         let new = validate::job_spec(&spec, self.max_payload_bytes)
             .map_err(|e| e.within("schedule.job"))?;

@@ -270,23 +270,34 @@ pub fn job_spec(spec: &pb::JobSpec, max_payload: usize) -> Result<NewJob, ApiErr
         idempotency_key,
         labels: labels(&spec.labels)?,
         schedule: None,
+        job_type_version: None,
     })
 }
 
-/// A batch: each job valid, no idempotency key used twice, and not too many.
-pub fn job_specs(specs: &[pb::JobSpec], max_payload: usize) -> Result<Vec<NewJob>, ApiError> {
-    if specs.is_empty() || specs.len() > MAX_BATCH {
+/// The size of an EnqueueJobs batch.
+pub fn batch_len(len: usize) -> Result<(), ApiError> {
+    if len == 0 || len > MAX_BATCH {
         return Err(ApiError::invalid(
             "jobs",
-            format!("must hold 1 to {MAX_BATCH} jobs, got {}", specs.len()),
+            format!("must hold 1 to {MAX_BATCH} jobs, got {len}"),
         ));
     }
+    Ok(())
+}
+
+/// A batch: each job valid, no idempotency key used twice, and not too many.
+pub fn job_specs<S: std::borrow::Borrow<pb::JobSpec>>(
+    specs: &[S],
+    max_payload: usize,
+) -> Result<Vec<NewJob>, ApiError> {
+    batch_len(specs.len())?;
     let mut seen = HashMap::new();
     specs
         .iter()
         .enumerate()
         .map(|(i, spec)| {
-            let job = job_spec(spec, max_payload).map_err(|e| e.within(&format!("jobs[{i}]")))?;
+            let job = job_spec(spec.borrow(), max_payload)
+                .map_err(|e| e.within(&format!("jobs[{i}]")))?;
             if let Some(first) = job
                 .idempotency_key
                 .as_ref()

@@ -30,7 +30,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::Instrument;
 
-use super::{ApiError, convert, tenant_of, validate};
+use super::{ApiError, convert, job_type_service, tenant_of, validate};
 use crate::{
     domain::{JobId, LeaseRef, QueueName, TenantId},
     engine::{
@@ -39,9 +39,10 @@ use crate::{
         dispatcher::{Registration, SessionId},
         notifier::StopSignal,
     },
+    registry::Registry,
     store::{
-        Checkpoint, Completion, Failure, LogBatch, ProgressUpdate, Renewed, SettleResult, StopKind,
-        Store,
+        Checkpoint, Completion, Failure, LogBatch, NewJobType, ProgressUpdate, Renewed,
+        SettleResult, StopKind, Store,
     },
 };
 
@@ -68,6 +69,7 @@ pub struct SessionConfig {
 
 pub struct WorkerApi {
     store: Store,
+    registry: Registry,
     engine: Engine,
     config: SessionConfig,
     shutdown: CancellationToken,
@@ -78,6 +80,7 @@ pub struct WorkerApi {
 impl WorkerApi {
     pub fn new(
         store: Store,
+        registry: Registry,
         engine: Engine,
         config: SessionConfig,
         shutdown: CancellationToken,
@@ -85,6 +88,7 @@ impl WorkerApi {
     ) -> Self {
         Self {
             store,
+            registry,
             engine,
             config,
             shutdown,
@@ -111,6 +115,7 @@ impl WorkerService for WorkerApi {
             id,
             tenant: tenant.clone(),
             store: self.store.clone(),
+            registry: self.registry.clone(),
             engine: self.engine.clone(),
             config: self.config.clone(),
             tx,
@@ -135,6 +140,8 @@ struct Hello {
     queues: Vec<QueueName>,
     slots: u32,
     running: Vec<LeaseRef>,
+    /// Schemas of served types, to register when they changed.
+    schemas: Vec<NewJobType>,
 }
 
 fn validate_hello(hello: pb::Hello) -> Result<Hello, ApiError> {
@@ -177,12 +184,28 @@ fn validate_hello(hello: pb::Hello) -> Result<Hello, ApiError> {
         .enumerate()
         .map(|(i, l)| validate::lease_ref(&format!("hello.running[{i}]"), Some(l)))
         .collect::<Result<Vec<_>, _>>()?;
+    let schemas = hello
+        .schemas
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let at = format!("hello.schemas[{i}]");
+            if !job_types.contains(&t.name) {
+                return Err(ApiError::invalid(
+                    format!("{at}.name"),
+                    format!("{:?} is not among hello.job_types", t.name),
+                ));
+            }
+            job_type_service::new_job_type(t, &at)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(Hello {
         worker_id: hello.worker_id,
         job_types,
         queues,
         slots: hello.slots.unsigned_abs(),
         running,
+        schemas,
     })
 }
 
@@ -238,6 +261,7 @@ struct Session {
     id: SessionId,
     tenant: TenantId,
     store: Store,
+    registry: Registry,
     engine: Engine,
     config: SessionConfig,
     tx: Outbound,
@@ -328,6 +352,25 @@ impl Session {
         if let Err(error) = self.store.ensure_queues(&self.tenant, &hello.queues).await {
             let _ = self.tx.send(Err(ApiError::from(error).into())).await;
             return End::WorkerLeft;
+        }
+        for schema in &hello.schemas {
+            match self
+                .store
+                .register_job_type_from_worker(&self.tenant, schema)
+                .await
+            {
+                Ok(Some(row)) => {
+                    self.registry.forget_latest(&self.tenant, &schema.name);
+                    tracing::info!(tenant = %self.tenant, job_type = %row.name,
+                        version = row.version, worker = %hello.worker_id,
+                        "job type registered by a worker");
+                }
+                Ok(None) => {}
+                Err(error) => {
+                    let _ = self.tx.send(Err(ApiError::from(error).into())).await;
+                    return End::WorkerLeft;
+                }
+            }
         }
         let rejected: Vec<LeaseRef> = hello
             .running

@@ -33,6 +33,8 @@ pub struct NewJob {
     pub timeout_ms: Option<i64>,
     /// The schedule and tick that created the job, if one did.
     pub schedule: Option<(Uuid, Option<DateTime<Utc>>)>,
+    /// The registered version of the job type the payload was checked against, if any.
+    pub job_type_version: Option<i32>,
 }
 
 /// The job an enqueue produced, or the one its idempotency key already named.
@@ -346,21 +348,22 @@ pub(super) async fn enqueue_statement(
              SELECT * FROM UNNEST($2::uuid[], $3::text[], $4::text[], $5::text[], $6::bytea[], \
                  $7::int2[], $8::int4[], $9::int8[], $10::int8[], $11::float8[], $12::float8[], \
                  $13::timestamptz[], $14::text[], $15::jsonb[], $16::int8[], $17::uuid[], \
-                 $18::timestamptz[]) WITH ORDINALITY \
+                 $18::timestamptz[], $19::int4[]) WITH ORDINALITY \
              AS t(id, queue, job_type, payload_type, payload, priority, max_attempts, \
                   retry_initial_ms, retry_max_ms, retry_multiplier, retry_jitter, run_at, \
-                  idempotency_key, labels, timeout_ms, schedule_id, schedule_tick, ord) \
+                  idempotency_key, labels, timeout_ms, schedule_id, schedule_tick, \
+                  job_type_version, ord) \
          ), ins AS ( \
              INSERT INTO jobs (id, tenant_id, queue, job_type, payload_type, payload, priority, \
                  state, max_attempts, retry_initial_ms, retry_max_ms, retry_multiplier, \
                  retry_jitter, run_at, idempotency_key, labels, timeout_ms, schedule_id, \
-                 schedule_tick) \
+                 schedule_tick, job_type_version) \
              SELECT id, $1, queue, job_type, payload_type, payload, priority, \
                  CASE WHEN coalesce(run_at, now()) <= now() THEN 'available'::job_state \
                       ELSE 'scheduled'::job_state END, \
                  max_attempts, retry_initial_ms, retry_max_ms, retry_multiplier, retry_jitter, \
                  coalesce(run_at, now()), idempotency_key, labels, timeout_ms, schedule_id, \
-                 schedule_tick \
+                 schedule_tick, job_type_version \
              FROM input ORDER BY ord \
              ON CONFLICT DO NOTHING \
              RETURNING * \
@@ -433,7 +436,8 @@ pub(super) async fn enqueue_statement(
             jobs.iter()
                 .map(|j| j.schedule.and_then(|(_, tick)| tick))
                 .collect::<Vec<_>>(),
-        );
+        )
+        .bind(jobs.iter().map(|j| j.job_type_version).collect::<Vec<_>>());
     let rows = q.fetch_all(db).await?;
     let mut out: Vec<Option<EnqueueOutcome>> = vec![None; jobs.len()];
     for row in rows {

@@ -16,6 +16,7 @@ macro_rules! static_sql {
 }
 
 mod events;
+mod job_types;
 mod jobs;
 mod leases;
 mod maintenance;
@@ -31,6 +32,7 @@ use sqlx::{
 };
 
 pub use events::{EventFilter, SnapshotXids};
+pub use job_types::{Example, JobTypeRow, NewJobType, TypeDefaults};
 pub use jobs::{EnqueueOutcome, ListFilter, NewJob};
 pub use leases::Worker;
 pub use leases::{

@@ -17,7 +17,7 @@ pub(crate) const JOB_COLUMNS: &str = "id, tenant_id, queue, job_type, payload_ty
     idempotency_key, labels, cancel_reason, created_at, updated_at, started_at, finished_at, \
     attempt_base, progress, progress_origin, checkpoint IS NOT NULL AS has_checkpoint, \
     timeout_ms, attempt_started_at, cancel_requested_at, pause_requested_at, pause_reason, \
-    schedule_id, schedule_tick";
+    schedule_id, schedule_tick, job_type_version";
 
 /// One row of `jobs`.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -60,6 +60,7 @@ pub struct JobRow {
     pub pause_reason: Option<String>,
     pub schedule_id: Option<Uuid>,
     pub schedule_tick: Option<DateTime<Utc>>,
+    pub job_type_version: Option<i32>,
 }
 
 /// A job freshly leased: the row plus what only its worker needs.

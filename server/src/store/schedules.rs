@@ -75,6 +75,7 @@ impl JobTemplate {
             labels: self.labels.0.clone(),
             timeout_ms: self.timeout_ms,
             schedule: Some((schedule, tick)),
+            job_type_version: None,
         }
     }
 }

@@ -111,6 +111,7 @@ impl RawWorker {
                 queues: vec![],
                 slots,
                 running,
+                schemas: vec![],
             })),
         })
         .await
