@@ -66,6 +66,8 @@ pub struct JobSchema {
     priority: Option<i32>,
     max_attempts: Option<u32>,
     timeout_ms: Option<u64>,
+    idempotent_by_payload: bool,
+    needs_approval: bool,
 }
 
 impl JobSchema {
@@ -84,7 +86,21 @@ impl JobSchema {
             priority: None,
             max_attempts: None,
             timeout_ms: None,
+            idempotent_by_payload: false,
+            needs_approval: false,
         }
+    }
+
+    /// The same payload enqueued again (while the first job is kept) returns the first job.
+    pub const fn idempotent_by_payload(mut self) -> Self {
+        self.idempotent_by_payload = true;
+        self
+    }
+
+    /// Every job of the type waits for an operator's approval before it may run.
+    pub const fn needs_approval(mut self) -> Self {
+        self.needs_approval = true;
+        self
     }
 
     /// The queue a job of the type goes to when its enqueue names none.
@@ -136,6 +152,8 @@ impl JobSchema {
                 timeout: self
                     .timeout_ms
                     .map(|ms| duration_to_proto(Duration::from_millis(ms))),
+                idempotent_by_payload: self.idempotent_by_payload,
+                needs_approval: self.needs_approval,
             }),
             ..Default::default()
         }

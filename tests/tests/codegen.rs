@@ -9,7 +9,7 @@ use jobwire::{Client, JobContext, JobState, JobType, Worker};
 use jobwire_proto::v1::{self as pb, job_type_service_client::JobTypeServiceClient};
 use jobwire_tests::{
     ServerProcess,
-    codegen::{Ping, Thumbnail, ThumbnailResult},
+    codegen::{Ping, Purge, Thumbnail, ThumbnailResult},
     eventually, grpcurl, test_db,
 };
 use tokio_util::sync::CancellationToken;
@@ -31,6 +31,7 @@ fn spawn_worker(
             })
         })
         .register::<Ping, _, _>(|_ctx: JobContext, _job: Ping| async move { Ok(()) })
+        .register::<Purge, _, _>(|_ctx: JobContext, _job: Purge| async move { Ok(()) })
         .build()
         .expect("worker");
     let stop = CancellationToken::new();
@@ -71,7 +72,7 @@ async fn a_job_type_declared_in_protobuf_runs_typed_and_as_json() {
     // The worker registered both types when it connected.
     let types = eventually("the worker's types registered", WAIT, || async {
         let types = list_types(&server.url()).await;
-        (types.len() == 2).then_some(types)
+        (types.len() == 3).then_some(types)
     })
     .await;
     let thumbnail = types
@@ -153,6 +154,50 @@ async fn a_job_type_declared_in_protobuf_runs_typed_and_as_json() {
     assert!(
         format!("{result:?}").contains("https://example.com/dog.png?w=32"),
         "{result:?}"
+    );
+
+    // A job type that needs approval waits for it, and its payload is its identity.
+    let purge = client
+        .enqueue(Purge { path: "/a".into() })
+        .send_detailed()
+        .await
+        .expect("purge");
+    assert_eq!(purge.state(), JobState::AwaitingApproval);
+    let again = client
+        .enqueue(Purge { path: "/a".into() })
+        .send_detailed()
+        .await
+        .expect("purge again");
+    assert!(!again.created(), "the same payload names the same job");
+    assert_eq!(again.handle().id(), purge.handle().id());
+    let other = client
+        .enqueue(Purge { path: "/b".into() })
+        .await
+        .expect("another purge");
+    // Everything enqueued before ran meanwhile; the purges did not.
+    assert_eq!(
+        purge.handle().get().await.expect("job").state(),
+        JobState::AwaitingApproval
+    );
+    let approved = client
+        .approve_job(purge.handle().id(), "ok by ops")
+        .await
+        .expect("approved");
+    assert_eq!(approved.state(), JobState::Available);
+    purge.handle().wait().await.expect("the approved purge ran");
+    let rejected = client
+        .reject_job(other.id(), "wrong path")
+        .await
+        .expect("rejected");
+    assert_eq!(rejected.state(), JobState::Cancelled);
+    assert_eq!(rejected.cancel_reason(), Some("rejected: wrong path"));
+    let refused = client
+        .approve_job(other.id(), "too late")
+        .await
+        .expect_err("a cancelled job cannot be approved");
+    assert_eq!(
+        refused.code(),
+        Some(jobwire::tonic::Code::FailedPrecondition)
     );
 
     // A reconnecting worker with the same schema adds no version.

@@ -174,6 +174,7 @@ fn registration(with_quality: bool) -> pb::RegisterJobTypeRequest {
                     seconds: 30,
                     nanos: 0,
                 }),
+                ..Default::default()
             }),
             examples: vec![pb::ExamplePayload {
                 slug: "small".into(),

@@ -257,6 +257,18 @@ fn job_type_impl(message: &MessageDescriptor) -> Result<Option<String>, Error> {
         }
         let _ = write!(schema, ".timeout_ms({millis})");
     }
+    for (flag, method) in [
+        ("idempotent_by_payload", ".idempotent_by_payload()"),
+        ("needs_approval", ".needs_approval()"),
+    ] {
+        if job
+            .get_field_by_name(flag)
+            .and_then(|v| v.as_bool())
+            .unwrap_or_default()
+        {
+            schema.push_str(method);
+        }
+    }
     let rust_name = message.name().to_upper_camel_case();
     Ok(Some(format!(
         "\nimpl ::jobwire::JobType for {rust_name} {{\n    \

@@ -94,6 +94,13 @@ impl<J: JobType> Enqueue<J> {
         self
     }
 
+    /// Holds the job AWAITING_APPROVAL until [`Client::approve_job`] (or
+    /// [`Client::reject_job`]). A job type whose schema asks for approval needs it anyway.
+    pub fn needs_approval(mut self) -> Self {
+        self.draft.needs_approval = true;
+        self
+    }
+
     /// Adds a label for filtering and display; a repeated key keeps the last value.
     pub fn label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.draft.labels.insert(key.into(), value.into());
@@ -250,6 +257,7 @@ struct Draft<J> {
     idempotency_key: Option<String>,
     labels: HashMap<String, String>,
     timeout: Option<Duration>,
+    needs_approval: bool,
 }
 
 impl<J: JobType> Draft<J> {
@@ -263,6 +271,7 @@ impl<J: JobType> Draft<J> {
             idempotency_key: None,
             labels: HashMap::new(),
             timeout: None,
+            needs_approval: false,
         }
     }
 
@@ -285,6 +294,7 @@ impl<J: JobType> Draft<J> {
             payload_json: None,
             example: String::new(),
             job_type_version: 0,
+            needs_approval: self.needs_approval,
         })
     }
 }

@@ -271,6 +271,54 @@ impl Client {
         job_info(response.job)
     }
 
+    /// Lets a job AWAITING_APPROVAL run (AVAILABLE, or SCHEDULED until its time). `reason` is
+    /// kept in its history. Returns the job after the change.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Rpc`] with `FailedPrecondition` when the job does not await approval.
+    pub async fn approve_job(
+        &self,
+        id: impl AsRef<str>,
+        reason: impl Into<String>,
+    ) -> Result<JobInfo, Error> {
+        let request = pb::ApproveJobRequest {
+            id: id.as_ref().to_owned(),
+            reason: reason.into(),
+        };
+        let response = self
+            .jobs
+            .clone()
+            .approve_job(self.tenant.request(request))
+            .await?
+            .into_inner();
+        job_info(response.job)
+    }
+
+    /// Refuses a job AWAITING_APPROVAL: it ends CANCELLED and never runs. Returns the job
+    /// after the change.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Rpc`] with `FailedPrecondition` when the job does not await approval.
+    pub async fn reject_job(
+        &self,
+        id: impl AsRef<str>,
+        reason: impl Into<String>,
+    ) -> Result<JobInfo, Error> {
+        let request = pb::RejectJobRequest {
+            id: id.as_ref().to_owned(),
+            reason: reason.into(),
+        };
+        let response = self
+            .jobs
+            .clone()
+            .reject_job(self.tenant.request(request))
+            .await?
+            .into_inner();
+        job_info(response.job)
+    }
+
     /// Starts a watch of every job's events, filtered on the builder; call
     /// [`stream`](WatchJobs::stream) for the events.
     pub fn watch_jobs(&self) -> WatchJobs {

@@ -388,6 +388,50 @@ impl JobService for JobApi {
         }))
     }
 
+    async fn approve_job(
+        &self,
+        request: Request<pb::ApproveJobRequest>,
+    ) -> Result<Response<pb::ApproveJobResponse>, Status> {
+        let tenant = tenant_of(&request)?;
+        let req = request.get_ref();
+        let id = validate::job_id("id", &req.id)?;
+        let reason = validate::reason(&req.reason)?;
+        let Some(row) = self
+            .store
+            .approve(&tenant, id, &reason)
+            .await
+            .map_err(ApiError::from)?
+        else {
+            return Err(self.refusal(&tenant, id, "approve").await.into());
+        };
+        tracing::info!(job_id = %id, %tenant, %reason, "job approved");
+        Ok(Response::new(pb::ApproveJobResponse {
+            job: Some(convert::job(row, &[])),
+        }))
+    }
+
+    async fn reject_job(
+        &self,
+        request: Request<pb::RejectJobRequest>,
+    ) -> Result<Response<pb::RejectJobResponse>, Status> {
+        let tenant = tenant_of(&request)?;
+        let req = request.get_ref();
+        let id = validate::job_id("id", &req.id)?;
+        let reason = validate::reason(&req.reason)?;
+        let Some(row) = self
+            .store
+            .reject(&tenant, id, &reason)
+            .await
+            .map_err(ApiError::from)?
+        else {
+            return Err(self.refusal(&tenant, id, "reject").await.into());
+        };
+        tracing::info!(job_id = %id, %tenant, %reason, "job rejected");
+        Ok(Response::new(pb::RejectJobResponse {
+            job: Some(convert::job(row, &[])),
+        }))
+    }
+
     type WatchJobStream = ReceiverStream<Result<pb::WatchJobResponse, Status>>;
 
     async fn watch_job(

@@ -65,6 +65,8 @@ fn defaults(d: Option<&pb::JobTypeDefaults>, at: &str) -> Result<TypeDefaults, A
         backoff_multiplier: policy.backoff_multiplier,
         jitter: policy.jitter,
         timeout_ms: ms("timeout", d.timeout.as_ref())?,
+        idempotent_by_payload: d.idempotent_by_payload,
+        needs_approval: d.needs_approval,
     })
 }
 
@@ -254,6 +256,8 @@ fn job_type(row: JobTypeRow, with_descriptors: bool) -> pb::JobType {
             priority: d.priority,
             retry_policy: (retry != pb::RetryPolicy::default()).then_some(retry),
             timeout: d.timeout_ms.map(millis),
+            idempotent_by_payload: d.idempotent_by_payload,
+            needs_approval: d.needs_approval,
         }),
         examples: row
             .examples

@@ -102,6 +102,9 @@ pub async fn prepare<'a>(
         check_any(&schema, payload)?;
     }
     apply_defaults(&schema, &mut out);
+    if schema.defaults.idempotent_by_payload && out.idempotency_key.is_empty() {
+        out.idempotency_key = payload_key(&out);
+    }
     Ok((Cow::Owned(out), Some(schema.version)))
 }
 
@@ -140,6 +143,19 @@ fn check_any(schema: &Schema, payload: &prost_types::Any) -> Result<(), ApiError
         .map_err(|e| ApiError::invalid("payload.value", format!("does not decode: {e}")))
 }
 
+/// The idempotency key of a payload: its type and a digest of its bytes, so the same payload
+/// enqueued again names the same job.
+fn payload_key(spec: &pb::JobSpec) -> String {
+    use sha2::{Digest, Sha256};
+    let mut digest = Sha256::new();
+    digest.update(spec.job_type.as_bytes());
+    digest.update([0]);
+    if let Some(payload) = &spec.payload {
+        digest.update(&payload.value);
+    }
+    format!("payload:{}", hex::encode(digest.finalize()))
+}
+
 /// Fills what the spec leaves unset from the type's defaults.
 fn apply_defaults(schema: &Schema, spec: &mut pb::JobSpec) {
     let d = &schema.defaults;
@@ -170,6 +186,7 @@ fn apply_defaults(schema: &Schema, spec: &mut pb::JobSpec) {
     if spec.timeout.is_none() {
         spec.timeout = d.timeout_ms.map(millis);
     }
+    spec.needs_approval |= d.needs_approval;
 }
 
 fn millis(ms: i64) -> prost_types::Duration {

@@ -271,6 +271,7 @@ pub fn job_spec(spec: &pb::JobSpec, max_payload: usize) -> Result<NewJob, ApiErr
         labels: labels(&spec.labels)?,
         schedule: None,
         job_type_version: None,
+        needs_approval: spec.needs_approval,
     })
 }
 

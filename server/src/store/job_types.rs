@@ -26,6 +26,10 @@ pub struct TypeDefaults {
     pub jitter: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<i64>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub idempotent_by_payload: bool,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub needs_approval: bool,
 }
 
 /// A named example payload, kept as the JSON it was registered with.

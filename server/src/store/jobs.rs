@@ -35,6 +35,8 @@ pub struct NewJob {
     pub schedule: Option<(Uuid, Option<DateTime<Utc>>)>,
     /// The registered version of the job type the payload was checked against, if any.
     pub job_type_version: Option<i32>,
+    /// Held AWAITING_APPROVAL until ApproveJob.
+    pub needs_approval: bool,
 }
 
 /// The job an enqueue produced, or the one its idempotency key already named.
@@ -274,6 +276,72 @@ impl Store {
             .await?)
     }
 
+    /// Lets a job AWAITING_APPROVAL run: AVAILABLE, or SCHEDULED while its run_at is ahead.
+    /// Returns `None` when the job exists but does not await approval.
+    pub async fn approve(
+        &self,
+        tenant: &TenantId,
+        id: JobId,
+        reason: &str,
+    ) -> Result<Option<JobRow>> {
+        let sql = static_sql!(
+            "WITH upd AS ( \
+                 UPDATE jobs SET state = CASE WHEN run_at <= now() THEN 'available'::job_state \
+                                              ELSE 'scheduled'::job_state END, \
+                        updated_at = now() \
+                 WHERE tenant_id = $1 AND id = $2 AND state = 'awaiting_approval' \
+                 RETURNING * \
+             ), ev AS ( \
+                 INSERT INTO job_events (tenant_id, job_id, kind, state, attempt, data) \
+                 SELECT tenant_id, id, 'state', state, attempt, \
+                        jsonb_build_object('reason', 'approved: ' || $3) \
+                 FROM upd \
+             ), wake AS ( \
+                 SELECT pg_notify('{JOBS_CHANNEL}', tenant_id || '/' || queue) FROM upd \
+                 WHERE state = 'available' \
+                 UNION ALL \
+                 SELECT pg_notify('{DUE_CHANNEL}', '') FROM upd WHERE state = 'scheduled' \
+             ) \
+             SELECT {JOB_COLUMNS} FROM upd, (SELECT count(*) FROM wake) w"
+        );
+        Ok(sqlx::query_as::<_, JobRow>(sql)
+            .bind(tenant.as_str())
+            .bind(id.0)
+            .bind(reason)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    /// Refuses a job AWAITING_APPROVAL: CANCELLED for good. Returns `None` when the job exists
+    /// but does not await approval.
+    pub async fn reject(
+        &self,
+        tenant: &TenantId,
+        id: JobId,
+        reason: &str,
+    ) -> Result<Option<JobRow>> {
+        let sql = static_sql!(
+            "WITH upd AS ( \
+                 UPDATE jobs SET state = 'cancelled', cancel_reason = 'rejected: ' || $3, \
+                        finished_at = now(), updated_at = now() \
+                 WHERE tenant_id = $1 AND id = $2 AND state = 'awaiting_approval' \
+                 RETURNING * \
+             ), ev AS ( \
+                 INSERT INTO job_events (tenant_id, job_id, kind, state, attempt, data) \
+                 SELECT tenant_id, id, 'state', state, attempt, \
+                        jsonb_build_object('reason', cancel_reason) \
+                 FROM upd \
+             ) \
+             SELECT {JOB_COLUMNS} FROM upd"
+        );
+        Ok(sqlx::query_as::<_, JobRow>(sql)
+            .bind(tenant.as_str())
+            .bind(id.0)
+            .bind(reason)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
     /// Makes a FAILED or CANCELLED job available again with a fresh set of attempts. The attempt
     /// counter keeps counting, so fencing tokens never repeat; `attempt_base` moves instead.
     /// Returns `None` when the job exists but is in another state.
@@ -348,18 +416,19 @@ pub(super) async fn enqueue_statement(
              SELECT * FROM UNNEST($2::uuid[], $3::text[], $4::text[], $5::text[], $6::bytea[], \
                  $7::int2[], $8::int4[], $9::int8[], $10::int8[], $11::float8[], $12::float8[], \
                  $13::timestamptz[], $14::text[], $15::jsonb[], $16::int8[], $17::uuid[], \
-                 $18::timestamptz[], $19::int4[]) WITH ORDINALITY \
+                 $18::timestamptz[], $19::int4[], $20::bool[]) WITH ORDINALITY \
              AS t(id, queue, job_type, payload_type, payload, priority, max_attempts, \
                   retry_initial_ms, retry_max_ms, retry_multiplier, retry_jitter, run_at, \
                   idempotency_key, labels, timeout_ms, schedule_id, schedule_tick, \
-                  job_type_version, ord) \
+                  job_type_version, needs_approval, ord) \
          ), ins AS ( \
              INSERT INTO jobs (id, tenant_id, queue, job_type, payload_type, payload, priority, \
                  state, max_attempts, retry_initial_ms, retry_max_ms, retry_multiplier, \
                  retry_jitter, run_at, idempotency_key, labels, timeout_ms, schedule_id, \
                  schedule_tick, job_type_version) \
              SELECT id, $1, queue, job_type, payload_type, payload, priority, \
-                 CASE WHEN coalesce(run_at, now()) <= now() THEN 'available'::job_state \
+                 CASE WHEN needs_approval THEN 'awaiting_approval'::job_state \
+                      WHEN coalesce(run_at, now()) <= now() THEN 'available'::job_state \
                       ELSE 'scheduled'::job_state END, \
                  max_attempts, retry_initial_ms, retry_max_ms, retry_multiplier, retry_jitter, \
                  coalesce(run_at, now()), idempotency_key, labels, timeout_ms, schedule_id, \
@@ -437,7 +506,8 @@ pub(super) async fn enqueue_statement(
                 .map(|j| j.schedule.and_then(|(_, tick)| tick))
                 .collect::<Vec<_>>(),
         )
-        .bind(jobs.iter().map(|j| j.job_type_version).collect::<Vec<_>>());
+        .bind(jobs.iter().map(|j| j.job_type_version).collect::<Vec<_>>())
+        .bind(jobs.iter().map(|j| j.needs_approval).collect::<Vec<_>>());
     let rows = q.fetch_all(db).await?;
     let mut out: Vec<Option<EnqueueOutcome>> = vec![None; jobs.len()];
     for row in rows {

@@ -76,6 +76,7 @@ impl JobTemplate {
             timeout_ms: self.timeout_ms,
             schedule: Some((schedule, tick)),
             job_type_version: None,
+            needs_approval: false,
         }
     }
 }
