@@ -258,6 +258,18 @@ async fn a_registered_type_takes_checked_json_examples_and_defaults() {
     );
     assert_eq!(shown["job"]["payloadJson"]["inner"]["depth"], 2);
     assert_eq!(shown["job"]["resultJson"]["width"], 256);
+    // Watch events carry the job with its payload as JSON too.
+    let watched = grpcurl::run(&[
+        "-plaintext",
+        "-d",
+        &format!(r#"{{"id": "{id}"}}"#),
+        &addr,
+        "jobwire.v1.JobService/WatchJob",
+    ]);
+    assert!(
+        watched.contains(r#""payloadJson": {"#) && watched.contains("JOB_STATE_SUCCEEDED"),
+        "{watched}"
+    );
 
     // Mistakes are refused with the field's path.
     for (payload, field) in [

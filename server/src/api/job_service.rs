@@ -10,7 +10,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{
     ApiError, convert, payloads, tenant_of, validate,
-    watch::{self, JobSink, JobsSink},
+    watch::{self, JobSink, JobsSink, Reads},
 };
 use crate::{
     domain::{JobId, JobState, TenantId},
@@ -91,6 +91,13 @@ impl JobApi {
         let mut job = convert::job(row, &attempts);
         payloads::render(&self.registry, tenant, &mut job).await;
         Ok(job)
+    }
+
+    fn reads(&self) -> Reads {
+        Reads {
+            store: self.store.clone(),
+            registry: self.registry.clone(),
+        }
     }
 
     /// Explains why a job could not take a transition: missing, or in the wrong state.
@@ -447,7 +454,7 @@ impl JobService for JobApi {
             .await
             .map_err(|e| ApiError::from_store(e, || format!("job {id} not found")))?;
         let rx = watch::start::<JobSink>(
-            self.store.clone(),
+            self.reads(),
             &self.fanout,
             tenant,
             Target::Job(id),
@@ -478,7 +485,7 @@ impl JobService for JobApi {
         };
         let after = validate::sequence("after_sequence", req.after_sequence)?;
         let rx = watch::start::<JobsSink>(
-            self.store.clone(),
+            self.reads(),
             &self.fanout,
             tenant,
             Target::Filter(filter),

@@ -14,10 +14,11 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
-use super::{ApiError, convert};
+use super::{ApiError, convert, payloads};
 use crate::{
     domain::TenantId,
     engine::fanout::{FanoutEvent, FanoutHandle, Subscription, Target},
+    registry::Registry,
     store::{EventRow, JobRow, Store},
 };
 
@@ -46,9 +47,17 @@ impl Sink for JobsSink {
     }
 }
 
+/// Where a watch reads: the event log and jobs, and the registry that renders payloads as JSON.
+#[derive(Clone)]
+pub struct Reads {
+    pub store: Store,
+    pub registry: Registry,
+}
+
 /// A running watch: what to read, and where the client stands.
 pub struct Watch<S: Sink> {
     pub store: Store,
+    pub registry: Registry,
     pub tenant: TenantId,
     pub target: Target,
     /// The last sequence the client has.
@@ -68,7 +77,12 @@ enum End {
 }
 
 impl<S: Sink> Watch<S> {
-    async fn send(&self, event: pb::JobEvent) -> bool {
+    async fn send(&self, mut event: pb::JobEvent) -> bool {
+        if let Some(pb::job_event::Event::StateChanged(change)) = &mut event.event
+            && let Some(job) = &mut change.job
+        {
+            payloads::render(&self.registry, &self.tenant, job).await;
+        }
         self.tx.send(Ok(S::wrap(event))).await.is_ok()
     }
 
@@ -190,7 +204,7 @@ impl<S: Sink> Watch<S> {
 
 /// Starts a watch of one job, or of every job matching a filter, on `tasks`.
 pub fn start<S: Sink>(
-    store: Store,
+    reads: Reads,
     fanout: &FanoutHandle,
     tenant: TenantId,
     target: Target,
@@ -201,7 +215,8 @@ pub fn start<S: Sink>(
     let (tx, rx) = mpsc::channel(256);
     let subscription = fanout.subscribe(tenant.clone(), target.clone());
     let watch = Watch::<S> {
-        store,
+        store: reads.store,
+        registry: reads.registry,
         tenant,
         target,
         after,
