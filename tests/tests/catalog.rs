@@ -6,7 +6,10 @@
 //! a watcher, that the seed's idempotency key folds a second enqueue of the same payload into
 //! the first job, that `download.verify` passes the right digest and fails the wrong one for
 //! good, that `download.cleanup` removes an old unreferenced file and keeps a referenced one,
-//! that a 404 fails a fetch without retries, and that the stand-ins only plan.
+//! that a 404 fails a fetch without retries, and that the stand-ins only plan. Every job type
+//! is declared only in `catalog.proto`: the worker registers the eleven with their schemas and
+//! defaults when it connects, and the jobs here, enqueued without a queue or priority, take
+//! them.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -23,9 +26,10 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use jobwire::{Client, Error, JobEventKind, JobFailure, JobState, Worker};
-use jobwire_catalog::{CatalogJob, idempotency_key, pb, plan::PLAN_ONLY_NOTE};
-use jobwire_tests::{ServerProcess, TestDb, test_db};
+use jobwire::{Client, Error, JobEventKind, JobFailure, JobState, JobType, Worker};
+use jobwire_catalog::{CATALOG, QUEUES, idempotency_key, pb, plan::PLAN_ONLY_NOTE};
+use jobwire_proto::v1::{self as api, job_type_service_client::JobTypeServiceClient};
+use jobwire_tests::{ServerProcess, TestDb, eventually, test_db};
 use sha2::{Digest, Sha256};
 use tempfile::TempDir;
 use tokio::net::TcpListener;
@@ -106,9 +110,27 @@ async fn respond(request: Request<Incoming>, file: Bytes) -> Result<Response<Bod
     Ok(response)
 }
 
+/// The job types in the server's registry (the latest version of each), as
+/// `JobTypeService/ListJobTypes` lists them.
+async fn registered_types(url: &str) -> Vec<api::JobType> {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    JobTypeServiceClient::new(channel)
+        .list_job_types(api::ListJobTypesRequest::default())
+        .await
+        .expect("list job types")
+        .into_inner()
+        .job_types
+}
+
 /// A server, a catalog worker on a temporary cache, a client, and the HTTP file server.
 struct Setup {
     client: Client,
+    /// What the registry listed once the worker had connected: its eleven types.
+    registered: Vec<api::JobType>,
     cache: TempDir,
     files: SocketAddr,
     file: Bytes,
@@ -136,10 +158,19 @@ impl Setup {
         .expect("worker builds");
         let stop = CancellationToken::new();
         let worker = tokio::spawn(worker.run(stop.clone().cancelled_owned()));
+        // The worker registers its types when it connects; from then on an enqueue that leaves
+        // the queue or priority unset takes the type's defaults. The database is the test's own,
+        // so whatever is listed, the worker registered.
+        let registered = eventually("the catalog worker's types registered", WAIT, || async {
+            let types = registered_types(&server.url()).await;
+            (types.len() >= CATALOG.len()).then_some(types)
+        })
+        .await;
         let file = file_bytes();
         let files = serve_files(file.clone()).await;
         Self {
             client,
+            registered,
             cache,
             files,
             file,
@@ -198,15 +229,17 @@ async fn a_fetch_streams_progress_then_verifies_against_its_digest() {
     let key = idempotency_key(&fetch);
     let handle = client
         .enqueue(fetch.clone())
-        .priority(pb::DownloadFetch::DEFAULT_PRIORITY)
         .idempotency_key(key.clone())
         .await
         .expect("fetch enqueued");
+    // The type's registered defaults, from its option in catalog.proto.
+    let job = handle.get().await.expect("job");
+    assert_eq!(job.queue(), "downloads");
+    assert_eq!(job.priority(), 70);
 
     // The seed's idempotency: the same payload, enqueued again, is the same job.
     let again = client
         .enqueue(fetch)
-        .priority(pb::DownloadFetch::DEFAULT_PRIORITY)
         .idempotency_key(key)
         .send_detailed()
         .await
@@ -281,7 +314,6 @@ async fn a_fetch_streams_progress_then_verifies_against_its_digest() {
             checksum_sha256: expected.to_uppercase(),
             domain: "127.0.0.1".into(),
         })
-        .priority(pb::DownloadVerify::DEFAULT_PRIORITY)
         .await
         .expect("verify enqueued")
         .wait()
@@ -342,7 +374,6 @@ async fn a_cleanup_removes_old_unreferenced_files_and_keeps_referenced_ones() {
             only_unreferenced: true,
             referenced_filenames: vec!["/somewhere/else/old-referenced.bin".into()],
         })
-        .priority(pb::DownloadCleanup::DEFAULT_PRIORITY)
         .await
         .expect("cleanup enqueued")
         .wait()
@@ -395,7 +426,6 @@ async fn the_stand_ins_plan_and_change_nothing() {
             issue: "crash on startup".into(),
             collect_diagnostics: true,
         })
-        .priority(pb::AiRepairPlan::DEFAULT_PRIORITY)
         .await
         .expect("repair plan enqueued");
     let plan = handle.wait().await.expect("a plan");
@@ -404,10 +434,10 @@ async fn the_stand_ins_plan_and_change_nothing() {
     assert_eq!(plan.note, PLAN_ONLY_NOTE);
     assert_eq!(plan.target_software, "Google Chrome");
     assert!(plan.steps.len() >= 3, "{plan:?}");
-    assert_eq!(
-        handle.get().await.expect("job").priority(),
-        pb::AiRepairPlan::DEFAULT_PRIORITY
-    );
+    // The type's registered defaults: the seed's fault-repair band, on the default queue.
+    let job = handle.get().await.expect("job");
+    assert_eq!(job.priority(), 90);
+    assert_eq!(job.queue(), "default");
 
     // The job's own log says so too.
     let mut events = handle.watch();
@@ -448,5 +478,102 @@ async fn the_stand_ins_plan_and_change_nothing() {
     assert!(!error.is_retryable());
     assert_eq!(error.kind(), Some("gate_refused"));
     assert!(error.message().contains("ticket"), "{error}");
+    setup.stop().await;
+}
+
+#[tokio::test]
+async fn the_worker_registers_the_eleven_types_with_their_schemas() {
+    let setup = Setup::start().await;
+    let listed = &setup.registered;
+    let names: Vec<&str> = listed.iter().map(|t| t.name.as_str()).collect();
+    println!("registered: {names:?}");
+    assert_eq!(
+        listed.len(),
+        CATALOG.len(),
+        "the registry lists the catalog's types and nothing else: {names:?}"
+    );
+    for entry in CATALOG {
+        let registered = listed
+            .iter()
+            .find(|t| t.name == entry.job_type)
+            .unwrap_or_else(|| panic!("{} is not registered: {names:?}", entry.job_type));
+        assert_eq!(registered.version, 1, "{}", entry.job_type);
+        assert!(registered.latest, "{}", entry.job_type);
+        assert_eq!(
+            registered.payload_type,
+            entry.payload(),
+            "{}",
+            entry.job_type
+        );
+        assert_eq!(
+            registered.output_type,
+            entry.schema.output_type(),
+            "{}",
+            entry.job_type
+        );
+        let payload = registered
+            .payload_schema
+            .as_ref()
+            .unwrap_or_else(|| panic!("{} has no payload schema", entry.job_type));
+        assert_eq!(payload.full_name, entry.payload(), "{}", entry.job_type);
+        assert!(
+            !payload.fields.is_empty(),
+            "{}: the payload schema lists its fields",
+            entry.job_type
+        );
+        let defaults = registered
+            .defaults
+            .as_ref()
+            .unwrap_or_else(|| panic!("{} has no defaults", entry.job_type));
+        assert!(
+            QUEUES.contains(&defaults.queue.as_str()),
+            "{} defaults to queue {:?}, which the worker does not serve",
+            entry.job_type,
+            defaults.queue
+        );
+        let priority = defaults
+            .priority
+            .unwrap_or_else(|| panic!("{} has no default priority", entry.job_type));
+        assert!(
+            jobwire_catalog::PriorityBand::of(priority).is_some(),
+            "{} at {priority} is in none of the seed's bands",
+            entry.job_type
+        );
+    }
+
+    // One type in full: the option's defaults and the payload's fields, from catalog.proto.
+    let fetch = listed
+        .iter()
+        .find(|t| t.name == <pb::DownloadFetch as JobType>::JOB_TYPE)
+        .expect("download.fetch");
+    let defaults = fetch.defaults.as_ref().expect("defaults");
+    assert_eq!(defaults.queue, "downloads");
+    assert_eq!(defaults.priority, Some(70));
+    let fields: Vec<(&str, &str)> = fetch
+        .payload_schema
+        .as_ref()
+        .expect("payload schema")
+        .fields
+        .iter()
+        .map(|f| (f.name.as_str(), f.r#type.as_str()))
+        .collect();
+    assert_eq!(
+        fields,
+        [
+            ("software_id", "int64"),
+            ("source_url", "string"),
+            ("target_filename", "string"),
+            ("checksum_sha256", "string"),
+            ("allow_untrusted_source", "bool"),
+        ]
+    );
+    assert_eq!(
+        fetch
+            .output_schema
+            .as_ref()
+            .expect("output schema")
+            .full_name,
+        "jobwire.catalog.v1.DownloadFetchOutput"
+    );
     setup.stop().await;
 }

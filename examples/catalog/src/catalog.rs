@@ -1,12 +1,14 @@
-//! Each payload message tied to its job type: the dotted name workers subscribe to, the output
-//! its handler returns, the seed's priority band and the default priority inside it.
+//! The catalog's table, the seed's priority bands and its idempotency key.
 //!
-//! The table lives here and nowhere else: [`CATALOG`] is built from the same trait constants
-//! that producers use, so the list, the names and the priorities cannot drift apart.
+//! Each payload's job type (its name, output, default queue and default priority) is declared
+//! once, by the `(jobwire.v1.job)` option in `catalog.proto`; `jobwire-build` generates the
+//! `jobwire::JobType` impls from it. A worker serving a type registers its defaults with the
+//! server, which applies them to every enqueue that leaves them unset: a producer need not
+//! repeat a priority or queue.
 
 use std::ops::RangeInclusive;
 
-use jobwire::JobType;
+use jobwire::{JobSchema, JobType};
 use sha2::{Digest, Sha256};
 
 use crate::pb;
@@ -48,75 +50,47 @@ impl PriorityBand {
     }
 }
 
-/// A job type of the catalog: a [`JobType`] with the seed's band and default priority.
-///
-/// Enqueue with `.priority(J::DEFAULT_PRIORITY)`: the server's own default knows nothing of
-/// the seed's bands.
-pub trait CatalogJob: JobType {
-    /// The band the job type's use puts it in.
-    const BAND: PriorityBand;
-    /// The priority to enqueue it at unless there is a reason to differ; inside [`Self::BAND`].
-    const DEFAULT_PRIORITY: i32;
-}
-
-/// One row of [`CATALOG`].
+/// One row of [`CATALOG`]: a job type and the schema and defaults generated from its option.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CatalogEntry {
     /// The job type's name, such as `download.fetch`.
     pub job_type: &'static str,
-    /// The payload's full protobuf name, such as `jobwire.catalog.v1.DownloadFetch`.
-    pub payload: &'static str,
-    /// The seed's band.
-    pub band: PriorityBand,
-    /// The default priority.
-    pub default_priority: i32,
+    /// The payload and output messages and the type's defaults, as its workers register them.
+    pub schema: JobSchema,
 }
 
-const fn entry<J: CatalogJob>(payload: &'static str) -> CatalogEntry {
-    CatalogEntry {
-        job_type: J::JOB_TYPE,
-        payload,
-        band: J::BAND,
-        default_priority: J::DEFAULT_PRIORITY,
+impl CatalogEntry {
+    /// The payload's full protobuf name, such as `jobwire.catalog.v1.DownloadFetch`.
+    pub fn payload(&self) -> &'static str {
+        self.schema.payload_type()
     }
 }
 
-/// Ties a payload to its name, output, band and default priority, and lists its full protobuf
-/// name for [`CATALOG`].
-macro_rules! catalog {
-    ($($payload:ident => $output:ident, $name:literal, $band:ident, $priority:literal;)*) => {
-        $(
-            impl JobType for pb::$payload {
-                const JOB_TYPE: &'static str = $name;
-                type Output = pb::$output;
-            }
-
-            impl CatalogJob for pb::$payload {
-                const BAND: PriorityBand = PriorityBand::$band;
-                const DEFAULT_PRIORITY: i32 = $priority;
-            }
-        )*
-
-        /// Every job type of the catalog, in the seed's order.
-        pub const CATALOG: &[CatalogEntry] = &[
-            $(entry::<pb::$payload>(concat!("jobwire.catalog.v1.", stringify!($payload))),)*
-        ];
-    };
+const fn entry<J: JobType>() -> CatalogEntry {
+    CatalogEntry {
+        job_type: J::JOB_TYPE,
+        schema: J::SCHEMA.expect("every catalog payload carries the (jobwire.v1.job) option"),
+    }
 }
 
-catalog! {
-    DiscoveryScanRegistry => DiscoveryScanRegistryOutput, "discovery.scan.registry", UserTriggered, 80;
-    SourceSuggestEnrich => SourceSuggestEnrichOutput, "source.suggest.enrich", DailyBatch, 60;
-    UpdateCheckBatch => UpdateCheckBatchOutput, "update.check.batch", DailyBatch, 50;
-    UpdateApplyPackage => UpdateApplyPackageOutput, "update.apply.package", UserTriggered, 75;
-    CleanupQuarantine => CleanupQuarantineOutput, "cleanup.quarantine", SafetyAndRepair, 90;
-    AiAnalyze => AiAnalyzeOutput, "ai.analyze", DailyBatch, 45;
-    AiRecommend => AiRecommendOutput, "ai.recommend", UserTriggered, 80;
-    AiRepairPlan => AiRepairPlanOutput, "ai.repair.plan", SafetyAndRepair, 90;
-    DownloadFetch => DownloadFetchOutput, "download.fetch", UserTriggered, 70;
-    DownloadVerify => DownloadVerifyOutput, "download.verify", UserTriggered, 72;
-    DownloadCleanup => DownloadCleanupOutput, "download.cleanup", Background, 20;
-}
+/// Every job type of the catalog, in the seed's order.
+pub const CATALOG: &[CatalogEntry] = &[
+    entry::<pb::DiscoveryScanRegistry>(),
+    entry::<pb::SourceSuggestEnrich>(),
+    entry::<pb::UpdateCheckBatch>(),
+    entry::<pb::UpdateApplyPackage>(),
+    entry::<pb::CleanupQuarantine>(),
+    entry::<pb::AiAnalyze>(),
+    entry::<pb::AiRecommend>(),
+    entry::<pb::AiRepairPlan>(),
+    entry::<pb::DownloadFetch>(),
+    entry::<pb::DownloadVerify>(),
+    entry::<pb::DownloadCleanup>(),
+];
+
+/// The queues the catalog's types default to: `downloads` for the three download jobs,
+/// `default` for the rest. [`register_all`](crate::register_all) serves both.
+pub const QUEUES: [&str; 2] = ["default", "downloads"];
 
 /// The seed's default idempotency key: `job_type + payload_fingerprint`, here
 /// `<job type>:<SHA-256 of the encoded payload, hex>` (at most 128 + 65 characters, within the
@@ -137,25 +111,56 @@ mod tests {
 
     use super::*;
 
+    const SAFETY: PriorityBand = PriorityBand::SafetyAndRepair;
+    const USER: PriorityBand = PriorityBand::UserTriggered;
+    const DAILY: PriorityBand = PriorityBand::DailyBatch;
+    const BACKGROUND: PriorityBand = PriorityBand::Background;
+
+    /// What the option of each type must say: name, queue, default priority, and the seed's
+    /// band its use puts it in.
+    const EXPECTED: [(&str, &str, i32, PriorityBand); 11] = [
+        ("discovery.scan.registry", "default", 80, USER),
+        ("source.suggest.enrich", "default", 60, DAILY),
+        ("update.check.batch", "default", 50, DAILY),
+        ("update.apply.package", "default", 75, USER),
+        ("cleanup.quarantine", "default", 90, SAFETY),
+        ("ai.analyze", "default", 45, DAILY),
+        ("ai.recommend", "default", 80, USER),
+        ("ai.repair.plan", "default", 90, SAFETY),
+        ("download.fetch", "downloads", 70, USER),
+        ("download.verify", "downloads", 72, USER),
+        ("download.cleanup", "downloads", 20, BACKGROUND),
+    ];
+
     #[test]
     fn the_catalog_has_the_seeds_eleven_types_each_inside_its_band() {
         assert_eq!(CATALOG.len(), 11);
         let names: HashSet<_> = CATALOG.iter().map(|e| e.job_type).collect();
         assert_eq!(names.len(), 11, "names are unique");
-        for e in CATALOG {
-            assert!(
-                e.band.range().contains(&e.default_priority),
-                "{} at {} is outside {:?}",
-                e.job_type,
-                e.default_priority,
-                e.band
+        for (e, (name, queue, priority, band)) in CATALOG.iter().zip(EXPECTED) {
+            assert_eq!(e.job_type, name);
+            assert!(QUEUES.contains(&queue), "{name} defaults to {queue}");
+            assert_eq!(PriorityBand::of(priority), Some(band), "{name}");
+            let payload = e.payload();
+            let output = e.schema.output_type();
+            assert_eq!(output, format!("{payload}Output"), "{name}");
+            assert_eq!(
+                e.schema,
+                JobSchema::new(payload, output, pb::JOBWIRE_DESCRIPTOR_SET)
+                    .queue(queue)
+                    .priority(priority),
+                "{name}: the generated schema carries the option's defaults"
             );
-            assert_eq!(PriorityBand::of(e.default_priority), Some(e.band));
         }
         assert_eq!(
-            CATALOG[0].payload,
+            CATALOG[0].payload(),
             pb::DiscoveryScanRegistry::full_name(),
             "the table names the generated message"
+        );
+        assert_eq!(
+            <pb::DownloadFetch as JobType>::JOB_TYPE,
+            "download.fetch",
+            "the generated impl"
         );
         assert_eq!(CATALOG[8].job_type, "download.fetch");
         assert_eq!(PriorityBand::of(0), None);

@@ -2,10 +2,13 @@
 //! worker that serves all eleven of them.
 //!
 //! The contract lives in `proto/jobwire/catalog/v1/catalog.proto`: one payload message per job
-//! type (the seed's `payload_json`, field for field) and one output message, compiled at build
-//! time. This crate ties each payload to its job type name, priority band and default priority
-//! ([`CatalogJob`]), names the seed's two cron templates ([`schedules`]), and registers a
-//! handler for every type on a [`jobwire::WorkerBuilder`] ([`register_all`]).
+//! type (the seed's `payload_json`, field for field) and one output message. Each payload
+//! declares its job type there with the `(jobwire.v1.job)` option (name, output, default queue
+//! and default priority), and `build.rs` compiles the file with `jobwire-build`, which generates
+//! the `jobwire::JobType` impls: no job type is declared in Rust. This crate lists the types
+//! ([`CATALOG`]), names the seed's two cron templates ([`schedules`]), and registers a handler
+//! for every type on a [`jobwire::WorkerBuilder`] ([`register_all`]), whose worker registers the
+//! types' schemas and defaults with the server when it connects.
 //!
 //! Only the three download jobs do real work: `download.fetch` streams an HTTP body into the
 //! cache directory, `download.verify` checks a SHA-256, `download.cleanup` removes stale files.
@@ -14,7 +17,7 @@
 //! real deployment replaces them one by one; the payloads and outputs stay.
 //!
 //! ```no_run
-//! use jobwire_catalog::{CatalogJob, idempotency_key, pb};
+//! use jobwire_catalog::{idempotency_key, pb};
 //!
 //! # async fn demo(client: jobwire::Client) -> Result<(), jobwire::Error> {
 //! let fetch = pb::DownloadFetch {
@@ -23,9 +26,9 @@
 //!     allow_untrusted_source: true,
 //!     ..Default::default()
 //! };
+//! // Queue `downloads` and priority 70 are the type's registered defaults.
 //! let handle = client
 //!     .enqueue(fetch.clone())
-//!     .priority(pb::DownloadFetch::DEFAULT_PRIORITY)
 //!     .idempotency_key(idempotency_key(&fetch))
 //!     .await?;
 //! let artifact = handle.wait().await?;
@@ -35,9 +38,9 @@
 //!
 //! # Layout
 //!
-//! - [`pb`]: the generated messages of `jobwire.catalog.v1`.
-//! - [`catalog`]: [`CatalogJob`] for each payload: job type name, band, default priority;
-//!   [`idempotency_key`], the seed's `job_type + payload_fingerprint`.
+//! - [`pb`]: the generated messages of `jobwire.catalog.v1` and their `JobType` impls.
+//! - [`catalog`]: [`CATALOG`], every type with its generated schema and defaults; the seed's
+//!   [`PriorityBand`]s; [`idempotency_key`], the seed's `job_type + payload_fingerprint`.
 //! - [`schedules`]: the `daily_update_check` and `daily_registry_scan` cron templates.
 //! - [`download`]: the fetch, verify and cleanup handlers, which own the cache directory.
 //! - [`plan`]: the eight plan-only stand-ins.
@@ -51,16 +54,19 @@ pub mod schedules;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-pub use catalog::{CATALOG, CatalogEntry, CatalogJob, PriorityBand, idempotency_key};
+pub use catalog::{CATALOG, CatalogEntry, PriorityBand, QUEUES, idempotency_key};
 pub use download::Downloads;
 
-/// The generated messages of `jobwire.catalog.v1`.
+/// The generated messages of `jobwire.catalog.v1`, with the `jobwire::JobType` impls that
+/// `jobwire-build` generates from their `(jobwire.v1.job)` options.
 #[allow(missing_docs, clippy::doc_markdown, clippy::doc_lazy_continuation)]
 pub mod pb {
     include!(concat!(env!("OUT_DIR"), "/jobwire.catalog.v1.rs"));
 }
 
-/// Registers a handler for each of the catalog's eleven job types on `builder`.
+/// Registers a handler for each of the catalog's eleven job types on `builder`, and makes it
+/// take jobs from the queues they default to, [`QUEUES`] (replacing any set before; call
+/// [`queues`](jobwire::WorkerBuilder::queues) afterwards to serve others).
 ///
 /// The download handlers keep their files in `cache_dir`, which is created on first use. They
 /// share one HTTP client (and so its connection pool); every handler runs on its own task, as
@@ -71,6 +77,7 @@ pub fn register_all(builder: jobwire::WorkerBuilder, cache_dir: PathBuf) -> jobw
     let verify = Arc::clone(&downloads);
     let cleanup = downloads;
     builder
+        .queues(QUEUES)
         .register::<pb::DownloadFetch, _, _>(move |ctx, job| {
             download::fetch::run(ctx, job, Arc::clone(&fetch))
         })

@@ -1,4 +1,5 @@
-//! Serves the whole seed catalog until SIGINT (Ctrl-C) or SIGTERM, then drains and exits.
+//! Serves the whole seed catalog, from the queues its types default to (`default` and
+//! `downloads`), until SIGINT (Ctrl-C) or SIGTERM, then drains and exits.
 //!
 //! `JOBWIRE_URL` (default `http://127.0.0.1:50051`) names the server; `CATALOG_CACHE_DIR`
 //! (default `./.catalog-cache`) is where downloads go; `RUST_LOG` filters the worker's own log.
@@ -27,6 +28,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         %url,
         cache = %cache_dir.display(),
         job_types = jobwire_catalog::CATALOG.len(),
+        queues = ?jobwire_catalog::QUEUES,
         "serving the seed catalog"
     );
     worker.run(shutdown_signal()).await?;
