@@ -12,7 +12,10 @@ use std::time::Duration;
 use chrono::{DateTime, TimeDelta, Utc};
 use tokio_util::sync::CancellationToken;
 
-use super::{leader::Leadership, notifier::DueSignal};
+use super::{
+    leader::{Leadership, lead_on_timer, sleep_until},
+    notifier::DueSignal,
+};
 use crate::{
     domain::{CronSchedule, JobId, TenantId},
     store::{CatchUpPolicy, DueSchedule, OverlapPolicy, StopKind, Store},
@@ -45,21 +48,9 @@ impl Cron {
         }
     }
 
-    pub async fn run(mut self, shutdown: CancellationToken) {
-        let mut due = self.due.subscribe();
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                leading = self.leadership.wait_leading() => if !leading { return },
-            }
-            due.mark_unchanged();
-            let sleep = self.pass().await;
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(sleep) => {}
-                _ = due.changed() => {}
-            }
-        }
+    pub async fn run(self, shutdown: CancellationToken) {
+        let (leadership, due) = (self.leadership.clone(), self.due.clone());
+        lead_on_timer(leadership, &due, shutdown, || self.pass()).await;
     }
 
     /// Fires what is due and returns how long to sleep.
@@ -75,11 +66,7 @@ impl Cron {
             }
         }
         match self.store.next_schedule_tick().await {
-            Ok(Some(at)) => (at - Utc::now())
-                .to_std()
-                .unwrap_or(Duration::ZERO)
-                .clamp(Duration::from_millis(1), self.poll_interval),
-            Ok(None) => self.poll_interval,
+            Ok(next) => sleep_until(next, self.poll_interval),
             Err(error) => {
                 tracing::warn!(%error, "reading the next schedule tick failed");
                 self.poll_interval

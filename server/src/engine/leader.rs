@@ -7,9 +7,11 @@
 
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use super::notifier::DueSignal;
 use crate::store::{LeaderLock, Store};
 
 /// A view of whether this replica leads, for the singleton loops.
@@ -94,4 +96,42 @@ impl Elector {
             tracing::warn!(%error, "could not release leadership");
         }
     }
+}
+
+/// The shape of every timed singleton loop: while this replica leads, run `pass`, then wait for
+/// the time it returns or for `due` to signal something earlier, until shutdown.
+pub async fn lead_on_timer<F, Fut>(
+    mut leadership: Leadership,
+    due: &DueSignal,
+    shutdown: CancellationToken,
+    mut pass: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Duration>,
+{
+    let mut due = due.subscribe();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            leading = leadership.wait_leading() => if !leading { return },
+        }
+        due.mark_unchanged();
+        let sleep = pass().await;
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(sleep) => {}
+            _ = due.changed() => {}
+        }
+    }
+}
+
+/// How long to sleep until `next` (at least 1 ms), never longer than `max`; `max` when nothing
+/// is due.
+pub fn sleep_until(next: Option<DateTime<Utc>>, max: Duration) -> Duration {
+    next.map_or(max, |at| {
+        (at - Utc::now())
+            .to_std()
+            .unwrap_or(Duration::ZERO)
+            .clamp(Duration::from_millis(1), max)
+    })
 }

@@ -10,7 +10,10 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::{leader::Leadership, notifier::DueSignal};
+use super::{
+    leader::{Leadership, lead_on_timer, sleep_until},
+    notifier::DueSignal,
+};
 use crate::store::Store;
 
 const BATCH: i64 = 1000;
@@ -37,21 +40,9 @@ impl Scheduler {
         }
     }
 
-    pub async fn run(mut self, shutdown: CancellationToken) {
-        let mut due = self.due.subscribe();
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                leading = self.leadership.wait_leading() => if !leading { return },
-            }
-            due.mark_unchanged();
-            let sleep = self.tick().await;
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(sleep) => {}
-                _ = due.changed() => {}
-            }
-        }
+    pub async fn run(self, shutdown: CancellationToken) {
+        let (leadership, due) = (self.leadership.clone(), self.due.clone());
+        lead_on_timer(leadership, &due, shutdown, || self.tick()).await;
     }
 
     /// Promotes what is due and returns how long to sleep.
@@ -72,11 +63,7 @@ impl Scheduler {
             }
         }
         match self.store.next_due().await {
-            Ok(Some(at)) => (at - chrono::Utc::now())
-                .to_std()
-                .unwrap_or(Duration::ZERO)
-                .clamp(Duration::from_millis(1), self.poll_interval),
-            Ok(None) => self.poll_interval,
+            Ok(next) => sleep_until(next, self.poll_interval),
             Err(error) => {
                 tracing::warn!(%error, "reading the next due time failed");
                 self.poll_interval

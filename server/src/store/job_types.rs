@@ -70,6 +70,26 @@ const COLUMNS: &str = "t.name, t.version, \
                  WHERE m.tenant_id = t.tenant_id AND m.name = t.name) AS latest, \
     t.payload_type, t.output_type, t.descriptor_set, t.defaults, t.examples, t.created_at";
 
+/// Runs an insert that numbers a new version, again when a concurrent one took the number
+/// (a unique violation), a few times at most.
+async fn retry_on_conflict<T, F, Fut>(mut insert: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, sqlx::Error>>,
+{
+    let mut tries = 0;
+    loop {
+        match insert().await {
+            Err(sqlx::Error::Database(db))
+                if db.code().as_deref() == Some("23505") && tries < 5 =>
+            {
+                tries += 1;
+            }
+            other => return Ok(other?),
+        }
+    }
+}
+
 impl Store {
     /// Stores the next version of a job type (1 for a new type). Two registrations racing for
     /// the same number are told apart by the primary key; the loser takes the next number.
@@ -89,9 +109,8 @@ impl Store {
              SELECT t.name, t.version, true AS latest, t.payload_type, t.output_type, \
                     t.descriptor_set, t.defaults, t.examples, t.created_at FROM t"
         );
-        let mut tries = 0;
-        loop {
-            let inserted = sqlx::query_as::<_, JobTypeRow>(sql)
+        retry_on_conflict(|| {
+            sqlx::query_as::<_, JobTypeRow>(sql)
                 .bind(tenant.as_str())
                 .bind(&new.name)
                 .bind(&new.payload_type)
@@ -100,16 +119,8 @@ impl Store {
                 .bind(Json(&new.defaults))
                 .bind(Json(&new.examples))
                 .fetch_one(&self.pool)
-                .await;
-            match inserted {
-                Err(sqlx::Error::Database(db))
-                    if db.code().as_deref() == Some("23505") && tries < 5 =>
-                {
-                    tries += 1;
-                }
-                other => return Ok(other?),
-            }
-        }
+        })
+        .await
     }
 
     /// Registers what a connecting worker declared, unless the latest version already has the
@@ -137,9 +148,9 @@ impl Store {
              SELECT t.name, t.version, true AS latest, t.payload_type, t.output_type, \
                     t.descriptor_set, t.defaults, t.examples, t.created_at FROM t"
         );
-        let mut tries = 0;
-        loop {
-            let inserted = sqlx::query_as::<_, JobTypeRow>(sql)
+        // Another worker may register the same version first; the retry compares with it.
+        retry_on_conflict(|| {
+            sqlx::query_as::<_, JobTypeRow>(sql)
                 .bind(tenant.as_str())
                 .bind(&new.name)
                 .bind(&new.payload_type)
@@ -147,17 +158,8 @@ impl Store {
                 .bind(&new.descriptor_set)
                 .bind(Json(&new.defaults))
                 .fetch_optional(&self.pool)
-                .await;
-            match inserted {
-                // Another worker registered the same version first: compare with it now.
-                Err(sqlx::Error::Database(db))
-                    if db.code().as_deref() == Some("23505") && tries < 5 =>
-                {
-                    tries += 1;
-                }
-                other => return Ok(other?),
-            }
-        }
+        })
+        .await
     }
 
     /// One version of a job type; `None` for the latest.

@@ -267,17 +267,7 @@ impl Store {
         change: impl FnOnce(&ScheduleRow) -> Result<ScheduleUpdate, E>,
     ) -> Result<ScheduleRow, E> {
         let mut tx = self.pool.begin().await.map_err(Error::from)?;
-        let lock = static_sql!(
-            "SELECT {SCHEDULE_COLUMNS} FROM schedules s \
-             WHERE s.tenant_id = $1 AND s.name = $2 FOR UPDATE"
-        );
-        let current = sqlx::query_as::<_, ScheduleRow>(lock)
-            .bind(tenant.as_str())
-            .bind(name)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(Error::from)?
-            .ok_or(Error::NotFound)?;
+        let current = lock_schedule(&mut tx, tenant, name).await?;
         let update = change(&current)?;
         let sql = static_sql!(
             "WITH s AS ( \
@@ -342,16 +332,7 @@ impl Store {
     /// schedule's last job.
     pub async fn trigger_schedule(&self, tenant: &TenantId, name: &str) -> Result<JobRow> {
         let mut tx = self.pool.begin().await?;
-        let lock = static_sql!(
-            "SELECT {SCHEDULE_COLUMNS} FROM schedules s \
-             WHERE s.tenant_id = $1 AND s.name = $2 FOR UPDATE"
-        );
-        let schedule = sqlx::query_as::<_, ScheduleRow>(lock)
-            .bind(tenant.as_str())
-            .bind(name)
-            .fetch_optional(&mut *tx)
-            .await?
-            .ok_or(Error::NotFound)?;
+        let schedule = lock_schedule(&mut tx, tenant, name).await?;
         let job = schedule.job.to_job(schedule.id, None);
         let created = enqueue_statement(&mut *tx, tenant, std::slice::from_ref(&job))
             .await?
@@ -396,6 +377,24 @@ impl Store {
                 .await?;
         Ok(at)
     }
+}
+
+/// A schedule of the tenant, locked until the transaction ends.
+async fn lock_schedule(
+    tx: &mut Transaction<'static, Postgres>,
+    tenant: &TenantId,
+    name: &str,
+) -> Result<ScheduleRow> {
+    let sql = static_sql!(
+        "SELECT {SCHEDULE_COLUMNS} FROM schedules s \
+         WHERE s.tenant_id = $1 AND s.name = $2 FOR UPDATE"
+    );
+    sqlx::query_as::<_, ScheduleRow>(sql)
+        .bind(tenant.as_str())
+        .bind(name)
+        .fetch_optional(&mut **tx)
+        .await?
+        .ok_or(Error::NotFound)
 }
 
 impl Firing {
