@@ -148,7 +148,7 @@ async fn a_rate_limit_holds_across_two_replicas() {
     client
         .queue("rated")
         .update()
-        .rate_limit(Some(RateLimit::per_second(20.0).burst(1)))
+        .rate_limit(Some(RateLimit::per_second(20.0).burst(5)))
         .create_if_missing()
         .await
         .expect("limit set");
@@ -186,7 +186,8 @@ async fn a_rate_limit_holds_across_two_replicas() {
     .fetch_one(&pool)
     .await
     .expect("started");
-    println!("rate 20/s over 5 s: {started} jobs started, by {replicas} workers");
+    // The bucket starts full: 5 at once, then 20 a second.
+    println!("rate 20/s (burst 5) over 5 s: {started} jobs started, by {replicas} workers");
     assert!(
         (80..=120).contains(&started),
         "{started} jobs started in 5 s at 20/s"

@@ -31,13 +31,23 @@ pub struct RateLimit {
     pub burst: u32,
 }
 
+/// One second's worth of starts, as the server defaults it.
+fn default_burst(per_second: f64) -> u32 {
+    if per_second.is_finite() && per_second > 1.0 {
+        per_second.ceil().min(f64::from(u32::MAX)) as u32
+    } else {
+        1
+    }
+}
+
 impl RateLimit {
-    /// A limit of `per_second` starts a second with a burst of 1 (the server's default), which
-    /// spreads starts evenly.
+    /// A limit of `per_second` with the server's default burst: one second's worth
+    /// (`ceil(per_second)`, at least 1), so starts that a busy dispatcher makes late are made
+    /// up rather than lost. `burst(1)` spreads starts evenly instead.
     pub fn per_second(per_second: f64) -> Self {
         Self {
             per_second,
-            burst: 1,
+            burst: default_burst(per_second),
         }
     }
 
@@ -408,6 +418,8 @@ mod tests {
         let limit = RateLimit::per_second(2.5).burst(4);
         assert_eq!(RateLimit::from_proto(limit.to_proto()), limit);
         assert_eq!(RateLimit::per_second(1.0).burst, 1);
+        assert_eq!(RateLimit::per_second(20.0).burst, 20);
+        assert_eq!(RateLimit::per_second(2.5).burst, 3);
         assert_eq!(
             RateLimit::per_second(1.0).burst(u32::MAX).to_proto().burst,
             i32::MAX

@@ -74,7 +74,8 @@ fn queue_update(queue: &pb::Queue, paths: &[&str]) -> Result<QueueUpdate, ApiErr
                             ));
                         }
                         let burst = match r.burst {
-                            0 => 1,
+                            // One second's worth: a late claim is made up, not lost.
+                            0 => (r.per_second.ceil() as i32).clamp(1, MAX_BURST),
                             b if (1..=MAX_BURST).contains(&b) => b,
                             b => {
                                 return Err(ApiError::invalid(

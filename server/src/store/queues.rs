@@ -129,8 +129,15 @@ impl Store {
              CROSS JOIN LATERAL ( \
                  SELECT array_agg(state ORDER BY state) AS states, \
                         array_agg(n ORDER BY state) AS counts \
-                 FROM (SELECT state, count(*) AS n FROM jobs \
-                       WHERE tenant_id = q.tenant_id AND queue = q.name GROUP BY state) c \
+                 FROM ( \
+                     SELECT state, count(*) AS n FROM jobs \
+                     WHERE tenant_id = q.tenant_id AND queue = q.name \
+                       AND state <> 'available' GROUP BY state \
+                     UNION ALL \
+                     SELECT 'available', count(*) FROM jobs \
+                     WHERE tenant_id = q.tenant_id AND queue = q.name \
+                       AND state = 'available' HAVING count(*) > 0 \
+                 ) c \
              ) st \
              WHERE q.tenant_id = $1 AND ($2::text IS NULL OR q.name = $2) \
                AND ($3::text IS NULL OR q.name > $3) \
