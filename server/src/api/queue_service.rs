@@ -89,7 +89,11 @@ fn queue_update(queue: &pb::Queue, paths: &[&str]) -> Result<QueueUpdate, ApiErr
                 };
                 update.rate_limit = Some(rate);
             }
-            _ => unreachable!("update_mask admits only the listed paths"),
+            other => {
+                return Err(ApiError::Internal(format!(
+                    "update_mask admitted {other:?}, which UpdateQueue does not handle"
+                )));
+            }
         }
     }
     Ok(update)

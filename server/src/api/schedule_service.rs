@@ -128,7 +128,11 @@ impl ScheduleApi {
                 "misfire_grace" => {
                     spec.misfire_grace_ms = misfire_grace(s.misfire_grace.as_ref())?;
                 }
-                _ => unreachable!("update_mask admits only the updatable paths"),
+                other => {
+                    return Err(ApiError::Internal(format!(
+                        "update_mask admitted {other:?}, which UpdateSchedule does not handle"
+                    )));
+                }
             }
         }
         let cron = cron(&spec.cron, &spec.time_zone)?;
