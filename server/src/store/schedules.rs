@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
-use sqlx::{Postgres, Transaction, types::Json};
+use sqlx::{Postgres, Transaction, postgres::PgArguments, query::QueryAs, types::Json};
 use uuid::Uuid;
 
 use super::{
@@ -194,31 +194,11 @@ impl Store {
              ) \
              SELECT {SCHEDULE_COLUMNS} FROM s, (SELECT count(*) FROM wake) w"
         );
-        let spec = &new.spec;
-        let job = &spec.job;
-        sqlx::query_as::<_, ScheduleRow>(sql)
+        let query = sqlx::query_as::<_, ScheduleRow>(sql)
             .bind(new.id)
             .bind(tenant.as_str())
-            .bind(&new.name)
-            .bind(&spec.description)
-            .bind(&spec.cron)
-            .bind(&spec.time_zone)
-            .bind(&job.job_type)
-            .bind(&job.payload_type)
-            .bind(&job.payload)
-            .bind(&job.queue)
-            .bind(job.priority)
-            .bind(job.max_attempts)
-            .bind(job.retry_initial_ms)
-            .bind(job.retry_max_ms)
-            .bind(job.retry_multiplier)
-            .bind(job.retry_jitter)
-            .bind(&job.labels)
-            .bind(job.timeout_ms)
-            .bind(spec.overlap_policy)
-            .bind(spec.catch_up_policy)
-            .bind(spec.max_catch_up)
-            .bind(spec.misfire_grace_ms)
+            .bind(&new.name);
+        bind_spec(query, &new.spec)
             .bind(new.next_run_at)
             .fetch_optional(&self.pool)
             .await?
@@ -285,29 +265,8 @@ impl Store {
              ) \
              SELECT {SCHEDULE_COLUMNS} FROM s, (SELECT count(*) FROM wake) w"
         );
-        let spec = &update.spec;
-        let job = &spec.job;
-        let row = sqlx::query_as::<_, ScheduleRow>(sql)
-            .bind(current.id)
-            .bind(&spec.description)
-            .bind(&spec.cron)
-            .bind(&spec.time_zone)
-            .bind(&job.job_type)
-            .bind(&job.payload_type)
-            .bind(&job.payload)
-            .bind(&job.queue)
-            .bind(job.priority)
-            .bind(job.max_attempts)
-            .bind(job.retry_initial_ms)
-            .bind(job.retry_max_ms)
-            .bind(job.retry_multiplier)
-            .bind(job.retry_jitter)
-            .bind(&job.labels)
-            .bind(job.timeout_ms)
-            .bind(spec.overlap_policy)
-            .bind(spec.catch_up_policy)
-            .bind(spec.max_catch_up)
-            .bind(spec.misfire_grace_ms)
+        let query = sqlx::query_as::<_, ScheduleRow>(sql).bind(current.id);
+        let row = bind_spec(query, &update.spec)
             .bind(update.next_run_at)
             .fetch_one(&mut *tx)
             .await
@@ -377,6 +336,35 @@ impl Store {
                 .await?;
         Ok(at)
     }
+}
+
+/// Binds the settable fields of a schedule, in the column order both the insert and the update
+/// list them.
+fn bind_spec<'q>(
+    query: QueryAs<'q, Postgres, ScheduleRow, PgArguments>,
+    spec: &'q ScheduleSpec,
+) -> QueryAs<'q, Postgres, ScheduleRow, PgArguments> {
+    let job = &spec.job;
+    query
+        .bind(&spec.description)
+        .bind(&spec.cron)
+        .bind(&spec.time_zone)
+        .bind(&job.job_type)
+        .bind(&job.payload_type)
+        .bind(&job.payload)
+        .bind(&job.queue)
+        .bind(job.priority)
+        .bind(job.max_attempts)
+        .bind(job.retry_initial_ms)
+        .bind(job.retry_max_ms)
+        .bind(job.retry_multiplier)
+        .bind(job.retry_jitter)
+        .bind(&job.labels)
+        .bind(job.timeout_ms)
+        .bind(spec.overlap_policy)
+        .bind(spec.catch_up_policy)
+        .bind(spec.max_catch_up)
+        .bind(spec.misfire_grace_ms)
 }
 
 /// A schedule of the tenant, locked until the transaction ends.
