@@ -135,6 +135,16 @@ async fn killed_worker_lease_expires_and_another_worker_finishes() {
     })
     .await;
     assert_eq!(running.attempt, 1);
+    // The running attempt is read from the job's row: it has no attempt row until it ends.
+    assert_eq!(running.attempts.len(), 1, "{:?}", running.attempts);
+    assert_eq!(running.attempts[0].attempt, 1);
+    assert_eq!(running.attempts[0].worker_id, "victim");
+    assert_eq!(
+        running.attempts[0].outcome,
+        pb::AttemptOutcome::Running as i32
+    );
+    assert!(running.attempts[0].started_at.is_some());
+    assert!(running.attempts[0].finished_at.is_none());
     victim.kill();
 
     let (stop, worker) = spawn_sdk_worker(&server.url(), "rescuer", 1);
@@ -154,6 +164,19 @@ async fn killed_worker_lease_expires_and_another_worker_finishes() {
         pb::AttemptOutcome::LeaseExpired as i32
     );
     assert_eq!(job.attempts[0].worker_id, "victim");
+    assert_eq!(job.attempts[1].worker_id, "rescuer");
+    assert_eq!(
+        job.attempts[1].outcome,
+        pb::AttemptOutcome::Succeeded as i32
+    );
+    let at = |t: &Option<prost_types::Timestamp>| t.as_ref().map(|t| (t.seconds, t.nanos));
+    assert!(
+        at(&job.attempts[1].started_at) <= at(&job.attempts[1].finished_at)
+            && job.attempts[1].finished_at.is_some(),
+        "{:?}",
+        job.attempts[1]
+    );
+    assert_eq!(job.lease_owner, "", "no lease is held once the job ended");
 
     stop.cancel();
     worker.await.expect("worker stopped");

@@ -81,7 +81,10 @@ pub fn job(row: JobRow, attempts: &[AttemptRow]) -> pb::Job {
         last_error: row.last_error.as_ref().map(|e| error(&e.0)),
         idempotency_key: row.idempotency_key.unwrap_or_default(),
         labels: row.labels.0,
-        lease_owner: row.lease_owner.unwrap_or_default(),
+        lease_owner: row
+            .lease_owner
+            .filter(|_| row.state == crate::domain::JobState::Running)
+            .unwrap_or_default(),
         lease_expires_at: row.lease_expires_at.map(timestamp),
         created_at: Some(timestamp(row.created_at)),
         updated_at: Some(timestamp(row.updated_at)),

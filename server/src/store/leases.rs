@@ -21,6 +21,21 @@ pub(super) const BACKOFF_MS: &str = "least(j.retry_max_ms, \
      j.retry_initial_ms * power(j.retry_multiplier, least(j.attempt - j.attempt_base - 1, 60))) \
      * (1 + j.retry_jitter * (2 * random() - 1))";
 
+/// The end of an attempt is its row's insert: a running attempt lives in its job's row
+/// (`attempt`, `lease_owner`, `attempt_started_at`), so a job costs one attempt write, not an
+/// insert at the claim and an update at the end. A row already there (written at the claim by
+/// a server from before this change) is completed instead. Refers to the new row as `a`.
+pub(super) const ATTEMPT_UPSERT: &str = "ON CONFLICT (job_id, attempt) DO UPDATE SET \
+     finished_at = EXCLUDED.finished_at, outcome = EXCLUDED.outcome, error = EXCLUDED.error \
+     WHERE a.outcome = 'running'";
+
+/// How an unmatched input's attempt had already ended, read by primary key only for the inputs
+/// the update did not match: a join of the whole input against `job_attempts` was planned as a
+/// sequential scan of that ever-growing table (the planner guesses 100 `UNNEST` rows).
+const PRIOR_OUTCOME: &str = "CASE WHEN upd.id IS NULL THEN ( \
+     SELECT p.outcome FROM job_attempts p \
+     WHERE p.job_id = i.id AND p.attempt = i.attempt AND p.tenant_id = i.tenant_id) END";
+
 /// A successful attempt to record.
 #[derive(Debug, Clone)]
 pub struct Completion {
@@ -188,9 +203,6 @@ impl Store {
         let done = sqlx::query(
             "WITH r AS ( \
                  SELECT * FROM UNNEST($2::uuid[], $3::int4[]) AS r(id, attempt) \
-             ), del AS ( \
-                 DELETE FROM job_attempts a USING r \
-                 WHERE a.job_id = r.id AND a.attempt = r.attempt \
              ), upd AS ( \
                  UPDATE jobs j SET state = 'available', attempt = j.attempt - 1, \
                         lease_owner = NULL, lease_expires_at = NULL, updated_at = now() \
@@ -218,48 +230,51 @@ impl Store {
         if done.is_empty() {
             return Ok(Vec::new());
         }
-        let rows: Vec<SettledRow> = sqlx::query_as(
+        let sql = static_sql!(
             "WITH input AS ( \
                  SELECT * FROM UNNEST($1::text[], $2::uuid[], $3::int4[], $4::text[], \
                                       $5::bytea[]) WITH ORDINALITY \
                  AS t(tenant_id, id, attempt, result_type, result, ord) \
              ), upd AS ( \
                  UPDATE jobs j SET state = 'succeeded', result_type = i.result_type, \
-                        result = i.result, lease_owner = NULL, lease_expires_at = NULL, \
+                        result = i.result, lease_expires_at = NULL, \
                         pause_requested_at = NULL, finished_at = now(), updated_at = now() \
                  FROM input i \
                  WHERE j.id = i.id AND j.tenant_id = i.tenant_id AND j.attempt = i.attempt \
                    AND j.state = 'running' \
-                 RETURNING j.id, j.tenant_id, j.attempt, j.state \
+                 RETURNING j.id, j.tenant_id, j.attempt, j.state, j.lease_owner, \
+                           j.attempt_started_at \
              ), att AS ( \
-                 UPDATE job_attempts a SET finished_at = now(), outcome = 'succeeded' \
-                 FROM upd WHERE a.job_id = upd.id AND a.attempt = upd.attempt \
+                 INSERT INTO job_attempts AS a (job_id, attempt, tenant_id, worker_id, \
+                                                started_at, finished_at, outcome) \
+                 SELECT id, attempt, tenant_id, coalesce(lease_owner, ''), \
+                        coalesce(attempt_started_at, now()), now(), 'succeeded' FROM upd \
+                 {ATTEMPT_UPSERT} \
              ), ev AS ( \
                  INSERT INTO job_events (tenant_id, job_id, kind, state, attempt) \
                  SELECT tenant_id, id, 'state', state, attempt FROM upd \
              ) \
-             SELECT upd.state AS applied_state, prior.outcome AS prior_outcome \
+             SELECT upd.state AS applied_state, {PRIOR_OUTCOME} AS prior_outcome \
              FROM input i \
              LEFT JOIN upd ON upd.id = i.id AND upd.attempt = i.attempt \
-             LEFT JOIN job_attempts prior ON prior.job_id = i.id \
-                  AND prior.attempt = i.attempt AND prior.tenant_id = i.tenant_id \
-             ORDER BY i.ord",
-        )
-        .bind(
-            done.iter()
-                .map(|c| c.tenant.as_str().to_owned())
-                .collect::<Vec<_>>(),
-        )
-        .bind(done.iter().map(|c| c.lease.job_id.0).collect::<Vec<_>>())
-        .bind(done.iter().map(|c| c.lease.attempt).collect::<Vec<_>>())
-        .bind(
-            done.iter()
-                .map(|c| c.result_type.clone())
-                .collect::<Vec<_>>(),
-        )
-        .bind(done.iter().map(|c| c.result.clone()).collect::<Vec<_>>())
-        .fetch_all(&self.pool)
-        .await?;
+             ORDER BY i.ord"
+        );
+        let rows: Vec<SettledRow> = sqlx::query_as(sql)
+            .bind(
+                done.iter()
+                    .map(|c| c.tenant.as_str().to_owned())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(done.iter().map(|c| c.lease.job_id.0).collect::<Vec<_>>())
+            .bind(done.iter().map(|c| c.lease.attempt).collect::<Vec<_>>())
+            .bind(
+                done.iter()
+                    .map(|c| c.result_type.clone())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(done.iter().map(|c| c.result.clone()).collect::<Vec<_>>())
+            .fetch_all(&self.pool)
+            .await?;
         Ok(rows
             .into_iter()
             .map(|r| r.into_result(|o| o == AttemptOutcome::Succeeded))
@@ -301,7 +316,7 @@ impl Store {
                          ELSE jsonb_build_object('message', i.message, 'kind', i.kind, \
                              'retryable', NOT i.non_retryable, 'attempt', j.attempt, \
                              'occurred_at', now()) END, \
-                     lease_owner = NULL, lease_expires_at = NULL, pause_requested_at = NULL, \
+                     lease_expires_at = NULL, pause_requested_at = NULL, \
                      finished_at = CASE \
                          WHEN j.cancel_requested_at IS NOT NULL THEN now() \
                          WHEN j.pause_requested_at IS NOT NULL THEN NULL \
@@ -312,18 +327,22 @@ impl Store {
                  WHERE j.id = i.id AND j.tenant_id = i.tenant_id AND j.attempt = i.attempt \
                    AND j.state = 'running' \
                  RETURNING j.id, j.tenant_id, j.attempt, j.state, j.last_error, j.cancel_reason, \
-                           j.pause_reason, i.kind, i.message \
+                           j.pause_reason, j.lease_owner, j.attempt_started_at, i.kind, i.message \
              ), att AS ( \
-                 UPDATE job_attempts a SET finished_at = now(), \
-                        outcome = CASE upd.state \
+                 INSERT INTO job_attempts AS a (job_id, attempt, tenant_id, worker_id, \
+                                                started_at, finished_at, outcome, error) \
+                 SELECT id, attempt, tenant_id, coalesce(lease_owner, ''), \
+                        coalesce(attempt_started_at, now()), now(), \
+                        CASE state \
                             WHEN 'cancelled' THEN 'cancelled'::attempt_outcome \
                             WHEN 'paused' THEN 'paused'::attempt_outcome \
-                            ELSE CASE WHEN upd.kind = 'timeout' THEN 'timed_out'::attempt_outcome \
+                            ELSE CASE WHEN kind = 'timeout' THEN 'timed_out'::attempt_outcome \
                                       ELSE 'failed'::attempt_outcome END END, \
-                        error = jsonb_build_object('message', upd.message, 'kind', upd.kind, \
-                            'retryable', upd.state NOT IN ('failed'), 'attempt', upd.attempt, \
+                        jsonb_build_object('message', message, 'kind', kind, \
+                            'retryable', state NOT IN ('failed'), 'attempt', attempt, \
                             'occurred_at', now()) \
-                 FROM upd WHERE a.job_id = upd.id AND a.attempt = upd.attempt \
+                 FROM upd \
+                 {ATTEMPT_UPSERT} \
              ), ev AS ( \
                  INSERT INTO job_events (tenant_id, job_id, kind, state, attempt, data) \
                  SELECT tenant_id, id, 'state', state, attempt, \
@@ -332,11 +351,9 @@ impl Store {
                                    ELSE jsonb_build_object('error', last_error) END \
                  FROM upd \
              ) \
-             SELECT upd.state AS applied_state, prior.outcome AS prior_outcome \
+             SELECT upd.state AS applied_state, {PRIOR_OUTCOME} AS prior_outcome \
              FROM input i \
              LEFT JOIN upd ON upd.id = i.id AND upd.attempt = i.attempt \
-             LEFT JOIN job_attempts prior ON prior.job_id = i.id \
-                  AND prior.attempt = i.attempt AND prior.tenant_id = i.tenant_id \
              ORDER BY i.ord"
         );
         let rows: Vec<SettledRow> = sqlx::query_as(sql)
@@ -595,9 +612,6 @@ pub(super) async fn claim_statement(
                     attempt_started_at = now(), updated_at = now() \
              FROM picked WHERE j.id = picked.id \
              RETURNING j.* \
-         ), att AS ( \
-             INSERT INTO job_attempts (job_id, attempt, tenant_id, worker_id) \
-             SELECT id, attempt, tenant_id, $5 FROM upd \
          ), ev AS ( \
              INSERT INTO job_events (tenant_id, job_id, kind, state, attempt, data) \
              SELECT tenant_id, id, 'state', state, attempt, jsonb_build_object('worker', $5) \

@@ -2,7 +2,10 @@
 
 use chrono::{DateTime, Utc};
 
-use super::{JOBS_CHANNEL, Result, Store, leases::BACKOFF_MS};
+use super::{
+    JOBS_CHANNEL, Result, Store,
+    leases::{ATTEMPT_UPSERT, BACKOFF_MS},
+};
 
 impl Store {
     /// Ends up to `limit` attempts whose lease lapsed (the worker stopped heartbeating, or would
@@ -46,7 +49,7 @@ impl Store {
                                       + j.timeout_ms * interval '1 millisecond' < now() \
                                  THEN 'timeout' ELSE 'lease_expired' END, \
                          'retryable', true, 'attempt', j.attempt, 'occurred_at', now()) END, \
-                     lease_owner = NULL, lease_expires_at = NULL, pause_requested_at = NULL, \
+                     lease_expires_at = NULL, pause_requested_at = NULL, \
                      finished_at = CASE \
                          WHEN j.cancel_requested_at IS NOT NULL THEN now() \
                          WHEN j.pause_requested_at IS NOT NULL THEN NULL \
@@ -54,18 +57,22 @@ impl Store {
                      updated_at = now() \
                  FROM expired e WHERE j.id = e.id \
                  RETURNING j.id, j.tenant_id, j.attempt, j.state, j.last_error, j.cancel_reason, \
-                           j.pause_reason \
+                           j.pause_reason, j.lease_owner, j.attempt_started_at \
              ), att AS ( \
-                 UPDATE job_attempts a SET finished_at = now(), \
-                        outcome = CASE \
-                            WHEN upd.state = 'cancelled' THEN 'cancelled'::attempt_outcome \
-                            WHEN upd.state = 'paused' THEN 'paused'::attempt_outcome \
-                            WHEN upd.last_error->>'kind' = 'timeout' \
+                 INSERT INTO job_attempts AS a (job_id, attempt, tenant_id, worker_id, \
+                                                started_at, finished_at, outcome, error) \
+                 SELECT id, attempt, tenant_id, coalesce(lease_owner, ''), \
+                        coalesce(attempt_started_at, now()), now(), \
+                        CASE \
+                            WHEN state = 'cancelled' THEN 'cancelled'::attempt_outcome \
+                            WHEN state = 'paused' THEN 'paused'::attempt_outcome \
+                            WHEN last_error->>'kind' = 'timeout' \
                                 THEN 'timed_out'::attempt_outcome \
                             ELSE 'lease_expired'::attempt_outcome END, \
-                        error = CASE WHEN upd.state IN ('cancelled', 'paused') THEN NULL \
-                                     ELSE upd.last_error END \
-                 FROM upd WHERE a.job_id = upd.id AND a.attempt = upd.attempt \
+                        CASE WHEN state IN ('cancelled', 'paused') THEN NULL \
+                             ELSE last_error END \
+                 FROM upd \
+                 {ATTEMPT_UPSERT} \
              ), ev AS ( \
                  INSERT INTO job_events (tenant_id, job_id, kind, state, attempt, data) \
                  SELECT tenant_id, id, 'state', state, attempt, \

@@ -37,6 +37,8 @@ pub struct JobRow {
     pub retry_multiplier: f64,
     pub retry_jitter: f64,
     pub run_at: DateTime<Utc>,
+    /// The worker of the latest attempt, kept after it ends so that the attempt's row, written
+    /// then, can name it; the API shows it only while the job is RUNNING.
     pub lease_owner: Option<String>,
     pub lease_expires_at: Option<DateTime<Utc>>,
     pub result_type: Option<String>,
