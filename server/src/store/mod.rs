@@ -115,7 +115,9 @@ impl Store {
             // The pid tells an operator (and the failover tests) which replica holds which
             // session, such as the one holding the leader lock.
             .connect_with(
-                options.application_name(&format!("jobwire-server/{}", std::process::id())),
+                options
+                    .application_name(&format!("jobwire-server/{}", std::process::id()))
+                    .options([("plan_cache_mode", "force_generic_plan")]),
             )
             .await?;
         sqlx::migrate!("../migrations").run(&pool).await?;
