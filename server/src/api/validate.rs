@@ -272,6 +272,7 @@ pub fn job_spec(spec: &pb::JobSpec, max_payload: usize) -> Result<NewJob, ApiErr
         schedule: None,
         job_type_version: None,
         needs_approval: spec.needs_approval,
+        handoff: None,
     })
 }
 

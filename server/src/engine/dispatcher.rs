@@ -27,7 +27,7 @@ use std::{
 };
 
 use rand::Rng;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -60,15 +60,60 @@ pub struct Registration {
     pub leases: mpsc::Sender<LeasedRow>,
 }
 
+/// A free slot of a worker on this replica, set aside for a job being enqueued: the job is
+/// inserted RUNNING under a lease to that worker, then sent to it here, with no claim between.
+/// A reservation not used (the job did not start) must be returned with
+/// [`DispatcherHandle::credit`].
+#[derive(Debug)]
+pub struct Reservation {
+    pub session: SessionId,
+    pub worker_id: String,
+    pub lease: Duration,
+    leases: mpsc::Sender<LeasedRow>,
+}
+
+impl Reservation {
+    /// Hands the started job to the worker's session. False if the session has gone: the
+    /// lease is then the caller's to hand back.
+    pub fn deliver(&self, row: LeasedRow) -> bool {
+        self.leases.try_send(row).is_ok()
+    }
+}
+
+/// A job that could start at its enqueue, if a worker is free for it.
+#[derive(Debug, Clone)]
+pub struct Startable {
+    pub queue: QueueName,
+    pub job_type: String,
+}
+
 #[derive(Debug)]
 enum Command {
     Register(Registration),
-    Credit { session: SessionId, slots: u32 },
-    Drain { session: SessionId },
-    Unregister { session: SessionId },
-    Wake { tenant: TenantId, queue: QueueName },
+    Reserve {
+        tenant: TenantId,
+        jobs: Vec<Option<Startable>>,
+        reply: oneshot::Sender<Vec<Option<Reservation>>>,
+    },
+    Credit {
+        session: SessionId,
+        slots: u32,
+    },
+    Drain {
+        session: SessionId,
+    },
+    Unregister {
+        session: SessionId,
+    },
+    Wake {
+        tenant: TenantId,
+        queue: QueueName,
+    },
     WakeAll,
-    QueueChanged { tenant: TenantId, queue: QueueName },
+    QueueChanged {
+        tenant: TenantId,
+        queue: QueueName,
+    },
 }
 
 /// A cloneable handle to the dispatcher task.
@@ -86,6 +131,27 @@ impl DispatcherHandle {
 
     pub async fn register(&self, registration: Registration) {
         self.send(Command::Register(registration)).await;
+    }
+
+    /// Sets aside a free slot for each startable job, where a worker of this replica serves
+    /// its queue and type, has a slot free and knows of no backlog that the job would overtake.
+    /// Nothing is set aside once the dispatcher has stopped.
+    pub async fn reserve(
+        &self,
+        tenant: TenantId,
+        jobs: Vec<Option<Startable>>,
+    ) -> Vec<Option<Reservation>> {
+        let len = jobs.len();
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Reserve {
+            tenant,
+            jobs,
+            reply,
+        })
+        .await;
+        answer
+            .await
+            .unwrap_or_else(|_| std::iter::repeat_with(|| None).take(len).collect())
     }
 
     /// The worker finished `slots` of the leases it held.
@@ -128,6 +194,9 @@ struct Worker {
     draining: bool,
     /// Whether a claim may find work; cleared when a claim comes back short.
     hungry: bool,
+    /// Whether the last claim came back full, so that older jobs may be waiting: a new job is
+    /// then not handed to the worker at its enqueue, where it would overtake them.
+    backlog: bool,
     /// When to claim again for a queue whose limit held the last claim back.
     retry_at: Option<Instant>,
     /// The next wait after a claim held back by a concurrency limit.
@@ -259,16 +328,40 @@ impl Dispatcher {
                         freed_at: None,
                         draining: false,
                         hungry: true,
+                        backlog: true,
                         retry_at: None,
                         limit_backoff: LIMIT_BACKOFF_MIN,
                     },
                 );
             }
+            Command::Reserve {
+                tenant,
+                jobs,
+                reply,
+            } => {
+                let reserved = jobs
+                    .into_iter()
+                    .map(|job| job.and_then(|job| self.reserve(&tenant, &job)))
+                    .collect();
+                // A caller that has gone returns nothing: its reservations are dropped with the
+                // reply, so give their slots back.
+                if let Err(unused) = reply.send(reserved) {
+                    for r in unused.into_iter().flatten() {
+                        if let Some(worker) = self.workers.get_mut(&r.session) {
+                            worker.free += 1;
+                        }
+                    }
+                }
+            }
             Command::Credit { session, slots } => {
                 if let Some(worker) = self.workers.get_mut(&session) {
                     worker.free = worker.free.saturating_add(slots);
                     worker.freed_at.get_or_insert_with(Instant::now);
-                    worker.hungry = true;
+                    // A freed slot is worth a claim only if work may be waiting: the last
+                    // claim came back full, or a limit held it back. Work that arrived since
+                    // has sent a wake-up (and the poll covers a missed one); claiming on every
+                    // completion would cost an empty claim per job started at its enqueue.
+                    worker.hungry |= worker.backlog || worker.retry_at.is_some();
                 }
             }
             Command::Drain { session } => {
@@ -303,6 +396,34 @@ impl Dispatcher {
                 }
             }
         }
+    }
+
+    /// The worker with the most free slots that can start `job` now, its slot taken.
+    fn reserve(&mut self, tenant: &TenantId, job: &Startable) -> Option<Reservation> {
+        if self.limited.contains(&(tenant.clone(), job.queue.clone())) {
+            return None;
+        }
+        let worker = self
+            .workers
+            .values_mut()
+            .filter(|w| {
+                let r = &w.registration;
+                w.free > 0
+                    && !w.draining
+                    && !w.backlog
+                    && r.tenant == *tenant
+                    && r.queues.contains(&job.queue)
+                    && r.job_types.contains(&job.job_type)
+            })
+            .max_by_key(|w| w.free)?;
+        worker.free -= 1;
+        let r = &worker.registration;
+        Some(Reservation {
+            session: r.session,
+            worker_id: r.worker_id.clone(),
+            lease: self.lease_duration,
+            leases: r.leases.clone(),
+        })
     }
 
     /// Claims for every worker that has free slots and may find work: first from its
@@ -397,6 +518,7 @@ async fn claim_for(
         rows.extend(claim.rows);
     }
     worker.hungry = more;
+    worker.backlog = more;
     worker.retry_at = retry.map(|wait| Instant::now() + wait);
     deliver(store, worker, rows).await;
     Ok(())

@@ -72,7 +72,7 @@ impl Engine {
         let (dispatcher, dispatcher_handle) =
             Dispatcher::new(store.clone(), config.lease_duration, config.poll_interval);
         let (completer, completer_handle) = Completer::new(store.clone());
-        let (enqueuer, enqueuer_handle) = Enqueuer::new(store.clone());
+        let (enqueuer, enqueuer_handle) = Enqueuer::new(store.clone(), dispatcher_handle.clone());
         let (elector, leadership) = Elector::new(store.clone(), ELECTION_INTERVAL);
         let (stops, _) = broadcast::channel(STOP_SIGNALS);
         let due = DueSignal::default();

@@ -37,6 +37,17 @@ pub struct NewJob {
     pub job_type_version: Option<i32>,
     /// Held AWAITING_APPROVAL until ApproveJob.
     pub needs_approval: bool,
+    /// A worker of this replica with a slot set aside for the job: if the job is due and its
+    /// queue is neither paused nor limited, it starts RUNNING under a lease to that worker in
+    /// the enqueue statement itself, with no claim after it.
+    pub handoff: Option<Handoff>,
+}
+
+/// Who a job is leased to at its enqueue, and for how long.
+#[derive(Debug, Clone)]
+pub struct Handoff {
+    pub worker: String,
+    pub lease: std::time::Duration,
 }
 
 /// The job an enqueue produced, or the one its idempotency key already named.
@@ -425,24 +436,40 @@ pub(super) async fn enqueue_statement(
              SELECT * FROM UNNEST($2::uuid[], $3::text[], $4::text[], $5::text[], $6::bytea[], \
                  $7::int2[], $8::int4[], $9::int8[], $10::int8[], $11::float8[], $12::float8[], \
                  $13::timestamptz[], $14::text[], $15::jsonb[], $16::int8[], $17::uuid[], \
-                 $18::timestamptz[], $19::int4[], $20::bool[]) WITH ORDINALITY \
+                 $18::timestamptz[], $19::int4[], $20::bool[], $21::text[], $22::int8[]) \
+                 WITH ORDINALITY \
              AS t(id, queue, job_type, payload_type, payload, priority, max_attempts, \
                   retry_initial_ms, retry_max_ms, retry_multiplier, retry_jitter, run_at, \
                   idempotency_key, labels, timeout_ms, schedule_id, schedule_tick, \
-                  job_type_version, needs_approval, ord) \
+                  job_type_version, needs_approval, lease_owner, lease_ms, ord) \
+         ), planned AS ( \
+             SELECT input.*, \
+                 CASE WHEN needs_approval THEN 'awaiting_approval'::job_state \
+                      WHEN coalesce(run_at, now()) > now() THEN 'scheduled'::job_state \
+                      WHEN lease_owner IS NOT NULL AND NOT EXISTS ( \
+                          SELECT 1 FROM queues s WHERE s.tenant_id = $1 AND s.name = input.queue \
+                            AND (s.paused_at IS NOT NULL OR s.concurrency_limit IS NOT NULL \
+                                 OR s.rate_per_second IS NOT NULL)) \
+                          THEN 'running'::job_state \
+                      ELSE 'available'::job_state END AS state \
+             FROM input \
          ), ins AS ( \
              INSERT INTO jobs (id, tenant_id, queue, job_type, payload_type, payload, priority, \
                  state, max_attempts, retry_initial_ms, retry_max_ms, retry_multiplier, \
                  retry_jitter, run_at, idempotency_key, labels, timeout_ms, schedule_id, \
-                 schedule_tick, job_type_version) \
-             SELECT id, $1, queue, job_type, payload_type, payload, priority, \
-                 CASE WHEN needs_approval THEN 'awaiting_approval'::job_state \
-                      WHEN coalesce(run_at, now()) <= now() THEN 'available'::job_state \
-                      ELSE 'scheduled'::job_state END, \
+                 schedule_tick, job_type_version, attempt, lease_owner, lease_expires_at, \
+                 started_at, attempt_started_at) \
+             SELECT id, $1, queue, job_type, payload_type, payload, priority, state, \
                  max_attempts, retry_initial_ms, retry_max_ms, retry_multiplier, retry_jitter, \
                  coalesce(run_at, now()), idempotency_key, labels, timeout_ms, schedule_id, \
-                 schedule_tick, job_type_version \
-             FROM input ORDER BY ord \
+                 schedule_tick, job_type_version, \
+                 CASE WHEN state = 'running' THEN 1 ELSE 0 END, \
+                 CASE WHEN state = 'running' THEN lease_owner END, \
+                 CASE WHEN state = 'running' \
+                      THEN now() + lease_ms * interval '1 millisecond' END, \
+                 CASE WHEN state = 'running' THEN now() END, \
+                 CASE WHEN state = 'running' THEN now() END \
+             FROM planned ORDER BY ord \
              ON CONFLICT DO NOTHING \
              RETURNING * \
          ), queues AS ( \
@@ -450,8 +477,15 @@ pub(super) async fn enqueue_statement(
              SELECT DISTINCT $1, queue FROM input ORDER BY 2 \
              ON CONFLICT DO NOTHING \
          ), ev AS ( \
-             INSERT INTO job_events (tenant_id, job_id, kind, state, attempt) \
-             SELECT tenant_id, id, 'state', state, 0 FROM ins \
+             INSERT INTO job_events (tenant_id, job_id, kind, state, attempt, data) \
+             SELECT ins.tenant_id, ins.id, 'state', e.state, e.attempt, e.data \
+             FROM ins CROSS JOIN LATERAL (VALUES \
+                 (1, CASE WHEN ins.state = 'running' THEN 'available'::job_state \
+                          ELSE ins.state END, 0, '{{}}'::jsonb), \
+                 (2, ins.state, ins.attempt, jsonb_build_object('worker', ins.lease_owner)) \
+             ) AS e(n, state, attempt, data) \
+             WHERE e.n = 1 OR ins.state = 'running' \
+             ORDER BY ins.id, e.n \
          ), wake AS ( \
              SELECT pg_notify('{JOBS_CHANNEL}', tenant_id || '/' || queue) \
              FROM (SELECT DISTINCT tenant_id, queue FROM ins WHERE state = 'available') q \
@@ -516,7 +550,17 @@ pub(super) async fn enqueue_statement(
                 .collect::<Vec<_>>(),
         )
         .bind(jobs.iter().map(|j| j.job_type_version).collect::<Vec<_>>())
-        .bind(jobs.iter().map(|j| j.needs_approval).collect::<Vec<_>>());
+        .bind(jobs.iter().map(|j| j.needs_approval).collect::<Vec<_>>())
+        .bind(
+            jobs.iter()
+                .map(|j| j.handoff.as_ref().map(|h| h.worker.clone()))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            jobs.iter()
+                .map(|j| j.handoff.as_ref().map(|h| super::leases::millis(h.lease)))
+                .collect::<Vec<_>>(),
+        );
     let rows = q.fetch_all(db).await?;
     let mut out: Vec<Option<EnqueueOutcome>> = vec![None; jobs.len()];
     for row in rows {

@@ -33,7 +33,7 @@ use sqlx::{
 
 pub use events::{EventFilter, SnapshotXids};
 pub use job_types::{Example, JobTypeRow, NewJobType, TypeDefaults};
-pub use jobs::{EnqueueOutcome, ListFilter, NewJob};
+pub use jobs::{EnqueueOutcome, Handoff, ListFilter, NewJob};
 pub use leases::Worker;
 pub use leases::{
     Checkpoint, Completion, Failure, LogBatch, ProgressUpdate, Renewed, SettleResult, StopKind,

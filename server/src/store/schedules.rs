@@ -77,6 +77,7 @@ impl JobTemplate {
             schedule: Some((schedule, tick)),
             job_type_version: None,
             needs_approval: false,
+            handoff: None,
         }
     }
 }
