@@ -18,6 +18,17 @@ pub struct Sleep {
     pub seq: u64,
 }
 
+impl Sleep {
+    /// A job that sleeps `millis` and succeeds, told apart by `seq`.
+    pub fn succeeding(millis: u64, seq: u64) -> Self {
+        Self {
+            millis,
+            seq,
+            ..Default::default()
+        }
+    }
+}
+
 impl prost::Name for Sleep {
     const NAME: &'static str = "Sleep";
     const PACKAGE: &'static str = "jobwire.tests";

@@ -16,14 +16,6 @@ use sqlx::PgPool;
 
 const WAIT: Duration = Duration::from_secs(60);
 
-fn sleep_job(millis: u64, seq: u64) -> Sleep {
-    Sleep {
-        millis,
-        seq,
-        ..Default::default()
-    }
-}
-
 async fn count(pool: &PgPool, sql: &'static str, queue: &str) -> i64 {
     let (n,): (i64,) = sqlx::query_as(sql)
         .bind(queue)
@@ -84,7 +76,7 @@ async fn a_concurrency_limit_holds_across_three_replicas() {
 
     let total = 300;
     client
-        .enqueue_many((0..total).map(|i| client.enqueue(sleep_job(15, i)).queue("limited")))
+        .enqueue_many((0..total).map(|i| client.enqueue(Sleep::succeeding(15, i)).queue("limited")))
         .await
         .expect("enqueued");
 
@@ -153,7 +145,7 @@ async fn a_rate_limit_holds_across_two_replicas() {
         .await
         .expect("limit set");
     client
-        .enqueue_many((0..400).map(|i| client.enqueue(sleep_job(1, i)).queue("rated")))
+        .enqueue_many((0..400).map(|i| client.enqueue(Sleep::succeeding(1, i)).queue("rated")))
         .await
         .expect("enqueued");
     let workers: Vec<_> = servers
@@ -208,7 +200,7 @@ async fn a_paused_queue_starts_nothing_on_any_replica_across_a_restart() {
     ];
     let client = Client::connect(servers[1].url()).await.expect("client");
     client
-        .enqueue_many((0..20).map(|i| client.enqueue(sleep_job(1, i)).queue("held")))
+        .enqueue_many((0..20).map(|i| client.enqueue(Sleep::succeeding(1, i)).queue("held")))
         .await
         .expect("enqueued");
     let paused = client
@@ -266,11 +258,21 @@ async fn higher_priority_runs_first_within_a_queue() {
     let server = ServerProcess::start(&db, &[]).await;
     let client = Client::connect(server.url()).await.expect("client");
     client
-        .enqueue_many((0..50).map(|i| client.enqueue(sleep_job(0, i)).queue("prio").priority(10)))
+        .enqueue_many((0..50).map(|i| {
+            client
+                .enqueue(Sleep::succeeding(0, i))
+                .queue("prio")
+                .priority(10)
+        }))
         .await
         .expect("low enqueued");
     client
-        .enqueue_many((50..100).map(|i| client.enqueue(sleep_job(0, i)).queue("prio").priority(90)))
+        .enqueue_many((50..100).map(|i| {
+            client
+                .enqueue(Sleep::succeeding(0, i))
+                .queue("prio")
+                .priority(90)
+        }))
         .await
         .expect("high enqueued");
     let worker = SleepWorker::new(server.url(), "one")
@@ -321,7 +323,7 @@ async fn delayed_jobs_start_when_due_and_not_before() {
     let before = Instant::now();
     for (i, ms) in delays.iter().enumerate() {
         let handle = client
-            .enqueue(sleep_job(0, i as u64))
+            .enqueue(Sleep::succeeding(0, i as u64))
             .queue("later")
             .delay(Duration::from_millis(*ms))
             .await

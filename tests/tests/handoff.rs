@@ -11,14 +11,6 @@ use sqlx::PgPool;
 
 const WAIT: Duration = Duration::from_secs(30);
 
-fn sleep_job(millis: u64, seq: u64) -> Sleep {
-    Sleep {
-        millis,
-        seq,
-        ..Default::default()
-    }
-}
-
 async fn state_of(pool: &PgPool, id: &str) -> String {
     sqlx::query_scalar("SELECT state::text FROM jobs WHERE id = $1::uuid")
         .bind(id)
@@ -42,6 +34,19 @@ async fn state_events(
     .expect("events")
 }
 
+/// Runs a first job through `queue`, so the worker is connected and has found it drained.
+async fn warm_up(client: &Client, queue: &str) {
+    let job = client
+        .enqueue(Sleep::succeeding(1, 0))
+        .queue(queue)
+        .await
+        .expect("warm-up");
+    tokio::time::timeout(WAIT, job.wait())
+        .await
+        .expect("warm-up ran in time")
+        .expect("warm-up ran");
+}
+
 async fn wait_succeeded(pool: &PgPool, id: &str) {
     eventually(&format!("job {id} succeeded"), WAIT, || async {
         (state_of(pool, id).await == "succeeded").then_some(())
@@ -59,16 +64,10 @@ async fn a_job_enqueued_while_a_worker_is_idle_starts_in_its_enqueue_transaction
         .concurrency(2)
         .queues(&["direct"])
         .spawn();
-    // A first job makes sure the worker is connected and has found its queue drained.
-    let warm_up = client
-        .enqueue(sleep_job(1, 0))
-        .queue("direct")
-        .await
-        .expect("warm-up");
-    warm_up.wait().await.expect("warm-up ran");
+    warm_up(&client, "direct").await;
 
     let enqueued = client
-        .enqueue(sleep_job(1, 1))
+        .enqueue(Sleep::succeeding(1, 1))
         .queue("direct")
         .send_detailed()
         .await
@@ -128,15 +127,10 @@ async fn paused_and_limited_queues_are_not_started_at_enqueue_and_the_slot_is_gi
         .concurrency(1)
         .queues(&["held", "free"])
         .spawn();
-    let warm_up = client
-        .enqueue(sleep_job(1, 0))
-        .queue("free")
-        .await
-        .expect("warm-up");
-    warm_up.wait().await.expect("warm-up ran");
+    warm_up(&client, "free").await;
 
     let held = client
-        .enqueue(sleep_job(1, 1))
+        .enqueue(Sleep::succeeding(1, 1))
         .queue("held")
         .send_detailed()
         .await
@@ -149,7 +143,7 @@ async fn paused_and_limited_queues_are_not_started_at_enqueue_and_the_slot_is_gi
     let held_id = held.handle().id().as_str().to_owned();
 
     let free = client
-        .enqueue(sleep_job(1, 2))
+        .enqueue(Sleep::succeeding(1, 2))
         .queue("free")
         .await
         .expect("enqueued");
@@ -173,7 +167,7 @@ async fn paused_and_limited_queues_are_not_started_at_enqueue_and_the_slot_is_gi
     // The enqueue statement refuses to start a job of a limited queue even before the
     // dispatcher has heard of the limit.
     let limited = client
-        .enqueue(sleep_job(1, 3))
+        .enqueue(Sleep::succeeding(1, 3))
         .queue("free")
         .send_detailed()
         .await
