@@ -549,14 +549,7 @@ async fn the_worker_registers_the_eleven_types_with_their_schemas() {
     let defaults = fetch.defaults.as_ref().expect("defaults");
     assert_eq!(defaults.queue, "downloads");
     assert_eq!(defaults.priority, Some(70));
-    let fields: Vec<(&str, &str)> = fetch
-        .payload_schema
-        .as_ref()
-        .expect("payload schema")
-        .fields
-        .iter()
-        .map(|f| (f.name.as_str(), f.r#type.as_str()))
-        .collect();
+    let fields = jobwire_tests::payload_fields(fetch);
     assert_eq!(
         fields,
         [

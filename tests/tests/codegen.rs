@@ -83,14 +83,7 @@ async fn a_job_type_declared_in_protobuf_runs_typed_and_as_json() {
     let defaults = thumbnail.defaults.as_ref().expect("defaults");
     assert_eq!(defaults.queue, "media");
     assert_eq!(defaults.priority, Some(75));
-    let fields: Vec<(&str, &str)> = thumbnail
-        .payload_schema
-        .as_ref()
-        .expect("schema")
-        .fields
-        .iter()
-        .map(|f| (f.name.as_str(), f.r#type.as_str()))
-        .collect();
+    let fields = jobwire_tests::payload_fields(thumbnail);
     assert_eq!(
         fields,
         [
