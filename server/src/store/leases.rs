@@ -36,6 +36,17 @@ const PRIOR_OUTCOME: &str = "CASE WHEN upd.id IS NULL THEN ( \
      SELECT p.outcome FROM job_attempts p \
      WHERE p.job_id = i.id AND p.attempt = i.attempt AND p.tenant_id = i.tenant_id) END";
 
+/// Matches a job `j` to an input row `i` naming a running attempt: the fence of invariant 2.
+/// Only `j.id = i.id` can serve as an index condition. Tenant, attempt and state are compared as
+/// one row with IS NOT DISTINCT FROM (all three columns are NOT NULL, so it is plain equality),
+/// which no index serves. As separate equalities they let the planner, working from statistics
+/// taken before a burst of leases (few running jobs), walk `jobs_queue_state` by tenant and
+/// state for every input row, through every running and recently settled entry; a generic plan
+/// keeps that choice for the connection's life. Seen in W1: 0.87 ms per row, a 1,000-job
+/// completion taking 0.95 s.
+const LEASE_MATCH: &str = "j.id = i.id AND (j.tenant_id, j.attempt, j.state) \
+     IS NOT DISTINCT FROM (i.tenant_id, i.attempt, 'running'::job_state)";
+
 /// A successful attempt to record.
 #[derive(Debug, Clone)]
 pub struct Completion {
@@ -160,28 +171,29 @@ impl Store {
         if leases.is_empty() {
             return Ok(Vec::new());
         }
-        let rows: Vec<(Uuid, i32, Option<StopKind>)> = sqlx::query_as(
+        let sql = static_sql!(
             "UPDATE jobs j SET lease_expires_at = now() + $5 * interval '1 millisecond', \
                     lease_owner = $4 \
-             FROM UNNEST($2::uuid[], $3::int4[]) AS r(id, attempt) \
-             WHERE j.tenant_id = $1 AND j.id = r.id AND j.attempt = r.attempt \
-               AND j.state = 'running' \
+             FROM (SELECT $1::text AS tenant_id, t.* \
+                   FROM UNNEST($2::uuid[], $3::int4[]) AS t(id, attempt)) i \
+             WHERE {LEASE_MATCH} \
                AND coalesce(j.cancel_requested_at, j.pause_requested_at, 'infinity') \
                    > now() - $6 * interval '1 millisecond' \
                AND (j.timeout_ms IS NULL OR j.attempt_started_at \
                     + (j.timeout_ms + $6) * interval '1 millisecond' > now()) \
              RETURNING j.id, j.attempt, \
                  CASE WHEN j.cancel_requested_at IS NOT NULL THEN 'cancel' \
-                      WHEN j.pause_requested_at IS NOT NULL THEN 'pause' END",
-        )
-        .bind(tenant.as_str())
-        .bind(leases.iter().map(|l| l.job_id.0).collect::<Vec<_>>())
-        .bind(leases.iter().map(|l| l.attempt).collect::<Vec<_>>())
-        .bind(worker)
-        .bind(millis(lease))
-        .bind(millis(grace))
-        .fetch_all(&self.pool)
-        .await?;
+                      WHEN j.pause_requested_at IS NOT NULL THEN 'pause' END"
+        );
+        let rows: Vec<(Uuid, i32, Option<StopKind>)> = sqlx::query_as(sql)
+            .bind(tenant.as_str())
+            .bind(leases.iter().map(|l| l.job_id.0).collect::<Vec<_>>())
+            .bind(leases.iter().map(|l| l.attempt).collect::<Vec<_>>())
+            .bind(worker)
+            .bind(millis(lease))
+            .bind(millis(grace))
+            .fetch_all(&self.pool)
+            .await?;
         Ok(rows
             .into_iter()
             .map(|(id, attempt, stop)| Renewed {
@@ -200,28 +212,29 @@ impl Store {
         if leases.is_empty() {
             return Ok(0);
         }
-        let done = sqlx::query(
-            "WITH r AS ( \
-                 SELECT * FROM UNNEST($2::uuid[], $3::int4[]) AS r(id, attempt) \
+        let sql = static_sql!(
+            "WITH input AS ( \
+                 SELECT $1::text AS tenant_id, t.* \
+                 FROM UNNEST($2::uuid[], $3::int4[]) AS t(id, attempt) \
              ), upd AS ( \
                  UPDATE jobs j SET state = 'available', attempt = j.attempt - 1, \
                         lease_owner = NULL, lease_expires_at = NULL, updated_at = now() \
-                 FROM r WHERE j.tenant_id = $1 AND j.id = r.id AND j.attempt = r.attempt \
-                   AND j.state = 'running' \
+                 FROM input i WHERE {LEASE_MATCH} \
                  RETURNING j.id, j.tenant_id, j.attempt, j.queue \
              ), ev AS ( \
                  INSERT INTO job_events (tenant_id, job_id, kind, state, attempt, data) \
                  SELECT tenant_id, id, 'state', 'available', attempt, \
-                        '{\"reason\": \"lease not delivered\"}' \
+                        '{{\"reason\": \"lease not delivered\"}}' \
                  FROM upd \
              ) \
-             SELECT pg_notify('jobwire_jobs', tenant_id || '/' || queue) FROM upd",
-        )
-        .bind(tenant.as_str())
-        .bind(leases.iter().map(|l| l.job_id.0).collect::<Vec<_>>())
-        .bind(leases.iter().map(|l| l.attempt).collect::<Vec<_>>())
-        .execute(&self.pool)
-        .await?;
+             SELECT pg_notify('jobwire_jobs', tenant_id || '/' || queue) FROM upd"
+        );
+        let done = sqlx::query(sql)
+            .bind(tenant.as_str())
+            .bind(leases.iter().map(|l| l.job_id.0).collect::<Vec<_>>())
+            .bind(leases.iter().map(|l| l.attempt).collect::<Vec<_>>())
+            .execute(&self.pool)
+            .await?;
         Ok(done.rows_affected())
     }
 
@@ -240,8 +253,7 @@ impl Store {
                         result = i.result, lease_expires_at = NULL, \
                         pause_requested_at = NULL, finished_at = now(), updated_at = now() \
                  FROM input i \
-                 WHERE j.id = i.id AND j.tenant_id = i.tenant_id AND j.attempt = i.attempt \
-                   AND j.state = 'running' \
+                 WHERE {LEASE_MATCH} \
                  RETURNING j.id, j.tenant_id, j.attempt, j.state, j.lease_owner, \
                            j.attempt_started_at \
              ), att AS ( \
@@ -324,8 +336,7 @@ impl Store {
                              THEN now() END, \
                      updated_at = now() \
                  FROM input i \
-                 WHERE j.id = i.id AND j.tenant_id = i.tenant_id AND j.attempt = i.attempt \
-                   AND j.state = 'running' \
+                 WHERE {LEASE_MATCH} \
                  RETURNING j.id, j.tenant_id, j.attempt, j.state, j.last_error, j.cancel_reason, \
                            j.pause_reason, j.lease_owner, j.attempt_started_at, i.kind, i.message \
              ), att AS ( \
@@ -411,7 +422,7 @@ impl Store {
         if updates.is_empty() {
             return Ok(Vec::new());
         }
-        let rows: Vec<MatchedRow> = sqlx::query_as(
+        let sql = static_sql!(
             "WITH input AS ( \
                  SELECT * FROM UNNEST($1::text[], $2::uuid[], $3::int4[], $4::jsonb[], \
                                       $5::float8[]) WITH ORDINALITY \
@@ -435,8 +446,7 @@ impl Store {
                                                  'attempt', j.attempt) \
                          ELSE j.progress_origin END \
                  FROM input i \
-                 WHERE j.id = i.id AND j.tenant_id = i.tenant_id AND j.attempt = i.attempt \
-                   AND j.state = 'running' \
+                 WHERE {LEASE_MATCH} \
                  RETURNING j.id, j.tenant_id, j.attempt, j.progress \
              ), ev AS ( \
                  INSERT INTO job_events (tenant_id, job_id, kind, attempt, data) \
@@ -444,25 +454,26 @@ impl Store {
              ) \
              SELECT upd.id IS NOT NULL AS matched FROM input i \
              LEFT JOIN upd ON upd.id = i.id AND upd.attempt = i.attempt \
-             ORDER BY i.ord",
-        )
-        .bind(
-            updates
-                .iter()
-                .map(|u| u.tenant.as_str().to_owned())
-                .collect::<Vec<_>>(),
-        )
-        .bind(updates.iter().map(|u| u.lease.job_id.0).collect::<Vec<_>>())
-        .bind(updates.iter().map(|u| u.lease.attempt).collect::<Vec<_>>())
-        .bind(
-            updates
-                .iter()
-                .map(|u| u.progress.clone())
-                .collect::<Vec<_>>(),
-        )
-        .bind(updates.iter().map(|u| u.fraction).collect::<Vec<_>>())
-        .fetch_all(&self.pool)
-        .await?;
+             ORDER BY i.ord"
+        );
+        let rows: Vec<MatchedRow> = sqlx::query_as(sql)
+            .bind(
+                updates
+                    .iter()
+                    .map(|u| u.tenant.as_str().to_owned())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(updates.iter().map(|u| u.lease.job_id.0).collect::<Vec<_>>())
+            .bind(updates.iter().map(|u| u.lease.attempt).collect::<Vec<_>>())
+            .bind(
+                updates
+                    .iter()
+                    .map(|u| u.progress.clone())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(updates.iter().map(|u| u.fraction).collect::<Vec<_>>())
+            .fetch_all(&self.pool)
+            .await?;
         Ok(matched(rows))
     }
 
@@ -480,7 +491,7 @@ impl Store {
                 lines.push(line.clone());
             }
         }
-        let rows: Vec<MatchedRow> = sqlx::query_as(
+        let sql = static_sql!(
             "WITH input AS ( \
                  SELECT * FROM UNNEST($1::text[], $2::uuid[], $3::int4[]) WITH ORDINALITY \
                  AS t(tenant_id, id, attempt, ord) \
@@ -489,8 +500,7 @@ impl Store {
                  AS l(batch, data, n) \
              ), locked AS ( \
                  SELECT j.id, j.tenant_id, j.attempt, i.ord FROM jobs j \
-                 JOIN input i ON j.id = i.id AND j.tenant_id = i.tenant_id \
-                   AND j.attempt = i.attempt AND j.state = 'running' \
+                 JOIN input i ON {LEASE_MATCH} \
                  FOR UPDATE OF j \
              ), ev AS ( \
                  INSERT INTO job_events (tenant_id, job_id, kind, attempt, data) \
@@ -498,20 +508,21 @@ impl Store {
                  FROM locked k JOIN line l ON l.batch = k.ord ORDER BY k.ord, l.n \
              ) \
              SELECT EXISTS (SELECT 1 FROM locked k WHERE k.ord = i.ord) AS matched \
-             FROM input i ORDER BY i.ord",
-        )
-        .bind(
-            batches
-                .iter()
-                .map(|b| b.tenant.as_str().to_owned())
-                .collect::<Vec<_>>(),
-        )
-        .bind(batches.iter().map(|b| b.lease.job_id.0).collect::<Vec<_>>())
-        .bind(batches.iter().map(|b| b.lease.attempt).collect::<Vec<_>>())
-        .bind(batch_index)
-        .bind(lines)
-        .fetch_all(&self.pool)
-        .await?;
+             FROM input i ORDER BY i.ord"
+        );
+        let rows: Vec<MatchedRow> = sqlx::query_as(sql)
+            .bind(
+                batches
+                    .iter()
+                    .map(|b| b.tenant.as_str().to_owned())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(batches.iter().map(|b| b.lease.job_id.0).collect::<Vec<_>>())
+            .bind(batches.iter().map(|b| b.lease.attempt).collect::<Vec<_>>())
+            .bind(batch_index)
+            .bind(lines)
+            .fetch_all(&self.pool)
+            .await?;
         Ok(matched(rows))
     }
 
@@ -520,46 +531,46 @@ impl Store {
         if checkpoints.is_empty() {
             return Ok(Vec::new());
         }
-        let rows: Vec<MatchedRow> = sqlx::query_as(
+        let sql = static_sql!(
             "WITH input AS ( \
                  SELECT * FROM UNNEST($1::text[], $2::uuid[], $3::int4[], $4::bytea[]) \
                  WITH ORDINALITY AS t(tenant_id, id, attempt, data, ord) \
              ), upd AS ( \
                  UPDATE jobs j SET checkpoint = i.data FROM input i \
-                 WHERE j.id = i.id AND j.tenant_id = i.tenant_id AND j.attempt = i.attempt \
-                   AND j.state = 'running' \
+                 WHERE {LEASE_MATCH} \
                  RETURNING j.id, j.attempt \
              ) \
              SELECT upd.id IS NOT NULL AS matched FROM input i \
              LEFT JOIN upd ON upd.id = i.id AND upd.attempt = i.attempt \
-             ORDER BY i.ord",
-        )
-        .bind(
-            checkpoints
-                .iter()
-                .map(|c| c.tenant.as_str().to_owned())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            checkpoints
-                .iter()
-                .map(|c| c.lease.job_id.0)
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            checkpoints
-                .iter()
-                .map(|c| c.lease.attempt)
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            checkpoints
-                .iter()
-                .map(|c| c.data.clone())
-                .collect::<Vec<_>>(),
-        )
-        .fetch_all(&self.pool)
-        .await?;
+             ORDER BY i.ord"
+        );
+        let rows: Vec<MatchedRow> = sqlx::query_as(sql)
+            .bind(
+                checkpoints
+                    .iter()
+                    .map(|c| c.tenant.as_str().to_owned())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                checkpoints
+                    .iter()
+                    .map(|c| c.lease.job_id.0)
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                checkpoints
+                    .iter()
+                    .map(|c| c.lease.attempt)
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                checkpoints
+                    .iter()
+                    .map(|c| c.data.clone())
+                    .collect::<Vec<_>>(),
+            )
+            .fetch_all(&self.pool)
+            .await?;
         Ok(matched(rows))
     }
 }
