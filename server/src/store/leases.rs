@@ -575,7 +575,6 @@ impl Store {
     }
 }
 
-/// Durations as whole milliseconds for SQL intervals, saturating rather than wrapping.
 /// Who a claim leases to, and for how long.
 #[derive(Debug, Clone, Copy)]
 pub struct Worker<'a> {
@@ -643,6 +642,7 @@ pub(super) async fn claim_statement(
         .await?)
 }
 
+/// Durations as whole milliseconds for SQL intervals, saturating rather than wrapping.
 pub(crate) fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
