@@ -450,3 +450,70 @@ async fn bad_queue_requests_name_the_field() {
     // Nothing was created by the refused updates.
     assert!(client.list_queues().await.expect("list").is_empty());
 }
+
+/// A worker whose jobs finish faster than a claim's round trip gets leases claimed ahead of its
+/// free slots. They wait on the server, not the worker: the worker never runs more than its
+/// slots, a pause hands the waiting leases back (their attempt undone), and no lease is left to
+/// lapse, so every job succeeds on its first attempt.
+#[tokio::test]
+async fn leases_claimed_ahead_wait_on_the_server_and_go_back_on_a_pause() {
+    let db = test_db().await;
+    let pool = db.pool().await;
+    let server = ServerProcess::start(&db, &[]).await;
+    let client = Client::connect(server.url()).await.expect("client");
+    let total: i64 = 3_000;
+    client
+        .enqueue_many(
+            (0..total as u64).map(|i| client.enqueue(Sleep::succeeding(0, i)).queue("ahead")),
+        )
+        .await
+        .expect("enqueued");
+
+    let slots = 4;
+    let gauge = Arc::new(Gauge::default());
+    let worker = SleepWorker::new(server.url(), "fast")
+        .concurrency(slots)
+        .queues(&["ahead"])
+        .gauge(gauge.clone())
+        .spawn();
+    let running_sql = "SELECT count(*) FROM jobs WHERE queue = $1 AND state = 'running'";
+    let done_sql = "SELECT count(*) FROM jobs WHERE queue = $1 AND state = 'succeeded'";
+    let mut most_running = 0;
+    while count(&pool, done_sql, "ahead").await < total / 2 {
+        most_running = most_running.max(count(&pool, running_sql, "ahead").await);
+    }
+    assert!(
+        most_running > slots as i64,
+        "leases were claimed ahead of the {slots} slots (at most {most_running} running)"
+    );
+
+    client.queue("ahead").pause("hold").await.expect("paused");
+    eventually("no lease left after the pause", WAIT, || async {
+        (count(&pool, running_sql, "ahead").await == 0).then_some(())
+    })
+    .await;
+    let handed_back_attempts = count(
+        &pool,
+        "SELECT count(*) FROM jobs WHERE queue = $1 AND state = 'available' AND attempt > 0",
+        "ahead",
+    )
+    .await;
+    assert_eq!(handed_back_attempts, 0, "a handed-back attempt is undone");
+    assert!(count(&pool, done_sql, "ahead").await < total);
+
+    client.queue("ahead").resume().await.expect("resumed");
+    wait_all_succeeded(&pool, "ahead", total).await;
+    let retried = count(
+        &pool,
+        "SELECT count(*) FROM jobs WHERE queue = $1 AND attempt <> 1",
+        "ahead",
+    )
+    .await;
+    assert_eq!(retried, 0, "every job ran once, on its first attempt");
+    assert!(
+        gauge.max() <= slots,
+        "the worker ran {} jobs at once with {slots} slots",
+        gauge.max()
+    );
+    worker.stop().await.expect("drained");
+}
