@@ -11,6 +11,7 @@
 //! | [`reaper`] | leader | retries or fails jobs whose lease lapsed |
 //! | [`scheduler`] | leader | makes due SCHEDULED / RETRYING jobs AVAILABLE |
 //! | [`cron`] | leader | creates the jobs of due cron schedule ticks |
+//! | [`statistics`] | leader | analyzes busy tables as they outgrow their statistics |
 //!
 //! Each loop has one job and is wired here; every task runs on one [`TaskTracker`], so shutdown
 //! can wait for all of them. The completer and the enqueuer stop last: only once every stream
@@ -25,6 +26,7 @@ pub mod leader;
 pub mod notifier;
 pub mod reaper;
 pub mod scheduler;
+pub mod statistics;
 
 use std::time::Duration;
 
@@ -41,6 +43,7 @@ use leader::{Elector, Leadership};
 use notifier::{DueSignal, Notifier, StopSignal};
 use reaper::Reaper;
 use scheduler::Scheduler;
+use statistics::Statistics;
 
 /// How often followers try to become leader, and the leader checks its lock.
 const ELECTION_INTERVAL: Duration = Duration::from_secs(1);
@@ -91,6 +94,7 @@ impl Engine {
             due.clone(),
         );
         let cron = Cron::new(store.clone(), config.poll_interval, leadership.clone(), due);
+        let statistics = Statistics::new(store.clone(), leadership.clone());
 
         tasks.spawn(dispatcher.run(shutdown.clone()));
         tasks.spawn(completer.run());
@@ -100,6 +104,7 @@ impl Engine {
         tasks.spawn(reaper.run(shutdown.clone()));
         tasks.spawn(scheduler.run(shutdown.clone()));
         tasks.spawn(cron.run(shutdown.clone()));
+        tasks.spawn(statistics.run(shutdown.clone()));
         tasks.spawn(fanout.run(shutdown.clone()));
 
         Self {

@@ -620,7 +620,7 @@ pub(super) async fn claim_statement(
                     lease_owner = $5, lease_expires_at = now() + $6 * interval '1 millisecond', \
                     started_at = coalesce(j.started_at, now()), \
                     attempt_started_at = now(), updated_at = now() \
-             FROM picked WHERE j.id = picked.id \
+             WHERE j.id = ANY(ARRAY(SELECT id FROM picked)) \
              RETURNING j.* \
          ), ev AS ( \
              INSERT INTO job_events (tenant_id, job_id, kind, state, attempt, data) \

@@ -5,6 +5,13 @@
 //! statement (data-modifying CTEs), so they commit together. Updates of leased jobs are guarded
 //! by the expected state and the attempt (fencing token), so a late message from a lost worker
 //! matches no row and changes nothing. Batches travel as arrays (`UNNEST`), one round trip each.
+//!
+//! An update of rows a CTE picked (claim, reaper, scheduler) names them with
+//! `j.id = ANY(ARRAY(SELECT id FROM picked))`, not a join. The connections use generic plans,
+//! which estimate a `LIMIT $n` at a tenth of the rows it limits: with statistics of 20,000
+//! available jobs a join with the picked rows was planned as a hash join over a sequential scan
+//! of `jobs` (14 ms for a 100-job claim). An array is estimated at ten elements, and read
+//! through the primary key at any table size.
 
 /// SQL assembled once, on first use, from compile-time constants (column lists, channel names,
 /// shared expressions), never from input; the result is a `&'static str` sqlx accepts as safe.

@@ -1,0 +1,46 @@
+//! Statistics: keeps the planner's view of the busy tables in step with their growth.
+//!
+//! Runs on the leader only: one ANALYZE serves every replica, as it invalidates the cached plans
+//! of every connection. See [`Store::analyze_outgrown`] for why autovacuum alone is too late.
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::leader::Leadership;
+use crate::store::Store;
+
+/// How often table sizes are compared with their statistics: a cheap read of `pg_class`. A
+/// table growing from empty doubles within a second or two under load.
+const INTERVAL: Duration = Duration::from_secs(1);
+
+pub struct Statistics {
+    store: Store,
+    leadership: Leadership,
+}
+
+impl Statistics {
+    pub fn new(store: Store, leadership: Leadership) -> Self {
+        Self { store, leadership }
+    }
+
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                leading = self.leadership.wait_leading() => if !leading { return },
+            }
+            match self.store.analyze_outgrown().await {
+                Ok(tables) if !tables.is_empty() => {
+                    tracing::debug!(?tables, "analyzed tables that outgrew their statistics");
+                }
+                Ok(_) => {}
+                Err(error) => tracing::warn!(%error, "refreshing table statistics failed"),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(INTERVAL) => {}
+            }
+        }
+    }
+}
