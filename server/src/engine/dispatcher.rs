@@ -311,10 +311,30 @@ impl Pace {
         self.round_trip_secs = (self.round_trip_secs + took.as_secs_f64()) / 2.0;
     }
 
+    /// Forgets the pace: the worker held leases it did not start in time.
+    fn stalled(&mut self) {
+        self.per_sec = 0.0;
+        self.freed = 0;
+        self.since = Instant::now();
+    }
+
+    /// Slots freed per second. A window that has run past [`PACE_WINDOW`] without closing (no
+    /// slot freed since) counts as it stands: a worker whose slots all went to long jobs slows
+    /// to nothing at once, rather than keeping the pace of its last closed window.
+    fn rate(&self) -> f64 {
+        let elapsed = self.since.elapsed();
+        if elapsed >= PACE_WINDOW {
+            self.per_sec
+                .min(f64::from(self.freed) / elapsed.as_secs_f64())
+        } else {
+            self.per_sec
+        }
+    }
+
     /// How many leases to hold ready beyond the worker's slots.
     fn ahead(&self, slots: u32) -> u32 {
         let cap = slots.saturating_mul(MAX_AHEAD_PER_SLOT);
-        let want = (self.per_sec * self.round_trip_secs * AHEAD_ROUND_TRIPS).floor();
+        let want = (self.rate() * self.round_trip_secs * AHEAD_ROUND_TRIPS).floor();
         if want >= f64::from(cap) {
             cap
         } else {
@@ -371,7 +391,7 @@ impl Dispatcher {
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut next_poll = Instant::now() + self.jittered_poll();
         loop {
-            let debounce = self.debouncing().then(|| self.next_debounce());
+            let debounce = self.next_debounce();
             let retry = self.next_retry();
             let stale = self.next_stale();
             tokio::select! {
@@ -422,19 +442,15 @@ impl Dispatcher {
         self.hand_back().await;
     }
 
-    fn debouncing(&self) -> bool {
+    /// When the earliest claim waiting for freed slots to gather is due: only workers that
+    /// would claim count, or a timer already past would wake the loop over and over.
+    fn next_debounce(&self) -> Option<Instant> {
         self.workers
             .values()
-            .any(|w| w.freed_at.is_some() && w.hungry && !w.claiming)
-    }
-
-    /// When the earliest waiting claim is due.
-    fn next_debounce(&self) -> Instant {
-        self.workers
-            .values()
+            .filter(|w| w.hungry && !w.claiming && !w.draining)
             .filter_map(|w| w.freed_at)
             .min()
-            .map_or_else(Instant::now, |at| at + CLAIM_DEBOUNCE)
+            .map(|at| at + CLAIM_DEBOUNCE)
     }
 
     /// When the earliest claim held back by a limit is to be tried again.
@@ -466,6 +482,7 @@ impl Dispatcher {
                 }
             }
             if !stale.is_empty() {
+                worker.pace.stalled();
                 tracing::debug!(worker = %worker.registration.worker_id, count = stale.len(), "handing back leases that waited too long for a slot");
                 self.returned
                     .push((worker.registration.tenant.clone(), stale));
@@ -646,6 +663,7 @@ impl Dispatcher {
             let ready = u32::try_from(worker.ready.len()).unwrap_or(u32::MAX);
             let want = (worker.free + ahead).saturating_sub(ready);
             if want == 0 {
+                worker.freed_at = None;
                 continue;
             }
             let settled = if ahead > 0 {
@@ -658,6 +676,10 @@ impl Dispatcher {
                         .is_none_or(|at| at.elapsed() >= CLAIM_DEBOUNCE)
             };
             if !settled {
+                // Topping up ready leases waits for slots to free, not for a timer.
+                if ahead > 0 {
+                    worker.freed_at = None;
+                }
                 continue;
             }
             worker.freed_at = None;
