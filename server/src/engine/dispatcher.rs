@@ -15,7 +15,9 @@
 //! that many round trips' worth of leases ahead of its free slots (see [`Pace`]). These wait here,
 //! not at the worker, and go to the worker as its slots free; the worker is never sent more than
 //! its slots. A lease that waits longer than [`MAX_READY_AGE`] (the worker slowed down) is handed
-//! back, as are a queue's ready leases when it is paused or its limits change.
+//! back, as are a queue's ready leases when it is paused or its limits change. An attempt starts
+//! at its claim (its lease, timeout and start time count from there), so a lease claimed ahead
+//! starts its clocks up to that long before its handler.
 //!
 //! Queues with a concurrency or rate limit are claimed one at a time under the queue's row lock
 //! ([`Store::claim_limited`]); the dispatcher keeps the set of limited queues (re-read when a
@@ -53,9 +55,11 @@ const AHEAD_ROUND_TRIPS: f64 = 8.0;
 const MAX_AHEAD_PER_SLOT: u32 = 10;
 /// Over how long a worker's pace is measured.
 const PACE_WINDOW: Duration = Duration::from_millis(100);
-/// The longest a lease claimed ahead waits for a slot before it is handed back: far below any
-/// lease's duration, and long enough only for a worker that keeps its pace.
-const MAX_READY_AGE: Duration = Duration::from_millis(500);
+/// The longest a lease claimed ahead waits for a slot before it is handed back. An attempt's
+/// clocks (its lease, its timeout, its start time) run from the claim, so this is what a job
+/// claimed ahead can lose of its timeout at worst; a worker that keeps its pace starts it within
+/// a few claim round trips.
+const MAX_READY_AGE: Duration = Duration::from_millis(250);
 /// The first and the longest wait before a claim held back by a concurrency limit is tried again.
 const LIMIT_BACKOFF_MIN: Duration = Duration::from_millis(5);
 const LIMIT_BACKOFF_MAX: Duration = Duration::from_millis(200);
