@@ -19,6 +19,7 @@ use std::{
 
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 use crate::{
     domain::{JobId, JobState, TenantId},
@@ -83,7 +84,82 @@ struct State {
     /// Every event at or below this number has been handed to the subscriptions of its time.
     horizon: i64,
     subscribers: HashMap<u64, Subscriber>,
+    /// The subscriptions to one job, by job, and the filtered ones: an event is offered to its
+    /// job's watchers and to the filters only, so delivering it costs what watches it, not
+    /// every watcher on the replica (500 job watchers made every event 500 comparisons).
+    by_job: HashMap<Uuid, Vec<u64>>,
+    filtered: HashSet<u64>,
     next_id: u64,
+}
+
+impl State {
+    fn new() -> Self {
+        Self {
+            horizon: 0,
+            subscribers: HashMap::new(),
+            by_job: HashMap::new(),
+            filtered: HashSet::new(),
+            next_id: 1,
+        }
+    }
+
+    fn insert(&mut self, subscriber: Subscriber) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        match &subscriber.target {
+            Target::Job(job) => self.by_job.entry(job.0).or_default().push(id),
+            Target::Filter(_) => {
+                self.filtered.insert(id);
+            }
+        }
+        self.subscribers.insert(id, subscriber);
+        id
+    }
+
+    fn remove(&mut self, id: u64) {
+        let Some(subscriber) = self.subscribers.remove(&id) else {
+            return;
+        };
+        match subscriber.target {
+            Target::Job(job) => {
+                if let Some(ids) = self.by_job.get_mut(&job.0) {
+                    ids.retain(|other| *other != id);
+                    if ids.is_empty() {
+                        self.by_job.remove(&job.0);
+                    }
+                }
+            }
+            Target::Filter(_) => {
+                self.filtered.remove(&id);
+            }
+        }
+    }
+
+    /// Hands an event to every subscription it matches; one whose buffer is full is dropped.
+    fn offer(&mut self, event: &Arc<FanoutEvent>) {
+        let mut lagging = Vec::new();
+        let candidates = self
+            .by_job
+            .get(&event.row.job_id)
+            .into_iter()
+            .flatten()
+            .chain(&self.filtered);
+        for id in candidates {
+            let Some(sub) = self.subscribers.get(id) else {
+                continue;
+            };
+            if sub.tenant.as_str() != event.row.tenant_id || !sub.target.matches(&event.row) {
+                continue;
+            }
+            if sub.tx.try_send(event.clone()).is_err() {
+                lagging.push(*id);
+            }
+        }
+        for id in lagging {
+            tracing::debug!(subscription = id, "watcher fell behind; disconnecting it");
+            self.remove(id);
+        }
+    }
 }
 
 struct Shared {
@@ -110,7 +186,7 @@ pub struct Subscription {
 impl Drop for Subscription {
     fn drop(&mut self) {
         if let Ok(mut state) = self.shared.state.lock() {
-            state.subscribers.remove(&self.id);
+            state.remove(self.id);
         }
     }
 }
@@ -120,11 +196,7 @@ impl FanoutHandle {
         let (tx, events) = mpsc::channel(BUFFER);
         let (id, horizon) = match self.shared.state.lock() {
             Ok(mut state) => {
-                let id = state.next_id;
-                state.next_id += 1;
-                state
-                    .subscribers
-                    .insert(id, Subscriber { tenant, target, tx });
+                let id = state.insert(Subscriber { tenant, target, tx });
                 (id, state.horizon)
             }
             // A poisoned lock means the loop panicked: the subscription gets no live events and
@@ -152,11 +224,7 @@ pub struct Fanout {
 impl Fanout {
     pub fn new(store: Store, interval: Duration) -> (Self, FanoutHandle) {
         let shared = Arc::new(Shared {
-            state: Mutex::new(State {
-                horizon: 0,
-                subscribers: HashMap::new(),
-                next_id: 1,
-            }),
+            state: Mutex::new(State::new()),
             wake: Notify::new(),
         });
         (
@@ -202,6 +270,8 @@ impl Fanout {
         // Ending every subscription ends every watch stream, so the server can stop.
         if let Ok(mut state) = self.shared.state.lock() {
             state.subscribers.clear();
+            state.by_job.clear();
+            state.filtered.clear();
         }
     }
 
@@ -234,14 +304,14 @@ impl Fanout {
             } else {
                 last_row.seq
             };
-            let snapshot_ids: Vec<uuid::Uuid> = rows
+            let snapshot_ids: Vec<Uuid> = rows
                 .iter()
                 .filter(|r| r.kind == "state")
                 .map(|r| r.job_id)
                 .collect::<HashSet<_>>()
                 .into_iter()
                 .collect();
-            let jobs: HashMap<uuid::Uuid, JobRow> = if snapshot_ids.is_empty() {
+            let jobs: HashMap<Uuid, JobRow> = if snapshot_ids.is_empty() {
                 HashMap::new()
             } else {
                 self.store
@@ -290,29 +360,122 @@ impl Fanout {
 
     /// Hands events to matching subscriptions and moves the horizon, under one lock so that a
     /// subscription registered meanwhile starts exactly where delivery stopped.
-    fn deliver(&self, rows: Vec<EventRow>, jobs: &HashMap<uuid::Uuid, JobRow>, upto: i64) {
+    fn deliver(&self, rows: Vec<EventRow>, jobs: &HashMap<Uuid, JobRow>, upto: i64) {
         let Ok(mut state) = self.shared.state.lock() else {
             return;
         };
-        let mut lagging = Vec::new();
         for row in rows {
             let job = (row.kind == "state")
                 .then(|| jobs.get(&row.job_id).cloned())
                 .flatten();
-            let event = Arc::new(FanoutEvent { row, job });
-            for (id, sub) in &state.subscribers {
-                if sub.tenant.as_str() != event.row.tenant_id || !sub.target.matches(&event.row) {
-                    continue;
-                }
-                if sub.tx.try_send(event.clone()).is_err() {
-                    lagging.push(*id);
-                }
-            }
-            for id in lagging.drain(..) {
-                tracing::debug!(subscription = id, "watcher fell behind; disconnecting it");
-                state.subscribers.remove(&id);
-            }
+            state.offer(&Arc::new(FanoutEvent { row, job }));
         }
         state.horizon = state.horizon.max(upto);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::Utc;
+    use sqlx::types::Json;
+
+    use super::*;
+    use crate::domain::QueueName;
+
+    fn row(seq: i64, tenant: &str, job: Uuid, queue: &str) -> Arc<FanoutEvent> {
+        Arc::new(FanoutEvent {
+            row: EventRow {
+                seq,
+                tenant_id: tenant.into(),
+                job_id: job,
+                kind: "progress".into(),
+                state: None,
+                attempt: 1,
+                data: Json(serde_json::json!({})),
+                created_at: Utc::now(),
+                queue: queue.into(),
+                job_type: "noop".into(),
+                labels: Json(HashMap::new()),
+            },
+            job: None,
+        })
+    }
+
+    fn subscribe(
+        state: &mut State,
+        tenant: &str,
+        target: Target,
+        buffer: usize,
+    ) -> (u64, mpsc::Receiver<Arc<FanoutEvent>>) {
+        let (tx, rx) = mpsc::channel(buffer);
+        let id = state.insert(Subscriber {
+            tenant: TenantId::new_unchecked(tenant),
+            target,
+            tx,
+        });
+        (id, rx)
+    }
+
+    fn received(rx: &mut mpsc::Receiver<Arc<FanoutEvent>>) -> Vec<i64> {
+        std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|e| e.row.seq)
+            .collect()
+    }
+
+    #[test]
+    fn events_reach_their_jobs_watchers_and_matching_filters_only() {
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        let mut state = State::new();
+        let (_, mut watches_a) = subscribe(&mut state, "t", Target::Job(JobId(a)), 8);
+        let (_, mut also_a) = subscribe(&mut state, "t", Target::Job(JobId(a)), 8);
+        let (_, mut other_tenant) = subscribe(&mut state, "u", Target::Job(JobId(a)), 8);
+        let mut emails = EventFilter {
+            queue: Some(QueueName::new_unchecked("emails")),
+            ..EventFilter::default()
+        };
+        let (_, mut filter) = subscribe(&mut state, "t", Target::Filter(emails.clone()), 8);
+        emails.queue = None;
+        let (_, mut everything) = subscribe(&mut state, "t", Target::Filter(emails), 8);
+
+        state.offer(&row(1, "t", a, "emails"));
+        state.offer(&row(2, "t", b, "emails"));
+        state.offer(&row(3, "t", b, "default"));
+
+        assert_eq!(received(&mut watches_a), [1]);
+        assert_eq!(received(&mut also_a), [1]);
+        assert_eq!(received(&mut other_tenant), Vec::<i64>::new());
+        assert_eq!(received(&mut filter), [1, 2]);
+        assert_eq!(received(&mut everything), [1, 2, 3]);
+    }
+
+    #[test]
+    fn a_full_or_dropped_subscription_leaves_the_indexes() {
+        let job = Uuid::now_v7();
+        let mut state = State::new();
+        let (_, mut slow) = subscribe(&mut state, "t", Target::Job(JobId(job)), 1);
+        let (gone, _) = subscribe(&mut state, "t", Target::Filter(EventFilter::default()), 8);
+        let (_, mut keeps_up) = subscribe(&mut state, "t", Target::Job(JobId(job)), 8);
+        state.remove(gone);
+        assert!(state.filtered.is_empty());
+
+        state.offer(&row(1, "t", job, "default"));
+        state.offer(&row(2, "t", job, "default"));
+
+        assert_eq!(
+            received(&mut slow),
+            [1],
+            "the second event found its buffer full"
+        );
+        assert_eq!(received(&mut keeps_up), [1, 2]);
+        assert_eq!(state.subscribers.len(), 1);
+        assert_eq!(state.by_job.get(&job).map(Vec::len), Some(1));
+
+        state.offer(&row(3, "t", job, "default"));
+        assert_eq!(
+            received(&mut slow),
+            Vec::<i64>::new(),
+            "dropped, so it gets no more"
+        );
+        assert_eq!(received(&mut keeps_up), [3]);
     }
 }
