@@ -11,8 +11,11 @@ use super::leader::Leadership;
 use crate::store::Store;
 
 /// How often table sizes are compared with their statistics: a cheap read of `pg_class`. A
-/// table growing from empty doubles within a second or two under load.
-const INTERVAL: Duration = Duration::from_secs(1);
+/// table growing from empty doubles within a second or two under load, and a bulk enqueue
+/// grows it at once: in W4, 500 jobs enqueued just after a check were first reported on 300 ms
+/// later, and until the next check (a second) each batch of progress reports nested-loop
+/// scanned the whole table per report (31 ms for 373 reports, against 10 ms by key).
+const INTERVAL: Duration = Duration::from_millis(250);
 
 pub struct Statistics {
     store: Store,
