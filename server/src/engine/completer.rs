@@ -14,6 +14,7 @@
 
 use std::time::Duration;
 
+use futures::future::join_all;
 use tokio::sync::{mpsc, oneshot};
 
 use std::collections::HashMap;
@@ -25,6 +26,10 @@ use crate::{
 
 /// The most outcomes written by one statement.
 const MAX_BATCH: usize = 1000;
+/// The most progress rows written by one statement. A burst of reports (500 jobs reporting at
+/// once) is split into statements that run side by side on their own connections, so the
+/// database's cores share the burst instead of one backend writing it all.
+const PROGRESS_CHUNK: usize = 125;
 /// How long a batch is retried on transient errors before its callers get an error.
 const RETRY_BUDGET: Duration = Duration::from_secs(30);
 
@@ -129,11 +134,21 @@ impl Completer {
             "flushing batch"
         );
         let (written, logged, saved) = tokio::join!(
-            with_retries(|| self.store.record_progress_many(&updates)),
+            join_all(
+                updates
+                    .chunks(PROGRESS_CHUNK)
+                    .map(|chunk| with_retries(|| self.store.record_progress_many(chunk))),
+            ),
             with_retries(|| self.store.record_logs_many(&logs.0)),
             with_retries(|| self.store.save_checkpoints(&checkpoints.0)),
         );
-        answer_matched(written, progress_replies);
+        let mut progress_replies = progress_replies.into_iter();
+        for (chunk, outcome) in updates.chunks(PROGRESS_CHUNK).zip(written) {
+            answer_matched(
+                outcome,
+                progress_replies.by_ref().take(chunk.len()).collect(),
+            );
+        }
         answer_matched(logged, logs.1.into_iter().map(|r| vec![r]).collect());
         answer_matched(saved, checkpoints.1.into_iter().map(|r| vec![r]).collect());
         let (done, failed) = tokio::join!(
