@@ -26,10 +26,11 @@ use crate::{
 
 /// The most outcomes written by one statement.
 const MAX_BATCH: usize = 1000;
-/// The most progress rows written by one statement. A burst of reports (500 jobs reporting at
-/// once) is split into statements that run side by side on their own connections, so the
-/// database's cores share the burst instead of one backend writing it all.
-const PROGRESS_CHUNK: usize = 125;
+/// A burst of progress reports (500 jobs reporting at once) is split into up to this many
+/// statements of at least [`PROGRESS_MIN_ROWS`] rows, run side by side on their own
+/// connections, so the database's cores share the burst instead of one backend writing it all.
+const PROGRESS_STATEMENTS: usize = 4;
+const PROGRESS_MIN_ROWS: usize = 125;
 /// How long a batch is retried on transient errors before its callers get an error.
 const RETRY_BUDGET: Duration = Duration::from_secs(30);
 
@@ -133,20 +134,24 @@ impl Completer {
             checkpoints = checkpoints.0.len(),
             "flushing batch"
         );
+        let chunk = updates
+            .len()
+            .div_ceil(PROGRESS_STATEMENTS)
+            .max(PROGRESS_MIN_ROWS);
         let (written, logged, saved) = tokio::join!(
             join_all(
                 updates
-                    .chunks(PROGRESS_CHUNK)
-                    .map(|chunk| with_retries(|| self.store.record_progress_many(chunk))),
+                    .chunks(chunk)
+                    .map(|rows| with_retries(|| self.store.record_progress_many(rows))),
             ),
             with_retries(|| self.store.record_logs_many(&logs.0)),
             with_retries(|| self.store.save_checkpoints(&checkpoints.0)),
         );
         let mut progress_replies = progress_replies.into_iter();
-        for (chunk, outcome) in updates.chunks(PROGRESS_CHUNK).zip(written) {
+        for (rows, outcome) in updates.chunks(chunk).zip(written) {
             answer_matched(
                 outcome,
-                progress_replies.by_ref().take(chunk.len()).collect(),
+                progress_replies.by_ref().take(rows.len()).collect(),
             );
         }
         answer_matched(logged, logs.1.into_iter().map(|r| vec![r]).collect());
