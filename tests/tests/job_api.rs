@@ -593,3 +593,78 @@ async fn concurrent_enqueues_share_commits_but_not_failures() {
         .expect("count");
     assert_eq!(stored, 241);
 }
+
+/// Progress reports of hundreds of jobs at once are written in several statements side by side;
+/// each report is still answered for itself: applied, or ABORTED for a lease the worker does not
+/// hold, with nothing written for it.
+#[tokio::test]
+async fn a_burst_of_progress_reports_is_answered_report_by_report() {
+    const JOBS: usize = 400;
+    let db = test_db().await;
+    let server = ServerProcess::start(&db, &[]).await;
+    let url = server.url();
+    let mut client = jobs(&url).await;
+    client
+        .enqueue_jobs(pb::EnqueueJobsRequest {
+            jobs: (0..JOBS).map(|_| spec("type.burst", "default")).collect(),
+        })
+        .await
+        .expect("enqueue");
+    let mut worker = RawWorker::connect(
+        &url,
+        "burst",
+        &["type.burst"],
+        i32::try_from(JOBS).expect("small"),
+    )
+    .await;
+    let mut leases = Vec::with_capacity(JOBS);
+    for _ in 0..JOBS {
+        leases.push(worker.next_lease().await);
+    }
+
+    let mut expected = std::collections::HashMap::new();
+    for (i, lease) in leases.iter().enumerate() {
+        let id = worker.progress(&lease.job_id, lease.attempt, 1, 2).await;
+        expected.insert(id, Code::Ok);
+        if i % 40 == 0 {
+            let stale = worker
+                .progress(&lease.job_id, lease.attempt + 1, 1, 2)
+                .await;
+            expected.insert(stale, Code::Aborted);
+        }
+    }
+    let acks = worker.acks(expected.len()).await;
+    for ack in &acks {
+        assert_eq!(
+            Code::from(ack.code),
+            expected[&ack.request_id],
+            "report {}: {}",
+            ack.request_id,
+            ack.message
+        );
+    }
+    let answered: std::collections::HashSet<u64> = acks.iter().map(|a| a.request_id).collect();
+    assert_eq!(answered.len(), expected.len(), "every report answered once");
+
+    let pool = db.pool().await;
+    let (events, jobs_with_progress): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM job_events WHERE kind = 'progress' AND attempt = 1), \
+                (SELECT count(*) FROM jobs WHERE progress->>'items_done' = '1')",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("counts");
+    assert_eq!(
+        events,
+        i64::try_from(JOBS).expect("small"),
+        "one event per report applied"
+    );
+    assert_eq!(jobs_with_progress, i64::try_from(JOBS).expect("small"));
+    let stale_events: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM job_events WHERE kind = 'progress' AND attempt <> 1",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("count");
+    assert_eq!(stale_events, 0, "nothing written for a lease not held");
+}

@@ -250,8 +250,9 @@ impl RawWorker {
         self.ack(request_id).await
     }
 
-    /// Reports progress without waiting for the ack (acks pile up in the backlog).
-    pub async fn progress(&mut self, job_id: &str, attempt: i32, done: i64, total: i64) {
+    /// Reports progress without waiting for the ack (acks pile up in the backlog); returns the
+    /// request id its ack will carry.
+    pub async fn progress(&mut self, job_id: &str, attempt: i32, done: i64, total: i64) -> u64 {
         let request_id = self.next_request;
         self.next_request += 1;
         self.send(In::Progress(pb::ReportProgress {
@@ -268,6 +269,27 @@ impl RawWorker {
             }),
         }))
         .await;
+        request_id
+    }
+
+    /// The next `n` acks, those already read past first.
+    pub async fn acks(&mut self, n: usize) -> Vec<pb::Ack> {
+        let mut acks = Vec::with_capacity(n);
+        let mut rest = Vec::new();
+        for message in self.backlog.drain(..) {
+            match message {
+                Out::Ack(ack) if acks.len() < n => acks.push(ack),
+                other => rest.push(other),
+            }
+        }
+        self.backlog = rest;
+        while acks.len() < n {
+            match self.recv().await {
+                Out::Ack(ack) => acks.push(ack),
+                other => self.backlog.push(other),
+            }
+        }
+        acks
     }
 
     pub async fn heartbeat(&self, running: Vec<pb::LeaseRef>) {
