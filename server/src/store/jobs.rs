@@ -1,6 +1,6 @@
 //! Statements on whole jobs: enqueue, read, list, cancel and retry.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::LazyLock};
 
 use chrono::{DateTime, Utc};
 use sqlx::{PgExecutor, types::Json};
@@ -424,6 +424,92 @@ struct EnqueuedRow {
     job: JobRow,
 }
 
+/// The enqueue statement, `conflict` being the conflict clause of its insert into `jobs`.
+fn enqueue_sql(conflict: &str) -> String {
+    format!(
+        "WITH input AS ( \
+            SELECT * FROM UNNEST($2::uuid[], $3::text[], $4::text[], $5::text[], $6::bytea[], \
+                $7::int2[], $8::int4[], $9::int8[], $10::int8[], $11::float8[], $12::float8[], \
+                $13::timestamptz[], $14::text[], $15::jsonb[], $16::int8[], $17::uuid[], \
+                $18::timestamptz[], $19::int4[], $20::bool[], $21::text[], $22::int8[]) \
+                WITH ORDINALITY \
+            AS t(id, queue, job_type, payload_type, payload, priority, max_attempts, \
+                 retry_initial_ms, retry_max_ms, retry_multiplier, retry_jitter, run_at, \
+                 idempotency_key, labels, timeout_ms, schedule_id, schedule_tick, \
+                 job_type_version, needs_approval, lease_owner, lease_ms, ord) \
+        ), planned AS ( \
+            SELECT input.*, \
+                CASE WHEN needs_approval THEN 'awaiting_approval'::job_state \
+                     WHEN coalesce(run_at, now()) > now() THEN 'scheduled'::job_state \
+                     WHEN lease_owner IS NOT NULL AND NOT EXISTS ( \
+                         SELECT 1 FROM queues s WHERE s.tenant_id = $1 AND s.name = input.queue \
+                           AND (s.paused_at IS NOT NULL OR s.concurrency_limit IS NOT NULL \
+                                OR s.rate_per_second IS NOT NULL)) \
+                         THEN 'running'::job_state \
+                     ELSE 'available'::job_state END AS state \
+            FROM input \
+        ), ins AS ( \
+            INSERT INTO jobs (id, tenant_id, queue, job_type, payload_type, payload, priority, \
+                state, max_attempts, retry_initial_ms, retry_max_ms, retry_multiplier, \
+                retry_jitter, run_at, idempotency_key, labels, timeout_ms, schedule_id, \
+                schedule_tick, job_type_version, attempt, lease_owner, lease_expires_at, \
+                started_at, attempt_started_at) \
+            SELECT id, $1, queue, job_type, payload_type, payload, priority, state, \
+                max_attempts, retry_initial_ms, retry_max_ms, retry_multiplier, retry_jitter, \
+                coalesce(run_at, now()), idempotency_key, labels, timeout_ms, schedule_id, \
+                schedule_tick, job_type_version, \
+                CASE WHEN state = 'running' THEN 1 ELSE 0 END, \
+                CASE WHEN state = 'running' THEN lease_owner END, \
+                CASE WHEN state = 'running' \
+                     THEN now() + lease_ms * interval '1 millisecond' END, \
+                CASE WHEN state = 'running' THEN now() END, \
+                CASE WHEN state = 'running' THEN now() END \
+            FROM planned ORDER BY ord \
+            {conflict} \
+            RETURNING * \
+        ), queues AS ( \
+            INSERT INTO queues (tenant_id, name) \
+            SELECT DISTINCT $1, queue FROM input ORDER BY 2 \
+            ON CONFLICT DO NOTHING \
+        ), ev AS ( \
+            INSERT INTO job_events (tenant_id, job_id, kind, state, attempt, data) \
+            SELECT ins.tenant_id, ins.id, 'state', e.state, e.attempt, e.data \
+            FROM ins CROSS JOIN LATERAL (VALUES \
+                (1, CASE WHEN ins.state = 'running' THEN 'available'::job_state \
+                         ELSE ins.state END, 0, '{{}}'::jsonb), \
+                (2, ins.state, ins.attempt, jsonb_build_object('worker', ins.lease_owner)) \
+            ) AS e(n, state, attempt, data) \
+            WHERE e.n = 1 OR ins.state = 'running' \
+            ORDER BY ins.id, e.n \
+        ), wake AS ( \
+            SELECT pg_notify('{JOBS_CHANNEL}', tenant_id || '/' || queue) \
+            FROM (SELECT DISTINCT tenant_id, queue FROM ins WHERE state = 'available') q \
+            UNION ALL \
+            SELECT pg_notify('{DUE_CHANNEL}', '') \
+            FROM (SELECT 1 FROM ins WHERE state = 'scheduled' LIMIT 1) d \
+        ) \
+        SELECT u.* FROM ( \
+            SELECT i.ord, true AS created, {ins_cols} \
+            FROM ins JOIN input i ON i.id = ins.id \
+            UNION ALL \
+            SELECT i.ord, false AS created, {old_cols} \
+            FROM input i \
+            JOIN jobs j ON j.tenant_id = $1 AND j.idempotency_key = i.idempotency_key \
+            WHERE NOT EXISTS (SELECT 1 FROM ins WHERE ins.id = i.id) \
+        ) u CROSS JOIN (SELECT count(*) AS woken FROM wake) w \
+        ORDER BY u.ord",
+        ins_cols = prefixed("ins"),
+        old_cols = prefixed("j"),
+    )
+}
+
+/// For batches where a job carries an idempotency key or a schedule tick: the only columns with
+/// a unique index a new job can collide on (ids are fresh v7 UUIDs).
+static ENQUEUE_KEYED: LazyLock<String> = LazyLock::new(|| enqueue_sql("ON CONFLICT DO NOTHING"));
+/// For batches without: a plain insert, as ON CONFLICT's speculative insertion costs a quarter
+/// more (1,000 rows into `jobs`: 26 ms against 20.6, medians of ten).
+static ENQUEUE_UNKEYED: LazyLock<String> = LazyLock::new(|| enqueue_sql(""));
+
 /// The single enqueue statement. Rows skipped by an idempotency conflict whose winner is not
 /// visible yet come back as `None`.
 pub(super) async fn enqueue_statement(
@@ -431,81 +517,14 @@ pub(super) async fn enqueue_statement(
     tenant: &TenantId,
     jobs: &[NewJob],
 ) -> Result<Vec<Option<EnqueueOutcome>>> {
-    let sql = static_sql!(
-        "WITH input AS ( \
-             SELECT * FROM UNNEST($2::uuid[], $3::text[], $4::text[], $5::text[], $6::bytea[], \
-                 $7::int2[], $8::int4[], $9::int8[], $10::int8[], $11::float8[], $12::float8[], \
-                 $13::timestamptz[], $14::text[], $15::jsonb[], $16::int8[], $17::uuid[], \
-                 $18::timestamptz[], $19::int4[], $20::bool[], $21::text[], $22::int8[]) \
-                 WITH ORDINALITY \
-             AS t(id, queue, job_type, payload_type, payload, priority, max_attempts, \
-                  retry_initial_ms, retry_max_ms, retry_multiplier, retry_jitter, run_at, \
-                  idempotency_key, labels, timeout_ms, schedule_id, schedule_tick, \
-                  job_type_version, needs_approval, lease_owner, lease_ms, ord) \
-         ), planned AS ( \
-             SELECT input.*, \
-                 CASE WHEN needs_approval THEN 'awaiting_approval'::job_state \
-                      WHEN coalesce(run_at, now()) > now() THEN 'scheduled'::job_state \
-                      WHEN lease_owner IS NOT NULL AND NOT EXISTS ( \
-                          SELECT 1 FROM queues s WHERE s.tenant_id = $1 AND s.name = input.queue \
-                            AND (s.paused_at IS NOT NULL OR s.concurrency_limit IS NOT NULL \
-                                 OR s.rate_per_second IS NOT NULL)) \
-                          THEN 'running'::job_state \
-                      ELSE 'available'::job_state END AS state \
-             FROM input \
-         ), ins AS ( \
-             INSERT INTO jobs (id, tenant_id, queue, job_type, payload_type, payload, priority, \
-                 state, max_attempts, retry_initial_ms, retry_max_ms, retry_multiplier, \
-                 retry_jitter, run_at, idempotency_key, labels, timeout_ms, schedule_id, \
-                 schedule_tick, job_type_version, attempt, lease_owner, lease_expires_at, \
-                 started_at, attempt_started_at) \
-             SELECT id, $1, queue, job_type, payload_type, payload, priority, state, \
-                 max_attempts, retry_initial_ms, retry_max_ms, retry_multiplier, retry_jitter, \
-                 coalesce(run_at, now()), idempotency_key, labels, timeout_ms, schedule_id, \
-                 schedule_tick, job_type_version, \
-                 CASE WHEN state = 'running' THEN 1 ELSE 0 END, \
-                 CASE WHEN state = 'running' THEN lease_owner END, \
-                 CASE WHEN state = 'running' \
-                      THEN now() + lease_ms * interval '1 millisecond' END, \
-                 CASE WHEN state = 'running' THEN now() END, \
-                 CASE WHEN state = 'running' THEN now() END \
-             FROM planned ORDER BY ord \
-             ON CONFLICT DO NOTHING \
-             RETURNING * \
-         ), queues AS ( \
-             INSERT INTO queues (tenant_id, name) \
-             SELECT DISTINCT $1, queue FROM input ORDER BY 2 \
-             ON CONFLICT DO NOTHING \
-         ), ev AS ( \
-             INSERT INTO job_events (tenant_id, job_id, kind, state, attempt, data) \
-             SELECT ins.tenant_id, ins.id, 'state', e.state, e.attempt, e.data \
-             FROM ins CROSS JOIN LATERAL (VALUES \
-                 (1, CASE WHEN ins.state = 'running' THEN 'available'::job_state \
-                          ELSE ins.state END, 0, '{{}}'::jsonb), \
-                 (2, ins.state, ins.attempt, jsonb_build_object('worker', ins.lease_owner)) \
-             ) AS e(n, state, attempt, data) \
-             WHERE e.n = 1 OR ins.state = 'running' \
-             ORDER BY ins.id, e.n \
-         ), wake AS ( \
-             SELECT pg_notify('{JOBS_CHANNEL}', tenant_id || '/' || queue) \
-             FROM (SELECT DISTINCT tenant_id, queue FROM ins WHERE state = 'available') q \
-             UNION ALL \
-             SELECT pg_notify('{DUE_CHANNEL}', '') \
-             FROM (SELECT 1 FROM ins WHERE state = 'scheduled' LIMIT 1) d \
-         ) \
-         SELECT u.* FROM ( \
-             SELECT i.ord, true AS created, {ins_cols} \
-             FROM ins JOIN input i ON i.id = ins.id \
-             UNION ALL \
-             SELECT i.ord, false AS created, {old_cols} \
-             FROM input i \
-             JOIN jobs j ON j.tenant_id = $1 AND j.idempotency_key = i.idempotency_key \
-             WHERE NOT EXISTS (SELECT 1 FROM ins WHERE ins.id = i.id) \
-         ) u CROSS JOIN (SELECT count(*) AS woken FROM wake) w \
-         ORDER BY u.ord",
-        ins_cols = prefixed("ins"),
-        old_cols = prefixed("j"),
-    );
+    let keyed = jobs
+        .iter()
+        .any(|j| j.idempotency_key.is_some() || j.schedule.is_some_and(|(_, tick)| tick.is_some()));
+    let sql = if keyed {
+        ENQUEUE_KEYED.as_str()
+    } else {
+        ENQUEUE_UNKEYED.as_str()
+    };
     let mut q = sqlx::query_as::<_, EnqueuedRow>(sql).bind(tenant.as_str());
     q = q
         .bind(jobs.iter().map(|j| j.id.0).collect::<Vec<Uuid>>())
