@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use sqlx::PgExecutor;
+use sqlx::{PgExecutor, Postgres, postgres::PgArguments, query::QueryAs};
 use uuid::Uuid;
 
 use super::{
@@ -46,6 +46,54 @@ const PRIOR_OUTCOME: &str = "CASE WHEN upd.id IS NULL THEN ( \
 /// completion taking 0.95 s.
 const LEASE_MATCH: &str = "j.id = i.id AND (j.tenant_id, j.attempt, j.state) \
      IS NOT DISTINCT FROM (i.tenant_id, i.attempt, 'running'::job_state)";
+
+/// A report about one running attempt: its tenant and lease are a batch statement's first
+/// three inputs.
+trait Leased {
+    fn tenant(&self) -> &TenantId;
+    fn lease(&self) -> LeaseRef;
+}
+
+macro_rules! leased {
+    ($($report:ty),*) => {$(
+        impl Leased for $report {
+            fn tenant(&self) -> &TenantId {
+                &self.tenant
+            }
+            fn lease(&self) -> LeaseRef {
+                self.lease
+            }
+        }
+    )*};
+}
+leased!(Completion, Failure, ProgressUpdate, LogBatch, Checkpoint);
+
+/// Binds `$1` tenants, `$2` job ids and `$3` attempts, the input [`LEASE_MATCH`] compares, for
+/// the statements that settle or report on a batch of running attempts.
+fn bind_leases<'q, O, T: Leased>(
+    query: QueryAs<'q, Postgres, O, PgArguments>,
+    reports: &[T],
+) -> QueryAs<'q, Postgres, O, PgArguments> {
+    query
+        .bind(
+            reports
+                .iter()
+                .map(|r| r.tenant().as_str().to_owned())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            reports
+                .iter()
+                .map(|r| r.lease().job_id.0)
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            reports
+                .iter()
+                .map(|r| r.lease().attempt)
+                .collect::<Vec<_>>(),
+        )
+}
 
 /// A successful attempt to record.
 #[derive(Debug, Clone)]
@@ -271,14 +319,7 @@ impl Store {
              LEFT JOIN upd ON upd.id = i.id AND upd.attempt = i.attempt \
              ORDER BY i.ord"
         );
-        let rows: Vec<SettledRow> = sqlx::query_as(sql)
-            .bind(
-                done.iter()
-                    .map(|c| c.tenant.as_str().to_owned())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(done.iter().map(|c| c.lease.job_id.0).collect::<Vec<_>>())
-            .bind(done.iter().map(|c| c.lease.attempt).collect::<Vec<_>>())
+        let rows: Vec<SettledRow> = bind_leases(sqlx::query_as(sql), done)
             .bind(
                 done.iter()
                     .map(|c| c.result_type.clone())
@@ -367,15 +408,7 @@ impl Store {
              LEFT JOIN upd ON upd.id = i.id AND upd.attempt = i.attempt \
              ORDER BY i.ord"
         );
-        let rows: Vec<SettledRow> = sqlx::query_as(sql)
-            .bind(
-                failed
-                    .iter()
-                    .map(|f| f.tenant.as_str().to_owned())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(failed.iter().map(|f| f.lease.job_id.0).collect::<Vec<_>>())
-            .bind(failed.iter().map(|f| f.lease.attempt).collect::<Vec<_>>())
+        let rows: Vec<SettledRow> = bind_leases(sqlx::query_as(sql), failed)
             .bind(failed.iter().map(|f| f.message.clone()).collect::<Vec<_>>())
             .bind(failed.iter().map(|f| f.kind.clone()).collect::<Vec<_>>())
             .bind(failed.iter().map(|f| f.non_retryable).collect::<Vec<_>>())
@@ -456,15 +489,7 @@ impl Store {
              LEFT JOIN upd ON upd.id = i.id AND upd.attempt = i.attempt \
              ORDER BY i.ord"
         );
-        let rows: Vec<MatchedRow> = sqlx::query_as(sql)
-            .bind(
-                updates
-                    .iter()
-                    .map(|u| u.tenant.as_str().to_owned())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(updates.iter().map(|u| u.lease.job_id.0).collect::<Vec<_>>())
-            .bind(updates.iter().map(|u| u.lease.attempt).collect::<Vec<_>>())
+        let rows: Vec<MatchedRow> = bind_leases(sqlx::query_as(sql), updates)
             .bind(
                 updates
                     .iter()
@@ -510,15 +535,7 @@ impl Store {
              SELECT EXISTS (SELECT 1 FROM locked k WHERE k.ord = i.ord) AS matched \
              FROM input i ORDER BY i.ord"
         );
-        let rows: Vec<MatchedRow> = sqlx::query_as(sql)
-            .bind(
-                batches
-                    .iter()
-                    .map(|b| b.tenant.as_str().to_owned())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(batches.iter().map(|b| b.lease.job_id.0).collect::<Vec<_>>())
-            .bind(batches.iter().map(|b| b.lease.attempt).collect::<Vec<_>>())
+        let rows: Vec<MatchedRow> = bind_leases(sqlx::query_as(sql), batches)
             .bind(batch_index)
             .bind(lines)
             .fetch_all(&self.pool)
@@ -544,25 +561,7 @@ impl Store {
              LEFT JOIN upd ON upd.id = i.id AND upd.attempt = i.attempt \
              ORDER BY i.ord"
         );
-        let rows: Vec<MatchedRow> = sqlx::query_as(sql)
-            .bind(
-                checkpoints
-                    .iter()
-                    .map(|c| c.tenant.as_str().to_owned())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                checkpoints
-                    .iter()
-                    .map(|c| c.lease.job_id.0)
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                checkpoints
-                    .iter()
-                    .map(|c| c.lease.attempt)
-                    .collect::<Vec<_>>(),
-            )
+        let rows: Vec<MatchedRow> = bind_leases(sqlx::query_as(sql), checkpoints)
             .bind(
                 checkpoints
                     .iter()
