@@ -4,6 +4,10 @@
 mod support;
 
 use jobwire_proto::v1 as pb;
+use jobwire_server::{
+    domain::{JobId, LeaseRef, TenantId},
+    store::Store,
+};
 use jobwire_tests::{ServerProcess, test_db};
 use support::{RawWorker, assert_status, enqueue, get, jobs, spec};
 use tonic::Code;
@@ -667,4 +671,85 @@ async fn a_burst_of_progress_reports_is_answered_report_by_report() {
     .await
     .expect("count");
     assert_eq!(stale_events, 0, "nothing written for a lease not held");
+}
+
+/// A lease handed back before its worker saw it (its stream closed, or it waited too long on
+/// the server) undoes the attempt. Its job goes back to the queue, unless it was asked to stop
+/// meanwhile: then it ends as asked, cancelled or paused, and is not run again.
+#[tokio::test]
+async fn a_lease_handed_back_undelivered_ends_its_job_as_a_stop_asked() {
+    let db = test_db().await;
+    let server = ServerProcess::start(&db, &[]).await;
+    let url = server.url();
+    let mut client = jobs(&url).await;
+    for _ in 0..3 {
+        enqueue(&mut client, spec("type.handback", "default")).await;
+    }
+    let mut worker = RawWorker::connect(&url, "handback", &["type.handback"], 3).await;
+    let mut leases = Vec::new();
+    for _ in 0..3 {
+        leases.push(worker.next_lease().await);
+    }
+    let (cancelled, paused, plain) = (&leases[0], &leases[1], &leases[2]);
+    client
+        .cancel_job(pb::CancelJobRequest {
+            id: cancelled.job_id.clone(),
+            reason: "not needed".into(),
+        })
+        .await
+        .expect("cancel");
+    client
+        .pause_job(pb::PauseJobRequest {
+            id: paused.job_id.clone(),
+            reason: "later".into(),
+        })
+        .await
+        .expect("pause");
+
+    let store = Store::connect(db.url(), 2).await.expect("store");
+    let refs: Vec<LeaseRef> = leases
+        .iter()
+        .map(|l| LeaseRef {
+            job_id: JobId(l.job_id.parse().expect("uuid")),
+            attempt: l.attempt,
+        })
+        .collect();
+    let released = store
+        .release_undelivered(&TenantId::default_tenant(), &refs)
+        .await
+        .expect("release");
+    assert_eq!(released, 3);
+
+    let job = get(&mut client, &cancelled.job_id).await;
+    assert_eq!(job.state, pb::JobState::Cancelled as i32);
+    assert_eq!(job.attempt, 0, "the undelivered attempt is undone");
+    assert!(job.finished_at.is_some());
+    let job = get(&mut client, &paused.job_id).await;
+    assert_eq!(job.state, pb::JobState::Paused as i32);
+    assert_eq!(job.attempt, 0);
+    let job = get(&mut client, &plain.job_id).await;
+    assert_eq!(job.state, pb::JobState::Available as i32);
+
+    let pool = db.pool().await;
+    let last: Vec<(String, serde_json::Value)> = sqlx::query_as(
+        "SELECT DISTINCT ON (job_id) state::text, data FROM job_events \
+         WHERE kind = 'state' AND job_id = ANY($1::uuid[]) ORDER BY job_id, seq DESC",
+    )
+    .bind(refs.iter().map(|r| r.job_id.0).collect::<Vec<_>>())
+    .fetch_all(&pool)
+    .await
+    .expect("events");
+    let mut last: Vec<(String, String)> = last
+        .into_iter()
+        .map(|(state, data)| (state, data["reason"].as_str().unwrap_or("").to_owned()))
+        .collect();
+    last.sort();
+    assert_eq!(
+        last,
+        [
+            ("available".to_owned(), "lease not delivered".to_owned()),
+            ("cancelled".to_owned(), "not needed".to_owned()),
+            ("paused".to_owned(), "later".to_owned()),
+        ]
+    );
 }

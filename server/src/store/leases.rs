@@ -254,8 +254,11 @@ impl Store {
             .collect())
     }
 
-    /// Hands back leases that never reached their worker (its stream closed first): the job is
-    /// available again and the attempt is undone, as no handler ever saw that token.
+    /// Hands back leases that never reached their worker (its stream closed first, or they
+    /// waited too long on the server): the attempt is undone, as no handler ever saw that token,
+    /// and the job is available again. A job asked meanwhile to stop ends as asked, cancelled or
+    /// paused, as it would have when its worker stopped it: sent back to the queue, a cancelled
+    /// job would be claimed and run again until a heartbeat passed the cancel on.
     pub async fn release_undelivered(&self, tenant: &TenantId, leases: &[LeaseRef]) -> Result<u64> {
         if leases.is_empty() {
             return Ok(0);
@@ -265,17 +268,29 @@ impl Store {
                  SELECT $1::text AS tenant_id, t.* \
                  FROM UNNEST($2::uuid[], $3::int4[]) AS t(id, attempt) \
              ), upd AS ( \
-                 UPDATE jobs j SET state = 'available', attempt = j.attempt - 1, \
-                        lease_owner = NULL, lease_expires_at = NULL, updated_at = now() \
+                 UPDATE jobs j SET \
+                     state = CASE \
+                         WHEN j.cancel_requested_at IS NOT NULL THEN 'cancelled'::job_state \
+                         WHEN j.pause_requested_at IS NOT NULL THEN 'paused'::job_state \
+                         ELSE 'available'::job_state END, \
+                     finished_at = CASE WHEN j.cancel_requested_at IS NOT NULL THEN now() END, \
+                     attempt = j.attempt - 1, lease_owner = NULL, lease_expires_at = NULL, \
+                     pause_requested_at = NULL, updated_at = now() \
                  FROM input i WHERE {LEASE_MATCH} \
-                 RETURNING j.id, j.tenant_id, j.attempt, j.queue \
+                 RETURNING j.id, j.tenant_id, j.attempt, j.queue, j.state, j.cancel_reason, \
+                           j.pause_reason \
              ), ev AS ( \
                  INSERT INTO job_events (tenant_id, job_id, kind, state, attempt, data) \
-                 SELECT tenant_id, id, 'state', 'available', attempt, \
-                        '{{\"reason\": \"lease not delivered\"}}' \
+                 SELECT tenant_id, id, 'state', state, attempt, \
+                        CASE state \
+                            WHEN 'cancelled' THEN jsonb_build_object('reason', cancel_reason) \
+                            WHEN 'paused' THEN jsonb_build_object('reason', pause_reason) \
+                            ELSE '{{\"reason\": \"lease not delivered\"}}' END \
                  FROM upd \
              ) \
-             SELECT pg_notify('jobwire_jobs', tenant_id || '/' || queue) FROM upd"
+             SELECT CASE WHEN state = 'available' \
+                         THEN pg_notify('jobwire_jobs', tenant_id || '/' || queue) END \
+             FROM upd"
         );
         let done = sqlx::query(sql)
             .bind(tenant.as_str())
