@@ -46,6 +46,7 @@ pub struct SleepWorker {
     url: String,
     id: String,
     concurrency: usize,
+    prefetch: usize,
     queues: Vec<String>,
     gauge: Option<Arc<Gauge>>,
 }
@@ -63,6 +64,7 @@ impl SleepWorker {
             url: url.into(),
             id: id.into(),
             concurrency: 1,
+            prefetch: 0,
             queues: Vec::new(),
             gauge: None,
         }
@@ -70,6 +72,12 @@ impl SleepWorker {
 
     pub fn concurrency(mut self, slots: usize) -> Self {
         self.concurrency = slots;
+        self
+    }
+
+    /// Leases held beyond the slots (`Worker::prefetch`).
+    pub fn prefetch(mut self, leases: usize) -> Self {
+        self.prefetch = leases;
         self
     }
 
@@ -90,6 +98,7 @@ impl SleepWorker {
         let mut builder = Worker::builder(self.url)
             .worker_id(self.id)
             .concurrency(self.concurrency)
+            .prefetch(self.prefetch)
             .drain_timeout(Duration::from_secs(5));
         if !self.queues.is_empty() {
             builder = builder.queues(self.queues);

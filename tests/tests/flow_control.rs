@@ -618,6 +618,17 @@ async fn count_part(pool: &PgPool, state: &str, part: &str) -> i64 {
 /// attempt: a worker that slows down does not sit on jobs another could run.
 #[tokio::test]
 async fn leases_held_ready_behind_long_jobs_go_to_another_worker() {
+    leases_behind_long_jobs_go_to_another_worker(0).await;
+}
+
+/// As above, with leases also queued at the worker: those behind the long jobs are handed back
+/// by the worker itself, as the server cannot take back a lease it delivered.
+#[tokio::test]
+async fn leases_prefetched_behind_long_jobs_go_to_another_worker() {
+    leases_behind_long_jobs_go_to_another_worker(8).await;
+}
+
+async fn leases_behind_long_jobs_go_to_another_worker(prefetch: usize) {
     let db = test_db().await;
     let pool = db.pool().await;
     let server = ServerProcess::start(&db, &[]).await;
@@ -645,6 +656,7 @@ async fn leases_held_ready_behind_long_jobs_go_to_another_worker() {
 
     let first = SleepWorker::new(server.url(), "first")
         .concurrency(slow as usize)
+        .prefetch(prefetch)
         .queues(&["hoard"])
         .spawn();
     eventually("both long jobs running", WAIT, || async {
@@ -690,4 +702,70 @@ async fn leases_held_ready_behind_long_jobs_go_to_another_worker() {
     second.stop().await.expect("drained");
     // The first worker is mid-way through the long jobs; the test ends without waiting on them.
     drop(first);
+}
+
+/// A worker that drains hands back the leases queued in its prefetch, unstarted: every job
+/// still runs exactly once, on its first attempt, and none waits for a lease to lapse.
+#[tokio::test]
+async fn a_draining_worker_hands_back_its_prefetched_leases() {
+    let db = test_db().await;
+    let pool = db.pool().await;
+    let server = ServerProcess::start(&db, &[]).await;
+    let client = Client::connect(server.url()).await.expect("client");
+    let total: i64 = 3_000;
+    client
+        .enqueue_many(
+            (0..total as u64).map(|i| client.enqueue(Sleep::succeeding(0, i)).queue("drainq")),
+        )
+        .await
+        .expect("enqueued");
+
+    let slots = 2;
+    let gauge = Arc::new(Gauge::default());
+    let first = SleepWorker::new(server.url(), "first")
+        .concurrency(slots)
+        .prefetch(16)
+        .queues(&["drainq"])
+        .gauge(gauge.clone())
+        .spawn();
+    let done_sql = "SELECT count(*) FROM jobs WHERE queue = $1 AND state = 'succeeded'";
+    eventually("a third of the jobs done", WAIT, || async {
+        (count(&pool, done_sql, "drainq").await >= total / 3).then_some(())
+    })
+    .await;
+    first.stop().await.expect("drained");
+    assert!(
+        gauge.max() <= slots,
+        "the worker ran {} jobs at once with {slots} slots",
+        gauge.max()
+    );
+    let running = count(
+        &pool,
+        "SELECT count(*) FROM jobs WHERE queue = $1 AND state = 'running'",
+        "drainq",
+    )
+    .await;
+    assert_eq!(running, 0, "the drained worker holds no lease");
+
+    let second = SleepWorker::new(server.url(), "second")
+        .concurrency(4)
+        .queues(&["drainq"])
+        .spawn();
+    wait_all_succeeded(&pool, "drainq", total).await;
+    let retried = count(
+        &pool,
+        "SELECT count(*) FROM jobs WHERE queue = $1 AND attempt <> 1",
+        "drainq",
+    )
+    .await;
+    assert_eq!(retried, 0, "every job ran once, on its first attempt");
+    let attempts = count(
+        &pool,
+        "SELECT count(*) FROM job_attempts a JOIN jobs j ON j.id = a.job_id \
+         WHERE j.queue = $1 AND a.outcome = 'succeeded'",
+        "drainq",
+    )
+    .await;
+    assert_eq!(attempts, total, "one attempt recorded per job");
+    second.stop().await.expect("drained");
 }

@@ -8,6 +8,8 @@ use jobwire_server::{
     domain::{JobId, LeaseRef, TenantId},
     store::Store,
 };
+use std::time::Duration;
+
 use jobwire_tests::{ServerProcess, test_db};
 use support::{RawWorker, assert_status, enqueue, get, jobs, spec};
 use tonic::Code;
@@ -751,5 +753,139 @@ async fn a_lease_handed_back_undelivered_ends_its_job_as_a_stop_asked() {
             ("cancelled".to_owned(), "not needed".to_owned()),
             ("paused".to_owned(), "later".to_owned()),
         ]
+    );
+}
+
+/// A worker that keeps pace is sent leases beyond its slots, up to its prefetch and no more.
+/// A lease it hands back unstarted is available again with its attempt undone, or, when its
+/// job was cancelled meanwhile, ends cancelled; the stop for a queued lease reaches the worker
+/// like any other. Malformed hand-backs and prefetches are refused with the field named.
+#[tokio::test]
+async fn a_prefetching_worker_holds_its_slots_and_prefetch_and_hands_back_what_it_did_not_start() {
+    const SLOTS: i32 = 1;
+    const PREFETCH: i32 = 2;
+    let db = test_db().await;
+    let server = ServerProcess::start(&db, &[]).await;
+    let url = server.url();
+    let mut client = jobs(&url).await;
+
+    let refused = RawWorker::try_connect(
+        &url,
+        pb::Hello {
+            prefetch: -1,
+            ..support::hello("prefetch", &["type.prefetch"], SLOTS, Vec::new())
+        },
+    )
+    .await
+    .map(|_| ());
+    assert_status(refused, Code::InvalidArgument, "hello.prefetch");
+
+    client
+        .enqueue_jobs(pb::EnqueueJobsRequest {
+            jobs: (0..400).map(|_| spec("type.prefetch", "default")).collect(),
+        })
+        .await
+        .expect("enqueue");
+    let mut worker =
+        RawWorker::connect_prefetching(&url, "prefetch", &["type.prefetch"], SLOTS, PREFETCH).await;
+    // A worker with no pace yet gets its slot filled, not its prefetch: its jobs might be
+    // long, and those queued behind them would wait for nothing.
+    let first = worker.next_lease().await;
+    assert!(
+        worker
+            .lease_within(Duration::from_millis(300))
+            .await
+            .is_none(),
+        "no lease beyond the slot before the worker shows a pace"
+    );
+    worker.complete_nowait(&first.job_id, first.attempt).await;
+    // Completing leases as they come gives the worker a pace, so the dispatcher fills its
+    // prefetch as well as its slot.
+    for _ in 0..300 {
+        let lease = worker.next_lease().await;
+        worker.complete_nowait(&lease.job_id, lease.attempt).await;
+    }
+    let mut held = Vec::new();
+    while let Some(lease) = worker.lease_within(Duration::from_millis(500)).await {
+        held.push(lease);
+    }
+    assert_eq!(
+        held.len(),
+        usize::try_from(SLOTS + PREFETCH).expect("small"),
+        "the worker holds its slot and its prefetch, and no more"
+    );
+    let pool = db.pool().await;
+    let running: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE state = 'running'")
+        .fetch_one(&pool)
+        .await
+        .expect("count");
+    assert_eq!(running, i64::from(SLOTS + PREFETCH));
+
+    // A cancel of a queued job reaches the worker, which hands the lease back.
+    let (started, queued, spare) = (&held[0], &held[1], &held[2]);
+    client
+        .cancel_job(pb::CancelJobRequest {
+            id: queued.job_id.clone(),
+            reason: "not needed".into(),
+        })
+        .await
+        .expect("cancel");
+    let stop = worker.next_stop().await;
+    assert_eq!(stop.reason, pb::StopReason::Cancelled as i32);
+    assert_eq!(
+        stop.lease.as_ref().map(|l| l.job_id.as_str()),
+        Some(queued.job_id.as_str())
+    );
+    let ack = worker.release(&[queued, spare]).await;
+    assert_eq!(Code::from(ack.code), Code::Ok, "{}", ack.message);
+    let job = get(&mut client, &queued.job_id).await;
+    assert_eq!(state(&job), pb::JobState::Cancelled);
+    assert_eq!(job.attempt, 0, "the attempt never started");
+    // The spare went back to the head of the queue. Once the started job completes, the worker
+    // has room again and gets it back as the same first attempt.
+    let ack = worker
+        .complete(&started.job_id, started.attempt, b"done")
+        .await;
+    assert_eq!(Code::from(ack.code), Code::Ok);
+    let again = worker.next_lease().await;
+    assert_eq!(
+        (again.job_id.as_str(), again.attempt),
+        (spare.job_id.as_str(), 1)
+    );
+    let reasons: Vec<String> = sqlx::query_scalar(
+        "SELECT coalesce(data->>'reason', '') FROM job_events \
+         WHERE kind = 'state' AND job_id = $1::uuid ORDER BY seq",
+    )
+    .bind(&spare.job_id)
+    .fetch_all(&pool)
+    .await
+    .expect("events");
+    assert!(
+        reasons.iter().any(|r| r == "lease not delivered"),
+        "the spare's hand-back is in its history: {reasons:?}"
+    );
+
+    // A hand-back of a lease that moved on changes nothing: a finished job stays finished.
+    let ack = worker.release(&[started]).await;
+    assert_eq!(Code::from(ack.code), Code::Ok);
+    assert_eq!(
+        state(&get(&mut client, &started.job_id).await),
+        pb::JobState::Succeeded
+    );
+
+    let ack = worker.release_refs(Vec::new()).await;
+    assert_eq!(Code::from(ack.code), Code::InvalidArgument);
+    assert!(ack.message.contains("release.leases"), "{}", ack.message);
+    let ack = worker
+        .release_refs(vec![pb::LeaseRef {
+            job_id: "not-a-uuid".into(),
+            attempt: 1,
+        }])
+        .await;
+    assert_eq!(Code::from(ack.code), Code::InvalidArgument);
+    assert!(
+        ack.message.contains("release.leases[0].job_id"),
+        "{}",
+        ack.message
     );
 }

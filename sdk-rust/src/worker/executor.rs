@@ -1,5 +1,10 @@
 //! Runs handlers: one task per lease on a [`JoinSet`], never more than the worker's slots.
 //!
+//! Leases that arrive while every slot is busy wait in the prefetch queue, up to its size, and
+//! start the moment a task is reaped, without the round trip a lease from the server would
+//! take. A queued lease's attempt has already started on the server, so the session hands back
+//! those that wait longer than it allows, and those stopped before they started.
+//!
 //! The executor owns every handler task, so none is detached: dropping it aborts whatever still
 //! runs. A panicking handler ends its task, not the worker; the runtime's `JoinError` is turned
 //! into a retryable failure for that lease. Tasks outlive any one stream to the server, which is
@@ -11,20 +16,21 @@
 //! result completes as usual. A lease's deadline is watched inside its own task, so a timeout
 //! needs no task of its own.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use prost_types::Any;
 use tokio::task::{self, JoinError, JoinSet};
+use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::context::{JobContext, StopReason, StopSignal};
 use crate::error::HandlerError;
 use crate::job;
 use crate::proto::v1 as pb;
-use crate::worker::registry::Registry;
+use crate::worker::registry::{ErasedHandler, Registry};
 use crate::worker::reports::{Final, LeaseReports, Links};
 
 /// A lease that is running.
@@ -41,6 +47,8 @@ struct InFlight {
 pub(super) enum Stopping {
     /// The lease does not run here.
     NotRunning,
+    /// The lease was queued: it was taken off the queue without starting, to be handed back.
+    Unstarted,
     /// The handler was asked to stop.
     Asked,
     /// The handler had been asked before (its first reason stands), as when the server repeats
@@ -67,6 +75,13 @@ pub(super) struct Refusal {
     pub(super) error: HandlerError,
 }
 
+/// A lease waiting for a slot.
+struct Queued {
+    lease: pb::Lease,
+    handler: ErasedHandler,
+    since: Instant,
+}
+
 /// The handler tasks of one worker.
 pub(super) struct Executor {
     registry: Registry,
@@ -75,6 +90,10 @@ pub(super) struct Executor {
     links: Links,
     /// The most handlers that may run at once.
     slots: usize,
+    /// The most leases that may wait for a slot.
+    prefetch: usize,
+    /// Leases waiting for a slot, oldest first.
+    queued: VecDeque<Queued>,
     tasks: JoinSet<Result<Any, HandlerError>>,
     /// Every lease whose task has not been reaped yet.
     leases: HashMap<pb::LeaseRef, InFlight>,
@@ -83,25 +102,29 @@ pub(super) struct Executor {
 }
 
 impl Executor {
-    pub(super) fn new(registry: Registry, worker_id: Arc<str>, slots: usize, links: Links) -> Self {
+    pub(super) fn new(
+        registry: Registry,
+        worker_id: Arc<str>,
+        (slots, prefetch): (usize, usize),
+        links: Links,
+    ) -> Self {
         Self {
             registry,
             worker_id,
             links,
             slots,
+            prefetch,
+            queued: VecDeque::new(),
             tasks: JoinSet::new(),
             leases: HashMap::new(),
             by_task: HashMap::new(),
         }
     }
 
-    /// Starts the handler of `lease` on its own task, or says why it will not run (boxed: a
-    /// refusal is rare and large).
+    /// Starts the handler of `lease` on its own task, or queues it while every slot is busy, or
+    /// says why it will not run (boxed: a refusal is rare and large).
     pub(super) fn start(&mut self, lease: pb::Lease) -> Result<(), Box<Refusal>> {
-        let lease_ref = pb::LeaseRef {
-            job_id: lease.job_id.clone(),
-            attempt: lease.attempt,
-        };
+        let lease_ref = lease_ref(&lease);
         let refuse = |error: HandlerError| {
             Box::new(Refusal {
                 lease: lease_ref.clone(),
@@ -118,7 +141,7 @@ impl Executor {
                 .with_kind("unknown_job_type"),
             ));
         };
-        if self.leases.contains_key(&lease_ref) {
+        if self.leases.contains_key(&lease_ref) || self.queued_at(&lease_ref).is_some() {
             // The same attempt again (never expected): the run in progress will report it, and
             // a failure sent for the duplicate would end that run's attempt under its feet.
             tracing::warn!(
@@ -128,19 +151,34 @@ impl Executor {
             );
             return Ok(());
         }
-        if self.leases.len() >= self.slots {
-            return Err(refuse(
-                HandlerError::retryable(format!(
-                    "worker {} has no free slot ({} of {} busy); the lease was refused",
-                    self.worker_id,
-                    self.leases.len(),
-                    self.slots
-                ))
-                .with_kind("worker_full")
-                .with_retry_after(Duration::ZERO),
-            ));
+        if self.leases.len() < self.slots {
+            self.spawn(lease, handler);
+            return Ok(());
         }
+        if self.queued.len() < self.prefetch {
+            tracing::debug!(job_id = %lease_ref.job_id, attempt = lease_ref.attempt, "lease queued");
+            self.queued.push_back(Queued {
+                lease,
+                handler,
+                since: Instant::now(),
+            });
+            return Ok(());
+        }
+        Err(refuse(
+            HandlerError::retryable(format!(
+                "worker {} has no free slot ({} of {} busy, {} queued); the lease was refused",
+                self.worker_id,
+                self.leases.len(),
+                self.slots,
+                self.queued.len()
+            ))
+            .with_kind("worker_full")
+            .with_retry_after(Duration::ZERO),
+        ))
+    }
 
+    fn spawn(&mut self, lease: pb::Lease, handler: ErasedHandler) {
+        let lease_ref = lease_ref(&lease);
         let stop = StopSignal::default();
         let reports = self.links.attach(lease_ref.clone());
         let shared = reports.shared();
@@ -172,7 +210,48 @@ impl Executor {
                 lost: false,
             },
         );
-        Ok(())
+    }
+
+    /// Starts queued leases on the slots free.
+    fn start_queued(&mut self) {
+        while self.leases.len() < self.slots {
+            let Some(Queued { lease, handler, .. }) = self.queued.pop_front() else {
+                return;
+            };
+            self.spawn(lease, handler);
+        }
+    }
+
+    fn queued_at(&self, lease: &pb::LeaseRef) -> Option<usize> {
+        self.queued
+            .iter()
+            .position(|q| q.lease.job_id == lease.job_id && q.lease.attempt == lease.attempt)
+    }
+
+    /// Takes off the queue the leases that have waited `max_wait` or longer, to hand back.
+    pub(super) fn take_stale(&mut self, max_wait: Duration) -> Vec<pb::LeaseRef> {
+        let now = Instant::now();
+        let mut stale = Vec::new();
+        while self
+            .queued
+            .front()
+            .is_some_and(|q| q.since + max_wait <= now)
+        {
+            if let Some(q) = self.queued.pop_front() {
+                stale.push(lease_ref(&q.lease));
+            }
+        }
+        stale
+    }
+
+    /// When the oldest queued lease will have waited `max_wait`.
+    pub(super) fn stale_at(&self, max_wait: Duration) -> Option<Instant> {
+        self.queued.front().map(|q| q.since + max_wait)
+    }
+
+    /// Takes every queued lease off the queue, to hand back.
+    pub(super) fn take_queued(&mut self) -> Vec<pb::LeaseRef> {
+        self.queued.drain(..).map(|q| lease_ref(&q.lease)).collect()
     }
 
     /// The next handler to finish; pending while none runs. Cancel-safe: a result is only taken
@@ -202,7 +281,13 @@ impl Executor {
     /// are closed: the server would refuse them.
     pub(super) fn stop(&mut self, lease: &pb::LeaseRef, reason: StopReason) -> Stopping {
         let Some(running) = self.leases.get_mut(lease) else {
-            return Stopping::NotRunning;
+            return match self.queued_at(lease) {
+                Some(at) => {
+                    self.queued.remove(at);
+                    Stopping::Unstarted
+                }
+                None => Stopping::NotRunning,
+            };
         };
         if reason == StopReason::LeaseLost {
             running.lost = true;
@@ -222,15 +307,17 @@ impl Executor {
         }
     }
 
-    /// The leases to renew: every running one that is not lost. A handler asked to stop keeps
-    /// its lease while it winds down (a pausing one still saves its checkpoint); the server
-    /// bounds that with its own grace, and the result then settles the job.
+    /// The leases to renew: every queued one and every running one that is not lost. A handler
+    /// asked to stop keeps its lease while it winds down (a pausing one still saves its
+    /// checkpoint); the server bounds that with its own grace, and the result then settles the
+    /// job.
     pub(super) fn live_leases(&self) -> Vec<pb::LeaseRef> {
         let mut live: Vec<pb::LeaseRef> = self
             .leases
             .iter()
             .filter(|(_, running)| !running.lost)
             .map(|(lease, _)| lease.clone())
+            .chain(self.queued.iter().map(|q| lease_ref(&q.lease)))
             .collect();
         live.sort_unstable_by(|a, b| (&a.job_id, a.attempt).cmp(&(&b.job_id, b.attempt)));
         live
@@ -241,12 +328,22 @@ impl Executor {
         self.leases.len()
     }
 
+    /// Nothing runs and nothing is queued.
     pub(super) fn is_empty(&self) -> bool {
-        self.leases.is_empty()
+        self.leases.is_empty() && self.queued.is_empty()
+    }
+
+    /// How many leases wait for a slot.
+    pub(super) fn queued(&self) -> usize {
+        self.queued.len()
     }
 
     pub(super) fn slots(&self) -> usize {
         self.slots
+    }
+
+    pub(super) fn prefetch(&self) -> usize {
+        self.prefetch
     }
 
     pub(super) fn job_types(&self) -> Vec<String> {
@@ -257,7 +354,7 @@ impl Executor {
         self.registry.schemas()
     }
 
-    /// Pairs a joined task with its lease.
+    /// Pairs a joined task with its lease, and gives its slot to the next queued lease.
     fn settle(
         &mut self,
         joined: Result<(task::Id, Result<Any, HandlerError>), JoinError>,
@@ -268,12 +365,20 @@ impl Executor {
         };
         let lease = self.by_task.remove(&id)?;
         let running = self.leases.remove(&lease)?;
+        self.start_queued();
         Some(Finished {
             lease,
             job_type: running.job_type,
             outcome: after_stop(outcome, running.stop.reason()),
             left: running.reports.finish(),
         })
+    }
+}
+
+fn lease_ref(lease: &pb::Lease) -> pb::LeaseRef {
+    pb::LeaseRef {
+        job_id: lease.job_id.clone(),
+        attempt: lease.attempt,
     }
 }
 
@@ -365,7 +470,7 @@ mod tests {
 
     /// A handler that does what its payload says: "ok", "panic", "wait" for cancellation and
     /// fail, "finish" its work despite a cancellation, or "report" progress and a line.
-    fn executor(slots: usize) -> Executor {
+    fn executor(slots: usize, prefetch: usize) -> Executor {
         let mut registry = Registry::default();
         registry.insert::<Work, _, _>(|ctx: JobContext, work: Work| async move {
             match work.mode.as_str() {
@@ -388,7 +493,7 @@ mod tests {
             }
         });
         let (links, _hub, _checkpoints) = Links::new();
-        Executor::new(registry, Arc::from("w1"), slots, links)
+        Executor::new(registry, Arc::from("w1"), (slots, prefetch), links)
     }
 
     fn lease(job_id: &str, job_type: &str, mode: &str) -> pb::Lease {
@@ -403,7 +508,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_finished_handler_frees_its_slot() {
-        let mut executor = executor(1);
+        let mut executor = executor(1, 0);
         executor
             .start(lease("j1", "test.work", "ok"))
             .expect("starts");
@@ -416,7 +521,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_panic_becomes_a_retryable_failure() {
-        let mut executor = executor(1);
+        let mut executor = executor(1, 0);
         executor
             .start(lease("j1", "test.work", "panic"))
             .expect("starts");
@@ -429,7 +534,7 @@ mod tests {
 
     #[tokio::test]
     async fn leases_beyond_the_slots_or_of_unknown_types_are_refused() {
-        let mut executor = executor(1);
+        let mut executor = executor(1, 0);
         executor
             .start(lease("j1", "test.work", "wait"))
             .expect("starts");
@@ -452,9 +557,106 @@ mod tests {
         assert_eq!(executor.len(), 1);
     }
 
+    fn lease_ref(job_id: &str) -> pb::LeaseRef {
+        pb::LeaseRef {
+            job_id: job_id.into(),
+            attempt: 1,
+        }
+    }
+
+    fn job_ids(leases: &[pb::LeaseRef]) -> Vec<&str> {
+        leases.iter().map(|l| l.job_id.as_str()).collect()
+    }
+
+    #[tokio::test]
+    async fn leases_beyond_the_slots_wait_in_the_queue_and_start_as_a_slot_frees() {
+        let mut executor = executor(1, 2);
+        executor
+            .start(lease("j1", "test.work", "wait"))
+            .expect("starts");
+        executor
+            .start(lease("j2", "test.work", "ok"))
+            .expect("queued");
+        executor
+            .start(lease("j3", "test.work", "ok"))
+            .expect("queued");
+        let refusal = executor
+            .start(lease("j4", "test.work", "ok"))
+            .expect_err("slot and queue full");
+        assert_eq!(refusal.error.kind(), Some("worker_full"));
+        assert_eq!((executor.len(), executor.queued()), (1, 2));
+        // Queued leases are renewed like running ones.
+        assert_eq!(job_ids(&executor.live_leases()), ["j1", "j2", "j3"]);
+
+        executor.stop(&lease_ref("j1"), StopReason::Cancelled);
+        let mut finished = Vec::new();
+        for _ in 0..3 {
+            finished.push(executor.next_finished().await.lease.job_id);
+        }
+        assert_eq!(finished, ["j1", "j2", "j3"], "one at a time, in order");
+        assert!(executor.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_queued_lease_stopped_is_taken_off_unstarted() {
+        let mut executor = executor(1, 2);
+        executor
+            .start(lease("j1", "test.work", "wait"))
+            .expect("starts");
+        executor
+            .start(lease("j2", "test.work", "ok"))
+            .expect("queued");
+        assert_eq!(
+            executor.stop(&lease_ref("j2"), StopReason::Cancelled),
+            Stopping::Unstarted
+        );
+        assert_eq!(
+            executor.stop(&lease_ref("j2"), StopReason::Cancelled),
+            Stopping::NotRunning
+        );
+        assert_eq!(job_ids(&executor.live_leases()), ["j1"]);
+        // The same attempt again is no duplicate once handed back.
+        executor
+            .start(lease("j2", "test.work", "ok"))
+            .expect("queued");
+        assert_eq!(job_ids(&executor.take_queued()), ["j2"]);
+        assert_eq!((executor.len(), executor.queued()), (1, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn queued_leases_go_stale_oldest_first() {
+        let wait = Duration::from_millis(250);
+        let mut executor = executor(1, 3);
+        executor
+            .start(lease("j1", "test.work", "wait"))
+            .expect("starts");
+        assert_eq!(executor.stale_at(wait), None);
+        let first = Instant::now();
+        executor
+            .start(lease("j2", "test.work", "ok"))
+            .expect("queued");
+        tokio::time::advance(Duration::from_millis(100)).await;
+        executor
+            .start(lease("j3", "test.work", "ok"))
+            .expect("queued");
+        assert_eq!(executor.stale_at(wait), Some(first + wait));
+        assert!(executor.take_stale(wait).is_empty());
+
+        tokio::time::advance(Duration::from_millis(150)).await;
+        assert_eq!(job_ids(&executor.take_stale(wait)), ["j2"]);
+        assert_eq!(
+            executor.stale_at(wait),
+            Some(first + wait + Duration::from_millis(100))
+        );
+        tokio::time::advance(Duration::from_millis(100)).await;
+        assert_eq!(job_ids(&executor.take_stale(wait)), ["j3"]);
+        assert_eq!(executor.stale_at(wait), None);
+        assert_eq!((executor.len(), executor.queued()), (1, 0));
+    }
+
     #[tokio::test]
     async fn lost_leases_are_not_renewed_and_stopped_handlers_wake() {
-        let mut executor = executor(3);
+        let mut executor = executor(3, 0);
         for job in ["j1", "j2", "j3"] {
             executor
                 .start(lease(job, "test.work", "wait"))
@@ -462,10 +664,6 @@ mod tests {
         }
         assert_eq!(executor.live_leases().len(), 3);
 
-        let lease_ref = |job_id: &str| pb::LeaseRef {
-            job_id: job_id.into(),
-            attempt: 1,
-        };
         let j1 = lease_ref("j1");
         assert_eq!(executor.stop(&j1, StopReason::Cancelled), Stopping::Asked);
         assert_eq!(
@@ -525,7 +723,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_deadline_stops_the_handler_as_timed_out() {
-        let mut executor = executor(1);
+        let mut executor = executor(1, 0);
         let mut timed = lease("j1", "test.work", "wait");
         timed.deadline = Some((SystemTime::now() + Duration::from_secs(30)).into());
         executor.start(timed).expect("starts");
@@ -537,7 +735,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_result_after_a_stop_stands() {
-        let mut executor = executor(1);
+        let mut executor = executor(1, 0);
         executor
             .start(lease("j1", "test.work", "finish"))
             .expect("starts");
@@ -551,7 +749,7 @@ mod tests {
 
     #[tokio::test]
     async fn what_a_handler_reported_last_comes_with_its_result() {
-        let mut executor = executor(1);
+        let mut executor = executor(1, 0);
         executor
             .start(lease("j1", "test.work", "report"))
             .expect("starts");

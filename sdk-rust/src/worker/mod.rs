@@ -16,8 +16,13 @@
 //! the worker coalesces and batches them onto the same stream, and sends what is left of them
 //! before each result.
 //!
-//! Bounds: at most `concurrency` handlers run at once (leases beyond it are refused as
-//! retryable failures), the outbound channel is bounded, the results awaiting an
+//! A worker with a prefetch queue holds that many leases beyond its slots and starts each the
+//! moment a slot frees, instead of a round trip to the server later. It hands back, unstarted,
+//! those that waited longer than [`MAX_QUEUED_WAIT`], those stopped before they started, and on
+//! a drain all of them.
+//!
+//! Bounds: at most `concurrency` handlers run at once and at most `prefetch` leases wait
+//! (leases beyond both are refused as retryable failures), the outbound channel is bounded, the results awaiting an
 //! acknowledgement are bounded by the handlers that produced them, and each lease's unsent
 //! reports and reports awaiting an acknowledgement are bounded (see `reports` and `reporter`).
 //!
@@ -27,6 +32,7 @@
 //! - `reports`: what handlers reported and the worker has not sent yet.
 //! - `reporter`: when reports are sent, and what their acknowledgements mean.
 //! - `outbox`: results awaiting their acknowledgement.
+//! - `releases`: leases handed back unstarted, until acknowledged.
 //! - `session`: one stream, from hello to its end.
 //! - `lifecycle`: serving, draining, aborting, finished.
 
@@ -34,6 +40,7 @@ mod executor;
 mod lifecycle;
 mod outbox;
 mod registry;
+mod releases;
 mod reporter;
 pub(crate) mod reports;
 mod session;
@@ -59,6 +66,7 @@ use executor::{Executor, Finished, Refusal};
 use lifecycle::{Lifecycle, Phase};
 use outbox::Outbox;
 use registry::Registry;
+use releases::Releases;
 use reporter::Reporter;
 use reports::Final;
 use session::Ended;
@@ -79,6 +87,9 @@ const RECONNECT_MIN: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
 /// The share of each reconnect delay drawn at random, so workers do not reconnect in lockstep.
 const RECONNECT_JITTER: f64 = 0.5;
+/// The longest a lease waits in the prefetch queue before it is handed back: its attempt's
+/// clocks run from its claim, and another worker may have a slot free for it.
+const MAX_QUEUED_WAIT: Duration = Duration::from_millis(250);
 /// The shortest time between two progress reports of a lease, when none is configured.
 const DEFAULT_PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -140,6 +151,7 @@ impl Worker {
         let mut work = Work {
             executor,
             outbox: Outbox::default(),
+            releases: Releases::default(),
             reporter,
             ids: RequestIds::default(),
         };
@@ -149,6 +161,7 @@ impl Worker {
             job_types = ?work.executor.job_types(),
             queues = ?config.queues,
             slots = work.executor.slots(),
+            prefetch = work.executor.prefetch(),
             "worker starting"
         );
         loop {
@@ -214,18 +227,31 @@ impl RequestIds {
 }
 
 /// The state that outlives any one stream: running handlers, their reports, and unacknowledged
-/// results.
+/// results and hand-backs.
 struct Work {
     executor: Executor,
     outbox: Outbox,
+    releases: Releases,
     reporter: Reporter,
     ids: RequestIds,
 }
 
 impl Work {
-    /// Nothing runs and nothing awaits an acknowledgement: a drain is complete.
+    /// Nothing runs or waits, and nothing awaits an acknowledgement: a drain is complete.
     fn is_idle(&self) -> bool {
-        self.executor.is_empty() && self.outbox.is_empty()
+        self.executor.is_empty() && self.outbox.is_empty() && self.releases.is_empty()
+    }
+
+    /// Hands back, unstarted, the queued leases that have waited too long.
+    fn release_stale(&mut self) {
+        let stale = self.executor.take_stale(MAX_QUEUED_WAIT);
+        if !stale.is_empty() {
+            tracing::debug!(
+                count = stale.len(),
+                "handing back queued leases that waited too long for a slot"
+            );
+        }
+        self.releases.add(stale);
     }
 
     /// Records a finished handler's result in the outbox, to be sent by
@@ -283,10 +309,11 @@ impl Work {
             .fail(request_id, lease, job_type, &error, Final::default());
     }
 
-    /// The results not sent on the current stream yet, each after what was left of its
-    /// lease's reports.
+    /// The hand-backs and the results not sent on the current stream yet, each result after
+    /// what was left of its lease's reports.
     fn outgoing(&mut self) -> Vec<pb::ConnectRequest> {
         let mut messages = Vec::new();
+        self.releases.outgoing(&mut self.ids, &mut messages);
         for unsent in self.outbox.unsent() {
             self.reporter.final_reports(
                 &unsent.lease,
@@ -304,6 +331,7 @@ impl Work {
     fn stream_ended(&mut self) {
         self.reporter.disconnected();
         self.outbox.rewind();
+        self.releases.rewind();
     }
 
     /// Moves handlers that already finished into the outbox, to be sent on the next stream.
@@ -317,11 +345,16 @@ impl Work {
     fn on_phase(&mut self, phase: Phase) {
         match phase {
             Phase::Serving => {}
-            Phase::Draining => tracing::info!(
-                running = self.executor.len(),
-                unacknowledged = self.outbox.len(),
-                "shutdown requested; draining"
-            ),
+            Phase::Draining => {
+                tracing::info!(
+                    running = self.executor.len(),
+                    queued = self.executor.queued(),
+                    unacknowledged = self.outbox.len(),
+                    "shutdown requested; draining"
+                );
+                // Queued leases go back to run elsewhere rather than delay the drain.
+                self.releases.add(self.executor.take_queued());
+            }
             Phase::Aborting => {
                 tracing::warn!(
                     running = self.executor.len(),
@@ -394,6 +427,7 @@ pub struct WorkerBuilder {
     worker_id: Option<String>,
     queues: Vec<String>,
     concurrency: usize,
+    prefetch: usize,
     tenant: Option<String>,
     drain_timeout: Duration,
     progress_interval: Duration,
@@ -409,6 +443,7 @@ impl WorkerBuilder {
             worker_id: None,
             queues: Vec::new(),
             concurrency: DEFAULT_CONCURRENCY,
+            prefetch: 0,
             tenant: None,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             progress_interval: DEFAULT_PROGRESS_INTERVAL,
@@ -437,6 +472,19 @@ impl WorkerBuilder {
     /// How many handlers may run at once, 1 to 10000 (default 10).
     pub fn concurrency(mut self, slots: usize) -> Self {
         self.concurrency = slots;
+        self
+    }
+
+    /// How many leases the worker may hold beyond its concurrency, 0 to 10000 (default 0).
+    ///
+    /// They wait in a local queue and start the moment a slot frees, rather than a round trip
+    /// to the server later; for jobs that take less than a millisecond or two, that round trip
+    /// is most of a slot's time. The server fills the queue only while the worker keeps pace,
+    /// and a lease that waits longer than 250 ms is handed back (its attempt's lease and
+    /// timeout run from its claim), as are all queued leases when the worker drains. Leave it
+    /// at 0 for jobs that take longer than that: a queued job then only waits.
+    pub fn prefetch(mut self, leases: usize) -> Self {
+        self.prefetch = leases;
         self
     }
 
@@ -484,8 +532,8 @@ impl WorkerBuilder {
     /// # Errors
     ///
     /// [`Error::Config`] when the address or tenant is invalid, no handler was registered, a
-    /// job type was registered twice, the concurrency is out of range, the progress interval is
-    /// zero, or the worker id is empty or too long.
+    /// job type was registered twice, the concurrency or prefetch is out of range, the
+    /// progress interval is zero, or the worker id is empty or too long.
     pub fn build(self) -> Result<Worker, Error> {
         if let Some(job_type) = self.duplicate {
             return Err(Error::Config(format!(
@@ -499,6 +547,12 @@ impl WorkerBuilder {
             return Err(Error::Config(format!(
                 "concurrency must be 1 to {MAX_CONCURRENCY}, not {}",
                 self.concurrency
+            )));
+        }
+        if self.prefetch > MAX_CONCURRENCY {
+            return Err(Error::Config(format!(
+                "prefetch must be 0 to {MAX_CONCURRENCY}, not {}",
+                self.prefetch
             )));
         }
         if self.progress_interval.is_zero() {
@@ -532,7 +586,12 @@ impl WorkerBuilder {
                 queues,
                 drain_timeout: self.drain_timeout,
             },
-            executor: Executor::new(self.registry, worker_id, self.concurrency, reporter.links()),
+            executor: Executor::new(
+                self.registry,
+                worker_id,
+                (self.concurrency, self.prefetch),
+                reporter.links(),
+            ),
             reporter,
         })
     }
@@ -545,6 +604,7 @@ impl fmt::Debug for WorkerBuilder {
             .field("worker_id", &self.worker_id)
             .field("queues", &self.queues)
             .field("concurrency", &self.concurrency)
+            .field("prefetch", &self.prefetch)
             .field("progress_interval", &self.progress_interval)
             .field("job_types", &self.registry.job_types())
             .finish_non_exhaustive()

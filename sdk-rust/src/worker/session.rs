@@ -2,7 +2,8 @@
 //!
 //! The session is the stream's only owner: one loop that `select!`s over the server's messages,
 //! the heartbeat ticker, handlers finishing, handlers' reports (a wake-up from the reports hub,
-//! the reporter's flush deadline, checkpoints) and the worker's lifecycle, and writes through a
+//! the reporter's flush deadline, checkpoints), queued leases going stale and the worker's
+//! lifecycle, and writes through a
 //! bounded channel (its capacity is the backpressure on a server that stops reading). It holds
 //! no state of its own that must survive: leases run on in the executor, unsent reports stay in
 //! their buffers and unacknowledged results stay in the outbox, so when the stream breaks the
@@ -22,16 +23,15 @@ use tonic::codec::Streaming;
 use tonic::transport::Channel;
 
 use crate::context::StopReason;
-use crate::error::HandlerError;
 use crate::proto::v1 as pb;
 use crate::proto::v1::connect_request::Message as Outbound;
 use crate::proto::v1::connect_response::Message as Inbound;
 use crate::proto::v1::worker_service_client::WorkerServiceClient;
-use crate::worker::executor::{Executor, Refusal, Stopping};
+use crate::worker::executor::{Executor, Stopping};
 use crate::worker::lifecycle::{Lifecycle, Phase};
 use crate::worker::outbox::Acknowledged;
 use crate::worker::reporter::ReportAck;
-use crate::worker::{Config, Work};
+use crate::worker::{Config, MAX_QUEUED_WAIT, Work};
 
 /// Messages that may wait to be written; beyond this the session waits for the transport.
 const OUTBOUND_CAPACITY: usize = 64;
@@ -134,6 +134,7 @@ pub(super) async fn run(
         slots: i32::try_from(work.executor.slots()).unwrap_or(i32::MAX),
         running: work.executor.live_leases(),
         schemas: work.executor.job_schemas(),
+        prefetch: i32::try_from(work.executor.prefetch()).unwrap_or(i32::MAX),
     };
     out.send_message(Outbound::Hello(hello))
         .await
@@ -194,6 +195,7 @@ pub(super) async fn run(
             return Ok(Ended::Drained);
         }
         let flush_at = work.reporter.flush_at();
+        let stale_at = work.executor.stale_at(MAX_QUEUED_WAIT);
         tokio::select! {
             message = inbound.message() => match message {
                 Ok(Some(pb::ConnectResponse { message: Some(message) })) => {
@@ -225,6 +227,10 @@ pub(super) async fn run(
                 let reports = work.reporter.flush(Instant::now(), &mut work.ids);
                 out.send_all(reports).await.map_err(broken(true))?;
             }
+            () = flush_due(stale_at) => {
+                work.release_stale();
+                out.send_all(work.outgoing()).await.map_err(broken(true))?;
+            }
             request = work.reporter.next_checkpoint() => {
                 if let Some(message) = work.reporter.checkpoint(request, &mut work.ids) {
                     out.send(message).await.map_err(broken(true))?;
@@ -233,10 +239,12 @@ pub(super) async fn run(
             phase = lifecycle.changed() => {
                 work.on_phase(phase);
                 match phase {
-                    Phase::Draining => out
-                        .send_message(Outbound::Drain(pb::Drain {}))
-                        .await
-                        .map_err(broken(true))?,
+                        Phase::Draining => {
+                        out.send_message(Outbound::Drain(pb::Drain {}))
+                            .await
+                            .map_err(broken(true))?;
+                        out.send_all(work.outgoing()).await.map_err(broken(true))?;
+                    }
                     Phase::Finished => return Ok(Ended::Finished),
                     Phase::Serving | Phase::Aborting => {}
                 }
@@ -245,7 +253,7 @@ pub(super) async fn run(
     }
 }
 
-/// Resolves when the reporter's flush is due; pending while none is planned.
+/// Resolves at `at`; pending while there is none.
 async fn flush_due(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
@@ -286,23 +294,15 @@ async fn receive(
 ) -> Result<(), StreamError> {
     match message {
         Inbound::Lease(lease) => {
-            let refused = if phase.is_stopping() {
-                // Sent before the server read our drain: hand it straight back to be retried
-                // elsewhere.
-                Err(Box::new(Refusal {
-                    lease: pb::LeaseRef {
-                        job_id: lease.job_id.clone(),
-                        attempt: lease.attempt,
-                    },
-                    job_type: lease.job_type.clone(),
-                    error: HandlerError::retryable("the worker is draining; the lease was refused")
-                        .with_kind("worker_draining")
-                        .with_retry_after(Duration::ZERO),
-                }))
-            } else {
-                work.executor.start(lease)
-            };
-            if let Err(refusal) = refused {
+            if phase.is_stopping() {
+                // Sent before the server read our drain: hand it straight back, unstarted, to
+                // run elsewhere.
+                work.releases.add([pb::LeaseRef {
+                    job_id: lease.job_id,
+                    attempt: lease.attempt,
+                }]);
+                out.send_all(work.outgoing()).await?;
+            } else if let Err(refusal) = work.executor.start(lease) {
                 work.refuse(*refusal);
                 out.send_all(work.outgoing()).await?;
             }
@@ -328,6 +328,16 @@ async fn receive(
                     ?reason,
                     "the server repeated a stop"
                 ),
+                Stopping::Unstarted => {
+                    tracing::info!(
+                        job_id = %lease.job_id,
+                        attempt = lease.attempt,
+                        ?reason,
+                        "the server asked to stop a job that had not started; handing it back"
+                    );
+                    work.releases.add([lease]);
+                    out.send_all(work.outgoing()).await?;
+                }
                 Stopping::NotRunning => tracing::debug!(
                     job_id = %lease.job_id,
                     attempt = lease.attempt,
@@ -336,10 +346,15 @@ async fn receive(
                 ),
             }
         }
-        Inbound::Ack(ack) => match work.reporter.acknowledge(&ack) {
-            Some(outcome) => report_acknowledged(outcome, &mut work.executor),
-            None => acknowledged(work.outbox.acknowledge(&ack)),
-        },
+        Inbound::Ack(ack) => {
+            if work.releases.acknowledge(&ack) {
+                return Ok(());
+            }
+            match work.reporter.acknowledge(&ack) {
+                Some(outcome) => report_acknowledged(outcome, &mut work.executor),
+                None => acknowledged(work.outbox.acknowledge(&ack)),
+            }
+        }
         Inbound::Welcome(_) => tracing::warn!("ignoring a second welcome on the same stream"),
     }
     Ok(())
@@ -368,7 +383,7 @@ fn report_acknowledged(outcome: ReportAck, executor: &mut Executor) {
                 attempt = lease.attempt,
                 "a report was refused as stale; the handler was asked to stop"
             ),
-            Stopping::AlreadyAsked | Stopping::NotRunning => tracing::debug!(
+            Stopping::AlreadyAsked | Stopping::NotRunning | Stopping::Unstarted => tracing::debug!(
                 job_id = %lease.job_id,
                 attempt = lease.attempt,
                 "a report was refused as stale"

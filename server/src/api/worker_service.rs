@@ -7,7 +7,7 @@
 //! or until they lapse and the reaper retries their jobs (invariant 2).
 //!
 //! The session keeps the set of leases its worker holds, to return a dispatcher slot exactly
-//! once per lease when the worker reports its outcome, and to pass on stop requests (cancel,
+//! once per lease when the worker reports its outcome or hands the lease back, and to pass on stop requests (cancel,
 //! pause) for them: at once when the request's notification arrives, and again with every
 //! heartbeat while the request stands, so a missed notification or a reconnect loses nothing
 //! (invariant 3).
@@ -139,6 +139,7 @@ struct Hello {
     job_types: Vec<String>,
     queues: Vec<QueueName>,
     slots: u32,
+    prefetch: u32,
     running: Vec<LeaseRef>,
     /// Schemas of served types, to register when they changed.
     schemas: Vec<NewJobType>,
@@ -178,6 +179,12 @@ fn validate_hello(hello: pb::Hello) -> Result<Hello, ApiError> {
             format!("must be between 1 and {MAX_SLOTS}, got {}", hello.slots),
         ));
     }
+    if !(0..=MAX_SLOTS).contains(&hello.prefetch) {
+        return Err(ApiError::invalid(
+            "hello.prefetch",
+            format!("must be between 0 and {MAX_SLOTS}, got {}", hello.prefetch),
+        ));
+    }
     let running = hello
         .running
         .iter()
@@ -204,9 +211,26 @@ fn validate_hello(hello: pb::Hello) -> Result<Hello, ApiError> {
         job_types,
         queues,
         slots: hello.slots.unsigned_abs(),
+        prefetch: hello.prefetch.unsigned_abs(),
         running,
         schemas,
     })
+}
+
+fn validate_release(release: &pb::ReleaseLeases) -> Result<Vec<LeaseRef>, ApiError> {
+    let most = 2 * usize::try_from(MAX_SLOTS).unwrap_or(usize::MAX);
+    if release.leases.is_empty() || release.leases.len() > most {
+        return Err(ApiError::invalid(
+            "release.leases",
+            format!("must name 1 to {most} leases, got {}", release.leases.len()),
+        ));
+    }
+    release
+        .leases
+        .iter()
+        .enumerate()
+        .map(|(i, l)| validate::lease_ref(&format!("release.leases[{i}]"), Some(l)))
+        .collect()
 }
 
 fn lease_msg(lease: LeaseRef) -> pb::LeaseRef {
@@ -398,11 +422,8 @@ impl Session {
         }
         let mut stops = self.engine.stops.subscribe();
 
-        let slots = usize::try_from(hello.slots).unwrap_or(1);
-        let (lease_tx, mut lease_rx) = mpsc::channel(slots);
-        let free = hello
-            .slots
-            .saturating_sub(u32::try_from(adopted.len()).unwrap_or(u32::MAX));
+        let capacity = usize::try_from(hello.slots + hello.prefetch).unwrap_or(1);
+        let (lease_tx, mut lease_rx) = mpsc::channel(capacity);
         self.engine
             .dispatcher
             .register(Registration {
@@ -412,7 +433,8 @@ impl Session {
                 queues: hello.queues.clone(),
                 job_types: hello.job_types.clone(),
                 slots: hello.slots,
-                free,
+                prefetch: hello.prefetch,
+                held: u32::try_from(adopted.len()).unwrap_or(u32::MAX),
                 leases: lease_tx,
             })
             .await;
@@ -561,7 +583,44 @@ impl Session {
                     Err(error) => self.reject(request_id, error).await,
                 }
             }
+            In::Release(release) => {
+                let request_id = release.request_id;
+                match validate_release(&release) {
+                    Ok(leases) => {
+                        self.release_unstarted(request_id, leases, acks).await;
+                        true
+                    }
+                    Err(error) => self.reject(request_id, error).await,
+                }
+            }
         }
+    }
+
+    /// Hands back leases the worker held but did not start. Their places go back to the
+    /// dispatcher at once; the jobs are available again when the statement commits, and the
+    /// ack follows that commit. Leases another stream holds are handed back too: the attempt
+    /// number fences them, as it does results.
+    async fn release_unstarted(
+        &mut self,
+        request_id: u64,
+        leases: Vec<LeaseRef>,
+        acks: &mut FuturesUnordered<AckFuture>,
+    ) {
+        let returned = leases.iter().filter(|l| self.held.remove(l)).count();
+        if returned > 0 {
+            let returned = u32::try_from(returned).unwrap_or(u32::MAX);
+            self.engine.dispatcher.released(self.id, returned).await;
+        }
+        let (store, tenant) = (self.store.clone(), self.tenant.clone());
+        acks.push(Box::pin(async move {
+            match store.release_undelivered(&tenant, &leases).await {
+                Ok(_) => ack(request_id, Code::Ok, ""),
+                Err(error) => {
+                    let error = ApiError::from(error);
+                    ack(request_id, error.code(), error.to_string())
+                }
+            }
+        }));
     }
 
     /// Tells the worker of a stop requested for one of its leases.

@@ -12,12 +12,19 @@
 //! A worker whose jobs finish faster than a claim's round trip would still idle for that round
 //! trip on every claim: with 20 slots and 3 ms per claim cycle it cannot pass about 6,000 jobs a
 //! second however cheap the jobs are. So the dispatcher measures each worker's pace and claims
-//! that many round trips' worth of leases ahead of its free slots (see [`Pace`]). These wait here,
-//! not at the worker, and go to the worker as its slots free; the worker is never sent more than
-//! its slots. A lease that waits longer than [`MAX_READY_AGE`] (the worker slowed down) is handed
-//! back, as are a queue's ready leases when it is paused or its limits change. An attempt starts
-//! at its claim (its lease, timeout and start time count from there), so a lease claimed ahead
-//! starts its clocks up to that long before its handler.
+//! that many round trips' worth of leases ahead of its free slots (see [`Pace`]). These wait here
+//! and go to the worker as its slots free. A lease that waits longer than [`MAX_READY_AGE`] (the
+//! worker slowed down) is handed back, as are a queue's ready leases when it is paused or its
+//! limits change. An attempt starts at its claim (its lease, timeout and start time count from
+//! there), so a lease claimed ahead starts its clocks up to that long before its handler.
+//!
+//! Even a lease held ready here reaches a freed slot only after the worker's completion has
+//! come in and the lease has gone out: a round trip per job, in which the slot idles. A worker
+//! that declares a prefetch queue takes that many leases beyond its slots and starts each the
+//! moment a slot frees. The dispatcher fills that queue from the leases it claims ahead, so only
+//! while the worker keeps pace (a slow worker's queue would hold jobs another worker could run);
+//! the worker hands back, with a release, leases that waited too long in it, and the dispatcher
+//! then forgets its pace as it does for leases that went stale here.
 //!
 //! Queues with a concurrency or rate limit are claimed one at a time under the queue's row lock
 //! ([`Store::claim_limited`]); the dispatcher keeps the set of limited queues (re-read when a
@@ -26,9 +33,10 @@
 //! after a short backoff for a concurrency limit (a job finishing on another replica sends no
 //! wake-up; one finishing here frees a slot, which does).
 //!
-//! Leases go to a session through a channel whose capacity is the worker's slot count, which the
-//! free-slot accounting never exceeds, so a send can only fail because the session has gone; the
-//! lease is then handed back at once instead of waiting for it to lapse.
+//! Leases go to a session through a channel whose capacity is the worker's slots plus its
+//! prefetch, which the accounting of held leases never exceeds, so a send can only fail because
+//! the session has gone; the lease is then handed back at once instead of waiting for it to
+//! lapse.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet, VecDeque},
@@ -77,9 +85,11 @@ pub struct Registration {
     pub job_types: Vec<String>,
     /// How many jobs the worker runs at once.
     pub slots: u32,
-    /// Slots free at registration (slots minus leases adopted from an earlier stream).
-    pub free: u32,
-    /// Where leases are delivered; capacity at least the worker's slot count.
+    /// How many leases beyond its slots the worker holds queued.
+    pub prefetch: u32,
+    /// Leases it holds at registration (those adopted from an earlier stream).
+    pub held: u32,
+    /// Where leases are delivered; capacity at least the worker's slots plus its prefetch.
     pub leases: mpsc::Sender<LeasedRow>,
 }
 
@@ -121,6 +131,10 @@ enum Command {
     Credit {
         session: SessionId,
         slots: u32,
+    },
+    Released {
+        session: SessionId,
+        leases: u32,
     },
     Drain {
         session: SessionId,
@@ -182,6 +196,11 @@ impl DispatcherHandle {
         self.send(Command::Credit { session, slots }).await;
     }
 
+    /// The worker handed back `leases` it held but did not start.
+    pub async fn released(&self, session: SessionId, leases: u32) {
+        self.send(Command::Released { session, leases }).await;
+    }
+
     /// The worker wants no more leases.
     pub async fn drain(&self, session: SessionId) {
         self.send(Command::Drain { session }).await;
@@ -211,10 +230,13 @@ struct Worker {
     registration: Registration,
     /// The worker's slot count.
     slots: u32,
-    /// Slots holding no delivered lease.
-    free: u32,
+    /// How many leases beyond its slots the worker holds queued.
+    prefetch: u32,
+    /// Leases delivered and not yet settled or handed back: those running, and beyond the
+    /// slots, those in the worker's prefetch queue.
+    held: u32,
     /// Leases claimed ahead of free slots, oldest first, with the time of their claim. Never
-    /// non-empty while a slot is free: a lease goes to a slot as soon as one frees.
+    /// non-empty while the worker has room: a lease goes to it as soon as it has.
     ready: VecDeque<(Instant, LeasedRow)>,
     /// Whether a claim for this worker is in flight.
     claiming: bool,
@@ -234,17 +256,32 @@ struct Worker {
 }
 
 impl Worker {
-    /// Hands ready leases to free slots. Returns those the session could not take (it has
-    /// gone), which are the caller's to hand back.
+    /// Slots holding no delivered lease.
+    fn free(&self) -> u32 {
+        self.slots.saturating_sub(self.held)
+    }
+
+    /// Leases claimed and not running: held ready here, or queued at the worker.
+    fn waiting(&self) -> u32 {
+        let ready = u32::try_from(self.ready.len()).unwrap_or(u32::MAX);
+        ready.saturating_add(self.held.saturating_sub(self.slots))
+    }
+
+    /// Hands ready leases to free slots, and to the worker's prefetch queue as far as its pace
+    /// calls for leases ahead. Returns those the session could not take (it has gone), which
+    /// are the caller's to hand back.
     fn feed(&mut self) -> Vec<LeaseRef> {
+        let room = self
+            .slots
+            .saturating_add(self.prefetch.min(self.pace.ahead(self.slots)));
         let mut undelivered = Vec::new();
-        while self.free > 0 {
+        while self.held < room {
             let Some((_, row)) = self.ready.pop_front() else {
                 break;
             };
             let lease = lease_of(&row);
             if self.registration.leases.try_send(row).is_ok() {
-                self.free -= 1;
+                self.held += 1;
             } else {
                 undelivered.push(lease);
             }
@@ -528,13 +565,15 @@ impl Dispatcher {
     fn apply(&mut self, cmd: Command) {
         match cmd {
             Command::Register(registration) => {
-                let (free, slots) = (registration.free, registration.slots);
+                let (slots, prefetch, held) =
+                    (registration.slots, registration.prefetch, registration.held);
                 self.workers.insert(
                     registration.session,
                     Worker {
                         registration,
                         slots,
-                        free,
+                        prefetch,
+                        held,
                         ready: VecDeque::new(),
                         claiming: false,
                         pace: Pace::new(),
@@ -561,14 +600,14 @@ impl Dispatcher {
                 if let Err(unused) = reply.send(reserved) {
                     for r in unused.into_iter().flatten() {
                         if let Some(worker) = self.workers.get_mut(&r.session) {
-                            worker.free += 1;
+                            worker.held = worker.held.saturating_sub(1);
                         }
                     }
                 }
             }
             Command::Credit { session, slots } => {
                 if let Some(worker) = self.workers.get_mut(&session) {
-                    worker.free = worker.free.saturating_add(slots);
+                    worker.held = worker.held.saturating_sub(slots);
                     worker.pace.freed(slots);
                     worker.freed_at.get_or_insert_with(Instant::now);
                     // A freed slot is worth a claim only if work may be waiting: the last
@@ -579,6 +618,14 @@ impl Dispatcher {
                     let undelivered = worker.feed();
                     self.returned
                         .push((worker.registration.tenant.clone(), undelivered));
+                }
+            }
+            Command::Released { session, leases } => {
+                if let Some(worker) = self.workers.get_mut(&session) {
+                    worker.held = worker.held.saturating_sub(leases);
+                    // Leases that waited too long in the worker's queue: it has slowed down,
+                    // so it gets no more ahead of its slots until its pace shows again.
+                    worker.pace.stalled();
                 }
             }
             Command::Drain { session } => {
@@ -635,7 +682,7 @@ impl Dispatcher {
             .values_mut()
             .filter(|w| {
                 let r = &w.registration;
-                w.free > 0
+                w.free() > 0
                     && !w.draining
                     && !w.backlog
                     && w.ready.is_empty()
@@ -643,8 +690,8 @@ impl Dispatcher {
                     && r.queues.contains(&job.queue)
                     && r.job_types.contains(&job.job_type)
             })
-            .max_by_key(|w| w.free)?;
-        worker.free -= 1;
+            .max_by_key(|w| w.free())?;
+        worker.held += 1;
         let r = &worker.registration;
         Some(Reservation {
             session: r.session,
@@ -655,26 +702,27 @@ impl Dispatcher {
     }
 
     /// Starts a claim for every worker that has none in flight, may find work, and is short of
-    /// leases: its free slots plus those it should hold ready. A worker that holds no ready
-    /// leases lets freed slots gather (see [`CLAIM_DEBOUNCE`]); one that claims ahead tops up
-    /// once half of its ready leases are spent, so the claim lands before they run out.
+    /// leases: its free slots plus those it should hold ahead (ready here or queued at the
+    /// worker). A worker that holds none ahead lets freed slots gather (see
+    /// [`CLAIM_DEBOUNCE`]); one that claims ahead tops up once half of those are spent, so the
+    /// claim lands before they run out.
     fn dispatch(&mut self) {
         for (&session, worker) in &mut self.workers {
             if worker.claiming || !worker.hungry || worker.draining {
                 continue;
             }
             let ahead = worker.pace.ahead(worker.slots);
-            let ready = u32::try_from(worker.ready.len()).unwrap_or(u32::MAX);
-            let want = (worker.free + ahead).saturating_sub(ready);
+            let (free, waiting) = (worker.free(), worker.waiting());
+            let want = (free + ahead).saturating_sub(waiting);
             if want == 0 {
                 worker.freed_at = None;
                 continue;
             }
             let settled = if ahead > 0 {
-                ready * 2 <= ahead
+                waiting * 2 <= ahead
             } else {
-                worker.free == worker.slots
-                    || worker.free * 2 >= worker.slots
+                free == worker.slots
+                    || free * 2 >= worker.slots
                     || worker
                         .freed_at
                         .is_none_or(|at| at.elapsed() >= CLAIM_DEBOUNCE)
@@ -701,7 +749,7 @@ impl Dispatcher {
                 unlimited,
                 limited,
                 want,
-                free: worker.free,
+                free,
                 lease: self.lease_duration,
             };
             let store = self.store.clone();

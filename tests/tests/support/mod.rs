@@ -103,40 +103,55 @@ impl RawWorker {
         slots: i32,
         running: Vec<pb::LeaseRef>,
     ) -> Self {
+        Self::try_connect(url, hello(worker_id, job_types, slots, running))
+            .await
+            .expect("the server welcomes the worker")
+    }
+
+    /// A worker that holds up to `prefetch` leases beyond its slots.
+    pub async fn connect_prefetching(
+        url: &str,
+        worker_id: &str,
+        job_types: &[&str],
+        slots: i32,
+        prefetch: i32,
+    ) -> Self {
+        let hello = pb::Hello {
+            prefetch,
+            ..hello(worker_id, job_types, slots, Vec::new())
+        };
+        Self::try_connect(url, hello)
+            .await
+            .expect("the server welcomes the worker")
+    }
+
+    /// Opens a stream with `hello`; the server's refusal comes back as its status.
+    pub async fn try_connect(url: &str, hello: pb::Hello) -> Result<Self, Status> {
         let (tx, out_rx) = mpsc::channel(64);
         tx.send(pb::ConnectRequest {
-            message: Some(In::Hello(pb::Hello {
-                worker_id: worker_id.into(),
-                job_types: job_types.iter().map(|s| s.to_string()).collect(),
-                queues: vec![],
-                slots,
-                running,
-                schemas: vec![],
-            })),
+            message: Some(In::Hello(hello)),
         })
         .await
         .expect("queue hello");
         let mut client = WorkerServiceClient::new(channel(url).await);
         let mut rx = client
             .connect(ReceiverStream::new(out_rx))
-            .await
-            .expect("open worker stream")
+            .await?
             .into_inner();
         let first = tokio::time::timeout(WAIT, rx.message())
             .await
-            .expect("welcome in time")
-            .expect("stream ok")
+            .expect("welcome in time")?
             .expect("a message");
         let Some(Out::Welcome(welcome)) = first.message else {
             panic!("expected welcome, got {first:?}");
         };
-        Self {
+        Ok(Self {
             tx,
             rx,
             welcome,
             next_request: 1,
             backlog: Vec::new(),
-        }
+        })
     }
 
     async fn send(&self, message: In) {
@@ -155,6 +170,54 @@ impl RawWorker {
             .expect("stream ok")
             .expect("stream not closed");
         message.message.expect("message set")
+    }
+
+    /// The next lease if one comes within `wait`, those already read past first.
+    pub async fn lease_within(&mut self, wait: Duration) -> Option<pb::Lease> {
+        if let Some(i) = self.backlog.iter().position(|m| matches!(m, Out::Lease(_)))
+            && let Out::Lease(lease) = self.backlog.remove(i)
+        {
+            return Some(lease);
+        }
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let message = tokio::time::timeout_at(deadline, self.rx.message())
+                .await
+                .ok()?
+                .expect("stream ok")
+                .expect("stream not closed");
+            match message.message.expect("message set") {
+                Out::Lease(lease) => return Some(lease),
+                other => self.backlog.push(other),
+            }
+        }
+    }
+
+    /// Hands back leases unstarted, and waits for the answer.
+    pub async fn release(&mut self, leases: &[&pb::Lease]) -> pb::Ack {
+        let request_id = self.next_request;
+        self.next_request += 1;
+        self.send(In::Release(pb::ReleaseLeases {
+            request_id,
+            leases: leases
+                .iter()
+                .map(|l| pb::LeaseRef {
+                    job_id: l.job_id.clone(),
+                    attempt: l.attempt,
+                })
+                .collect(),
+        }))
+        .await;
+        self.ack(request_id).await
+    }
+
+    /// Sends a hand-back as given, and waits for the answer.
+    pub async fn release_refs(&mut self, leases: Vec<pb::LeaseRef>) -> pb::Ack {
+        let request_id = self.next_request;
+        self.next_request += 1;
+        self.send(In::Release(pb::ReleaseLeases { request_id, leases }))
+            .await;
+        self.ack(request_id).await
     }
 
     pub async fn next_lease(&mut self) -> pb::Lease {
@@ -304,6 +367,24 @@ impl RawWorker {
                 other => self.backlog.push(other),
             }
         }
+    }
+}
+
+/// A hello with no prefetch and no schemas.
+pub fn hello(
+    worker_id: &str,
+    job_types: &[&str],
+    slots: i32,
+    running: Vec<pb::LeaseRef>,
+) -> pb::Hello {
+    pb::Hello {
+        worker_id: worker_id.into(),
+        job_types: job_types.iter().map(|s| s.to_string()).collect(),
+        queues: vec![],
+        slots,
+        running,
+        schemas: vec![],
+        prefetch: 0,
     }
 }
 
