@@ -182,13 +182,13 @@ pub struct WorkerProcess {
 }
 
 impl WorkerProcess {
-    /// Starts `jobwire-bench worker` against `server_url` with `concurrency` slots and, when
+    /// Starts `jobwire-bench worker` against `server_url` with `slots` and `prefetch` and, when
     /// given, the SDK's progress interval (its default otherwise). It connects in the
     /// background; a workload that needs it connected waits for a warm-up job.
     pub fn start(
         server_url: &str,
         handler: Handler,
-        concurrency: usize,
+        (slots, prefetch): (usize, usize),
         progress_interval: Option<Duration>,
     ) -> anyhow::Result<Self> {
         let handler = clap::ValueEnum::to_possible_value(&handler)
@@ -199,7 +199,8 @@ impl WorkerProcess {
         command
             .arg("worker")
             .args(["--url", server_url, "--handler", &handler])
-            .args(["--concurrency", &concurrency.to_string()]);
+            .args(["--concurrency", &slots.to_string()])
+            .args(["--prefetch", &prefetch.to_string()]);
         if let Some(interval) = progress_interval {
             command.args(["--progress-interval-ms", &interval.as_millis().to_string()]);
         }

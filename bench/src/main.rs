@@ -43,6 +43,10 @@ struct Args {
         ignore_case = true
     )]
     workloads: Vec<Workload>,
+    /// Leases each W1 and W3 worker holds beyond its slots (`Worker::prefetch`), as Graphile
+    /// Worker's batched settings keep a local queue; 0 turns it off.
+    #[arg(long, default_value_t = 20)]
+    prefetch: usize,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -91,9 +95,11 @@ async fn main() -> anyhow::Result<()> {
     for &workload in &args.workloads {
         let run = async {
             match workload {
-                Workload::BulkDrain => workloads::bulk_drain::run(&pg).await,
+                Workload::BulkDrain => workloads::bulk_drain::run(&pg, args.prefetch).await,
                 Workload::PickupLatency => workloads::pickup_latency::run(&pg).await,
-                Workload::ConcurrentEnqueue => workloads::concurrent_enqueue::run(&pg).await,
+                Workload::ConcurrentEnqueue => {
+                    workloads::concurrent_enqueue::run(&pg, args.prefetch).await
+                }
                 Workload::WatchFanout => workloads::watch_fanout::run(&pg).await,
                 Workload::CrossReplica => workloads::cross_replica::run(&pg).await,
             }

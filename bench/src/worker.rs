@@ -30,6 +30,9 @@ pub struct WorkerArgs {
     /// Handler slots.
     #[arg(long)]
     pub concurrency: usize,
+    /// Leases held beyond the slots.
+    #[arg(long, default_value_t = 0)]
+    pub prefetch: usize,
     /// The job type to serve.
     #[arg(long, value_enum)]
     pub handler: Handler,
@@ -54,7 +57,8 @@ pub enum Handler {
 pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let mut builder = Worker::builder(args.url)
         .worker_id(format!("bench-{}", std::process::id()))
-        .concurrency(args.concurrency);
+        .concurrency(args.concurrency)
+        .prefetch(args.prefetch);
     if let Some(interval) = args.progress_interval_ms {
         builder = builder.progress_interval(Duration::from_millis(interval));
     }

@@ -22,7 +22,7 @@ const JOBS: usize = 20_000;
 const CHUNK: usize = 1_000;
 const SLOTS: usize = 20;
 
-pub async fn run(pg: &Postgres) -> anyhow::Result<Report> {
+pub async fn run(pg: &Postgres, prefetch: usize) -> anyhow::Result<Report> {
     let url = pg.fresh_database("jobwire_bench_w1").await?;
     let server = Server::start(&url, &[])?;
     let mut ledger = Ledger::connect(&url).await?;
@@ -39,7 +39,7 @@ pub async fn run(pg: &Postgres) -> anyhow::Result<Report> {
     }
 
     let drain_start = Instant::now();
-    let mut worker = WorkerProcess::start(&server.url, Handler::Noop, SLOTS, None)?;
+    let mut worker = WorkerProcess::start(&server.url, Handler::Noop, (SLOTS, prefetch), None)?;
     let drained = worker.while_running(ledger.wait_until_settled()).await? - drain_start;
     ledger.ensure_succeeded(JOBS).await?;
     worker.stop().await?;

@@ -23,11 +23,11 @@ const JOBS: usize = 20_000;
 const PRODUCERS: usize = 8;
 const SLOTS: usize = 20;
 
-pub async fn run(pg: &Postgres) -> anyhow::Result<Report> {
+pub async fn run(pg: &Postgres, prefetch: usize) -> anyhow::Result<Report> {
     let url = pg.fresh_database("jobwire_bench_w3").await?;
     let server = Server::start(&url, &[])?;
     let mut ledger = Ledger::connect(&url).await?;
-    let mut worker = WorkerProcess::start(&server.url, Handler::Noop, SLOTS, None)?;
+    let mut worker = WorkerProcess::start(&server.url, Handler::Noop, (SLOTS, prefetch), None)?;
     let warm_up = Client::connect(server.url.clone()).await?;
     worker
         .while_running(async {

@@ -98,6 +98,7 @@ pub async fn run(pg: &Postgres) -> anyhow::Result<Report> {
         slots: 1,
         running: vec![],
         schemas: vec![],
+        prefetch: 0,
     })))
     .await?;
     let mut stream = WorkerServiceClient::new(channel(&a.url).await?)

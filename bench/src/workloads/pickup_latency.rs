@@ -39,7 +39,7 @@ pub async fn run(pg: &Postgres) -> anyhow::Result<Report> {
     let url = pg.fresh_database("jobwire_bench_w2").await?;
     let server = Server::start(&url, &[])?;
     let mut ledger = Ledger::connect(&url).await?;
-    let mut worker = WorkerProcess::start(&server.url, Handler::Stamp, SLOTS, None)?;
+    let mut worker = WorkerProcess::start(&server.url, Handler::Stamp, (SLOTS, 0), None)?;
     let lines = worker.lines()?;
     let client = Client::connect(server.url.clone()).await?;
 

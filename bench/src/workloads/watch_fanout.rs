@@ -84,8 +84,12 @@ pub async fn run(pg: &Postgres) -> anyhow::Result<Report> {
         }
     }
 
-    let mut worker =
-        WorkerProcess::start(&server.url, Handler::Beat, JOBS, Some(PROGRESS_INTERVAL))?;
+    let mut worker = WorkerProcess::start(
+        &server.url,
+        Handler::Beat,
+        (JOBS, 0),
+        Some(PROGRESS_INTERVAL),
+    )?;
     let watched = worker
         .while_running(async {
             let mut watched = Vec::with_capacity(JOBS);
