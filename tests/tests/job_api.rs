@@ -889,3 +889,70 @@ async fn a_prefetching_worker_holds_its_slots_and_prefetch_and_hands_back_what_i
         ack.message
     );
 }
+
+/// A cancel asked while the job's lease waits on the server for its worker (claimed ahead, so
+/// no stream holds it yet) reaches the worker with the lease, not at a heartbeat seconds later;
+/// a lease that waits too long is handed back instead, and the job ends cancelled unstarted.
+#[tokio::test]
+async fn a_cancel_asked_while_the_lease_waits_on_the_server_reaches_the_worker_with_it() {
+    let db = test_db().await;
+    let pool = db.pool().await;
+    let server = ServerProcess::start(&db, &[]).await;
+    let url = server.url();
+    let mut client = jobs(&url).await;
+    client
+        .enqueue_jobs(pb::EnqueueJobsRequest {
+            jobs: (0..400).map(|_| spec("type.ahead", "default")).collect(),
+        })
+        .await
+        .expect("enqueue");
+    // No heartbeats from this worker: a stop can only reach it unprompted.
+    let mut worker = RawWorker::connect(&url, "ahead", &["type.ahead"], 1).await;
+    let mut completed = Vec::new();
+    for _ in 0..300 {
+        let lease = worker.next_lease().await;
+        worker.complete_nowait(&lease.job_id, lease.attempt).await;
+        completed.push(lease.job_id);
+    }
+    let current = worker.next_lease().await;
+    completed.push(current.job_id.clone());
+    // The next lease in claim order that the worker has not seen: held ready for it.
+    let victim: String = sqlx::query_scalar(
+        "SELECT id::text FROM jobs WHERE state = 'running' AND NOT id::text = ANY($1) \
+         ORDER BY priority DESC, run_at, id LIMIT 1",
+    )
+    .bind(&completed)
+    .fetch_one(&pool)
+    .await
+    .expect("a lease claimed ahead");
+    client
+        .cancel_job(pb::CancelJobRequest {
+            id: victim.clone(),
+            reason: "not needed".into(),
+        })
+        .await
+        .expect("cancel");
+    worker
+        .complete_nowait(&current.job_id, current.attempt)
+        .await;
+
+    let next = worker
+        .lease_within(Duration::from_secs(2))
+        .await
+        .expect("the worker has room for the next lease");
+    if next.job_id == victim {
+        let stop = tokio::time::timeout(Duration::from_secs(2), worker.next_stop())
+            .await
+            .expect("the stop follows the lease, without waiting for a heartbeat");
+        assert_eq!(stop.reason, pb::StopReason::Cancelled as i32);
+        assert_eq!(
+            stop.lease.map(|l| l.job_id),
+            Some(victim.clone()),
+            "the stop names the lease just sent"
+        );
+    } else {
+        let job = get(&mut client, &victim).await;
+        assert_eq!(state(&job), pb::JobState::Cancelled);
+        assert_eq!(job.attempt, 0, "handed back before it reached the worker");
+    }
+}

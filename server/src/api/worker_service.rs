@@ -13,10 +13,10 @@
 //! (invariant 3).
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet, VecDeque},
     pin::Pin,
     sync::atomic::{AtomicU64, Ordering},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use futures::{StreamExt, stream::FuturesUnordered};
@@ -56,6 +56,13 @@ const MAX_LOG_LINES: usize = 1000;
 const MAX_LOG_LINE: usize = 8192;
 const MAX_PROGRESS_TEXT: usize = 1024;
 const MAX_PROGRESS_DATA: usize = 64 * 1024;
+/// How long a stream remembers a stop for a lease it does not hold, in case the lease is on its
+/// way to it: claimed ahead, a lease waits at most 250 ms in the dispatcher, then a moment in
+/// the channel to the stream.
+const PENDING_STOP_TTL: Duration = Duration::from_secs(1);
+/// The most such stops a stream remembers; beyond it (a bulk cancel) the oldest are forgotten,
+/// and their leases learn of the stop at their next heartbeat, as before.
+const MAX_PENDING_STOPS: usize = 65_536;
 
 /// Timings and limits a session enforces.
 #[derive(Debug, Clone)]
@@ -120,6 +127,7 @@ impl WorkerService for WorkerApi {
             config: self.config.clone(),
             tx,
             held: HashSet::new(),
+            pending_stops: PendingStops::default(),
         };
         let span = tracing::info_span!("worker_stream", session = id, %tenant);
         self.tasks.spawn(
@@ -291,6 +299,61 @@ struct Session {
     tx: Outbound,
     /// Leases this worker holds through this stream; each returns one slot when settled.
     held: HashSet<LeaseRef>,
+    /// Stops for leases not held when they were asked, passed on if such a lease arrives.
+    pending_stops: PendingStops,
+}
+
+/// Stops asked for leases a stream did not hold at the time, kept for [`PENDING_STOP_TTL`].
+///
+/// A stop is broadcast once, to the streams holding the lease. A lease claimed ahead and held
+/// ready in the dispatcher, or in the channel to its stream, is held by none, so its worker
+/// would hear of the stop only at its next heartbeat renewal (seconds later), by which time a
+/// short job has run to the end despite a cancel.
+#[derive(Debug, Default)]
+struct PendingStops {
+    by_lease: HashMap<LeaseRef, (StopKind, Instant)>,
+    /// The same leases, oldest first, to forget them in order.
+    order: VecDeque<(Instant, LeaseRef)>,
+}
+
+impl PendingStops {
+    fn insert(&mut self, lease: LeaseRef, stop: StopKind, now: Instant) {
+        self.forget_expired(now);
+        if self.order.len() >= MAX_PENDING_STOPS
+            && let Some((at, oldest)) = self.order.pop_front()
+        {
+            self.forget(oldest, at);
+        }
+        self.by_lease.insert(lease, (stop, now));
+        self.order.push_back((now, lease));
+    }
+
+    /// The stop asked for `lease`, if one was asked within the last [`PENDING_STOP_TTL`].
+    fn take(&mut self, lease: &LeaseRef, now: Instant) -> Option<StopKind> {
+        self.forget_expired(now);
+        self.by_lease.remove(lease).map(|(stop, _)| stop)
+    }
+
+    fn forget_expired(&mut self, now: Instant) {
+        while let Some(&(at, lease)) = self.order.front() {
+            if now.duration_since(at) < PENDING_STOP_TTL {
+                break;
+            }
+            self.order.pop_front();
+            self.forget(lease, at);
+        }
+    }
+
+    /// Forgets the stop for `lease` asked at `at`; a later stop for it keeps its own entry.
+    fn forget(&mut self, lease: LeaseRef, at: Instant) {
+        if self
+            .by_lease
+            .get(&lease)
+            .is_some_and(|&(_, seen)| seen == at)
+        {
+            self.by_lease.remove(&lease);
+        }
+    }
 }
 
 /// Why a session ended.
@@ -471,6 +534,11 @@ impl Session {
                         self.release(vec![lease]).await;
                         break End::WorkerLeft;
                     }
+                    if let Some(stop) = self.pending_stops.take(&lease, Instant::now())
+                        && !self.stop_signal(StopSignal { tenant: self.tenant.clone(), lease, stop }).await
+                    {
+                        break End::WorkerLeft;
+                    }
                 }
                 Some(ack) = acks.next(), if !acks.is_empty() => {
                     if !self.send(Out::Ack(ack)).await {
@@ -623,9 +691,15 @@ impl Session {
         }));
     }
 
-    /// Tells the worker of a stop requested for one of its leases.
-    async fn stop_signal(&self, signal: StopSignal) -> bool {
-        if signal.tenant != self.tenant || !self.held.contains(&signal.lease) {
+    /// Tells the worker of a stop requested for one of its leases, or remembers it for a while
+    /// if the lease may still be on its way here.
+    async fn stop_signal(&mut self, signal: StopSignal) -> bool {
+        if signal.tenant != self.tenant {
+            return true;
+        }
+        if !self.held.contains(&signal.lease) {
+            self.pending_stops
+                .insert(signal.lease, signal.stop, Instant::now());
             return true;
         }
         let (reason, message) = stop_reason(signal.stop);
@@ -882,5 +956,62 @@ impl Session {
                 }
             }
         }));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease(n: u128) -> LeaseRef {
+        LeaseRef {
+            job_id: JobId(uuid::Uuid::from_u128(n)),
+            attempt: 1,
+        }
+    }
+
+    #[test]
+    fn a_stop_for_a_lease_not_held_is_passed_on_once_while_it_is_recent() {
+        let mut stops = PendingStops::default();
+        let start = Instant::now();
+        stops.insert(lease(1), StopKind::Cancel, start);
+        stops.insert(lease(2), StopKind::Pause, start);
+        assert_eq!(stops.take(&lease(1), start), Some(StopKind::Cancel));
+        assert_eq!(stops.take(&lease(1), start), None, "passed on once");
+        assert_eq!(stops.take(&lease(3), start), None);
+        assert_eq!(
+            stops.take(&lease(2), start + PENDING_STOP_TTL),
+            None,
+            "forgotten"
+        );
+        assert!(stops.by_lease.is_empty() && stops.order.is_empty());
+    }
+
+    #[test]
+    fn a_stop_asked_again_lives_from_its_last_asking() {
+        let mut stops = PendingStops::default();
+        let start = Instant::now();
+        let later = start + PENDING_STOP_TTL / 2;
+        stops.insert(lease(1), StopKind::Pause, start);
+        stops.insert(lease(1), StopKind::Cancel, later);
+        assert_eq!(
+            stops.take(&lease(1), start + PENDING_STOP_TTL),
+            Some(StopKind::Cancel)
+        );
+    }
+
+    #[test]
+    fn a_bulk_of_stops_forgets_the_oldest_beyond_the_cap() {
+        let mut stops = PendingStops::default();
+        let now = Instant::now();
+        for n in 0..=MAX_PENDING_STOPS as u128 {
+            stops.insert(lease(n), StopKind::Cancel, now);
+        }
+        assert_eq!(stops.by_lease.len(), MAX_PENDING_STOPS);
+        assert_eq!(stops.take(&lease(0), now), None, "the oldest went first");
+        assert_eq!(
+            stops.take(&lease(MAX_PENDING_STOPS as u128), now),
+            Some(StopKind::Cancel)
+        );
     }
 }
