@@ -25,6 +25,16 @@ async fn count(pool: &PgPool, sql: &'static str, queue: &str) -> i64 {
     n
 }
 
+/// Enqueues `total` jobs into `queue` that succeed at once.
+async fn enqueue_instant_jobs(client: &Client, queue: &str, total: i64) {
+    client
+        .enqueue_many(
+            (0..total as u64).map(|i| client.enqueue(Sleep::succeeding(0, i)).queue(queue)),
+        )
+        .await
+        .expect("enqueued");
+}
+
 async fn wait_all_succeeded(pool: &PgPool, queue: &str, total: i64) {
     eventually(
         &format!("{total} jobs of {queue} succeeded"),
@@ -465,12 +475,7 @@ async fn leases_claimed_ahead_wait_on_the_server_and_go_back_on_a_pause() {
     let server = ServerProcess::start(&db, &[]).await;
     let client = Client::connect(server.url()).await.expect("client");
     let total: i64 = 3_000;
-    client
-        .enqueue_many(
-            (0..total as u64).map(|i| client.enqueue(Sleep::succeeding(0, i)).queue("ahead")),
-        )
-        .await
-        .expect("enqueued");
+    enqueue_instant_jobs(&client, "ahead", total).await;
 
     let slots = 4;
     let gauge = Arc::new(Gauge::default());
@@ -713,12 +718,7 @@ async fn a_draining_worker_hands_back_its_prefetched_leases() {
     let server = ServerProcess::start(&db, &[]).await;
     let client = Client::connect(server.url()).await.expect("client");
     let total: i64 = 3_000;
-    client
-        .enqueue_many(
-            (0..total as u64).map(|i| client.enqueue(Sleep::succeeding(0, i)).queue("drainq")),
-        )
-        .await
-        .expect("enqueued");
+    enqueue_instant_jobs(&client, "drainq", total).await;
 
     let slots = 2;
     let gauge = Arc::new(Gauge::default());

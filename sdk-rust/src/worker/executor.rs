@@ -568,18 +568,22 @@ mod tests {
         leases.iter().map(|l| l.job_id.as_str()).collect()
     }
 
+    /// An executor with one slot, busy with a handler that waits to be stopped (`j1`), and
+    /// `queued` leases behind it (`j2`, `j3`, ...).
+    fn busy(prefetch: usize, queued: usize) -> Executor {
+        let mut executor = executor(1, prefetch);
+        for n in 1..=queued + 1 {
+            let mode = if n == 1 { "wait" } else { "ok" };
+            executor
+                .start(lease(&format!("j{n}"), "test.work", mode))
+                .expect("started or queued");
+        }
+        executor
+    }
+
     #[tokio::test]
     async fn leases_beyond_the_slots_wait_in_the_queue_and_start_as_a_slot_frees() {
-        let mut executor = executor(1, 2);
-        executor
-            .start(lease("j1", "test.work", "wait"))
-            .expect("starts");
-        executor
-            .start(lease("j2", "test.work", "ok"))
-            .expect("queued");
-        executor
-            .start(lease("j3", "test.work", "ok"))
-            .expect("queued");
+        let mut executor = busy(2, 2);
         let refusal = executor
             .start(lease("j4", "test.work", "ok"))
             .expect_err("slot and queue full");
@@ -599,13 +603,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_queued_lease_stopped_is_taken_off_unstarted() {
-        let mut executor = executor(1, 2);
-        executor
-            .start(lease("j1", "test.work", "wait"))
-            .expect("starts");
-        executor
-            .start(lease("j2", "test.work", "ok"))
-            .expect("queued");
+        let mut executor = busy(2, 1);
         assert_eq!(
             executor.stop(&lease_ref("j2"), StopReason::Cancelled),
             Stopping::Unstarted
@@ -626,10 +624,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn queued_leases_go_stale_oldest_first() {
         let wait = Duration::from_millis(250);
-        let mut executor = executor(1, 3);
-        executor
-            .start(lease("j1", "test.work", "wait"))
-            .expect("starts");
+        let mut executor = busy(3, 0);
         assert_eq!(executor.stale_at(wait), None);
         let first = Instant::now();
         executor
