@@ -956,3 +956,34 @@ async fn a_cancel_asked_while_the_lease_waits_on_the_server_reaches_the_worker_w
         assert_eq!(job.attempt, 0, "handed back before it reached the worker");
     }
 }
+
+/// A pause (or a limit change) of a queue asks a prefetching worker that serves it to hand back
+/// the leases it holds queued for it, so none starts after the pause; a worker is not asked
+/// about queues it does not serve.
+#[tokio::test]
+async fn a_paused_queue_asks_prefetching_workers_for_their_queued_leases() {
+    let db = test_db().await;
+    let server = ServerProcess::start(&db, &[]).await;
+    let url = server.url();
+    let mut worker =
+        RawWorker::connect_prefetching(&url, "prefetch", &["type.prefetch"], 1, 4).await;
+    let client = jobwire::Client::connect(url.clone()).await.expect("client");
+    client
+        .queue("elsewhere")
+        .update()
+        .concurrency_limit(Some(2))
+        .create_if_missing()
+        .await
+        .expect("created");
+    client
+        .queue("elsewhere")
+        .pause("not served here")
+        .await
+        .expect("paused");
+    client.queue("default").pause("hold").await.expect("paused");
+    let release = worker.next_release_queued().await;
+    assert_eq!(
+        release.queue, "default",
+        "the first request is for the queue the worker serves"
+    );
+}

@@ -254,6 +254,19 @@ impl Executor {
         self.queued.drain(..).map(|q| lease_ref(&q.lease)).collect()
     }
 
+    /// Takes the queued leases of `queue` off the queue, to hand back.
+    pub(super) fn take_queued_of(&mut self, queue: &str) -> Vec<pb::LeaseRef> {
+        let mut taken = Vec::new();
+        self.queued.retain(|q| {
+            let hit = q.lease.queue == queue;
+            if hit {
+                taken.push(lease_ref(&q.lease));
+            }
+            !hit
+        });
+        taken
+    }
+
     /// The next handler to finish; pending while none runs. Cancel-safe: a result is only taken
     /// from the task set when it is returned.
     pub(super) async fn next_finished(&mut self) -> Finished {
@@ -619,6 +632,21 @@ mod tests {
             .expect("queued");
         assert_eq!(job_ids(&executor.take_queued()), ["j2"]);
         assert_eq!((executor.len(), executor.queued()), (1, 0));
+    }
+
+    #[tokio::test]
+    async fn a_queue_changed_takes_only_its_own_queued_leases() {
+        let mut executor = busy(3, 0);
+        for (job, queue) in [("j2", "a"), ("j3", "b"), ("j4", "a")] {
+            executor
+                .start(pb::Lease {
+                    queue: queue.into(),
+                    ..lease(job, "test.work", "ok")
+                })
+                .expect("queued");
+        }
+        assert_eq!(job_ids(&executor.take_queued_of("a")), ["j2", "j4"]);
+        assert_eq!(job_ids(&executor.take_queued()), ["j3"]);
     }
 
     #[tokio::test(start_paused = true)]

@@ -355,6 +355,18 @@ async fn receive(
                 None => acknowledged(work.outbox.acknowledge(&ack)),
             }
         }
+        Inbound::ReleaseQueued(release) => {
+            let leases = work.executor.take_queued_of(&release.queue);
+            if !leases.is_empty() {
+                tracing::info!(
+                    queue = %release.queue,
+                    count = leases.len(),
+                    "the queue's settings changed; handing back its queued leases"
+                );
+                work.releases.add(leases);
+                out.send_all(work.outgoing()).await?;
+            }
+        }
         Inbound::Welcome(_) => tracing::warn!("ignoring a second welcome on the same stream"),
     }
     Ok(())

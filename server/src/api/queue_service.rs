@@ -35,7 +35,7 @@ impl QueueApi {
 }
 
 fn not_found(error: crate::store::Error, name: &QueueName) -> ApiError {
-    ApiError::from_store(error, || format!("queue {name:?} not found"))
+    ApiError::from_store(error, || format!("queue {:?} not found", name.as_str()))
 }
 
 fn queue_name(value: &str) -> Result<QueueName, ApiError> {

@@ -484,6 +484,8 @@ impl Session {
             return End::WorkerLeft;
         }
         let mut stops = self.engine.stops.subscribe();
+        let mut queue_changes = self.engine.queue_changes.subscribe();
+        let prefetching = hello.prefetch > 0;
 
         let capacity = usize::try_from(hello.slots + hello.prefetch).unwrap_or(1);
         let (lease_tx, mut lease_rx) = mpsc::channel(capacity);
@@ -540,6 +542,21 @@ impl Session {
                         break End::WorkerLeft;
                     }
                 }
+                change = queue_changes.recv(), if prefetching => match change {
+                    Ok(change) => {
+                        if change.tenant == self.tenant
+                            && hello.queues.contains(&change.queue)
+                            && !self.send(Out::ReleaseQueued(pb::ReleaseQueued {
+                                queue: change.queue.as_str().to_owned(),
+                            })).await
+                        {
+                            break End::WorkerLeft;
+                        }
+                    }
+                    // Leases queued meanwhile start within 250 ms or go back unstarted.
+                    Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => break End::Shutdown,
+                },
                 Some(ack) = acks.next(), if !acks.is_empty() => {
                     if !self.send(Out::Ack(ack)).await {
                         break End::WorkerLeft;

@@ -47,10 +47,18 @@ impl StopSignal {
     }
 }
 
+/// A queue whose pause or limits changed.
+#[derive(Debug, Clone)]
+pub struct QueueChange {
+    pub tenant: TenantId,
+    pub queue: QueueName,
+}
+
 pub struct Notifier {
     store: Store,
     dispatcher: DispatcherHandle,
     stops: broadcast::Sender<StopSignal>,
+    queue_changes: broadcast::Sender<QueueChange>,
     due: DueSignal,
 }
 
@@ -84,13 +92,17 @@ impl Notifier {
     pub fn new(
         store: Store,
         dispatcher: DispatcherHandle,
-        stops: broadcast::Sender<StopSignal>,
+        (stops, queue_changes): (
+            broadcast::Sender<StopSignal>,
+            broadcast::Sender<QueueChange>,
+        ),
         due: DueSignal,
     ) -> Self {
         Self {
             store,
             dispatcher,
             stops,
+            queue_changes,
             due,
         }
     }
@@ -135,12 +147,16 @@ impl Notifier {
                     }
                     Ok(Some(notification)) if notification.channel() == QUEUES_CHANNEL => {
                         if let Some((tenant, queue)) = notification.payload().split_once('/') {
-                            self.dispatcher
-                                .queue_changed(
-                                    TenantId::new_unchecked(tenant),
-                                    QueueName::new_unchecked(queue),
-                                )
-                                .await;
+                            let (tenant, queue) = (
+                                TenantId::new_unchecked(tenant),
+                                QueueName::new_unchecked(queue),
+                            );
+                            // No stream listening is fine: no worker queues leases.
+                            let _ = self.queue_changes.send(QueueChange {
+                                tenant: tenant.clone(),
+                                queue: queue.clone(),
+                            });
+                            self.dispatcher.queue_changed(tenant, queue).await;
                         }
                     }
                     Ok(Some(notification)) => {

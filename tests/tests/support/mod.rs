@@ -359,6 +359,24 @@ impl RawWorker {
         self.send(In::Heartbeat(pb::Heartbeat { running })).await;
     }
 
+    /// The next ReleaseQueued, reading past anything else.
+    pub async fn next_release_queued(&mut self) -> pb::ReleaseQueued {
+        if let Some(i) = self
+            .backlog
+            .iter()
+            .position(|m| matches!(m, Out::ReleaseQueued(_)))
+            && let Out::ReleaseQueued(release) = self.backlog.remove(i)
+        {
+            return release;
+        }
+        loop {
+            match self.recv().await {
+                Out::ReleaseQueued(release) => return release,
+                other => self.backlog.push(other),
+            }
+        }
+    }
+
     /// The next StopJob, reading past anything else.
     pub async fn next_stop(&mut self) -> pb::StopJob {
         loop {
