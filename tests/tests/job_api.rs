@@ -676,8 +676,9 @@ async fn a_burst_of_progress_reports_is_answered_report_by_report() {
 }
 
 /// A lease handed back before its worker saw it (its stream closed, or it waited too long on
-/// the server) undoes the attempt. Its job goes back to the queue, unless it was asked to stop
-/// meanwhile: then it ends as asked, cancelled or paused, and is not run again.
+/// the server) does not count as an attempt, and its number is not used again. Its job goes
+/// back to the queue, unless it was asked to stop meanwhile: then it ends as asked, cancelled
+/// or paused, and is not run again.
 #[tokio::test]
 async fn a_lease_handed_back_undelivered_ends_its_job_as_a_stop_asked() {
     let db = test_db().await;
@@ -724,13 +725,18 @@ async fn a_lease_handed_back_undelivered_ends_its_job_as_a_stop_asked() {
 
     let job = get(&mut client, &cancelled.job_id).await;
     assert_eq!(job.state, pb::JobState::Cancelled as i32);
-    assert_eq!(job.attempt, 0, "the undelivered attempt is undone");
+    assert_eq!(
+        (job.attempt, job.attempts_counted),
+        (1, 0),
+        "the undelivered attempt does not count, and keeps its number"
+    );
     assert!(job.finished_at.is_some());
     let job = get(&mut client, &paused.job_id).await;
     assert_eq!(job.state, pb::JobState::Paused as i32);
-    assert_eq!(job.attempt, 0);
+    assert_eq!((job.attempt, job.attempts_counted), (1, 0));
     let job = get(&mut client, &plain.job_id).await;
     assert_eq!(job.state, pb::JobState::Available as i32);
+    assert_eq!((job.attempt, job.attempts_counted), (1, 0));
 
     let pool = db.pool().await;
     let last: Vec<(String, serde_json::Value)> = sqlx::query_as(
@@ -754,10 +760,24 @@ async fn a_lease_handed_back_undelivered_ends_its_job_as_a_stop_asked() {
             ("paused".to_owned(), "later".to_owned()),
         ]
     );
+
+    // Sent again (as a worker does after a broken stream), the hand-back matches nothing: the
+    // next claim of the plain job is attempt 2, not a second attempt 1.
+    let again = store
+        .release_undelivered(&TenantId::default_tenant(), &refs)
+        .await
+        .expect("release again");
+    assert_eq!(again, 0);
+    let mut second = RawWorker::connect(&url, "second", &["type.handback"], 1).await;
+    let lease = second.next_lease().await;
+    assert_eq!(
+        (lease.job_id.as_str(), lease.attempt),
+        (plain.job_id.as_str(), 2)
+    );
 }
 
 /// A worker that keeps pace is sent leases beyond its slots, up to its prefetch and no more.
-/// A lease it hands back unstarted is available again with its attempt undone, or, when its
+/// A lease it hands back unstarted is available again, the attempt not counted, or, when its
 /// job was cancelled meanwhile, ends cancelled; the stop for a queued lease reaches the worker
 /// like any other. Malformed hand-backs and prefetches are refused with the field named.
 #[tokio::test]
@@ -840,9 +860,9 @@ async fn a_prefetching_worker_holds_its_slots_and_prefetch_and_hands_back_what_i
     assert_eq!(Code::from(ack.code), Code::Ok, "{}", ack.message);
     let job = get(&mut client, &queued.job_id).await;
     assert_eq!(state(&job), pb::JobState::Cancelled);
-    assert_eq!(job.attempt, 0, "the attempt never started");
+    assert_eq!(job.attempts_counted, 0, "the attempt never started");
     // The spare went back to the head of the queue. Once the started job completes, the worker
-    // has room again and gets it back as the same first attempt.
+    // has room again and gets it back under a new attempt number, counted as its first.
     let ack = worker
         .complete(&started.job_id, started.attempt, b"done")
         .await;
@@ -850,8 +870,9 @@ async fn a_prefetching_worker_holds_its_slots_and_prefetch_and_hands_back_what_i
     let again = worker.next_lease().await;
     assert_eq!(
         (again.job_id.as_str(), again.attempt),
-        (spare.job_id.as_str(), 1)
+        (spare.job_id.as_str(), spare.attempt + 1)
     );
+    assert_eq!(get(&mut client, &spare.job_id).await.attempts_counted, 1);
     let reasons: Vec<String> = sqlx::query_scalar(
         "SELECT coalesce(data->>'reason', '') FROM job_events \
          WHERE kind = 'state' AND job_id = $1::uuid ORDER BY seq",
@@ -953,7 +974,10 @@ async fn a_cancel_asked_while_the_lease_waits_on_the_server_reaches_the_worker_w
     } else {
         let job = get(&mut client, &victim).await;
         assert_eq!(state(&job), pb::JobState::Cancelled);
-        assert_eq!(job.attempt, 0, "handed back before it reached the worker");
+        assert_eq!(
+            job.attempts_counted, 0,
+            "handed back before it reached the worker"
+        );
     }
 }
 

@@ -254,9 +254,11 @@ impl Store {
             .collect())
     }
 
-    /// Hands back leases that never reached their worker (its stream closed first, or they
-    /// waited too long on the server): the attempt is undone, as no handler ever saw that token,
-    /// and the job is available again. A job asked meanwhile to stop ends as asked, cancelled or
+    /// Hands back leases whose handler never started (they never reached their worker, or it
+    /// handed them back unstarted): the attempt does not count against the job's attempts, and
+    /// the job is available again. Its number is not reused: the next claim takes the next
+    /// one, so a hand-back sent again later (after a broken stream) cannot match that claim,
+    /// and no late message for the old lease can pass for the new one. A job asked meanwhile to stop ends as asked, cancelled or
     /// paused, as it would have when its worker stopped it: sent back to the queue, a cancelled
     /// job would be claimed and run again until a heartbeat passed the cancel on.
     pub async fn release_undelivered(&self, tenant: &TenantId, leases: &[LeaseRef]) -> Result<u64> {
@@ -274,7 +276,8 @@ impl Store {
                          WHEN j.pause_requested_at IS NOT NULL THEN 'paused'::job_state \
                          ELSE 'available'::job_state END, \
                      finished_at = CASE WHEN j.cancel_requested_at IS NOT NULL THEN now() END, \
-                     attempt = j.attempt - 1, lease_owner = NULL, lease_expires_at = NULL, \
+                     attempt_base = j.attempt_base + 1, lease_owner = NULL, \
+                     lease_expires_at = NULL, \
                      pause_requested_at = NULL, updated_at = now() \
                  FROM input i WHERE {LEASE_MATCH} \
                  RETURNING j.id, j.tenant_id, j.attempt, j.queue, j.state, j.cancel_reason, \
