@@ -2,8 +2,9 @@
 //!
 //! A lease is handed back when it waited too long in the prefetch queue, when it was stopped
 //! before it started, or when the worker drains. A hand-back lost with its stream is sent again
-//! on the next one: without it the job would wait for its lease to lapse, and the server skips
-//! leases it no longer holds, so a repeat changes nothing.
+//! on the next one, as is one the database could not take: without it the job would wait for its
+//! lease to lapse. A repeat changes nothing: the server skips leases no longer running, and a
+//! lease's attempt number is never given to a later claim.
 
 use std::collections::HashMap;
 
@@ -59,6 +60,13 @@ impl Releases {
         let code = Code::from(ack.code);
         if code == Code::Ok {
             tracing::debug!(count = leases.len(), "leases handed back");
+        } else if code == Code::Unavailable {
+            tracing::warn!(
+                count = leases.len(),
+                message = %ack.message,
+                "the server could not take leases back yet; they go again with the next message"
+            );
+            self.unsent.extend(leases);
         } else {
             // Nothing to retry with: those leases lapse and the server retries their jobs.
             tracing::warn!(
@@ -127,6 +135,32 @@ mod tests {
         assert!(!releases.acknowledge(&ack(7)));
         assert!(releases.acknowledge(&ack(2)));
         assert!(releases.is_empty());
+    }
+
+    #[test]
+    fn a_hand_back_the_database_could_not_take_goes_again() {
+        let mut releases = Releases::default();
+        let mut ids = RequestIds::default();
+        releases.add((0..2).map(lease));
+        let mut first = Vec::new();
+        releases.outgoing(&mut ids, &mut first);
+        let unavailable = pb::Ack {
+            request_id: 1,
+            code: Code::Unavailable as i32,
+            message: "database unavailable".into(),
+        };
+        assert!(releases.acknowledge(&unavailable));
+        let mut again = Vec::new();
+        releases.outgoing(&mut ids, &mut again);
+        assert_eq!(sent(&again), vec![(2, 2)]);
+
+        let refused = pb::Ack {
+            request_id: 2,
+            code: Code::InvalidArgument as i32,
+            message: "release.leases[0].job_id: not a UUID".into(),
+        };
+        assert!(releases.acknowledge(&refused));
+        assert!(releases.is_empty(), "a refusal is not retried");
     }
 
     #[test]

@@ -275,12 +275,16 @@ fn welcomed(welcome: &pb::Welcome, heartbeat: Duration, work: &mut Work) {
         "connected to the server"
     );
     for lease in &welcome.rejected {
-        if work.executor.stop(lease, StopReason::LeaseLost) != Stopping::NotRunning {
-            tracing::warn!(
+        match work.executor.stop(lease, StopReason::LeaseLost) {
+            Stopping::NotRunning => {}
+            // Not renewed is not yet ended (a stop asked too long ago, say): handing it back
+            // settles it now rather than when the lease lapses.
+            Stopping::Unstarted => work.releases.add([lease.clone()]),
+            Stopping::Asked | Stopping::AlreadyAsked => tracing::warn!(
                 job_id = %lease.job_id,
                 attempt = lease.attempt,
                 "the server no longer honours this lease; its handler was asked to stop"
-            );
+            ),
         }
     }
 }

@@ -23,8 +23,8 @@
 //! that declares a prefetch queue takes that many leases beyond its slots and starts each the
 //! moment a slot frees. The dispatcher fills that queue from the leases it claims ahead, so only
 //! while the worker keeps pace (a slow worker's queue would hold jobs another worker could run);
-//! the worker hands back, with a release, leases that waited too long in it, and the dispatcher
-//! then forgets its pace as it does for leases that went stale here.
+//! the worker hands back, with a release, leases that waited too long in it (by then its slots
+//! have freed nothing for that long, so its pace has dropped to nothing and no more are sent).
 //!
 //! Queues with a concurrency or rate limit are claimed one at a time under the queue's row lock
 //! ([`Store::claim_limited`]); the dispatcher keeps the set of limited queues (re-read when a
@@ -620,12 +620,13 @@ impl Dispatcher {
                         .push((worker.registration.tenant.clone(), undelivered));
                 }
             }
+            // A worker hands back queued leases that waited too long only once all its slots
+            // have been busy that long, by which time its pace has already dropped to nothing
+            // (see `Pace::rate`): nothing more to forget. Other hand-backs (a stop, a drain, a
+            // queue's change) say nothing about its pace.
             Command::Released { session, leases } => {
                 if let Some(worker) = self.workers.get_mut(&session) {
                     worker.held = worker.held.saturating_sub(leases);
-                    // Leases that waited too long in the worker's queue: it has slowed down,
-                    // so it gets no more ahead of its slots until its pace shows again.
-                    worker.pace.stalled();
                 }
             }
             Command::Drain { session } => {
