@@ -3,12 +3,12 @@
 //! The session is the stream's only owner: one loop that `select!`s over the server's messages,
 //! the heartbeat ticker, handlers finishing, handlers' reports (a wake-up from the reports hub,
 //! the reporter's flush deadline, checkpoints), queued leases going stale and the worker's
-//! lifecycle, and writes through a
-//! bounded channel (its capacity is the backpressure on a server that stops reading). It holds
-//! no state of its own that must survive: leases run on in the executor, unsent reports stay in
-//! their buffers and unacknowledged results stay in the outbox, so when the stream breaks the
-//! worker simply starts a new session, which names the leases it still runs in its `Hello` and
-//! sends those results again.
+//! lifecycle, and writes through a bounded channel (its capacity is the backpressure on a server
+//! that stops reading). It holds no state of its own that must survive: leases run (or wait) on
+//! in the executor, unsent reports stay in their buffers, and unacknowledged results and
+//! hand-backs stay in the outbox and the releases, so when the stream breaks the worker simply
+//! starts a new session, which names the leases it still holds in its `Hello` and sends those
+//! results and hand-backs again.
 //!
 //! A session ends when the stream breaks ([`Broken`], and the worker reconnects), when a drain
 //! completes (every handler returned and every result was acknowledged), or when the lifecycle
@@ -223,11 +223,11 @@ pub(super) async fn run(
                 let reports = work.reporter.woken(Instant::now(), &mut work.ids);
                 out.send_all(reports).await.map_err(broken(true))?;
             }
-            () = flush_due(flush_at) => {
+            () = due(flush_at) => {
                 let reports = work.reporter.flush(Instant::now(), &mut work.ids);
                 out.send_all(reports).await.map_err(broken(true))?;
             }
-            () = flush_due(stale_at) => {
+            () = due(stale_at) => {
                 work.release_stale();
                 out.send_all(work.outgoing()).await.map_err(broken(true))?;
             }
@@ -239,7 +239,7 @@ pub(super) async fn run(
             phase = lifecycle.changed() => {
                 work.on_phase(phase);
                 match phase {
-                        Phase::Draining => {
+                    Phase::Draining => {
                         out.send_message(Outbound::Drain(pb::Drain {}))
                             .await
                             .map_err(broken(true))?;
@@ -254,7 +254,7 @@ pub(super) async fn run(
 }
 
 /// Resolves at `at`; pending while there is none.
-async fn flush_due(at: Option<Instant>) {
+async fn due(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
