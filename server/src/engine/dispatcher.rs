@@ -627,6 +627,10 @@ impl Dispatcher {
             Command::Released { session, leases } => {
                 if let Some(worker) = self.workers.get_mut(&session) {
                     worker.held = worker.held.saturating_sub(leases);
+                    // A stop or a queue change freed room that ready leases may fill now.
+                    let undelivered = worker.feed();
+                    self.returned
+                        .push((worker.registration.tenant.clone(), undelivered));
                 }
             }
             Command::Drain { session } => {
