@@ -168,7 +168,56 @@ async fn cancel_retry_and_idempotency() {
         .into_inner();
     assert!(first.created);
     assert!(!second.created);
-    assert_eq!(first.job.expect("job").id, second.job.expect("job").id);
+    let first_id = first.job.expect("job").id;
+    assert_eq!(first_id, second.job.expect("job").id);
+
+    // A batch answers each job in request order, with its state; a key used before answers
+    // with the job that holds it.
+    let keyed = |key: &str| pb::JobSpec {
+        idempotency_key: key.into(),
+        ..spec("type.keyed", "default")
+    };
+    let later = pb::JobSpec {
+        schedule: Some(pb::job_spec::Schedule::Delay(prost_types::Duration {
+            seconds: 3600,
+            nanos: 0,
+        })),
+        ..spec("type.later", "default")
+    };
+    let batch = client
+        .enqueue_jobs(pb::EnqueueJobsRequest {
+            jobs: vec![keyed("batch-1"), keyed("order-42"), later],
+        })
+        .await
+        .expect("keyed batch")
+        .into_inner()
+        .jobs;
+    let answered: Vec<(bool, pb::JobState)> = batch
+        .iter()
+        .map(|j| (j.created, pb::JobState::try_from(j.state).expect("state")))
+        .collect();
+    assert_eq!(
+        answered,
+        [
+            (true, pb::JobState::Available),
+            (false, pb::JobState::Available),
+            (true, pb::JobState::Scheduled),
+        ]
+    );
+    assert_eq!(batch[1].id, first_id);
+    assert_ne!(batch[0].id, first_id);
+    assert_eq!(get(&mut client, &batch[2].id).await.job_type, "type.later");
+    let again = client
+        .enqueue_jobs(pb::EnqueueJobsRequest {
+            jobs: vec![spec("type.plain", "default"), keyed("batch-1")],
+        })
+        .await
+        .expect("second keyed batch")
+        .into_inner()
+        .jobs;
+    assert!(again[0].created);
+    assert!(!again[1].created);
+    assert_eq!(again[1].id, batch[0].id);
 
     // A non-retryable failure fails at once; RetryJob gives it a fresh set of attempts.
     let job = enqueue(&mut client, spec("type.flaky", "default")).await;

@@ -198,15 +198,15 @@ impl JobService for JobApi {
         }
         let outcomes = self
             .store
-            .enqueue_many(&tenant, &jobs)
+            .enqueue_batch(&tenant, &jobs)
             .await
             .map_err(ApiError::from)?;
         Ok(Response::new(pb::EnqueueJobsResponse {
             jobs: outcomes
                 .into_iter()
                 .map(|o| pb::EnqueuedJob {
-                    id: o.job.id.to_string(),
-                    state: o.job.state.to_proto().into(),
+                    id: o.id.to_string(),
+                    state: o.state.to_proto().into(),
                     created: o.created,
                 })
                 .collect(),
