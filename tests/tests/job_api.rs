@@ -11,7 +11,7 @@ use jobwire_server::{
 use std::time::Duration;
 
 use jobwire_tests::{ServerProcess, test_db};
-use support::{RawWorker, assert_status, enqueue, get, jobs, spec};
+use support::{RawWorker, assert_status, enqueue, get, hello, jobs, spec};
 use tonic::Code;
 
 fn state(job: &pb::Job) -> pb::JobState {
@@ -1038,8 +1038,14 @@ async fn a_paused_queue_asks_prefetching_workers_for_their_queued_leases() {
     let db = test_db().await;
     let server = ServerProcess::start(&db, &[]).await;
     let url = server.url();
-    let mut worker =
-        RawWorker::connect_prefetching(&url, "prefetch", &["type.prefetch"], 1, 4).await;
+    let hello = pb::Hello {
+        queues: vec!["default".into(), "second".into()],
+        prefetch: 4,
+        ..hello("prefetch", &["type.prefetch"], 1, Vec::new())
+    };
+    let mut worker = RawWorker::try_connect(&url, hello)
+        .await
+        .expect("the server welcomes the worker");
     let client = jobwire::Client::connect(url.clone()).await.expect("client");
     client
         .queue("elsewhere")
@@ -1058,5 +1064,29 @@ async fn a_paused_queue_asks_prefetching_workers_for_their_queued_leases() {
     assert_eq!(
         release.queue, "default",
         "the first request is for the queue the worker serves"
+    );
+
+    // A resume, or a lifted limit, asks for nothing back: notifications arrive in commit
+    // order, so the next request is for the queue paused after them.
+    client.queue("default").resume().await.expect("resumed");
+    client
+        .queue("default")
+        .update()
+        .concurrency_limit(None)
+        .await
+        .expect("no limit");
+    client.queue("second").pause("hold").await.expect("paused");
+    let release = worker.next_release_queued().await;
+    assert_eq!(release.queue, "second");
+    client
+        .queue("default")
+        .update()
+        .concurrency_limit(Some(3))
+        .await
+        .expect("limited");
+    let release = worker.next_release_queued().await;
+    assert_eq!(
+        release.queue, "default",
+        "a limit asks for queued leases back"
     );
 }

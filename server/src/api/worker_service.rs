@@ -484,7 +484,7 @@ impl Session {
             return End::WorkerLeft;
         }
         let mut stops = self.engine.stops.subscribe();
-        let mut queue_changes = self.engine.queue_changes.subscribe();
+        let mut queue_holds = self.engine.queue_holds.subscribe();
         let prefetching = hello.prefetch > 0;
 
         let capacity = usize::try_from(hello.slots + hello.prefetch).unwrap_or(1);
@@ -542,12 +542,12 @@ impl Session {
                         break End::WorkerLeft;
                     }
                 }
-                change = queue_changes.recv(), if prefetching => match change {
-                    Ok(change) => {
-                        if change.tenant == self.tenant
-                            && hello.queues.contains(&change.queue)
+                hold = queue_holds.recv(), if prefetching => match hold {
+                    Ok(hold) => {
+                        if hold.tenant == self.tenant
+                            && hello.queues.contains(&hold.queue)
                             && !self.send(Out::ReleaseQueued(pb::ReleaseQueued {
-                                queue: change.queue.as_str().to_owned(),
+                                queue: hold.queue.as_str().to_owned(),
                             })).await
                         {
                             break End::WorkerLeft;

@@ -40,7 +40,7 @@ use dispatcher::{Dispatcher, DispatcherHandle};
 use enqueuer::{Enqueuer, EnqueuerHandle};
 use fanout::{Fanout, FanoutHandle};
 use leader::{Elector, Leadership};
-use notifier::{DueSignal, Notifier, QueueChange, StopSignal};
+use notifier::{DueSignal, Notifier, QueueHold, StopSignal};
 use reaper::Reaper;
 use scheduler::Scheduler;
 use statistics::Statistics;
@@ -50,9 +50,9 @@ const ELECTION_INTERVAL: Duration = Duration::from_secs(1);
 /// Stop signals buffered per worker stream; one that lags misses some, and its next heartbeat
 /// delivers them instead.
 const STOP_SIGNALS: usize = 1024;
-/// Queue changes buffered for a slow worker stream; one that lags lets its worker's queued
+/// Queue holds buffered for a slow worker stream; one that lags lets its worker's queued
 /// leases wait out their 250 ms instead.
-const QUEUE_CHANGES: usize = 256;
+const QUEUE_HOLDS: usize = 256;
 
 /// Handles to the running engine, for the API layer.
 #[derive(Clone)]
@@ -64,8 +64,8 @@ pub struct Engine {
     pub fanout: FanoutHandle,
     /// Stop requests for running leases, for the worker streams to pick up.
     pub stops: broadcast::Sender<StopSignal>,
-    /// Queues whose pause or limits changed, for the worker streams whose workers queue leases.
-    pub queue_changes: broadcast::Sender<QueueChange>,
+    /// Queues just paused or limited, for the worker streams whose workers queue leases.
+    pub queue_holds: broadcast::Sender<QueueHold>,
 }
 
 impl Engine {
@@ -83,12 +83,12 @@ impl Engine {
         let (enqueuer, enqueuer_handle) = Enqueuer::new(store.clone(), dispatcher_handle.clone());
         let (elector, leadership) = Elector::new(store.clone(), ELECTION_INTERVAL);
         let (stops, _) = broadcast::channel(STOP_SIGNALS);
-        let (queue_changes, _) = broadcast::channel(QUEUE_CHANGES);
+        let (queue_holds, _) = broadcast::channel(QUEUE_HOLDS);
         let due = DueSignal::default();
         let notifier = Notifier::new(
             store.clone(),
             dispatcher_handle.clone(),
-            (stops.clone(), queue_changes.clone()),
+            (stops.clone(), queue_holds.clone()),
             due.clone(),
         );
         let (fanout, fanout_handle) = Fanout::new(store.clone(), config.watch_poll_interval);
@@ -120,7 +120,7 @@ impl Engine {
             leadership,
             fanout: fanout_handle,
             stops,
-            queue_changes,
+            queue_holds,
         }
     }
 }

@@ -16,7 +16,7 @@ use uuid::Uuid;
 use super::dispatcher::DispatcherHandle;
 use crate::{
     domain::{JobId, LeaseRef, QueueName, TenantId},
-    store::{CONTROL_CHANNEL, DUE_CHANNEL, QUEUES_CHANNEL, StopKind, Store},
+    store::{CONTROL_CHANNEL, DUE_CHANNEL, QUEUE_HOLDS_CHANNEL, QUEUES_CHANNEL, StopKind, Store},
 };
 
 /// A stop requested for a running lease, for whichever stream holds it.
@@ -47,9 +47,9 @@ impl StopSignal {
     }
 }
 
-/// A queue whose pause or limits changed.
+/// A queue that was just paused or limited: workers hand back the leases they queued for it.
 #[derive(Debug, Clone)]
-pub struct QueueChange {
+pub struct QueueHold {
     pub tenant: TenantId,
     pub queue: QueueName,
 }
@@ -58,7 +58,7 @@ pub struct Notifier {
     store: Store,
     dispatcher: DispatcherHandle,
     stops: broadcast::Sender<StopSignal>,
-    queue_changes: broadcast::Sender<QueueChange>,
+    queue_holds: broadcast::Sender<QueueHold>,
     due: DueSignal,
 }
 
@@ -92,17 +92,14 @@ impl Notifier {
     pub fn new(
         store: Store,
         dispatcher: DispatcherHandle,
-        (stops, queue_changes): (
-            broadcast::Sender<StopSignal>,
-            broadcast::Sender<QueueChange>,
-        ),
+        (stops, queue_holds): (broadcast::Sender<StopSignal>, broadcast::Sender<QueueHold>),
         due: DueSignal,
     ) -> Self {
         Self {
             store,
             dispatcher,
             stops,
-            queue_changes,
+            queue_holds,
             due,
         }
     }
@@ -147,16 +144,21 @@ impl Notifier {
                     }
                     Ok(Some(notification)) if notification.channel() == QUEUES_CHANNEL => {
                         if let Some((tenant, queue)) = notification.payload().split_once('/') {
-                            let (tenant, queue) = (
-                                TenantId::new_unchecked(tenant),
-                                QueueName::new_unchecked(queue),
-                            );
+                            self.dispatcher
+                                .queue_changed(
+                                    TenantId::new_unchecked(tenant),
+                                    QueueName::new_unchecked(queue),
+                                )
+                                .await;
+                        }
+                    }
+                    Ok(Some(notification)) if notification.channel() == QUEUE_HOLDS_CHANNEL => {
+                        if let Some((tenant, queue)) = notification.payload().split_once('/') {
                             // No stream listening is fine: no worker queues leases.
-                            let _ = self.queue_changes.send(QueueChange {
-                                tenant: tenant.clone(),
-                                queue: queue.clone(),
+                            let _ = self.queue_holds.send(QueueHold {
+                                tenant: TenantId::new_unchecked(tenant),
+                                queue: QueueName::new_unchecked(queue),
                             });
-                            self.dispatcher.queue_changed(tenant, queue).await;
                         }
                     }
                     Ok(Some(notification)) => {

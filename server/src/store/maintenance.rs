@@ -189,6 +189,7 @@ impl Store {
                 JOBS_CHANNEL,
                 super::CONTROL_CHANNEL,
                 super::QUEUES_CHANNEL,
+                super::QUEUE_HOLDS_CHANNEL,
                 super::DUE_CHANNEL,
             ])
             .await?;

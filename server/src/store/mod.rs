@@ -61,6 +61,12 @@ pub const JOBS_CHANNEL: &str = "jobwire_jobs";
 /// Dispatchers re-read which queues are limited.
 pub const QUEUES_CHANNEL: &str = "jobwire_queues";
 
+/// The channel on which a queue that was just paused or limited asks workers to hand back the
+/// leases they hold queued for it, unstarted; the payload is `tenant/queue`. Separate from
+/// [`QUEUES_CHANNEL`] because a resume or a lifted limit changes the queue too, and handing
+/// back leases then would only churn them.
+pub const QUEUE_HOLDS_CHANNEL: &str = "jobwire_queue_holds";
+
 /// The channel on which a new SCHEDULED job or a changed schedule wakes the leader's timers,
 /// which may now be due earlier than they planned.
 pub const DUE_CHANNEL: &str = "jobwire_due";

@@ -11,7 +11,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use super::{
-    Error, JOBS_CHANNEL, QUEUES_CHANNEL, Result, Store,
+    Error, JOBS_CHANNEL, QUEUE_HOLDS_CHANNEL, QUEUES_CHANNEL, Result, Store,
     leases::{Worker, claim_statement},
     rows::LeasedRow,
 };
@@ -178,6 +178,9 @@ impl Store {
                  RETURNING {QUEUE_COLUMNS} \
              ), wake AS ( \
                  SELECT pg_notify('{QUEUES_CHANNEL}', $1 || '/' || $2) FROM upd \
+                 UNION ALL \
+                 SELECT pg_notify('{QUEUE_HOLDS_CHANNEL}', $1 || '/' || $2) FROM upd \
+                 WHERE upd.concurrency_limit IS NOT NULL OR upd.rate_per_second IS NOT NULL \
              ) \
              SELECT upd.* FROM upd, (SELECT count(*) FROM wake) w"
         );
@@ -222,6 +225,8 @@ impl Store {
                  RETURNING {QUEUE_COLUMNS} \
              ), wake AS ( \
                  SELECT pg_notify('{QUEUES_CHANNEL}', $1 || '/' || $2) FROM upd \
+                 UNION ALL \
+                 SELECT pg_notify('{QUEUE_HOLDS_CHANNEL}', $1 || '/' || $2) FROM upd \
              ) \
              SELECT upd.* FROM upd, (SELECT count(*) FROM wake) w"
         );
