@@ -79,6 +79,8 @@ pub(super) struct Refusal {
 struct Queued {
     lease: pb::Lease,
     handler: ErasedHandler,
+    /// When its attempt began, as this worker's clock reckons it: its arrival, less the time
+    /// the server says it held the lease before sending it.
     since: Instant,
 }
 
@@ -157,10 +159,15 @@ impl Executor {
         }
         if self.queued.len() < self.prefetch {
             tracing::debug!(job_id = %lease_ref.job_id, attempt = lease_ref.attempt, "lease queued");
+            let now = Instant::now();
+            let held = lease
+                .held
+                .and_then(|held| Duration::try_from(held).ok())
+                .unwrap_or_default();
             self.queued.push_back(Queued {
                 lease,
                 handler,
-                since: Instant::now(),
+                since: now.checked_sub(held).unwrap_or(now),
             });
             return Ok(());
         }
@@ -232,21 +239,21 @@ impl Executor {
     pub(super) fn take_stale(&mut self, max_wait: Duration) -> Vec<pb::LeaseRef> {
         let now = Instant::now();
         let mut stale = Vec::new();
-        while self
-            .queued
-            .front()
-            .is_some_and(|q| q.since + max_wait <= now)
-        {
-            if let Some(q) = self.queued.pop_front() {
+        // Not only from the front: a lease the server held longer can be older than one that
+        // arrived before it.
+        self.queued.retain(|q| {
+            let expired = q.since + max_wait <= now;
+            if expired {
                 stale.push(lease_ref(&q.lease));
             }
-        }
+            !expired
+        });
         stale
     }
 
     /// When the oldest queued lease will have waited `max_wait`.
     pub(super) fn stale_at(&self, max_wait: Duration) -> Option<Instant> {
-        self.queued.front().map(|q| q.since + max_wait)
+        self.queued.iter().map(|q| q.since + max_wait).min()
     }
 
     /// Takes every queued lease off the queue, to hand back.
@@ -675,6 +682,33 @@ mod tests {
         assert_eq!(job_ids(&executor.take_stale(wait)), ["j3"]);
         assert_eq!(executor.stale_at(wait), None);
         assert_eq!((executor.len(), executor.queued()), (1, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_the_server_held_goes_stale_sooner() {
+        let wait = Duration::from_millis(250);
+        let mut executor = busy(3, 0);
+        let first = Instant::now();
+        executor
+            .start(lease("j2", "test.work", "ok"))
+            .expect("queued");
+        tokio::time::advance(Duration::from_millis(50)).await;
+        // Claimed 200 ms before it arrived: older than j2, though queued behind it.
+        let held = pb::Lease {
+            held: Some(prost_types::Duration {
+                seconds: 0,
+                nanos: 200_000_000,
+            }),
+            ..lease("j3", "test.work", "ok")
+        };
+        executor.start(held).expect("queued");
+        let j3_claimed = first - Duration::from_millis(150);
+        assert_eq!(executor.stale_at(wait), Some(j3_claimed + wait));
+
+        tokio::time::advance(Duration::from_millis(50)).await;
+        assert_eq!(job_ids(&executor.take_stale(wait)), ["j3"]);
+        assert_eq!(executor.stale_at(wait), Some(first + wait));
+        assert_eq!(executor.queued(), 1);
     }
 
     #[tokio::test]

@@ -18,8 +18,9 @@
 //!
 //! A worker with a prefetch queue holds that many leases beyond its slots and starts each the
 //! moment a slot frees, instead of a round trip to the server later. It hands back, unstarted,
-//! those that waited longer than [`MAX_QUEUED_WAIT`], those stopped before they started, and on
-//! a drain all of them.
+//! those that waited longer than [`MAX_QUEUED_WAIT`] since their claim (the server's hold
+//! included, as each lease reports it), those stopped before they started, and on a drain all of
+//! them.
 //!
 //! Bounds: at most `concurrency` handlers run at once and at most `prefetch` leases wait
 //! (leases beyond both are refused as retryable failures), the outbound channel is bounded, the results awaiting an

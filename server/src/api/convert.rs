@@ -112,8 +112,8 @@ pub fn job(row: JobRow, attempts: &[AttemptRow]) -> pb::Job {
     }
 }
 
-/// The lease message pushed to a worker for a freshly claimed job.
-pub fn lease(leased: LeasedRow) -> pb::Lease {
+/// The lease message pushed to a worker for a freshly claimed job, `held` after its claim.
+pub fn lease(leased: LeasedRow, held: std::time::Duration) -> pb::Lease {
     let row = leased.job;
     let deadline = row
         .timeout_ms
@@ -135,6 +135,7 @@ pub fn lease(leased: LeasedRow) -> pb::Lease {
         expires_at: row.lease_expires_at.map(timestamp),
         labels: row.labels.0,
         created_at: Some(timestamp(row.created_at)),
+        held: prost_types::Duration::try_from(held).ok(),
     }
 }
 

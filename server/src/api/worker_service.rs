@@ -36,7 +36,7 @@ use crate::{
     engine::{
         Engine,
         completer::{Settle, SettleError},
-        dispatcher::{Registration, SessionId},
+        dispatcher::{Outgoing, Registration, SessionId},
         notifier::StopSignal,
     },
     registry::Registry,
@@ -527,11 +527,11 @@ impl Session {
                     Err(broadcast::error::RecvError::Lagged(_)) => {}
                     Err(broadcast::error::RecvError::Closed) => break End::Shutdown,
                 },
-                Some(row) = lease_rx.recv() => {
+                Some(Outgoing { claimed, row }) = lease_rx.recv() => {
                     let lease = LeaseRef { job_id: JobId(row.job.id), attempt: row.job.attempt };
                     tracing::debug!(job_id = %lease.job_id, attempt = lease.attempt, "lease sent");
                     self.held.insert(lease);
-                    if !self.send(Out::Lease(convert::lease(row))).await {
+                    if !self.send(Out::Lease(convert::lease(row, claimed.elapsed()))).await {
                         self.held.remove(&lease);
                         self.release(vec![lease]).await;
                         break End::WorkerLeft;
@@ -567,7 +567,7 @@ impl Session {
         self.engine.dispatcher.unregister(self.id).await;
         lease_rx.close();
         let mut undelivered = Vec::new();
-        while let Some(row) = lease_rx.recv().await {
+        while let Some(Outgoing { row, .. }) = lease_rx.recv().await {
             undelivered.push(LeaseRef {
                 job_id: JobId(row.job.id),
                 attempt: row.job.attempt,

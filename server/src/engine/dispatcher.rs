@@ -90,7 +90,16 @@ pub struct Registration {
     /// Leases it holds at registration (those adopted from an earlier stream).
     pub held: u32,
     /// Where leases are delivered; capacity at least the worker's slots plus its prefetch.
-    pub leases: mpsc::Sender<LeasedRow>,
+    pub leases: mpsc::Sender<Outgoing>,
+}
+
+/// A lease on its way to a worker's stream, with when it was claimed: its attempt's clocks
+/// (lease, deadline) run from the claim, and a worker that queues it needs to know how much of
+/// its wait the server has already used.
+#[derive(Debug)]
+pub struct Outgoing {
+    pub claimed: Instant,
+    pub row: LeasedRow,
 }
 
 /// A free slot of a worker on this replica, set aside for a job being enqueued: the job is
@@ -102,14 +111,19 @@ pub struct Reservation {
     pub session: SessionId,
     pub worker_id: String,
     pub lease: Duration,
-    leases: mpsc::Sender<LeasedRow>,
+    leases: mpsc::Sender<Outgoing>,
 }
 
 impl Reservation {
     /// Hands the started job to the worker's session. False if the session has gone: the
     /// lease is then the caller's to hand back.
     pub fn deliver(&self, row: LeasedRow) -> bool {
-        self.leases.try_send(row).is_ok()
+        self.leases
+            .try_send(Outgoing {
+                claimed: Instant::now(),
+                row,
+            })
+            .is_ok()
     }
 }
 
@@ -276,11 +290,16 @@ impl Worker {
             .saturating_add(self.prefetch.min(self.pace.ahead(self.slots)));
         let mut undelivered = Vec::new();
         while self.held < room {
-            let Some((_, row)) = self.ready.pop_front() else {
+            let Some((claimed, row)) = self.ready.pop_front() else {
                 break;
             };
             let lease = lease_of(&row);
-            if self.registration.leases.try_send(row).is_ok() {
+            if self
+                .registration
+                .leases
+                .try_send(Outgoing { claimed, row })
+                .is_ok()
+            {
                 self.held += 1;
             } else {
                 undelivered.push(lease);
