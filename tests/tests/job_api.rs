@@ -861,8 +861,9 @@ async fn a_prefetching_worker_holds_its_slots_and_prefetch_and_hands_back_what_i
     // long, and those queued behind them would wait for nothing.
     let first = worker.next_lease().await;
     // Each lease says how long the server held it since its claim, for the worker's queue.
-    let held_for = first.held.expect("held").nanos;
-    assert!((0..250_000_000).contains(&held_for), "{held_for}");
+    let held_for = first.held.expect("held");
+    assert_eq!(held_for.seconds, 0, "{held_for:?}");
+    assert!((0..250_000_000).contains(&held_for.nanos), "{held_for:?}");
     assert!(
         worker
             .lease_within(Duration::from_millis(300))

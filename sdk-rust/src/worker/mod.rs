@@ -481,8 +481,8 @@ impl WorkerBuilder {
     /// They wait in a local queue and start the moment a slot frees, rather than a round trip
     /// to the server later; for jobs that take less than a millisecond or two, that round trip
     /// is most of a slot's time. The server fills the queue only while the worker keeps pace,
-    /// and a lease that waits longer than 250 ms is handed back (its attempt's lease and
-    /// timeout run from its claim), as are all queued leases when the worker drains. Leave it
+    /// and a lease still waiting 250 ms after its claim is handed back (its attempt's lease and
+    /// timeout run from the claim), as are all queued leases when the worker drains. Leave it
     /// at 0 for jobs that take longer than that: a queued job then only waits.
     pub fn prefetch(mut self, leases: usize) -> Self {
         self.prefetch = leases;

@@ -365,7 +365,7 @@ async fn receive(
                 tracing::info!(
                     queue = %release.queue,
                     count = leases.len(),
-                    "the queue's settings changed; handing back its queued leases"
+                    "the queue was paused or limited; handing back its queued leases"
                 );
                 work.releases.add(leases);
                 out.send_all(work.outgoing()).await?;

@@ -115,15 +115,10 @@ pub struct Reservation {
 }
 
 impl Reservation {
-    /// Hands the started job to the worker's session. False if the session has gone: the
-    /// lease is then the caller's to hand back.
-    pub fn deliver(&self, row: LeasedRow) -> bool {
-        self.leases
-            .try_send(Outgoing {
-                claimed: Instant::now(),
-                row,
-            })
-            .is_ok()
+    /// Hands the job, started by a statement that began at `claimed`, to the worker's session.
+    /// False if the session has gone: the lease is then the caller's to hand back.
+    pub fn deliver(&self, row: LeasedRow, claimed: Instant) -> bool {
+        self.leases.try_send(Outgoing { claimed, row }).is_ok()
     }
 }
 
@@ -843,10 +838,12 @@ impl Dispatcher {
         if !claimed.rows.is_empty() {
             tracing::debug!(worker = %worker.registration.worker_id, count = claimed.rows.len(), "leased jobs");
         }
+        // Dated from the claim's start, as the database dates the attempt (its `now()`).
         let now = Instant::now();
+        let at = now.checked_sub(claimed.took).unwrap_or(now);
         worker
             .ready
-            .extend(claimed.rows.into_iter().map(|row| (now, row)));
+            .extend(claimed.rows.into_iter().map(|row| (at, row)));
         let undelivered = worker.feed();
         self.returned.push((outcome.tenant, undelivered));
     }

@@ -158,9 +158,10 @@ async fn flush(store: Store, dispatcher: DispatcherHandle, batch: Vec<(TenantId,
                 lease: r.lease,
             });
         }
+        let started = std::time::Instant::now();
         match store.enqueue_many(&tenant, &jobs).await {
             Ok(outcomes) => {
-                hand_over(&store, &dispatcher, &tenant, &outcomes, reserved).await;
+                hand_over(&store, &dispatcher, &tenant, &outcomes, reserved, started).await;
                 for (outcome, reply) in outcomes.into_iter().zip(replies) {
                     let _ = reply.send(Ok(outcome));
                 }
@@ -186,6 +187,7 @@ async fn hand_over(
     tenant: &TenantId,
     outcomes: &[EnqueueOutcome],
     reserved: Vec<Option<Reservation>>,
+    started: std::time::Instant,
 ) {
     let mut unused = Vec::new();
     let mut undelivered = Vec::new();
@@ -202,7 +204,7 @@ async fn hand_over(
             job: job.clone(),
             checkpoint: None,
         };
-        if !reservation.deliver(row) {
+        if !reservation.deliver(row, started) {
             undelivered.push(LeaseRef {
                 job_id: JobId(job.id),
                 attempt: job.attempt,
