@@ -5,8 +5,10 @@
 //! Whatever queued up while earlier batches were being written goes out as one `enqueue_many`
 //! statement per tenant, and each caller is answered once that statement has committed
 //! (invariant 1: an OK still means durable). The collection window is the time the previous
-//! commit took, so a lone caller waits for no timer; under load, up to [`MAX_IN_FLIGHT`]
-//! batches are written at once so that commits overlap.
+//! commit took, so a lone caller waits for no timer. While a batch is being written, the next
+//! one starts beside it only once it holds [`OVERLAP_MIN`] jobs, up to [`MAX_IN_FLIGHT`] at
+//! once: a statement costs the database about as much for one job as for a dozen, so a few
+//! callers are served best by one batch at a time, and a crowd by batches whose commits overlap.
 //!
 //! Validation happens before a job joins a batch, so one caller's bad input cannot fail another's.
 //! A batch that fails on the database fails its callers with a retryable error.
@@ -37,6 +39,12 @@ use crate::{
 const MAX_BATCH: usize = 1000;
 /// Batches written at the same time.
 const MAX_IN_FLIGHT: usize = 4;
+/// The jobs a batch must hold to be written beside one in flight rather than after it. The
+/// enqueue statement's fixed cost is about that of a dozen jobs (`pgbench`, one backend, with
+/// its commit: 0.85-0.98 ms for one job, 1.2 ms for 4, 2.0 ms for 16, 5.5 ms for 64). With every
+/// batch started at once, W3's 8 producers made 13,677 statements of 1.5 jobs for 20,000 jobs,
+/// 11.8 s of the database's time, against 4.8 s in 5,029 statements one at a time.
+const OVERLAP_MIN: usize = 16;
 
 type Reply = oneshot::Sender<Result<EnqueueOutcome, EnqueueError>>;
 
@@ -105,30 +113,39 @@ impl Enqueuer {
     /// Runs until every handle is dropped, then finishes the batches in flight.
     pub async fn run(mut self) {
         let mut writing = JoinSet::new();
-        loop {
-            // Take what is queued once a writer is free; while all are busy, calls accumulate
-            // into the next batch.
-            if writing.len() >= MAX_IN_FLIGHT {
-                writing.join_next().await;
+        let mut pending = Vec::new();
+        let mut open = true;
+        while open || !pending.is_empty() || !writing.is_empty() {
+            if starts_now(writing.len(), pending.len(), open) {
+                while pending.len() < MAX_BATCH {
+                    match self.rx.try_recv() {
+                        Ok(item) => pending.push(item),
+                        Err(_) => break,
+                    }
+                }
+                let batch = std::mem::take(&mut pending);
+                writing.spawn(flush(self.store.clone(), self.dispatcher.clone(), batch));
                 continue;
             }
-            let first = tokio::select! {
+            // Calls accumulate into the next batch while the ones in flight are written.
+            tokio::select! {
                 biased;
-                Some(_) = writing.join_next(), if !writing.is_empty() => continue,
-                first = self.rx.recv() => first,
-            };
-            let Some(first) = first else { break };
-            let mut batch = vec![first];
-            while batch.len() < MAX_BATCH {
-                match self.rx.try_recv() {
-                    Ok(item) => batch.push(item),
-                    Err(_) => break,
-                }
+                Some(_) = writing.join_next(), if !writing.is_empty() => {}
+                item = self.rx.recv(), if open && pending.len() < MAX_BATCH => match item {
+                    Some(item) => pending.push(item),
+                    None => open = false,
+                },
             }
-            writing.spawn(flush(self.store.clone(), self.dispatcher.clone(), batch));
         }
-        while writing.join_next().await.is_some() {}
     }
+}
+
+/// Whether the `pending` calls go out now as a batch, with `in_flight` batches being written and
+/// more calls still able to arrive while `open`: at once when nothing is being written, beside
+/// the batches in flight when there are enough of them, and without waiting once the enqueuer
+/// is closing.
+fn starts_now(in_flight: usize, pending: usize, open: bool) -> bool {
+    pending > 0 && in_flight < MAX_IN_FLIGHT && (in_flight == 0 || pending >= OVERLAP_MIN || !open)
 }
 
 /// Writes one batch, one statement per tenant, and answers its callers.
@@ -222,5 +239,34 @@ async fn hand_over(
 async fn give_back(dispatcher: &DispatcherHandle, reserved: Vec<Option<Reservation>>) {
     for reservation in reserved.into_iter().flatten() {
         dispatcher.credit(reservation.session, 1).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lone_call_goes_at_once_and_a_few_wait_for_the_batch_in_flight() {
+        assert!(starts_now(0, 1, true), "nothing in flight: no wait");
+        assert!(!starts_now(0, 0, true), "nothing to write");
+        assert!(
+            !starts_now(1, OVERLAP_MIN - 1, true),
+            "a few calls wait for the next turn"
+        );
+        assert!(
+            starts_now(1, OVERLAP_MIN, true),
+            "a crowd overlaps the batch in flight"
+        );
+        assert!(starts_now(3, OVERLAP_MIN, true));
+        assert!(
+            !starts_now(MAX_IN_FLIGHT, MAX_BATCH, true),
+            "at most MAX_IN_FLIGHT at once"
+        );
+        assert!(
+            starts_now(1, 1, false),
+            "a closing enqueuer writes what is left at once"
+        );
+        assert!(!starts_now(MAX_IN_FLIGHT, 1, false));
     }
 }
