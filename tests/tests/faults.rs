@@ -16,7 +16,7 @@ use jobwire_tests::{
     jobs::{self, Sleep, SleepOutput},
     test_db,
 };
-use support::{RawWorker, get, jobs as job_client};
+use support::{RawWorker, get, jobs as job_client, spec};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
@@ -242,6 +242,64 @@ async fn killed_server_loses_nothing() {
 
     stop.cancel();
     worker.await.expect("worker stopped");
+}
+
+/// The database drops every connection of a running server (a failover, a restarted
+/// PostgreSQL): a call may fail with UNAVAILABLE (a pooled connection used moments before is not
+/// tested again before use; two or three calls here), never with anything else, and the server
+/// serves again without a restart, its pool rid of the dead connections.
+#[tokio::test]
+async fn a_server_whose_database_connections_drop_serves_again() {
+    let db = test_db().await;
+    let server = ServerProcess::start(&db, &[]).await;
+    let mut client = job_client(&server.url()).await;
+    let enqueue = |client: &mut pb::job_service_client::JobServiceClient<_>| {
+        let mut client = client.clone();
+        async move {
+            client
+                .enqueue_job(pb::EnqueueJobRequest {
+                    job: Some(spec("type.reconnect", "default")),
+                })
+                .await
+        }
+    };
+    enqueue(&mut client).await.expect("first enqueue");
+    let pool = db.pool().await;
+    let dropped: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND application_name LIKE 'jobwire-server/%') t",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("terminate the server's connections");
+    assert!(dropped > 0, "the server held connections");
+
+    let (mut answered, mut in_a_row, mut unavailable) = (1, 0, 0);
+    while in_a_row < 20 {
+        match enqueue(&mut client).await {
+            Ok(response) => {
+                let id = response.into_inner().job.expect("job").id;
+                assert_eq!(get(&mut client, &id).await.id, id);
+                answered += 1;
+                in_a_row += 1;
+            }
+            Err(status) => {
+                assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+                in_a_row = 0;
+                unavailable += 1;
+                assert!(unavailable < 100, "the server never recovered");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs")
+        .fetch_one(&pool)
+        .await
+        .expect("count");
+    assert_eq!(
+        stored, answered,
+        "every answered enqueue is stored, and nothing else"
+    );
 }
 
 /// Two server processes on one database: 2,000 jobs, and no job is ever run by two workers at

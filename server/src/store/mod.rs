@@ -34,7 +34,7 @@ mod schedules;
 use std::time::Duration;
 
 use sqlx::{
-    PgPool,
+    Connection, PgPool,
     postgres::{PgConnectOptions, PgPoolOptions},
 };
 
@@ -112,6 +112,10 @@ impl Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// How long a pooled connection may sit idle and still be used without a test first (HikariCP's
+/// `aliveBypassWindowMs` makes the same trade at 500 ms).
+const IDLE_BEFORE_PING: Duration = Duration::from_millis(500);
+
 /// A handle on the database: a connection pool plus the statements of the submodules.
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -125,6 +129,21 @@ impl Store {
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(10))
+            // sqlx tests a connection (a Sync and its ReadyForQuery, one round trip to the
+            // backend) as it returns to the pool, and by default again as it leaves: the second
+            // test sits on every statement's path. A connection that came back healthy moments
+            // ago is used as it is; one idle long enough for the server or the network to have
+            // dropped it is tested first. A connection the database dropped within that window
+            // fails one statement (UNAVAILABLE to its caller) and is then discarded.
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= IDLE_BEFORE_PING {
+                        conn.ping().await?;
+                    }
+                    Ok(true)
+                })
+            })
             // The pid tells an operator (and the failover tests) which replica holds which
             // session, such as the one holding the leader lock.
             .connect_with(
