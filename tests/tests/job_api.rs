@@ -10,7 +10,7 @@ use jobwire_server::{
 };
 use std::time::Duration;
 
-use jobwire_tests::{ServerProcess, test_db};
+use jobwire_tests::{ServerProcess, eventually, test_db};
 use support::{RawWorker, assert_status, enqueue, get, hello, jobs, spec};
 use tonic::Code;
 
@@ -579,6 +579,99 @@ async fn worker_named_retry_delay_overrides_the_policy() {
         (119..=121).contains(&delay),
         "the next attempt waits the worker's 120 s, not the policy's 5 s: {delay} s"
     );
+}
+
+/// An enqueue whose idempotency key another transaction is inserting waits for it; once that
+/// commits, the enqueue's statement skips the key but cannot see the winner (it committed after
+/// the statement's snapshot), and the job is read again. The single and the batch call are both
+/// answered with the winner, created false, and no second job is written.
+#[tokio::test]
+async fn an_enqueue_racing_an_uncommitted_key_is_answered_with_the_winner() {
+    let db = test_db().await;
+    let server = ServerProcess::start(&db, &[]).await;
+    let mut client = jobs(&server.url()).await;
+    enqueue(&mut client, spec("type.template", "default")).await;
+    let pool = db.pool().await;
+    let mut racer = pool.begin().await.expect("begin");
+    let winner: String = sqlx::query_scalar(
+        "INSERT INTO jobs (id, tenant_id, queue, job_type, payload_type, payload, priority, \
+             state, max_attempts, retry_initial_ms, retry_max_ms, retry_multiplier, retry_jitter, \
+             run_at, idempotency_key) \
+         SELECT gen_random_uuid(), tenant_id, queue, job_type, payload_type, payload, priority, \
+             state, max_attempts, retry_initial_ms, retry_max_ms, retry_multiplier, retry_jitter, \
+             run_at, 'raced' \
+         FROM jobs LIMIT 1 RETURNING id::text",
+    )
+    .fetch_one(&mut *racer)
+    .await
+    .expect("insert the racing job");
+
+    let keyed = pb::JobSpec {
+        idempotency_key: "raced".into(),
+        ..spec("type.keyed", "default")
+    };
+    let single = {
+        let (mut client, job) = (client.clone(), keyed.clone());
+        tokio::spawn(async move {
+            client
+                .enqueue_job(pb::EnqueueJobRequest { job: Some(job) })
+                .await
+        })
+    };
+    let batch = {
+        let (mut client, job) = (client.clone(), keyed.clone());
+        tokio::spawn(async move {
+            client
+                .enqueue_jobs(pb::EnqueueJobsRequest {
+                    jobs: vec![spec("type.plain", "default"), job],
+                })
+                .await
+        })
+    };
+    // Both statements have taken their snapshots and wait on the racing insert's key.
+    eventually(
+        "both enqueues wait on the key",
+        Duration::from_secs(30),
+        || {
+            let pool = pool.clone();
+            async move {
+                let waiting: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND wait_event_type = 'Lock' \
+                   AND application_name LIKE 'jobwire-server/%'",
+                )
+                .fetch_one(&pool)
+                .await
+                .expect("activity");
+                (waiting == 2).then_some(())
+            }
+        },
+    )
+    .await;
+    racer.commit().await.expect("commit the racing job");
+
+    let single = single
+        .await
+        .expect("task")
+        .expect("single enqueue")
+        .into_inner();
+    assert!(!single.created);
+    assert_eq!(single.job.expect("job").id, winner);
+    let batch = batch
+        .await
+        .expect("task")
+        .expect("batch enqueue")
+        .into_inner()
+        .jobs;
+    assert!(batch[0].created);
+    assert!(!batch[1].created);
+    assert_eq!(batch[1].id, winner);
+    let keyed_jobs: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM jobs WHERE idempotency_key = 'raced'")
+            .fetch_one(&pool)
+            .await
+            .expect("count");
+    assert_eq!(keyed_jobs, 1);
 }
 
 /// Concurrent single enqueues are group-committed: every caller is answered after its own
