@@ -206,6 +206,50 @@ async fn watcher_on_one_replica_sees_progress_reported_to_another() {
     assert!(is_terminal(&last.expect("a terminal event")));
 }
 
+/// What a replica's workers report reaches that replica's watchers once it has committed, not
+/// at the next poll of the event log: with a poll interval of a minute, the progress and the end
+/// still arrive within [`WAIT`]. (Reports to another replica arrive at the poll interval.)
+#[tokio::test]
+async fn reports_reach_watchers_when_they_commit_not_at_the_next_poll() {
+    let db = test_db().await;
+    let server = ServerProcess::start(&db, &["--watch-poll-interval", "60s"]).await;
+    let mut client = jobs(&server.url()).await;
+    let job = enqueue(&mut client, spec("type.prompt", "default")).await;
+    let mut worker = RawWorker::connect(&server.url(), "raw", &["type.prompt"], 1).await;
+    let lease = worker.next_lease().await;
+    // A new watcher wakes the loop, which delivers what has committed so far.
+    let mut stream = watch_job(&server.url(), &job.id, 0).await;
+    let mut next = async || {
+        next_event(&mut stream)
+            .await
+            .expect("stream open")
+            .event
+            .expect("event")
+            .event
+    };
+    loop {
+        if let Some(Event::StateChanged(s)) = next().await
+            && s.state == pb::JobState::Running as i32
+        {
+            break;
+        }
+    }
+
+    worker.progress(&job.id, lease.attempt, 1, 2).await;
+    let ack = worker.acks(1).await.remove(0);
+    assert_eq!(ack.code, Code::Ok as i32, "{ack:?}");
+    let Some(Event::Progress(progress)) = next().await else {
+        panic!("the progress event is next");
+    };
+    assert_eq!((progress.items_done, progress.items_total), (1, 2));
+
+    worker.complete(&job.id, lease.attempt, b"ok").await;
+    let Some(Event::StateChanged(done)) = next().await else {
+        panic!("the end is next");
+    };
+    assert_eq!(done.state, pb::JobState::Succeeded as i32);
+}
+
 /// Many dashboards at once while thousands of jobs run: every stream sees every event, once and
 /// in order. A stream that falls behind is ended with RESOURCE_EXHAUSTED and, as the SDK does,
 /// resumed after the last sequence it received (on a busy machine the five that take every event

@@ -19,6 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use std::collections::HashMap;
 
+use super::fanout::FanoutHandle;
 use crate::{
     domain::{JobState, LeaseRef},
     store::{self, Checkpoint, Completion, Failure, LogBatch, ProgressUpdate, SettleResult, Store},
@@ -77,13 +78,14 @@ impl CompleterHandle {
 
 pub struct Completer {
     store: Store,
+    fanout: FanoutHandle,
     rx: mpsc::Receiver<(Settle, Reply)>,
 }
 
 impl Completer {
-    pub fn new(store: Store) -> (Self, CompleterHandle) {
+    pub fn new(store: Store, fanout: FanoutHandle) -> (Self, CompleterHandle) {
         let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
-        (Self { store, rx }, CompleterHandle { tx })
+        (Self { store, fanout, rx }, CompleterHandle { tx })
     }
 
     /// Runs until every handle is dropped and the queue is empty.
@@ -156,10 +158,16 @@ impl Completer {
         }
         answer_matched(logged, logs.1.into_iter().map(|r| vec![r]).collect());
         answer_matched(saved, checkpoints.1.into_iter().map(|r| vec![r]).collect());
+        if !(updates.is_empty() && logs.0.is_empty()) {
+            self.fanout.committed();
+        }
         let (done, failed) = tokio::join!(
             with_retries(|| self.store.complete_many(&completions.0)),
             with_retries(|| self.store.fail_many(&failures.0)),
         );
+        if !(completions.0.is_empty() && failures.0.is_empty()) {
+            self.fanout.committed();
+        }
         answer(done, completions.1);
         answer(failed, failures.1);
     }

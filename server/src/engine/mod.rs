@@ -79,7 +79,6 @@ impl Engine {
     ) -> Self {
         let (dispatcher, dispatcher_handle) =
             Dispatcher::new(store.clone(), config.lease_duration, config.poll_interval);
-        let (completer, completer_handle) = Completer::new(store.clone());
         let (enqueuer, enqueuer_handle) = Enqueuer::new(store.clone(), dispatcher_handle.clone());
         let (elector, leadership) = Elector::new(store.clone(), ELECTION_INTERVAL);
         let (stops, _) = broadcast::channel(STOP_SIGNALS);
@@ -92,6 +91,7 @@ impl Engine {
             due.clone(),
         );
         let (fanout, fanout_handle) = Fanout::new(store.clone(), config.watch_poll_interval);
+        let (completer, completer_handle) = Completer::new(store.clone(), fanout_handle.clone());
         let reaper = Reaper::new(store.clone(), config.reap_interval, leadership.clone());
         let scheduler = Scheduler::new(
             store.clone(),
