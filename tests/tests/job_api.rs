@@ -1127,7 +1127,7 @@ async fn a_cancel_asked_while_the_lease_waits_on_the_server_reaches_the_worker_w
     }
 }
 
-/// A pause (or a limit change) of a queue asks a prefetching worker that serves it to hand back
+/// A pause (or a tightened limit) of a queue asks a prefetching worker that serves it to hand back
 /// the leases it holds queued for it, so none starts after the pause; a worker is not asked
 /// about queues it does not serve.
 #[tokio::test]
@@ -1186,4 +1186,50 @@ async fn a_paused_queue_asks_prefetching_workers_for_their_queued_leases() {
         release.queue, "default",
         "a limit asks for queued leases back"
     );
+
+    // A raised limit asks for nothing back; a lowered one, or a new rate limit, does.
+    client
+        .queue("default")
+        .update()
+        .concurrency_limit(Some(10))
+        .await
+        .expect("raised");
+    client.queue("second").resume().await.expect("resumed");
+    client
+        .queue("second")
+        .pause("marker")
+        .await
+        .expect("paused");
+    let release = worker.next_release_queued().await;
+    assert_eq!(release.queue, "second", "the raise asked for nothing");
+    client
+        .queue("default")
+        .update()
+        .concurrency_limit(Some(5))
+        .await
+        .expect("lowered");
+    let release = worker.next_release_queued().await;
+    assert_eq!(release.queue, "default", "a lowered limit asks");
+    client
+        .queue("default")
+        .update()
+        .rate_limit(Some(jobwire::RateLimit::per_second(50.0).burst(10)))
+        .await
+        .expect("rate limited");
+    let release = worker.next_release_queued().await;
+    assert_eq!(release.queue, "default", "a new rate limit asks");
+    client
+        .queue("default")
+        .update()
+        .rate_limit(Some(jobwire::RateLimit::per_second(100.0).burst(10)))
+        .await
+        .expect("rate raised");
+    client.queue("second").resume().await.expect("resumed");
+    client
+        .queue("second")
+        .pause("marker")
+        .await
+        .expect("paused");
+    let release = worker.next_release_queued().await;
+    assert_eq!(release.queue, "second", "a raised rate asked for nothing");
 }

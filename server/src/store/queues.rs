@@ -154,7 +154,9 @@ impl Store {
 
     /// Changes a queue's limits, creating the queue first when `create` is set. A new rate
     /// limit starts with a full bucket. Every replica is told to re-read which queues are
-    /// limited.
+    /// limited; prefetching workers are asked for their queued leases of the queue only when a
+    /// limit is tightened (set where there was none, or lowered): under a raised limit the
+    /// leases they hold were claimed under a stricter one.
     pub async fn update_queue(
         &self,
         tenant: &TenantId,
@@ -166,6 +168,9 @@ impl Store {
             "WITH ins AS ( \
                  INSERT INTO queues (tenant_id, name) SELECT $1, $2 WHERE $3 \
                  ON CONFLICT DO NOTHING \
+             ), old AS ( \
+                 SELECT q.concurrency_limit AS was_limit, q.rate_per_second AS was_rate \
+                 FROM queues q WHERE q.tenant_id = $1 AND q.name = $2 FOR UPDATE \
              ), upd AS ( \
                  UPDATE queues q SET \
                      concurrency_limit = CASE WHEN $4 THEN $5 ELSE q.concurrency_limit END, \
@@ -174,18 +179,23 @@ impl Store {
                      rate_tokens = CASE WHEN $6 THEN coalesce($8, 0) ELSE q.rate_tokens END, \
                      rate_refilled_at = CASE WHEN $6 THEN now() ELSE q.rate_refilled_at END, \
                      updated_at = now() \
-                 WHERE q.tenant_id = $1 AND q.name = $2 \
-                 RETURNING {QUEUE_COLUMNS} \
+                 FROM old WHERE q.tenant_id = $1 AND q.name = $2 \
+                 RETURNING {QUEUE_COLUMNS}, old.was_limit, old.was_rate \
              ), wake AS ( \
                  SELECT pg_notify('{QUEUES_CHANNEL}', $1 || '/' || $2) FROM upd \
                  UNION ALL \
                  SELECT pg_notify('{QUEUE_HOLDS_CHANNEL}', $1 || '/' || $2) FROM upd \
-                 WHERE upd.concurrency_limit IS NOT NULL OR upd.rate_per_second IS NOT NULL \
+                 WHERE upd.concurrency_limit < upd.was_limit \
+                    OR (upd.concurrency_limit IS NOT NULL AND upd.was_limit IS NULL) \
+                    OR upd.rate_per_second < upd.was_rate \
+                    OR (upd.rate_per_second IS NOT NULL AND upd.was_rate IS NULL) \
              ) \
              SELECT upd.* FROM upd, (SELECT count(*) FROM wake) w"
         );
         // A queue created by this very statement is invisible to its UPDATE (one snapshot), so
-        // a creating call that found nothing to update runs once more.
+        // a creating call that found nothing to update runs once more. The UPDATE reads `old`,
+        // so the row is locked, and its previous limits read, before it changes: a concurrent
+        // change is waited for and compared against.
         for _ in 0..2 {
             let row = sqlx::query_as::<_, QueueRow>(sql)
                 .bind(tenant.as_str())
