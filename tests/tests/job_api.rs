@@ -1194,14 +1194,7 @@ async fn a_paused_queue_asks_prefetching_workers_for_their_queued_leases() {
         .concurrency_limit(Some(10))
         .await
         .expect("raised");
-    client.queue("second").resume().await.expect("resumed");
-    client
-        .queue("second")
-        .pause("marker")
-        .await
-        .expect("paused");
-    let release = worker.next_release_queued().await;
-    assert_eq!(release.queue, "second", "the raise asked for nothing");
+    nothing_asked_since(&client, &mut worker, "the raise asked for nothing").await;
     client
         .queue("default")
         .update()
@@ -1224,6 +1217,12 @@ async fn a_paused_queue_asks_prefetching_workers_for_their_queued_leases() {
         .rate_limit(Some(jobwire::RateLimit::per_second(100.0).burst(10)))
         .await
         .expect("rate raised");
+    nothing_asked_since(&client, &mut worker, "a raised rate asked for nothing").await;
+}
+
+/// Checks that the worker was asked for nothing since its last `ReleaseQueued`: pausing the
+/// queue `second` again, the next request is for it (requests arrive in commit order).
+async fn nothing_asked_since(client: &jobwire::Client, worker: &mut RawWorker, why: &str) {
     client.queue("second").resume().await.expect("resumed");
     client
         .queue("second")
@@ -1231,5 +1230,5 @@ async fn a_paused_queue_asks_prefetching_workers_for_their_queued_leases() {
         .await
         .expect("paused");
     let release = worker.next_release_queued().await;
-    assert_eq!(release.queue, "second", "a raised rate asked for nothing");
+    assert_eq!(release.queue, "second", "{why}");
 }
