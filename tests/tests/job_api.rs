@@ -742,9 +742,49 @@ async fn concurrent_enqueues_share_commits_but_not_failures() {
     assert_eq!(stored, 241);
 }
 
+/// Concurrent single enqueues share their transactions: 200 calls released at once over one
+/// connection are written by at most half as many transactions (jobs written together carry
+/// the same `xmin`). Written one by one, they would take 200.
+#[tokio::test]
+async fn concurrent_enqueues_are_written_by_few_transactions() {
+    const CALLERS: usize = 200;
+    let db = test_db().await;
+    let server = ServerProcess::start(&db, &[]).await;
+    let client = jobs(&server.url()).await;
+    let start = std::sync::Arc::new(tokio::sync::Barrier::new(CALLERS));
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..CALLERS {
+        let mut client = client.clone();
+        let start = start.clone();
+        calls.spawn(async move {
+            start.wait().await;
+            client
+                .enqueue_job(pb::EnqueueJobRequest {
+                    job: Some(spec("type.grouped", "default")),
+                })
+                .await
+                .expect("enqueue");
+        });
+    }
+    while let Some(call) = calls.join_next().await {
+        call.expect("task");
+    }
+    let (stored, transactions): (i64, i64) =
+        sqlx::query_as("SELECT count(*), count(DISTINCT xmin::text) FROM jobs")
+            .fetch_one(&db.pool().await)
+            .await
+            .expect("count");
+    assert_eq!(stored, CALLERS as i64);
+    assert!(
+        transactions * 2 <= stored,
+        "{stored} jobs were written by {transactions} transactions"
+    );
+}
+
 /// Progress reports of hundreds of jobs at once are written in several statements side by side;
 /// each report is still answered for itself: applied, or ABORTED for a lease the worker does not
-/// hold, with nothing written for it.
+/// hold, with nothing written for it. Reports and completions of many jobs take few
+/// transactions.
 #[tokio::test]
 async fn a_burst_of_progress_reports_is_answered_report_by_report() {
     const JOBS: usize = 400;
@@ -815,6 +855,31 @@ async fn a_burst_of_progress_reports_is_answered_report_by_report() {
     .await
     .expect("count");
     assert_eq!(stale_events, 0, "nothing written for a lease not held");
+
+    // Reports and completions are written in batches: rows written by one statement carry its
+    // transaction's id as their `xmin`.
+    for lease in &leases {
+        worker.complete_nowait(&lease.job_id, lease.attempt).await;
+    }
+    for ack in worker.acks(JOBS).await {
+        assert_eq!(Code::from(ack.code), Code::Ok, "{}", ack.message);
+    }
+    let (progress_transactions, completion_transactions): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(DISTINCT xmin::text) FROM job_events WHERE kind = 'progress'), \
+                (SELECT count(DISTINCT xmin::text) FROM jobs WHERE state = 'succeeded')",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("counts");
+    let half = i64::try_from(JOBS / 2).expect("small");
+    assert!(
+        progress_transactions <= half,
+        "{JOBS} progress reports written by {progress_transactions} transactions"
+    );
+    assert!(
+        completion_transactions <= half,
+        "{JOBS} completions written by {completion_transactions} transactions"
+    );
 }
 
 /// A lease handed back before its worker saw it (its stream closed, or it waited too long on
