@@ -864,13 +864,17 @@ async fn a_burst_of_progress_reports_is_answered_report_by_report() {
     for ack in worker.acks(JOBS).await {
         assert_eq!(Code::from(ack.code), Code::Ok, "{}", ack.message);
     }
-    let (progress_transactions, completion_transactions): (i64, i64) = sqlx::query_as(
-        "SELECT (SELECT count(DISTINCT xmin::text) FROM job_events WHERE kind = 'progress'), \
-                (SELECT count(DISTINCT xmin::text) FROM jobs WHERE state = 'succeeded')",
-    )
-    .fetch_one(&pool)
-    .await
-    .expect("counts");
+    let (enqueue_transactions, progress_transactions, completion_transactions): (i64, i64, i64) =
+        sqlx::query_as(
+            "SELECT (SELECT count(DISTINCT xmin::text) FROM job_events \
+                     WHERE kind = 'state' AND state = 'available'), \
+                    (SELECT count(DISTINCT xmin::text) FROM job_events WHERE kind = 'progress'), \
+                    (SELECT count(DISTINCT xmin::text) FROM jobs WHERE state = 'succeeded')",
+        )
+        .fetch_one(&pool)
+        .await
+        .expect("counts");
+    assert_eq!(enqueue_transactions, 1, "EnqueueJobs is one statement");
     let half = i64::try_from(JOBS / 2).expect("small");
     assert!(
         progress_transactions <= half,
