@@ -240,6 +240,8 @@ pub struct Fanout {
     shared: Arc<Shared>,
     /// Horizons waiting for the transactions in progress when they were read to end.
     pending: VecDeque<(i64, SnapshotXids)>,
+    /// The log's last number when last read.
+    read: Option<i64>,
 }
 
 impl Fanout {
@@ -254,6 +256,7 @@ impl Fanout {
                 interval,
                 shared: shared.clone(),
                 pending: VecDeque::new(),
+                read: None,
             },
             FanoutHandle { shared },
         )
@@ -269,8 +272,11 @@ impl Fanout {
 
     pub async fn run(mut self, shutdown: CancellationToken) {
         // Start at the current end of the log: watchers replay history from the store.
-        match self.store.event_watermark().await {
-            Ok((last, xips)) => self.pending.push_back((last, xips)),
+        match self.store.event_watermark(None).await {
+            Ok((last, xips)) => {
+                self.read = Some(last);
+                self.pending.push_back((last, xips.unwrap_or_default()));
+            }
             Err(error) => tracing::warn!(%error, "reading the event watermark failed"),
         }
         loop {
@@ -303,7 +309,14 @@ impl Fanout {
 
     /// Advances the safe horizon, and delivers what lies below it when anyone watches.
     async fn tick(&mut self) -> crate::store::Result<()> {
-        let (last, xips) = self.store.event_watermark().await?;
+        // With no horizon waiting and everything read passed on, only a log that has moved
+        // since gives anything to do.
+        let settled = self
+            .read
+            .filter(|read| self.pending.is_empty() && self.horizon() >= *read);
+        let (last, xips) = self.store.event_watermark(settled).await?;
+        self.read = Some(last);
+        let Some(xips) = xips else { return Ok(()) };
         let in_progress: HashSet<i64> = xips.iter().copied().collect();
         self.pending.push_back((last, xips));
         let mut safe = None;
