@@ -32,9 +32,9 @@ const BUFFER: usize = 4096;
 const PAGE: i64 = 2000;
 /// How often the horizon is refreshed while nobody watches.
 const IDLE_INTERVAL: Duration = Duration::from_millis(100);
-/// The least time between two reads of the log. Each costs the database a scan of its
-/// backends (about 1 ms of its CPU under load), and this replica's commits can wake the loop
-/// faster than that is worth.
+/// The least time between two reads of the log. Each that finds it moved costs the database a
+/// scan of its backends (about 1 ms of its CPU under load), and this replica's commits can wake
+/// the loop faster than that is worth.
 const MIN_TICK_GAP: Duration = Duration::from_millis(1);
 
 /// An event as delivered: the row, and for state changes the job as it is now.
@@ -173,6 +173,15 @@ struct Shared {
     wake: Notify,
 }
 
+impl Shared {
+    fn watched(&self) -> bool {
+        self.state
+            .lock()
+            .map(|s| !s.subscribers.is_empty())
+            .unwrap_or(false)
+    }
+}
+
 /// A cloneable handle for registering watchers.
 #[derive(Clone)]
 pub struct FanoutHandle {
@@ -202,13 +211,7 @@ impl FanoutHandle {
     /// the last of its statements commits, on top of the statements. Nothing happens while
     /// nobody watches; events written by other replicas still arrive at the poll interval.
     pub fn committed(&self) {
-        let watched = self
-            .shared
-            .state
-            .lock()
-            .map(|s| !s.subscribers.is_empty())
-            .unwrap_or(false);
-        if watched {
+        if self.shared.watched() {
             self.shared.wake.notify_one();
         }
     }
@@ -262,14 +265,6 @@ impl Fanout {
         )
     }
 
-    fn watched(&self) -> bool {
-        self.shared
-            .state
-            .lock()
-            .map(|s| !s.subscribers.is_empty())
-            .unwrap_or(false)
-    }
-
     pub async fn run(mut self, shutdown: CancellationToken) {
         // Start at the current end of the log: watchers replay history from the store.
         match self.store.event_watermark(None).await {
@@ -284,7 +279,7 @@ impl Fanout {
             if let Err(error) = self.tick().await {
                 tracing::warn!(%error, "event fanout failed; retrying");
             }
-            let pause = if self.watched() {
+            let pause = if self.shared.watched() {
                 self.interval
             } else {
                 IDLE_INTERVAL

@@ -47,7 +47,7 @@ impl Store {
     /// still `unless_still`, the backends are not read (`None`): nothing has been numbered
     /// since, so there is nothing new to wait for. Reading them costs the database a copy of
     /// every backend's status, about 1 ms of its CPU when busy; a replica with a watcher and
-    /// nothing happening paid it every poll (9 % of a core at 5 ms).
+    /// nothing happening paid it every poll (8 % of a core at 5 ms).
     pub async fn event_watermark(
         &self,
         unless_still: Option<i64>,
