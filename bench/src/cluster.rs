@@ -67,6 +67,10 @@ impl Postgres {
         sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {name}")))
             .execute(&mut conn)
             .await?;
+        // As the peer scripts do before each workload: a checkpoint under way during a run
+        // writes pages beside it, and after one starts, the first change of each page logs the
+        // whole page. Starting every run just after one makes runs alike, and like the peer's.
+        sqlx::query("CHECKPOINT").execute(&mut conn).await?;
         Ok(match self {
             Self::External(url) => {
                 let (base, _) = url.rsplit_once('/').context("DATABASE_URL has no path")?;
