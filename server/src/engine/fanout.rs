@@ -338,10 +338,10 @@ impl Fanout {
             } else {
                 last_row.seq
             };
-            let snapshot_ids: Vec<Uuid> = rows
+            let snapshot_ids: Vec<(&str, Uuid)> = rows
                 .iter()
                 .filter(|r| r.kind == "state")
-                .map(|r| r.job_id)
+                .map(|r| (r.tenant_id.as_str(), r.job_id))
                 .collect::<HashSet<_>>()
                 .into_iter()
                 .collect();

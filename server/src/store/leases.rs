@@ -37,21 +37,21 @@ const PRIOR_OUTCOME: &str = "CASE WHEN upd.id IS NULL THEN ( \
      WHERE p.job_id = i.id AND p.attempt = i.attempt AND p.tenant_id = i.tenant_id) END";
 
 /// Matches a job `j` to an input row `i` naming a running attempt: the fence of invariant 2.
-/// Only `j.id = i.id` can serve as an index condition. Tenant, attempt and state are compared as
-/// one row with IS NOT DISTINCT FROM (all three columns are NOT NULL, so it is plain equality),
-/// which no index serves. As separate equalities they let the planner, working from statistics
-/// taken before a burst of leases (few running jobs), walk `jobs_queue_state` by tenant and
-/// state for every input row, through every running and recently settled entry; a generic plan
-/// keeps that choice for the connection's life. Seen in W1: 0.87 ms per row, a 1,000-job
-/// completion taking 0.95 s.
+/// Only the tenant and the id, the primary key, serve as index conditions. Attempt and state are
+/// compared as one row with IS NOT DISTINCT FROM (both columns are NOT NULL, so it is plain
+/// equality), which no index serves. As separate equalities they let the planner, working from
+/// statistics taken before a burst of leases (few running jobs), walk `jobs_queue_state` by
+/// tenant and state for every input row, through every running and recently settled entry; a
+/// generic plan keeps that choice for the connection's life. Seen in W1: 0.87 ms per row, a
+/// 1,000-job completion taking 0.95 s.
 ///
 /// The state compared is the input's own [`RUNNING`] column, of a MATERIALIZED input, not a
 /// constant: a constant is pushed down as a filter on `jobs`, whose selectivity comes from the
 /// same stale statistics. Seen in W4, where 500 jobs analyzed as available had all started:
 /// `jobs` estimated at 2 running rows, each 125-row progress statement scanned every job once
 /// per report (31,198 rows removed by the join filter, 3 ms of its 4.4).
-const LEASE_MATCH: &str = "j.id = i.id AND (j.tenant_id, j.attempt, j.state) \
-     IS NOT DISTINCT FROM (i.tenant_id, i.attempt, i.state)";
+const LEASE_MATCH: &str = "j.tenant_id = i.tenant_id AND j.id = i.id \
+     AND (j.attempt, j.state) IS NOT DISTINCT FROM (i.attempt, i.state)";
 
 /// The input column [`LEASE_MATCH`] compares a job's state with.
 const RUNNING: &str = "'running'::job_state AS state";
@@ -649,7 +649,7 @@ pub(super) async fn claim_statement(
                     lease_owner = $5, lease_expires_at = now() + $6 * interval '1 millisecond', \
                     started_at = coalesce(j.started_at, now()), \
                     attempt_started_at = now(), updated_at = now() \
-             WHERE j.id = ANY(ARRAY(SELECT id FROM picked)) \
+             WHERE j.tenant_id = $1 AND j.id = ANY(ARRAY(SELECT id FROM picked)) \
              RETURNING j.* \
          ), ev AS ( \
              INSERT INTO job_events (tenant_id, job_id, kind, state, attempt, data) \

@@ -16,7 +16,7 @@ impl Store {
     pub async fn reap_expired(&self, limit: i64) -> Result<u64> {
         let sql = static_sql!(
             "WITH expired AS ( \
-                 SELECT id FROM jobs \
+                 SELECT tenant_id, id FROM jobs \
                  WHERE state = 'running' AND lease_expires_at < now() \
                  ORDER BY lease_expires_at LIMIT $1 \
                  FOR UPDATE SKIP LOCKED \
@@ -56,7 +56,7 @@ impl Store {
                          WHEN j.pause_requested_at IS NOT NULL THEN NULL \
                          WHEN j.attempt - j.attempt_base >= j.max_attempts THEN now() END, \
                      updated_at = now() \
-                 WHERE j.id = ANY(ARRAY(SELECT id FROM expired)) \
+                 FROM expired x WHERE j.tenant_id = x.tenant_id AND j.id = x.id \
                  RETURNING j.id, j.tenant_id, j.attempt, j.state, j.last_error, j.cancel_reason, \
                            j.pause_reason, j.lease_owner, j.attempt_started_at \
              ), att AS ( \
@@ -96,13 +96,13 @@ impl Store {
     pub async fn promote_due(&self, limit: i64) -> Result<u64> {
         let sql = static_sql!(
             "WITH due AS ( \
-                 SELECT id FROM jobs \
+                 SELECT tenant_id, id FROM jobs \
                  WHERE state IN ('scheduled', 'retrying') AND run_at <= now() \
                  ORDER BY run_at LIMIT $1 \
                  FOR UPDATE SKIP LOCKED \
              ), upd AS ( \
                  UPDATE jobs j SET state = 'available', updated_at = now() \
-                 WHERE j.id = ANY(ARRAY(SELECT id FROM due)) \
+                 FROM due d WHERE j.tenant_id = d.tenant_id AND j.id = d.id \
                  RETURNING j.id, j.tenant_id, j.queue, j.attempt \
              ), ev AS ( \
                  INSERT INTO job_events (tenant_id, job_id, kind, state, attempt) \

@@ -317,7 +317,7 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         let sql = static_sql!(
             "SELECT {SCHEDULE_COLUMNS}, j.state AS last_job_state, now() AS db_now \
-             FROM schedules s LEFT JOIN jobs j ON j.id = s.last_job_id \
+             FROM schedules s LEFT JOIN jobs j ON j.tenant_id = s.tenant_id AND j.id = s.last_job_id \
              WHERE s.next_run_at <= now() \
              ORDER BY s.next_run_at LIMIT $1 \
              FOR UPDATE OF s SKIP LOCKED"
