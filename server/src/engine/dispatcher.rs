@@ -62,8 +62,10 @@ const AHEAD_ROUND_TRIPS: f64 = 8.0;
 /// At most this many leases per slot are held ready, whatever the pace. A claim tops up once
 /// half are spent, so half must outlast a claim's round trip: at 10 per slot, W1's worker (20
 /// slots) topped up at 100 leases while its claims of about 110 took 3.5 ms, so its pace could
-/// not pass about 31,000 jobs/s and it waited on every claim. At 25 the drain ran 10 % faster.
-const MAX_AHEAD_PER_SLOT: u32 = 25;
+/// not pass about 31,000 jobs/s and it waited on every claim. At 25 the drain ran 10 % faster,
+/// at 50 another 4 %. Even 50 per slot is a few tens of milliseconds of such a worker's jobs,
+/// far inside [`MAX_READY_AGE`].
+const MAX_AHEAD_PER_SLOT: u32 = 50;
 /// Over how long a worker's pace is measured: a few claim round trips, so that a worker that
 /// speeds up is claimed for within tens of milliseconds.
 const PACE_WINDOW: Duration = Duration::from_millis(25);
