@@ -26,9 +26,8 @@ use crate::{
 const JOBS: usize = 20_000;
 const CHUNK: usize = 1_000;
 const SLOTS: usize = 20;
-/// A server just started is still opening connections and running its loops' first passes
-/// (about 40 ms of both cores here): a first chunk sent into that took 52-60 ms, against about
-/// 20 ms a second later. The peer's own runs pause a second to let a runner settle likewise.
+/// A server just started is still opening connections and running its loops' first passes: a
+/// first chunk sent into that took 52-60 ms, against about 20 ms a second later. The peer's own runs pause a second to let a runner settle likewise.
 const SETTLE: Duration = Duration::from_secs(1);
 
 pub async fn run(pg: &Postgres, prefetch: usize) -> anyhow::Result<Report> {

@@ -70,7 +70,8 @@ impl Store {
     /// Events in `(after, upto]`, in order, at most `limit`.
     pub async fn events_between(&self, after: i64, upto: i64, limit: i64) -> Result<Vec<EventRow>> {
         let sql = static_sql!(
-            "SELECT {EVENT_COLUMNS} FROM job_events e JOIN jobs j ON j.tenant_id = e.tenant_id AND j.id = e.job_id \
+            "SELECT {EVENT_COLUMNS} FROM job_events e \
+             JOIN jobs j ON j.tenant_id = e.tenant_id AND j.id = e.job_id \
              WHERE e.seq > $1 AND e.seq <= $2 ORDER BY e.seq LIMIT $3"
         );
         Ok(sqlx::query_as::<_, EventRow>(sql)
@@ -91,7 +92,8 @@ impl Store {
         limit: i64,
     ) -> Result<Vec<EventRow>> {
         let sql = static_sql!(
-            "SELECT {EVENT_COLUMNS} FROM job_events e JOIN jobs j ON j.tenant_id = e.tenant_id AND j.id = e.job_id \
+            "SELECT {EVENT_COLUMNS} FROM job_events e \
+             JOIN jobs j ON j.tenant_id = e.tenant_id AND j.id = e.job_id \
              WHERE e.job_id = $1 AND e.tenant_id = $2 AND e.seq > $3 AND e.seq <= $4 \
              ORDER BY e.seq LIMIT $5"
         );
@@ -115,7 +117,8 @@ impl Store {
         limit: i64,
     ) -> Result<Vec<EventRow>> {
         let sql = static_sql!(
-            "SELECT {EVENT_COLUMNS} FROM job_events e JOIN jobs j ON j.tenant_id = e.tenant_id AND j.id = e.job_id \
+            "SELECT {EVENT_COLUMNS} FROM job_events e \
+             JOIN jobs j ON j.tenant_id = e.tenant_id AND j.id = e.job_id \
              WHERE e.tenant_id = $1 AND e.seq > $2 AND e.seq <= $3 \
                AND ($4::text IS NULL OR j.queue = $4) \
                AND ($5::text IS NULL OR j.job_type = $5) \
