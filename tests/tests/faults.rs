@@ -1,5 +1,6 @@
 //! Fault tests: processes killed with SIGKILL, several replicas on one database. Each checks
-//! invariants 1 and 2 from the jobs and job_attempts tables themselves.
+//! invariants 1 and 2 from the database itself: the jobs table and every attempt
+//! (`job_attempt_history`).
 
 mod support;
 
@@ -64,9 +65,9 @@ async fn assert_each_succeeded_once(pool: &sqlx::PgPool, expected: i64) {
     assert_eq!(count_in_state(pool, "running").await, 0);
     let bad: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM jobs j WHERE \
-            (SELECT count(*) FROM job_attempts a \
+            (SELECT count(*) FROM job_attempt_history a \
              WHERE a.job_id = j.id AND a.outcome = 'succeeded') <> 1 \
-         OR NOT EXISTS (SELECT 1 FROM job_attempts a WHERE a.job_id = j.id \
+         OR NOT EXISTS (SELECT 1 FROM job_attempt_history a WHERE a.job_id = j.id \
                         AND a.attempt = j.attempt AND a.outcome = 'succeeded')",
     )
     .fetch_one(pool)
@@ -377,15 +378,16 @@ async fn two_servers_never_lease_a_job_twice() {
         doubled.lock().expect("lock")
     );
     assert_each_succeeded_once(&pool, 2000).await;
-    let attempts: i64 = sqlx::query_scalar("SELECT count(*) FROM job_attempts")
+    let attempts: i64 = sqlx::query_scalar("SELECT count(*) FROM job_attempt_history")
         .fetch_one(&pool)
         .await
         .expect("count attempts");
     assert_eq!(attempts, 2000, "no job needed a second lease");
-    let by_server: i64 = sqlx::query_scalar("SELECT count(DISTINCT worker_id) FROM job_attempts")
-        .fetch_one(&pool)
-        .await
-        .expect("count workers");
+    let by_server: i64 =
+        sqlx::query_scalar("SELECT count(DISTINCT worker_id) FROM job_attempt_history")
+            .fetch_one(&pool)
+            .await
+            .expect("count workers");
     assert!(by_server >= 2, "both replicas served work");
 
     for (stop, task) in workers {

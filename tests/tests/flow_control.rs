@@ -115,8 +115,8 @@ async fn a_concurrency_limit_holds_across_three_replicas() {
     }
     let workers_used = count(
         &pool,
-        "SELECT count(DISTINCT worker_id) FROM job_attempts a JOIN jobs j ON j.id = a.job_id \
-         WHERE j.queue = $1",
+        "SELECT count(DISTINCT worker_id) FROM job_attempt_history a \
+         JOIN jobs j ON j.id = a.job_id WHERE j.queue = $1",
         "limited",
     )
     .await;
@@ -180,7 +180,7 @@ async fn a_rate_limit_holds_across_two_replicas() {
     .await;
     tokio::time::sleep(Duration::from_secs(6)).await;
     let (started, replicas): (i64, i64) = sqlx::query_as(
-        "SELECT count(*), count(DISTINCT a.worker_id) FROM job_attempts a \
+        "SELECT count(*), count(DISTINCT a.worker_id) FROM job_attempt_history a \
          JOIN jobs j ON j.id = a.job_id \
          WHERE j.queue = 'rated' AND a.started_at < $1 + interval '5 seconds'",
     )
@@ -295,7 +295,7 @@ async fn higher_priority_runs_first_within_a_queue() {
     // and jobs claimed ahead share their claim's time), then in the claim's own order, which
     // is the order a worker receives them.
     let order: Vec<(i16,)> = sqlx::query_as(
-        "SELECT j.priority FROM job_attempts a JOIN jobs j ON j.id = a.job_id \
+        "SELECT j.priority FROM job_attempt_history a JOIN jobs j ON j.id = a.job_id \
          WHERE j.queue = 'prio' ORDER BY a.started_at, j.priority DESC, j.run_at, j.id",
     )
     .fetch_all(&pool)
@@ -308,7 +308,8 @@ async fn higher_priority_runs_first_within_a_queue() {
     );
     // Among equals, the oldest first (enqueue order: the same run_at, then the id).
     let started: Vec<(i16, chrono::DateTime<chrono::Utc>, uuid::Uuid)> = sqlx::query_as(
-        "SELECT j.priority, j.run_at, j.id FROM job_attempts a JOIN jobs j ON j.id = a.job_id \
+        "SELECT j.priority, j.run_at, j.id FROM job_attempt_history a \
+         JOIN jobs j ON j.id = a.job_id \
          WHERE j.queue = 'prio' ORDER BY a.started_at, j.priority DESC, j.run_at, j.id",
     )
     .fetch_all(&pool)
@@ -348,7 +349,7 @@ async fn delayed_jobs_start_when_due_and_not_before() {
     wait_all_succeeded(&pool, "later", delays.len() as i64).await;
     let lags: Vec<(f64,)> = sqlx::query_as(
         "SELECT extract(epoch FROM a.started_at - j.run_at)::float8 \
-         FROM job_attempts a JOIN jobs j ON j.id = a.job_id WHERE j.queue = 'later' \
+         FROM job_attempt_history a JOIN jobs j ON j.id = a.job_id WHERE j.queue = 'later' \
          ORDER BY j.run_at",
     )
     .fetch_all(&pool)
@@ -766,7 +767,7 @@ async fn a_draining_worker_hands_back_its_prefetched_leases() {
     assert_eq!(retried, 0, "every job ran once, on its first attempt");
     let attempts = count(
         &pool,
-        "SELECT count(*) FROM job_attempts a JOIN jobs j ON j.id = a.job_id \
+        "SELECT count(*) FROM job_attempt_history a JOIN jobs j ON j.id = a.job_id \
          WHERE j.queue = $1 AND a.outcome = 'succeeded'",
         "drainq",
     )

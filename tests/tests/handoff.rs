@@ -94,7 +94,8 @@ async fn a_job_enqueued_while_a_worker_is_idle_starts_in_its_enqueue_transaction
         "AVAILABLE and RUNNING were written by one transaction"
     );
     let attempts: Vec<(i32, String, String)> = sqlx::query_as(
-        "SELECT attempt, worker_id, outcome::text FROM job_attempts WHERE job_id = $1::uuid",
+        "SELECT attempt, worker_id, outcome::text FROM job_attempt_history \
+         WHERE job_id = $1::uuid",
     )
     .bind(&id)
     .fetch_all(&pool)

@@ -152,19 +152,13 @@ impl Store {
         get_job(&self.pool, tenant, id).await
     }
 
-    /// The attempts of a job, oldest first. The running attempt has no row of its own until it
-    /// ends (see [`ATTEMPT_UPSERT`](super::leases::ATTEMPT_UPSERT)): it is read from the job.
+    /// The attempts of a job, oldest first. The running attempt and the one that succeeded have
+    /// no row of their own (see [`ATTEMPT_UPSERT`](super::leases::ATTEMPT_UPSERT)): the
+    /// `job_attempt_history` view reads them from the job.
     pub async fn list_attempts(&self, tenant: &TenantId, id: JobId) -> Result<Vec<AttemptRow>> {
         Ok(sqlx::query_as::<_, AttemptRow>(
             "SELECT attempt, worker_id, started_at, finished_at, outcome, error \
-             FROM job_attempts WHERE tenant_id = $1 AND job_id = $2 \
-             UNION ALL \
-             SELECT j.attempt, coalesce(j.lease_owner, ''), \
-                    coalesce(j.attempt_started_at, j.updated_at), NULL, \
-                    'running'::attempt_outcome, NULL \
-             FROM jobs j WHERE j.tenant_id = $1 AND j.id = $2 AND j.state = 'running' \
-               AND NOT EXISTS (SELECT 1 FROM job_attempts a \
-                               WHERE a.job_id = j.id AND a.attempt = j.attempt) \
+             FROM job_attempt_history WHERE tenant_id = $1 AND job_id = $2 \
              ORDER BY attempt",
         )
         .bind(tenant.as_str())

@@ -23,17 +23,19 @@ pub(super) const BACKOFF_MS: &str = "least(j.retry_max_ms, \
 
 /// The end of an attempt is its row's insert: a running attempt lives in its job's row
 /// (`attempt`, `lease_owner`, `attempt_started_at`), so a job costs one attempt write, not an
-/// insert at the claim and an update at the end. A row already there (written at the claim by
-/// a server from before this change) is completed instead. Refers to the new row as `a`.
+/// insert at the claim and an update at the end, and a success costs none (the job's row keeps
+/// describing it: see `job_attempt_history`). A row already there (written at the claim by a
+/// server from before this change) is completed instead. Refers to the new row as `a`.
 pub(super) const ATTEMPT_UPSERT: &str = "ON CONFLICT (job_id, attempt) DO UPDATE SET \
      finished_at = EXCLUDED.finished_at, outcome = EXCLUDED.outcome, error = EXCLUDED.error \
      WHERE a.outcome = 'running'";
 
-/// How an unmatched input's attempt had already ended, read by primary key only for the inputs
-/// the update did not match: a join of the whole input against `job_attempts` was planned as a
-/// sequential scan of that ever-growing table (the planner guesses 100 `UNNEST` rows).
+/// How an unmatched input's attempt had already ended (a success is read from its job's row),
+/// by primary key only for the inputs the update did not match: a join of the whole input
+/// against `job_attempts` was planned as a sequential scan of that ever-growing table (the
+/// planner guesses 100 `UNNEST` rows).
 const PRIOR_OUTCOME: &str = "CASE WHEN upd.id IS NULL THEN ( \
-     SELECT p.outcome FROM job_attempts p \
+     SELECT p.outcome FROM job_attempt_history p \
      WHERE p.job_id = i.id AND p.attempt = i.attempt AND p.tenant_id = i.tenant_id) END";
 
 /// Matches a job `j` to an input row `i` naming a running attempt: the fence of invariant 2.
@@ -332,14 +334,7 @@ impl Store {
                         pause_requested_at = NULL, finished_at = now(), updated_at = now() \
                  FROM input i \
                  WHERE {LEASE_MATCH} \
-                 RETURNING j.id, j.tenant_id, j.attempt, j.state, j.lease_owner, \
-                           j.attempt_started_at \
-             ), att AS ( \
-                 INSERT INTO job_attempts AS a (job_id, attempt, tenant_id, worker_id, \
-                                                started_at, finished_at, outcome) \
-                 SELECT id, attempt, tenant_id, coalesce(lease_owner, ''), \
-                        coalesce(attempt_started_at, now()), now(), 'succeeded' FROM upd \
-                 {ATTEMPT_UPSERT} \
+                 RETURNING j.id, j.tenant_id, j.attempt, j.state \
              ), ev AS ( \
                  INSERT INTO job_events (tenant_id, job_id, kind, state, attempt) \
                  SELECT tenant_id, id, 'state', state, attempt FROM upd \
