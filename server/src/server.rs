@@ -143,7 +143,7 @@ pub async fn run(
     {
         tracing::warn!("some tasks did not stop within the shutdown timeout");
     }
-    store.pool().close().await;
+    store.close().await;
     served?;
     Ok(())
 }

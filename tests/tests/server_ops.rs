@@ -1,12 +1,12 @@
 //! The server as an operator runs it: health that follows PostgreSQL (through a PostgreSQL
-//! crash and restart, which loses no accepted job), the embedded default cluster, and graceful
-//! shutdown with workers connected.
+//! crash and restart, which loses no accepted job), the embedded default cluster, graceful
+//! shutdown with workers connected, and the engine's statements kept on warm connections.
 
 use std::{path::Path, time::Duration};
 
 use jobwire::Client;
 use jobwire_server::embedded_pg::EmbeddedPostgres;
-use jobwire_tests::{ServerProcess, eventually, jobs::Sleep, workers::SleepWorker};
+use jobwire_tests::{ServerProcess, eventually, jobs::Sleep, test_db, workers::SleepWorker};
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
@@ -149,4 +149,50 @@ async fn embedded_default_starts_reuses_and_stops_its_cluster() {
     let _ = worker.stop().await;
     assert!(server.terminate().await.success());
     assert!(!postmaster_running(dir.path()));
+}
+
+/// The backends of `server`'s pool, and how many of them last ran the enqueue statement.
+async fn backends(pool: &sqlx::PgPool, server: &ServerProcess) -> (i64, i64) {
+    sqlx::query_as(
+        "SELECT count(*), \
+                count(*) FILTER (WHERE query LIKE 'WITH input AS ( SELECT * FROM UNNEST($2::uuid[]%') \
+         FROM pg_stat_activity WHERE application_name = $1",
+    )
+    .bind(format!("jobwire-server/{}", server.pid()))
+    .fetch_one(pool)
+    .await
+    .expect("pg_stat_activity")
+}
+
+/// Once a burst has opened many connections, single enqueues one after another run on the
+/// connection the last one used, not on each idle connection in turn (sqlx's pool hands out the
+/// oldest), so they do not pay every connection's first use of the statement.
+#[tokio::test]
+async fn enqueues_one_after_another_stay_on_a_warm_connection() {
+    let db = test_db().await;
+    let server = ServerProcess::start(&db, &["--db-max-connections", "20"]).await;
+    let client = Client::connect(server.url()).await.expect("client");
+    let job = client.enqueue(Sleep::default()).await.expect("enqueue");
+    let id = job.id().to_string();
+    // Reads run on the pool's connections, so a burst of them opens many.
+    let reads = futures::future::join_all((0..40).map(|_| client.get_job(&id))).await;
+    assert!(reads.iter().all(Result::is_ok), "{reads:?}");
+    let pool = db.pool().await;
+    let (opened, _) = backends(&pool, &server).await;
+    assert!(opened >= 8, "the burst opened only {opened} connections");
+
+    for seq in 0..30 {
+        client
+            .enqueue(Sleep {
+                seq,
+                ..Default::default()
+            })
+            .await
+            .expect("enqueue");
+    }
+    let (_, enqueued_on) = backends(&pool, &server).await;
+    assert!(
+        (1..=2).contains(&enqueued_on),
+        "30 enqueues in a row ran on {enqueued_on} of {opened} connections"
+    );
 }

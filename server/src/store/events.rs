@@ -54,7 +54,7 @@ impl Store {
     ) -> Result<(i64, Option<SnapshotXids>)> {
         // The backends' subquery is an InitPlan, run only when its CASE branch is reached, and
         // so after the sequence has been read.
-        Ok(sqlx::query_as(
+        let query = sqlx::query_as(
             "SELECT s.last, CASE WHEN s.last IS DISTINCT FROM $1 THEN ( \
                  SELECT coalesce(array_agg(backend_xid::text::int8), '{}') \
                  FROM pg_stat_activity \
@@ -62,9 +62,8 @@ impl Store {
              FROM (SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END AS last \
                    FROM job_events_seq_seq) s",
         )
-        .bind(unless_still)
-        .fetch_one(&self.pool)
-        .await?)
+        .bind(unless_still);
+        self.hot(async |c| Ok(query.fetch_one(c).await?)).await
     }
 
     /// Events in `(after, upto]`, in order, at most `limit`.
@@ -74,12 +73,11 @@ impl Store {
              JOIN jobs j ON j.tenant_id = e.tenant_id AND j.id = e.job_id \
              WHERE e.seq > $1 AND e.seq <= $2 ORDER BY e.seq LIMIT $3"
         );
-        Ok(sqlx::query_as::<_, EventRow>(sql)
+        let query = sqlx::query_as::<_, EventRow>(sql)
             .bind(after)
             .bind(upto)
-            .bind(limit)
-            .fetch_all(&self.pool)
-            .await?)
+            .bind(limit);
+        self.hot(async |c| Ok(query.fetch_all(c).await?)).await
     }
 
     /// One job's events in `(after, upto]`, in order, at most `limit`.
@@ -157,10 +155,9 @@ impl Store {
             "SELECT {JOB_COLUMNS} FROM UNNEST($1::text[], $2::uuid[]) AS k(tenant, job) \
              JOIN jobs ON tenant_id = k.tenant AND id = k.job"
         );
-        Ok(sqlx::query_as::<_, JobRow>(sql)
+        let query = sqlx::query_as::<_, JobRow>(sql)
             .bind(keys.iter().map(|(tenant, _)| *tenant).collect::<Vec<_>>())
-            .bind(keys.iter().map(|(_, id)| *id).collect::<Vec<_>>())
-            .fetch_all(&self.pool)
-            .await?)
+            .bind(keys.iter().map(|(_, id)| *id).collect::<Vec<_>>());
+        self.hot(async |c| Ok(query.fetch_all(c).await?)).await
     }
 }

@@ -86,7 +86,9 @@ impl Store {
         tenant: &TenantId,
         jobs: &[NewJob],
     ) -> Result<Vec<EnqueueOutcome>> {
-        let outcomes = enqueue_statement(&self.pool, tenant, jobs).await?;
+        let outcomes = self
+            .hot(async |c| enqueue_statement(c, tenant, jobs).await)
+            .await?;
         self.settle_conflicts(tenant, jobs, outcomes, |row| EnqueueOutcome {
             job: row.clone(),
             created: false,
@@ -101,7 +103,9 @@ impl Store {
         } else {
             ENQUEUE_UNKEYED_BRIEF.as_str()
         };
-        let rows: Vec<Ordered<Enqueued>> = enqueue_rows(&self.pool, sql, tenant, jobs).await?;
+        let rows: Vec<Ordered<Enqueued>> = self
+            .hot(async |c| enqueue_rows(c, sql, tenant, jobs).await)
+            .await?;
         self.settle_conflicts(tenant, jobs, in_order(jobs.len(), rows), |row| Enqueued {
             id: row.id,
             state: row.state,

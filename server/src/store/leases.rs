@@ -211,7 +211,10 @@ impl Store {
         limit: i64,
         worker: &Worker<'_>,
     ) -> Result<Vec<LeasedRow>> {
-        claim_statement(&self.pool, tenant, queues, job_types, limit, worker, false).await
+        self.hot(async |c| {
+            claim_statement(c, tenant, queues, job_types, limit, worker, false).await
+        })
+        .await
     }
 
     /// Extends the listed leases, and names `worker` their owner (a reconnected worker adopts
@@ -247,15 +250,15 @@ impl Store {
                  CASE WHEN j.cancel_requested_at IS NOT NULL THEN 'cancel' \
                       WHEN j.pause_requested_at IS NOT NULL THEN 'pause' END"
         );
-        let rows: Vec<(Uuid, i32, Option<StopKind>)> = sqlx::query_as(sql)
+        let query = sqlx::query_as(sql)
             .bind(tenant.as_str())
             .bind(leases.iter().map(|l| l.job_id.0).collect::<Vec<_>>())
             .bind(leases.iter().map(|l| l.attempt).collect::<Vec<_>>())
             .bind(worker)
             .bind(millis(lease))
-            .bind(millis(grace))
-            .fetch_all(&self.pool)
-            .await?;
+            .bind(millis(grace));
+        let rows: Vec<(Uuid, i32, Option<StopKind>)> =
+            self.hot(async |c| Ok(query.fetch_all(c).await?)).await?;
         Ok(rows
             .into_iter()
             .map(|(id, attempt, stop)| Renewed {
@@ -309,12 +312,11 @@ impl Store {
                          THEN pg_notify('jobwire_jobs', tenant_id || '/' || queue) END \
              FROM upd"
         );
-        let done = sqlx::query(sql)
+        let query = sqlx::query(sql)
             .bind(tenant.as_str())
             .bind(leases.iter().map(|l| l.job_id.0).collect::<Vec<_>>())
-            .bind(leases.iter().map(|l| l.attempt).collect::<Vec<_>>())
-            .execute(&self.pool)
-            .await?;
+            .bind(leases.iter().map(|l| l.attempt).collect::<Vec<_>>());
+        let done = self.hot(async |c| Ok(query.execute(c).await?)).await?;
         Ok(done.rows_affected())
     }
 
@@ -344,15 +346,14 @@ impl Store {
              LEFT JOIN upd ON upd.id = i.id AND upd.attempt = i.attempt \
              ORDER BY i.ord"
         );
-        let rows: Vec<SettledRow> = bind_leases(sqlx::query_as(sql), done)
+        let query = bind_leases(sqlx::query_as(sql), done)
             .bind(
                 done.iter()
                     .map(|c| c.result_type.clone())
                     .collect::<Vec<_>>(),
             )
-            .bind(done.iter().map(|c| c.result.clone()).collect::<Vec<_>>())
-            .fetch_all(&self.pool)
-            .await?;
+            .bind(done.iter().map(|c| c.result.clone()).collect::<Vec<_>>());
+        let rows: Vec<SettledRow> = self.hot(async |c| Ok(query.fetch_all(c).await?)).await?;
         Ok(rows
             .into_iter()
             .map(|r| r.into_result(|o| o == AttemptOutcome::Succeeded))
@@ -433,7 +434,7 @@ impl Store {
              LEFT JOIN upd ON upd.id = i.id AND upd.attempt = i.attempt \
              ORDER BY i.ord"
         );
-        let rows: Vec<SettledRow> = bind_leases(sqlx::query_as(sql), failed)
+        let query = bind_leases(sqlx::query_as(sql), failed)
             .bind(failed.iter().map(|f| f.message.clone()).collect::<Vec<_>>())
             .bind(failed.iter().map(|f| f.kind.clone()).collect::<Vec<_>>())
             .bind(failed.iter().map(|f| f.non_retryable).collect::<Vec<_>>())
@@ -442,9 +443,8 @@ impl Store {
                     .iter()
                     .map(|f| f.retry_after.map(millis))
                     .collect::<Vec<_>>(),
-            )
-            .fetch_all(&self.pool)
-            .await?;
+            );
+        let rows: Vec<SettledRow> = self.hot(async |c| Ok(query.fetch_all(c).await?)).await?;
         Ok(rows
             .into_iter()
             .map(|r| {
@@ -514,16 +514,15 @@ impl Store {
              LEFT JOIN upd ON upd.id = i.id AND upd.attempt = i.attempt \
              ORDER BY i.ord"
         );
-        let rows: Vec<MatchedRow> = bind_leases(sqlx::query_as(sql), updates)
+        let query = bind_leases(sqlx::query_as(sql), updates)
             .bind(
                 updates
                     .iter()
                     .map(|u| u.progress.clone())
                     .collect::<Vec<_>>(),
             )
-            .bind(updates.iter().map(|u| u.fraction).collect::<Vec<_>>())
-            .fetch_all(&self.pool)
-            .await?;
+            .bind(updates.iter().map(|u| u.fraction).collect::<Vec<_>>());
+        let rows: Vec<MatchedRow> = self.hot(async |c| Ok(query.fetch_all(c).await?)).await?;
         Ok(matched(rows))
     }
 
@@ -560,11 +559,10 @@ impl Store {
              SELECT EXISTS (SELECT 1 FROM locked k WHERE k.ord = i.ord) AS matched \
              FROM input i ORDER BY i.ord"
         );
-        let rows: Vec<MatchedRow> = bind_leases(sqlx::query_as(sql), batches)
+        let query = bind_leases(sqlx::query_as(sql), batches)
             .bind(batch_index)
-            .bind(lines)
-            .fetch_all(&self.pool)
-            .await?;
+            .bind(lines);
+        let rows: Vec<MatchedRow> = self.hot(async |c| Ok(query.fetch_all(c).await?)).await?;
         Ok(matched(rows))
     }
 
@@ -586,15 +584,13 @@ impl Store {
              LEFT JOIN upd ON upd.id = i.id AND upd.attempt = i.attempt \
              ORDER BY i.ord"
         );
-        let rows: Vec<MatchedRow> = bind_leases(sqlx::query_as(sql), checkpoints)
-            .bind(
-                checkpoints
-                    .iter()
-                    .map(|c| c.data.clone())
-                    .collect::<Vec<_>>(),
-            )
-            .fetch_all(&self.pool)
-            .await?;
+        let query = bind_leases(sqlx::query_as(sql), checkpoints).bind(
+            checkpoints
+                .iter()
+                .map(|c| c.data.clone())
+                .collect::<Vec<_>>(),
+        );
+        let rows: Vec<MatchedRow> = self.hot(async |c| Ok(query.fetch_all(c).await?)).await?;
         Ok(matched(rows))
     }
 }

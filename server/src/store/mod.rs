@@ -23,6 +23,7 @@ macro_rules! static_sql {
 }
 
 mod events;
+mod hot;
 mod job_types;
 mod jobs;
 mod leases;
@@ -31,12 +32,14 @@ mod queues;
 mod rows;
 mod schedules;
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use sqlx::{
-    Connection, PgPool,
+    Connection, PgConnection, PgPool,
     postgres::{PgConnectOptions, PgPoolOptions},
 };
+
+use hot::HotConnections;
 
 pub use events::{EventFilter, SnapshotXids};
 pub use job_types::{Example, JobTypeRow, NewJobType, TypeDefaults};
@@ -120,6 +123,8 @@ const IDLE_BEFORE_PING: Duration = Duration::from_millis(500);
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: PgPool,
+    /// Up to half the pool, kept warm for the engine's statements.
+    hot: Arc<HotConnections>,
 }
 
 impl Store {
@@ -153,11 +158,25 @@ impl Store {
             )
             .await?;
         sqlx::migrate!("../migrations").run(&pool).await?;
-        Ok(Self { pool })
+        let hot = HotConnections::new(usize::try_from(max_connections / 2).unwrap_or(1).max(1));
+        Ok(Self {
+            pool,
+            hot: Arc::new(hot),
+        })
     }
 
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
+    /// Closes every connection, once the statements running have finished.
+    pub async fn close(&self) {
+        self.hot.clear();
+        self.pool.close().await;
+    }
+
+    /// Runs one of the engine's statements on a warm connection (see [`hot`]).
+    async fn hot<T>(
+        &self,
+        statement: impl AsyncFnOnce(&mut PgConnection) -> Result<T>,
+    ) -> Result<T> {
+        self.hot.run(&self.pool, statement).await
     }
 
     /// A cheap round trip, for health checks.
