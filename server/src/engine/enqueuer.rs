@@ -10,6 +10,14 @@
 //! once: a statement costs the database about as much for one job as for a dozen, so a few
 //! callers are served best by one batch at a time, and a crowd by batches whose commits overlap.
 //!
+//! Callers that each wait for their own commit before enqueueing again come back together, a
+//! round trip after their batch commits. A batch started at the first of them would leave the
+//! rest to the batch after it, and the crowd would split into two halves taking turns. So when
+//! more callers have lately waited at once than are pending, a batch that could start waits up
+//! to [`HOLD_MAX`] for them. W3's 8 producers went from 5,036 statements of 4.0 jobs for 20,000
+//! jobs to 2,542 of 7.9, and 4,300-4,660 jobs/s to 4,545-4,690. A lone caller, or a crowd that
+//! has gone, waits for nothing.
+//!
 //! Validation happens before a job joins a batch, so one caller's bad input cannot fail another's.
 //! A batch that fails on the database fails its callers with a retryable error.
 //!
@@ -20,11 +28,12 @@
 //! has committed. The job's start then costs no NOTIFY and no claim: one commit, not two.
 //! Slots set aside for jobs that did not start are given back.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, time::Duration};
 
 use tokio::{
     sync::{mpsc, oneshot},
     task::JoinSet,
+    time::Instant,
 };
 
 use chrono::Utc;
@@ -45,6 +54,13 @@ const MAX_IN_FLIGHT: usize = 4;
 /// batch started at once, W3's 8 producers made 13,677 statements of 1.5 jobs for 20,000 jobs,
 /// 11.8 s of the database's time, against 4.8 s in 5,029 statements one at a time.
 const OVERLAP_MIN: usize = 16;
+
+/// The longest a batch that could start waits for the rest of the crowd. W3's crowd of 8
+/// gathered in 0.18 ms at the median; one batch in ten waited the whole 0.5 ms.
+const HOLD_MAX: Duration = Duration::from_micros(500);
+/// How long a crowd is remembered: many of its round trips, so that it is not forgotten
+/// between them, yet a crowd that has gone stops holding batches back within tens of ms.
+const CROWD_WINDOW: Duration = Duration::from_millis(20);
 
 type Reply = oneshot::Sender<Result<EnqueueOutcome, EnqueueError>>;
 
@@ -113,10 +129,20 @@ impl Enqueuer {
     /// Runs until every handle is dropped, then finishes the batches in flight.
     pub async fn run(mut self) {
         let mut writing = JoinSet::new();
+        // The calls in each batch being written, by task.
+        let mut sizes: HashMap<tokio::task::Id, usize> = HashMap::new();
         let mut pending = Vec::new();
+        let mut crowd = Crowd::default();
+        let mut hold: Option<Instant> = None;
         let mut open = true;
         while open || !pending.is_empty() || !writing.is_empty() {
-            if starts_now(writing.len(), pending.len(), open) {
+            let now = Instant::now();
+            crowd.observe(now, sizes.values().sum::<usize>() + pending.len());
+            if writing.is_empty() && !pending.is_empty() && hold.is_none() {
+                hold = Some(now + HOLD_MAX);
+            }
+            let held = open && holds(pending.len(), crowd.size(), hold, now);
+            if !held && starts_now(writing.len(), pending.len(), open) {
                 while pending.len() < MAX_BATCH {
                     match self.rx.try_recv() {
                         Ok(item) => pending.push(item),
@@ -124,20 +150,75 @@ impl Enqueuer {
                     }
                 }
                 let batch = std::mem::take(&mut pending);
-                writing.spawn(flush(self.store.clone(), self.dispatcher.clone(), batch));
+                hold = None;
+                let size = batch.len();
+                let task = writing.spawn(flush(self.store.clone(), self.dispatcher.clone(), batch));
+                sizes.insert(task.id(), size);
                 continue;
             }
             // Calls accumulate into the next batch while the ones in flight are written.
             tokio::select! {
                 biased;
-                Some(_) = writing.join_next(), if !writing.is_empty() => {}
+                Some(done) = writing.join_next_with_id(), if !writing.is_empty() => {
+                    let id = match done {
+                        Ok((id, ())) => id,
+                        Err(error) => error.id(),
+                    };
+                    sizes.remove(&id);
+                }
                 item = self.rx.recv(), if open && pending.len() < MAX_BATCH => match item {
                     Some(item) => pending.push(item),
                     None => open = false,
                 },
+                () = tokio::time::sleep_until(hold.unwrap_or(now)), if held => {}
             }
         }
     }
+}
+
+/// How many callers have lately been waiting at once (in batches being written or pending), as
+/// the most seen in the current or the previous [`CROWD_WINDOW`].
+#[derive(Debug)]
+struct Crowd {
+    window_start: Instant,
+    current: usize,
+    previous: usize,
+}
+
+impl Default for Crowd {
+    fn default() -> Self {
+        Self {
+            window_start: Instant::now(),
+            current: 0,
+            previous: 0,
+        }
+    }
+}
+
+impl Crowd {
+    fn observe(&mut self, now: Instant, waiting: usize) {
+        let elapsed = now.duration_since(self.window_start);
+        if elapsed >= CROWD_WINDOW {
+            self.previous = if elapsed < 2 * CROWD_WINDOW {
+                self.current
+            } else {
+                0
+            };
+            self.current = 0;
+            self.window_start = now;
+        }
+        self.current = self.current.max(waiting);
+    }
+
+    fn size(&self) -> usize {
+        self.current.max(self.previous)
+    }
+}
+
+/// Whether `pending` calls wait for more of a `crowd` that has lately waited at once, until
+/// `hold` (when the batch could first have started, plus [`HOLD_MAX`]).
+fn holds(pending: usize, crowd: usize, hold: Option<Instant>, now: Instant) -> bool {
+    pending < crowd && hold.is_some_and(|until| now < until)
 }
 
 /// Whether the `pending` calls go out now as a batch, with `in_flight` batches being written and
@@ -245,6 +326,39 @@ async fn give_back(dispatcher: &DispatcherHandle, reserved: Vec<Option<Reservati
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_waits_briefly_for_the_rest_of_a_crowd_only() {
+        let now = Instant::now();
+        let until = Some(now + HOLD_MAX);
+        assert!(holds(3, 8, until, now), "5 of the crowd are still to come");
+        assert!(!holds(8, 8, until, now), "the whole crowd is here");
+        assert!(!holds(1, 1, until, now), "a lone caller waits for nothing");
+        assert!(
+            !holds(3, 8, until, now + HOLD_MAX),
+            "no longer than HOLD_MAX"
+        );
+        assert!(!holds(3, 8, None, now), "no batch could start yet");
+    }
+
+    #[test]
+    fn a_crowd_is_the_most_seen_waiting_lately_and_is_forgotten() {
+        let start = Instant::now();
+        let mut crowd = Crowd {
+            window_start: start,
+            current: 0,
+            previous: 0,
+        };
+        crowd.observe(start, 8);
+        crowd.observe(start + Duration::from_millis(1), 2);
+        assert_eq!(crowd.size(), 8);
+        crowd.observe(start + CROWD_WINDOW, 1);
+        assert_eq!(crowd.size(), 8, "the last window still counts");
+        crowd.observe(start + 2 * CROWD_WINDOW, 1);
+        assert_eq!(crowd.size(), 1, "two windows on, it is forgotten");
+        crowd.observe(start + 5 * CROWD_WINDOW, 0);
+        assert_eq!(crowd.size(), 0, "after a long quiet nothing is remembered");
+    }
 
     #[test]
     fn a_lone_call_goes_at_once_and_a_few_wait_for_the_batch_in_flight() {
