@@ -13,7 +13,7 @@
 //! progress (again on every later stream, since what was sent on a broken one may not have
 //! arrived), so that the stored progress ends at the handler's last value.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 
 use prost_types::Any;
 
@@ -36,8 +36,6 @@ pub(super) struct Pending {
     left: Final,
     /// Streams the result was sent on, the current one included.
     sends: u32,
-    /// Whether it was sent on the current stream.
-    sent: bool,
 }
 
 /// A result to send on the current stream, with what must precede it.
@@ -67,6 +65,11 @@ pub(super) enum Acknowledged {
 pub(super) struct Outbox {
     /// Ordered by request id, so a reconnect re-sends in the original order.
     pending: BTreeMap<u64, Pending>,
+    /// The request ids of the pending results not sent on the current stream yet, in order.
+    /// Kept apart because `pending` holds every result the server has yet to acknowledge,
+    /// hundreds on a busy worker, and finding the few new ones among them on every send cost
+    /// W1's worker 3 % of the machine.
+    unsent: VecDeque<u64>,
 }
 
 impl Outbox {
@@ -122,30 +125,29 @@ impl Outbox {
     /// The results not sent on the current stream yet, in the order first recorded; they
     /// count as sent from now on.
     pub(super) fn unsent(&mut self) -> Vec<Unsent> {
-        self.pending
-            .values_mut()
-            .filter(|pending| !pending.sent)
-            .map(|pending| {
-                let progress = pending.left.progress_to_send(pending.sends > 0);
-                pending.sent = true;
-                pending.sends += 1;
-                Unsent {
-                    lease: pending.lease.clone(),
-                    lines: std::mem::take(&mut pending.left.lines),
-                    progress,
-                    result: pb::ConnectRequest {
-                        message: Some(pending.message.clone()),
-                    },
-                }
-            })
-            .collect()
+        let mut unsent = Vec::with_capacity(self.unsent.len());
+        for request_id in self.unsent.drain(..) {
+            // Acknowledged meanwhile (an ack that crossed a reconnect).
+            let Some(pending) = self.pending.get_mut(&request_id) else {
+                continue;
+            };
+            let progress = pending.left.progress_to_send(pending.sends > 0);
+            pending.sends += 1;
+            unsent.push(Unsent {
+                lease: pending.lease.clone(),
+                lines: std::mem::take(&mut pending.left.lines),
+                progress,
+                result: pb::ConnectRequest {
+                    message: Some(pending.message.clone()),
+                },
+            });
+        }
+        unsent
     }
 
     /// A new stream: every pending result is to be sent again.
     pub(super) fn rewind(&mut self) {
-        for pending in self.pending.values_mut() {
-            pending.sent = false;
-        }
+        self.unsent = self.pending.keys().copied().collect();
     }
 
     pub(super) fn len(&self) -> usize {
@@ -172,9 +174,9 @@ impl Outbox {
                 message,
                 left,
                 sends: 0,
-                sent: false,
             },
         );
+        self.unsent.push_back(request_id);
     }
 }
 
@@ -316,6 +318,19 @@ mod tests {
         let again = outbox.unsent();
         assert_eq!(ids(&again), [1, 3]);
         assert_eq!(again[0].result, first[0].result);
+    }
+
+    #[test]
+    fn a_result_acknowledged_after_a_reconnect_is_not_sent_again() {
+        let mut outbox = Outbox::default();
+        outbox.complete(1, lease("j1"), "t".into(), Any::default(), Final::default());
+        outbox.complete(2, lease("j2"), "t".into(), Any::default(), Final::default());
+        assert_eq!(ids(&outbox.unsent()), [1, 2]);
+        outbox.rewind();
+        outbox.acknowledge(&ack(1, tonic::Code::Ok));
+        outbox.complete(3, lease("j3"), "t".into(), Any::default(), Final::default());
+        assert_eq!(ids(&outbox.unsent()), [2, 3]);
+        assert!(outbox.unsent().is_empty());
     }
 
     #[test]
