@@ -15,7 +15,7 @@
 //! rest to the batch after it, and the crowd would split into two halves taking turns. So when
 //! more callers have lately waited at once than are pending, a batch that could start waits up
 //! to [`HOLD_MAX`] for them. W3's 8 producers went from 5,036 statements of 4.0 jobs for 20,000
-//! jobs to 2,542 of 7.9, and 4,300-4,660 jobs/s to 4,545-4,690. A lone caller, or a crowd that
+//! jobs to 2,542 of 7.9 (and 4,294-4,300 jobs/s to 4,546-4,626). A lone caller, or a crowd that
 //! has gone, waits for nothing.
 //!
 //! Validation happens before a job joins a batch, so one caller's bad input cannot fail another's.
