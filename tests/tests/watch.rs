@@ -10,7 +10,7 @@ use jobwire_tests::{ServerProcess, test_db};
 use support::{
     RawWorker, WAIT, collect_job_events, enqueue, is_terminal, jobs, next_event, spec, watch_job,
 };
-use tonic::Code;
+use tonic::{Code, Streaming};
 
 fn sequences(events: &[pb::JobEvent]) -> Vec<i64> {
     events.iter().map(|e| e.sequence).collect()
@@ -248,6 +248,103 @@ async fn reports_reach_watchers_when_they_commit_not_at_the_next_poll() {
         panic!("the end is next");
     };
     assert_eq!(done.state, pb::JobState::Succeeded as i32);
+}
+
+/// Starts a job on a raw worker and watches it up to its RUNNING event.
+async fn running_and_watched(
+    url: &str,
+) -> (pb::Job, RawWorker, i32, Streaming<pb::WatchJobResponse>) {
+    let mut client = jobs(url).await;
+    let job = enqueue(&mut client, spec("type.prompt", "default")).await;
+    let mut worker = RawWorker::connect(url, "raw", &["type.prompt"], 1).await;
+    let lease = worker.next_lease().await;
+    let mut stream = watch_job(url, &job.id, 0).await;
+    loop {
+        let response = next_event(&mut stream).await.expect("stream open");
+        if let Some(Event::StateChanged(s)) = response.event.and_then(|e| e.event)
+            && s.state == pb::JobState::Running as i32
+        {
+            break;
+        }
+    }
+    (job, worker, lease.attempt, stream)
+}
+
+/// A transaction that holds a transaction id but has numbered no event (here it only asked for
+/// its id; under load, the next statement of reports, still updating its jobs) does not hold
+/// back an event committed meanwhile. Before, the event waited for that transaction to end.
+#[tokio::test]
+async fn a_transaction_yet_to_number_an_event_does_not_hold_back_delivery() {
+    let db = test_db().await;
+    let server = ServerProcess::start(&db, &["--watch-poll-interval", "60s"]).await;
+    let (job, mut worker, attempt, mut stream) = running_and_watched(&server.url()).await;
+    let pool = db.pool().await;
+    let mut open = pool.begin().await.expect("begin");
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut *open)
+        .await
+        .expect("a transaction id");
+
+    worker.progress(&job.id, attempt, 1, 2).await;
+    let ack = worker.acks(1).await.remove(0);
+    assert_eq!(ack.code, Code::Ok as i32, "{ack:?}");
+    let event = next_event(&mut stream)
+        .await
+        .expect("stream open")
+        .event
+        .expect("event");
+    assert!(matches!(event.event, Some(Event::Progress(_))), "{event:?}");
+    open.rollback().await.expect("rollback");
+}
+
+/// An event numbered by a transaction still open holds back every later event, committed or
+/// not, until it commits; then both arrive, in order.
+#[tokio::test]
+async fn an_uncommitted_event_holds_back_later_ones_until_it_commits() {
+    let db = test_db().await;
+    let server = ServerProcess::start(&db, &["--watch-poll-interval", "20ms"]).await;
+    let (job, mut worker, attempt, mut stream) = running_and_watched(&server.url()).await;
+    let pool = db.pool().await;
+    let mut open = pool.begin().await.expect("begin");
+    let held: i64 = sqlx::query_scalar(
+        "INSERT INTO job_events (tenant_id, job_id, kind, attempt, data) \
+         SELECT tenant_id, id, 'log', attempt, \
+                jsonb_build_object('level', 'info', 'message', 'from an open transaction') \
+         FROM jobs WHERE id = $1::uuid RETURNING seq",
+    )
+    .bind(&job.id)
+    .fetch_one(&mut *open)
+    .await
+    .expect("an event in an open transaction");
+
+    worker.progress(&job.id, attempt, 1, 2).await;
+    let ack = worker.acks(1).await.remove(0);
+    assert_eq!(ack.code, Code::Ok as i32, "{ack:?}");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), stream.message())
+            .await
+            .is_err(),
+        "the committed progress event overtook the open one"
+    );
+
+    open.commit().await.expect("commit");
+    let first = next_event(&mut stream)
+        .await
+        .expect("stream open")
+        .event
+        .expect("event");
+    assert_eq!(first.sequence, held);
+    assert!(matches!(first.event, Some(Event::Log(_))), "{first:?}");
+    let second = next_event(&mut stream)
+        .await
+        .expect("stream open")
+        .event
+        .expect("event");
+    assert!(second.sequence > held);
+    assert!(
+        matches!(second.event, Some(Event::Progress(_))),
+        "{second:?}"
+    );
 }
 
 /// Many dashboards at once while thousands of jobs run: every stream sees every event, once and

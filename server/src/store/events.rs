@@ -2,11 +2,14 @@
 //! watchers replay or follow.
 //!
 //! `seq` comes from a sequence, so a transaction can commit an event with a smaller number after
-//! another transaction's larger one is already visible. Readers therefore only go up to a
-//! horizon: the sequence's value read at some moment, once every transaction that held a
-//! transaction id just after that moment has ended. Every event writer modifies a row before it
-//! inserts its event (statements feed the insert from an UPDATE or INSERT, or lock the job row
-//! first), so it holds a transaction id before it takes a number.
+//! another transaction's larger one is already visible. Readers therefore only go as far as
+//! numbers are final. Up to a horizon, they are: the sequence's value read at some moment, once
+//! every transaction that held a transaction id just after that moment has ended. Every event
+//! writer modifies a row before it inserts its event (statements feed the insert from an UPDATE
+//! or INSERT, or lock the job row first), so it holds a transaction id before it takes a number.
+//! Past the horizon, a committed event is final when every number before it is final too: the
+//! fanout follows such a run and stops at the first missing number, which may belong to a
+//! transaction in progress (or to one that failed, until the horizon passes it).
 //!
 //! The ids come from `pg_stat_activity.backend_xid`, read straight from each backend. A
 //! snapshot's `xip` list would not do: it leaves out transactions whose id is newer than the
