@@ -70,14 +70,21 @@ impl Target {
         match self {
             Target::Job(id) => id.0 == row.job_id,
             Target::Filter(f) => {
-                f.queue.as_ref().is_none_or(|q| q.as_str() == row.queue)
-                    && f.job_type.as_ref().is_none_or(|t| *t == row.job_type)
+                f.queue
+                    .as_ref()
+                    .is_none_or(|q| row.queue.as_deref() == Some(q.as_str()))
+                    && f.job_type
+                        .as_ref()
+                        .is_none_or(|t| row.job_type.as_ref() == Some(t))
                     && (f.states.is_empty()
                         || (row.kind == "state"
                             && row.state.is_some_and(|s| f.states.contains(&s))))
-                    && f.labels
-                        .iter()
-                        .all(|(k, v)| row.labels.0.get(k).is_some_and(|x| x == v))
+                    && (f.labels.is_empty()
+                        || row.labels.as_ref().is_some_and(|labels| {
+                            f.labels
+                                .iter()
+                                .all(|(k, v)| labels.0.get(k).is_some_and(|x| x == v))
+                        }))
             }
         }
     }
@@ -183,6 +190,14 @@ impl Shared {
         self.state
             .lock()
             .map(|s| !s.subscribers.is_empty())
+            .unwrap_or(false)
+    }
+
+    /// Whether a WatchJobs filter is registered, which needs events' jobs read with them.
+    fn filtered(&self) -> bool {
+        self.state
+            .lock()
+            .map(|s| !s.filtered.is_empty())
             .unwrap_or(false)
     }
 }
@@ -342,7 +357,11 @@ impl Fanout {
         // Every number up to `reach` is final: delivered, committed, or never to commit.
         let mut reach = safe.unwrap_or(from).max(from);
         while from < last {
-            let rows = self.store.events_between(from, last, PAGE).await?;
+            let with_job = self.shared.filtered();
+            let rows = self
+                .store
+                .events_between(from, last, PAGE, with_job)
+                .await?;
             let full = rows.len() == PAGE as usize;
             let (count, extended) = final_run(rows.iter().map(|r| r.seq), reach);
             let gap = count < rows.len();
@@ -354,7 +373,9 @@ impl Fanout {
                 Some(row) if full && !gap => row.seq,
                 _ => reach,
             };
-            self.deliver_final(final_rows, upto).await?;
+            if !self.deliver_final(final_rows, upto, with_job).await? {
+                break;
+            }
             from = upto;
             if gap || !full {
                 break;
@@ -363,8 +384,13 @@ impl Fanout {
         Ok(())
     }
 
-    /// Reads the jobs that state events carry, then delivers.
-    async fn deliver_final(&self, rows: Vec<EventRow>, upto: i64) -> crate::store::Result<()> {
+    /// Reads the jobs that state events carry, then delivers; see [`Self::deliver`].
+    async fn deliver_final(
+        &self,
+        rows: Vec<EventRow>,
+        upto: i64,
+        with_job: bool,
+    ) -> crate::store::Result<bool> {
         let snapshot_ids: Vec<(&str, Uuid)> = rows
             .iter()
             .filter(|r| r.kind == "state")
@@ -388,8 +414,7 @@ impl Fanout {
             first = rows.first().map(|r| r.seq),
             "delivering events"
         );
-        self.deliver(rows, &jobs, upto);
-        Ok(())
+        Ok(self.deliver(rows, &jobs, upto, with_job))
     }
 
     fn horizon(&self) -> i64 {
@@ -409,11 +434,22 @@ impl Fanout {
     }
 
     /// Hands events to matching subscriptions and moves the horizon, under one lock so that a
-    /// subscription registered meanwhile starts exactly where delivery stopped.
-    fn deliver(&self, rows: Vec<EventRow>, jobs: &HashMap<Uuid, JobRow>, upto: i64) {
+    /// subscription registered meanwhile starts exactly where delivery stopped. Events read
+    /// without their jobs are not delivered (`false`) once a filter has been registered since
+    /// the read: it could not match them, and it expects them live. They are read again.
+    fn deliver(
+        &self,
+        rows: Vec<EventRow>,
+        jobs: &HashMap<Uuid, JobRow>,
+        upto: i64,
+        with_job: bool,
+    ) -> bool {
         let Ok(mut state) = self.shared.state.lock() else {
-            return;
+            return false;
         };
+        if !with_job && !state.filtered.is_empty() {
+            return false;
+        }
         for row in rows {
             let job = (row.kind == "state")
                 .then(|| jobs.get(&row.job_id).cloned())
@@ -421,6 +457,7 @@ impl Fanout {
             state.offer(&Arc::new(FanoutEvent { row, job }));
         }
         state.horizon = state.horizon.max(upto);
+        true
     }
 }
 
@@ -461,9 +498,9 @@ mod tests {
                 attempt: 1,
                 data: Json(serde_json::json!({})),
                 created_at: Utc::now(),
-                queue: queue.into(),
-                job_type: "noop".into(),
-                labels: Json(HashMap::new()),
+                queue: Some(queue.into()),
+                job_type: Some("noop".into()),
+                labels: Some(Json(HashMap::new())),
             },
             job: None,
         })

@@ -42,7 +42,10 @@ pub struct EventFilter {
 }
 
 const EVENT_COLUMNS: &str = "e.seq, e.tenant_id, e.job_id, e.kind, e.state, e.attempt, e.data, \
-    e.created_at, j.queue, j.job_type, j.labels";
+    e.created_at";
+/// The job's columns of an [`EventRow`], from `jobs j`, and in their place when it is not read.
+const JOB_COLUMNS_OF_EVENT: &str = "j.queue, j.job_type, j.labels";
+const NO_JOB_COLUMNS: &str = "NULL::text AS queue, NULL::text AS job_type, NULL::jsonb AS labels";
 
 impl Store {
     /// The last event number handed out, then the transaction ids held right after, in that
@@ -69,13 +72,27 @@ impl Store {
         self.hot(async |c| Ok(query.fetch_one(c).await?)).await
     }
 
-    /// Events in `(after, upto]`, in order, at most `limit`.
-    pub async fn events_between(&self, after: i64, upto: i64, limit: i64) -> Result<Vec<EventRow>> {
-        let sql = static_sql!(
-            "SELECT {EVENT_COLUMNS} FROM job_events e \
-             JOIN jobs j ON j.tenant_id = e.tenant_id AND j.id = e.job_id \
-             WHERE e.seq > $1 AND e.seq <= $2 ORDER BY e.seq LIMIT $3"
-        );
+    /// Events in `(after, upto]`, in order, at most `limit`; `with_job` reads their jobs'
+    /// queues, types and labels too.
+    pub async fn events_between(
+        &self,
+        after: i64,
+        upto: i64,
+        limit: i64,
+        with_job: bool,
+    ) -> Result<Vec<EventRow>> {
+        let sql = if with_job {
+            static_sql!(
+                "SELECT {EVENT_COLUMNS}, {JOB_COLUMNS_OF_EVENT} FROM job_events e \
+                 JOIN jobs j ON j.tenant_id = e.tenant_id AND j.id = e.job_id \
+                 WHERE e.seq > $1 AND e.seq <= $2 ORDER BY e.seq LIMIT $3"
+            )
+        } else {
+            static_sql!(
+                "SELECT {EVENT_COLUMNS}, {NO_JOB_COLUMNS} FROM job_events e \
+                 WHERE e.seq > $1 AND e.seq <= $2 ORDER BY e.seq LIMIT $3"
+            )
+        };
         let query = sqlx::query_as::<_, EventRow>(sql)
             .bind(after)
             .bind(upto)
@@ -93,8 +110,7 @@ impl Store {
         limit: i64,
     ) -> Result<Vec<EventRow>> {
         let sql = static_sql!(
-            "SELECT {EVENT_COLUMNS} FROM job_events e \
-             JOIN jobs j ON j.tenant_id = e.tenant_id AND j.id = e.job_id \
+            "SELECT {EVENT_COLUMNS}, {NO_JOB_COLUMNS} FROM job_events e \
              WHERE e.job_id = $1 AND e.tenant_id = $2 AND e.seq > $3 AND e.seq <= $4 \
              ORDER BY e.seq LIMIT $5"
         );
@@ -118,7 +134,7 @@ impl Store {
         limit: i64,
     ) -> Result<Vec<EventRow>> {
         let sql = static_sql!(
-            "SELECT {EVENT_COLUMNS} FROM job_events e \
+            "SELECT {EVENT_COLUMNS}, {JOB_COLUMNS_OF_EVENT} FROM job_events e \
              JOIN jobs j ON j.tenant_id = e.tenant_id AND j.id = e.job_id \
              WHERE e.tenant_id = $1 AND e.seq > $2 AND e.seq <= $3 \
                AND ($4::text IS NULL OR j.queue = $4) \

@@ -93,9 +93,11 @@ pub struct EventRow {
     pub attempt: i32,
     pub data: Json<serde_json::Value>,
     pub created_at: DateTime<Utc>,
-    pub queue: String,
-    pub job_type: String,
-    pub labels: Json<HashMap<String, String>>,
+    /// The job's queue, type and labels, read only where a WatchJobs filter may need them:
+    /// reading them costs a lookup of the job per event, which was most of the fanout's read.
+    pub queue: Option<String>,
+    pub job_type: Option<String>,
+    pub labels: Option<Json<HashMap<String, String>>>,
 }
 
 /// One row of `job_attempts`.
