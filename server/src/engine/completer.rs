@@ -140,27 +140,28 @@ impl Completer {
             .len()
             .div_ceil(PROGRESS_STATEMENTS)
             .max(PROGRESS_MIN_ROWS);
-        let (written, logged, saved) = tokio::join!(
+        // Each statement of a burst is answered, and its events offered to the fanout, as soon
+        // as it commits: they are final then, whatever the others still write.
+        let mut progress_replies = progress_replies.into_iter();
+        let groups: Vec<Vec<Vec<Reply>>> = updates
+            .chunks(chunk)
+            .map(|rows| progress_replies.by_ref().take(rows.len()).collect())
+            .collect();
+        let (_, logged, saved) = tokio::join!(
             join_all(
                 updates
                     .chunks(chunk)
-                    .map(|rows| with_retries(|| self.store.record_progress_many(rows))),
+                    .zip(groups)
+                    .map(|(rows, replies)| self.write_progress(rows, replies)),
             ),
             with_retries(|| self.store.record_logs_many(&logs.0)),
             with_retries(|| self.store.save_checkpoints(&checkpoints.0)),
         );
-        let mut progress_replies = progress_replies.into_iter();
-        for (rows, outcome) in updates.chunks(chunk).zip(written) {
-            answer_matched(
-                outcome,
-                progress_replies.by_ref().take(rows.len()).collect(),
-            );
+        if logged.as_ref().is_ok_and(|written| !written.is_empty()) {
+            self.fanout.committed();
         }
         answer_matched(logged, logs.1.into_iter().map(|r| vec![r]).collect());
         answer_matched(saved, checkpoints.1.into_iter().map(|r| vec![r]).collect());
-        if !(updates.is_empty() && logs.0.is_empty()) {
-            self.fanout.committed();
-        }
         let (done, failed) = tokio::join!(
             with_retries(|| self.store.complete_many(&completions.0)),
             with_retries(|| self.store.fail_many(&failures.0)),
@@ -170,6 +171,16 @@ impl Completer {
         }
         answer(done, completions.1);
         answer(failed, failures.1);
+    }
+
+    /// Writes one statement of progress reports, answers them, and wakes the fanout.
+    async fn write_progress(&self, rows: &[ProgressUpdate], replies: Vec<Vec<Reply>>) {
+        let outcome = with_retries(|| self.store.record_progress_many(rows)).await;
+        let wrote = outcome.is_ok();
+        answer_matched(outcome, replies);
+        if wrote {
+            self.fanout.committed();
+        }
     }
 }
 
