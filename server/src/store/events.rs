@@ -9,7 +9,9 @@
 //! or INSERT, or lock the job row first), so it holds a transaction id before it takes a number.
 //! Past the horizon, a committed event is final when every number before it is final too: the
 //! fanout follows such a run and stops at the first missing number, which may belong to a
-//! transaction in progress (or to one that failed, until the horizon passes it).
+//! transaction in progress (or to one that failed, until the horizon passes it). Both rules need
+//! the numbers taken in the order they are handed out, so the sequence must stay uncached
+//! (`CACHE 1`, as the migration creates it): a backend's cached block would be used out of order.
 //!
 //! The ids come from `pg_stat_activity.backend_xid`, read straight from each backend. A
 //! snapshot's `xip` list would not do: it leaves out transactions whose id is newer than the
