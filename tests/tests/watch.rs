@@ -270,6 +270,21 @@ async fn running_and_watched(
     (job, worker, lease.attempt, stream)
 }
 
+/// Reports progress for a running job and waits for its acknowledgement.
+async fn report_progress(worker: &mut RawWorker, job_id: &str, attempt: i32) {
+    worker.progress(job_id, attempt, 1, 2).await;
+    let ack = worker.acks(1).await.remove(0);
+    assert_eq!(ack.code, Code::Ok as i32, "{ack:?}");
+}
+
+async fn next_job_event(stream: &mut Streaming<pb::WatchJobResponse>) -> pb::JobEvent {
+    next_event(stream)
+        .await
+        .expect("stream open")
+        .event
+        .expect("event")
+}
+
 /// A transaction that holds a transaction id but has numbered no event (here it only asked for
 /// its id; under load, the next statement of reports, still updating its jobs) does not hold
 /// back an event committed meanwhile. Before, the event waited for that transaction to end.
@@ -285,14 +300,8 @@ async fn a_transaction_yet_to_number_an_event_does_not_hold_back_delivery() {
         .await
         .expect("a transaction id");
 
-    worker.progress(&job.id, attempt, 1, 2).await;
-    let ack = worker.acks(1).await.remove(0);
-    assert_eq!(ack.code, Code::Ok as i32, "{ack:?}");
-    let event = next_event(&mut stream)
-        .await
-        .expect("stream open")
-        .event
-        .expect("event");
+    report_progress(&mut worker, &job.id, attempt).await;
+    let event = next_job_event(&mut stream).await;
     assert!(matches!(event.event, Some(Event::Progress(_))), "{event:?}");
     open.rollback().await.expect("rollback");
 }
@@ -317,9 +326,7 @@ async fn an_uncommitted_event_holds_back_later_ones_until_it_commits() {
     .await
     .expect("an event in an open transaction");
 
-    worker.progress(&job.id, attempt, 1, 2).await;
-    let ack = worker.acks(1).await.remove(0);
-    assert_eq!(ack.code, Code::Ok as i32, "{ack:?}");
+    report_progress(&mut worker, &job.id, attempt).await;
     assert!(
         tokio::time::timeout(Duration::from_millis(500), stream.message())
             .await
@@ -328,18 +335,10 @@ async fn an_uncommitted_event_holds_back_later_ones_until_it_commits() {
     );
 
     open.commit().await.expect("commit");
-    let first = next_event(&mut stream)
-        .await
-        .expect("stream open")
-        .event
-        .expect("event");
+    let first = next_job_event(&mut stream).await;
     assert_eq!(first.sequence, held);
     assert!(matches!(first.event, Some(Event::Log(_))), "{first:?}");
-    let second = next_event(&mut stream)
-        .await
-        .expect("stream open")
-        .event
-        .expect("event");
+    let second = next_job_event(&mut stream).await;
     assert!(second.sequence > held);
     assert!(
         matches!(second.event, Some(Event::Progress(_))),
