@@ -255,6 +255,21 @@ impl ServerProcess {
         Self::start_with_args(&args).await
     }
 
+    /// Starts the server on `db` expecting it to refuse the database: returns its stderr once it
+    /// has exited with a failure. (It prints its ready line once bound, before it opens the
+    /// database.) Fails the test if it does not exit within [`READY_TIMEOUT`], or exits 0.
+    pub async fn start_refused(db: &TestDb, extra_args: &[&str]) -> String {
+        let mut args = vec!["--database-url".to_owned(), db.url().to_owned()];
+        args.extend(extra_args.iter().map(|arg| (*arg).to_owned()));
+        let mut process = match spawn_server("127.0.0.1:0", &args).await {
+            Ok((process, _)) => process,
+            Err(failure) => return failure.stderr,
+        };
+        let status = process.wait(READY_TIMEOUT).await;
+        assert!(!status.success(), "the server exited 0 instead of refusing");
+        process.stderr()
+    }
+
     /// Starts the server with exactly `args` after the harness's `--listen`, for tests that
     /// bring their own database settings (a dedicated cluster, or the embedded default).
     pub async fn start_with_args(args: &[&str]) -> Self {

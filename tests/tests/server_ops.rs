@@ -1,6 +1,7 @@
 //! The server as an operator runs it: health that follows PostgreSQL (through a PostgreSQL
 //! crash and restart, which loses no accepted job), the embedded default cluster, graceful
-//! shutdown with workers connected, and the engine's statements kept on warm connections.
+//! shutdown with workers connected, the engine's statements kept on warm connections, and a
+//! database whose event numbering watchers cannot rely on refused at start-up.
 
 use std::{path::Path, time::Duration};
 
@@ -195,4 +196,34 @@ async fn enqueues_one_after_another_stay_on_a_warm_connection() {
         (1..=2).contains(&enqueued_on),
         "30 enqueues in a row ran on {enqueued_on} of {opened} connections"
     );
+}
+
+/// Watchers' ordering needs event numbers handed out one at a time. A database whose event
+/// sequence was changed to cache blocks of numbers per session is refused at start-up, with
+/// the fix in the message; set back, it is served.
+#[tokio::test]
+async fn a_cached_event_sequence_is_refused_at_start() {
+    let db = test_db().await;
+    // Serving means migrated: the server opens the database after its ready line.
+    let server = ServerProcess::start(&db, &[]).await;
+    wait_for_health(&server.url(), ServingStatus::Serving).await;
+    drop(server);
+    let pool = db.pool().await;
+    sqlx::query("ALTER TABLE job_events ALTER COLUMN seq SET CACHE 20")
+        .execute(&pool)
+        .await
+        .expect("cache the sequence");
+
+    let stderr = ServerProcess::start_refused(&db, &[]).await;
+    assert!(
+        stderr.contains("caches 20 numbers") && stderr.contains("SET CACHE 1"),
+        "{stderr}"
+    );
+
+    sqlx::query("ALTER TABLE job_events ALTER COLUMN seq SET CACHE 1")
+        .execute(&pool)
+        .await
+        .expect("uncache the sequence");
+    let server = ServerProcess::start(&db, &[]).await;
+    wait_for_health(&server.url(), ServingStatus::Serving).await;
 }

@@ -12,6 +12,7 @@
 //! transaction in progress (or to one that failed, until the horizon passes it). Both rules need
 //! the numbers taken in the order they are handed out, so the sequence must stay uncached
 //! (`CACHE 1`, as the migration creates it): a backend's cached block would be used out of order.
+//! The server refuses to start on a database where it is not ([`check_event_numbering`]).
 //!
 //! The ids come from `pg_stat_activity.backend_xid`, read straight from each backend. A
 //! snapshot's `xip` list would not do: it leaves out transactions whose id is newer than the
@@ -22,11 +23,11 @@
 
 use std::collections::HashMap;
 
-use sqlx::types::Json;
+use sqlx::{PgPool, types::Json};
 use uuid::Uuid;
 
 use super::{
-    Result, Store,
+    Error, Result, Store,
     rows::{EventRow, JOB_COLUMNS, JobRow},
 };
 use crate::domain::{JobId, JobState, QueueName, TenantId};
@@ -48,6 +49,27 @@ const EVENT_COLUMNS: &str = "e.seq, e.tenant_id, e.job_id, e.kind, e.state, e.at
 /// The job's columns of an [`EventRow`], from `jobs j`, and in their place when it is not read.
 const JOB_COLUMNS_OF_EVENT: &str = "j.queue, j.job_type, j.labels";
 const NO_JOB_COLUMNS: &str = "NULL::text AS queue, NULL::text AS job_type, NULL::jsonb AS labels";
+
+/// Refuses a database whose event sequence hands out numbers in blocks: with a cached block per
+/// session, numbers are taken out of the order they are handed out, and watchers could miss or
+/// reorder events. Migrations create it uncached; this catches a later change to it.
+pub(super) async fn check_event_numbering(pool: &PgPool) -> Result<()> {
+    let (cache,): (i64,) = sqlx::query_as(
+        "SELECT seqcache FROM pg_sequence \
+         WHERE seqrelid = pg_get_serial_sequence('job_events', 'seq')::regclass",
+    )
+    .fetch_one(pool)
+    .await?;
+    if cache == 1 {
+        Ok(())
+    } else {
+        Err(Error::Misconfigured(format!(
+            "the sequence numbering job_events caches {cache} numbers per session; watchers \
+             need them handed out one at a time: ALTER TABLE job_events ALTER COLUMN seq SET \
+             CACHE 1"
+        )))
+    }
+}
 
 impl Store {
     /// The last event number handed out, then the transaction ids held right after, in that

@@ -91,6 +91,8 @@ pub enum Error {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("stored row is invalid: {0}")]
     Corrupt(String),
+    #[error("the database is set up in a way jobwire cannot serve: {0}")]
+    Misconfigured(String),
 }
 
 impl Error {
@@ -158,6 +160,7 @@ impl Store {
             )
             .await?;
         sqlx::migrate!("../migrations").run(&pool).await?;
+        events::check_event_numbering(&pool).await?;
         let hot = HotConnections::new(usize::try_from(max_connections / 2).unwrap_or(1).max(1));
         Ok(Self {
             pool,
