@@ -346,6 +346,41 @@ async fn an_uncommitted_event_holds_back_later_ones_until_it_commits() {
     );
 }
 
+/// A replica just started knows where the event log ends only once the transactions then in
+/// progress have ended. A watcher connecting before waits for that, then replays its job's
+/// events from the store; it used to start at sequence 0, and the replica read the whole log
+/// from its start to serve it (on a real deployment, millions of events per reconnecting
+/// watcher).
+#[tokio::test]
+async fn a_watcher_waits_for_a_replica_just_started_to_find_the_end_of_the_log() {
+    let db = test_db().await;
+    let first = ServerProcess::start(&db, &[]).await;
+    let job = enqueue(&mut jobs(&first.url()).await, spec("type.idle", "default")).await;
+    drop(first);
+
+    let pool = db.pool().await;
+    let mut open = pool.begin().await.expect("begin");
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut *open)
+        .await
+        .expect("a transaction id");
+    let server = ServerProcess::start(&db, &[]).await;
+    let mut stream = watch_job(&server.url(), &job.id, 0).await;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), stream.message())
+            .await
+            .is_err(),
+        "the watcher started before the replica knew where the log ends"
+    );
+
+    open.commit().await.expect("commit");
+    let event = next_job_event(&mut stream).await;
+    let Some(Event::StateChanged(s)) = event.event else {
+        panic!("the job's first event is its state: {event:?}");
+    };
+    assert_eq!(s.state, pb::JobState::Available as i32);
+}
+
 /// Many dashboards at once while thousands of jobs run: every stream sees every event, once and
 /// in order. A stream that falls behind is ended with RESOURCE_EXHAUSTED and, as the SDK does,
 /// resumed after the last sequence it received (on a busy machine the five that take every event

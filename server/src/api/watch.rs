@@ -91,11 +91,17 @@ impl<S: Sink> Watch<S> {
         self.tx.send(Ok(S::wrap(event))).await.is_ok()
     }
 
-    /// Runs the stream to its end. `subscription` must be taken before any replay read.
-    pub async fn run(mut self, mut subscription: Subscription, shutdown: CancellationToken) {
+    /// Subscribes, then runs the stream to its end. The subscription is taken before any replay
+    /// read, so that replay and live delivery meet at its horizon.
+    pub async fn run(mut self, fanout: FanoutHandle, shutdown: CancellationToken) {
         let end = tokio::select! {
             _ = shutdown.cancelled() => End::Shutdown,
-            end = self.stream(&mut subscription) => end,
+            end = async {
+                let mut subscription = fanout
+                    .subscribe(self.tenant.clone(), self.target.clone())
+                    .await;
+                self.stream(&mut subscription).await
+            } => end,
         };
         let status = match end {
             End::Done => return,
@@ -218,7 +224,6 @@ pub fn start<S: Sink>(
     tasks: &tokio_util::task::TaskTracker,
 ) -> mpsc::Receiver<Result<S::Item, Status>> {
     let (tx, rx) = mpsc::channel(AHEAD);
-    let subscription = fanout.subscribe(tenant.clone(), target.clone());
     let watch = Watch::<S> {
         store: reads.store,
         registry: reads.registry,
@@ -227,6 +232,6 @@ pub fn start<S: Sink>(
         after,
         tx,
     };
-    tasks.spawn(watch.run(subscription, shutdown));
+    tasks.spawn(watch.run(fanout.clone(), shutdown));
     rx
 }

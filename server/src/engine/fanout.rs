@@ -22,7 +22,7 @@ use std::{
     time::Duration,
 };
 
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -37,6 +37,8 @@ const BUFFER: usize = 4096;
 const PAGE: i64 = 2000;
 /// How often the horizon is refreshed while nobody watches.
 const IDLE_INTERVAL: Duration = Duration::from_millis(100);
+/// How long a watcher waits for a replica just started to find its first safe horizon.
+const STARTUP_WAIT: Duration = Duration::from_secs(5);
 /// The least time between two reads of the log. Each that finds it moved costs the database a
 /// scan of its backends (about 1 ms of its CPU under load), and this replica's commits can wake
 /// the loop faster than that is worth.
@@ -183,6 +185,8 @@ struct Shared {
     /// Wakes the loop when the first watcher arrives, and when this replica has committed
     /// events that someone may watch.
     wake: Notify,
+    /// Whether the loop has found its first safe horizon; see [`FanoutHandle::subscribe`].
+    started: watch::Sender<bool>,
 }
 
 impl Shared {
@@ -236,7 +240,13 @@ impl FanoutHandle {
         }
     }
 
-    pub fn subscribe(&self, tenant: TenantId, target: Target) -> Subscription {
+    /// Registers a watcher. Until the loop has found its first safe horizon (on a replica just
+    /// started, once the transactions then in progress have ended) this waits, up to
+    /// [`STARTUP_WAIT`]: a subscription taken before would start at 0, and the loop would read
+    /// the whole event log for it, as watchers reconnecting to a replica just deployed would.
+    pub async fn subscribe(&self, tenant: TenantId, target: Target) -> Subscription {
+        let mut started = self.shared.started.subscribe();
+        let _ = tokio::time::timeout(STARTUP_WAIT, started.wait_for(|started| *started)).await;
         let (tx, events) = mpsc::channel(BUFFER);
         let (id, horizon) = match self.shared.state.lock() {
             Ok(mut state) => {
@@ -272,6 +282,7 @@ impl Fanout {
         let shared = Arc::new(Shared {
             state: Mutex::new(State::new()),
             wake: Notify::new(),
+            started: watch::Sender::new(false),
         });
         (
             Self {
@@ -349,7 +360,10 @@ impl Fanout {
             self.pending.pop_front();
         }
         match safe {
-            Some(safe) if self.advance_if_unwatched(safe) => return Ok(()),
+            Some(safe) if self.advance_if_unwatched(safe) => {
+                self.shared.started.send_replace(true);
+                return Ok(());
+            }
             None if !self.shared.watched() => return Ok(()),
             _ => {}
         }
@@ -380,6 +394,9 @@ impl Fanout {
             if gap || !full {
                 break;
             }
+        }
+        if safe.is_some() {
+            self.shared.started.send_replace(true);
         }
         Ok(())
     }
