@@ -395,7 +395,7 @@ impl Fanout {
                 break;
             }
         }
-        if safe.is_some() {
+        if safe.is_some_and(|safe| self.horizon() >= safe) {
             self.shared.started.send_replace(true);
         }
         Ok(())
