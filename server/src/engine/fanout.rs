@@ -18,7 +18,10 @@
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::Duration,
 };
 
@@ -187,6 +190,24 @@ struct Shared {
     wake: Notify,
     /// Whether the loop has found its first safe horizon; see [`FanoutHandle::subscribe`].
     started: watch::Sender<bool>,
+    /// Watchers waiting for it: the loop polls for them at the watch interval, as for watchers.
+    starting: AtomicUsize,
+}
+
+/// Counts a watcher as waiting for the first safe horizon while it lives.
+struct Starting<'a>(&'a AtomicUsize);
+
+impl<'a> Starting<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count)
+    }
+}
+
+impl Drop for Starting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Shared {
@@ -195,6 +216,13 @@ impl Shared {
             .lock()
             .map(|s| !s.subscribers.is_empty())
             .unwrap_or(false)
+    }
+
+    /// Lets watchers waiting for the first safe horizon subscribe; only the first call wakes
+    /// them.
+    fn mark_started(&self) {
+        self.started
+            .send_if_modified(|started| !std::mem::replace(started, true));
     }
 
     /// Whether a WatchJobs filter is registered, which needs events' jobs read with them.
@@ -246,7 +274,11 @@ impl FanoutHandle {
     /// the whole event log for it, as watchers reconnecting to a replica just deployed would.
     pub async fn subscribe(&self, tenant: TenantId, target: Target) -> Subscription {
         let mut started = self.shared.started.subscribe();
-        let _ = tokio::time::timeout(STARTUP_WAIT, started.wait_for(|started| *started)).await;
+        if !*started.borrow_and_update() {
+            let _waiting = Starting::new(&self.shared.starting);
+            self.shared.wake.notify_one();
+            let _ = tokio::time::timeout(STARTUP_WAIT, started.wait_for(|started| *started)).await;
+        }
         let (tx, events) = mpsc::channel(BUFFER);
         let (id, horizon) = match self.shared.state.lock() {
             Ok(mut state) => {
@@ -283,6 +315,7 @@ impl Fanout {
             state: Mutex::new(State::new()),
             wake: Notify::new(),
             started: watch::Sender::new(false),
+            starting: AtomicUsize::new(0),
         });
         (
             Self {
@@ -310,7 +343,8 @@ impl Fanout {
             if let Err(error) = self.tick().await {
                 tracing::warn!(%error, "event fanout failed; retrying");
             }
-            let pause = if self.shared.watched() {
+            let pause = if self.shared.watched() || self.shared.starting.load(Ordering::Relaxed) > 0
+            {
                 self.interval
             } else {
                 IDLE_INTERVAL
@@ -361,7 +395,7 @@ impl Fanout {
         }
         match safe {
             Some(safe) if self.advance_if_unwatched(safe) => {
-                self.shared.started.send_replace(true);
+                self.shared.mark_started();
                 return Ok(());
             }
             None if !self.shared.watched() => return Ok(()),
@@ -396,7 +430,7 @@ impl Fanout {
             }
         }
         if safe.is_some_and(|safe| self.horizon() >= safe) {
-            self.shared.started.send_replace(true);
+            self.shared.mark_started();
         }
         Ok(())
     }
