@@ -277,6 +277,28 @@ async fn report_progress(worker: &mut RawWorker, job_id: &str, attempt: i32) {
     assert_eq!(ack.code, Code::Ok as i32, "{ack:?}");
 }
 
+/// A transaction that holds a transaction id and has written nothing.
+async fn open_transaction_with_an_id(
+    pool: &sqlx::PgPool,
+) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut open = pool.begin().await.expect("begin");
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut *open)
+        .await
+        .expect("a transaction id");
+    open
+}
+
+/// Fails with `why` if the stream yields anything within half a second.
+async fn assert_quiet(stream: &mut Streaming<pb::WatchJobResponse>, why: &str) {
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), stream.message())
+            .await
+            .is_err(),
+        "{why}"
+    );
+}
+
 async fn next_job_event(stream: &mut Streaming<pb::WatchJobResponse>) -> pb::JobEvent {
     next_event(stream)
         .await
@@ -294,11 +316,7 @@ async fn a_transaction_yet_to_number_an_event_does_not_hold_back_delivery() {
     let server = ServerProcess::start(&db, &["--watch-poll-interval", "60s"]).await;
     let (job, mut worker, attempt, mut stream) = running_and_watched(&server.url()).await;
     let pool = db.pool().await;
-    let mut open = pool.begin().await.expect("begin");
-    sqlx::query("SELECT pg_current_xact_id()")
-        .execute(&mut *open)
-        .await
-        .expect("a transaction id");
+    let open = open_transaction_with_an_id(&pool).await;
 
     report_progress(&mut worker, &job.id, attempt).await;
     let event = next_job_event(&mut stream).await;
@@ -327,12 +345,11 @@ async fn an_uncommitted_event_holds_back_later_ones_until_it_commits() {
     .expect("an event in an open transaction");
 
     report_progress(&mut worker, &job.id, attempt).await;
-    assert!(
-        tokio::time::timeout(Duration::from_millis(500), stream.message())
-            .await
-            .is_err(),
-        "the committed progress event overtook the open one"
-    );
+    assert_quiet(
+        &mut stream,
+        "the committed progress event overtook the open one",
+    )
+    .await;
 
     open.commit().await.expect("commit");
     let first = next_job_event(&mut stream).await;
@@ -359,19 +376,14 @@ async fn a_watcher_waits_for_a_replica_just_started_to_find_the_end_of_the_log()
     drop(first);
 
     let pool = db.pool().await;
-    let mut open = pool.begin().await.expect("begin");
-    sqlx::query("SELECT pg_current_xact_id()")
-        .execute(&mut *open)
-        .await
-        .expect("a transaction id");
+    let open = open_transaction_with_an_id(&pool).await;
     let server = ServerProcess::start(&db, &[]).await;
     let mut stream = watch_job(&server.url(), &job.id, 0).await;
-    assert!(
-        tokio::time::timeout(Duration::from_millis(500), stream.message())
-            .await
-            .is_err(),
-        "the watcher started before the replica knew where the log ends"
-    );
+    assert_quiet(
+        &mut stream,
+        "the watcher started before the replica knew where the log ends",
+    )
+    .await;
 
     open.commit().await.expect("commit");
     let event = next_job_event(&mut stream).await;
