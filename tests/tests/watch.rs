@@ -363,6 +363,39 @@ async fn an_uncommitted_event_holds_back_later_ones_until_it_commits() {
     );
 }
 
+/// A number taken by a transaction that rolls back never commits: the events after it wait
+/// only until the transaction ends and the horizon passes the number, not for ever.
+#[tokio::test]
+async fn a_number_lost_to_a_rollback_holds_back_nothing_once_the_transaction_ends() {
+    let db = test_db().await;
+    let server = ServerProcess::start(&db, &["--watch-poll-interval", "20ms"]).await;
+    let (job, mut worker, attempt, mut stream) = running_and_watched(&server.url()).await;
+    let pool = db.pool().await;
+    let mut open = pool.begin().await.expect("begin");
+    let lost: i64 = sqlx::query_scalar(
+        "INSERT INTO job_events (tenant_id, job_id, kind, attempt, data) \
+         SELECT tenant_id, id, 'log', attempt, \
+                jsonb_build_object('level', 'info', 'message', 'rolled back') \
+         FROM jobs WHERE id = $1::uuid RETURNING seq",
+    )
+    .bind(&job.id)
+    .fetch_one(&mut *open)
+    .await
+    .expect("an event in an open transaction");
+
+    report_progress(&mut worker, &job.id, attempt).await;
+    assert_quiet(&mut stream, "the progress event overtook the open one").await;
+
+    open.rollback().await.expect("rollback");
+    let event = next_job_event(&mut stream).await;
+    assert!(event.sequence > lost, "{event:?}");
+    assert!(matches!(event.event, Some(Event::Progress(_))), "{event:?}");
+    report_progress(&mut worker, &job.id, attempt).await;
+    let next = next_job_event(&mut stream).await;
+    assert!(next.sequence > event.sequence, "{next:?}");
+    assert!(matches!(next.event, Some(Event::Progress(_))), "{next:?}");
+}
+
 /// A replica just started knows where the event log ends only once the transactions then in
 /// progress have ended. A watcher connecting before waits for that, then replays its job's
 /// events from the store; it used to start at sequence 0, and the replica read the whole log
