@@ -11,6 +11,8 @@ use anyhow::bail;
 use sqlx::{Connection, PgConnection};
 use tokio::time::Instant;
 
+use crate::clock;
+
 /// How often [`Ledger::wait_until_settled`] looks: the Graphile peer's `waitDb` interval, so
 /// both sides see completion with the same granularity.
 const POLL: Duration = Duration::from_millis(10);
@@ -66,6 +68,24 @@ impl Ledger {
             bail!("expected {jobs} succeeded jobs, the database has {states:?}");
         }
         Ok(())
+    }
+
+    /// For each stored progress event, the time from the report (the `unix_nanos` under `key` in
+    /// its data) to the start of the statement that stored it (its `created_at`, the statement's
+    /// `now()`): how long a report took to reach the database, batching included.
+    pub async fn progress_to_statement(&mut self, key: &str) -> anyhow::Result<Vec<Duration>> {
+        let rows: Vec<(i64, i64)> = sqlx::query_as(
+            "SELECT (data->'data'->>$1)::float8::int8, \
+                    (extract(epoch FROM created_at) * 1e9)::int8 \
+             FROM job_events WHERE kind = 'progress'",
+        )
+        .bind(key)
+        .fetch_all(&mut self.conn)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(sent, started)| clock::between(sent, started))
+            .collect())
     }
 
     /// Progress events stored, per job id.

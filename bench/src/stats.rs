@@ -32,11 +32,20 @@ impl Percentiles {
 
     /// Adds `p50_ms` .. `max_ms` to a JSON object, rounded to microseconds.
     pub fn write_to(&self, object: &mut serde_json::Map<String, serde_json::Value>) {
+        self.write_as("", object);
+    }
+
+    /// Adds `{prefix}p50_ms` .. `{prefix}max_ms`, for a stage of a latency measured whole.
+    pub fn write_as(&self, prefix: &str, object: &mut serde_json::Map<String, serde_json::Value>) {
         let round = |v: f64| (v * 1000.0).round() / 1000.0;
-        object.insert("p50_ms".into(), round(self.p50).into());
-        object.insert("p95_ms".into(), round(self.p95).into());
-        object.insert("p99_ms".into(), round(self.p99).into());
-        object.insert("max_ms".into(), round(self.max).into());
+        for (name, value) in [
+            ("p50", self.p50),
+            ("p95", self.p95),
+            ("p99", self.p99),
+            ("max", self.max),
+        ] {
+            object.insert(format!("{prefix}{name}_ms"), round(value).into());
+        }
     }
 }
 
@@ -53,5 +62,10 @@ mod tests {
         assert_eq!(p.p99, 99.0);
         assert_eq!(p.max, 100.0);
         assert!(Percentiles::of(&mut []).is_none());
+
+        let mut object = serde_json::Map::new();
+        p.write_as("stage_", &mut object);
+        assert_eq!(object.get("stage_p99_ms"), Some(&serde_json::json!(99.0)));
+        assert_eq!(object.len(), 4);
     }
 }

@@ -10,6 +10,11 @@
 //! receive; a stream the server ends as too slow (`RESOURCE_EXHAUSTED`) is resumed after its
 //! last sequence, as the SDK does, and counted in `watch_resumes`. `streams_unterminated`
 //! counts streams that did not end right after their job's terminal state change.
+//!
+//! `to_statement_p50_ms` .. `to_statement_max_ms` split the latency: from each report to the
+//! start of the statement that stored it (the stored event's `created_at`), so the rest is the
+//! statement, its commit and the delivery. Its percentiles are of all stored reports, not of the
+//! delivered events' own first stages, so the two sets do not subtract.
 
 use std::time::Duration;
 
@@ -101,6 +106,7 @@ pub async fn run(pg: &Postgres) -> anyhow::Result<Report> {
         .await?;
     ledger.ensure_succeeded(JOBS).await?;
     let stored = ledger.progress_events().await?;
+    let mut to_statement = ledger.progress_to_statement(SENT_KEY).await?;
     worker.stop().await?;
 
     let mut delays = Vec::with_capacity(JOBS * REPORTS as usize);
@@ -128,6 +134,9 @@ pub async fn run(pg: &Postgres) -> anyhow::Result<Report> {
     Percentiles::of(&mut delays)
         .context("no progress events arrived")?
         .write_to(&mut report);
+    Percentiles::of(&mut to_statement)
+        .context("no progress events were stored")?
+        .write_as("to_statement_", &mut report);
     super::insert_peak_rss(&mut report, [&server]);
     Ok(report)
 }
