@@ -289,6 +289,26 @@ async fn open_transaction_with_an_id(
     open
 }
 
+/// Opens a transaction that writes a log event for `job` and leaves it uncommitted; returns it
+/// with the event's number.
+async fn open_transaction_with_an_event(
+    pool: &sqlx::PgPool,
+    job: &str,
+) -> (sqlx::Transaction<'static, sqlx::Postgres>, i64) {
+    let mut open = pool.begin().await.expect("begin");
+    let seq: i64 = sqlx::query_scalar(
+        "INSERT INTO job_events (tenant_id, job_id, kind, attempt, data) \
+         SELECT tenant_id, id, 'log', attempt, \
+                jsonb_build_object('level', 'info', 'message', 'from an open transaction') \
+         FROM jobs WHERE id = $1::uuid RETURNING seq",
+    )
+    .bind(job)
+    .fetch_one(&mut *open)
+    .await
+    .expect("an event in an open transaction");
+    (open, seq)
+}
+
 /// Fails with `why` if the stream yields anything within half a second.
 async fn assert_quiet(stream: &mut Streaming<pb::WatchJobResponse>, why: &str) {
     assert!(
@@ -332,17 +352,7 @@ async fn an_uncommitted_event_holds_back_later_ones_until_it_commits() {
     let server = ServerProcess::start(&db, &["--watch-poll-interval", "20ms"]).await;
     let (job, mut worker, attempt, mut stream) = running_and_watched(&server.url()).await;
     let pool = db.pool().await;
-    let mut open = pool.begin().await.expect("begin");
-    let held: i64 = sqlx::query_scalar(
-        "INSERT INTO job_events (tenant_id, job_id, kind, attempt, data) \
-         SELECT tenant_id, id, 'log', attempt, \
-                jsonb_build_object('level', 'info', 'message', 'from an open transaction') \
-         FROM jobs WHERE id = $1::uuid RETURNING seq",
-    )
-    .bind(&job.id)
-    .fetch_one(&mut *open)
-    .await
-    .expect("an event in an open transaction");
+    let (open, held) = open_transaction_with_an_event(&pool, &job.id).await;
 
     report_progress(&mut worker, &job.id, attempt).await;
     assert_quiet(
@@ -371,17 +381,7 @@ async fn a_number_lost_to_a_rollback_holds_back_nothing_once_the_transaction_end
     let server = ServerProcess::start(&db, &["--watch-poll-interval", "20ms"]).await;
     let (job, mut worker, attempt, mut stream) = running_and_watched(&server.url()).await;
     let pool = db.pool().await;
-    let mut open = pool.begin().await.expect("begin");
-    let lost: i64 = sqlx::query_scalar(
-        "INSERT INTO job_events (tenant_id, job_id, kind, attempt, data) \
-         SELECT tenant_id, id, 'log', attempt, \
-                jsonb_build_object('level', 'info', 'message', 'rolled back') \
-         FROM jobs WHERE id = $1::uuid RETURNING seq",
-    )
-    .bind(&job.id)
-    .fetch_one(&mut *open)
-    .await
-    .expect("an event in an open transaction");
+    let (open, lost) = open_transaction_with_an_event(&pool, &job.id).await;
 
     report_progress(&mut worker, &job.id, attempt).await;
     assert_quiet(&mut stream, "the progress event overtook the open one").await;
