@@ -623,3 +623,67 @@ async fn watch_jobs_filters_by_label_type_and_state() {
     assert_eq!(events.len(), 2, "only the two cancellations");
     assert!(events.iter().all(is_terminal));
 }
+
+/// Writes `count` log events of about two kilobytes each for a job, committed at once.
+async fn write_log_events(pool: &sqlx::PgPool, job: &str, count: i32) {
+    sqlx::query(
+        "INSERT INTO job_events (tenant_id, job_id, kind, attempt, data) \
+         SELECT tenant_id, id, 'log', attempt, \
+                jsonb_build_object('level', 'info', 'message', repeat('x', 2000)) \
+         FROM jobs, generate_series(1, $2) WHERE id = $1::uuid",
+    )
+    .bind(job)
+    .bind(count)
+    .execute(pool)
+    .await
+    .expect("log events");
+}
+
+/// Reads a stream to the status that ends it: the last event's sequence, and the sequence the
+/// status says to resume after.
+async fn read_to_status(stream: &mut Streaming<pb::WatchJobResponse>, mut last: i64) -> (i64, i64) {
+    loop {
+        match tokio::time::timeout(WAIT, stream.message()).await {
+            Ok(Ok(Some(response))) => last = response.event.expect("event").sequence,
+            Ok(Ok(None)) => panic!("the stream ended without a status"),
+            Ok(Err(status)) => {
+                let resume = status
+                    .message()
+                    .rsplit("resume after sequence ")
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or_else(|| panic!("no place to resume in {status:?}"));
+                return (last, resume);
+            }
+            Err(_) => panic!("no status in time"),
+        }
+    }
+}
+
+/// A stream that a shutdown ends names the last event it sent as the place to resume, whether
+/// it was replaying stored events or forwarding live ones when the server stopped. Its client
+/// here reads nothing until then, so the stream is waiting to send an event (live) or is part
+/// way through a page (replay): that event used to be counted as sent, and a client resuming
+/// from the status missed it, or, mid-page, got the page's first events again.
+#[tokio::test]
+async fn a_stream_ended_by_a_shutdown_resumes_after_the_last_event_it_sent() {
+    let db = test_db().await;
+    let mut server = ServerProcess::start(&db, &[]).await;
+    let pool = db.pool().await;
+    let (live_job, _worker, _attempt, mut live) = running_and_watched(&server.url()).await;
+    let replayed = enqueue(&mut jobs(&server.url()).await, spec("type.idle", "default")).await;
+    write_log_events(&pool, &replayed.id, 3000).await;
+    // Past the fanout's horizon, so that they are replayed from the store.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut replay = watch_job(&server.url(), &replayed.id, 0).await;
+    write_log_events(&pool, &live_job.id, 3000).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let (_, (live_last, live_resume), (replay_last, replay_resume)) = tokio::join!(
+        server.terminate(),
+        read_to_status(&mut live, 0),
+        read_to_status(&mut replay, 0),
+    );
+    assert_eq!(live_resume, live_last, "live");
+    assert_eq!(replay_resume, replay_last, "replay");
+}

@@ -126,9 +126,9 @@ impl<S: Sink> Watch<S> {
                 Ok(rows) => rows,
                 Err(error) => return End::Failed(error),
             };
-            let Some(last) = rows.last().map(|r| r.seq) else {
+            if rows.is_empty() {
                 break;
-            };
+            }
             let snapshot = match self.snapshot(&rows).await {
                 Ok(snapshot) => snapshot,
                 Err(error) => return End::Failed(error),
@@ -140,8 +140,10 @@ impl<S: Sink> Watch<S> {
                 if !self.send(convert::event(row, snapshot.as_ref())).await {
                     return End::Done;
                 }
+                // Only once sent: a shutdown can drop this future mid-page, and the status
+                // it ends with tells the client where to resume.
+                self.after = row.seq;
             }
-            self.after = last;
         }
         if let Target::Job(id) = &self.target {
             // A finished job whose last event the client already has ends the stream now. The
@@ -181,9 +183,13 @@ impl<S: Sink> Watch<S> {
         End::Lagged(self.after)
     }
 
+    /// Sends a live event; `after` moves only once it is sent (see the replay above).
     async fn forward(&mut self, event: &Arc<FanoutEvent>) -> bool {
-        self.after = event.row.seq;
-        self.send(convert::fanout_event(event)).await
+        let sent = self.send(convert::fanout_event(event)).await;
+        if sent {
+            self.after = event.row.seq;
+        }
+        sent
     }
 
     async fn replay(&self, horizon: i64) -> Result<Vec<EventRow>, ApiError> {
