@@ -38,6 +38,11 @@ use crate::{
 const BUFFER: usize = 4096;
 /// Events read per statement.
 const PAGE: i64 = 2000;
+/// Horizons kept waiting at most. A transaction that stays open (an hours-long migration or
+/// import in the same database) keeps every horizon read after it began from becoming safe;
+/// one per poll, they would pile up for as long as it lives. Past this the newest replaces the
+/// last kept: any horizon is as safe once its own transactions end, only coarser.
+const MAX_PENDING: usize = 64;
 /// How often the horizon is refreshed while nobody watches.
 const IDLE_INTERVAL: Duration = Duration::from_millis(100);
 /// How long a watcher waits for a replica just started to find its first safe horizon.
@@ -384,7 +389,7 @@ impl Fanout {
         self.read = Some(last);
         let Some(xips) = xips else { return Ok(()) };
         let in_progress: HashSet<i64> = xips.iter().copied().collect();
-        self.pending.push_back((last, xips));
+        queue_horizon(&mut self.pending, last, xips);
         let mut safe = None;
         while let Some((horizon, xids)) = self.pending.front() {
             if xids.iter().any(|x| in_progress.contains(x)) {
@@ -401,6 +406,22 @@ impl Fanout {
             None if !self.shared.watched() => return Ok(()),
             _ => {}
         }
+        let delivered = self.deliver_up_to(safe, last).await;
+        // A safe horizon that delivery did not reach (a read failed, or a filter registered
+        // meanwhile) is kept for the next pass rather than waiting for a newer one to be safe.
+        if let Some(safe) = safe {
+            if self.horizon() >= safe {
+                self.shared.mark_started();
+            } else {
+                self.pending.push_front((safe, Vec::new()));
+            }
+        }
+        delivered
+    }
+
+    /// Delivers what is final up to the log's `last` number: up to the `safe` horizon, and
+    /// past it the committed events that follow on without a gap.
+    async fn deliver_up_to(&self, safe: Option<i64>, last: i64) -> crate::store::Result<()> {
         let mut from = self.horizon();
         // Every number up to `reach` is final: delivered, committed, or never to commit.
         let mut reach = safe.unwrap_or(from).max(from);
@@ -428,9 +449,6 @@ impl Fanout {
             if gap || !full {
                 break;
             }
-        }
-        if safe.is_some_and(|safe| self.horizon() >= safe) {
-            self.shared.mark_started();
         }
         Ok(())
     }
@@ -509,6 +527,18 @@ impl Fanout {
         }
         state.horizon = state.horizon.max(upto);
         true
+    }
+}
+
+/// Queues the horizon `last`, read just before the transaction ids `xips`, to wait for them.
+/// One no further than the last kept adds nothing: the kept one's transactions include every
+/// one that can hold a number below it. Past [`MAX_PENDING`] the newest replaces the last kept.
+fn queue_horizon(pending: &mut VecDeque<(i64, SnapshotXids)>, last: i64, xips: SnapshotXids) {
+    if pending.back().is_none_or(|(kept, _)| *kept < last) {
+        if pending.len() >= MAX_PENDING {
+            pending.pop_back();
+        }
+        pending.push_back((last, xips));
     }
 }
 
@@ -633,6 +663,34 @@ mod tests {
             "dropped, so it gets no more"
         );
         assert_eq!(received(&mut keeps_up), [3]);
+    }
+
+    #[test]
+    fn horizons_waiting_on_a_long_transaction_stay_bounded() {
+        let mut pending = VecDeque::new();
+        for _ in 0..10 {
+            queue_horizon(&mut pending, 100, vec![7]);
+        }
+        assert_eq!(pending.len(), 1, "an unmoved log adds no horizon");
+
+        for last in 101..1_000 {
+            queue_horizon(&mut pending, last, vec![7, last]);
+        }
+        assert_eq!(pending.len(), MAX_PENDING);
+        assert_eq!(
+            pending.front().map(|(h, _)| *h),
+            Some(100),
+            "the oldest are kept"
+        );
+        assert_eq!(
+            pending.get(MAX_PENDING - 2).map(|(h, _)| *h),
+            Some(100 + MAX_PENDING as i64 - 2)
+        );
+        assert_eq!(
+            pending.back(),
+            Some(&(999, vec![7, 999])),
+            "the newest replaces the last kept"
+        );
     }
 
     #[test]
