@@ -397,10 +397,10 @@ async fn a_number_lost_to_a_rollback_holds_back_nothing_once_the_transaction_end
 }
 
 /// A replica just started knows where the event log ends only once the transactions then in
-/// progress have ended. A watcher connecting before waits for that, then replays its job's
-/// events from the store; it used to start at sequence 0, and the replica read the whole log
-/// from its start to serve it (on a real deployment, millions of events per reconnecting
-/// watcher).
+/// progress have ended. A watcher connecting before waits for that, however long it takes, then
+/// replays its job's events from the store. It used to start at sequence 0, and the replica read
+/// the whole log from its start to serve it (on a real deployment, millions of events per
+/// reconnecting watcher); then, past a 5 s wait, it still did.
 #[tokio::test]
 async fn a_watcher_waits_for_a_replica_just_started_to_find_the_end_of_the_log() {
     let db = test_db().await;
@@ -417,6 +417,8 @@ async fn a_watcher_waits_for_a_replica_just_started_to_find_the_end_of_the_log()
         "the watcher started before the replica knew where the log ends",
     )
     .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_quiet(&mut stream, "the watcher gave up waiting and started at 0").await;
 
     open.commit().await.expect("commit");
     let event = next_job_event(&mut stream).await;

@@ -45,8 +45,6 @@ const PAGE: i64 = 2000;
 const MAX_PENDING: usize = 64;
 /// How often the horizon is refreshed while nobody watches.
 const IDLE_INTERVAL: Duration = Duration::from_millis(100);
-/// How long a watcher waits for a replica just started to find its first safe horizon.
-const STARTUP_WAIT: Duration = Duration::from_secs(5);
 /// The least time between two reads of the log. Each that finds it moved costs the database a
 /// scan of its backends (about 1 ms of its CPU under load), and this replica's commits can wake
 /// the loop faster than that is worth.
@@ -274,15 +272,18 @@ impl FanoutHandle {
     }
 
     /// Registers a watcher. Until the loop has found its first safe horizon (on a replica just
-    /// started, once the transactions then in progress have ended) this waits, up to
-    /// [`STARTUP_WAIT`]: a subscription taken before would start at 0, and the loop would read
-    /// the whole event log for it, as watchers reconnecting to a replica just deployed would.
+    /// started, once the transactions then in progress have ended) this waits, for as long as
+    /// it takes; the caller's stream gives up on shutdown. A subscription taken before would
+    /// start at 0: until those transactions ended it would get nothing anyway (any number
+    /// missing from the log's history stops delivery past the horizon), and then the loop
+    /// would read the whole log for it. It once gave up after 5 s and did just that.
     pub async fn subscribe(&self, tenant: TenantId, target: Target) -> Subscription {
         let mut started = self.shared.started.subscribe();
         if !*started.borrow_and_update() {
             let _waiting = Starting::new(&self.shared.starting);
             self.shared.wake.notify_one();
-            let _ = tokio::time::timeout(STARTUP_WAIT, started.wait_for(|started| *started)).await;
+            // The sender lives as long as this handle, so this ends only once started.
+            let _ = started.wait_for(|started| *started).await;
         }
         let (tx, events) = mpsc::channel(BUFFER);
         let (id, horizon) = match self.shared.state.lock() {
