@@ -987,6 +987,40 @@ async fn a_lease_handed_back_undelivered_ends_its_job_as_a_stop_asked() {
     );
 }
 
+/// A drained worker closes its stream only with nothing running or queued, so a lease it still
+/// holds then reached it after it went idle (it was on its way). The server hands such a lease
+/// back as the stream ends; it used to lapse, and its job ran again only after the lease
+/// duration (30 s), as a second attempt.
+#[tokio::test]
+async fn a_lease_a_drained_worker_never_started_is_handed_back_as_it_leaves() {
+    let db = test_db().await;
+    let server = ServerProcess::start(&db, &[]).await;
+    let mut client = jobs(&server.url()).await;
+    let job = enqueue(&mut client, spec("type.late", "default")).await;
+    let mut worker = RawWorker::connect(&server.url(), "late", &["type.late"], 1).await;
+    let lease = worker.next_lease().await;
+    assert_eq!(lease.job_id, job.id);
+
+    worker.drain_and_close().await;
+    let pool = db.pool().await;
+    let runs = eventually(
+        "the job available again",
+        Duration::from_secs(5),
+        || async {
+            let (state, runs): (String, i32) = sqlx::query_as(
+                "SELECT state::text, attempt - attempt_base FROM jobs WHERE id = $1::uuid",
+            )
+            .bind(&job.id)
+            .fetch_one(&pool)
+            .await
+            .expect("job");
+            (state == "available").then_some(runs)
+        },
+    )
+    .await;
+    assert_eq!(runs, 0, "a lease never started is no attempt");
+}
+
 /// A worker that keeps pace is sent leases beyond its slots, up to its prefetch and no more.
 /// A lease it hands back unstarted is available again, the attempt not counted, or, when its
 /// job was cancelled meanwhile, ends cancelled; the stop for a queued lease reaches the worker

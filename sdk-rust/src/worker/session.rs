@@ -477,7 +477,7 @@ async fn close(inbound: &mut Streaming<pb::ConnectResponse>) {
                 tracing::warn!(
                     job_id = %lease.job_id,
                     attempt = lease.attempt,
-                    "a lease arrived after the drain completed; it will lapse and be retried"
+                    "a lease arrived after the drain completed; the server hands it back"
                 );
             }
         }

@@ -127,6 +127,7 @@ impl WorkerService for WorkerApi {
             config: self.config.clone(),
             tx,
             held: HashSet::new(),
+            draining: false,
             pending_stops: PendingStops::default(),
         };
         let span = tracing::info_span!("worker_stream", session = id, %tenant);
@@ -299,6 +300,8 @@ struct Session {
     tx: Outbound,
     /// Leases this worker holds through this stream; each returns one slot when settled.
     held: HashSet<LeaseRef>,
+    /// The worker said it drains: once it closes its side, it has nothing running.
+    draining: bool,
     /// Stops for leases not held when they were asked, passed on if such a lease arrives.
     pending_stops: PendingStops,
 }
@@ -360,6 +363,8 @@ impl PendingStops {
 enum End {
     /// The worker closed its side, or its connection broke.
     WorkerLeft,
+    /// The worker drained, then closed its side: whatever it still holds it never started.
+    Drained,
     /// The server is shutting down; the worker should reconnect elsewhere.
     Shutdown,
 }
@@ -400,6 +405,7 @@ impl Session {
         tracing::info!(worker = %hello.worker_id, slots = hello.slots, "worker connected");
         match self.serve(hello, &mut inbound, &shutdown).await {
             End::WorkerLeft => tracing::info!("worker disconnected"),
+            End::Drained => tracing::info!("worker drained and disconnected"),
             End::Shutdown => {
                 let _ = self
                     .tx
@@ -515,6 +521,7 @@ impl Session {
                         }
                     }
                     Ok(Some(_)) => {}
+                    Ok(None) if self.draining => break End::Drained,
                     Ok(None) | Err(_) => break End::WorkerLeft,
                 },
                 signal = stops.recv() => match signal {
@@ -572,6 +579,12 @@ impl Session {
                 job_id: JobId(row.job.id),
                 attempt: row.job.attempt,
             });
+        }
+        // A drained worker closes only with nothing running or queued, so a lease still held
+        // reached it after that (it was on its way as the worker went idle): without this it
+        // would lapse, and its job run again only after the lease duration, as a second attempt.
+        if matches!(end, End::Drained) {
+            undelivered.extend(self.held.drain());
         }
         self.release(undelivered).await;
         // Outcomes already handed to the completer are written whatever happens; let the worker
@@ -635,6 +648,7 @@ impl Session {
             }
             In::Drain(_) => {
                 tracing::info!("worker draining");
+                self.draining = true;
                 self.engine.dispatcher.drain(self.id).await;
                 true
             }

@@ -355,6 +355,15 @@ impl RawWorker {
         acks
     }
 
+    /// Says the worker drains, closes its side of the stream, and reads the server's side to
+    /// its end, as a drained worker does.
+    pub async fn drain_and_close(self) {
+        self.send(In::Drain(pb::Drain {})).await;
+        let Self { tx, mut rx, .. } = self;
+        drop(tx);
+        while let Ok(Ok(Some(_))) = tokio::time::timeout(WAIT, rx.message()).await {}
+    }
+
     pub async fn heartbeat(&self, running: Vec<pb::LeaseRef>) {
         self.send(In::Heartbeat(pb::Heartbeat { running })).await;
     }
