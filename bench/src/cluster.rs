@@ -120,6 +120,12 @@ fn server_binary() -> anyhow::Result<PathBuf> {
     Ok(bin)
 }
 
+/// The runtime threads of this process, which its worker subprocesses run with too (see the
+/// bench's `--client-threads`).
+fn client_threads() -> usize {
+    tokio::runtime::Handle::current().metrics().num_workers()
+}
+
 impl Server {
     pub fn start(database_url: &str, extra: &[&str]) -> anyhow::Result<Self> {
         let mut child = Command::new(server_binary()?)
@@ -204,7 +210,8 @@ impl WorkerProcess {
             .arg("worker")
             .args(["--url", server_url, "--handler", &handler])
             .args(["--concurrency", &slots.to_string()])
-            .args(["--prefetch", &prefetch.to_string()]);
+            .args(["--prefetch", &prefetch.to_string()])
+            .args(["--client-threads", &client_threads().to_string()]);
         if let Some(interval) = progress_interval {
             command.args(["--progress-interval-ms", &interval.as_millis().to_string()]);
         }
