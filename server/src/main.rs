@@ -22,13 +22,21 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     init_tracing(config.log_format);
-    let runtime = match tokio::runtime::Runtime::new() {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = config.worker_threads {
+        builder.worker_threads(threads);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("jobwire-server: cannot start the async runtime: {error}");
             return ExitCode::FAILURE;
         }
     };
+    tracing::info!(
+        worker_threads = runtime.metrics().num_workers(),
+        "async runtime started"
+    );
     match runtime.block_on(run(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

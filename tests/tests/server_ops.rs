@@ -1,13 +1,19 @@
 //! The server as an operator runs it: health that follows PostgreSQL (through a PostgreSQL
 //! crash and restart, which loses no accepted job), the embedded default cluster, graceful
-//! shutdown with workers connected, the engine's statements kept on warm connections, and a
-//! database whose event numbering watchers cannot rely on refused at start-up.
+//! shutdown with workers connected, the engine's statements kept on warm connections, a
+//! database whose event numbering watchers cannot rely on refused at start-up, and the
+//! runtime's threads as configured.
 
-use std::{path::Path, time::Duration};
+use std::{path::Path, sync::Arc, time::Duration};
 
 use jobwire::Client;
 use jobwire_server::embedded_pg::EmbeddedPostgres;
-use jobwire_tests::{ServerProcess, eventually, jobs::Sleep, test_db, workers::SleepWorker};
+use jobwire_tests::{
+    ServerProcess, eventually,
+    jobs::Sleep,
+    test_db,
+    workers::{Gauge, SleepWorker},
+};
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
@@ -226,4 +232,59 @@ async fn a_cached_event_sequence_is_refused_at_start() {
         .expect("uncache the sequence");
     let server = ServerProcess::start(&db, &[]).await;
     wait_for_health(&server.url(), ServingStatus::Serving).await;
+}
+
+/// `--worker-threads` sizes the runtime; on a single thread the server still serves a worker
+/// running jobs side by side, and a count it cannot use is refused, naming the flag.
+#[tokio::test]
+async fn the_runtime_runs_on_the_threads_it_is_given() {
+    let db = test_db().await;
+    let stderr = ServerProcess::start_refused(&db, &["--worker-threads", "0"]).await;
+    assert!(stderr.contains("--worker-threads"), "{stderr}");
+
+    let server = ServerProcess::start(&db, &["--worker-threads", "3"]).await;
+    assert_runtime_threads(&server, 3);
+    drop(server);
+
+    let server = ServerProcess::start(&db, &["--worker-threads", "1"]).await;
+    assert_runtime_threads(&server, 1);
+    let client = Client::connect(server.url()).await.expect("client");
+    let mut jobs = Vec::new();
+    for seq in 0..8 {
+        let job = client
+            .enqueue(Sleep {
+                seq,
+                millis: 1000,
+                ..Default::default()
+            })
+            .await
+            .expect("enqueue");
+        jobs.push(job);
+    }
+    let gauge = Arc::new(Gauge::default());
+    let worker = SleepWorker::new(server.url(), "one-thread")
+        .concurrency(8)
+        .gauge(Arc::clone(&gauge))
+        .spawn();
+    for job in jobs {
+        tokio::time::timeout(WAIT, job.wait())
+            .await
+            .expect("in time")
+            .expect("the job succeeds");
+    }
+    assert_eq!(gauge.max(), 8, "the jobs ran side by side");
+    worker.stop().await.expect("drain");
+}
+
+/// Checks the start-up line that gives the runtime's thread count, as the runtime reports it.
+fn assert_runtime_threads(server: &ServerProcess, threads: usize) {
+    let stderr = server.stderr_tail(200);
+    let started = stderr
+        .lines()
+        .find(|line| line.contains("async runtime started"))
+        .unwrap_or_else(|| panic!("no start-up line in {stderr}"));
+    assert!(
+        started.contains(&format!("worker_threads={threads}")),
+        "{started}"
+    );
 }
