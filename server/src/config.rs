@@ -73,8 +73,9 @@ pub struct Config {
 
     /// Threads of the async runtime (default: one per core). On a host it shares with
     /// PostgreSQL or busy neighbours, fewer threads wake each other less: on two cores, 1 moved
-    /// 28 % more single enqueues from 8 closed-loop callers (W3) but delivered a burst of 500
-    /// progress reports later (W4 p99 35.7 ms against 33.1); see `docs/performance.md`.
+    /// 28 % more single enqueues from 8 closed-loop callers (W3, before the enqueuer kept its
+    /// batches in its own task) but delivered a burst of 500 progress reports later (W4 p99
+    /// 35.7 ms against 33.1); see `docs/performance.md`.
     #[arg(long, env = "JOBWIRE_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
 
