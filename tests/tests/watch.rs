@@ -689,3 +689,42 @@ async fn a_stream_ended_by_a_shutdown_resumes_after_the_last_event_it_sent() {
     assert_eq!(live_resume, live_last, "live");
     assert_eq!(replay_resume, replay_last, "replay");
 }
+
+/// Streams waiting for live events when the server shuts down end with UNAVAILABLE, "shutting
+/// down", not RESOURCE_EXHAUSTED, "fell behind": the fanout ends every subscription as it stops,
+/// and a stream that saw its subscription end before it saw the shutdown took the end for a
+/// drop for lagging. Both statuses name the place to resume, but a client (or an operator
+/// reading its logs) told "fell behind" goes looking for a slow consumer.
+#[tokio::test]
+async fn streams_ended_by_a_shutdown_say_so() {
+    const STREAMS: usize = 64;
+    let db = test_db().await;
+    let mut server = ServerProcess::start(&db, &[]).await;
+    let mut client = jobs(&server.url()).await;
+    let mut streams = Vec::with_capacity(STREAMS);
+    for _ in 0..STREAMS {
+        // No worker serves this type: the jobs stay AVAILABLE and their streams stay open.
+        let job = enqueue(&mut client, spec("type.unserved", "default")).await;
+        let mut stream = watch_job(&server.url(), &job.id, 0).await;
+        let first = next_job_event(&mut stream).await;
+        streams.push((stream, first.sequence));
+    }
+
+    let (_, statuses) = tokio::join!(
+        server.terminate(),
+        futures::future::join_all(streams.iter_mut().map(async |(stream, last)| {
+            let status = match tokio::time::timeout(WAIT, stream.message()).await {
+                Ok(Err(status)) => status,
+                other => panic!("expected the stream to end with a status, got {other:?}"),
+            };
+            (status, *last)
+        })),
+    );
+    for (status, last) in statuses {
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        assert_eq!(
+            status.message(),
+            format!("server is shutting down; resume after sequence {last}")
+        );
+    }
+}

@@ -94,7 +94,11 @@ impl<S: Sink> Watch<S> {
     /// Subscribes, then runs the stream to its end. The subscription is taken before any replay
     /// read, so that replay and live delivery meet at its horizon.
     pub async fn run(mut self, fanout: FanoutHandle, shutdown: CancellationToken) {
+        // The shutdown is checked first: the fanout ends every subscription once it sees the
+        // shutdown, and a stream that found its subscription ended before it looked at the
+        // shutdown told its client it had fallen behind.
         let end = tokio::select! {
+            biased;
             _ = shutdown.cancelled() => End::Shutdown,
             end = async {
                 let mut subscription = fanout
