@@ -52,6 +52,12 @@ pub struct Config {
     #[arg(long, env = "JOBWIRE_WATCH_POLL_INTERVAL", value_parser = humantime::parse_duration, default_value = "5ms")]
     pub watch_poll_interval: Duration,
 
+    /// How long watch delivery may be held up by a transaction in progress (an event number it
+    /// holds, or a replica's first horizon it delays) before the server logs which transaction,
+    /// and again each time as long again passes.
+    #[arg(long, env = "JOBWIRE_WATCH_STALL_WARNING", value_parser = humantime::parse_duration, default_value = "10s")]
+    pub watch_stall_warning: Duration,
+
     /// How long a worker has to stop a running job after a cancel or a pause (or past its
     /// timeout) before its lease is no longer renewed.
     #[arg(long, env = "JOBWIRE_STOP_GRACE", value_parser = humantime::parse_duration, default_value = "10s")]
@@ -118,6 +124,9 @@ impl Config {
         }
         if self.watch_poll_interval < Duration::from_millis(1) {
             return fail("watch-poll-interval", "must be at least 1ms");
+        }
+        if self.watch_stall_warning < Duration::from_millis(100) {
+            return fail("watch-stall-warning", "must be at least 100ms");
         }
         if self.reap_interval < Duration::from_millis(10) {
             return fail("reap-interval", "must be at least 10ms");

@@ -373,6 +373,71 @@ async fn an_uncommitted_event_holds_back_later_ones_until_it_commits() {
     );
 }
 
+/// The pid of the backend running `open`.
+async fn backend_pid(open: &mut sqlx::Transaction<'static, sqlx::Postgres>) -> i32 {
+    sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut **open)
+        .await
+        .expect("the backend's pid")
+}
+
+/// Waits for the server's log to have a line with every one of `needles`, and returns it.
+async fn log_line(server: &ServerProcess, needles: &[&str]) -> String {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let log = server.stderr_tail(500);
+        if let Some(line) = log.lines().find(|l| needles.iter().all(|n| l.contains(n))) {
+            return line.to_owned();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no log line with {needles:?}; the log ends with:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Delivery held up by an open transaction is not silent for an operator: past the stall
+/// warning's time the server logs which transaction holds it (its pid, application and state),
+/// and once it ends, that delivery resumed.
+#[tokio::test]
+async fn held_up_delivery_names_the_transaction_that_holds_it() {
+    let db = test_db().await;
+    let refused = ServerProcess::start_refused(&db, &["--watch-stall-warning", "0s"]).await;
+    assert!(refused.contains("--watch-stall-warning"), "{refused}");
+    let server = ServerProcess::start(
+        &db,
+        &[
+            "--watch-poll-interval",
+            "20ms",
+            "--watch-stall-warning",
+            "300ms",
+        ],
+    )
+    .await;
+    let (job, mut worker, attempt, mut stream) = running_and_watched(&server.url()).await;
+    let pool = db.pool().await;
+    let (mut open, held) = open_transaction_with_an_event(&pool, &job.id).await;
+    let pid = backend_pid(&mut open).await;
+
+    report_progress(&mut worker, &job.id, attempt).await;
+    assert_quiet(&mut stream, "the progress event overtook the open one").await;
+    let warning = log_line(
+        &server,
+        &[
+            "watch delivery is held up by transactions in progress",
+            &format!("pid {pid} "),
+        ],
+    )
+    .await;
+    assert!(warning.contains("idle in transaction"), "{warning}");
+    assert!(warning.contains("WARN"), "{warning}");
+
+    open.commit().await.expect("commit");
+    assert_eq!(next_job_event(&mut stream).await.sequence, held);
+    log_line(&server, &["watch delivery resumed"]).await;
+}
+
 /// A number taken by a transaction that rolls back never commits: the events after it wait
 /// only until the transaction ends and the horizon passes the number, not for ever.
 #[tokio::test]
@@ -400,7 +465,8 @@ async fn a_number_lost_to_a_rollback_holds_back_nothing_once_the_transaction_end
 /// progress have ended. A watcher connecting before waits for that, however long it takes, then
 /// replays its job's events from the store. It used to start at sequence 0, and the replica read
 /// the whole log from its start to serve it (on a real deployment, millions of events per
-/// reconnecting watcher); then, past a 5 s wait, it still did.
+/// reconnecting watcher); then, past a 5 s wait, it still did. The server logs which transaction
+/// the watcher waits for.
 #[tokio::test]
 async fn a_watcher_waits_for_a_replica_just_started_to_find_the_end_of_the_log() {
     let db = test_db().await;
@@ -409,12 +475,22 @@ async fn a_watcher_waits_for_a_replica_just_started_to_find_the_end_of_the_log()
     drop(first);
 
     let pool = db.pool().await;
-    let open = open_transaction_with_an_id(&pool).await;
-    let server = ServerProcess::start(&db, &[]).await;
+    let mut open = open_transaction_with_an_id(&pool).await;
+    let pid = backend_pid(&mut open).await;
+    let server = ServerProcess::start(&db, &["--watch-stall-warning", "1s"]).await;
     let mut stream = watch_job(&server.url(), &job.id, 0).await;
     assert_quiet(
         &mut stream,
         "the watcher started before the replica knew where the log ends",
+    )
+    .await;
+    // The wait is quiet for the watcher, not for an operator.
+    log_line(
+        &server,
+        &[
+            "watch delivery is held up by transactions in progress",
+            &format!("pid {pid} "),
+        ],
     )
     .await;
     tokio::time::sleep(Duration::from_secs(5)).await;

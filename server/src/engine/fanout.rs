@@ -25,13 +25,16 @@ use std::{
     time::Duration,
 };
 
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::{
+    sync::{Notify, mpsc, watch},
+    time::Instant,
+};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::{
     domain::{JobId, JobState, TenantId},
-    store::{EventFilter, EventRow, JobRow, SnapshotXids, Store},
+    store::{EventFilter, EventRow, JobRow, OpenTransaction, SnapshotXids, Store},
 };
 
 /// Events buffered per subscription before it counts as too slow.
@@ -45,6 +48,8 @@ const PAGE: i64 = 2000;
 const MAX_PENDING: usize = 64;
 /// How often the horizon is refreshed while nobody watches.
 const IDLE_INTERVAL: Duration = Duration::from_millis(100);
+/// The most transactions a warning about held-up delivery names.
+const NAMED_TRANSACTIONS: usize = 5;
 /// The least time between two reads of the log. Each that finds it moved costs the database a
 /// scan of its backends (about 1 ms of its CPU under load), and this replica's commits can wake
 /// the loop faster than that is worth.
@@ -313,10 +318,13 @@ pub struct Fanout {
     pending: VecDeque<(i64, SnapshotXids)>,
     /// The log's last number when last read.
     read: Option<i64>,
+    stall: Stall,
 }
 
 impl Fanout {
-    pub fn new(store: Store, interval: Duration) -> (Self, FanoutHandle) {
+    /// `stall_warning` is how long delivery may be held up by transactions in progress before
+    /// the loop logs which ones (and again each time as long again passes).
+    pub fn new(store: Store, interval: Duration, stall_warning: Duration) -> (Self, FanoutHandle) {
         let shared = Arc::new(Shared {
             state: Mutex::new(State::new()),
             wake: Notify::new(),
@@ -330,6 +338,7 @@ impl Fanout {
                 shared: shared.clone(),
                 pending: VecDeque::new(),
                 read: None,
+                stall: Stall::new(stall_warning),
             },
             FanoutHandle { shared },
         )
@@ -345,9 +354,10 @@ impl Fanout {
             Err(error) => tracing::warn!(%error, "reading the event watermark failed"),
         }
         loop {
-            let started = tokio::time::Instant::now();
-            if let Err(error) = self.tick().await {
-                tracing::warn!(%error, "event fanout failed; retrying");
+            let started = Instant::now();
+            match self.tick().await {
+                Ok(held) => self.watch_stall(held).await,
+                Err(error) => tracing::warn!(%error, "event fanout failed; retrying"),
             }
             let pause = if self.shared.watched() || self.shared.starting.load(Ordering::Relaxed) > 0
             {
@@ -375,7 +385,9 @@ impl Fanout {
 
     /// Advances the safe horizon, and delivers what is final when anyone watches: every event
     /// below the horizon, and beyond it the committed events that follow on without a gap.
-    async fn tick(&mut self) -> crate::store::Result<()> {
+    /// Returns, when watchers wait for something only the end of transactions in progress can
+    /// give them, the ids of the transactions the oldest waiting horizon waits for.
+    async fn tick(&mut self) -> crate::store::Result<Option<SnapshotXids>> {
         // A horizon that delivery has already passed has nothing left to wait for.
         let delivered = self.horizon();
         while self.pending.front().is_some_and(|(h, _)| *h <= delivered) {
@@ -388,7 +400,7 @@ impl Fanout {
             .filter(|read| self.pending.is_empty() && self.horizon() >= *read);
         let (last, xips) = self.store.event_watermark(settled).await?;
         self.read = Some(last);
-        let Some(xips) = xips else { return Ok(()) };
+        let Some(xips) = xips else { return Ok(None) };
         let in_progress: HashSet<i64> = xips.iter().copied().collect();
         queue_horizon(&mut self.pending, last, xips);
         let mut safe = None;
@@ -402,9 +414,13 @@ impl Fanout {
         match safe {
             Some(safe) if self.advance_if_unwatched(safe) => {
                 self.shared.mark_started();
-                return Ok(());
+                return Ok(None);
             }
-            None if !self.shared.watched() => return Ok(()),
+            None if !self.shared.watched() => {
+                let starting = !*self.shared.started.borrow()
+                    && self.shared.starting.load(Ordering::Relaxed) > 0;
+                return Ok(starting.then(|| blockers(&self.pending, &in_progress)));
+            }
             _ => {}
         }
         let delivered = self.deliver_up_to(safe, last).await;
@@ -417,12 +433,41 @@ impl Fanout {
                 self.pending.push_front((safe, Vec::new()));
             }
         }
-        delivered
+        Ok(delivered?.then(|| blockers(&self.pending, &in_progress)))
+    }
+
+    /// Logs, once delivery has been held up for the stall warning's time, which transactions
+    /// hold it, and that it resumed once they end. A transaction that stays open (a migration,
+    /// an import, a session idle in a transaction) otherwise leaves watchers silent with
+    /// nothing to tell an operator why.
+    async fn watch_stall(&mut self, held: Option<SnapshotXids>) {
+        let horizon = self.horizon();
+        match self.stall.observe(held.is_some(), horizon, Instant::now()) {
+            Some(StallReport::Held(held_for)) => {
+                let xids = held.unwrap_or_default();
+                let transactions = match self.store.open_transactions(&xids).await {
+                    Ok(transactions) => describe(&transactions),
+                    Err(error) => format!("could not be read: {error}"),
+                };
+                tracing::warn!(
+                    held_for = ?held_for,
+                    horizon,
+                    %transactions,
+                    "watch delivery is held up by transactions in progress: watchers on this \
+                     replica get no newer event until they end"
+                );
+            }
+            Some(StallReport::Resumed(held_for)) => {
+                tracing::info!(held_for = ?held_for, horizon, "watch delivery resumed");
+            }
+            None => {}
+        }
     }
 
     /// Delivers what is final up to the log's `last` number: up to the `safe` horizon, and
-    /// past it the committed events that follow on without a gap.
-    async fn deliver_up_to(&self, safe: Option<i64>, last: i64) -> crate::store::Result<()> {
+    /// past it the committed events that follow on without a gap. Returns whether it stopped at
+    /// a missing number with committed events after it.
+    async fn deliver_up_to(&self, safe: Option<i64>, last: i64) -> crate::store::Result<bool> {
         let mut from = self.horizon();
         // Every number up to `reach` is final: delivered, committed, or never to commit.
         let mut reach = safe.unwrap_or(from).max(from);
@@ -447,11 +492,14 @@ impl Fanout {
                 break;
             }
             from = upto;
-            if gap || !full {
+            if gap {
+                return Ok(true);
+            }
+            if !full {
                 break;
             }
         }
-        Ok(())
+        Ok(false)
     }
 
     /// Reads the jobs that state events carry, then delivers; see [`Self::deliver`].
@@ -529,6 +577,101 @@ impl Fanout {
         state.horizon = state.horizon.max(upto);
         true
     }
+}
+
+/// What [`Stall::observe`] found worth logging.
+#[derive(Debug, PartialEq)]
+enum StallReport {
+    /// Delivery has been held up this long (first after the warning's time, then as often).
+    Held(Duration),
+    /// Delivery moved on after a warning, having been held up this long.
+    Resumed(Duration),
+}
+
+/// Tracks how long delivery has been held up at one horizon.
+#[derive(Debug)]
+struct Stall {
+    warn_after: Duration,
+    /// The horizon delivery is held at, and since when.
+    held: Option<(i64, Instant)>,
+    /// When it was last reported as held.
+    warned: Option<Instant>,
+}
+
+impl Stall {
+    fn new(warn_after: Duration) -> Self {
+        Self {
+            warn_after,
+            held: None,
+            warned: None,
+        }
+    }
+
+    /// Notes whether delivery is held up now, with the horizon where it stands. A horizon that
+    /// moves is delivery going on, however briefly numbers go missing under load, so only time
+    /// spent at one horizon counts.
+    fn observe(&mut self, held: bool, horizon: i64, now: Instant) -> Option<StallReport> {
+        let resumed = match self.held {
+            Some((at, since)) if !held || at != horizon => {
+                let warned = self.warned.take().is_some();
+                self.held = None;
+                warned.then(|| StallReport::Resumed(now - since))
+            }
+            _ => None,
+        };
+        if !held {
+            return resumed;
+        }
+        let since = self.held.get_or_insert((horizon, now)).1;
+        let held_for = now - since;
+        let due = held_for >= self.warn_after
+            && self
+                .warned
+                .is_none_or(|warned| now - warned >= self.warn_after);
+        if due {
+            self.warned = Some(now);
+            Some(StallReport::Held(held_for))
+        } else {
+            resumed
+        }
+    }
+}
+
+/// The transactions still in progress that the oldest waiting horizon waits for.
+fn blockers(pending: &VecDeque<(i64, SnapshotXids)>, in_progress: &HashSet<i64>) -> SnapshotXids {
+    pending
+        .front()
+        .map(|(_, xids)| {
+            xids.iter()
+                .copied()
+                .filter(|x| in_progress.contains(x))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The transactions a warning names, oldest first.
+fn describe(transactions: &[OpenTransaction]) -> String {
+    if transactions.is_empty() {
+        return "none found (they ended meanwhile)".into();
+    }
+    let mut named: Vec<String> = transactions
+        .iter()
+        .take(NAMED_TRANSACTIONS)
+        .map(|t| {
+            format!(
+                "pid {} (user {:?}, application {:?}, client {}, {}, open {:.1}s): {:?}",
+                t.pid, t.user_name, t.application_name, t.client, t.state, t.open_secs, t.query
+            )
+        })
+        .collect();
+    if transactions.len() > NAMED_TRANSACTIONS {
+        named.push(format!(
+            "and {} more",
+            transactions.len() - NAMED_TRANSACTIONS
+        ));
+    }
+    named.join("; ")
 }
 
 /// Queues the horizon `last`, read just before the transaction ids `xips`, to wait for them.
@@ -709,5 +852,76 @@ mod tests {
         );
         assert_eq!(final_run([12], 10), (0, 10), "11 may still commit");
         assert_eq!(final_run([], 10), (0, 10));
+    }
+
+    #[test]
+    fn a_stall_is_reported_after_its_time_then_as_often_and_its_end_once() {
+        let warn = Duration::from_secs(10);
+        let t0 = Instant::now();
+        let at = |secs: u64| t0 + Duration::from_secs(secs);
+        let mut stall = Stall::new(warn);
+        assert_eq!(stall.observe(false, 5, at(0)), None, "nothing held");
+        assert_eq!(
+            stall.observe(true, 5, at(1)),
+            None,
+            "held, not yet for long"
+        );
+        assert_eq!(stall.observe(true, 5, at(10)), None, "9 s at this horizon");
+        assert_eq!(
+            stall.observe(true, 5, at(11)),
+            Some(StallReport::Held(Duration::from_secs(10)))
+        );
+        assert_eq!(stall.observe(true, 5, at(15)), None, "reported 4 s ago");
+        assert_eq!(
+            stall.observe(true, 5, at(21)),
+            Some(StallReport::Held(Duration::from_secs(20))),
+            "still held, reported again"
+        );
+        assert_eq!(
+            stall.observe(false, 5, at(22)),
+            Some(StallReport::Resumed(Duration::from_secs(21)))
+        );
+        assert_eq!(
+            stall.observe(false, 5, at(23)),
+            None,
+            "its end is told once"
+        );
+    }
+
+    #[test]
+    fn a_horizon_that_moves_is_no_stall() {
+        let warn = Duration::from_secs(10);
+        let t0 = Instant::now();
+        let at = |secs: u64| t0 + Duration::from_secs(secs);
+        let mut stall = Stall::new(warn);
+        // Under load numbers go missing for a moment at every read, but delivery moves on.
+        for (i, horizon) in (1..30).zip(100..) {
+            assert_eq!(stall.observe(true, horizon, at(i)), None, "at {i} s");
+        }
+        assert_eq!(
+            stall.observe(false, 200, at(31)),
+            None,
+            "never reported, no end told"
+        );
+
+        assert_eq!(stall.observe(true, 300, at(40)), None);
+        assert!(matches!(
+            stall.observe(true, 300, at(50)),
+            Some(StallReport::Held(_))
+        ));
+        assert_eq!(
+            stall.observe(true, 301, at(51)),
+            Some(StallReport::Resumed(Duration::from_secs(11))),
+            "moved on after a report, though held again at once"
+        );
+        assert_eq!(
+            stall.observe(true, 301, at(60)),
+            None,
+            "held 9 s at the new one"
+        );
+        assert!(matches!(
+            stall.observe(true, 301, at(61)),
+            Some(StallReport::Held(_))
+        ));
     }
 }

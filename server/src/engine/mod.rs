@@ -90,7 +90,11 @@ impl Engine {
             (stops.clone(), queue_holds.clone()),
             due.clone(),
         );
-        let (fanout, fanout_handle) = Fanout::new(store.clone(), config.watch_poll_interval);
+        let (fanout, fanout_handle) = Fanout::new(
+            store.clone(),
+            config.watch_poll_interval,
+            config.watch_stall_warning,
+        );
         let (completer, completer_handle) = Completer::new(store.clone(), fanout_handle.clone());
         let reaper = Reaper::new(store.clone(), config.reap_interval, leadership.clone());
         let scheduler = Scheduler::new(

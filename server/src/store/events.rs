@@ -35,6 +35,20 @@ use crate::domain::{JobId, JobState, QueueName, TenantId};
 /// Transaction ids held by backends at one moment.
 pub type SnapshotXids = Vec<i64>;
 
+/// A transaction in progress, as an operator finds it in `pg_stat_activity`.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct OpenTransaction {
+    pub pid: i32,
+    pub user_name: String,
+    pub application_name: String,
+    pub client: String,
+    pub state: String,
+    /// How long the transaction has been open, in seconds.
+    pub open_secs: f64,
+    /// The start of its latest statement.
+    pub query: String,
+}
+
 /// What a WatchJobs stream asks for; empty fields match everything.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct EventFilter {
@@ -94,6 +108,24 @@ impl Store {
         )
         .bind(unless_still);
         self.hot(async |c| Ok(query.fetch_one(c).await?)).await
+    }
+
+    /// The transactions of this database that still hold any of `xids`, oldest first, for an
+    /// operator to find what holds back the horizon.
+    pub async fn open_transactions(&self, xids: &[i64]) -> Result<Vec<OpenTransaction>> {
+        Ok(sqlx::query_as(
+            "SELECT pid, coalesce(usename::text, '') AS user_name, application_name, \
+                 coalesce(host(client_addr), 'local') AS client, coalesce(state, '') AS state, \
+                 extract(epoch FROM now() - xact_start)::float8 AS open_secs, \
+                 left(query, 200) AS query \
+             FROM pg_stat_activity \
+             WHERE backend_xid IS NOT NULL AND datname = current_database() \
+               AND backend_xid::text::int8 = ANY($1) \
+             ORDER BY xact_start",
+        )
+        .bind(xids)
+        .fetch_all(&self.pool)
+        .await?)
     }
 
     /// Events in `(after, upto]`, in order, at most `limit`; `with_job` reads their jobs'
