@@ -16,7 +16,7 @@
 //! result completes as usual. A lease's deadline is watched inside its own task, so a timeout
 //! needs no task of its own.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -30,6 +30,7 @@ use crate::context::{JobContext, StopReason, StopSignal};
 use crate::error::HandlerError;
 use crate::job;
 use crate::proto::v1 as pb;
+use crate::worker::queue::{LeaseQueue, Queued, lease_ref};
 use crate::worker::registry::{ErasedHandler, Registry};
 use crate::worker::reports::{Final, LeaseReports, Links};
 
@@ -76,14 +77,6 @@ pub(super) struct Refusal {
 }
 
 /// A lease waiting for a slot.
-struct Queued {
-    lease: pb::Lease,
-    handler: ErasedHandler,
-    /// When its attempt began, as this worker's clock reckons it: its arrival, less the time
-    /// the server says it held the lease before sending it.
-    since: Instant,
-}
-
 /// The handler tasks of one worker.
 pub(super) struct Executor {
     registry: Registry,
@@ -94,8 +87,8 @@ pub(super) struct Executor {
     slots: usize,
     /// The most leases that may wait for a slot.
     prefetch: usize,
-    /// Leases waiting for a slot, oldest first.
-    queued: VecDeque<Queued>,
+    /// Leases waiting for a slot.
+    queued: LeaseQueue,
     tasks: JoinSet<Result<Any, HandlerError>>,
     /// Every lease whose task has not been reaped yet.
     leases: HashMap<pb::LeaseRef, InFlight>,
@@ -116,7 +109,7 @@ impl Executor {
             links,
             slots,
             prefetch,
-            queued: VecDeque::new(),
+            queued: LeaseQueue::default(),
             tasks: JoinSet::new(),
             leases: HashMap::new(),
             by_task: HashMap::new(),
@@ -143,7 +136,7 @@ impl Executor {
                 .with_kind("unknown_job_type"),
             ));
         };
-        if self.leases.contains_key(&lease_ref) || self.queued_at(&lease_ref).is_some() {
+        if self.leases.contains_key(&lease_ref) || self.queued.contains(&lease_ref) {
             // The same attempt again (never expected): the run in progress will report it, and
             // a failure sent for the duplicate would end that run's attempt under its feet.
             tracing::warn!(
@@ -164,7 +157,7 @@ impl Executor {
                 .held
                 .and_then(|held| Duration::try_from(held).ok())
                 .unwrap_or_default();
-            self.queued.push_back(Queued {
+            self.queued.push(Queued {
                 lease,
                 handler,
                 since: now.checked_sub(held).unwrap_or(now),
@@ -229,49 +222,28 @@ impl Executor {
         }
     }
 
-    fn queued_at(&self, lease: &pb::LeaseRef) -> Option<usize> {
-        self.queued
-            .iter()
-            .position(|q| q.lease.job_id == lease.job_id && q.lease.attempt == lease.attempt)
-    }
-
     /// Takes off the queue the leases that have waited `max_wait` or longer, to hand back.
     pub(super) fn take_stale(&mut self, max_wait: Duration) -> Vec<pb::LeaseRef> {
         let now = Instant::now();
-        let mut stale = Vec::new();
-        // Not only from the front: a lease the server held longer can be older than one that
-        // arrived before it.
-        self.queued.retain(|q| {
-            let expired = q.since + max_wait <= now;
-            if expired {
-                stale.push(lease_ref(&q.lease));
-            }
-            !expired
-        });
-        stale
+        let Some(cutoff) = now.checked_sub(max_wait) else {
+            return Vec::new();
+        };
+        refs(self.queued.take_begun_by(cutoff))
     }
 
     /// When the oldest queued lease will have waited `max_wait`.
     pub(super) fn stale_at(&self, max_wait: Duration) -> Option<Instant> {
-        self.queued.iter().map(|q| q.since + max_wait).min()
+        self.queued.oldest().map(|since| since + max_wait)
     }
 
     /// Takes every queued lease off the queue, to hand back.
     pub(super) fn take_queued(&mut self) -> Vec<pb::LeaseRef> {
-        self.queued.drain(..).map(|q| lease_ref(&q.lease)).collect()
+        refs(self.queued.take_where(|_| true))
     }
 
     /// Takes the queued leases of `queue` off the queue, to hand back.
     pub(super) fn take_queued_of(&mut self, queue: &str) -> Vec<pb::LeaseRef> {
-        let mut taken = Vec::new();
-        self.queued.retain(|q| {
-            let hit = q.lease.queue == queue;
-            if hit {
-                taken.push(lease_ref(&q.lease));
-            }
-            !hit
-        });
-        taken
+        refs(self.queued.take_where(|q| q.lease.queue == queue))
     }
 
     /// The next handler to finish; pending while none runs. Cancel-safe: a result is only taken
@@ -301,11 +273,8 @@ impl Executor {
     /// are closed: the server would refuse them.
     pub(super) fn stop(&mut self, lease: &pb::LeaseRef, reason: StopReason) -> Stopping {
         let Some(running) = self.leases.get_mut(lease) else {
-            return match self.queued_at(lease) {
-                Some(at) => {
-                    self.queued.remove(at);
-                    Stopping::Unstarted
-                }
+            return match self.queued.remove(lease) {
+                Some(_) => Stopping::Unstarted,
                 None => Stopping::NotRunning,
             };
         };
@@ -337,7 +306,7 @@ impl Executor {
             .iter()
             .filter(|(_, running)| !running.lost)
             .map(|(lease, _)| lease.clone())
-            .chain(self.queued.iter().map(|q| lease_ref(&q.lease)))
+            .chain(self.queued.leases().map(lease_ref))
             .collect();
         live.sort_unstable_by(|a, b| (&a.job_id, a.attempt).cmp(&(&b.job_id, b.attempt)));
         live
@@ -395,11 +364,8 @@ impl Executor {
     }
 }
 
-fn lease_ref(lease: &pb::Lease) -> pb::LeaseRef {
-    pb::LeaseRef {
-        job_id: lease.job_id.clone(),
-        attempt: lease.attempt,
-    }
+fn refs(queued: Vec<Queued>) -> Vec<pb::LeaseRef> {
+    queued.iter().map(|q| lease_ref(&q.lease)).collect()
 }
 
 /// Runs `handler`, firing its cancellation with [`StopReason::TimedOut`] at `deadline` (a time

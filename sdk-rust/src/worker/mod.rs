@@ -40,6 +40,7 @@
 mod executor;
 mod lifecycle;
 mod outbox;
+mod queue;
 mod registry;
 mod releases;
 mod reporter;
