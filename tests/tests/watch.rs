@@ -399,7 +399,7 @@ async fn log_line(server: &ServerProcess, needles: &[&str]) -> String {
 
 /// Delivery held up by an open transaction is not silent for an operator: past the stall
 /// warning's time the server logs which transaction holds it (its pid, application and state),
-/// and once it ends, that delivery resumed.
+/// even with an older one open, and once it ends, that delivery resumed.
 #[tokio::test]
 async fn held_up_delivery_names_the_transaction_that_holds_it() {
     let db = test_db().await;
@@ -417,9 +417,15 @@ async fn held_up_delivery_names_the_transaction_that_holds_it() {
     .await;
     let (job, mut worker, attempt, mut stream) = running_and_watched(&server.url()).await;
     let pool = db.pool().await;
+    // An older transaction that numbers nothing: the horizons read while it is open wait for
+    // it, but it does not hold the missing number, so naming it alone would mislead.
+    let older = open_transaction_with_an_id(&pool).await;
+    report_progress(&mut worker, &job.id, attempt).await;
+    let event = next_job_event(&mut stream).await;
+    assert!(matches!(event.event, Some(Event::Progress(_))), "{event:?}");
+
     let (mut open, held) = open_transaction_with_an_event(&pool, &job.id).await;
     let pid = backend_pid(&mut open).await;
-
     report_progress(&mut worker, &job.id, attempt).await;
     assert_quiet(&mut stream, "the progress event overtook the open one").await;
     let warning = log_line(
@@ -436,6 +442,7 @@ async fn held_up_delivery_names_the_transaction_that_holds_it() {
     open.commit().await.expect("commit");
     assert_eq!(next_job_event(&mut stream).await.sequence, held);
     log_line(&server, &["watch delivery resumed"]).await;
+    older.rollback().await.expect("rollback");
 }
 
 /// A number taken by a transaction that rolls back never commits: the events after it wait

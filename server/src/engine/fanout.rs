@@ -386,7 +386,7 @@ impl Fanout {
     /// Advances the safe horizon, and delivers what is final when anyone watches: every event
     /// below the horizon, and beyond it the committed events that follow on without a gap.
     /// Returns, when watchers wait for something only the end of transactions in progress can
-    /// give them, the ids of the transactions the oldest waiting horizon waits for.
+    /// give them, the ids of those transactions.
     async fn tick(&mut self) -> crate::store::Result<Option<SnapshotXids>> {
         // A horizon that delivery has already passed has nothing left to wait for.
         let delivered = self.horizon();
@@ -419,11 +419,11 @@ impl Fanout {
             None if !self.shared.watched() => {
                 let starting = !*self.shared.started.borrow()
                     && self.shared.starting.load(Ordering::Relaxed) > 0;
-                return Ok(starting.then(|| blockers(&self.pending, &in_progress)));
+                return Ok(starting.then(|| blockers(&self.pending, i64::MIN, &in_progress)));
             }
             _ => {}
         }
-        let delivered = self.deliver_up_to(safe, last).await;
+        let missing = self.deliver_up_to(safe, last).await;
         // A safe horizon that delivery did not reach (a read failed, or a filter registered
         // meanwhile) is kept for the next pass rather than waiting for a newer one to be safe.
         if let Some(safe) = safe {
@@ -433,7 +433,7 @@ impl Fanout {
                 self.pending.push_front((safe, Vec::new()));
             }
         }
-        Ok(delivered?.then(|| blockers(&self.pending, &in_progress)))
+        Ok(missing?.map(|number| blockers(&self.pending, number, &in_progress)))
     }
 
     /// Logs, once delivery has been held up for the stall warning's time, which transactions
@@ -465,9 +465,13 @@ impl Fanout {
     }
 
     /// Delivers what is final up to the log's `last` number: up to the `safe` horizon, and
-    /// past it the committed events that follow on without a gap. Returns whether it stopped at
-    /// a missing number with committed events after it.
-    async fn deliver_up_to(&self, safe: Option<i64>, last: i64) -> crate::store::Result<bool> {
+    /// past it the committed events that follow on without a gap. Returns the missing number
+    /// it stopped at, when committed events follow it.
+    async fn deliver_up_to(
+        &self,
+        safe: Option<i64>,
+        last: i64,
+    ) -> crate::store::Result<Option<i64>> {
         let mut from = self.horizon();
         // Every number up to `reach` is final: delivered, committed, or never to commit.
         let mut reach = safe.unwrap_or(from).max(from);
@@ -493,13 +497,13 @@ impl Fanout {
             }
             from = upto;
             if gap {
-                return Ok(true);
+                return Ok(Some(reach + 1));
             }
             if !full {
                 break;
             }
         }
-        Ok(false)
+        Ok(None)
     }
 
     /// Reads the jobs that state events carry, then delivers; see [`Self::deliver`].
@@ -637,10 +641,18 @@ impl Stall {
     }
 }
 
-/// The transactions still in progress that the oldest waiting horizon waits for.
-fn blockers(pending: &VecDeque<(i64, SnapshotXids)>, in_progress: &HashSet<i64>) -> SnapshotXids {
+/// The transactions still in progress that the first waiting horizon at or past `number` waits
+/// for: once they end, delivery passes the number (or reaches it, for `i64::MIN`). A missing
+/// number's owner held its transaction id before it took the number, so it is among them while
+/// it lives; a horizon read earlier would name only older transactions, which need not hold it.
+fn blockers(
+    pending: &VecDeque<(i64, SnapshotXids)>,
+    number: i64,
+    in_progress: &HashSet<i64>,
+) -> SnapshotXids {
     pending
-        .front()
+        .iter()
+        .find(|(horizon, _)| *horizon >= number)
         .map(|(_, xids)| {
             xids.iter()
                 .copied()
@@ -923,5 +935,20 @@ mod tests {
             stall.observe(true, 301, at(61)),
             Some(StallReport::Held(_))
         ));
+    }
+
+    #[test]
+    fn the_transactions_named_are_those_the_first_horizon_past_the_gap_waits_for() {
+        let pending: VecDeque<(i64, SnapshotXids)> =
+            [(10, vec![1, 2]), (20, vec![2, 3]), (30, vec![3, 4])].into();
+        let in_progress: HashSet<i64> = [2, 3, 4].into();
+        assert_eq!(
+            blockers(&pending, i64::MIN, &in_progress),
+            [2],
+            "the first horizon"
+        );
+        assert_eq!(blockers(&pending, 15, &in_progress), [2, 3]);
+        assert_eq!(blockers(&pending, 30, &in_progress), [3, 4]);
+        assert_eq!(blockers(&pending, 31, &in_progress), SnapshotXids::new());
     }
 }
