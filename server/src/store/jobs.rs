@@ -523,7 +523,8 @@ fn enqueue_sql(keyed: bool, returning: &[&str], inserted: &str) -> String {
                 started_at, attempt_started_at) \
             SELECT id, $1, queue, job_type, payload_type, payload, priority, state, \
                 max_attempts, retry_initial_ms, retry_max_ms, retry_multiplier, retry_jitter, \
-                coalesce(run_at, now()), idempotency_key, labels, timeout_ms, schedule_id, \
+                coalesce(run_at, now()), idempotency_key, coalesce(labels, '{{}}'), timeout_ms, \
+                schedule_id, \
                 schedule_tick, job_type_version, \
                 CASE WHEN state = 'running' THEN 1 ELSE 0 END, \
                 CASE WHEN state = 'running' THEN lease_owner END, \
@@ -646,41 +647,35 @@ where
         .bind(jobs.iter().map(|j| j.retry_max_ms).collect::<Vec<_>>())
         .bind(jobs.iter().map(|j| j.retry_multiplier).collect::<Vec<_>>())
         .bind(jobs.iter().map(|j| j.retry_jitter).collect::<Vec<_>>())
-        .bind(jobs.iter().map(|j| j.run_at).collect::<Vec<_>>())
-        .bind(
-            jobs.iter()
-                .map(|j| j.idempotency_key.clone())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            jobs.iter()
-                .map(|j| Json(j.labels.clone()))
-                .collect::<Vec<_>>(),
-        )
-        .bind(jobs.iter().map(|j| j.timeout_ms).collect::<Vec<_>>())
-        .bind(
-            jobs.iter()
-                .map(|j| j.schedule.map(|(id, _)| id))
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            jobs.iter()
-                .map(|j| j.schedule.and_then(|(_, tick)| tick))
-                .collect::<Vec<_>>(),
-        )
-        .bind(jobs.iter().map(|j| j.job_type_version).collect::<Vec<_>>())
+        .bind(nullable(jobs.iter().map(|j| j.run_at)))
+        .bind(nullable(jobs.iter().map(|j| j.idempotency_key.clone())))
+        .bind(nullable(jobs.iter().map(|j| {
+            (!j.labels.is_empty()).then(|| Json(j.labels.clone()))
+        })))
+        .bind(nullable(jobs.iter().map(|j| j.timeout_ms)))
+        .bind(nullable(jobs.iter().map(|j| j.schedule.map(|(id, _)| id))))
+        .bind(nullable(
+            jobs.iter().map(|j| j.schedule.and_then(|(_, tick)| tick)),
+        ))
+        .bind(nullable(jobs.iter().map(|j| j.job_type_version)))
         .bind(jobs.iter().map(|j| j.needs_approval).collect::<Vec<_>>())
-        .bind(
+        .bind(nullable(
             jobs.iter()
-                .map(|j| j.handoff.as_ref().map(|h| h.worker.clone()))
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            jobs.iter()
-                .map(|j| j.handoff.as_ref().map(|h| super::leases::millis(h.lease)))
-                .collect::<Vec<_>>(),
-        );
+                .map(|j| j.handoff.as_ref().map(|h| h.worker.clone())),
+        ))
+        .bind(nullable(jobs.iter().map(|j| {
+            j.handoff.as_ref().map(|h| super::leases::millis(h.lease))
+        })));
     Ok(q.fetch_all(db).await?)
+}
+
+/// A column of optional values as an array parameter, or NULL when every value is NULL (or,
+/// for labels, empty). The statement's multi-argument UNNEST pads a NULL array with NULLs, so
+/// PostgreSQL neither receives nor unnests a thousand NULLs for the options a batch leaves
+/// unset, which most batches do.
+fn nullable<T>(values: impl Iterator<Item = Option<T>>) -> Option<Vec<Option<T>>> {
+    let values: Vec<Option<T>> = values.collect();
+    values.iter().any(Option::is_some).then_some(values)
 }
 
 /// Returned rows placed at their jobs' positions; a job the statement returned nothing for (an
