@@ -524,8 +524,7 @@ fn enqueue_sql(keyed: bool, returning: &[&str], inserted: &str) -> String {
             SELECT id, $1, queue, job_type, payload_type, payload, priority, state, \
                 max_attempts, retry_initial_ms, retry_max_ms, retry_multiplier, retry_jitter, \
                 coalesce(run_at, now()), idempotency_key, coalesce(labels, '{{}}'), timeout_ms, \
-                schedule_id, \
-                schedule_tick, job_type_version, \
+                schedule_id, schedule_tick, job_type_version, \
                 CASE WHEN state = 'running' THEN 1 ELSE 0 END, \
                 CASE WHEN state = 'running' THEN lease_owner END, \
                 CASE WHEN state = 'running' \
