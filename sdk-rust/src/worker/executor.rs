@@ -76,7 +76,6 @@ pub(super) struct Refusal {
     pub(super) error: HandlerError,
 }
 
-/// A lease waiting for a slot.
 /// The handler tasks of one worker.
 pub(super) struct Executor {
     registry: Registry,
