@@ -27,13 +27,6 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-/// The bench's producers, watchers and worker subprocesses share the two cores with the server
-/// and PostgreSQL, so what they spend in glibc's allocator is taken from the system under test.
-/// With jemalloc here as in the server, six alternating rounds: W3 5,220 jobs/s against 5,080
-/// (medians), W4 p50 12.5 ms against 14.2 and p99 alike (24.4 against 24.8), W1 alike.
-#[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
 /// The longest a workload may run; one that runs over is reported as failed and the rest run.
 const WORKLOAD_TIMEOUT: Duration = Duration::from_secs(300);
 

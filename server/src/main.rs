@@ -15,15 +15,6 @@ use jobwire_server::{
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
-/// glibc's allocator took about a fifth of the server's CPU in W4's waves (`perf record` on its
-/// pid: `_int_malloc`, `malloc_consolidate`, `_int_free`), for the many small buffers of messages,
-/// rows and events that are made on one thread and freed on another. With jemalloc, 19
-/// alternating W4 pairs: p99 median 24.1 ms against 26.8; W1's drain 35,195 jobs/s against
-/// 34,024 (5 pairs); peak RSS 4 MiB more. mimalloc did worse (6 pairs: p99 median 37.4 ms, peak
-/// RSS 100 MiB).
-#[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
 fn main() -> ExitCode {
     let config = Config::parse();
     if let Err(error) = config.validate() {
