@@ -151,6 +151,10 @@ impl Server {
         })
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Peak resident memory so far, in MiB (VmHWM).
     pub fn peak_rss_mib(&self) -> Option<f64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
@@ -226,6 +230,11 @@ impl WorkerProcess {
             stdout: child.stdout.take(),
             child,
         })
+    }
+
+    /// `None` once the worker has been reaped.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
     }
 
     /// The worker's measurement lines (see `crate::worker`); there is one reader, so this

@@ -13,10 +13,12 @@
 //! - `jobs`: the bench's job types, shared by producers and workers.
 //! - `ledger`: what the bench reads back from a workload's database.
 //! - `clock`: wall-clock timestamps that cross processes; `stats`: percentiles.
+//! - `cores`: how long each process group ran and waited for a core during a measured window.
 //! - `workloads`: one module per workload.
 
 mod clock;
 mod cluster;
+mod cores;
 mod jobs;
 mod ledger;
 mod stats;

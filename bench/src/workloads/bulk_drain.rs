@@ -5,7 +5,7 @@
 //! chunk's reply; `drain_per_s` spans the worker's spawn (its start-up and connection count)
 //! to the first poll (every 10 ms) that finds no job waiting or running in the database. Both
 //! ends of each span are read on this process's monotonic clock; the database must then hold
-//! exactly 20,000 succeeded jobs.
+//! exactly 20,000 succeeded jobs. The cores' figures ([`Window`]) are the drain's.
 //!
 //! The enqueue span starts once the server has settled ([`SETTLE`]): the peer's span starts
 //! after its migrations, with its pool made, so neither counts its own start-up.
@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use super::Report;
 use crate::{
     cluster::{Postgres, Server, WorkerProcess},
+    cores::Window,
     jobs::Noop,
     ledger::Ledger,
     worker::Handler,
@@ -49,11 +50,13 @@ pub async fn run(pg: &Postgres, prefetch: usize) -> anyhow::Result<Report> {
 
     let drain_start = Instant::now();
     let mut worker = WorkerProcess::start(&server.url, Handler::Noop, (SLOTS, prefetch), None)?;
+    let cores = Window::open(vec![server.pid()], worker.pid().into_iter().collect());
     let drained = worker.while_running(ledger.wait_until_settled()).await? - drain_start;
+    let mut report = super::report("W1", JOBS);
+    cores.close(&mut report);
     ledger.ensure_succeeded(JOBS).await?;
     worker.stop().await?;
 
-    let mut report = super::report("W1", JOBS);
     report.insert(
         "enqueue_per_s".into(),
         super::per_second(JOBS, enqueued).into(),

@@ -6,7 +6,8 @@
 //! taken once every producer is connected) to the first poll (every 10 ms, after the last
 //! enqueue returned) that finds no job waiting or running in the database; `enqueue_per_s`
 //! spans the first enqueue to the last reply. The database must then hold the 20,000 jobs and
-//! the warm-up, all succeeded.
+//! the warm-up, all succeeded. The same span is a [`Window`] of the cores' time: W3's rounds
+//! are a chain of hops between processes, each waiting for a core on a busy machine.
 
 use jobwire::Client;
 use tokio::{task::JoinSet, time::Instant};
@@ -14,6 +15,7 @@ use tokio::{task::JoinSet, time::Instant};
 use super::Report;
 use crate::{
     cluster::{Postgres, Server, WorkerProcess},
+    cores::Window,
     jobs::Noop,
     ledger::Ledger,
     worker::Handler,
@@ -40,6 +42,7 @@ pub async fn run(pg: &Postgres, prefetch: usize) -> anyhow::Result<Report> {
         producers.push(Client::connect(server.url.clone()).await?);
     }
 
+    let cores = Window::open(vec![server.pid()], worker.pid().into_iter().collect());
     let start = Instant::now();
     let enqueued = worker
         .while_running(async {
@@ -59,10 +62,11 @@ pub async fn run(pg: &Postgres, prefetch: usize) -> anyhow::Result<Report> {
         })
         .await?;
     let finished = worker.while_running(ledger.wait_until_settled()).await? - start;
+    let mut report = super::report("W3", JOBS);
+    cores.close(&mut report);
     ledger.ensure_succeeded(JOBS + 1).await?;
     worker.stop().await?;
 
-    let mut report = super::report("W3", JOBS);
     report.insert(
         "enqueue_per_s".into(),
         super::per_second(JOBS, enqueued).into(),

@@ -11,6 +11,12 @@
 //! last sequence, as the SDK does, and counted in `watch_resumes`. `streams_unterminated`
 //! counts streams that did not end right after their job's terminal state change.
 //!
+//! Every handler makes its first report as it starts, so the first wave meets the start of 500
+//! jobs (their claim, their leases, 500 RUNNING events to the watchers) and, with 500 of the
+//! 5,000 events, sets the p99 on its own: `first_wave_p50_ms` .. and `later_waves_p50_ms` ..
+//! give the two apart. The span from the worker's start to the last stream's end is a
+//! [`Window`] of the cores' time.
+//!
 //! `to_statement_p50_ms` .. `to_statement_max_ms` split the latency: from each report to the
 //! start of the statement that stored it (the stored event's `created_at`), so the rest is the
 //! statement, its commit and the delivery. Its percentiles are of all stored reports, not of the
@@ -28,6 +34,7 @@ use super::Report;
 use crate::{
     clock,
     cluster::{Postgres, Server, WorkerProcess, channel},
+    cores::Window,
     jobs::{Beat, SENT_KEY},
     ledger::Ledger,
     stats::Percentiles,
@@ -48,6 +55,10 @@ const END_GRACE: Duration = Duration::from_secs(5);
 struct Watched {
     job_id: String,
     delays: Vec<Duration>,
+    /// The delay of the job's first report, which its handler makes as it starts.
+    first: Option<Duration>,
+    /// The delays of the rest.
+    later: Vec<Duration>,
     duplicates: usize,
     resumes: usize,
     ended_on_terminal: bool,
@@ -95,6 +106,7 @@ pub async fn run(pg: &Postgres) -> anyhow::Result<Report> {
         (JOBS, 0),
         Some(PROGRESS_INTERVAL),
     )?;
+    let cores = Window::open(vec![server.pid()], worker.pid().into_iter().collect());
     let watched = worker
         .while_running(async {
             let mut watched = Vec::with_capacity(JOBS);
@@ -104,12 +116,16 @@ pub async fn run(pg: &Postgres) -> anyhow::Result<Report> {
             Ok(watched)
         })
         .await?;
+    let mut report = super::report("W4", JOBS);
+    cores.close(&mut report);
     ledger.ensure_succeeded(JOBS).await?;
     let stored = ledger.progress_events().await?;
     let mut to_statement = ledger.progress_to_statement(SENT_KEY).await?;
     worker.stop().await?;
 
     let mut delays = Vec::with_capacity(JOBS * REPORTS as usize);
+    let mut first = Vec::with_capacity(JOBS);
+    let mut later = Vec::with_capacity(JOBS * (REPORTS as usize - 1));
     let (mut lost, mut duplicated, mut resumes, mut unterminated) = (0, 0, 0, 0);
     for mut one in watched {
         let stored = usize::try_from(stored.get(&one.job_id).copied().unwrap_or_default())?;
@@ -118,8 +134,9 @@ pub async fn run(pg: &Postgres) -> anyhow::Result<Report> {
         resumes += one.resumes;
         unterminated += usize::from(!one.ended_on_terminal);
         delays.append(&mut one.delays);
+        first.extend(one.first);
+        later.append(&mut one.later);
     }
-    let mut report = super::report("W4", JOBS);
     report.insert("watchers".into(), JOBS.into());
     report.insert("progress_reports".into(), (JOBS * REPORTS as usize).into());
     report.insert(
@@ -134,6 +151,11 @@ pub async fn run(pg: &Postgres) -> anyhow::Result<Report> {
     Percentiles::of(&mut delays)
         .context("no progress events arrived")?
         .write_to(&mut report);
+    for (prefix, samples) in [("first_wave_", &mut first), ("later_waves_", &mut later)] {
+        if let Some(percentiles) = Percentiles::of(samples) {
+            percentiles.write_as(prefix, &mut report);
+        }
+    }
     Percentiles::of(&mut to_statement)
         .context("no progress events were stored")?
         .write_as("to_statement_", &mut report);
@@ -183,9 +205,13 @@ async fn watch(
             }
             match event.event {
                 Some(Event::Progress(progress)) => {
-                    watched
-                        .delays
-                        .push(clock::between(sent_at(&progress)?, arrived));
+                    let delay = clock::between(sent_at(&progress)?, arrived);
+                    watched.delays.push(delay);
+                    if progress.items_done == 1 {
+                        watched.first = Some(delay);
+                    } else {
+                        watched.later.push(delay);
+                    }
                 }
                 Some(Event::StateChanged(change)) if is_terminal(change.state) => {
                     watched.ended_on_terminal = matches!(
