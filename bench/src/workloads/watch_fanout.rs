@@ -54,7 +54,6 @@ const END_GRACE: Duration = Duration::from_secs(5);
 #[derive(Debug, Default)]
 struct Watched {
     job_id: String,
-    delays: Vec<Duration>,
     /// The delay of the job's first report, which its handler makes as it starts.
     first: Option<Duration>,
     /// The delays of the rest.
@@ -123,17 +122,16 @@ pub async fn run(pg: &Postgres) -> anyhow::Result<Report> {
     let mut to_statement = ledger.progress_to_statement(SENT_KEY).await?;
     worker.stop().await?;
 
-    let mut delays = Vec::with_capacity(JOBS * REPORTS as usize);
     let mut first = Vec::with_capacity(JOBS);
     let mut later = Vec::with_capacity(JOBS * (REPORTS as usize - 1));
     let (mut lost, mut duplicated, mut resumes, mut unterminated) = (0, 0, 0, 0);
     for mut one in watched {
         let stored = usize::try_from(stored.get(&one.job_id).copied().unwrap_or_default())?;
-        lost += stored.saturating_sub(one.delays.len());
+        let delivered = usize::from(one.first.is_some()) + one.later.len();
+        lost += stored.saturating_sub(delivered);
         duplicated += one.duplicates;
         resumes += one.resumes;
         unterminated += usize::from(!one.ended_on_terminal);
-        delays.append(&mut one.delays);
         first.extend(one.first);
         later.append(&mut one.later);
     }
@@ -143,6 +141,7 @@ pub async fn run(pg: &Postgres) -> anyhow::Result<Report> {
         "progress_stored".into(),
         stored.values().sum::<i64>().into(),
     );
+    let mut delays = [first.as_slice(), later.as_slice()].concat();
     report.insert("events".into(), delays.len().into());
     report.insert("events_lost".into(), lost.into());
     report.insert("events_duplicated".into(), duplicated.into());
@@ -206,7 +205,6 @@ async fn watch(
             match event.event {
                 Some(Event::Progress(progress)) => {
                     let delay = clock::between(sent_at(&progress)?, arrived);
-                    watched.delays.push(delay);
                     if progress.items_done == 1 {
                         watched.first = Some(delay);
                     } else {
