@@ -10,7 +10,10 @@
 
 use std::{collections::HashMap, fs, time::Instant};
 
-use crate::workloads::Report;
+use crate::{
+    cluster::{Server, WorkerProcess},
+    workloads::Report,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Group {
@@ -47,9 +50,14 @@ pub struct Window {
 }
 
 impl Window {
-    /// Starts a window over the server processes `server`, this process and the worker
-    /// processes `workers`, and every PostgreSQL process on the machine.
-    pub fn open(server: Vec<u32>, workers: Vec<u32>) -> Self {
+    /// Starts a window over `server`, this process and `worker`, and every PostgreSQL process
+    /// on the machine.
+    pub fn open(server: &Server, worker: &WorkerProcess) -> Self {
+        Self::over(vec![server.pid()], worker.pid().into_iter().collect())
+    }
+
+    /// [`open`](Self::open) for any server and worker processes.
+    fn over(server: Vec<u32>, workers: Vec<u32>) -> Self {
         let mut clients = workers;
         clients.push(std::process::id());
         let start = snapshot(&server, &clients);
@@ -181,7 +189,7 @@ mod tests {
 
     #[test]
     fn a_window_counts_this_process() {
-        let window = Window::open(Vec::new(), Vec::new());
+        let window = Window::over(Vec::new(), Vec::new());
         // Some work of our own, so the window has something to count.
         let mut x = 0_u64;
         for i in 0..5_000_000_u64 {

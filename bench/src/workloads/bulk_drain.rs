@@ -50,7 +50,7 @@ pub async fn run(pg: &Postgres, prefetch: usize) -> anyhow::Result<Report> {
 
     let drain_start = Instant::now();
     let mut worker = WorkerProcess::start(&server.url, Handler::Noop, (SLOTS, prefetch), None)?;
-    let cores = Window::open(vec![server.pid()], worker.pid().into_iter().collect());
+    let cores = Window::open(&server, &worker);
     let drained = worker.while_running(ledger.wait_until_settled()).await? - drain_start;
     let mut report = super::report("W1", JOBS);
     cores.close(&mut report);

@@ -42,7 +42,7 @@ pub async fn run(pg: &Postgres, prefetch: usize) -> anyhow::Result<Report> {
         producers.push(Client::connect(server.url.clone()).await?);
     }
 
-    let cores = Window::open(vec![server.pid()], worker.pid().into_iter().collect());
+    let cores = Window::open(&server, &worker);
     let start = Instant::now();
     let enqueued = worker
         .while_running(async {

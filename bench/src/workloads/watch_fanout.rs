@@ -105,7 +105,7 @@ pub async fn run(pg: &Postgres) -> anyhow::Result<Report> {
         (JOBS, 0),
         Some(PROGRESS_INTERVAL),
     )?;
-    let cores = Window::open(vec![server.pid()], worker.pid().into_iter().collect());
+    let cores = Window::open(&server, &worker);
     let watched = worker
         .while_running(async {
             let mut watched = Vec::with_capacity(JOBS);
