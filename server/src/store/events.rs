@@ -58,6 +58,11 @@ pub struct EventFilter {
     pub labels: HashMap<String, String>,
 }
 
+/// The last event number handed out, as an SQL expression. Public so that the tests can check
+/// it against numbers being taken.
+pub const LAST_EVENT_NUMBER: &str =
+    "(SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM job_events_seq_seq)";
+
 const EVENT_COLUMNS: &str = "e.seq, e.tenant_id, e.job_id, e.kind, e.state, e.attempt, e.data, \
     e.created_at";
 /// The job's columns of an [`EventRow`], from `jobs j`, and in their place when it is not read.
@@ -98,15 +103,14 @@ impl Store {
     ) -> Result<(i64, Option<SnapshotXids>)> {
         // The backends' subquery is an InitPlan, run only when its CASE branch is reached, and
         // so after the sequence has been read.
-        let query = sqlx::query_as(
+        let sql = static_sql!(
             "SELECT s.last, CASE WHEN s.last IS DISTINCT FROM $1 THEN ( \
-                 SELECT coalesce(array_agg(backend_xid::text::int8), '{}') \
+                 SELECT coalesce(array_agg(backend_xid::text::int8), '{{}}') \
                  FROM pg_stat_activity \
                  WHERE backend_xid IS NOT NULL AND datname = current_database()) END \
-             FROM (SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END AS last \
-                   FROM job_events_seq_seq) s",
-        )
-        .bind(unless_still);
+             FROM (SELECT {LAST_EVENT_NUMBER} AS last) s"
+        );
+        let query = sqlx::query_as(sql).bind(unless_still);
         self.hot(async |c| Ok(query.fetch_one(c).await?)).await
     }
 

@@ -41,7 +41,7 @@ use sqlx::{
 
 use hot::HotConnections;
 
-pub use events::{EventFilter, OpenTransaction, SnapshotXids};
+pub use events::{EventFilter, LAST_EVENT_NUMBER, OpenTransaction, SnapshotXids};
 pub use job_types::{Example, JobTypeRow, NewJobType, TypeDefaults};
 pub use jobs::{EnqueueOutcome, Handoff, ListFilter, NewJob};
 pub use leases::Worker;
