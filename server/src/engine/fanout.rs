@@ -11,6 +11,28 @@
 //! nobody watches the fanout only keeps the horizon current, slowly; with watchers it polls at
 //! the watch interval.
 //!
+//! # Why a horizon is safe
+//!
+//! A horizon is a number `H` and the set `X` of transaction ids held in this database, read in
+//! one statement in that order (`Store::event_watermark`). It becomes safe once every
+//! transaction of `X` has ended. Then every event numbered at most `H` has committed or never
+//! will, because:
+//! 1. `H` is a number `nextval()` had really handed out when it was read. It is read with
+//!    `pg_sequence_last_value()`, under the sequence's buffer lock ([`store::LAST_EVENT_NUMBER`]
+//!    says why a plain read of the sequence can see up to 32 numbers ahead, which once let a
+//!    watcher skip 31 committed events).
+//! 2. So each number `n <= H` was taken before `X` was read, by a transaction that already held
+//!    its id: every statement that writes an event changes or locks a row first, and the id is
+//!    assigned at that first change.
+//! 3. When `X` was read, that transaction had ended (its event is final) or was in progress and
+//!    so in `X`. Once all of `X` has ended, it has too.
+//!
+//! Past the horizon, the second rule needs numbers handed out in order: the sequence hands out
+//! one number at a time (`CACHE 1`, checked at start-up), so when `n + 1` has committed, `n`
+//! has been handed out already and no event can take a number below `n + 1` from then on.
+//!
+//! [`store::LAST_EVENT_NUMBER`]: crate::store::LAST_EVENT_NUMBER
+//!
 //! A subscription starts at the horizon it was registered at: its stream replays the stored
 //! events up to there, then takes live ones from here. Each subscription has a bounded buffer;
 //! one that falls behind is dropped (never blocking the others) and its stream tells the client

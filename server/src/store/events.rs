@@ -58,10 +58,17 @@ pub struct EventFilter {
     pub labels: HashMap<String, String>,
 }
 
-/// The last event number handed out, as an SQL expression. Public so that the tests can check
-/// it against numbers being taken.
+/// The last event number handed out, as an SQL expression (0 before the first).
+///
+/// Read with `pg_sequence_last_value()`, which holds the sequence's buffer lock while it reads,
+/// never as a plain row of the sequence relation. `nextval()` logs numbers ahead (32 at a
+/// time): under that lock it writes the value 32 numbers on into the tuple, logs it, and puts
+/// the real value back. A plain read copies the tuple after dropping its own share lock, so it
+/// can copy that value ahead, and a horizon built on it would cover numbers no transaction has
+/// taken yet: events committed under them later would lie below the horizon and be skipped.
+/// Public so that the tests can check it against numbers being taken.
 pub const LAST_EVENT_NUMBER: &str =
-    "(SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM job_events_seq_seq)";
+    "coalesce(pg_sequence_last_value('job_events_seq_seq'::regclass), 0)";
 
 const EVENT_COLUMNS: &str = "e.seq, e.tenant_id, e.job_id, e.kind, e.state, e.attempt, e.data, \
     e.created_at";
