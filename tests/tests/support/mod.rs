@@ -127,6 +127,11 @@ impl RawWorker {
 
     /// Opens a stream with `hello`; the server's refusal comes back as its status.
     pub async fn try_connect(url: &str, hello: pb::Hello) -> Result<Self, Status> {
+        Self::try_connect_as(url, "default", hello).await
+    }
+
+    /// Opens a stream for `tenant` with `hello`.
+    pub async fn try_connect_as(url: &str, tenant: &str, hello: pb::Hello) -> Result<Self, Status> {
         let (tx, out_rx) = mpsc::channel(64);
         tx.send(pb::ConnectRequest {
             message: Some(In::Hello(hello)),
@@ -134,10 +139,14 @@ impl RawWorker {
         .await
         .expect("queue hello");
         let mut client = WorkerServiceClient::new(channel(url).await);
-        let mut rx = client
-            .connect(ReceiverStream::new(out_rx))
-            .await?
-            .into_inner();
+        let mut request = tonic::Request::new(ReceiverStream::new(out_rx));
+        request.metadata_mut().insert(
+            "jobwire-tenant",
+            tenant
+                .parse()
+                .map_err(|_| Status::invalid_argument("tenant"))?,
+        );
+        let mut rx = client.connect(request).await?.into_inner();
         let first = tokio::time::timeout(WAIT, rx.message())
             .await
             .expect("welcome in time")?
@@ -234,7 +243,20 @@ impl RawWorker {
         }
     }
 
-    async fn ack(&mut self, request_id: u64) -> pb::Ack {
+    /// A request id no earlier message of this stream used.
+    pub fn request_id(&mut self) -> u64 {
+        let id = self.next_request;
+        self.next_request += 1;
+        id
+    }
+
+    /// Sends a message as given, and waits for the ack of `request_id`.
+    pub async fn request(&mut self, request_id: u64, message: In) -> pb::Ack {
+        self.send(message).await;
+        self.ack(request_id).await
+    }
+
+    pub async fn ack(&mut self, request_id: u64) -> pb::Ack {
         loop {
             match self.recv().await {
                 Out::Ack(ack) if ack.request_id == request_id => return ack,
