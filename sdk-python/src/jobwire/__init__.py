@@ -1,0 +1,105 @@
+"""Python SDK for jobwire, a durable job queue served over gRPC.
+
+A job type ties a protobuf payload message to a name and an output message (``JobType``).
+Producers enqueue payloads through a ``Client`` and get a ``JobHandle`` back, which waits for
+the typed result or streams the job's events; workers register handlers on a ``Worker``,
+which leases jobs from the server, runs them with bounded concurrency, carries their progress,
+logs and checkpoints to the server, and reports their results.
+
+Layout: ``client`` (the producer's side: enqueue, inspect, watch, control), ``admin`` (queues
+and schedules), ``worker`` (the worker runtime), ``jobs`` (job types, states, retry policies),
+``events`` (typed events and reports), ``errors`` (exceptions both ways), ``sync`` (a blocking
+client), ``v1`` (the stubs generated from ``proto/jobwire/v1`` at build time).
+"""
+
+from importlib.resources import files
+from pathlib import Path
+
+from jobwire._transport import Tls
+from jobwire._watch import JobEvents
+from jobwire.admin import CatchUpPolicy, OverlapPolicy, RateLimit
+from jobwire.client import Client, JobHandle
+from jobwire.errors import (
+    Aborted,
+    AlreadyExists,
+    ConfigError,
+    DecodeError,
+    Disconnected,
+    DrainTimeout,
+    FailedPrecondition,
+    Fatal,
+    FieldViolation,
+    HandlerError,
+    Internal,
+    InvalidArgument,
+    JobFailed,
+    JobwireError,
+    LeaseLost,
+    NonRetryable,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Retryable,
+    RpcError,
+    Unauthenticated,
+    Unavailable,
+    Unimplemented,
+)
+from jobwire.events import JobEvent, LogLevel, LogLine, Progress, StateChanged, StopRequested
+from jobwire.jobs import JobState, JobType, RetryPolicy
+from jobwire.worker import JobContext, Stopped, StopReason, Worker
+
+
+def proto_include() -> Path:
+    """The directory holding ``jobwire/v1/*.proto``, to pass to protoc (``-I``) when compiling
+    job types that use the ``(jobwire.v1.job)`` option."""
+    return Path(str(files("jobwire") / "_protos"))
+
+
+__all__ = [
+    "Aborted",
+    "AlreadyExists",
+    "CatchUpPolicy",
+    "Client",
+    "ConfigError",
+    "DecodeError",
+    "Disconnected",
+    "DrainTimeout",
+    "FailedPrecondition",
+    "Fatal",
+    "FieldViolation",
+    "HandlerError",
+    "Internal",
+    "InvalidArgument",
+    "JobContext",
+    "JobEvent",
+    "JobEvents",
+    "JobFailed",
+    "JobHandle",
+    "JobState",
+    "JobType",
+    "JobwireError",
+    "LeaseLost",
+    "LogLevel",
+    "LogLine",
+    "NonRetryable",
+    "NotFound",
+    "OverlapPolicy",
+    "PermissionDenied",
+    "Progress",
+    "RateLimit",
+    "ResourceExhausted",
+    "Retryable",
+    "RetryPolicy",
+    "RpcError",
+    "StateChanged",
+    "StopReason",
+    "StopRequested",
+    "Stopped",
+    "Tls",
+    "Unauthenticated",
+    "Unavailable",
+    "Unimplemented",
+    "Worker",
+    "proto_include",
+]

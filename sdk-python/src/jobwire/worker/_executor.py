@@ -1,0 +1,267 @@
+"""Runs handlers: one asyncio task per lease, never more than the worker's slots.
+
+Leases that arrive while every slot is busy wait in the prefetch queue, up to its size, and
+start the moment a slot frees, without the round trip a lease from the server would take. A
+queued lease's attempt has already started on the server (its clocks run from its claim), so
+the session hands back those that wait too long, and those stopped before they started.
+
+The executor owns every handler task: none is detached, and tasks outlive any one stream, which
+is why the executor belongs to the worker and not to a connection. A task's end is recorded in
+its done callback, synchronously, so that the leases a new stream names in its Hello are
+exactly those still running.
+
+What a stopped attempt reports: a handler stopped by a cancel, a pause or its timeout that
+fails (or is cancelled after ``stop_grace``) fails with the stop's kind, retryable, so the
+server settles the job by the stop's reason; one that returns a result completes as usual.
+A lease's deadline is a timer on the event loop's monotonic clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import functools
+import logging
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from google.protobuf import any_pb2, empty_pb2
+from google.protobuf.message import Message
+
+from jobwire import _codec
+from jobwire.errors import DecodeError, HandlerError, NonRetryable
+from jobwire.jobs import JobType
+from jobwire.worker._reports import Final, LeaseReports, Reporter
+from jobwire.worker._wire import Failure, Grant, LeaseKey
+from jobwire.worker.context import JobContext, Stopped, StopReason, StopSignal
+
+log = logging.getLogger("jobwire.worker")
+
+Handler = Callable[[JobContext, Any], Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class Registered:
+    job_type: JobType[Any, Any]
+    handler: Handler
+
+
+class Stopping(enum.Enum):
+    NOT_RUNNING = "not running"
+    #: Taken off the prefetch queue unstarted: to be handed back.
+    UNSTARTED = "unstarted"
+    ASKED = "asked"
+    #: Asked before; the first reason stands (the server repeats stops with heartbeats).
+    ALREADY_ASKED = "already asked"
+
+
+@dataclass
+class Finished:
+    key: LeaseKey
+    job_type: str
+    outcome: any_pb2.Any | Failure
+    final: Final
+
+
+@dataclass
+class _Running:
+    grant: Grant
+    task: asyncio.Task[any_pb2.Any]
+    stop: StopSignal
+    reports: LeaseReports
+    timers: list[asyncio.TimerHandle]
+    lost: bool = False
+
+
+@dataclass
+class _Queued:
+    grant: Grant
+    #: When the lease was claimed, by the loop's clock.
+    claimed: float
+
+
+class Executor:
+    def __init__(
+        self,
+        registry: dict[str, Registered],
+        worker_id: str,
+        slots: int,
+        prefetch: int,
+        stop_grace: float | None,
+        reporter: Reporter,
+        finished: Callable[[Finished], None],
+    ) -> None:
+        self._registry = registry
+        self._worker_id = worker_id
+        self.slots = slots
+        self.prefetch = prefetch
+        self._stop_grace = stop_grace
+        self._reporter = reporter
+        self._finished = finished
+        self._running: dict[LeaseKey, _Running] = {}
+        self._queued: OrderedDict[LeaseKey, _Queued] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._running)
+
+    @property
+    def queued(self) -> int:
+        return len(self._queued)
+
+    def is_empty(self) -> bool:
+        return not self._running and not self._queued
+
+    def start(self, grant: Grant) -> Failure | None:
+        """Starts the lease's handler, or queues it while every slot is busy, or returns the
+        failure to report for a lease that will not run here."""
+        if grant.job_type not in self._registry:
+            return Failure(
+                f"no handler registered for type {grant.job_type} on this worker",
+                "unknown_job_type",
+                retryable=True,
+            )
+        if grant.key in self._running or grant.key in self._queued:
+            # The same attempt again (never expected): a failure for the duplicate would end
+            # the run in progress under its feet.
+            log.warning("ignoring a lease for an attempt that already runs here: %s", grant.key)
+            return None
+        loop = asyncio.get_running_loop()
+        claimed = loop.time() - grant.held
+        if len(self._running) < self.slots:
+            self._spawn(grant, claimed)
+            return None
+        if len(self._queued) < self.prefetch:
+            self._queued[grant.key] = _Queued(grant, claimed)
+            return None
+        return Failure(
+            f"worker {self._worker_id} has no free slot ({len(self._running)} of {self.slots} "
+            f"busy, {len(self._queued)} queued); the lease was refused",
+            "worker_full",
+            retryable=True,
+            retry_after=timedelta(0),
+        )
+
+    def _spawn(self, grant: Grant, claimed: float) -> None:
+        loop = asyncio.get_running_loop()
+        registered = self._registry[grant.job_type]
+        stop = StopSignal()
+        reports = self._reporter.attach(grant.key)
+        deadline = claimed + grant.timeout if grant.timeout is not None else None
+        ctx = JobContext(grant, self._worker_id, stop, reports, self._reporter.checkpoint, deadline)
+        task = loop.create_task(
+            _run(registered, ctx, grant.payload), name=f"jobwire {grant.job_type} {grant.key[0]}"
+        )
+        running = _Running(grant, task, stop, reports, [])
+        if deadline is not None:
+            running.timers.append(
+                loop.call_at(deadline, self.stop, grant.key, StopReason.TIMED_OUT)
+            )
+        self._running[grant.key] = running
+        task.add_done_callback(functools.partial(self._settle, grant.key))
+
+    def _settle(self, key: LeaseKey, task: asyncio.Task[any_pb2.Any]) -> None:
+        running = self._running.pop(key, None)
+        if running is None or running.task is not task:
+            return
+        for timer in running.timers:
+            timer.cancel()
+        outcome: any_pb2.Any | Failure
+        if task.cancelled():
+            reason = running.stop.reason or StopReason.SHUTDOWN
+            outcome = Failure(f"stopped: {reason}", None, retryable=True)
+        else:
+            error = task.exception()
+            outcome = task.result() if error is None else _failure(error)
+        if isinstance(outcome, Failure):
+            outcome = outcome.after_stop(running.stop.reason)
+        final = running.reports.finish()
+        self._start_queued()
+        self._finished(Finished(key, running.grant.job_type, outcome, final))
+
+    def _start_queued(self) -> None:
+        while len(self._running) < self.slots and self._queued:
+            _, queued = self._queued.popitem(last=False)
+            self._spawn(queued.grant, queued.claimed)
+
+    def stop(self, key: LeaseKey, reason: StopReason) -> Stopping:
+        """Asks the lease's handler to stop; a lost lease is no longer renewed and its reports
+        are closed, since the server would refuse them."""
+        running = self._running.get(key)
+        if running is None:
+            return Stopping.UNSTARTED if self._queued.pop(key, None) else Stopping.NOT_RUNNING
+        if reason is StopReason.LEASE_LOST:
+            running.lost = True
+            running.reports.lose()
+        if not running.stop.stop(reason):
+            return Stopping.ALREADY_ASKED
+        if self._stop_grace is not None:
+            loop = asyncio.get_running_loop()
+            running.timers.append(loop.call_later(self._stop_grace, running.task.cancel))
+        return Stopping.ASKED
+
+    def stop_all(self, reason: StopReason) -> None:
+        for key in list(self._running):
+            self.stop(key, reason)
+
+    def cancel_all(self) -> None:
+        """Cancels every task at once: the worker gives up on them."""
+        for running in self._running.values():
+            running.task.cancel()
+
+    def live_leases(self) -> list[LeaseKey]:
+        """The leases to renew: every queued one and every running one not lost. A handler
+        asked to stop keeps its lease while it winds down (a pausing one still saves its
+        checkpoint); the server bounds that with its own grace."""
+        live = [key for key, running in self._running.items() if not running.lost]
+        live.extend(self._queued)
+        return sorted(live)
+
+    def take_stale(self, now: float, max_wait: float) -> list[LeaseKey]:
+        """Takes off the queue the leases claimed ``max_wait`` or longer ago."""
+        stale = [key for key, q in self._queued.items() if q.claimed + max_wait <= now]
+        for key in stale:
+            del self._queued[key]
+        return stale
+
+    def stale_at(self, max_wait: float) -> float | None:
+        if not self._queued:
+            return None
+        return min(q.claimed for q in self._queued.values()) + max_wait
+
+    def take_queued(self, queue: str | None = None) -> list[LeaseKey]:
+        """Takes every queued lease (of ``queue``) off the queue, to hand back."""
+        taken = [k for k, q in self._queued.items() if queue is None or q.grant.queue == queue]
+        for key in taken:
+            del self._queued[key]
+        return taken
+
+
+async def _run(registered: Registered, ctx: JobContext, payload: any_pb2.Any) -> any_pb2.Any:
+    job_type = registered.job_type
+    try:
+        job = _codec.unpack(payload, job_type.payload, "payload")
+    except DecodeError as error:
+        # A payload that does not decode will not decode on a retry either.
+        raise NonRetryable(str(error), kind="payload_decode") from error
+    output = await registered.handler(ctx, job)
+    if output is None and job_type.output is empty_pb2.Empty:
+        output = empty_pb2.Empty()
+    if not isinstance(output, job_type.output):
+        raise NonRetryable(
+            f"the handler returned {type(output).__name__}, not a "
+            f"{job_type.output.DESCRIPTOR.full_name}",
+            kind="result_encode",
+        )
+    assert isinstance(output, Message)
+    return _codec.pack(output)
+
+
+def _failure(error: BaseException) -> Failure:
+    if isinstance(error, HandlerError):
+        return Failure(error.message, error.kind, error.retryable, error.retry_after)
+    if isinstance(error, Stopped):
+        return Failure(str(error), None, retryable=True)
+    return Failure(f"{type(error).__name__}: {error}", type(error).__name__, retryable=True)

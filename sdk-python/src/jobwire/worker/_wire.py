@@ -1,0 +1,294 @@
+"""Every message of the worker protocol (``WorkerService.Connect``), built and read here only.
+
+The rest of the runtime speaks in the plain values below (``LeaseKey``, ``Grant``, ``Failure``,
+``Ack``, ``Stop``), so a change of the protocol, such as a new field by which the worker says
+that a lease's handler started or a typed timeout on ``FailJob``, is a change of this module.
+
+Timing without shared clocks: a lease's deadline is a time of the server's clock, and so is its
+expiry. The attempt's timeout is their difference plus the lease duration of the welcome (both
+are set from the same claim), and the worker counts it from when the lease arrived, less
+``Lease.held`` (how long the server held the lease before sending it). So a worker whose clock
+is off by minutes still stops the handler on time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+import grpc
+from google.protobuf import any_pb2
+
+from jobwire import _codec
+from jobwire.v1 import job_pb2, job_type_service_pb2, worker_service_pb2
+from jobwire.worker.context import StopReason
+
+Request = worker_service_pb2.ConnectRequest
+
+#: A lease: its job and attempt (the fencing token).
+LeaseKey = tuple[str, int]
+
+#: The most lines one ReportLogs may carry, and the longest line or failure message.
+MAX_LINES_PER_MESSAGE = 1000
+MAX_TEXT_CHARS = 8192
+#: The most leases one ReleaseLeases carries.
+MAX_RELEASES_PER_MESSAGE = 10_000
+
+_STOP_REASONS = {
+    worker_service_pb2.STOP_REASON_CANCELLED: StopReason.CANCELLED,
+    worker_service_pb2.STOP_REASON_PAUSED: StopReason.PAUSED,
+    worker_service_pb2.STOP_REASON_TIMED_OUT: StopReason.TIMED_OUT,
+    worker_service_pb2.STOP_REASON_LEASE_LOST: StopReason.LEASE_LOST,
+}
+
+#: The failure kind of an attempt that failed after a stop, for the stops that decide how the
+#: server settles the job.
+_STOP_KINDS = {
+    StopReason.CANCELLED: "cancelled",
+    StopReason.PAUSED: "paused",
+    StopReason.TIMED_OUT: "timeout",
+}
+
+
+@dataclass(frozen=True)
+class Grant:
+    """A lease to run, as the runtime needs it."""
+
+    key: LeaseKey
+    job_type: str
+    queue: str
+    payload: any_pb2.Any
+    priority: int
+    max_attempts: int
+    labels: dict[str, str]
+    created_at: datetime | None
+    checkpoint: bytes | None
+    #: How long the attempt may run from its claim; None: no limit.
+    timeout: float | None
+    #: How long ago, when it arrived, the lease was claimed.
+    held: float
+
+
+@dataclass(frozen=True)
+class Welcome:
+    session_id: str
+    heartbeat_interval: float | None
+    lease_duration: float | None
+    rejected: list[LeaseKey]
+
+
+@dataclass(frozen=True)
+class Ack:
+    request_id: int
+    code: grpc.StatusCode
+    message: str
+
+
+@dataclass(frozen=True)
+class Stop:
+    key: LeaseKey
+    reason: StopReason
+    message: str
+
+
+@dataclass(frozen=True)
+class ReleaseQueued:
+    queue: str
+
+
+@dataclass(frozen=True)
+class Failure:
+    """How an attempt failed, as reported in FailJob."""
+
+    message: str
+    kind: str | None
+    retryable: bool
+    retry_after: timedelta | None = None
+
+    def after_stop(self, reason: StopReason | None) -> Failure:
+        """The failure to report once the stop's reason is known: after a cancel, pause or
+        timeout it is named for the stop and retryable, so the server settles the job by the
+        stop's reason rather than by the handler's view of the error."""
+        kind = _STOP_KINDS.get(reason) if reason is not None else None
+        if kind is None:
+            return self
+        message = self.message or f"stopped: {reason}"
+        return Failure(message, kind, retryable=True, retry_after=self.retry_after)
+
+
+Inbound = Welcome | Grant | Ack | Stop | ReleaseQueued
+
+
+def _status_code(value: int) -> grpc.StatusCode:
+    for code in grpc.StatusCode:
+        if code.value[0] == value:
+            return code
+    return grpc.StatusCode.UNKNOWN
+
+
+def read(
+    response: worker_service_pb2.ConnectResponse, lease_duration: float | None
+) -> Inbound | None:
+    """The message from the server, or None for one this SDK does not know."""
+    which = response.WhichOneof("message")
+    if which == "lease":
+        return _grant(response.lease, lease_duration)
+    if which == "ack":
+        ack = response.ack
+        return Ack(ack.request_id, _status_code(ack.code), ack.message)
+    if which == "stop_job":
+        stop = response.stop_job
+        # An unspecified or unknown reason (a newer server's) is taken as a lost lease: the one
+        # reason under which nothing the handler does can still count.
+        reason = _STOP_REASONS.get(stop.reason, StopReason.LEASE_LOST)
+        return Stop(_key(stop.lease), reason, stop.message)
+    if which == "release_queued":
+        return ReleaseQueued(response.release_queued.queue)
+    if which == "welcome":
+        welcome = response.welcome
+        return Welcome(
+            session_id=welcome.session_id,
+            heartbeat_interval=_seconds(welcome, "heartbeat_interval"),
+            lease_duration=_seconds(welcome, "lease_duration"),
+            rejected=[_key(lease) for lease in welcome.rejected],
+        )
+    return None
+
+
+def _grant(lease: worker_service_pb2.Lease, lease_duration: float | None) -> Grant:
+    timeout = None
+    if lease.HasField("deadline"):
+        deadline = _codec.from_timestamp(lease.deadline)
+        if lease.HasField("expires_at") and lease_duration is not None:
+            expires = _codec.from_timestamp(lease.expires_at)
+            timeout = (deadline - expires).total_seconds() + lease_duration
+        else:
+            # No claim time to count from: the worker's clock against the server's.
+            timeout = (deadline - datetime.now(timezone.utc)).total_seconds() + _held(lease)
+    return Grant(
+        key=(lease.job_id, lease.attempt),
+        job_type=lease.job_type,
+        queue=lease.queue,
+        payload=lease.payload,
+        priority=lease.priority,
+        max_attempts=lease.max_attempts,
+        labels=dict(lease.labels),
+        created_at=_codec.from_timestamp(lease.created_at)
+        if lease.HasField("created_at")
+        else None,
+        checkpoint=lease.checkpoint or None,
+        timeout=max(timeout, 0.0) if timeout is not None else None,
+        held=_held(lease),
+    )
+
+
+def _held(lease: worker_service_pb2.Lease) -> float:
+    return _codec.from_duration(lease.held).total_seconds() if lease.HasField("held") else 0.0
+
+
+def _seconds(welcome: worker_service_pb2.Welcome, name: str) -> float | None:
+    if not welcome.HasField(name):  # type: ignore[arg-type]
+        return None
+    seconds = _codec.from_duration(getattr(welcome, name)).total_seconds()
+    return seconds if seconds > 0 else None
+
+
+def _key(lease: worker_service_pb2.LeaseRef) -> LeaseKey:
+    return (lease.job_id, lease.attempt)
+
+
+def _ref(key: LeaseKey) -> worker_service_pb2.LeaseRef:
+    return worker_service_pb2.LeaseRef(job_id=key[0], attempt=key[1])
+
+
+def hello(
+    *,
+    worker_id: str,
+    job_types: Sequence[str],
+    queues: Sequence[str],
+    slots: int,
+    prefetch: int,
+    running: Iterable[LeaseKey],
+    schemas: Sequence[job_type_service_pb2.JobType],
+) -> Request:
+    return Request(
+        hello=worker_service_pb2.Hello(
+            worker_id=worker_id,
+            job_types=job_types,
+            queues=queues,
+            slots=slots,
+            prefetch=prefetch,
+            running=[_ref(key) for key in running],
+            schemas=schemas,
+        )
+    )
+
+
+def heartbeat(running: Iterable[LeaseKey]) -> Request:
+    return Request(heartbeat=worker_service_pb2.Heartbeat(running=[_ref(k) for k in running]))
+
+
+def drain() -> Request:
+    return Request(drain=worker_service_pb2.Drain())
+
+
+def complete(request_id: int, key: LeaseKey, result: any_pb2.Any) -> Request:
+    return Request(
+        complete=worker_service_pb2.CompleteJob(
+            request_id=request_id, lease=_ref(key), result=result
+        )
+    )
+
+
+def fail(request_id: int, key: LeaseKey, failure: Failure) -> Request:
+    message = worker_service_pb2.FailJob(
+        request_id=request_id,
+        lease=_ref(key),
+        message=_cut(failure.message) or "failed",
+        kind=failure.kind or "",
+        non_retryable=not failure.retryable,
+    )
+    if failure.retry_after is not None:
+        message.retry_after.CopyFrom(_codec.to_duration(failure.retry_after))
+    return Request(fail=message)
+
+
+def progress(request_id: int, key: LeaseKey, report: job_pb2.Progress) -> Request:
+    return Request(
+        progress=worker_service_pb2.ReportProgress(
+            request_id=request_id, lease=_ref(key), progress=report
+        )
+    )
+
+
+def logs(request_id: int, key: LeaseKey, lines: Sequence[job_pb2.LogLine]) -> Request:
+    return Request(
+        logs=worker_service_pb2.ReportLogs(request_id=request_id, lease=_ref(key), lines=lines)
+    )
+
+
+def checkpoint(request_id: int, key: LeaseKey, data: bytes) -> Request:
+    return Request(
+        checkpoint=worker_service_pb2.SaveCheckpoint(
+            request_id=request_id, lease=_ref(key), data=data
+        )
+    )
+
+
+def release(request_id: int, keys: Sequence[LeaseKey]) -> Request:
+    return Request(
+        release=worker_service_pb2.ReleaseLeases(
+            request_id=request_id, leases=[_ref(k) for k in keys]
+        )
+    )
+
+
+def log_line(level: int, message: str, now: datetime) -> job_pb2.LogLine:
+    line = job_pb2.LogLine(level=level, message=_cut(message))  # type: ignore[arg-type]
+    line.time.CopyFrom(_codec.to_timestamp(now))
+    return line
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= MAX_TEXT_CHARS else text[: MAX_TEXT_CHARS - 1] + "…"
