@@ -481,7 +481,7 @@ impl JobService for JobApi {
                 .then(|| validate::job_type("job_type", &req.job_type))
                 .transpose()?,
             states: validate::states(&req.states)?,
-            labels: req.labels.clone(),
+            labels: validate::labels(&req.labels)?,
         };
         let after = validate::sequence("after_sequence", req.after_sequence)?;
         let rx = watch::start::<JobsSink>(

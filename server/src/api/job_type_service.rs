@@ -14,6 +14,7 @@ use crate::{
 const DEFAULT_PAGE_SIZE: i32 = 100;
 const MAX_PAGE_SIZE: i32 = 1000;
 const MAX_EXAMPLES: usize = 100;
+const MAX_EXAMPLE_NAME: usize = 256;
 const MAX_DESCRIPTOR_BYTES: usize = 4 * 1024 * 1024;
 const EMPTY: &str = "google.protobuf.Empty";
 
@@ -85,6 +86,10 @@ fn examples(
     for (i, e) in given.iter().enumerate() {
         let at = format!("{at}.examples[{i}]");
         validate::name(&format!("{at}.slug"), &e.slug)?;
+        validate::text(&format!("{at}.name"), &e.name, MAX_EXAMPLE_NAME)?;
+        if let Some(payload) = &e.payload {
+            validate::structure(&format!("{at}.payload"), payload)?;
+        }
         if out.iter().any(|o| o.slug == e.slug) {
             return Err(ApiError::invalid(
                 format!("{at}.slug"),

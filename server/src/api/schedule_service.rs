@@ -24,6 +24,8 @@ const MAX_CATCH_UP: i32 = 1000;
 const DEFAULT_MISFIRE_GRACE: Duration = Duration::from_secs(60);
 const MAX_MISFIRE_GRACE: Duration = Duration::from_secs(24 * 3600);
 const MAX_DESCRIPTION_LEN: usize = 1024;
+const MAX_CRON_LEN: usize = 256;
+const MAX_TIME_ZONE_LEN: usize = 64;
 const DEFAULT_TIME_ZONE: &str = "UTC";
 
 /// Every field UpdateSchedule can change.
@@ -155,6 +157,8 @@ fn cron(expression: &str, zone: &str) -> Result<CronSchedule, ApiError> {
     if expression.trim().is_empty() {
         return Err(ApiError::invalid("schedule.cron", "is required"));
     }
+    validate::text("schedule.cron", expression, MAX_CRON_LEN)?;
+    validate::text("schedule.time_zone", zone, MAX_TIME_ZONE_LEN)?;
     CronSchedule::parse(expression, zone).map_err(|e| match e {
         CronError::Expression(why) => ApiError::invalid(
             "schedule.cron",
@@ -165,12 +169,7 @@ fn cron(expression: &str, zone: &str) -> Result<CronSchedule, ApiError> {
 }
 
 fn description(value: &str) -> Result<String, ApiError> {
-    if value.len() > MAX_DESCRIPTION_LEN {
-        return Err(ApiError::invalid(
-            "schedule.description",
-            format!("must be at most {MAX_DESCRIPTION_LEN} characters"),
-        ));
-    }
+    validate::text("schedule.description", value, MAX_DESCRIPTION_LEN)?;
     Ok(value.to_owned())
 }
 

@@ -26,6 +26,73 @@ const MAX_LABEL_VALUE_LEN: usize = 256;
 const MAX_REASON_LEN: usize = 1024;
 const MAX_DELAY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 pub const MAX_BATCH: usize = 5000;
+/// The longest type URL of a payload or a result.
+pub const MAX_TYPE_URL_LEN: usize = 1024;
+/// How deep a `google.protobuf.Struct` may nest (a Struct in a Struct is one level deeper).
+pub const MAX_STRUCT_DEPTH: usize = 32;
+/// The earliest and latest time a Timestamp may name: protobuf's own range, 0001-01-01T00:00:00Z
+/// to 9999-12-31T23:59:59.999999999Z, inside PostgreSQL's.
+const MIN_TIMESTAMP_SECONDS: i64 = -62_135_596_800;
+const MAX_TIMESTAMP_SECONDS: i64 = 253_402_300_799;
+
+/// A string stored or searched in PostgreSQL: at most `max` bytes, and free of U+0000, which is
+/// valid UTF-8 and valid protobuf but which neither `text` nor `jsonb` can hold.
+pub fn text(field: &str, value: &str, max: usize) -> Result<(), ApiError> {
+    if value.len() > max {
+        return Err(ApiError::invalid(
+            field,
+            format!("must be at most {max} bytes, got {}", value.len()),
+        ));
+    }
+    if value.contains('\0') {
+        return Err(ApiError::invalid(
+            field,
+            "must not contain the NUL character (U+0000)",
+        ));
+    }
+    Ok(())
+}
+
+/// The type URL of an `Any` payload or result: present, at most [`MAX_TYPE_URL_LEN`] bytes.
+pub fn type_url(field: &str, value: &str) -> Result<(), ApiError> {
+    if value.is_empty() {
+        return Err(ApiError::invalid(field, "must not be empty"));
+    }
+    text(field, value, MAX_TYPE_URL_LEN)
+}
+
+/// A `google.protobuf.Struct` stored as `jsonb`: its keys and strings are [`text`] (of any
+/// length; the message's size bounds them) and it nests at most [`MAX_STRUCT_DEPTH`] levels.
+pub fn structure(field: &str, value: &prost_types::Struct) -> Result<(), ApiError> {
+    fn check_struct(at: &str, s: &prost_types::Struct, depth: usize) -> Result<(), ApiError> {
+        if depth > MAX_STRUCT_DEPTH {
+            return Err(ApiError::invalid(
+                at,
+                format!("nests deeper than {MAX_STRUCT_DEPTH} levels"),
+            ));
+        }
+        for (key, value) in &s.fields {
+            let at = format!("{at}.{key}");
+            text(&at, key, usize::MAX)?;
+            check_value(&at, value, depth)?;
+        }
+        Ok(())
+    }
+    fn check_value(at: &str, v: &prost_types::Value, depth: usize) -> Result<(), ApiError> {
+        use prost_types::value::Kind;
+        match &v.kind {
+            Some(Kind::StringValue(s)) => text(at, s, usize::MAX),
+            Some(Kind::StructValue(s)) => check_struct(at, s, depth + 1),
+            Some(Kind::ListValue(list)) => list
+                .values
+                .iter()
+                .enumerate()
+                .try_for_each(|(i, v)| check_value(&format!("{at}[{i}]"), v, depth + 1)),
+            _ => Ok(()),
+        }
+    }
+    check_struct(field, value, 1)
+}
 
 /// Names of job types and queues: readable in logs and URLs, free of the separators used in
 /// notification payloads.
@@ -108,11 +175,19 @@ pub fn duration(field: &str, value: &prost_types::Duration) -> Result<Duration, 
     Ok(d)
 }
 
-fn timestamp(field: &str, value: &prost_types::Timestamp) -> Result<DateTime<Utc>, ApiError> {
+/// A point in time within protobuf's own range (years 1 to 9999), normalized.
+pub fn timestamp(field: &str, value: &prost_types::Timestamp) -> Result<DateTime<Utc>, ApiError> {
+    if !(MIN_TIMESTAMP_SECONDS..=MAX_TIMESTAMP_SECONDS).contains(&value.seconds) {
+        return Err(ApiError::invalid(
+            field,
+            "must lie between 0001-01-01T00:00:00Z and 9999-12-31T23:59:59Z",
+        ));
+    }
     u32::try_from(value.nanos)
         .ok()
+        .filter(|nanos| *nanos < 1_000_000_000)
         .and_then(|nanos| DateTime::from_timestamp(value.seconds, nanos))
-        .ok_or_else(|| ApiError::invalid(field, "is not a valid timestamp"))
+        .ok_or_else(|| ApiError::invalid(field, "nanos must be between 0 and 999,999,999"))
 }
 
 pub fn priority(value: Option<i32>) -> Result<i16, ApiError> {
@@ -126,8 +201,9 @@ pub fn priority(value: Option<i32>) -> Result<i16, ApiError> {
     i16::try_from(p).map_err(|_| ApiError::invalid("priority", "out of range"))
 }
 
-/// Bytes of an `Any`, bounded by the configured limit.
+/// An `Any`: its type URL, and its bytes bounded by the configured limit.
 pub fn any_size(field: &str, any: &prost_types::Any, max: usize) -> Result<(), ApiError> {
+    type_url(&format!("{field}.type_url"), &any.type_url)?;
     if any.value.len() > max {
         return Err(ApiError::invalid(
             field,
@@ -185,7 +261,8 @@ pub fn retry_policy(policy: Option<&pb::RetryPolicy>) -> Result<RetryPolicy, Api
     Ok(out)
 }
 
-fn labels(labels: &HashMap<String, String>) -> Result<HashMap<String, String>, ApiError> {
+/// Labels of a job, or a filter on them.
+pub fn labels(labels: &HashMap<String, String>) -> Result<HashMap<String, String>, ApiError> {
     if labels.len() > MAX_LABELS {
         return Err(ApiError::invalid(
             "labels",
@@ -193,18 +270,12 @@ fn labels(labels: &HashMap<String, String>) -> Result<HashMap<String, String>, A
         ));
     }
     for (k, v) in labels {
-        if k.is_empty() || k.len() > MAX_LABEL_KEY_LEN {
-            return Err(ApiError::invalid(
-                format!("labels[{k:?}]"),
-                format!("keys must have 1 to {MAX_LABEL_KEY_LEN} characters"),
-            ));
+        let field = format!("labels[{k:?}]");
+        if k.is_empty() {
+            return Err(ApiError::invalid(field, "keys must not be empty"));
         }
-        if v.len() > MAX_LABEL_VALUE_LEN {
-            return Err(ApiError::invalid(
-                format!("labels[{k:?}]"),
-                format!("values must have at most {MAX_LABEL_VALUE_LEN} characters"),
-            ));
-        }
+        text(&field, k, MAX_LABEL_KEY_LEN)?;
+        text(&field, v, MAX_LABEL_VALUE_LEN)?;
     }
     Ok(labels.clone())
 }
@@ -216,9 +287,6 @@ pub fn job_spec(spec: &pb::JobSpec, max_payload: usize) -> Result<NewJob, ApiErr
         .payload
         .as_ref()
         .ok_or_else(|| ApiError::invalid("payload", "is required"))?;
-    if payload.type_url.is_empty() {
-        return Err(ApiError::invalid("payload.type_url", "must not be empty"));
-    }
     any_size("payload", payload, max_payload)?;
     let queue = queue("queue", &spec.queue)?;
     let priority = priority(spec.priority)?;
@@ -235,13 +303,10 @@ pub fn job_spec(spec: &pb::JobSpec, max_payload: usize) -> Result<NewJob, ApiErr
     let policy = retry_policy(spec.retry_policy.as_ref())?;
     let idempotency_key = match spec.idempotency_key.as_str() {
         "" => None,
-        key if key.len() > MAX_IDEMPOTENCY_KEY_LEN => {
-            return Err(ApiError::invalid(
-                "idempotency_key",
-                format!("must be at most {MAX_IDEMPOTENCY_KEY_LEN} characters"),
-            ));
+        key => {
+            text("idempotency_key", key, MAX_IDEMPOTENCY_KEY_LEN)?;
+            Some(key.to_owned())
         }
-        key => Some(key.to_owned()),
     };
     let timeout_ms = match &spec.timeout {
         None => None,
@@ -338,12 +403,7 @@ pub fn sequence(field: &str, value: i64) -> Result<i64, ApiError> {
 }
 
 pub fn reason(value: &str) -> Result<String, ApiError> {
-    if value.len() > MAX_REASON_LEN {
-        return Err(ApiError::invalid(
-            "reason",
-            format!("must be at most {MAX_REASON_LEN} characters"),
-        ));
-    }
+    text("reason", value, MAX_REASON_LEN)?;
     Ok(value.to_owned())
 }
 
@@ -374,6 +434,7 @@ pub fn name_page_token(token: &str) -> Result<Option<String>, ApiError> {
         .ok()
         .and_then(|bytes| String::from_utf8(bytes).ok())
         .and_then(|s| s.strip_prefix("after:").map(str::to_owned))
+        .filter(|name| check_name("page_token", name, MAX_NAME_LEN).is_ok())
         .map(Some)
         .ok_or_else(|| ApiError::invalid("page_token", "is not a token this server issued"))
 }

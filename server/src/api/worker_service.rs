@@ -51,6 +51,8 @@ const OUTBOUND_CAPACITY: usize = 256;
 /// How long a new stream may take to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_SLOTS: i32 = 10_000;
+const MAX_WORKER_ID: usize = 128;
+const MAX_FAILURE_KIND: usize = 128;
 const MAX_FAILURE_MESSAGE: usize = 8192;
 const MAX_LOG_LINES: usize = 1000;
 const MAX_LOG_LINE: usize = 8192;
@@ -155,12 +157,10 @@ struct Hello {
 }
 
 fn validate_hello(hello: pb::Hello) -> Result<Hello, ApiError> {
-    if hello.worker_id.is_empty() || hello.worker_id.len() > 128 {
-        return Err(ApiError::invalid(
-            "hello.worker_id",
-            "must have 1 to 128 characters",
-        ));
+    if hello.worker_id.is_empty() {
+        return Err(ApiError::invalid("hello.worker_id", "must not be empty"));
     }
+    validate::text("hello.worker_id", &hello.worker_id, MAX_WORKER_ID)?;
     if hello.job_types.is_empty() {
         return Err(ApiError::invalid(
             "hello.job_types",
@@ -778,21 +778,30 @@ impl Session {
                 "item counts must not be negative",
             ));
         }
-        if progress
-            .data
-            .as_ref()
-            .is_some_and(|d| prost::Message::encoded_len(d) > MAX_PROGRESS_DATA)
-        {
-            return Err(ApiError::invalid(
-                "progress.progress.data",
-                format!("must encode to at most {MAX_PROGRESS_DATA} bytes"),
-            ));
+        if let Some(data) = &progress.data {
+            if prost::Message::encoded_len(data) > MAX_PROGRESS_DATA {
+                return Err(ApiError::invalid(
+                    "progress.progress.data",
+                    format!("must encode to at most {MAX_PROGRESS_DATA} bytes"),
+                ));
+            }
+            validate::structure("progress.progress.data", data)?;
         }
         let progress = pb::Progress {
             message: truncate(progress.message, MAX_PROGRESS_TEXT),
             stage: truncate(progress.stage, MAX_PROGRESS_TEXT),
             ..progress
         };
+        validate::text(
+            "progress.progress.message",
+            &progress.message,
+            MAX_PROGRESS_TEXT,
+        )?;
+        validate::text(
+            "progress.progress.stage",
+            &progress.stage,
+            MAX_PROGRESS_TEXT,
+        )?;
         Ok(ProgressUpdate {
             tenant: self.tenant.clone(),
             lease,
@@ -813,23 +822,25 @@ impl Session {
         let lines = report
             .lines
             .into_iter()
-            .map(|line| {
+            .enumerate()
+            .map(|(i, line)| {
                 let level = pb::LogLevel::try_from(line.level)
                     .unwrap_or(pb::LogLevel::Info)
                     .as_str_name();
                 let time = line
                     .time
-                    .and_then(|t| {
-                        chrono::DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).ok()?)
-                    })
+                    .map(|t| validate::timestamp(&format!("logs.lines[{i}].time"), &t))
+                    .transpose()?
                     .unwrap_or(now);
-                serde_json::json!({
+                let message = truncate(line.message, MAX_LOG_LINE);
+                validate::text(&format!("logs.lines[{i}].message"), &message, MAX_LOG_LINE)?;
+                Ok(serde_json::json!({
                     "level": level,
-                    "message": truncate(line.message, MAX_LOG_LINE),
+                    "message": message,
                     "time": time.to_rfc3339(),
-                })
+                }))
             })
-            .collect();
+            .collect::<Result<_, ApiError>>()?;
         Ok(LogBatch {
             tenant: self.tenant.clone(),
             lease,
@@ -929,7 +940,9 @@ impl Session {
         if message.is_empty() {
             message = "the handler failed without a message".to_owned();
         }
-        let kind = truncate(fail.kind, 128);
+        validate::text("fail.message", &message, MAX_FAILURE_MESSAGE)?;
+        let kind = truncate(fail.kind, MAX_FAILURE_KIND);
+        validate::text("fail.kind", &kind, MAX_FAILURE_KIND)?;
         Ok(Failure {
             tenant: self.tenant.clone(),
             lease,

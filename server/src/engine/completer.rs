@@ -12,14 +12,14 @@
 //! outcome has committed. The task stops when every handle is gone, after flushing what is
 //! queued, so nothing a worker reported is dropped on a graceful shutdown.
 
-use std::time::Duration;
+use std::{ops::Range, time::Duration};
 
 use futures::future::join_all;
 use tokio::sync::{mpsc, oneshot};
 
 use std::collections::HashMap;
 
-use super::fanout::FanoutHandle;
+use super::{batch, fanout::FanoutHandle};
 use crate::{
     domain::{JobState, LeaseRef},
     store::{self, Checkpoint, Completion, Failure, LogBatch, ProgressUpdate, SettleResult, Store},
@@ -154,19 +154,23 @@ impl Completer {
                     .zip(groups)
                     .map(|(rows, replies)| self.write_progress(rows, replies)),
             ),
-            with_retries(|| self.store.record_logs_many(&logs.0)),
-            with_retries(|| self.store.save_checkpoints(&checkpoints.0)),
+            self.write(logs.0.len(), |r| self.store.record_logs_many(&logs.0[r])),
+            self.write(checkpoints.0.len(), |r| {
+                self.store.save_checkpoints(&checkpoints.0[r])
+            }),
         );
-        if logged.as_ref().is_ok_and(|written| !written.is_empty()) {
+        if logged.iter().any(Result::is_ok) {
             self.fanout.committed();
         }
         answer_matched(logged, logs.1.into_iter().map(|r| vec![r]).collect());
         answer_matched(saved, checkpoints.1.into_iter().map(|r| vec![r]).collect());
         let (done, failed) = tokio::join!(
-            with_retries(|| self.store.complete_many(&completions.0)),
-            with_retries(|| self.store.fail_many(&failures.0)),
+            self.write(completions.0.len(), |r| {
+                self.store.complete_many(&completions.0[r])
+            }),
+            self.write(failures.0.len(), |r| self.store.fail_many(&failures.0[r])),
         );
-        if !(completions.0.is_empty() && failures.0.is_empty()) {
+        if done.iter().chain(&failed).any(Result::is_ok) {
             self.fanout.committed();
         }
         answer(done, completions.1);
@@ -175,12 +179,38 @@ impl Completer {
 
     /// Writes one statement of progress reports, answers them, and wakes the fanout.
     async fn write_progress(&self, rows: &[ProgressUpdate], replies: Vec<Vec<Reply>>) {
-        let outcome = with_retries(|| self.store.record_progress_many(rows)).await;
-        let wrote = outcome.is_ok();
+        let outcome = self
+            .write(rows.len(), |r| self.store.record_progress_many(&rows[r]))
+            .await;
+        let wrote = outcome.iter().any(Result::is_ok);
         answer_matched(outcome, replies);
         if wrote {
             self.fanout.committed();
         }
+    }
+
+    /// Writes `len` rows with one batch statement (given the range of rows to write), retried
+    /// while the database is unavailable; a batch that fails otherwise is written again in
+    /// parts, so that only the reports at fault fail (see [`batch::isolate`]). One answer per
+    /// row, in order.
+    async fn write<R, Fut>(
+        &self,
+        len: usize,
+        statement: impl Fn(Range<usize>) -> Fut,
+    ) -> Vec<Result<R, SettleError>>
+    where
+        Fut: Future<Output = store::Result<Vec<R>>>,
+    {
+        if len == 0 {
+            return Vec::new();
+        }
+        let statement = &statement;
+        batch::isolate(
+            len,
+            |range| with_retries(move || statement(range.clone())),
+            |error| matches!(error, SettleError::Internal(_)),
+        )
+        .await
     }
 }
 
@@ -191,40 +221,24 @@ fn push<T>(group: &mut (Vec<T>, Vec<Reply>), item: T, reply: Reply) {
 
 /// Answers reports whose statement says, per row, whether the lease was current; each row has
 /// the group of callers whose reports it stands for.
-fn answer_matched(outcome: Result<Vec<bool>, SettleError>, groups: Vec<Vec<Reply>>) {
-    match outcome {
-        Ok(matched) => {
-            for (current, replies) in matched.into_iter().zip(groups) {
-                let result = if current {
-                    SettleResult::Applied(JobState::Running)
-                } else {
-                    SettleResult::Stale
-                };
-                for reply in replies {
-                    let _ = reply.send(Ok(result));
-                }
+fn answer_matched(outcomes: Vec<Result<bool, SettleError>>, groups: Vec<Vec<Reply>>) {
+    for (outcome, replies) in outcomes.into_iter().zip(groups) {
+        let result = outcome.map(|current| {
+            if current {
+                SettleResult::Applied(JobState::Running)
+            } else {
+                SettleResult::Stale
             }
-        }
-        Err(error) => {
-            for reply in groups.into_iter().flatten() {
-                let _ = reply.send(Err(error.clone()));
-            }
+        });
+        for reply in replies {
+            let _ = reply.send(result.clone());
         }
     }
 }
 
-fn answer(outcome: Result<Vec<SettleResult>, SettleError>, replies: Vec<Reply>) {
-    match outcome {
-        Ok(results) => {
-            for (result, reply) in results.into_iter().zip(replies) {
-                let _ = reply.send(Ok(result));
-            }
-        }
-        Err(error) => {
-            for reply in replies {
-                let _ = reply.send(Err(error.clone()));
-            }
-        }
+fn answer(outcomes: Vec<Result<SettleResult, SettleError>>, replies: Vec<Reply>) {
+    for (outcome, reply) in outcomes.into_iter().zip(replies) {
+        let _ = reply.send(outcome);
     }
 }
 

@@ -19,7 +19,9 @@
 //! has gone, waits for nothing.
 //!
 //! Validation happens before a job joins a batch, so one caller's bad input cannot fail another's.
-//! A batch that fails on the database fails its callers with a retryable error.
+//! A batch that fails on the database anyway is written again in parts when the failure may be
+//! one job's doing ([`batch::isolate`]), so only that job's caller gets the error; one that
+//! fails because the database is unavailable fails its callers with a retryable error.
 //!
 //! A job that is due goes straight to a worker when one of this replica's workers has a slot
 //! free for it and knows of no backlog it would overtake: the dispatcher sets the slot aside,
@@ -41,7 +43,10 @@ use tokio::{
 
 use chrono::Utc;
 
-use super::dispatcher::{DispatcherHandle, Reservation, Startable};
+use super::{
+    batch,
+    dispatcher::{DispatcherHandle, Reservation, Startable},
+};
 use crate::{
     domain::{JobId, JobState, LeaseRef, TenantId},
     store::{self, EnqueueOutcome, Handoff, LeasedRow, NewJob, Store},
@@ -265,33 +270,41 @@ async fn flush(store: Store, dispatcher: DispatcherHandle, batch: Vec<(TenantId,
             });
         }
         let started = std::time::Instant::now();
-        match store.enqueue_many(&tenant, &jobs).await {
-            Ok(outcomes) => {
-                hand_over(&store, &dispatcher, &tenant, &outcomes, reserved, started).await;
-                for (outcome, reply) in outcomes.into_iter().zip(replies) {
-                    let _ = reply.send(Ok(outcome));
+        // Each caller is answered for its own job: a statement that fails for one job's sake
+        // is written again in parts (see `batch`), so the others still commit.
+        let outcomes = batch::isolate(
+            jobs.len(),
+            |range| {
+                let (store, tenant, jobs) = (&store, &tenant, &jobs[range]);
+                async move {
+                    store
+                        .enqueue_many(tenant, jobs)
+                        .await
+                        .map_err(EnqueueError::from)
                 }
-            }
-            Err(error) => {
-                give_back(&dispatcher, reserved).await;
-                let error = EnqueueError::from(error);
-                tracing::warn!(%error, "group-committed enqueue failed");
-                for reply in replies {
-                    let _ = reply.send(Err(error.clone()));
-                }
-            }
+            },
+            |error| matches!(error, EnqueueError::Internal(_)),
+        )
+        .await;
+        if let Some(Err(error)) = outcomes.iter().find(|o| o.is_err()) {
+            tracing::warn!(%error, "group-committed enqueue failed");
+        }
+        hand_over(&store, &dispatcher, &tenant, &outcomes, reserved, started).await;
+        for (outcome, reply) in outcomes.into_iter().zip(replies) {
+            let _ = reply.send(outcome);
         }
     }
 }
 
 /// Sends each job that started at its enqueue to the worker whose slot was set aside for it,
-/// and gives back the slots of jobs that did not start (a paused or limited queue, or an
-/// idempotency key that named an earlier job). A lease whose worker has gone is handed back.
+/// and gives back the slots of jobs that did not start (a paused or limited queue, an
+/// idempotency key that named an earlier job, or a failed write). A lease whose worker has
+/// gone is handed back.
 async fn hand_over(
     store: &Store,
     dispatcher: &DispatcherHandle,
     tenant: &TenantId,
-    outcomes: &[EnqueueOutcome],
+    outcomes: &[Result<EnqueueOutcome, EnqueueError>],
     reserved: Vec<Option<Reservation>>,
     started: std::time::Instant,
 ) {
@@ -299,6 +312,10 @@ async fn hand_over(
     let mut undelivered = Vec::new();
     for (outcome, reservation) in outcomes.iter().zip(reserved) {
         let Some(reservation) = reservation else {
+            continue;
+        };
+        let Ok(outcome) = outcome else {
+            unused.push(Some(reservation));
             continue;
         };
         let job = &outcome.job;

@@ -2,6 +2,7 @@
 //!
 //! | loop | runs on | job |
 //! | --- | --- | --- |
+//! | [`batch`] | (shared) | isolates the bad item of a failed batch statement |
 //! | [`dispatcher`] | every replica | leases available jobs to this replica's workers |
 //! | [`enqueuer`] | every replica | group-commits concurrent single enqueues |
 //! | [`completer`] | every replica | writes attempt outcomes in batches |
@@ -17,6 +18,7 @@
 //! can wait for all of them. The completer and the enqueuer stop last: only once every stream
 //! and call holding a handle has ended and their queues are flushed.
 
+pub mod batch;
 pub mod completer;
 pub mod cron;
 pub mod dispatcher;
