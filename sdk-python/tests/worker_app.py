@@ -1,0 +1,33 @@
+"""A Python worker process for fault tests: serves py.echo and py.steps until SIGTERM (then
+drains) or SIGKILL. Settings come from the environment: JOBWIRE_URL, WORKER_ID, CONCURRENCY."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "_generated"))
+
+import handlers  # noqa: E402
+
+import jobwire  # noqa: E402
+
+
+async def main() -> None:
+    worker = jobwire.Worker(
+        os.environ["JOBWIRE_URL"],
+        worker_id=os.environ.get("WORKER_ID", "py-test-worker"),
+        concurrency=int(os.environ.get("CONCURRENCY", "4")),
+        queues=["py", "default"],
+    )
+    worker.register(handlers.ECHO, handlers.echo)
+    worker.register(handlers.STEPS, handlers.steps)
+    await worker.run()
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(main())
