@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -14,9 +14,9 @@ import stubs
 
 sys.path.insert(0, str(stubs.generate()))
 
-import harness  # noqa: E402
+import harness
 
-import jobwire  # noqa: E402
+import jobwire
 
 
 @pytest.fixture(scope="session")
@@ -41,19 +41,20 @@ def pg(workdir: Path) -> Iterator[harness.Postgres]:
 def start_server(
     pg: harness.Postgres, workdir: Path, request: pytest.FixtureRequest
 ) -> Iterator[Callable[..., harness.Server]]:
-    """Starts servers with the fast settings plus any given; stops them after the test and
-    prints their log tails when it failed."""
+    """Starts servers with the fast settings, overridden by any given (``{"--flag": value}``);
+    stops them after the test and prints their log tails when it failed."""
     servers: list[harness.Server] = []
 
-    def start(*args: str) -> harness.Server:
-        server = harness.Server(pg, workdir, [*harness.FAST, *args])
+    def start(settings: dict[str, str] | None = None) -> harness.Server:
+        merged = {**harness.FAST, **(settings or {})}
+        server = harness.Server(pg, workdir, [part for item in merged.items() for part in item])
         servers.append(server)
         return server
 
     yield start
-    failed = getattr(request.node, "rep_call", None)
+    report: pytest.TestReport | None = getattr(request.node, "rep_call", None)
     for server in servers:
-        if failed is not None and failed.failed:
+        if report is not None and report.failed:
             print(f"--- {server.log.name}\n{harness.tail(server.log)}")
         server.stop()
 
@@ -70,7 +71,10 @@ async def client(server: harness.Server) -> AsyncIterator[jobwire.Client]:
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item) -> object:
+def pytest_runtest_makereport(
+    item: pytest.Item,
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Keeps each phase's report on the item, so fixtures know whether the test failed."""
     report = yield
     setattr(item, f"rep_{report.when}", report)
     return report

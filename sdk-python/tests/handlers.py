@@ -11,8 +11,8 @@ import pytests_pb2 as pb
 
 import jobwire
 
-ECHO = jobwire.JobType.of(pb.Echo)
-STEPS = jobwire.JobType.of(pb.Steps)
+ECHO = jobwire.JobType.of(pb.Echo, pb.EchoResult)
+STEPS = jobwire.JobType.of(pb.Steps, pb.StepsResult)
 BLOCK = jobwire.JobType.of(pb.Block)
 
 

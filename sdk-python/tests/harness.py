@@ -36,18 +36,20 @@ import jobwire
 
 REPO = Path(__file__).resolve().parents[2]
 SDK = REPO / "sdk-python"
-SERVER_BIN = Path(os.environ.get("JOBWIRE_SERVER_BIN") or REPO / "target" / "debug" / "jobwire-server")
+SERVER_BIN = Path(
+    os.environ.get("JOBWIRE_SERVER_BIN") or REPO / "target" / "debug" / "jobwire-server"
+)
 RUST_BIN_DIR = SERVER_BIN.parent
 READY_PREFIX = "jobwire-server listening on "
 READY_TIMEOUT = 60.0
 #: Settings that make leases, heartbeats and the reaper fast enough for fault tests.
-FAST = [
-    "--lease-duration", "2s",
-    "--heartbeat-interval", "500ms",
-    "--reap-interval", "200ms",
-    "--poll-interval", "200ms",
-    "--stop-grace", "3s",
-]
+FAST = {
+    "--lease-duration": "2s",
+    "--heartbeat-interval": "500ms",
+    "--reap-interval": "200ms",
+    "--poll-interval": "200ms",
+    "--stop-grace": "3s",
+}
 
 T = TypeVar("T")
 
@@ -158,11 +160,31 @@ class Server:
         self._pg = pg
         self.db, database_url = pg.create()
         self.log = workdir / f"server-{self.db}.log"
-        self.process, addr = start_process(
-            [str(SERVER_BIN), "--listen", "127.0.0.1:0", "--database-url", database_url, *args],
-            self.log,
+        self._args = ["--database-url", database_url, *args]
+        self.process, self.addr = start_process(
+            [str(SERVER_BIN), "--listen", "127.0.0.1:0", *self._args], self.log
         )
-        self.url = f"http://{addr}"
+        self.url = f"http://{self.addr}"
+
+    def crash(self) -> None:
+        """SIGKILL: no drain, no goodbye to the workers' streams."""
+        self.process.kill()
+        self.process.wait()
+
+    def restart(self) -> None:
+        """Starts the server again on the same address and database."""
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                self.process, _ = start_process(
+                    [str(SERVER_BIN), "--listen", self.addr, *self._args], self.log
+                )
+                return
+            except RuntimeError:
+                # The old socket may hold the port for a moment.
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -183,7 +205,10 @@ class WorkerProcess:
         self.log = log
         with log.open("ab") as out:
             self.process = subprocess.Popen(
-                args, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env},
+                args,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **env},
                 start_new_session=True,
             )
 
@@ -227,14 +252,19 @@ async def eventually(check: Callable[[], Awaitable[T | None]], timeout: float = 
         await asyncio.sleep(0.05)
 
 
-async def until_running(client: jobwire.Client, job_id: str, worker_id: str | None = None) -> jobwire.JobEvent:
+async def until_running(
+    client: jobwire.Client, job_id: str, worker_id: str | None = None
+) -> jobwire.JobEvent:
     """Follows the job's events until an attempt starts (on ``worker_id``, if given)."""
     async with client.watch_job(job_id) as events:
         async for event in events:
             kind = event.kind
-            if isinstance(kind, jobwire.StateChanged) and kind.state is jobwire.JobState.RUNNING:
-                if worker_id is None or kind.worker_id == worker_id:
-                    return event
+            if (
+                isinstance(kind, jobwire.StateChanged)
+                and kind.state is jobwire.JobState.RUNNING
+                and (worker_id is None or kind.worker_id == worker_id)
+            ):
+                return event
     raise AssertionError(f"job {job_id} ended without running on {worker_id}")
 
 

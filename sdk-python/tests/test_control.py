@@ -24,7 +24,9 @@ async def test_a_watch_resumed_in_the_middle_sees_every_event_once_in_order(
     server: harness.Server, client: jobwire.Client
 ) -> None:
     async with harness.running(worker(server)):
-        handle = await client.enqueue(pb.Steps(steps=12, step_millis=30), queue="py")
+        handle = await client.enqueue(
+            pb.Steps(steps=12, step_millis=30), job_type=handlers.STEPS, queue="py"
+        )
         first: list[jobwire.JobEvent] = []
         async with handle.watch() as events:
             async for event in events:
@@ -69,18 +71,27 @@ async def test_a_paused_job_checkpoints_stops_and_resumes_from_its_checkpoint(
     server: harness.Server, client: jobwire.Client
 ) -> None:
     async with harness.running(worker(server)):
-        handle = await client.enqueue(pb.Steps(steps=40, step_millis=25), queue="py")
+        handle = await client.enqueue(
+            pb.Steps(steps=40, step_millis=25), job_type=handlers.STEPS, queue="py"
+        )
         paused = False
         async with handle.watch() as events:
             async for event in events:
-                if isinstance(event.kind, jobwire.Progress) and event.kind.items_done >= 3:
-                    if not paused:
-                        await handle.pause("maintenance")
-                        paused = True
-                if isinstance(event.kind, jobwire.StateChanged) and event.kind.state is jobwire.JobState.PAUSED:
+                progress = event.kind
+                if (
+                    not paused
+                    and isinstance(progress, jobwire.Progress)
+                    and progress.items_done >= 3
+                ):
+                    await handle.pause("maintenance")
+                    paused = True
+                if (
+                    isinstance(event.kind, jobwire.StateChanged)
+                    and event.kind.state is jobwire.JobState.PAUSED
+                ):
                     break
         job = await handle.get()
-        assert job.state == jobwire.JobState.PAUSED
+        assert jobwire.JobState.parse(job.state) is jobwire.JobState.PAUSED
         assert job.has_checkpoint
         assert job.attempts_counted == 0, "a pause uses no attempt"
         await handle.resume()
@@ -97,7 +108,9 @@ async def test_a_pause_reaches_a_handler_waiting_on_its_context(
         handle = await client.enqueue(pb.Block(note="pause me"), queue="py")
         await asyncio.wait_for(observed.start_of(handle.id).wait(), 30)
         await handle.pause("hold on")
-        job = await harness.eventually(lambda: _in_state(client, handle.id, jobwire.JobState.PAUSED))
+        job = await harness.eventually(
+            lambda: _in_state(client, handle.id, jobwire.JobState.PAUSED)
+        )
     assert observed.stopped[handle.id] is jobwire.StopReason.PAUSED
     assert job.has_checkpoint
 
@@ -124,4 +137,4 @@ async def _in_state(
     client: jobwire.Client, job_id: str, state: jobwire.JobState
 ) -> jobwire.v1.job_pb2.Job | None:
     job = await client.get_job(job_id)
-    return job if job.state == state else None
+    return job if jobwire.JobState.parse(job.state) is state else None

@@ -16,7 +16,9 @@ import jobwire
 FAST_RETRY = jobwire.RetryPolicy(max_attempts=3, initial_backoff=timedelta(milliseconds=50))
 
 
-def echo_worker(server: harness.Server, worker_id: str = "py-worker", slots: int = 20) -> jobwire.Worker:
+def echo_worker(
+    server: harness.Server, worker_id: str = "py-worker", slots: int = 20
+) -> jobwire.Worker:
     worker = jobwire.Worker(
         server.url, worker_id=worker_id, queues=["py", "default"], concurrency=slots
     )
@@ -29,7 +31,9 @@ async def test_two_hundred_jobs_return_their_results(
 ) -> None:
     payloads = [pb.Echo(text=f"job {n}") for n in range(200)]
     handles = await client.enqueue_many(payloads[:100], job_type=handlers.ECHO)
-    handles += await asyncio.gather(*(client.enqueue(p) for p in payloads[100:]))
+    handles += await asyncio.gather(
+        *(client.enqueue(p, job_type=handlers.ECHO) for p in payloads[100:])
+    )
     async with harness.running(echo_worker(server)):
         results = await asyncio.gather(*(h.wait(timeout=60) for h in handles))
     assert [r.text for r in results] == [p.text for p in payloads]
@@ -140,7 +144,10 @@ async def test_queues_and_schedules_are_administered(client: jobwire.Client) -> 
         await client.queues.get("never-used")
 
     schedule = await client.schedules.create(
-        "nightly", "0 3 * * *", pb.Echo(text="tick"), time_zone="Europe/Berlin",
+        "nightly",
+        "0 3 * * *",
+        pb.Echo(text="tick"),
+        time_zone="Europe/Berlin",
         overlap=jobwire.OverlapPolicy.SKIP,
     )
     assert schedule.next_run_at.seconds > 0
@@ -152,7 +159,7 @@ async def test_queues_and_schedules_are_administered(client: jobwire.Client) -> 
     assert job.job_type == "py.echo"
     assert (await client.schedules.pause("nightly")).paused
     assert not (await client.schedules.resume("nightly")).paused
-    assert ["nightly"] == [s.name async for s in client.schedules.list()]
+    assert [s.name async for s in client.schedules.list()] == ["nightly"]
     await client.schedules.delete("nightly")
     with pytest.raises(jobwire.NotFound):
         await client.schedules.get("nightly")

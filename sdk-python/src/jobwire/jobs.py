@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, overload
 
 from google.protobuf import descriptor_pb2, empty_pb2
 from google.protobuf.message import Message
@@ -61,8 +61,8 @@ class RetryPolicy:
     5 s doubling to 1 h, 10 % jitter)."""
 
     max_attempts: int | None = None
-    initial_backoff: timedelta | None = None
-    max_backoff: timedelta | None = None
+    initial_backoff: timedelta | float | None = None
+    max_backoff: timedelta | float | None = None
     backoff_multiplier: float | None = None
     jitter: float | None = None
 
@@ -97,9 +97,19 @@ class JobType(Generic[P, O]):
     defaults: job_type_service_pb2.JobTypeDefaults | None = None
     register_schema: bool = False
 
+    @overload
     @staticmethod
-    def of(payload: type[P]) -> JobType[P, Message]:
-        """The job type declared on ``payload`` with the ``(jobwire.v1.job)`` option."""
+    def of(payload: type[P]) -> JobType[P, Message]: ...
+
+    @overload
+    @staticmethod
+    def of(payload: type[P], output: type[O]) -> JobType[P, O]: ...
+
+    @staticmethod
+    def of(payload: type[P], output: type[Message] | None = None) -> JobType[P, Any]:
+        """The job type declared on ``payload`` with the ``(jobwire.v1.job)`` option. Passing
+        the ``output`` class the option names makes ``wait`` typed for static checkers; it must
+        be the class the option names."""
         descriptor = payload.DESCRIPTOR
         options = descriptor.GetOptions()
         if not options.HasExtension(options_pb2.job):
@@ -110,7 +120,15 @@ class JobType(Generic[P, O]):
         declared = options.Extensions[options_pb2.job]
         if not declared.name:
             raise ConfigError(f"the (jobwire.v1.job) option of {descriptor.full_name} names no job")
-        output = _output_class(descriptor, declared.output)
+        declared_output = _output_class(descriptor, declared.output)
+        if (
+            output is not None
+            and output.DESCRIPTOR.full_name != declared_output.DESCRIPTOR.full_name
+        ):
+            raise ConfigError(
+                f"{descriptor.full_name} declares the output "
+                f"{declared_output.DESCRIPTOR.full_name}, not {output.DESCRIPTOR.full_name}"
+            )
         defaults = job_type_service_pb2.JobTypeDefaults(
             queue=declared.default_queue,
             idempotent_by_payload=declared.idempotent_by_payload,
@@ -122,7 +140,9 @@ class JobType(Generic[P, O]):
             defaults.retry_policy.CopyFrom(declared.retry_policy)
         if declared.HasField("timeout"):
             defaults.timeout.CopyFrom(declared.timeout)
-        return JobType(declared.name, payload, output, defaults, register_schema=True)
+        return JobType(
+            declared.name, payload, output or declared_output, defaults, register_schema=True
+        )
 
     def schema(self) -> job_type_service_pb2.JobType:
         """The registration a worker sends in its Hello."""

@@ -1,0 +1,108 @@
+"""Worker processes that die or are told to stop: a SIGKILLed worker's lease lapses and
+another worker finishes its job; SIGTERM drains a worker, which finishes what it runs."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+
+import handlers
+import harness
+import pytests_pb2 as pb
+
+import jobwire
+
+
+async def test_a_killed_workers_job_is_finished_by_another_worker(
+    server: harness.Server, client: jobwire.Client, workdir: Path
+) -> None:
+    doomed = harness.WorkerProcess.python(server.url, "py-doomed", workdir)
+    try:
+        handle = await client.enqueue(
+            pb.Echo(text="survives", first_attempt_millis=60_000),
+            job_type=handlers.ECHO,
+            queue="py",
+            retry=jobwire.RetryPolicy(max_attempts=3, initial_backoff=timedelta(milliseconds=50)),
+        )
+        await harness.until_running(client, handle.id, "py-doomed")
+        doomed.signal(signal.SIGKILL)
+        assert await doomed.wait(10) == -signal.SIGKILL
+    finally:
+        doomed.kill()
+
+    rescuer = jobwire.Worker(server.url, worker_id="py-rescuer", queues=["py"])
+    rescuer.register(handlers.ECHO, handlers.echo)
+    async with harness.running(rescuer):
+        result = await handle.wait(timeout=60)
+    assert (result.text, result.worker, result.attempt) == ("survives", "py-rescuer", 2)
+    job = await handle.get()
+    assert job.attempts[0].worker_id == "py-doomed"
+    assert job.attempts[0].outcome == jobwire.v1.job_pb2.ATTEMPT_OUTCOME_LEASE_EXPIRED
+
+
+async def test_sigterm_drains_the_worker_which_finishes_its_running_job(
+    server: harness.Server, client: jobwire.Client, workdir: Path
+) -> None:
+    draining = harness.WorkerProcess.python(server.url, "py-draining", workdir)
+    try:
+        handle = await client.enqueue(
+            pb.Echo(text="finished in the drain", first_attempt_millis=1500),
+            job_type=handlers.ECHO,
+            queue="py",
+        )
+        await harness.until_running(client, handle.id, "py-draining")
+        draining.signal(signal.SIGTERM)
+        assert await draining.wait(30) == 0, harness.tail(draining.log)
+    finally:
+        draining.kill()
+    job = await handle.get()
+    assert jobwire.JobState.parse(job.state) is jobwire.JobState.SUCCEEDED
+    result = await handle.wait(timeout=5)
+    assert (result.worker, result.attempt) == ("py-draining", 1)
+    log = draining.log.read_text()
+    assert "draining" in log and "drained; stream closed" in log
+
+    # Drained means gone: a job enqueued now waits for another worker.
+    later = await client.enqueue(pb.Echo(text="later"), queue="py")
+    job = await client.get_job(later.id)
+    assert jobwire.JobState.parse(job.state) is jobwire.JobState.AVAILABLE
+
+
+async def test_a_server_crash_loses_nothing_the_worker_or_a_watcher_holds(
+    start_server: Callable[..., harness.Server],
+) -> None:
+    """The worker reconnects and adopts its running lease (Hello.running); the result its
+    handler returned while the server was down is sent on the new stream; a watcher resumes
+    by sequence and sees every event once."""
+    # A lease outlasting the worker's reconnect backoff while the server is down.
+    server = start_server({"--lease-duration": "15s"})
+    client = await jobwire.Client.connect(server.url)
+    worker = jobwire.Worker(server.url, worker_id="py-steady", queues=["py"])
+    worker.register(handlers.ECHO, handlers.echo)
+    async with harness.running(worker):
+        handle = await client.enqueue(
+            pb.Echo(text="outlives the server", first_attempt_millis=1000),
+            job_type=handlers.ECHO,
+            queue="py",
+        )
+        watched: list[jobwire.JobEvent] = []
+        events = handle.watch()
+        async for event in events:
+            watched.append(event)
+            kind = event.kind
+            if isinstance(kind, jobwire.StateChanged) and kind.state is jobwire.JobState.RUNNING:
+                break
+        server.crash()
+        # The handler returns while the server is down; its result waits in the outbox.
+        await asyncio.sleep(1.2)
+        server.restart()
+        watched += [event async for event in events]
+        result = await handle.wait(timeout=60)
+    assert (result.worker, result.attempt) == ("py-steady", 1), "the lease was adopted"
+    history = [event async for event in handle.watch()]
+    await client.close()
+    assert [e.sequence for e in watched] == [e.sequence for e in history]
+    assert watched[-1].is_terminal
