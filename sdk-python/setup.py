@@ -13,8 +13,10 @@ versions the stubs came from, because generated code refuses older runtimes.
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import sys
+import tempfile
 from importlib.metadata import version
 from pathlib import Path
 
@@ -57,7 +59,7 @@ class GenerateStubs(Command):
         out = PACKAGE.parent
         shutil.rmtree(GENERATED, ignore_errors=True)
         shutil.rmtree(PROTOS_COPY, ignore_errors=True)
-        bindir = Path(sys.executable).parent
+        plugins = Path(tempfile.mkdtemp(prefix="jobwire-protoc-plugins-"))
         args = [
             "grpc_tools.protoc",
             f"-I{root}",
@@ -66,12 +68,15 @@ class GenerateStubs(Command):
             f"--grpc_python_out={out}",
             f"--mypy_out={out}",
             f"--mypy_grpc_out={out}",
-            f"--plugin=protoc-gen-mypy={bindir / 'protoc-gen-mypy'}",
-            f"--plugin=protoc-gen-mypy_grpc={bindir / 'protoc-gen-mypy_grpc'}",
+            f"--plugin=protoc-gen-mypy={_plugin(plugins, 'main')}",
+            f"--plugin=protoc-gen-mypy_grpc={_plugin(plugins, 'grpc')}",
             *sources,
         ]
-        if protoc.main(args) != 0:
-            raise SystemExit("jobwire: protoc failed on " + ", ".join(sources))
+        try:
+            if protoc.main(args) != 0:
+                raise SystemExit("jobwire: protoc failed on " + ", ".join(sources))
+        finally:
+            shutil.rmtree(plugins, ignore_errors=True)
         (GENERATED / "__init__.py").write_text(
             '"""Generated from proto/jobwire/v1 at build time; do not edit."""\n'
         )
@@ -79,6 +84,20 @@ class GenerateStubs(Command):
             target = PROTOS_COPY / source
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(root / source, target)
+
+
+def _plugin(directory: Path, entry: str) -> Path:
+    """An executable running a mypy-protobuf entry point with this interpreter. Its console
+    scripts live in the build environment's own bin directory, which is not beside
+    ``sys.executable`` in an isolated build, whereas this interpreter (and its environment,
+    which children inherit) always reaches the module."""
+    script = directory / f"protoc-gen-{entry}"
+    script.write_text(
+        f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -c "
+        f"'import sys; from mypy_protobuf.main import {entry}; sys.exit({entry}())'\n"
+    )
+    script.chmod(0o755)
+    return script
 
 
 class BuildPy(build_py):
