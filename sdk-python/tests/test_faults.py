@@ -106,3 +106,33 @@ async def test_a_server_crash_loses_nothing_the_worker_or_a_watcher_holds(
     await client.close()
     assert [e.sequence for e in watched] == [e.sequence for e in history]
     assert watched[-1].is_terminal
+
+
+async def test_a_drain_begun_while_the_server_is_down_delivers_its_results(
+    start_server: Callable[..., harness.Server],
+) -> None:
+    """The worker is told to stop while it cannot reach the server: it comes back only to
+    deliver what its handler returned meanwhile (a Hello followed by Drain), then exits."""
+    server = start_server({"--lease-duration": "15s"})
+    client = await jobwire.Client.connect(server.url)
+    worker = jobwire.Worker(server.url, worker_id="py-late-drain", queues=["py"])
+    worker.register(handlers.ECHO, handlers.echo)
+    run = asyncio.ensure_future(worker.run(handle_signals=False))
+    try:
+        handle = await client.enqueue(
+            pb.Echo(text="delivered late", first_attempt_millis=800),
+            job_type=handlers.ECHO,
+            queue="py",
+        )
+        await harness.until_running(client, handle.id, "py-late-drain")
+        server.crash()
+        worker.stop()
+        await asyncio.sleep(1.0)  # the handler returns while the server is down
+        assert not run.done(), "the result is not delivered yet"
+        server.restart()
+        await asyncio.wait_for(run, 30)
+        result = await handle.wait(timeout=30)
+    finally:
+        run.cancel()
+        await client.close()
+    assert (result.text, result.worker, result.attempt) == ("delivered late", "py-late-drain", 1)

@@ -296,9 +296,10 @@ class _Run:
         self.outbox.rewind()
         self.releases.rewind()
 
-    def advance(self, now: float) -> list[_wire.Request]:
-        """Moves the lifecycle on a shutdown request or a passed deadline; the messages the
-        new phase sends."""
+    def advance(self, now: float) -> None:
+        """Moves the lifecycle on a shutdown request or a passed deadline. It builds no
+        messages, since it also runs between streams: a session that sees the drain begin
+        sends Drain and the hand-backs itself."""
         if self.phase is _Phase.SERVING:
             self.phase, self.phase_deadline = _Phase.DRAINING, now + self.worker._drain_timeout
             log.info(
@@ -309,16 +310,15 @@ class _Run:
             )
             # Queued leases go back to run elsewhere rather than delay the drain.
             self.releases.add(self.executor.take_queued())
-            return [_wire.drain(), *self.outgoing()]
+            return
         if self.phase_deadline is None or now < self.phase_deadline:
-            return []
+            return
         if self.phase is _Phase.DRAINING:
             log.warning("drain timeout reached; asking %d handler(s) to stop", len(self.executor))
             self.phase, self.phase_deadline = _Phase.ABORTING, now + _ABORT_GRACE
             self.executor.stop_all(StopReason.SHUTDOWN)
         elif self.phase is _Phase.ABORTING:
             self.phase, self.phase_deadline = _Phase.FINISHED, None
-        return []
 
     # The run.
 
@@ -457,7 +457,8 @@ class _Run:
                     self.wake_pending = False
                     out = [*self.reporter.woken(self.loop.time()), *self.outgoing()]
                 elif event is _Signal.SHUTDOWN and not self.stopping:
-                    out = self.advance(self.loop.time())
+                    self.advance(self.loop.time())
+                    out = [_wire.drain(), *self.outgoing()]
                 now = self.loop.time()
                 if now >= next_heartbeat:
                     out.append(_wire.heartbeat(self.executor.live_leases()))
@@ -471,7 +472,7 @@ class _Run:
                     self.releases.add(stale)
                     out.extend(self.outgoing())
                 if self.stopping:
-                    out.extend(self.advance(now))
+                    self.advance(now)
                 await _send(call, out)
         finally:
             if reader is not None:
