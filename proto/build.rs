@@ -31,8 +31,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     config.enable_type_names();
     // `build_transport(false)`: DESIGN.md names the worker RPC `Connect`, which would collide
     // with the generated `connect` constructor; clients are built from a `Channel` instead.
+    // Every service and client decodes through `codec::Codec`: a malformed body is the
+    // caller's INVALID_ARGUMENT, not the server's INTERNAL.
     tonic_prost_build::configure()
         .build_transport(false)
+        .codec_path("crate::codec::Codec")
         .compile_fds_with_config(compiler.file_descriptor_set(), config)?;
     Ok(())
 }

@@ -4,6 +4,9 @@
 //! any other language's workers; this crate only compiles them (with protox, so no system
 //! `protoc` is needed) and re-exports the result.
 
+pub mod codec;
+pub mod limits;
+
 #[allow(clippy::all, missing_docs)]
 pub mod v1 {
     tonic::include_proto!("jobwire.v1");

@@ -14,6 +14,10 @@ use prost_types::Struct;
 
 use crate::job;
 use crate::proto::v1 as pb;
+use crate::worker::reports::for_the_wire;
+
+/// The longest progress message or stage the server keeps, in bytes.
+const MAX_TEXT_BYTES: usize = 1024;
 
 /// How far a running job has come, as its handler reports it with
 /// [`JobContext::progress`](crate::JobContext::progress).
@@ -99,8 +103,8 @@ impl Progress {
     pub(crate) fn into_proto(self, reported_at: SystemTime) -> pb::Progress {
         pb::Progress {
             fraction: self.fraction,
-            message: self.message,
-            stage: self.stage,
+            message: for_the_wire(self.message, MAX_TEXT_BYTES),
+            stage: for_the_wire(self.stage, MAX_TEXT_BYTES),
             items_done: saturating_i64(self.items_done),
             items_total: saturating_i64(self.items_total),
             data: self.data,

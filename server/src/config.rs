@@ -5,6 +5,7 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Parser, ValueEnum};
+use jobwire_proto::limits::MAX_PAYLOAD_BYTES;
 
 /// How log lines are written to stderr.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -67,7 +68,8 @@ pub struct Config {
     #[arg(long, env = "JOBWIRE_REAP_INTERVAL", value_parser = humantime::parse_duration, default_value = "1s")]
     pub reap_interval: Duration,
 
-    /// The largest payload or result accepted, in bytes.
+    /// The largest payload, result or checkpoint accepted, in bytes (at most 1 MiB, the
+    /// protocol's own limit).
     #[arg(long, env = "JOBWIRE_MAX_PAYLOAD_BYTES", default_value_t = 1024 * 1024)]
     pub max_payload_bytes: usize,
 
@@ -131,8 +133,14 @@ impl Config {
         if self.reap_interval < Duration::from_millis(10) {
             return fail("reap-interval", "must be at least 10ms");
         }
-        if self.max_payload_bytes == 0 || self.max_payload_bytes > 16 * 1024 * 1024 {
-            return fail("max-payload-bytes", "must be between 1 and 16777216");
+        if self.max_payload_bytes == 0 || self.max_payload_bytes > MAX_PAYLOAD_BYTES {
+            return fail(
+                "max-payload-bytes",
+                &format!(
+                    "must be between 1 and {MAX_PAYLOAD_BYTES}: every message the protocol \
+                     sends must fit its 4 MiB budget"
+                ),
+            );
         }
         if self.db_max_connections < 4 {
             return fail("db-max-connections", "must be at least 4");

@@ -17,8 +17,11 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::transport::server::TcpIncoming;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
+use jobwire_proto::limits::MAX_MESSAGE_BYTES;
+
 use crate::{
     api::{
+        budget::OversizeLayer,
         job_service::JobApi,
         job_type_service::JobTypeApi,
         queue_service::QueueApi,
@@ -35,8 +38,6 @@ use crate::{
 const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
 /// Concurrent calls (streams included) on one client connection.
 const MAX_STREAMS_PER_CONNECTION: u32 = 2048;
-/// Room for the rest of a message around its largest allowed payload.
-const ENVELOPE_BYTES: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -75,7 +76,9 @@ pub async fn run(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
-    let max_message = config.max_payload_bytes + ENVELOPE_BYTES;
+    // One budget for every message either way (see `jobwire_proto::limits`): the per-field
+    // limits keep what the server sends within it, and a request over it is refused whole.
+    let max_message = MAX_MESSAGE_BYTES;
     let registry = Registry::new(store.clone());
     let jobs = JobServiceServer::new(JobApi::new(
         store.clone(),
@@ -104,10 +107,12 @@ pub async fn run(
     .max_decoding_message_size(max_message)
     .max_encoding_message_size(max_message);
     drop(engine);
-    let queues = QueueServiceServer::new(QueueApi::new(store.clone()));
+    let queues = QueueServiceServer::new(QueueApi::new(store.clone()))
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
     let job_types = JobTypeServiceServer::new(JobTypeApi::new(store.clone(), registry.clone()))
-        .max_decoding_message_size(max_message.max(8 * 1024 * 1024))
-        .max_encoding_message_size(max_message.max(8 * 1024 * 1024));
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
     let schedules =
         ScheduleServiceServer::new(ScheduleApi::new(store.clone(), config.max_payload_bytes))
             .max_decoding_message_size(max_message)
@@ -119,6 +124,7 @@ pub async fn run(
         // Dashboards multiplex many watch streams over one connection; hyper's default of 200
         // would leave their unary calls waiting for a free stream.
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .layer(OversizeLayer)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

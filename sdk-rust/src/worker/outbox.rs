@@ -24,7 +24,8 @@ use crate::proto::v1::connect_request::Message;
 use crate::worker::reports::{self, Final};
 
 /// The longest failure message the server accepts, in characters.
-const MAX_MESSAGE_CHARS: usize = 8192;
+const MAX_MESSAGE_BYTES: usize = 8192;
+const MAX_KIND_BYTES: usize = 128;
 
 /// A result awaiting its acknowledgement.
 #[derive(Debug, Clone, PartialEq)]
@@ -103,7 +104,10 @@ impl Outbox {
             request_id,
             lease: Some(lease.clone()),
             message: failure_message(error.message()),
-            kind: error.kind().unwrap_or_default().to_owned(),
+            kind: reports::for_the_wire(
+                error.kind().unwrap_or_default().to_owned(),
+                MAX_KIND_BYTES,
+            ),
             non_retryable: !error.is_retryable(),
             retry_after: error.retry_after().map(job::duration_to_proto),
         });
@@ -186,7 +190,7 @@ fn failure_message(message: &str) -> String {
     if message.is_empty() {
         return "the handler failed without a message".to_owned();
     }
-    reports::truncated(message.to_owned(), MAX_MESSAGE_CHARS)
+    reports::for_the_wire(message.to_owned(), MAX_MESSAGE_BYTES)
 }
 
 #[cfg(test)]
@@ -358,11 +362,12 @@ mod tests {
     fn failure_messages_fit_the_protocol() {
         assert_eq!(failure_message("x"), "x");
         assert!(!failure_message("").is_empty());
-        let long = "é".repeat(MAX_MESSAGE_CHARS + 10);
+        let long = "é".repeat(MAX_MESSAGE_BYTES);
         let fitted = failure_message(&long);
-        assert_eq!(fitted.chars().count(), MAX_MESSAGE_CHARS);
+        assert!(fitted.len() <= MAX_MESSAGE_BYTES);
         assert!(fitted.ends_with("..."));
-        let exact = "a".repeat(MAX_MESSAGE_CHARS);
+        let exact = "a".repeat(MAX_MESSAGE_BYTES);
         assert_eq!(failure_message(&exact), exact);
+        assert_eq!(failure_message("a\0b"), "a\u{FFFD}b");
     }
 }

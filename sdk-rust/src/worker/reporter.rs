@@ -27,6 +27,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::Error;
+use crate::proto::limits::MAX_LOG_BATCH_BYTES;
 use crate::proto::v1 as pb;
 use crate::proto::v1::connect_request::Message;
 use crate::worker::RequestIds;
@@ -332,12 +333,24 @@ impl Reporter {
     }
 }
 
-/// `lines` split into messages the server accepts.
+/// `lines` split into messages the server accepts: at most [`MAX_LINES_PER_MESSAGE`] lines and
+/// [`MAX_LOG_BATCH_BYTES`] of text each.
 fn chunks(lines: Vec<pb::LogLine>) -> impl Iterator<Item = Vec<pb::LogLine>> {
     let mut lines = lines.into_iter().peekable();
     std::iter::from_fn(move || {
-        lines.peek()?;
-        Some(lines.by_ref().take(MAX_LINES_PER_MESSAGE).collect())
+        let mut chunk = Vec::new();
+        let mut bytes = 0;
+        while let Some(line) = lines.peek() {
+            let len = line.message.len();
+            if chunk.len() == MAX_LINES_PER_MESSAGE
+                || (!chunk.is_empty() && bytes + len > MAX_LOG_BATCH_BYTES)
+            {
+                break;
+            }
+            bytes += len;
+            chunk.extend(lines.next());
+        }
+        (!chunk.is_empty()).then_some(chunk)
     })
 }
 
@@ -371,6 +384,26 @@ fn logs_message(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn log_messages_stop_at_the_line_count_or_the_text_budget() {
+        let line = |len: usize| pb::LogLine {
+            message: "x".repeat(len),
+            ..Default::default()
+        };
+        let sizes: Vec<usize> = chunks((0..2500).map(|_| line(10)).collect())
+            .map(|c| c.len())
+            .collect();
+        assert_eq!(sizes, [1000, 1000, 500]);
+        let chunked: Vec<Vec<pb::LogLine>> =
+            chunks((0..300).map(|_| line(8192)).collect()).collect();
+        assert!(chunked.len() > 1);
+        for chunk in &chunked {
+            let text: usize = chunk.iter().map(|l| l.message.len()).sum();
+            assert!(text <= MAX_LOG_BATCH_BYTES, "{text}");
+        }
+        assert_eq!(chunked.iter().map(Vec::len).sum::<usize>(), 300);
+    }
     use super::*;
     use crate::report::LogLevel;
     use crate::worker::reports::{Final, LOG_BATCH, Reports};

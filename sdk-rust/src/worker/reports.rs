@@ -29,7 +29,7 @@ pub(super) const MAX_PENDING_LINES: usize = 10_000;
 /// Unsent log lines that make the session send them without waiting for its next flush.
 pub(super) const LOG_BATCH: usize = 100;
 /// The longest log line the server accepts, in characters.
-const MAX_LINE_CHARS: usize = 8192;
+const MAX_LINE_BYTES: usize = 8192;
 /// Checkpoints that may wait for the session; beyond this `checkpoint` waits for room.
 const CHECKPOINT_CAPACITY: usize = 64;
 
@@ -463,7 +463,7 @@ impl Reports {
     pub(crate) fn log(&self, level: LogLevel, message: String) {
         self.lease.log(pb::LogLine {
             level: level.to_proto() as i32,
-            message: truncated(message, MAX_LINE_CHARS),
+            message: for_the_wire(message, MAX_LINE_BYTES),
             time: Some(SystemTime::now().into()),
         });
     }
@@ -487,19 +487,21 @@ impl Reports {
     }
 }
 
-/// `text` cut to at most `max_chars` characters, ending in "..." when cut; no copy when it
-/// fits.
-pub(super) fn truncated(text: String, max_chars: usize) -> String {
-    // A string of at most `max_chars` bytes has at most that many characters.
-    if text.len() <= max_chars {
+/// `text` as the server takes it: U+0000 (which the server refuses, as PostgreSQL cannot store
+/// it) replaced by U+FFFD, and cut to at most `max_bytes` bytes on a character boundary,
+/// ending in "..." when cut. No copy when it fits and holds no NUL.
+pub(crate) fn for_the_wire(mut text: String, max_bytes: usize) -> String {
+    if text.contains('\0') {
+        text = text.replace('\0', "\u{FFFD}");
+    }
+    if text.len() <= max_bytes {
         return text;
     }
-    let Some((end, _)) = text.char_indices().nth(max_chars) else {
-        return text;
-    };
     let marker = "...";
-    let keep = max_chars.saturating_sub(marker.len());
-    let cut = text.char_indices().nth(keep).map_or(end, |(i, _)| i);
+    let mut cut = max_bytes.saturating_sub(marker.len());
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
     format!("{}{marker}", &text[..cut])
 }
 
@@ -690,11 +692,12 @@ mod tests {
     }
 
     #[test]
-    fn long_text_is_cut_on_a_character_boundary() {
-        assert_eq!(truncated("abc".into(), 3), "abc");
-        let cut = truncated("é".repeat(10), 5);
-        assert_eq!(cut, "éé...");
-        assert_eq!(cut.chars().count(), 5);
-        assert_eq!(truncated("é".repeat(5), 5), "é".repeat(5));
+    fn long_text_is_cut_on_a_character_boundary_and_nul_replaced() {
+        assert_eq!(for_the_wire("abc".into(), 3), "abc");
+        let cut = for_the_wire("é".repeat(10), 8);
+        assert_eq!(cut, "éé...", "2 bytes each: 4 bytes kept, then the marker");
+        assert!(cut.len() <= 8);
+        assert_eq!(for_the_wire("é".repeat(4), 8), "é".repeat(4));
+        assert_eq!(for_the_wire("a\0b".into(), 10), "a\u{FFFD}b");
     }
 }

@@ -54,7 +54,7 @@ pub fn attempt(a: &AttemptRow) -> pb::JobAttempt {
 
 /// A job as the API shows it; `attempts` is filled only for the FULL view.
 pub fn job(row: JobRow, attempts: &[AttemptRow]) -> pb::Job {
-    pb::Job {
+    let mut job = pb::Job {
         id: row.id.to_string(),
         tenant: row.tenant_id,
         queue: row.queue,
@@ -109,7 +109,10 @@ pub fn job(row: JobRow, attempts: &[AttemptRow]) -> pb::Job {
         // Filled in by the caller when the job type's schema is registered.
         payload_json: None,
         result_json: None,
-    }
+        attempts_omitted: 0,
+    };
+    super::budget::trim_attempts(&mut job);
+    job
 }
 
 /// The lease message pushed to a worker for a freshly claimed job, `held` after its claim.

@@ -8,8 +8,10 @@ use tonic::{Request, Response, Status};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
+use jobwire_proto::limits::MAX_PAGE_BYTES;
+
 use super::{
-    ApiError, convert, payloads, tenant_of, validate,
+    ApiError, budget, convert, payloads, tenant_of, validate,
     watch::{self, JobSink, JobsSink, Reads},
 };
 use crate::{
@@ -265,30 +267,15 @@ impl JobService for JobApi {
             }
             filter.before = Some(JobId(token.before));
         }
-        let mut rows = self
+        let listed = self
             .store
-            .list_jobs(&tenant, &filter, i64::from(page_size) + 1)
+            .list_jobs(&tenant, &filter, i64::from(page_size) + 1, MAX_PAGE_BYTES)
             .await
             .map_err(ApiError::from)?;
-        let next_page_token = if rows.len() > page_size as usize {
-            rows.truncate(page_size as usize);
-            rows.last()
-                .map(|last| {
-                    PageToken {
-                        before: last.id,
-                        states: req.states.clone(),
-                        queue: req.queue.clone(),
-                        job_type: req.job_type.clone(),
-                    }
-                    .encode()
-                })
-                .unwrap_or_default()
-        } else {
-            String::new()
-        };
+        let truncated = listed.candidates > listed.rows.len();
         let full = req.view == pb::JobView::Full as i32;
-        let mut jobs = Vec::with_capacity(rows.len());
-        for row in rows {
+        let mut candidates = Vec::with_capacity(listed.rows.len());
+        for row in listed.rows {
             let attempts = if full {
                 self.store
                     .list_attempts(&tenant, JobId(row.id))
@@ -299,10 +286,22 @@ impl JobService for JobApi {
             };
             let mut job = convert::job(row, &attempts);
             payloads::render(&self.registry, &tenant, &mut job).await;
-            jobs.push(job);
+            candidates.push(job);
         }
+        let page = budget::fill(candidates, page_size as usize, truncated);
+        let next_page_token = match page.items.last() {
+            Some(last) if page.more => PageToken {
+                before: uuid::Uuid::parse_str(&last.id)
+                    .map_err(|e| ApiError::Internal(e.to_string()))?,
+                states: req.states.clone(),
+                queue: req.queue.clone(),
+                job_type: req.job_type.clone(),
+            }
+            .encode(),
+            _ => String::new(),
+        };
         Ok(Response::new(pb::ListJobsResponse {
-            jobs,
+            jobs: page.items,
             next_page_token,
         }))
     }

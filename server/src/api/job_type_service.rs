@@ -4,7 +4,9 @@ use jobwire_proto::v1::{self as pb, job_type_service_server::JobTypeService};
 use prost_reflect::{FieldDescriptor, Kind, MessageDescriptor};
 use tonic::{Request, Response, Status};
 
-use super::{ApiError, convert, tenant_of, validate};
+use jobwire_proto::limits::MAX_PAGE_BYTES;
+
+use super::{ApiError, budget, convert, tenant_of, validate};
 use crate::{
     domain::TenantId,
     registry::{Registry, Schema, SchemaError},
@@ -15,7 +17,10 @@ const DEFAULT_PAGE_SIZE: i32 = 100;
 const MAX_PAGE_SIZE: i32 = 1000;
 const MAX_EXAMPLES: usize = 100;
 const MAX_EXAMPLE_NAME: usize = 256;
-const MAX_DESCRIPTOR_BYTES: usize = 4 * 1024 * 1024;
+/// A job type read back carries its descriptor set, the schema rendered from it and its
+/// examples: with these two limits it fits a message (`jobwire_proto::limits`).
+const MAX_DESCRIPTOR_BYTES: usize = 1024 * 1024;
+const MAX_EXAMPLES_BYTES: usize = 512 * 1024;
 const EMPTY: &str = "google.protobuf.Empty";
 
 pub struct JobTypeApi {
@@ -80,6 +85,13 @@ fn examples(
         return Err(ApiError::invalid(
             format!("{at}.examples"),
             format!("at most {MAX_EXAMPLES}"),
+        ));
+    }
+    let bytes: usize = given.iter().map(prost::Message::encoded_len).sum();
+    if bytes > MAX_EXAMPLES_BYTES {
+        return Err(ApiError::invalid(
+            format!("{at}.examples"),
+            format!("at most {MAX_EXAMPLES_BYTES} bytes in all, got {bytes}"),
         ));
     }
     let mut out: Vec<Example> = Vec::with_capacity(given.len());
@@ -348,21 +360,24 @@ impl JobTypeService for JobTypeApi {
         let req = request.get_ref();
         let page_size = validate::page_size(req.page_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)?;
         let after = validate::name_page_token(&req.page_token)?;
-        let mut rows = self
+        let listed = self
             .store
-            .list_job_types(&tenant, after.as_deref(), page_size + 1)
+            .list_job_types(&tenant, after.as_deref(), page_size + 1, MAX_PAGE_BYTES)
             .await
             .map_err(ApiError::from)?;
-        let next_page_token = if rows.len() as i64 > page_size {
-            rows.truncate(page_size as usize);
-            rows.last()
-                .map(|row| convert::name_page_token(&row.name))
-                .unwrap_or_default()
-        } else {
-            String::new()
+        let truncated = listed.candidates > listed.rows.len();
+        let candidates = listed
+            .rows
+            .into_iter()
+            .map(|row| job_type(row, false))
+            .collect();
+        let page = budget::fill(candidates, page_size as usize, truncated);
+        let next_page_token = match page.items.last() {
+            Some(last) if page.more => convert::name_page_token(&last.name),
+            _ => String::new(),
         };
         Ok(Response::new(pb::ListJobTypesResponse {
-            job_types: rows.into_iter().map(|row| job_type(row, false)).collect(),
+            job_types: page.items,
             next_page_token,
         }))
     }

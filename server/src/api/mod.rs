@@ -4,6 +4,7 @@
 //! call one store or engine function, convert the result ([`convert`]). Every failure becomes an
 //! [`ApiError`], which maps to a `tonic::Status` in exactly one place ([`error`]).
 
+pub mod budget;
 pub mod convert;
 pub mod error;
 pub mod job_service;

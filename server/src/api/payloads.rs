@@ -4,7 +4,7 @@
 
 use std::borrow::Cow;
 
-use jobwire_proto::v1 as pb;
+use jobwire_proto::{limits::MAX_RENDERED_JSON_BYTES, v1 as pb};
 use prost_reflect::DynamicMessage;
 
 use super::{ApiError, convert};
@@ -216,10 +216,16 @@ pub async fn render(registry: &Registry, tenant: &TenantId, job: &mut pb::Job) {
         .payload
         .as_ref()
         .and_then(|p| schema.payload_to_json(&p.value))
-        .and_then(|v| convert::json_to_struct(&v));
+        .and_then(|v| within_budget(convert::json_to_struct(&v)));
     job.result_json = job
         .result
         .as_ref()
         .and_then(|r| schema.output_to_json(&r.value))
-        .and_then(|v| convert::json_to_struct(&v));
+        .and_then(|v| within_budget(convert::json_to_struct(&v)));
+}
+
+/// A rendering is left out when it would take the job past its size budget: JSON can be many
+/// times the size of the binary form it renders (a packed array of small numbers, for one).
+fn within_budget(rendered: Option<prost_types::Struct>) -> Option<prost_types::Struct> {
+    rendered.filter(|s| prost::Message::encoded_len(s) <= MAX_RENDERED_JSON_BYTES)
 }

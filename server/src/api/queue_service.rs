@@ -12,6 +12,8 @@ use crate::{
 const DEFAULT_PAGE_SIZE: i32 = 100;
 const MAX_PAGE_SIZE: i32 = 1000;
 const MAX_CONCURRENCY_LIMIT: i32 = 1_000_000;
+/// The slowest rate: one start in about eleven and a half days.
+const MIN_RATE: f64 = 0.000_001;
 const MAX_RATE: f64 = 100_000.0;
 const MAX_BURST: i32 = 100_000;
 
@@ -64,11 +66,11 @@ fn queue_update(queue: &pb::Queue, paths: &[&str]) -> Result<QueueUpdate, ApiErr
                 let rate = match &queue.rate_limit {
                     None => None,
                     Some(r) => {
-                        if !(r.per_second > 0.0 && r.per_second <= MAX_RATE) {
+                        if !(MIN_RATE..=MAX_RATE).contains(&r.per_second) {
                             return Err(ApiError::invalid(
                                 "queue.rate_limit.per_second",
                                 format!(
-                                    "must be greater than 0 and at most {MAX_RATE}, got {}",
+                                    "must be between {MIN_RATE} and {MAX_RATE}, got {}",
                                     r.per_second
                                 ),
                             ));

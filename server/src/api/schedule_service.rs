@@ -8,7 +8,9 @@ use sqlx::types::Json;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use super::{ApiError, convert, tenant_of, validate};
+use jobwire_proto::limits::MAX_PAGE_BYTES;
+
+use super::{ApiError, budget, convert, tenant_of, validate};
 use crate::{
     domain::{CronError, CronSchedule, TenantId},
     store::{
@@ -309,21 +311,20 @@ impl ScheduleService for ScheduleApi {
         let req = request.get_ref();
         let page_size = validate::page_size(req.page_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)?;
         let after = validate::name_page_token(&req.page_token)?;
-        let mut rows = self
+        let listed = self
             .store
-            .list_schedules(&tenant, after.as_deref(), page_size + 1)
+            .list_schedules(&tenant, after.as_deref(), page_size + 1, MAX_PAGE_BYTES)
             .await
             .map_err(ApiError::from)?;
-        let next_page_token = if rows.len() as i64 > page_size {
-            rows.truncate(page_size as usize);
-            rows.last()
-                .map(|row| convert::name_page_token(&row.name))
-                .unwrap_or_default()
-        } else {
-            String::new()
+        let truncated = listed.candidates > listed.rows.len();
+        let candidates = listed.rows.into_iter().map(convert::schedule).collect();
+        let page = budget::fill(candidates, page_size as usize, truncated);
+        let next_page_token = match page.items.last() {
+            Some(last) if page.more => convert::name_page_token(&last.name),
+            _ => String::new(),
         };
         Ok(Response::new(pb::ListSchedulesResponse {
-            schedules: rows.into_iter().map(convert::schedule).collect(),
+            schedules: page.items,
             next_page_token,
         }))
     }

@@ -30,7 +30,9 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::Instrument;
 
-use super::{ApiError, convert, job_type_service, tenant_of, validate};
+use jobwire_proto::limits::{MAX_LOG_BATCH_BYTES, MAX_MESSAGE_BYTES};
+
+use super::{ApiError, budget, convert, job_type_service, tenant_of, validate};
 use crate::{
     domain::{JobId, LeaseRef, QueueName, TenantId},
     engine::{
@@ -267,6 +269,13 @@ fn stop_reason(stop: StopKind) -> (pb::StopReason, &'static str) {
             "the job was paused: save a checkpoint and stop",
         ),
     }
+}
+
+/// The encoded size of a lease too large to send, if it is (with the few bytes of the
+/// `ConnectResponse` around it).
+fn oversize_lease(lease: &pb::Lease) -> Option<usize> {
+    let size = prost::Message::encoded_len(lease) + 8;
+    (size > MAX_MESSAGE_BYTES).then_some(size)
 }
 
 /// Cuts a string to at most `max` bytes, on a character boundary.
@@ -522,6 +531,12 @@ impl Session {
                     }
                     Ok(Some(_)) => {}
                     Ok(None) if self.draining => break End::Drained,
+                    Err(status) if budget::oversize(&status).is_some() => {
+                        if let Some(status) = budget::oversize(&status) {
+                            let _ = self.tx.send(Err(status)).await;
+                        }
+                        break End::WorkerLeft;
+                    }
                     Ok(None) | Err(_) => break End::WorkerLeft,
                 },
                 signal = stops.recv() => match signal {
@@ -536,9 +551,14 @@ impl Session {
                 },
                 Some(Outgoing { claimed, row }) = lease_rx.recv() => {
                     let lease = LeaseRef { job_id: JobId(row.job.id), attempt: row.job.attempt };
-                    tracing::debug!(job_id = %lease.job_id, attempt = lease.attempt, "lease sent");
+                    let message = convert::lease(row, claimed.elapsed());
                     self.held.insert(lease);
-                    if !self.send(Out::Lease(convert::lease(row, claimed.elapsed()))).await {
+                    if let Some(size) = oversize_lease(&message) {
+                        self.fail_undeliverable(lease, size).await;
+                        continue;
+                    }
+                    tracing::debug!(job_id = %lease.job_id, attempt = lease.attempt, "lease sent");
+                    if !self.send(Out::Lease(message)).await {
                         self.held.remove(&lease);
                         self.release(vec![lease]).await;
                         break End::WorkerLeft;
@@ -595,6 +615,30 @@ impl Session {
             }
         }
         end
+    }
+
+    /// Fails a job whose lease is too large for any message (its payload and checkpoint were
+    /// written by hand, or under another budget), rather than breaking the stream on every try.
+    async fn fail_undeliverable(&mut self, lease: LeaseRef, size: usize) {
+        tracing::error!(job_id = %lease.job_id, size, "a lease is too large to send; failing its job");
+        if self.held.remove(&lease) {
+            self.engine.dispatcher.credit(self.id, 1).await;
+        }
+        let failure = Failure {
+            tenant: self.tenant.clone(),
+            lease,
+            message: format!(
+                "the lease is {size} bytes, over the limit of {MAX_MESSAGE_BYTES} bytes per \
+                 message: the job's payload and checkpoint together are too large to send to a \
+                 worker"
+            ),
+            kind: "lease_too_large".to_owned(),
+            non_retryable: true,
+            retry_after: None,
+        };
+        if let Err(error) = self.engine.completer.settle(Settle::Fail(failure)).await {
+            tracing::warn!(%error, job_id = %lease.job_id, "could not fail an undeliverable job; its lease will lapse");
+        }
     }
 
     async fn release(&self, leases: Vec<LeaseRef>) {
@@ -816,6 +860,13 @@ impl Session {
             return Err(ApiError::invalid(
                 "logs.lines",
                 format!("at most {MAX_LOG_LINES} lines per message"),
+            ));
+        }
+        let text: usize = report.lines.iter().map(|l| l.message.len()).sum();
+        if text > MAX_LOG_BATCH_BYTES {
+            return Err(ApiError::invalid(
+                "logs.lines",
+                format!("at most {MAX_LOG_BATCH_BYTES} bytes of text per message, got {text}"),
             ));
         }
         let now = chrono::Utc::now();

@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::types::Json;
 
-use super::{Error, Result, Store};
+use super::{Error, Listed, Result, Store};
 use crate::domain::TenantId;
 
 /// What a job of a type gets when its enqueue leaves a field unset.
@@ -189,19 +189,37 @@ impl Store {
         tenant: &TenantId,
         after: Option<&str>,
         limit: i64,
-    ) -> Result<Vec<JobTypeRow>> {
+        max_bytes: usize,
+    ) -> Result<Listed<JobTypeRow>> {
+        // As `list_jobs`: the candidates (each name's latest version), of which those whose
+        // schemas and examples fit `max_bytes`.
         let sql = static_sql!(
-            "SELECT DISTINCT ON (t.name) t.name, t.version, true AS latest, t.payload_type, \
-                    t.output_type, t.descriptor_set, t.defaults, t.examples, t.created_at \
-             FROM job_types t \
-             WHERE t.tenant_id = $1 AND ($2::text IS NULL OR t.name > $2) \
-             ORDER BY t.name, t.version DESC LIMIT $3"
+            "WITH latest AS ( \
+                 SELECT DISTINCT ON (t.name) t.name, t.version, t.payload_type, t.output_type, \
+                        t.descriptor_set, t.defaults, t.examples, t.created_at \
+                 FROM job_types t \
+                 WHERE t.tenant_id = $1 AND ($2::text IS NULL OR t.name > $2) \
+                 ORDER BY t.name, t.version DESC LIMIT $3 \
+             ), candidate AS ( \
+                 SELECT name, row_number() OVER (ORDER BY name) AS n, \
+                        sum(octet_length(descriptor_set) + octet_length(examples::text)) \
+                            OVER (ORDER BY name) AS bytes \
+                 FROM latest \
+             ) \
+             SELECT l.name, l.version, true AS latest, l.payload_type, l.output_type, \
+                    l.descriptor_set, l.defaults, l.examples, l.created_at, \
+                    (SELECT count(*) FROM candidate) AS candidates \
+             FROM latest l JOIN candidate c USING (name) \
+             WHERE c.n = 1 OR c.bytes <= $4 \
+             ORDER BY l.name"
         );
-        Ok(sqlx::query_as::<_, JobTypeRow>(sql)
+        let rows = sqlx::query_as(sql)
             .bind(tenant.as_str())
             .bind(after)
             .bind(limit)
+            .bind(i64::try_from(max_bytes).unwrap_or(i64::MAX))
             .fetch_all(&self.pool)
-            .await?)
+            .await?;
+        Ok(Listed::from_rows(rows))
     }
 }

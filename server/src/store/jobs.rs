@@ -67,6 +67,35 @@ pub struct Enqueued {
     pub created: bool,
 }
 
+/// Rows of a listing read within a byte budget, and how many matched before the budget.
+#[derive(Debug)]
+pub struct Listed<T> {
+    pub rows: Vec<T>,
+    /// How many rows matched (up to the limit asked); more than `rows.len()` when the byte
+    /// budget left some out.
+    pub candidates: usize,
+}
+
+impl<T> Listed<T> {
+    pub(super) fn from_rows(rows: Vec<ListedRow<T>>) -> Self {
+        let candidates = rows
+            .first()
+            .map_or(0, |r| usize::try_from(r.candidates).unwrap_or(usize::MAX));
+        Self {
+            rows: rows.into_iter().map(|r| r.row).collect(),
+            candidates,
+        }
+    }
+}
+
+/// A row of a listing, with the count of candidates every row repeats.
+#[derive(sqlx::FromRow)]
+pub(super) struct ListedRow<T> {
+    #[sqlx(flatten)]
+    row: T,
+    candidates: i64,
+}
+
 /// Filters of ListJobs; empty fields match everything.
 #[derive(Debug, Clone, Default)]
 pub struct ListFilter {
@@ -177,25 +206,40 @@ impl Store {
         tenant: &TenantId,
         filter: &ListFilter,
         limit: i64,
-    ) -> Result<Vec<JobRow>> {
+        max_bytes: usize,
+    ) -> Result<Listed<JobRow>> {
+        // The newest `limit` matching jobs are the candidates; of them, those whose payloads and
+        // results fit `max_bytes` (the first always) are read whole. `octet_length` of a stored
+        // value reads its size from its header, without fetching it.
         let sql = static_sql!(
-            "SELECT {JOB_COLUMNS} FROM jobs \
+            "WITH candidate AS ( \
+                 SELECT id, row_number() OVER (ORDER BY id DESC) AS n, \
+                        sum(octet_length(payload) + coalesce(octet_length(result), 0)) \
+                            OVER (ORDER BY id DESC) AS bytes \
+                 FROM jobs \
+                 WHERE tenant_id = $1 \
+                   AND (cardinality($2::job_state[]) = 0 OR state = ANY($2)) \
+                   AND ($3::text IS NULL OR queue = $3) \
+                   AND ($4::text IS NULL OR job_type = $4) \
+                   AND ($5::uuid IS NULL OR id < $5) \
+                 ORDER BY id DESC LIMIT $6 \
+             ) \
+             SELECT {JOB_COLUMNS}, (SELECT count(*) FROM candidate) AS candidates FROM jobs \
              WHERE tenant_id = $1 \
-               AND (cardinality($2::job_state[]) = 0 OR state = ANY($2)) \
-               AND ($3::text IS NULL OR queue = $3) \
-               AND ($4::text IS NULL OR job_type = $4) \
-               AND ($5::uuid IS NULL OR id < $5) \
-             ORDER BY id DESC LIMIT $6"
+               AND id = ANY(ARRAY(SELECT id FROM candidate WHERE n = 1 OR bytes <= $7)) \
+             ORDER BY id DESC"
         );
-        Ok(sqlx::query_as::<_, JobRow>(sql)
+        let rows: Vec<ListedRow<JobRow>> = sqlx::query_as(sql)
             .bind(tenant.as_str())
             .bind(&filter.states)
             .bind(filter.queue.as_ref().map(QueueName::as_str))
             .bind(filter.job_type.as_deref())
             .bind(filter.before.map(|id| id.0))
             .bind(limit)
+            .bind(i64::try_from(max_bytes).unwrap_or(i64::MAX))
             .fetch_all(&self.pool)
-            .await?)
+            .await?;
+        Ok(Listed::from_rows(rows))
     }
 
     /// Cancels a job that no worker runs yet. Returns `None` when the job exists but is not in

@@ -43,7 +43,7 @@ use hot::HotConnections;
 
 pub use events::{EventFilter, LAST_EVENT_NUMBER, OpenTransaction, SnapshotXids};
 pub use job_types::{Example, JobTypeRow, NewJobType, TypeDefaults};
-pub use jobs::{EnqueueOutcome, Handoff, ListFilter, NewJob};
+pub use jobs::{EnqueueOutcome, Handoff, ListFilter, Listed, NewJob};
 pub use leases::Worker;
 pub use leases::{
     Checkpoint, Completion, Failure, LogBatch, ProgressUpdate, Renewed, SettleResult, StopKind,

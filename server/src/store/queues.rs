@@ -89,6 +89,9 @@ struct LimitRow {
     read_at: DateTime<Utc>,
 }
 
+/// The longest a claim held back by a rate limit asks to wait before the next try.
+const MAX_RATE_WAIT: Duration = Duration::from_secs(3600);
+
 impl Store {
     /// One queue with its figures.
     pub async fn get_queue(&self, tenant: &TenantId, name: &QueueName) -> Result<QueueView> {
@@ -391,7 +394,11 @@ impl Store {
             match bucket {
                 Some((rate, tokens)) if whole_tokens == Some(allowed) => {
                     let missing = (1.0 - (tokens - claimed as f64)).max(0.0);
-                    Some(HeldBack::Rate(Duration::from_secs_f64(missing / rate)))
+                    // Past the cap the dispatcher's poll comes first anyway; a wait too long to
+                    // represent is capped rather than allowed to panic after the commit.
+                    let wait = Duration::try_from_secs_f64(missing / rate)
+                        .map_or(MAX_RATE_WAIT, |wait| wait.min(MAX_RATE_WAIT));
+                    Some(HeldBack::Rate(wait))
                 }
                 _ => Some(HeldBack::Concurrency),
             }

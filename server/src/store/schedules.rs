@@ -12,7 +12,7 @@ use sqlx::{Postgres, Transaction, postgres::PgArguments, query::QueryAs, types::
 use uuid::Uuid;
 
 use super::{
-    DUE_CHANNEL, Error, Result, Store,
+    DUE_CHANNEL, Error, Listed, Result, Store,
     jobs::{NewJob, enqueue_statement},
     rows::JobRow,
 };
@@ -224,18 +224,30 @@ impl Store {
         tenant: &TenantId,
         after: Option<&str>,
         limit: i64,
-    ) -> Result<Vec<ScheduleRow>> {
+        max_bytes: usize,
+    ) -> Result<Listed<ScheduleRow>> {
+        // As `list_jobs`: the candidates, of which those whose templates fit `max_bytes`.
         let sql = static_sql!(
-            "SELECT {SCHEDULE_COLUMNS} FROM schedules s \
-             WHERE s.tenant_id = $1 AND ($2::text IS NULL OR s.name > $2) \
-             ORDER BY s.name LIMIT $3"
+            "WITH candidate AS ( \
+                 SELECT id, row_number() OVER (ORDER BY name) AS n, \
+                        sum(octet_length(payload)) OVER (ORDER BY name) AS bytes \
+                 FROM schedules \
+                 WHERE tenant_id = $1 AND ($2::text IS NULL OR name > $2) \
+                 ORDER BY name LIMIT $3 \
+             ) \
+             SELECT {SCHEDULE_COLUMNS}, (SELECT count(*) FROM candidate) AS candidates \
+             FROM schedules s \
+             WHERE s.id = ANY(ARRAY(SELECT id FROM candidate WHERE n = 1 OR bytes <= $4)) \
+             ORDER BY s.name"
         );
-        Ok(sqlx::query_as::<_, ScheduleRow>(sql)
+        let rows = sqlx::query_as(sql)
             .bind(tenant.as_str())
             .bind(after)
             .bind(limit)
+            .bind(i64::try_from(max_bytes).unwrap_or(i64::MAX))
             .fetch_all(&self.pool)
-            .await?)
+            .await?;
+        Ok(Listed::from_rows(rows))
     }
 
     /// Changes a schedule under lock: `change` sees the current row and decides the new one,
