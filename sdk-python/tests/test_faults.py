@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -81,7 +81,8 @@ async def test_a_server_crash_loses_nothing_the_worker_or_a_watcher_holds(
     server = start_server({"--lease-duration": "15s"})
     client = await jobwire.Client.connect(server.url)
     worker = jobwire.Worker(server.url, worker_id="py-steady", queues=["py"])
-    worker.register(handlers.ECHO, handlers.echo)
+    returned = asyncio.Event()
+    worker.register(handlers.ECHO, telling(returned))
     async with harness.running(worker):
         handle = await client.enqueue(
             pb.Echo(text="outlives the server", first_attempt_millis=1000),
@@ -97,7 +98,7 @@ async def test_a_server_crash_loses_nothing_the_worker_or_a_watcher_holds(
                 break
         server.crash()
         # The handler returns while the server is down; its result waits in the outbox.
-        await asyncio.sleep(1.2)
+        await asyncio.wait_for(returned.wait(), 30)
         server.restart()
         watched += [event async for event in events]
         result = await handle.wait(timeout=60)
@@ -116,7 +117,8 @@ async def test_a_drain_begun_while_the_server_is_down_delivers_its_results(
     server = start_server({"--lease-duration": "15s"})
     client = await jobwire.Client.connect(server.url)
     worker = jobwire.Worker(server.url, worker_id="py-late-drain", queues=["py"])
-    worker.register(handlers.ECHO, handlers.echo)
+    returned = asyncio.Event()
+    worker.register(handlers.ECHO, telling(returned))
     run = asyncio.ensure_future(worker.run(handle_signals=False))
     try:
         handle = await client.enqueue(
@@ -127,7 +129,7 @@ async def test_a_drain_begun_while_the_server_is_down_delivers_its_results(
         await harness.until_running(client, handle.id, "py-late-drain")
         server.crash()
         worker.stop()
-        await asyncio.sleep(1.0)  # the handler returns while the server is down
+        await asyncio.wait_for(returned.wait(), 30)
         assert not run.done(), "the result is not delivered yet"
         server.restart()
         await asyncio.wait_for(run, 30)
@@ -136,3 +138,17 @@ async def test_a_drain_begun_while_the_server_is_down_delivers_its_results(
         run.cancel()
         await client.close()
     assert (result.text, result.worker, result.attempt) == ("delivered late", "py-late-drain", 1)
+
+
+def telling(
+    returned: asyncio.Event,
+) -> Callable[[jobwire.JobContext, pb.Echo], Awaitable[pb.EchoResult]]:
+    """The echo handler, setting ``returned`` once it has returned its result."""
+
+    async def echo(ctx: jobwire.JobContext, job: pb.Echo) -> pb.EchoResult:
+        try:
+            return await handlers.echo(ctx, job)
+        finally:
+            asyncio.get_running_loop().call_soon(returned.set)
+
+    return echo
