@@ -491,7 +491,7 @@ class _Run:
             raise _Broken(
                 f"the server did not answer the hello within {_HANDSHAKE_TIMEOUT}s", welcomed=False
             ) from None
-        except grpc.aio.AioRpcError as error:
+        except Exception as error:
             raise _Broken(_describe(error), welcomed=False) from None
         if first is grpc.aio.EOF:
             raise _Broken("the server closed the stream", welcomed=False)
@@ -593,7 +593,8 @@ async def _write(
 ) -> None:
     try:
         await call.write(message)
-    except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as error:
+    except Exception as error:
+        # Whatever the call raises (a status, a closed or cancelled call), the stream is gone.
         raise _Broken(_describe(error), welcomed=welcomed) from None
 
 
