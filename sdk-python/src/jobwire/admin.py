@@ -175,9 +175,9 @@ class Schedules:
             max_catch_up=max_catch_up,
         )
         if overlap is not None:
-            schedule.overlap_policy = overlap  # type: ignore[assignment]
+            schedule.overlap_policy = schedule_service_pb2.OverlapPolicy.ValueType(overlap)
         if catch_up is not None:
-            schedule.catch_up_policy = catch_up  # type: ignore[assignment]
+            schedule.catch_up_policy = schedule_service_pb2.CatchUpPolicy.ValueType(catch_up)
         if misfire_grace is not None:
             schedule.misfire_grace.CopyFrom(_codec.to_duration(misfire_grace))
         request = schedule_service_pb2.CreateScheduleRequest(schedule=schedule, paused=paused)
@@ -222,10 +222,10 @@ class Schedules:
             schedule.description = description
             paths.append("description")
         if not isinstance(overlap, _Unset):
-            schedule.overlap_policy = overlap  # type: ignore[assignment]
+            schedule.overlap_policy = schedule_service_pb2.OverlapPolicy.ValueType(overlap)
             paths.append("overlap_policy")
         if not isinstance(catch_up, _Unset):
-            schedule.catch_up_policy = catch_up  # type: ignore[assignment]
+            schedule.catch_up_policy = schedule_service_pb2.CatchUpPolicy.ValueType(catch_up)
             paths.append("catch_up_policy")
         if not isinstance(max_catch_up, _Unset):
             schedule.max_catch_up = max_catch_up

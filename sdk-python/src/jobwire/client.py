@@ -17,7 +17,7 @@ import logging
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Generic, TypeVar, overload
+from typing import Any, Generic, TypeVar, cast, overload
 
 import grpc
 import grpc.aio
@@ -218,9 +218,11 @@ class Client:
         """A handle to an existing job, such as one whose id was stored."""
         return JobHandle(self, job_id, job_type.output if job_type else None)
 
-    async def get_job(self, job_id: str, *, view: int = job_pb2.JOB_VIEW_FULL) -> job_pb2.Job:
+    async def get_job(
+        self, job_id: str, *, view: job_pb2.JobView.ValueType = job_pb2.JOB_VIEW_FULL
+    ) -> job_pb2.Job:
         """The job, by default with its attempt history; ``NotFound`` if the tenant has none."""
-        request = job_service_pb2.GetJobRequest(id=job_id, view=view)  # type: ignore[arg-type]
+        request = job_service_pb2.GetJobRequest(id=job_id, view=view)
         return (await self._call(self._jobs.GetJob, request)).job
 
     async def list_jobs(
@@ -230,15 +232,15 @@ class Client:
         queue: str = "",
         job_type: str = "",
         page_size: int = 100,
-        view: int = job_pb2.JOB_VIEW_BASIC,
+        view: job_pb2.JobView.ValueType = job_pb2.JOB_VIEW_BASIC,
     ) -> AsyncIterator[job_pb2.Job]:
         """Every matching job, newest first, fetched a page at a time as the caller reads on."""
         request = job_service_pb2.ListJobsRequest(
             page_size=page_size,
-            states=[int(s) for s in states],  # type: ignore[misc]
+            states=[job_pb2.JobState.ValueType(s) for s in states],
             queue=queue,
             job_type=job_type,
-            view=view,  # type: ignore[arg-type]
+            view=view,
         )
         while True:
             page = await self._call(self._jobs.ListJobs, request)
@@ -311,7 +313,7 @@ class Client:
             request = job_service_pb2.WatchJobsRequest(
                 queue=queue,
                 job_type=job_type,
-                states=[int(s) for s in states],  # type: ignore[misc]
+                states=[job_pb2.JobState.ValueType(s) for s in states],
                 labels=dict(labels or {}),
                 after_sequence=after,
             )
@@ -396,7 +398,8 @@ class JobHandle(Generic[O]):
         if state in (JobState.FAILED, JobState.CANCELLED):
             raise JobFailed(job)
         if self.output is None:
-            return _codec.unpack_known(job.result, "job result")  # type: ignore[return-value]
+            # A handle made without an output class is a JobHandle[Message].
+            return cast(O, _codec.unpack_known(job.result, "job result"))
         return _codec.unpack(job.result, self.output, "job result")
 
     async def _poll(self) -> O:

@@ -65,8 +65,10 @@ class Progress:
             items_done=progress.items_done,
             items_total=progress.items_total,
             data=_codec.from_struct(progress.data) if progress.HasField("data") else {},
-            updated_at=_time(progress, "updated_at"),
-            eta=_time(progress, "eta"),
+            updated_at=_codec.from_timestamp(progress.updated_at)
+            if progress.HasField("updated_at")
+            else None,
+            eta=_codec.from_timestamp(progress.eta) if progress.HasField("eta") else None,
         )
 
 
@@ -133,7 +135,7 @@ class JobEvent:
             kind = LogLine(
                 level=_log_level(event.log.level),
                 message=event.log.message,
-                time=_time(event.log, "time"),
+                time=_codec.from_timestamp(event.log.time) if event.log.HasField("time") else None,
             )
         elif which == "stop_requested":
             kind = StopRequested(
@@ -145,7 +147,7 @@ class JobEvent:
         return cls(
             sequence=event.sequence,
             job_id=event.job_id,
-            time=_time(event, "time"),
+            time=_codec.from_timestamp(event.time) if event.HasField("time") else None,
             attempt=event.attempt,
             kind=kind,
         )
@@ -156,11 +158,3 @@ def _log_level(value: int) -> LogLevel:
         return LogLevel(value)
     except ValueError:
         return LogLevel.UNSPECIFIED
-
-
-def _time(
-    message: job_pb2.Progress | job_pb2.LogLine | job_pb2.JobEvent, name: str
-) -> datetime | None:
-    if not message.HasField(name):  # type: ignore[arg-type]
-        return None
-    return _codec.from_timestamp(getattr(message, name))

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 
 from jobwire import _codec
 from jobwire.v1 import job_pb2, job_type_service_pb2, worker_service_pb2
@@ -149,8 +149,12 @@ def read(
         welcome = response.welcome
         return Welcome(
             session_id=welcome.session_id,
-            heartbeat_interval=_seconds(welcome, "heartbeat_interval"),
-            lease_duration=_seconds(welcome, "lease_duration"),
+            heartbeat_interval=_seconds(welcome.heartbeat_interval)
+            if welcome.HasField("heartbeat_interval")
+            else None,
+            lease_duration=_seconds(welcome.lease_duration)
+            if welcome.HasField("lease_duration")
+            else None,
             rejected=[_key(lease) for lease in welcome.rejected],
         )
     return None
@@ -187,10 +191,9 @@ def _held(lease: worker_service_pb2.Lease) -> float:
     return _codec.from_duration(lease.held).total_seconds() if lease.HasField("held") else 0.0
 
 
-def _seconds(welcome: worker_service_pb2.Welcome, name: str) -> float | None:
-    if not welcome.HasField(name):  # type: ignore[arg-type]
-        return None
-    seconds = _codec.from_duration(getattr(welcome, name)).total_seconds()
+def _seconds(duration: duration_pb2.Duration) -> float | None:
+    """A positive duration in seconds; None for zero, which the protocol uses for "not said"."""
+    seconds = _codec.from_duration(duration).total_seconds()
     return seconds if seconds > 0 else None
 
 
@@ -285,7 +288,7 @@ def release(request_id: int, keys: Sequence[LeaseKey]) -> Request:
 
 
 def log_line(level: int, message: str, now: datetime) -> job_pb2.LogLine:
-    line = job_pb2.LogLine(level=level, message=_cut(message))  # type: ignore[arg-type]
+    line = job_pb2.LogLine(level=job_pb2.LogLevel.ValueType(level), message=_cut(message))
     line.time.CopyFrom(_codec.to_timestamp(now))
     return line
 
