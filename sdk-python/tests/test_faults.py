@@ -152,3 +152,32 @@ def telling(
             asyncio.get_running_loop().call_soon(returned.set)
 
     return echo
+
+
+async def test_prefetched_leases_are_handed_back_unstarted_and_run_elsewhere(
+    server: harness.Server, client: jobwire.Client
+) -> None:
+    """A worker holding leases beyond its slot hands back, on its drain (and when they wait
+    too long), those it has not started; another worker runs them, and a lease handed back
+    counts against no job's attempts (DESIGN.md invariant 9)."""
+    handles = await client.enqueue_many(
+        [pb.Echo(text=f"quick {n}") for n in range(300)], job_type=handlers.ECHO, queue="py"
+    )
+    prefetching = jobwire.Worker(
+        server.url, worker_id="py-prefetching", queues=["py"], concurrency=1, prefetch=10
+    )
+    prefetching.register(handlers.ECHO, handlers.echo)
+    run = asyncio.ensure_future(prefetching.run(handle_signals=False))
+    await handles[50].wait(timeout=30)
+    prefetching.stop()
+    await asyncio.wait_for(run, 30)
+
+    finishing = jobwire.Worker(server.url, worker_id="py-finishing", queues=["py"], concurrency=4)
+    finishing.register(handlers.ECHO, handlers.echo)
+    async with harness.running(finishing):
+        results = await asyncio.gather(*(h.wait(timeout=60) for h in handles))
+    assert [r.text for r in results] == [f"quick {n}" for n in range(300)]
+    jobs = [await client.get_job(h.id) for h in handles]
+    assert all(job.attempts_counted == 1 for job in jobs)
+    handed_back = [job for job in jobs if job.attempt > job.attempts_counted]
+    assert handed_back, "the prefetching worker handed no lease back"
