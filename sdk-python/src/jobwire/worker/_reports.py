@@ -98,7 +98,7 @@ class LeaseReports:
         self.lines.append(_wire.log_line(level, message, datetime.now(timezone.utc)))
         self._reporter.dirty(self, batch=len(self.lines) >= LOG_BATCH)
 
-    def _take_lines(self) -> list[job_pb2.LogLine]:
+    def take_lines(self) -> list[job_pb2.LogLine]:
         lines = list(self.lines)
         self.lines.clear()
         if self.dropped:
@@ -115,7 +115,7 @@ class LeaseReports:
         """Closes the buffer for the attempt's result and returns what was left."""
         self.status = _Status.FINISHED
         latest = self.progress or self.last_sent
-        final = Final(self._take_lines(), latest, latest_unsent=self.progress is not None)
+        final = Final(self.take_lines(), latest, latest_unsent=self.progress is not None)
         self.progress = None
         return final
 
@@ -183,7 +183,7 @@ class Reporter:
             self._batches = False
             for buffer in self._dirty.values():
                 if len(buffer.lines) >= LOG_BATCH and buffer.unacked < WINDOW:
-                    self._push_lines(buffer, buffer._take_lines(), out)
+                    self._push_lines(buffer, buffer.take_lines(), out)
         while self._checkpoints:
             request = self._checkpoints.popleft()
             if not request.buffer.is_open:
@@ -213,7 +213,7 @@ class Reporter:
             if buffer.unacked >= WINDOW:
                 self._dirty[key] = buffer
                 continue
-            self._push_lines(buffer, buffer._take_lines(), out)
+            self._push_lines(buffer, buffer.take_lines(), out)
             if buffer.progress is not None:
                 request_id = self._next_id()
                 out.append(_wire.progress(request_id, key, buffer.progress))
