@@ -42,10 +42,13 @@ SERVER_BIN = Path(
 RUST_BIN_DIR = SERVER_BIN.parent
 READY_PREFIX = "jobwire-server listening on "
 READY_TIMEOUT = 60.0
-#: Settings that make leases, heartbeats and the reaper fast enough for fault tests.
+#: Leases that lapse quickly, for tests of workers that die.
+SHORT_LEASES = {"--lease-duration": "2s", "--heartbeat-interval": "500ms"}
+#: Settings that make the server's loops quick to react. Leases stay long enough that a test
+#: process stalled by a loaded machine keeps them; fault tests shorten them.
 FAST = {
-    "--lease-duration": "2s",
-    "--heartbeat-interval": "500ms",
+    "--lease-duration": "10s",
+    "--heartbeat-interval": "1s",
     "--reap-interval": "200ms",
     "--poll-interval": "200ms",
     "--stop-grace": "3s",

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import signal
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
 from pathlib import Path
 
 import handlers
@@ -17,30 +16,36 @@ import jobwire
 
 
 async def test_a_killed_workers_job_is_finished_by_another_worker(
-    server: harness.Server, client: jobwire.Client, workdir: Path
+    start_server: Callable[..., harness.Server], workdir: Path
 ) -> None:
-    doomed = harness.WorkerProcess.python(server.url, "py-doomed", workdir)
-    try:
-        handle = await client.enqueue(
-            pb.Echo(text="survives", first_attempt_millis=60_000),
-            job_type=handlers.ECHO,
-            queue="py",
-            retry=jobwire.RetryPolicy(max_attempts=3, initial_backoff=timedelta(milliseconds=50)),
-        )
-        await harness.until_running(client, handle.id, "py-doomed")
-        doomed.signal(signal.SIGKILL)
-        assert await doomed.wait(10) == -signal.SIGKILL
-    finally:
-        doomed.kill()
+    server = start_server(harness.SHORT_LEASES)
+    async with await jobwire.Client.connect(server.url) as client:
+        doomed = harness.WorkerProcess.python(server.url, "py-doomed", workdir)
+        try:
+            handle = await client.enqueue(
+                pb.Echo(text="survives", first_attempt_millis=60_000),
+                job_type=handlers.ECHO,
+                queue="py",
+                retry=jobwire.RetryPolicy(max_attempts=5, initial_backoff=0.05),
+            )
+            await harness.until_running(client, handle.id, "py-doomed")
+            doomed.signal(signal.SIGKILL)
+            assert await doomed.wait(10) == -signal.SIGKILL
+        finally:
+            doomed.kill()
 
-    rescuer = jobwire.Worker(server.url, worker_id="py-rescuer", queues=["py"])
-    rescuer.register(handlers.ECHO, handlers.echo)
-    async with harness.running(rescuer):
-        result = await handle.wait(timeout=60)
-    assert (result.text, result.worker, result.attempt) == ("survives", "py-rescuer", 2)
-    job = await handle.get()
-    assert job.attempts[0].worker_id == "py-doomed"
-    assert job.attempts[0].outcome == jobwire.v1.job_pb2.ATTEMPT_OUTCOME_LEASE_EXPIRED
+        rescuer = jobwire.Worker(server.url, worker_id="py-rescuer", queues=["py"])
+        rescuer.register(handlers.ECHO, handlers.echo)
+        async with harness.running(rescuer):
+            result = await handle.wait(timeout=60)
+        job = await handle.get()
+    assert (result.text, result.worker) == ("survives", "py-rescuer")
+    assert result.attempt >= 2
+    doomed_attempts = [a for a in job.attempts if a.worker_id == "py-doomed"]
+    assert doomed_attempts
+    assert all(
+        a.outcome == jobwire.v1.job_pb2.ATTEMPT_OUTCOME_LEASE_EXPIRED for a in doomed_attempts
+    )
 
 
 async def test_sigterm_drains_the_worker_which_finishes_its_running_job(
