@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import selectors
 import signal
@@ -25,7 +26,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -269,6 +270,26 @@ async def until_running(
             ):
                 return event
     raise AssertionError(f"job {job_id} ended without running on {worker_id}")
+
+
+@contextlib.contextmanager
+def logged(prefix: str) -> Iterator[asyncio.Event]:
+    """An event set when the SDK logs a message starting with ``prefix``: how a test learns
+    what the worker noticed, such as a broken stream."""
+    seen = asyncio.Event()
+
+    class Watch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage().startswith(prefix):
+                seen.set()
+
+    handler = Watch()
+    logger = logging.getLogger("jobwire")
+    logger.addHandler(handler)
+    try:
+        yield seen
+    finally:
+        logger.removeHandler(handler)
 
 
 @contextlib.asynccontextmanager

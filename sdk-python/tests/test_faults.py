@@ -104,7 +104,7 @@ async def test_a_server_crash_loses_nothing_the_worker_or_a_watcher_holds(
         server.crash()
         # The handler returns while the server is down; its result waits in the outbox.
         await asyncio.wait_for(returned.wait(), 30)
-        server.restart()
+        await asyncio.to_thread(server.restart)
         watched += [event async for event in events]
         result = await handle.wait(timeout=60)
     assert (result.worker, result.attempt) == ("py-steady", 1), "the lease was adopted"
@@ -136,7 +136,7 @@ async def test_a_drain_begun_while_the_server_is_down_delivers_its_results(
         worker.stop()
         await asyncio.wait_for(returned.wait(), 30)
         assert not run.done(), "the result is not delivered yet"
-        server.restart()
+        await asyncio.to_thread(server.restart)
         await asyncio.wait_for(run, 30)
         result = await handle.wait(timeout=30)
     finally:
@@ -186,3 +186,39 @@ async def test_prefetched_leases_are_handed_back_unstarted_and_run_elsewhere(
     assert all(job.attempts_counted == 1 for job in jobs)
     handed_back = [job for job in jobs if job.attempt > job.attempts_counted]
     assert handed_back, "the prefetching worker handed no lease back"
+
+
+async def test_a_checkpoint_asked_for_while_the_server_is_down_is_stored_after_it_returns(
+    start_server: Callable[..., harness.Server],
+) -> None:
+    server = start_server({"--lease-duration": "15s"})
+    started, gate = asyncio.Event(), asyncio.Event()
+
+    async def save_when_let(ctx: jobwire.JobContext, job: pb.Block) -> None:
+        started.set()
+        await gate.wait()
+        while True:
+            try:
+                await ctx.checkpoint(b"saved")
+                return
+            except jobwire.Disconnected:
+                # Asked for just before the worker noticed the stream was gone: ask again.
+                await asyncio.sleep(0.05)
+
+    worker = jobwire.Worker(server.url, worker_id="py-saver", queues=["py"])
+    worker.register(handlers.BLOCK, save_when_let)
+    async with (
+        await jobwire.Client.connect(server.url) as client,
+        harness.running(worker),
+    ):
+        handle = await client.enqueue(pb.Block(note="save"), job_type=handlers.BLOCK, queue="py")
+        await asyncio.wait_for(started.wait(), 30)
+        with harness.logged("stream to the server failed") as broken:
+            server.crash()
+            await asyncio.wait_for(broken.wait(), 30)
+        # Asked for while no stream is up: it must wait for the next one.
+        gate.set()
+        await asyncio.to_thread(server.restart)
+        await handle.wait(timeout=30)
+        job = await handle.get()
+    assert job.has_checkpoint

@@ -198,9 +198,6 @@ class Reporter:
         self._schedule(now)
         return out
 
-    def connected(self, now: float) -> None:
-        self._schedule(now)
-
     def flush(self, now: float) -> list[Request]:
         """Every dirty lease's latest progress and unsent lines."""
         self.flush_at = None

@@ -430,8 +430,9 @@ class _Run:
                     self.releases.add([key])
             reader = self.loop.create_task(self.read(call, session))
             now = self.loop.time()
-            self.reporter.connected(now)
-            await _send(call, self.outgoing())
+            # What waited for a stream: checkpoints asked for meanwhile, batches of lines, and
+            # results; a wake-up taken between streams is not repeated.
+            await _send(call, [*self.reporter.woken(now), *self.outgoing()])
             next_heartbeat = now + period
             while True:
                 if self.stopping and self.is_idle():
