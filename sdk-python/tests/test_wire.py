@@ -99,3 +99,17 @@ def test_a_refused_call_carries_its_field_violations() -> None:
     assert isinstance(error, jobwire.InvalidArgument)
     assert error.violations == (jobwire.FieldViolation("job.priority", "0 to 100"),)
     assert str(error) == "INVALID_ARGUMENT: job.priority must be 0 to 100"
+
+
+def test_long_text_is_cut_to_the_protocols_byte_limits() -> None:
+    failure = _wire.Failure("é" * 5000, "k" * 200, retryable=True)
+    message = _wire.fail(1, ("j1", 1), failure).fail
+    assert len(message.message.encode()) <= 8192
+    assert message.message.endswith("…")
+    assert len(message.kind.encode()) <= 128
+    lines = [_wire.log_line(2, "x" * 9000, datetime.now(timezone.utc)) for _ in range(300)]
+    batches = list(_wire.log_batches(lines))
+    assert sum(len(b) for b in batches) == 300
+    assert all(sum(len(line.message.encode()) for line in b) <= 1 << 20 for b in batches)
+    many = [_wire.log_line(2, "short", datetime.now(timezone.utc)) for _ in range(2500)]
+    assert [len(b) for b in _wire.log_batches(many)] == [1000, 1000, 500]

@@ -226,11 +226,9 @@ class Reporter:
         """What to send before a result; it counts against no window: the result must not
         wait."""
         out: list[Request] = []
-        for start in range(0, len(lines), _wire.MAX_LINES_PER_MESSAGE):
+        for batch in _wire.log_batches(lines):
             request_id = self._next_id()
-            out.append(
-                _wire.logs(request_id, key, lines[start : start + _wire.MAX_LINES_PER_MESSAGE])
-            )
+            out.append(_wire.logs(request_id, key, batch))
             self._track(request_id, key, "logs", None)
         if progress is not None:
             request_id = self._next_id()
@@ -290,10 +288,9 @@ class Reporter:
     def _push_lines(
         self, buffer: LeaseReports, lines: list[job_pb2.LogLine], out: list[Request]
     ) -> None:
-        for start in range(0, len(lines), _wire.MAX_LINES_PER_MESSAGE):
+        for batch in _wire.log_batches(lines):
             request_id = self._next_id()
-            chunk = lines[start : start + _wire.MAX_LINES_PER_MESSAGE]
-            out.append(_wire.logs(request_id, buffer.key, chunk))
+            out.append(_wire.logs(request_id, buffer.key, batch))
             self._track(request_id, buffer.key, "logs", buffer)
 
     def _track(

@@ -129,8 +129,8 @@ class Worker:
         if progress_interval <= 0:
             raise ConfigError("the progress interval must be positive")
         self.worker_id = worker_id if worker_id is not None else _default_worker_id()
-        if not 1 <= len(self.worker_id) <= 128:
-            raise ConfigError("the worker id must be 1 to 128 characters")
+        if not 1 <= len(self.worker_id.encode()) <= 128:
+            raise ConfigError("the worker id must be 1 to 128 bytes of UTF-8")
         self._connection = Connection.parse(url, tenant=tenant, api_key=api_key, tls=tls)
         self._queues = list(queues) or ["default"]
         self._slots = concurrency

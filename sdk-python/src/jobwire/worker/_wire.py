@@ -13,7 +13,7 @@ is off by minutes still stops the handler on time.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
@@ -29,9 +29,12 @@ Request = worker_service_pb2.ConnectRequest
 #: A lease: its job and attempt (the fencing token).
 LeaseKey = tuple[str, int]
 
-#: The most lines one ReportLogs may carry, and the longest line or failure message.
+#: The protocol's limits (proto/jobwire/v1/worker_service.proto): lines and text bytes in one
+#: ReportLogs, the longest line or failure message, the longest failure kind, in UTF-8 bytes.
 MAX_LINES_PER_MESSAGE = 1000
-MAX_TEXT_CHARS = 8192
+MAX_LOG_BYTES_PER_MESSAGE = 1 << 20
+MAX_TEXT_BYTES = 8192
+MAX_KIND_BYTES = 128
 #: The most leases one ReleaseLeases carries.
 MAX_RELEASES_PER_MESSAGE = 10_000
 
@@ -248,8 +251,8 @@ def fail(request_id: int, key: LeaseKey, failure: Failure) -> Request:
     message = worker_service_pb2.FailJob(
         request_id=request_id,
         lease=_ref(key),
-        message=_cut(failure.message) or "failed",
-        kind=failure.kind or "",
+        message=_cut(failure.message, MAX_TEXT_BYTES) or "failed",
+        kind=_cut(failure.kind or "", MAX_KIND_BYTES),
         non_retryable=not failure.retryable,
     )
     if failure.retry_after is not None:
@@ -288,10 +291,34 @@ def release(request_id: int, keys: Sequence[LeaseKey]) -> Request:
 
 
 def log_line(level: int, message: str, now: datetime) -> job_pb2.LogLine:
-    line = job_pb2.LogLine(level=job_pb2.LogLevel.ValueType(level), message=_cut(message))
+    line = job_pb2.LogLine(
+        level=job_pb2.LogLevel.ValueType(level), message=_cut(message, MAX_TEXT_BYTES)
+    )
     line.time.CopyFrom(_codec.to_timestamp(now))
     return line
 
 
-def _cut(text: str) -> str:
-    return text if len(text) <= MAX_TEXT_CHARS else text[: MAX_TEXT_CHARS - 1] + "…"
+def log_batches(lines: Sequence[job_pb2.LogLine]) -> Iterator[list[job_pb2.LogLine]]:
+    """``lines`` in order, in batches one ReportLogs may carry."""
+    batch: list[job_pb2.LogLine] = []
+    size = 0
+    for line in lines:
+        length = len(line.message.encode())
+        if batch and (
+            len(batch) == MAX_LINES_PER_MESSAGE or size + length > MAX_LOG_BYTES_PER_MESSAGE
+        ):
+            yield batch
+            batch, size = [], 0
+        batch.append(line)
+        size += length
+    if batch:
+        yield batch
+
+
+def _cut(text: str, limit: int) -> str:
+    """``text`` within ``limit`` UTF-8 bytes, cut on a character boundary and marked as cut,
+    rather than refused for one long line."""
+    data = text.encode()
+    if len(data) <= limit:
+        return text
+    return data[: limit - 3].decode(errors="ignore") + "…"
