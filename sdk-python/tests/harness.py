@@ -285,11 +285,14 @@ def logged(prefix: str) -> Iterator[asyncio.Event]:
 
     handler = Watch()
     logger = logging.getLogger("jobwire")
+    level = logger.level
+    logger.setLevel(logging.DEBUG)
     logger.addHandler(handler)
     try:
         yield seen
     finally:
         logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 @contextlib.asynccontextmanager

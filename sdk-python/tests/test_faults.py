@@ -222,3 +222,25 @@ async def test_a_checkpoint_asked_for_while_the_server_is_down_is_stored_after_i
         await handle.wait(timeout=30)
         job = await handle.get()
     assert job.has_checkpoint
+
+
+async def test_a_paused_queue_has_a_prefetching_worker_hand_back_what_it_queued(
+    server: harness.Server, client: jobwire.Client
+) -> None:
+    """PauseQueue reaches a prefetching worker as ReleaseQueued; it hands back the leases it
+    holds unstarted for that queue, and the queue's jobs all run once it is resumed."""
+    handles = await client.enqueue_many(
+        [pb.Echo(text=f"held {n}") for n in range(400)], job_type=handlers.ECHO, queue="py"
+    )
+    worker = jobwire.Worker(
+        server.url, worker_id="py-prefetching", queues=["py"], concurrency=1, prefetch=10
+    )
+    worker.register(handlers.ECHO, handlers.echo)
+    async with harness.running(worker):
+        await handles[50].wait(timeout=30)
+        with harness.logged("queue py was paused or limited") as released:
+            await client.queues.pause("py", "hold on")
+            await asyncio.wait_for(released.wait(), 30)
+        await client.queues.resume("py")
+        results = await asyncio.gather(*(h.wait(timeout=60) for h in handles))
+    assert len({r.text for r in results}) == 400

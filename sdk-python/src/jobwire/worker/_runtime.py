@@ -555,12 +555,12 @@ class _Run:
                 self.outbox.acknowledge(message)
         elif isinstance(message, _wire.ReleaseQueued):
             taken = self.executor.take_queued(message.queue)
+            log.info(
+                "queue %s was paused or limited; handing back %d queued lease(s)",
+                message.queue,
+                len(taken),
+            )
             if taken:
-                log.info(
-                    "queue %s was paused or limited; handing back %d queued lease(s)",
-                    message.queue,
-                    len(taken),
-                )
                 self.releases.add(taken)
                 return self.outgoing()
         elif isinstance(message, _wire.Welcome):
