@@ -88,6 +88,9 @@ enum Workload {
     /// Progress reported to one replica, watched on another; delivery latency, lost events
     #[value(name = "CR")]
     CrossReplica,
+    /// 10,000 WatchJobs streams opened and abandoned, five rounds; server RSS per round
+    #[value(name = "WA")]
+    WatchAbandon,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -127,6 +130,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 }
                 Workload::WatchFanout => workloads::watch_fanout::run(&pg).await,
                 Workload::CrossReplica => workloads::cross_replica::run(&pg).await,
+                Workload::WatchAbandon => workloads::watch_abandon::run(&pg).await,
             }
         };
         let report = match tokio::time::timeout(WORKLOAD_TIMEOUT, run).await {

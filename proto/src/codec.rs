@@ -1,6 +1,9 @@
-//! The protobuf codec every generated service and client uses: prost's, except that a body
-//! that does not decode is the caller's fault (INVALID_ARGUMENT, the gRPC convention for a
-//! malformed request), not the server's (prost's codec answers INTERNAL).
+//! The protobuf codec every generated service and client uses: prost's, except that
+//! - a body that does not decode is the caller's fault (INVALID_ARGUMENT, the gRPC convention
+//!   for a malformed request), not the server's (prost's codec answers INTERNAL);
+//! - each call's buffers start at [`BUFFER_BYTES`] instead of 8 KiB and grow as messages need:
+//!   most messages are a few hundred bytes, and a server holding ten thousand watch streams
+//!   held two such buffers for each.
 
 use prost::Message;
 use tonic::{
@@ -11,9 +14,18 @@ use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
 
 use crate::limits::MAX_MESSAGE_NESTING;
 
-/// [`ProstCodec`] with decode failures answered as INVALID_ARGUMENT.
+/// The bytes a call's encode and decode buffers start with.
+pub const BUFFER_BYTES: usize = 1024;
+/// How much an encoded stream buffers before it yields to the transport (tonic's default).
+const YIELD_THRESHOLD: usize = 32 * 1024;
+
+fn buffer_settings() -> BufferSettings {
+    BufferSettings::new(BUFFER_BYTES, YIELD_THRESHOLD)
+}
+
+/// [`ProstCodec`] with decode failures answered as INVALID_ARGUMENT, and small buffers.
 #[derive(Debug, Clone, Default)]
-pub struct Codec<T, U>(ProstCodec<T, U>);
+pub struct Codec<T, U>(std::marker::PhantomData<(T, U)>);
 
 impl<T, U> tonic::codec::Codec for Codec<T, U>
 where
@@ -26,11 +38,11 @@ where
     type Decoder = Decoder<U>;
 
     fn encoder(&mut self) -> Self::Encoder {
-        self.0.encoder()
+        ProstCodec::<T, U>::raw_encoder(buffer_settings())
     }
 
     fn decoder(&mut self) -> Self::Decoder {
-        Decoder(self.0.decoder())
+        Decoder(ProstCodec::<T, U>::raw_decoder(buffer_settings()))
     }
 }
 

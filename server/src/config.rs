@@ -59,6 +59,21 @@ pub struct Config {
     #[arg(long, env = "JOBWIRE_WATCH_STALL_WARNING", value_parser = humantime::parse_duration, default_value = "10s")]
     pub watch_stall_warning: Duration,
 
+    /// How long an event may wait for a watch stream to take it before the stream counts as
+    /// fallen behind: it is then ended with RESOURCE_EXHAUSTED naming the sequence to resume
+    /// after. Bursts that a stream keeps up with wait whole, however many events they hold.
+    #[arg(long, env = "JOBWIRE_WATCH_LAG_LIMIT", value_parser = humantime::parse_duration, default_value = "15s")]
+    pub watch_lag_limit: Duration,
+
+    /// Watch streams (WatchJob and WatchJobs) one client connection may hold open at once;
+    /// beyond it a new one is refused with RESOURCE_EXHAUSTED.
+    #[arg(
+        long,
+        env = "JOBWIRE_MAX_WATCHES_PER_CONNECTION",
+        default_value_t = 1000
+    )]
+    pub max_watches_per_connection: usize,
+
     /// How long a worker has to stop a running job after a cancel or a pause (or past its
     /// timeout) before its lease is no longer renewed.
     #[arg(long, env = "JOBWIRE_STOP_GRACE", value_parser = humantime::parse_duration, default_value = "10s")]
@@ -91,6 +106,11 @@ pub struct Config {
     #[arg(long, env = "JOBWIRE_SHUTDOWN_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s")]
     pub shutdown_timeout: Duration,
 }
+
+/// Concurrent calls (streams included) on one client connection. Dashboards multiplex many
+/// watch streams over one connection; hyper's default of 200 would leave their unary calls
+/// waiting for a free stream.
+pub const MAX_STREAMS_PER_CONNECTION: usize = 2048;
 
 /// More runtime threads than this is a typo, not a tuning.
 const MAX_WORKER_THREADS: usize = 1024;
@@ -129,6 +149,18 @@ impl Config {
         }
         if self.watch_stall_warning < Duration::from_millis(100) {
             return fail("watch-stall-warning", "must be at least 100ms");
+        }
+        if self.watch_lag_limit < Duration::from_millis(100) {
+            return fail("watch-lag-limit", "must be at least 100ms");
+        }
+        if !(1..=MAX_STREAMS_PER_CONNECTION).contains(&self.max_watches_per_connection) {
+            return fail(
+                "max-watches-per-connection",
+                &format!(
+                    "must be between 1 and {MAX_STREAMS_PER_CONNECTION}, the streams a \
+                     connection may hold in all"
+                ),
+            );
         }
         if self.reap_interval < Duration::from_millis(10) {
             return fail("reap-interval", "must be at least 10ms");

@@ -11,6 +11,7 @@
 //! - [`registry`]: registered job types with their descriptors decoded and cached; JSON
 //!   payloads checked and converted against them.
 //! - [`store`]: every SQL statement.
+//! - [`memory`]: gives memory freed by ended streams back to the system.
 //! - [`embedded_pg`]: the private PostgreSQL cluster used when no `DATABASE_URL` is given.
 //! - [`server`]: wires the pieces together and runs them until shutdown.
 //!
@@ -21,6 +22,7 @@ pub mod config;
 pub mod domain;
 pub mod embedded_pg;
 pub mod engine;
+pub mod memory;
 pub mod registry;
 pub mod server;
 pub mod store;

@@ -26,18 +26,18 @@ use crate::{
         job_type_service::JobTypeApi,
         queue_service::QueueApi,
         schedule_service::ScheduleApi,
+        watch::Watches,
         worker_service::{SessionConfig, WorkerApi},
     },
-    config::Config,
+    config::{Config, MAX_STREAMS_PER_CONNECTION},
     engine::Engine,
+    memory::Trimmer,
     registry::Registry,
     store::Store,
 };
 
 /// How often health is re-checked against PostgreSQL.
 const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
-/// Concurrent calls (streams included) on one client connection.
-const MAX_STREAMS_PER_CONNECTION: u32 = 2048;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -59,6 +59,8 @@ pub async fn run(
     let store = Store::connect(database_url, config.db_max_connections).await?;
     let tasks = TaskTracker::new();
     let engine = Engine::start(&store, config, &tasks, &shutdown);
+    let (trimmer, ended) = Trimmer::new();
+    tasks.spawn(trimmer.run(shutdown.clone()));
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     tasks.spawn(report_health(
@@ -80,14 +82,20 @@ pub async fn run(
     // limits keep what the server sends within it, and a request over it is refused whole.
     let max_message = MAX_MESSAGE_BYTES;
     let registry = Registry::new(store.clone());
+    let watches = Watches::new(
+        store.clone(),
+        registry.clone(),
+        engine.fanout.clone(),
+        (shutdown.clone(), tasks.clone()),
+        config.db_max_connections,
+        (config.max_watches_per_connection, ended),
+    );
     let jobs = JobServiceServer::new(JobApi::new(
         store.clone(),
         registry.clone(),
         engine.enqueuer.clone(),
         config.max_payload_bytes,
-        engine.fanout.clone(),
-        shutdown.clone(),
-        tasks.clone(),
+        watches,
     ))
     .max_decoding_message_size(max_message)
     .max_encoding_message_size(max_message);
@@ -121,9 +129,7 @@ pub async fn run(
     let served = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        // Dashboards multiplex many watch streams over one connection; hyper's default of 200
-        // would leave their unary calls waiting for a free stream.
-        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .max_concurrent_streams(u32::try_from(MAX_STREAMS_PER_CONNECTION).unwrap_or(u32::MAX))
         .layer(OversizeLayer)
         .add_service(health_service)
         .add_service(reflection_v1)

@@ -10,7 +10,7 @@ use jobwire_server::{
     domain::{JobId, LeaseRef, QueueName, TenantId},
     engine::{
         completer::{Completer, Settle, SettleError},
-        fanout::Fanout,
+        fanout::{Fanout, FanoutConfig},
     },
     store::{Completion, LogBatch, Store, Worker},
 };
@@ -54,8 +54,11 @@ async fn a_report_the_database_refuses_fails_only_its_own_caller() {
     assert_eq!(leased.len(), JOBS);
     let (fanout, fanout_handle) = Fanout::new(
         store.clone(),
-        Duration::from_millis(5),
-        Duration::from_secs(10),
+        FanoutConfig {
+            interval: Duration::from_millis(5),
+            stall_warning: Duration::from_secs(10),
+            lag_limit: Duration::from_secs(10),
+        },
     );
     drop(fanout);
     let (completer, handle) = Completer::new(store.clone(), fanout_handle);

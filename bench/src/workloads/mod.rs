@@ -6,11 +6,13 @@
 //! - `concurrent_enqueue` (W3): 8 producers while the workers run; end-to-end jobs/s.
 //! - `watch_fanout` (W4): 500 WatchJob streams on jobs reporting progress.
 //! - `cross_replica` (CR): progress on one replica, watched on another.
+//! - `watch_abandon` (WA): watch streams opened and abandoned; server memory per round.
 
 pub mod bulk_drain;
 pub mod concurrent_enqueue;
 pub mod cross_replica;
 pub mod pickup_latency;
+pub mod watch_abandon;
 pub mod watch_fanout;
 
 use std::time::Duration;

@@ -26,6 +26,9 @@ pub enum ApiError {
     /// A stale fencing token or a lost race; retrying with fresh state may succeed.
     #[error("{0}")]
     Aborted(String),
+    /// A limit of the server or of this client is reached; retrying later may succeed.
+    #[error("{0}")]
+    ResourceExhausted(String),
     /// The database cannot be reached right now; retrying later may succeed.
     #[error("{0}")]
     Unavailable(String),
@@ -68,6 +71,7 @@ impl ApiError {
             Self::AlreadyExists(_) => Code::AlreadyExists,
             Self::FailedPrecondition(_) => Code::FailedPrecondition,
             Self::Aborted(_) => Code::Aborted,
+            Self::ResourceExhausted(_) => Code::ResourceExhausted,
             Self::Unavailable(_) => Code::Unavailable,
             Self::Internal(_) => Code::Internal,
         }
@@ -76,6 +80,14 @@ impl ApiError {
 
 impl From<store::Error> for ApiError {
     fn from(error: store::Error) -> Self {
+        if error.is_pool_exhausted() {
+            tracing::warn!(%error, "no database connection came free in time");
+            return Self::Unavailable(
+                "server busy: every database connection of this server stayed in use for the \
+                 pool's timeout; retry later"
+                    .into(),
+            );
+        }
         if error.is_transient() {
             tracing::warn!(%error, "database unavailable");
             return Self::Unavailable("database unavailable; retry later".into());

@@ -6,20 +6,16 @@ use serde::{Deserialize, Serialize};
 use tonic::{Request, Response, Status};
 
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use jobwire_proto::limits::MAX_PAGE_BYTES;
 
 use super::{
     ApiError, budget, convert, payloads, tenant_of, validate,
-    watch::{self, JobSink, JobsSink, Reads},
+    watch::{JobSink, JobsSink, Watches},
 };
 use crate::{
     domain::{JobId, JobState, TenantId},
-    engine::{
-        enqueuer::EnqueuerHandle,
-        fanout::{FanoutHandle, Target},
-    },
+    engine::{enqueuer::EnqueuerHandle, fanout::Target},
     registry::Registry,
     store::{EventFilter, ListFilter, StopKind, Store},
 };
@@ -33,10 +29,7 @@ pub struct JobApi {
     /// Group-commits single enqueues.
     enqueuer: EnqueuerHandle,
     max_payload_bytes: usize,
-    fanout: FanoutHandle,
-    /// Ends watch streams on shutdown, so the server can stop.
-    shutdown: CancellationToken,
-    tasks: TaskTracker,
+    watches: Watches,
 }
 
 impl JobApi {
@@ -45,18 +38,14 @@ impl JobApi {
         registry: Registry,
         enqueuer: EnqueuerHandle,
         max_payload_bytes: usize,
-        fanout: FanoutHandle,
-        shutdown: CancellationToken,
-        tasks: TaskTracker,
+        watches: Watches,
     ) -> Self {
         Self {
             store,
             registry,
             enqueuer,
             max_payload_bytes,
-            fanout,
-            shutdown,
-            tasks,
+            watches,
         }
     }
 
@@ -93,13 +82,6 @@ impl JobApi {
         let mut job = convert::job(row, &attempts);
         payloads::render(&self.registry, tenant, &mut job).await;
         Ok(job)
-    }
-
-    fn reads(&self) -> Reads {
-        Reads {
-            store: self.store.clone(),
-            registry: self.registry.clone(),
-        }
     }
 
     /// Explains why a job could not take a transition: missing, or in the wrong state.
@@ -448,19 +430,18 @@ impl JobService for JobApi {
         let req = request.get_ref();
         let id = validate::job_id("id", &req.id)?;
         let after = validate::sequence("after_sequence", req.after_sequence)?;
-        self.store
-            .get_job(&tenant, id)
-            .await
-            .map_err(|e| ApiError::from_store(e, || format!("job {id} not found")))?;
-        let rx = watch::start::<JobSink>(
-            self.reads(),
-            &self.fanout,
-            tenant,
-            Target::Job(id),
-            after,
-            self.shutdown.clone(),
-            &self.tasks,
-        );
+        {
+            let reads = self.watches.reads();
+            let _turn = reads.turn().await;
+            reads
+                .store
+                .get_job(&tenant, id)
+                .await
+                .map_err(|e| ApiError::from_store(e, || format!("job {id} not found")))?;
+        }
+        let rx =
+            self.watches
+                .start::<JobSink>(request.remote_addr(), tenant, Target::Job(id), after)?;
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -483,15 +464,12 @@ impl JobService for JobApi {
             labels: validate::labels(&req.labels)?,
         };
         let after = validate::sequence("after_sequence", req.after_sequence)?;
-        let rx = watch::start::<JobsSink>(
-            self.reads(),
-            &self.fanout,
+        let rx = self.watches.start::<JobsSink>(
+            request.remote_addr(),
             tenant,
             Target::Filter(filter),
             after,
-            self.shutdown.clone(),
-            &self.tasks,
-        );
+        )?;
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }

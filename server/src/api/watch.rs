@@ -6,18 +6,29 @@
 //! client's `after_sequence` arrives once, in order (invariant 5). When the fanout drops the
 //! subscription for falling behind, the stream ends with RESOURCE_EXHAUSTED naming the sequence
 //! to resume after.
+//!
+//! What bounds them: a stream ends as soon as its client has gone (it holds nothing after), one
+//! client connection may hold [`Watches`]' limit of streams open, and the database reads of
+//! every stream (their replays above all: a thousand dashboards reconnecting at once each read
+//! the history) take turns on a quarter of the pool, waiting rather than failing, so that they
+//! never starve the rest of the server of connections.
 
-use std::sync::Arc;
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
 
 use jobwire_proto::v1 as pb;
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::Status;
 
 use super::{ApiError, convert, payloads};
 use crate::{
     domain::TenantId,
     engine::fanout::{FanoutEvent, FanoutHandle, Subscription, Target},
+    memory::Ended,
     registry::Registry,
     store::{EventRow, JobRow, Store},
 };
@@ -52,22 +63,143 @@ impl Sink for JobsSink {
     }
 }
 
-/// Where a watch reads: the event log and jobs, and the registry that renders payloads as JSON.
+/// Starts and bounds the watch streams of one server.
+#[derive(Clone)]
+pub struct Watches {
+    reads: Reads,
+    fanout: FanoutHandle,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+    /// Open streams by client connection, and how many one may hold.
+    open: Arc<Mutex<HashMap<SocketAddr, usize>>>,
+    max_per_connection: usize,
+    ended: Ended,
+}
+
+/// Where a watch reads: the event log and jobs, the registry that renders payloads as JSON, and
+/// the turns its reads take on the database.
 #[derive(Clone)]
 pub struct Reads {
     pub store: Store,
     pub registry: Registry,
+    turns: Arc<Semaphore>,
+}
+
+impl Reads {
+    /// Waits for a turn to read; the read is made while the permit lives.
+    pub async fn turn(&self) -> Option<OwnedSemaphorePermit> {
+        self.turns.clone().acquire_owned().await.ok()
+    }
+}
+
+/// A watch stream's place on its connection, given back when the stream ends.
+struct Place {
+    open: Arc<Mutex<HashMap<SocketAddr, usize>>>,
+    peer: SocketAddr,
+    ended: Ended,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.ended.stream_ended();
+        if let Ok(mut open) = self.open.lock()
+            && let Some(count) = open.get_mut(&self.peer)
+        {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.peer);
+            }
+        }
+    }
+}
+
+impl Watches {
+    /// `db_connections` is the pool's size: the watches' reads take turns on a quarter of it.
+    pub fn new(
+        store: Store,
+        registry: Registry,
+        fanout: FanoutHandle,
+        (shutdown, tasks): (CancellationToken, TaskTracker),
+        db_connections: u32,
+        (max_per_connection, ended): (usize, Ended),
+    ) -> Self {
+        let turns = usize::try_from(db_connections / 4).unwrap_or(1).max(1);
+        Self {
+            reads: Reads {
+                store,
+                registry,
+                turns: Arc::new(Semaphore::new(turns)),
+            },
+            fanout,
+            shutdown,
+            tasks,
+            open: Arc::new(Mutex::new(HashMap::new())),
+            max_per_connection,
+            ended,
+        }
+    }
+
+    /// The reads a watch makes, for the handler's own checks before it starts one.
+    pub fn reads(&self) -> &Reads {
+        &self.reads
+    }
+
+    /// Starts a watch of one job, or of every job matching a filter, for the client at `peer`;
+    /// refused when that connection holds as many streams as it may.
+    pub fn start<S: Sink>(
+        &self,
+        peer: Option<SocketAddr>,
+        tenant: TenantId,
+        target: Target,
+        after: i64,
+    ) -> Result<mpsc::Receiver<Result<S::Item, Status>>, ApiError> {
+        let place = peer.map(|peer| self.take_place(peer)).transpose()?;
+        let (tx, rx) = mpsc::channel(AHEAD);
+        let watch = Watch::<S> {
+            reads: self.reads.clone(),
+            tenant,
+            target,
+            after,
+            tx,
+            _place: place,
+        };
+        self.tasks
+            .spawn(watch.run(self.fanout.clone(), self.shutdown.clone()));
+        Ok(rx)
+    }
+
+    fn take_place(&self, peer: SocketAddr) -> Result<Place, ApiError> {
+        let mut open = self
+            .open
+            .lock()
+            .map_err(|_| ApiError::Internal("the watch places' lock is poisoned".into()))?;
+        let count = open.entry(peer).or_insert(0);
+        if *count >= self.max_per_connection {
+            return Err(ApiError::ResourceExhausted(format!(
+                "this connection already holds {} watch streams, the most one may hold \
+                 (--max-watches-per-connection); end one, or open another connection",
+                self.max_per_connection
+            )));
+        }
+        *count += 1;
+        Ok(Place {
+            open: self.open.clone(),
+            peer,
+            ended: self.ended.clone(),
+        })
+    }
 }
 
 /// A running watch: what to read, and where the client stands.
-pub struct Watch<S: Sink> {
-    pub store: Store,
-    pub registry: Registry,
-    pub tenant: TenantId,
-    pub target: Target,
+struct Watch<S: Sink> {
+    reads: Reads,
+    tenant: TenantId,
+    target: Target,
     /// The last sequence the client has.
-    pub after: i64,
-    pub tx: mpsc::Sender<Result<S::Item, Status>>,
+    after: i64,
+    tx: mpsc::Sender<Result<S::Item, Status>>,
+    /// Held while the stream runs.
+    _place: Option<Place>,
 }
 
 /// How a watch ended.
@@ -86,20 +218,23 @@ impl<S: Sink> Watch<S> {
         if let Some(pb::job_event::Event::StateChanged(change)) = &mut event.event
             && let Some(job) = &mut change.job
         {
-            payloads::render(&self.registry, &self.tenant, job).await;
+            payloads::render(&self.reads.registry, &self.tenant, job).await;
         }
         self.tx.send(Ok(S::wrap(event))).await.is_ok()
     }
 
     /// Subscribes, then runs the stream to its end. The subscription is taken before any replay
     /// read, so that replay and live delivery meet at its horizon.
-    pub async fn run(mut self, fanout: FanoutHandle, shutdown: CancellationToken) {
+    async fn run(mut self, fanout: FanoutHandle, shutdown: CancellationToken) {
         // The shutdown is checked first: the fanout ends every subscription once it sees the
         // shutdown, and a stream that found its subscription ended before it looked at the
-        // shutdown told its client it had fallen behind.
+        // shutdown told its client it had fallen behind. A client that has gone ends the
+        // stream at once, whatever it waits for, so that it holds nothing after.
+        let gone = self.tx.clone();
         let end = tokio::select! {
             biased;
             _ = shutdown.cancelled() => End::Shutdown,
+            _ = gone.closed() => End::Done,
             end = async {
                 let mut subscription = fanout
                     .subscribe(self.tenant.clone(), self.target.clone())
@@ -155,9 +290,10 @@ impl<S: Sink> Watch<S> {
             // the terminal event, which then arrives live.
             let finished = match last_state {
                 Some(state) => state.is_terminal(),
-                None => match self.store.get_job(&self.tenant, *id).await {
+                None => match self.job_row(*id).await {
                     Ok(job) if job.state.is_terminal() => {
-                        match self.store.last_job_event(&self.tenant, *id).await {
+                        let _turn = self.reads.turn().await;
+                        match self.reads.store.last_job_event(&self.tenant, *id).await {
                             Ok(last) => last <= self.after,
                             Err(error) => return End::Failed(error.into()),
                         }
@@ -171,7 +307,7 @@ impl<S: Sink> Watch<S> {
             }
         }
         // Live events.
-        while let Some(event) = subscription.events.recv().await {
+        while let Some(event) = subscription.recv().await {
             if event.row.seq <= self.after {
                 continue;
             }
@@ -196,15 +332,24 @@ impl<S: Sink> Watch<S> {
         sent
     }
 
+    /// The job's row, read in turn.
+    async fn job_row(&self, id: crate::domain::JobId) -> crate::store::Result<JobRow> {
+        let _turn = self.reads.turn().await;
+        self.reads.store.get_job(&self.tenant, id).await
+    }
+
     async fn replay(&self, horizon: i64) -> Result<Vec<EventRow>, ApiError> {
+        let _turn = self.reads.turn().await;
         Ok(match &self.target {
             Target::Job(id) => {
-                self.store
+                self.reads
+                    .store
                     .job_events(&self.tenant, *id, self.after, horizon, REPLAY_PAGE)
                     .await?
             }
             Target::Filter(filter) => {
-                self.store
+                self.reads
+                    .store
                     .filtered_events(&self.tenant, filter, self.after, horizon, REPLAY_PAGE)
                     .await?
             }
@@ -216,32 +361,9 @@ impl<S: Sink> Watch<S> {
     async fn snapshot(&self, rows: &[EventRow]) -> Result<Option<JobRow>, ApiError> {
         match &self.target {
             Target::Job(id) if rows.iter().any(|r| r.kind == "state") => {
-                Ok(Some(self.store.get_job(&self.tenant, *id).await?))
+                Ok(Some(self.job_row(*id).await?))
             }
             _ => Ok(None),
         }
     }
-}
-
-/// Starts a watch of one job, or of every job matching a filter, on `tasks`.
-pub fn start<S: Sink>(
-    reads: Reads,
-    fanout: &FanoutHandle,
-    tenant: TenantId,
-    target: Target,
-    after: i64,
-    shutdown: CancellationToken,
-    tasks: &tokio_util::task::TaskTracker,
-) -> mpsc::Receiver<Result<S::Item, Status>> {
-    let (tx, rx) = mpsc::channel(AHEAD);
-    let watch = Watch::<S> {
-        store: reads.store,
-        registry: reads.registry,
-        tenant,
-        target,
-        after,
-        tx,
-    };
-    tasks.spawn(watch.run(fanout.clone(), shutdown));
-    rx
 }

@@ -34,9 +34,13 @@
 //! [`store::LAST_EVENT_NUMBER`]: crate::store::LAST_EVENT_NUMBER
 //!
 //! A subscription starts at the horizon it was registered at: its stream replays the stored
-//! events up to there, then takes live ones from here. Each subscription has a bounded buffer;
-//! one that falls behind is dropped (never blocking the others) and its stream tells the client
-//! to resume from its last sequence (invariant 5 holds across the reconnect).
+//! events up to there, then takes live ones from here. Events wait for its stream in a queue of
+//! its own, bounded in time rather than in count: a burst committed at once (5,000 events of one
+//! EnqueueJobs) waits there whole for a stream that keeps up. A subscription whose oldest
+//! waiting event has waited longer than the lag limit has fallen behind: it is dropped (never
+//! blocking the others), and its stream tells the client to resume from its last sequence
+//! (invariant 5 holds across the reconnect). [`MAX_QUEUED`] events waiting drop it as well,
+//! however recent, to bound what one stalled subscription holds.
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
@@ -48,7 +52,7 @@ use std::{
 };
 
 use tokio::{
-    sync::{Notify, mpsc, watch},
+    sync::{Notify, watch},
     time::Instant,
 };
 use tokio_util::sync::CancellationToken;
@@ -59,8 +63,9 @@ use crate::{
     store::{EventFilter, EventRow, JobRow, OpenTransaction, SnapshotXids, Store},
 };
 
-/// Events buffered per subscription before it counts as too slow.
-const BUFFER: usize = 4096;
+/// Events waiting for one subscription's stream beyond which it counts as too slow, however
+/// recent they are: a bound on the memory a stalled subscription holds.
+pub const MAX_QUEUED: usize = 100_000;
 /// Events read per statement.
 const PAGE: i64 = 2000;
 /// Horizons kept waiting at most. A transaction that stays open (an hours-long migration or
@@ -128,7 +133,73 @@ impl Target {
 struct Subscriber {
     tenant: TenantId,
     target: Target,
-    tx: mpsc::Sender<Arc<FanoutEvent>>,
+    queue: Arc<Queue>,
+}
+
+impl Drop for Subscriber {
+    /// A subscriber leaves the fanout when its stream drops its subscription, when it falls
+    /// behind, or at shutdown: its stream then finds its queue closed.
+    fn drop(&mut self) {
+        self.queue.close();
+    }
+}
+
+/// The events waiting for one subscription's stream, each with when it was offered.
+#[derive(Default)]
+struct Queue {
+    state: Mutex<Waiting>,
+    /// Wakes the stream; a wake-up sent while it was not waiting is kept for its next wait.
+    ready: Notify,
+}
+
+#[derive(Default)]
+struct Waiting {
+    events: VecDeque<(Instant, Arc<FanoutEvent>)>,
+    closed: bool,
+}
+
+/// Why an event could not be queued for a subscription.
+enum Refused {
+    /// Its oldest waiting event is older than the lag limit, or too many wait.
+    Behind,
+    /// Its stream has gone.
+    Closed,
+}
+
+impl Queue {
+    fn offer(
+        &self,
+        event: Arc<FanoutEvent>,
+        now: Instant,
+        lag_limit: Duration,
+    ) -> Result<(), Refused> {
+        let Ok(mut waiting) = self.state.lock() else {
+            return Err(Refused::Closed);
+        };
+        if waiting.closed {
+            return Err(Refused::Closed);
+        }
+        let behind = waiting
+            .events
+            .front()
+            .is_some_and(|(at, _)| now.duration_since(*at) > lag_limit)
+            || waiting.events.len() >= MAX_QUEUED;
+        if behind {
+            return Err(Refused::Behind);
+        }
+        waiting.events.push_back((now, event));
+        drop(waiting);
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    fn close(&self) {
+        if let Ok(mut waiting) = self.state.lock() {
+            waiting.closed = true;
+            waiting.events.clear();
+        }
+        self.ready.notify_one();
+    }
 }
 
 struct State {
@@ -186,8 +257,8 @@ impl State {
         }
     }
 
-    /// Hands an event to every subscription it matches; one whose buffer is full is dropped.
-    fn offer(&mut self, event: &Arc<FanoutEvent>) {
+    /// Hands an event to every subscription it matches; one that has fallen behind is dropped.
+    fn offer(&mut self, event: &Arc<FanoutEvent>, now: Instant, lag_limit: Duration) {
         let mut lagging = Vec::new();
         let candidates = self
             .by_job
@@ -202,12 +273,16 @@ impl State {
             if sub.tenant.as_str() != event.row.tenant_id || !sub.target.matches(&event.row) {
                 continue;
             }
-            if sub.tx.try_send(event.clone()).is_err() {
-                lagging.push(*id);
+            match sub.queue.offer(event.clone(), now, lag_limit) {
+                Ok(()) => {}
+                Err(Refused::Behind) => lagging.push((*id, true)),
+                Err(Refused::Closed) => lagging.push((*id, false)),
             }
         }
-        for id in lagging {
-            tracing::debug!(subscription = id, "watcher fell behind; disconnecting it");
+        for (id, behind) in lagging {
+            if behind {
+                tracing::info!(subscription = id, "watcher fell behind; disconnecting it");
+            }
             self.remove(id);
         }
     }
@@ -275,8 +350,29 @@ pub struct Subscription {
     id: u64,
     /// Live events start after this sequence; the stream replays up to it from the store.
     pub horizon: i64,
-    pub events: mpsc::Receiver<Arc<FanoutEvent>>,
+    queue: Arc<Queue>,
     shared: Arc<Shared>,
+}
+
+impl Subscription {
+    /// The next live event; `None` once the subscription was dropped for falling behind, or the
+    /// fanout stopped.
+    pub async fn recv(&self) -> Option<Arc<FanoutEvent>> {
+        loop {
+            {
+                let Ok(mut waiting) = self.queue.state.lock() else {
+                    return None;
+                };
+                if let Some((_, event)) = waiting.events.pop_front() {
+                    return Some(event);
+                }
+                if waiting.closed {
+                    return None;
+                }
+            }
+            self.queue.ready.notified().await;
+        }
+    }
 }
 
 impl Drop for Subscription {
@@ -312,29 +408,50 @@ impl FanoutHandle {
             // The sender lives as long as this handle, so this ends only once started.
             let _ = started.wait_for(|started| *started).await;
         }
-        let (tx, events) = mpsc::channel(BUFFER);
+        let queue = Arc::new(Queue::default());
         let (id, horizon) = match self.shared.state.lock() {
             Ok(mut state) => {
-                let id = state.insert(Subscriber { tenant, target, tx });
+                let id = state.insert(Subscriber {
+                    tenant,
+                    target,
+                    queue: queue.clone(),
+                });
                 (id, state.horizon)
             }
             // A poisoned lock means the loop panicked: the subscription gets no live events and
             // its stream ends, so the client reconnects (possibly to a healthy replica).
-            Err(_) => (0, 0),
+            Err(_) => {
+                queue.close();
+                (0, 0)
+            }
         };
         self.shared.wake.notify_one();
         Subscription {
             id,
             horizon,
-            events,
+            queue,
             shared: self.shared.clone(),
         }
     }
 }
 
+/// The fanout's timings, from the server's settings.
+#[derive(Debug, Clone, Copy)]
+pub struct FanoutConfig {
+    /// How often the log is read while anyone watches.
+    pub interval: Duration,
+    /// How long delivery may be held up by transactions in progress before the loop logs which
+    /// ones (and again each time as long again passes).
+    pub stall_warning: Duration,
+    /// How long an event may wait for a subscription's stream before the subscription counts
+    /// as fallen behind.
+    pub lag_limit: Duration,
+}
+
 pub struct Fanout {
     store: Store,
     interval: Duration,
+    lag_limit: Duration,
     shared: Arc<Shared>,
     /// Horizons waiting for the transactions in progress when they were read to end.
     pending: VecDeque<(i64, SnapshotXids)>,
@@ -344,9 +461,7 @@ pub struct Fanout {
 }
 
 impl Fanout {
-    /// `stall_warning` is how long delivery may be held up by transactions in progress before
-    /// the loop logs which ones (and again each time as long again passes).
-    pub fn new(store: Store, interval: Duration, stall_warning: Duration) -> (Self, FanoutHandle) {
+    pub fn new(store: Store, config: FanoutConfig) -> (Self, FanoutHandle) {
         let shared = Arc::new(Shared {
             state: Mutex::new(State::new()),
             wake: Notify::new(),
@@ -356,11 +471,12 @@ impl Fanout {
         (
             Self {
                 store,
-                interval,
+                interval: config.interval,
+                lag_limit: config.lag_limit,
                 shared: shared.clone(),
                 pending: VecDeque::new(),
                 read: None,
-                stall: Stall::new(stall_warning),
+                stall: Stall::new(config.stall_warning),
             },
             FanoutHandle { shared },
         )
@@ -594,11 +710,12 @@ impl Fanout {
         if !with_job && !state.filtered.is_empty() {
             return false;
         }
+        let now = Instant::now();
         for row in rows {
             let job = (row.kind == "state")
                 .then(|| jobs.get(&row.job_id).cloned())
                 .flatten();
-            state.offer(&Arc::new(FanoutEvent { row, job }));
+            state.offer(&Arc::new(FanoutEvent { row, job }), now, self.lag_limit);
         }
         state.horizon = state.horizon.max(upto);
         true
@@ -765,82 +882,98 @@ mod tests {
         })
     }
 
-    fn subscribe(
-        state: &mut State,
-        tenant: &str,
-        target: Target,
-        buffer: usize,
-    ) -> (u64, mpsc::Receiver<Arc<FanoutEvent>>) {
-        let (tx, rx) = mpsc::channel(buffer);
+    const LAG: Duration = Duration::from_secs(10);
+
+    fn subscribe(state: &mut State, tenant: &str, target: Target) -> (u64, Arc<Queue>) {
+        let queue = Arc::new(Queue::default());
         let id = state.insert(Subscriber {
             tenant: TenantId::new_unchecked(tenant),
             target,
-            tx,
+            queue: queue.clone(),
         });
-        (id, rx)
+        (id, queue)
     }
 
-    fn received(rx: &mut mpsc::Receiver<Arc<FanoutEvent>>) -> Vec<i64> {
-        std::iter::from_fn(|| rx.try_recv().ok())
-            .map(|e| e.row.seq)
-            .collect()
+    /// Takes what waits in a queue, and whether it was closed.
+    fn received(queue: &Queue) -> Vec<i64> {
+        let mut waiting = queue.state.lock().expect("lock");
+        waiting.events.drain(..).map(|(_, e)| e.row.seq).collect()
+    }
+
+    fn closed(queue: &Queue) -> bool {
+        queue.state.lock().expect("lock").closed
     }
 
     #[test]
     fn events_reach_their_jobs_watchers_and_matching_filters_only() {
         let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
         let mut state = State::new();
-        let (_, mut watches_a) = subscribe(&mut state, "t", Target::Job(JobId(a)), 8);
-        let (_, mut also_a) = subscribe(&mut state, "t", Target::Job(JobId(a)), 8);
-        let (_, mut other_tenant) = subscribe(&mut state, "u", Target::Job(JobId(a)), 8);
+        let (_, watches_a) = subscribe(&mut state, "t", Target::Job(JobId(a)));
+        let (_, also_a) = subscribe(&mut state, "t", Target::Job(JobId(a)));
+        let (_, other_tenant) = subscribe(&mut state, "u", Target::Job(JobId(a)));
         let mut emails = EventFilter {
             queue: Some(QueueName::new_unchecked("emails")),
             ..EventFilter::default()
         };
-        let (_, mut filter) = subscribe(&mut state, "t", Target::Filter(emails.clone()), 8);
+        let (_, filter) = subscribe(&mut state, "t", Target::Filter(emails.clone()));
         emails.queue = None;
-        let (_, mut everything) = subscribe(&mut state, "t", Target::Filter(emails), 8);
+        let (_, everything) = subscribe(&mut state, "t", Target::Filter(emails));
 
-        state.offer(&row(1, "t", a, "emails"));
-        state.offer(&row(2, "t", b, "emails"));
-        state.offer(&row(3, "t", b, "default"));
+        let now = Instant::now();
+        state.offer(&row(1, "t", a, "emails"), now, LAG);
+        state.offer(&row(2, "t", b, "emails"), now, LAG);
+        state.offer(&row(3, "t", b, "default"), now, LAG);
 
-        assert_eq!(received(&mut watches_a), [1]);
-        assert_eq!(received(&mut also_a), [1]);
-        assert_eq!(received(&mut other_tenant), Vec::<i64>::new());
-        assert_eq!(received(&mut filter), [1, 2]);
-        assert_eq!(received(&mut everything), [1, 2, 3]);
+        assert_eq!(received(&watches_a), [1]);
+        assert_eq!(received(&also_a), [1]);
+        assert_eq!(received(&other_tenant), Vec::<i64>::new());
+        assert_eq!(received(&filter), [1, 2]);
+        assert_eq!(received(&everything), [1, 2, 3]);
     }
 
     #[test]
-    fn a_full_or_dropped_subscription_leaves_the_indexes() {
+    fn a_burst_waits_whole_and_only_falling_behind_in_time_drops_a_subscription() {
         let job = Uuid::now_v7();
         let mut state = State::new();
-        let (_, mut slow) = subscribe(&mut state, "t", Target::Job(JobId(job)), 1);
-        let (gone, _) = subscribe(&mut state, "t", Target::Filter(EventFilter::default()), 8);
-        let (_, mut keeps_up) = subscribe(&mut state, "t", Target::Job(JobId(job)), 8);
+        let (_, slow) = subscribe(&mut state, "t", Target::Job(JobId(job)));
+        let (gone, _) = subscribe(&mut state, "t", Target::Filter(EventFilter::default()));
+        let (_, keeps_up) = subscribe(&mut state, "t", Target::Job(JobId(job)));
         state.remove(gone);
         assert!(state.filtered.is_empty());
 
-        state.offer(&row(1, "t", job, "default"));
-        state.offer(&row(2, "t", job, "default"));
-
+        let start = Instant::now();
+        for seq in 1..=5000 {
+            state.offer(&row(seq, "t", job, "default"), start, LAG);
+        }
+        assert_eq!(received(&keeps_up).len(), 5000, "a burst waits whole");
+        state.offer(&row(5001, "t", job, "default"), start + LAG, LAG);
+        assert_eq!(received(&keeps_up), [5001]);
         assert_eq!(
-            received(&mut slow),
-            [1],
-            "the second event found its buffer full"
+            state.subscribers.len(),
+            2,
+            "waiting exactly the limit is not behind"
         );
-        assert_eq!(received(&mut keeps_up), [1, 2]);
+
+        let later = start + LAG + Duration::from_millis(1);
+        state.offer(&row(5002, "t", job, "default"), later, LAG);
+        assert!(closed(&slow), "its oldest event waited past the limit");
+        assert!(received(&slow).is_empty(), "a dropped queue holds nothing");
+        assert_eq!(received(&keeps_up), [5002]);
         assert_eq!(state.subscribers.len(), 1);
         assert_eq!(state.by_job.get(&job).map(Vec::len), Some(1));
+    }
 
-        state.offer(&row(3, "t", job, "default"));
-        assert_eq!(
-            received(&mut slow),
-            Vec::<i64>::new(),
-            "dropped, so it gets no more"
-        );
-        assert_eq!(received(&mut keeps_up), [3]);
+    #[test]
+    fn too_many_waiting_events_drop_a_subscription_however_recent() {
+        let job = Uuid::now_v7();
+        let mut state = State::new();
+        let (_, stalled) = subscribe(&mut state, "t", Target::Job(JobId(job)));
+        let now = Instant::now();
+        for seq in 0..=i64::try_from(MAX_QUEUED).expect("small") {
+            state.offer(&row(seq, "t", job, "default"), now, LAG);
+        }
+        assert!(closed(&stalled));
+        assert!(state.subscribers.is_empty());
     }
 
     #[test]

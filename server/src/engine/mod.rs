@@ -40,7 +40,7 @@ use completer::{Completer, CompleterHandle};
 use cron::Cron;
 use dispatcher::{Dispatcher, DispatcherHandle};
 use enqueuer::{Enqueuer, EnqueuerHandle};
-use fanout::{Fanout, FanoutHandle};
+use fanout::{Fanout, FanoutConfig, FanoutHandle};
 use leader::{Elector, Leadership};
 use notifier::{DueSignal, Notifier, QueueHold, StopSignal};
 use reaper::Reaper;
@@ -94,8 +94,11 @@ impl Engine {
         );
         let (fanout, fanout_handle) = Fanout::new(
             store.clone(),
-            config.watch_poll_interval,
-            config.watch_stall_warning,
+            FanoutConfig {
+                interval: config.watch_poll_interval,
+                stall_warning: config.watch_stall_warning,
+                lag_limit: config.watch_lag_limit,
+            },
         );
         let (completer, completer_handle) = Completer::new(store.clone(), fanout_handle.clone());
         let reaper = Reaper::new(store.clone(), config.reap_interval, leadership.clone());

@@ -115,6 +115,14 @@ impl Error {
     }
 }
 
+impl Error {
+    /// True when no pooled connection came free in time: the database is up, this server is
+    /// busy.
+    pub fn is_pool_exhausted(&self) -> bool {
+        matches!(self, Error::Database(sqlx::Error::PoolTimedOut))
+    }
+}
+
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// How long a pooled connection may sit idle and still be used without a test first (HikariCP's
