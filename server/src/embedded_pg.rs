@@ -116,6 +116,19 @@ pub enum EmbeddedPgError {
         owner: u32,
     },
 
+    /// Another server holds the data directory.
+    #[error(
+        "the data directory {path} is in use by another jobwire-server ({holder}): stop that \
+         server, give this one a data directory of its own (--data-dir), or point both at one \
+         PostgreSQL (--database-url) to run them side by side"
+    )]
+    InUse {
+        /// The data directory.
+        path: PathBuf,
+        /// What the holder wrote into the lock file (its pid).
+        holder: String,
+    },
+
     /// A file system operation failed.
     #[error("{action} {path}")]
     Io {
@@ -180,6 +193,53 @@ pub enum EmbeddedPgError {
     /// The blocking start-up task panicked or was cancelled.
     #[error("the start-up task did not finish")]
     Task(#[from] tokio::task::JoinError),
+}
+
+/// A server's hold on a data directory, for as long as it serves: one data directory, one
+/// server. A second server started on it (a replica meant to be started with its own
+/// `--data-dir`, or an accidental second start) is refused rather than allowed to adopt the
+/// cluster, which it would stop under the first when it exited.
+#[derive(Debug)]
+pub struct DataDirClaim {
+    /// Holds the exclusive lock on `<data_dir>/server.lock`; the operating system releases it
+    /// when the process ends, however it ends.
+    _file: fs::File,
+}
+
+impl DataDirClaim {
+    /// Takes the data directory for this process, creating it if needed.
+    pub fn take(data_dir: &Path) -> Result<Self, EmbeddedPgError> {
+        create_dir(data_dir, 0o755)?;
+        let path = data_dir.join("server.lock");
+        let mut file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(io_error("opening", &path))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                let holder = fs::read_to_string(&path).unwrap_or_default();
+                return Err(EmbeddedPgError::InUse {
+                    path: data_dir.to_path_buf(),
+                    holder: holder.trim().to_owned(),
+                });
+            }
+            Err(fs::TryLockError::Error(source)) => {
+                return Err(EmbeddedPgError::Io {
+                    action: "locking",
+                    path,
+                    source,
+                });
+            }
+        }
+        // Who holds it, for the message a second server prints.
+        file.set_len(0).map_err(io_error("writing", &path))?;
+        write!(file, "pid {}", std::process::id()).map_err(io_error("writing", &path))?;
+        Ok(Self { _file: file })
+    }
 }
 
 /// A running private cluster.

@@ -3,13 +3,14 @@
 
 use std::{
     io::{IsTerminal, Write},
+    net::SocketAddr,
     process::ExitCode,
 };
 
 use clap::Parser;
 use jobwire_server::{
     config::{Config, LogFormat},
-    embedded_pg::EmbeddedPostgres,
+    embedded_pg::{DataDirClaim, EmbeddedPostgres},
     server,
 };
 use tokio_util::sync::CancellationToken;
@@ -62,13 +63,17 @@ fn init_tracing(format: LogFormat) {
 async fn run(mut config: Config) -> anyhow::Result<()> {
     // `DATABASE_URL=` (set but empty) means the same as unset.
     config.database_url = config.database_url.filter(|url| !url.is_empty());
-    let embedded = match &config.database_url {
-        Some(_) => None,
+    // Bound first: a port already taken stops the server before it touches any cluster.
+    let listener = bind(config.listen).await?;
+    let (embedded, _claim) = match &config.database_url {
+        Some(_) => (None, None),
         None => {
+            // Held until the server exits: one data directory, one server.
+            let claim = DataDirClaim::take(&config.data_dir)?;
             tracing::info!(data_dir = %config.data_dir.display(), "no DATABASE_URL: starting a private PostgreSQL");
             let pg = EmbeddedPostgres::start(&config.data_dir).await?;
             pg.ensure_database("jobwire").await?;
-            Some(pg)
+            (Some(pg), Some(claim))
         }
     };
     let database_url = match (&config.database_url, &embedded) {
@@ -77,7 +82,7 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
         (None, None) => anyhow::bail!("no database configured"),
     };
 
-    let served = serve(&config, &database_url).await;
+    let served = serve(&config, &database_url, listener).await;
     if let Some(pg) = embedded
         && let Err(error) = pg.stop().await
     {
@@ -86,14 +91,27 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
     served
 }
 
-async fn serve(config: &Config, database_url: &str) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(config.listen).await?;
-    let addr = listener.local_addr()?;
-    tracing::info!(%addr, "serving gRPC");
-    // The one line on stdout: scripts and tests wait for it to know the server is up.
-    println!("jobwire-server listening on {addr}");
-    std::io::stdout().flush()?;
+/// Binds the gRPC address, saying what to do when it is taken.
+async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await.map_err(|error| {
+        if error.kind() == std::io::ErrorKind::AddrInUse {
+            anyhow::anyhow!(
+                "cannot listen on {addr}: the address is in use (by another jobwire-server or \
+                 another program); choose another with --listen (JOBWIRE_LISTEN), or stop what \
+                 holds it"
+            )
+        } else {
+            anyhow::anyhow!("cannot listen on {addr} (--listen): {error}")
+        }
+    })
+}
 
+async fn serve(
+    config: &Config,
+    database_url: &str,
+    listener: tokio::net::TcpListener,
+) -> anyhow::Result<()> {
+    let addr = listener.local_addr()?;
     let shutdown = CancellationToken::new();
     let signals = shutdown.clone();
     tokio::spawn(async move {
@@ -101,7 +119,17 @@ async fn serve(config: &Config, database_url: &str) -> anyhow::Result<()> {
         tracing::info!("shutdown requested");
         signals.cancel();
     });
-    server::run(config, database_url, listener, shutdown).await?;
+    let (ready, serving) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        if serving.await.is_ok() {
+            tracing::info!(%addr, "serving gRPC");
+            // The one line on stdout, once health answers SERVING: scripts and tests wait for
+            // it to know the server is up.
+            println!("jobwire-server listening on {addr}");
+            let _ = std::io::stdout().flush();
+        }
+    });
+    server::run(config, database_url, listener, shutdown, ready).await?;
     tracing::info!("stopped");
     Ok(())
 }

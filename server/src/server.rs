@@ -12,7 +12,7 @@ use jobwire_proto::v1::{
     queue_service_server::QueueServiceServer, schedule_service_server::ScheduleServiceServer,
     worker_service_server::WorkerServiceServer,
 };
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, sync::oneshot};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::transport::server::TcpIncoming;
 use tonic_health::{ServingStatus, server::HealthReporter};
@@ -49,12 +49,14 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
 }
 
-/// Serves on `listener` until `shutdown` fires, then stops in order.
+/// Serves on `listener` until `shutdown` fires, then stops in order. `ready` is told when
+/// health first answers SERVING: the database is reachable and migrated, and calls are served.
 pub async fn run(
     config: &Config,
     database_url: &str,
     listener: TcpListener,
     shutdown: CancellationToken,
+    ready: oneshot::Sender<()>,
 ) -> Result<(), ServeError> {
     let store = Store::connect(database_url, config.db_max_connections).await?;
     let tasks = TaskTracker::new();
@@ -67,6 +69,7 @@ pub async fn run(
         store.clone(),
         health_reporter,
         shutdown.clone(),
+        ready,
     ));
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -160,8 +163,15 @@ pub async fn run(
     Ok(())
 }
 
-/// Keeps the health service in step with PostgreSQL until shutdown.
-async fn report_health(store: Store, reporter: HealthReporter, shutdown: CancellationToken) {
+/// Keeps the health service in step with PostgreSQL until shutdown; tells `ready` the first
+/// time it answers SERVING.
+async fn report_health(
+    store: Store,
+    reporter: HealthReporter,
+    shutdown: CancellationToken,
+    ready: oneshot::Sender<()>,
+) {
+    let mut ready = Some(ready);
     let mut last = None;
     loop {
         let status = match tokio::time::timeout(HEALTH_INTERVAL, store.ping()).await {
@@ -172,6 +182,11 @@ async fn report_health(store: Store, reporter: HealthReporter, shutdown: Cancell
             tracing::info!(?status, "health changed");
             set_all(&reporter, status).await;
             last = Some(status);
+        }
+        if status == ServingStatus::Serving
+            && let Some(ready) = ready.take()
+        {
+            let _ = ready.send(());
         }
         tokio::select! {
             _ = shutdown.cancelled() => break,

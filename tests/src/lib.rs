@@ -256,8 +256,8 @@ impl ServerProcess {
     }
 
     /// Starts the server on `db` expecting it to refuse the database: returns its stderr once it
-    /// has exited with a failure. (It prints its ready line once bound, before it opens the
-    /// database.) Fails the test if it does not exit within [`READY_TIMEOUT`], or exits 0.
+    /// has exited with a failure (it prints its ready line only once it serves). Fails the test
+    /// if it does not exit within [`READY_TIMEOUT`], or exits 0.
     pub async fn start_refused(db: &TestDb, extra_args: &[&str]) -> String {
         let mut args = vec!["--database-url".to_owned(), db.url().to_owned()];
         args.extend(extra_args.iter().map(|arg| (*arg).to_owned()));
@@ -268,6 +268,15 @@ impl ServerProcess {
         let status = process.wait(READY_TIMEOUT).await;
         assert!(!status.success(), "the server exited 0 instead of refusing");
         process.stderr()
+    }
+
+    /// Runs the server with exactly `args` (no `--listen` of the harness's own) expecting it
+    /// to refuse to start: returns how it exited and its stderr. Fails the test if it is still
+    /// running after [`READY_TIMEOUT`].
+    pub async fn run_refused(args: &[&str]) -> (ExitStatus, String) {
+        let mut process = ChildProcess::spawn(server_binary(), args, &[("DATABASE_URL", "")]);
+        let status = process.wait(READY_TIMEOUT).await;
+        (status, process.stderr())
     }
 
     /// Starts the server with exactly `args` after the harness's `--listen`, for tests that

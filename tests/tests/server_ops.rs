@@ -288,3 +288,51 @@ fn assert_runtime_threads(server: &ServerProcess, threads: usize) {
         "{started}"
     );
 }
+
+/// One data directory serves one server: a second one is refused with a message naming the
+/// directory, and leaves the first one's cluster running (it once adopted the cluster and
+/// stopped it under the first when it exited). A port already taken is refused naming the
+/// address and --listen, before any cluster is touched. The ready line comes only once health
+/// answers SERVING.
+#[tokio::test]
+async fn a_data_directory_and_a_port_serve_one_server_at_a_time() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data_dir = dir.path().to_str().expect("utf-8 path");
+    let first = ServerProcess::start_with_args(&["--data-dir", data_dir]).await;
+    assert_eq!(
+        health(&first.url()).await,
+        Some(ServingStatus::Serving),
+        "ready means serving"
+    );
+    let client = Client::connect(first.url()).await.expect("client");
+
+    let (status, stderr) =
+        ServerProcess::run_refused(&["--listen", "127.0.0.1:0", "--data-dir", data_dir]).await;
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains(data_dir) && stderr.contains("data directory"),
+        "{stderr}"
+    );
+
+    let taken = first.addr().to_string();
+    let (status, stderr) =
+        ServerProcess::run_refused(&["--listen", &taken, "--data-dir", data_dir]).await;
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&taken) && stderr.contains("--listen"),
+        "{stderr}"
+    );
+
+    assert!(
+        postmaster_running(dir.path()),
+        "the first server's cluster runs on"
+    );
+    assert_eq!(health(&first.url()).await, Some(ServingStatus::Serving));
+    client
+        .enqueue(Sleep {
+            seq: 1,
+            ..Default::default()
+        })
+        .await
+        .expect("the first server still serves");
+}
