@@ -143,8 +143,10 @@ fn join(path: &str, field: &str) -> String {
 fn check_message(desc: &MessageDescriptor, json: &Value, path: &str) -> Result<(), FieldError> {
     if desc.full_name().starts_with("google.protobuf.") {
         // Well-known types have JSON forms of their own (strings for Timestamp, anything for
-        // Value); the converter judges those.
-        return Ok(());
+        // Value): the converter judges each on its own, so a mistake is named at its path.
+        return DynamicMessage::deserialize(desc.clone(), json.clone())
+            .map(|_| ())
+            .map_err(|e| FieldError::new(path, e.to_string()));
     }
     let Value::Object(fields) = json else {
         return Err(FieldError::new(

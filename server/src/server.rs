@@ -124,10 +124,13 @@ pub async fn run(
     let job_types = JobTypeServiceServer::new(JobTypeApi::new(store.clone(), registry.clone()))
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
-    let schedules =
-        ScheduleServiceServer::new(ScheduleApi::new(store.clone(), config.max_payload_bytes))
-            .max_decoding_message_size(max_message)
-            .max_encoding_message_size(max_message);
+    let schedules = ScheduleServiceServer::new(ScheduleApi::new(
+        store.clone(),
+        registry.clone(),
+        config.max_payload_bytes,
+    ))
+    .max_decoding_message_size(max_message)
+    .max_encoding_message_size(max_message);
 
     let served = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))

@@ -23,6 +23,7 @@
 
 pub mod grpcurl;
 pub mod jobs;
+pub mod raw;
 pub mod workers;
 
 /// A registered job type's payload fields as (name, type), as ListJobTypes shows them.

@@ -360,3 +360,321 @@ async fn batches_fit_the_request_budget_and_larger_requests_are_refused() {
         .expect("count");
     assert_eq!(huge, 0);
 }
+
+/// A retry waits its backoff, not the scheduler's poll: failures wake the timer that delayed
+/// enqueues already use (a 0.2 s backoff once took 0.5 to 1 s, up to a poll interval).
+#[tokio::test]
+async fn a_retry_starts_after_its_backoff_not_after_the_poll() {
+    let db = test_db().await;
+    let server = ServerProcess::start(&db, &["--poll-interval", "10s"]).await;
+    let url = server.url();
+    let mut client = jobs(&url).await;
+    let mut job = spec("edge.job", "default");
+    job.retry_policy = Some(pb::RetryPolicy {
+        max_attempts: Some(4),
+        initial_backoff: Some(prost_types::Duration {
+            seconds: 0,
+            nanos: 200_000_000,
+        }),
+        backoff_multiplier: Some(1.0),
+        jitter: Some(0.0),
+        ..Default::default()
+    });
+    let job = enqueue(&mut client, job).await;
+    let mut worker = RawWorker::connect(&url, "retrier", &["edge.job"], 1).await;
+    let started = std::time::Instant::now();
+    for attempt in 1..=3 {
+        let lease = worker.next_lease().await;
+        assert_eq!(
+            (lease.job_id.as_str(), lease.attempt),
+            (job.id.as_str(), attempt)
+        );
+        let request_id = worker.request_id();
+        let ack = worker
+            .request(
+                request_id,
+                pb::connect_request::Message::Fail(pb::FailJob {
+                    request_id,
+                    lease: Some(pb::LeaseRef {
+                        job_id: lease.job_id.clone(),
+                        attempt: lease.attempt,
+                    }),
+                    message: "again".into(),
+                    ..Default::default()
+                }),
+            )
+            .await;
+        assert_eq!(ack.code, Code::Ok as i32, "{ack:?}");
+    }
+    let last = worker.next_lease().await;
+    assert_eq!(last.attempt, 4);
+    // Three backoffs of 0.2 s; waiting for the 10 s poll instead would take 30 s.
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "three retries took {:?}",
+        started.elapsed()
+    );
+}
+
+async fn register_log_line_type(url: &str) {
+    let mut types = pb::job_type_service_client::JobTypeServiceClient::new(channel(url).await);
+    types
+        .register_job_type(pb::RegisterJobTypeRequest {
+            job_type: Some(pb::JobType {
+                name: "edge.logline".into(),
+                payload_type: "jobwire.v1.LogLine".into(),
+                descriptor_set: jobwire_proto::FILE_DESCRIPTOR_SET.to_vec(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("register a type whose payload has a Timestamp");
+}
+
+fn json_struct(value: serde_json::Value) -> prost_types::Struct {
+    fn to_value(v: serde_json::Value) -> prost_types::Value {
+        use prost_types::value::Kind;
+        let kind = match v {
+            serde_json::Value::Null => Kind::NullValue(0),
+            serde_json::Value::Bool(b) => Kind::BoolValue(b),
+            serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
+            serde_json::Value::String(s) => Kind::StringValue(s),
+            serde_json::Value::Array(a) => Kind::ListValue(prost_types::ListValue {
+                values: a.into_iter().map(to_value).collect(),
+            }),
+            serde_json::Value::Object(o) => Kind::StructValue(json_struct(o.into())),
+        };
+        prost_types::Value { kind: Some(kind) }
+    }
+    match value {
+        serde_json::Value::Object(fields) => prost_types::Struct {
+            fields: fields.into_iter().map(|(k, v)| (k, to_value(v))).collect(),
+        },
+        other => panic!("not an object: {other}"),
+    }
+}
+
+/// Contract gaps an outside client found, each refused naming its field, none INTERNAL.
+#[tokio::test]
+async fn malformed_requests_are_refused_by_name_never_internal() {
+    let db = test_db().await;
+    let server = ServerProcess::start(&db, &[]).await;
+    let url = server.url();
+    register_log_line_type(&url).await;
+    let mut client = jobs(&url).await;
+
+    // A malformed Timestamp inside payload_json names its field.
+    let mut job = spec("edge.logline", "default");
+    job.payload = None;
+    job.payload_json = Some(json_struct(serde_json::json!({"time": "yesterday"})));
+    assert_status(
+        client
+            .enqueue_job(pb::EnqueueJobRequest { job: Some(job) })
+            .await,
+        Code::InvalidArgument,
+        "job.payload_json.time",
+    );
+
+    // A Struct nested beyond what a message may nest: INVALID_ARGUMENT naming the limit.
+    let mut nested = serde_json::json!({"leaf": 1});
+    for _ in 0..40 {
+        nested = serde_json::json!({ "in": nested });
+    }
+    let mut job = spec("edge.logline", "default");
+    job.payload = None;
+    job.payload_json = Some(json_struct(nested));
+    let status = client
+        .enqueue_job(pb::EnqueueJobRequest { job: Some(job) })
+        .await
+        .expect_err("too deep");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("nest"), "{status:?}");
+
+    // An unknown view value.
+    let job = enqueue(&mut client, spec("edge.job", "default")).await;
+    assert_status(
+        client
+            .get_job(pb::GetJobRequest {
+                id: job.id.clone(),
+                view: 7,
+            })
+            .await,
+        Code::InvalidArgument,
+        "view",
+    );
+
+    // A body that is not protobuf at all.
+    let mut raw = jobwire_tests::raw::RawClient::new(channel(&url).await);
+    let status = raw
+        .unary("/jobwire.v1.JobService/GetJob", vec![0xff, 0xff, 0xff], &[])
+        .await
+        .expect_err("not protobuf");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+
+    // A type URL of any length.
+    let mut job = spec("edge.job", "default");
+    job.payload = Some(prost_types::Any {
+        type_url: format!("type.googleapis.com/{}", "a".repeat(2000)),
+        value: vec![],
+    });
+    assert_status(
+        client
+            .enqueue_job(pb::EnqueueJobRequest { job: Some(job) })
+            .await,
+        Code::InvalidArgument,
+        "job.payload.type_url",
+    );
+
+    // A forged page token.
+    let mut schedules =
+        pb::schedule_service_client::ScheduleServiceClient::new(channel(&url).await);
+    use base64::Engine as _;
+    let forged = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode("after:\u{0}x");
+    assert_status(
+        schedules
+            .list_schedules(pb::ListSchedulesRequest {
+                page_token: forged,
+                ..Default::default()
+            })
+            .await,
+        Code::InvalidArgument,
+        "page_token",
+    );
+}
+
+fn schedule(name: &str, cron: &str, job_type: &str, payload: prost_types::Any) -> pb::Schedule {
+    pb::Schedule {
+        name: name.into(),
+        cron: cron.into(),
+        job: Some(pb::JobTemplate {
+            job_type: job_type.into(),
+            payload: Some(payload),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// A schedule's template is checked like an enqueue (a payload of a registered type that does
+/// not decode was accepted, and every job it made was unreadable), and an update is checked
+/// like a create (a cron that never matches again once paused the schedule silently).
+#[tokio::test]
+async fn schedules_are_checked_like_enqueues_and_updates_like_creates() {
+    let db = test_db().await;
+    let server = ServerProcess::start(&db, &[]).await;
+    let url = server.url();
+    register_log_line_type(&url).await;
+    let mut schedules =
+        pb::schedule_service_client::ScheduleServiceClient::new(channel(&url).await);
+    let garbage = prost_types::Any {
+        type_url: "type.googleapis.com/jobwire.v1.LogLine".into(),
+        value: vec![0xff, 0xff],
+    };
+    assert_status(
+        schedules
+            .create_schedule(pb::CreateScheduleRequest {
+                schedule: Some(schedule(
+                    "bad",
+                    "0 3 * * *",
+                    "edge.logline",
+                    garbage.clone(),
+                )),
+                ..Default::default()
+            })
+            .await,
+        Code::InvalidArgument,
+        "schedule.job.payload",
+    );
+    let line = prost_types::Any {
+        type_url: "type.googleapis.com/jobwire.v1.LogLine".into(),
+        value: prost::Message::encode_to_vec(&pb::LogLine {
+            message: "hello".into(),
+            ..Default::default()
+        }),
+    };
+    schedules
+        .create_schedule(pb::CreateScheduleRequest {
+            schedule: Some(schedule("good", "0 3 * * *", "edge.logline", line)),
+            ..Default::default()
+        })
+        .await
+        .expect("a valid template");
+    let update = |cron: &str, paths: &[&str], job: Option<prost_types::Any>| {
+        let mut s = schedule("good", cron, "edge.logline", job.unwrap_or_default());
+        if !paths.contains(&"job") {
+            s.job = None;
+        }
+        pb::UpdateScheduleRequest {
+            schedule: Some(s),
+            update_mask: Some(prost_types::FieldMask {
+                paths: paths.iter().map(|p| (*p).to_owned()).collect(),
+            }),
+            ..Default::default()
+        }
+    };
+    assert_status(
+        schedules
+            .update_schedule(update("0 0 31 2 *", &["cron"], None))
+            .await,
+        Code::InvalidArgument,
+        "schedule.cron",
+    );
+    assert_status(
+        schedules
+            .update_schedule(update("0 3 * * *", &["job"], Some(garbage)))
+            .await,
+        Code::InvalidArgument,
+        "schedule.job.payload",
+    );
+    let kept = schedules
+        .get_schedule(pb::GetScheduleRequest {
+            name: "good".into(),
+        })
+        .await
+        .expect("get")
+        .into_inner()
+        .schedule
+        .expect("schedule");
+    assert!(!kept.paused && kept.next_run_at.is_some(), "{kept:?}");
+    assert_eq!(kept.cron, "0 3 * * *");
+    let triggered = schedules
+        .trigger_schedule(pb::TriggerScheduleRequest {
+            name: "good".into(),
+        })
+        .await
+        .expect("trigger")
+        .into_inner()
+        .job
+        .expect("job");
+    assert_eq!(triggered.job_type, "edge.logline");
+}
+
+/// A second hello on a welcomed stream ends it with INVALID_ARGUMENT naming hello (it was
+/// silently ignored, leaving the worker believing its new hello had taken).
+#[tokio::test]
+async fn a_second_hello_ends_the_stream_by_name() {
+    let db = test_db().await;
+    let server = ServerProcess::start(&db, &[]).await;
+    let mut raw = jobwire_tests::raw::RawClient::new(channel(&server.url()).await);
+    let hello = |id: &str| {
+        prost::Message::encode_to_vec(&pb::ConnectRequest {
+            message: Some(pb::connect_request::Message::Hello(support::hello(
+                id,
+                &["edge.job"],
+                1,
+                vec![],
+            ))),
+        })
+    };
+    let status = raw
+        .streaming(
+            "/jobwire.v1.WorkerService/Connect",
+            vec![hello("first"), hello("second")],
+            &[],
+            Duration::from_secs(10),
+        )
+        .await
+        .expect_err("the stream ends with an error");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("hello"), "{status:?}");
+}

@@ -68,16 +68,21 @@ impl JobApi {
         }
     }
 
-    async fn full_job(&self, tenant: &TenantId, id: JobId, view: i32) -> Result<pb::Job, ApiError> {
+    async fn full_job(
+        &self,
+        tenant: &TenantId,
+        id: JobId,
+        view: pb::JobView,
+    ) -> Result<pb::Job, ApiError> {
         let row = self
             .store
             .get_job(tenant, id)
             .await
             .map_err(|e| ApiError::from_store(e, || format!("job {id} not found")))?;
-        let attempts = if view == pb::JobView::Basic as i32 {
-            Vec::new()
-        } else {
+        let attempts = if view == pb::JobView::Full {
             self.store.list_attempts(tenant, id).await?
+        } else {
+            Vec::new()
         };
         let mut job = convert::job(row, &attempts);
         payloads::render(&self.registry, tenant, &mut job).await;
@@ -204,7 +209,8 @@ impl JobService for JobApi {
         let tenant = tenant_of(&request)?;
         let req = request.get_ref();
         let id = validate::job_id("id", &req.id)?;
-        let job = self.full_job(&tenant, id, req.view).await?;
+        let view = validate::view(req.view, pb::JobView::Full)?;
+        let job = self.full_job(&tenant, id, view).await?;
         Ok(Response::new(pb::GetJobResponse { job: Some(job) }))
     }
 
@@ -255,7 +261,7 @@ impl JobService for JobApi {
             .await
             .map_err(ApiError::from)?;
         let truncated = listed.candidates > listed.rows.len();
-        let full = req.view == pb::JobView::Full as i32;
+        let full = validate::view(req.view, pb::JobView::Basic)? == pb::JobView::Full;
         let mut candidates = Vec::with_capacity(listed.rows.len());
         for row in listed.rows {
             let attempts = if full {

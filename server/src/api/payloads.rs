@@ -108,6 +108,24 @@ pub async fn prepare<'a>(
     Ok((Cow::Owned(out), Some(schema.version)))
 }
 
+/// Checks a stored payload (a schedule's template) against its job type's latest registered
+/// schema, when the type has one.
+pub async fn check_registered(
+    registry: &Registry,
+    tenant: &TenantId,
+    job_type: &str,
+    payload: &prost_types::Any,
+) -> Result<(), ApiError> {
+    match registry
+        .schema(tenant, job_type, None)
+        .await
+        .map_err(ApiError::from)?
+    {
+        Some(schema) => check_any(&schema, payload),
+        None => Ok(()),
+    }
+}
+
 fn field_error(root: &str, e: crate::registry::FieldError) -> ApiError {
     let field = if e.path.is_empty() {
         root.to_owned()

@@ -10,9 +10,10 @@ use uuid::Uuid;
 
 use jobwire_proto::limits::MAX_PAGE_BYTES;
 
-use super::{ApiError, budget, convert, tenant_of, validate};
+use super::{ApiError, budget, convert, payloads, tenant_of, validate};
 use crate::{
     domain::{CronError, CronSchedule, TenantId},
+    registry::Registry,
     store::{
         CatchUpPolicy, JobTemplate, NewSchedule, OverlapPolicy, ScheduleRow, ScheduleSpec,
         ScheduleUpdate, Store,
@@ -44,18 +45,28 @@ const UPDATABLE: &[&str] = &[
 
 pub struct ScheduleApi {
     store: Store,
+    /// Registered job types, which templates are checked against like enqueues.
+    registry: Registry,
     max_payload_bytes: usize,
 }
 
 impl ScheduleApi {
-    pub fn new(store: Store, max_payload_bytes: usize) -> Self {
+    pub fn new(store: Store, registry: Registry, max_payload_bytes: usize) -> Self {
         Self {
             store,
+            registry,
             max_payload_bytes,
         }
     }
 
-    fn template(&self, job: Option<&pb::JobTemplate>) -> Result<JobTemplate, ApiError> {
+    /// A template, checked as an enqueue of it would be: against the job type's registered
+    /// schema when it has one (with its defaults applied), so that no tick makes a job that
+    /// its worker cannot decode.
+    async fn template(
+        &self,
+        tenant: &TenantId,
+        job: Option<&pb::JobTemplate>,
+    ) -> Result<JobTemplate, ApiError> {
         let job = job.ok_or_else(|| ApiError::invalid("schedule.job", "is required"))?;
         // A template is a job spec without a time or a key: the same rules and defaults apply.
         let spec = pb::JobSpec {
@@ -70,6 +81,9 @@ impl ScheduleApi {
             timeout: job.timeout,
             ..Default::default()
         };
+        let (spec, _) = payloads::prepare(&self.registry, tenant, &spec)
+            .await
+            .map_err(|e| e.within("schedule.job"))?;
         let new = validate::job_spec(&spec, self.max_payload_bytes)
             .map_err(|e| e.within("schedule.job"))?;
         Ok(JobTemplate {
@@ -89,14 +103,18 @@ impl ScheduleApi {
     }
 
     /// Every field of a new schedule, validated, with defaults.
-    fn spec(&self, s: &pb::Schedule) -> Result<(ScheduleSpec, CronSchedule), ApiError> {
+    async fn spec(
+        &self,
+        tenant: &TenantId,
+        s: &pb::Schedule,
+    ) -> Result<(ScheduleSpec, CronSchedule), ApiError> {
         let time_zone = time_zone(&s.time_zone);
         let cron = cron(&s.cron, &time_zone)?;
         let spec = ScheduleSpec {
             description: description(&s.description)?,
             cron: s.cron.trim().to_owned(),
             time_zone,
-            job: self.template(s.job.as_ref())?,
+            job: self.template(tenant, s.job.as_ref()).await?,
             overlap_policy: overlap(s.overlap_policy)?,
             catch_up_policy: catch_up(s.catch_up_policy)?,
             max_catch_up: max_catch_up(s.max_catch_up)?,
@@ -105,12 +123,13 @@ impl ScheduleApi {
         Ok((spec, cron))
     }
 
-    /// The current schedule with the masked fields of `s` applied, and when it ticks next.
+    /// The current schedule with the masked fields of `s` applied (`template`, checked before,
+    /// for the `job` path), and when it ticks next.
     fn updated(
-        &self,
         current: &ScheduleRow,
         s: &pb::Schedule,
         paths: &[&str],
+        template: Option<&JobTemplate>,
     ) -> Result<ScheduleUpdate, ApiError> {
         let mut spec = current.spec();
         let mut retimed = false;
@@ -125,7 +144,11 @@ impl ScheduleApi {
                     spec.time_zone = time_zone(&s.time_zone);
                     retimed = true;
                 }
-                "job" => spec.job = self.template(s.job.as_ref())?,
+                "job" => {
+                    if let Some(template) = template {
+                        spec.job = template.clone();
+                    }
+                }
                 "overlap_policy" => spec.overlap_policy = overlap(s.overlap_policy)?,
                 "catch_up_policy" => spec.catch_up_policy = catch_up(s.catch_up_policy)?,
                 "max_catch_up" => spec.max_catch_up = max_catch_up(s.max_catch_up)?,
@@ -140,8 +163,9 @@ impl ScheduleApi {
             }
         }
         let cron = cron(&spec.cron, &spec.time_zone)?;
+        let next = next_tick(&cron)?;
         let next_run_at = match current.next_run_at {
-            Some(_) if retimed => cron.next_after(Utc::now()),
+            Some(_) if retimed => Some(next),
             keep => keep,
         };
         Ok(ScheduleUpdate { spec, next_run_at })
@@ -168,6 +192,13 @@ fn cron(expression: &str, zone: &str) -> Result<CronSchedule, ApiError> {
         ),
         CronError::TimeZone(why) => ApiError::invalid("schedule.time_zone", why),
     })
+}
+
+/// The next tick after now; an expression that never matches again (the 31st of February) is
+/// refused as a create is, rather than leaving a schedule that silently never runs.
+fn next_tick(cron: &CronSchedule) -> Result<chrono::DateTime<Utc>, ApiError> {
+    cron.next_after(Utc::now())
+        .ok_or_else(|| ApiError::invalid("schedule.cron", "never matches a future time"))
 }
 
 fn description(value: &str) -> Result<String, ApiError> {
@@ -255,15 +286,9 @@ impl ScheduleService for ScheduleApi {
             .as_ref()
             .ok_or_else(|| ApiError::invalid("schedule", "is required"))?;
         let name = validate::name("schedule.name", &s.name)?;
-        let (spec, cron) = self.spec(s)?;
-        let next_run_at =
-            if req.paused {
-                None
-            } else {
-                Some(cron.next_after(Utc::now()).ok_or_else(|| {
-                    ApiError::invalid("schedule.cron", "never matches a future time")
-                })?)
-            };
+        let (spec, cron) = self.spec(&tenant, s).await?;
+        let next = next_tick(&cron)?;
+        let next_run_at = (!req.paused).then_some(next);
         let new = NewSchedule {
             id: Uuid::now_v7(),
             name,
@@ -341,9 +366,16 @@ impl ScheduleService for ScheduleApi {
             .ok_or_else(|| ApiError::invalid("schedule", "is required"))?;
         let name = validate::name("schedule.name", &s.name)?;
         let paths = validate::update_mask(req.update_mask.as_ref(), UPDATABLE)?;
+        let template = if paths.contains(&"job") {
+            Some(self.template(&tenant, s.job.as_ref()).await?)
+        } else {
+            None
+        };
         let row = self
             .store
-            .modify_schedule(&tenant, &name, |current| self.updated(current, s, &paths))
+            .modify_schedule(&tenant, &name, |current| {
+                Self::updated(current, s, &paths, template.as_ref())
+            })
             .await
             .map_err(name_missing(&tenant, &name))?;
         tracing::info!(%tenant, schedule = %row.name, ?paths, "schedule updated");
@@ -398,9 +430,18 @@ impl ScheduleService for ScheduleApi {
             .store
             .modify_schedule(&tenant, &name, |current| {
                 let next_run_at = match current.next_run_at {
-                    Some(next) => Some(next),
-                    None => cron(&current.cron, &current.time_zone)?.next_after(Utc::now()),
+                    Some(next) => next,
+                    None => {
+                        let cron = cron(&current.cron, &current.time_zone)?;
+                        cron.next_after(Utc::now()).ok_or_else(|| {
+                            ApiError::FailedPrecondition(format!(
+                                "schedule {name:?} cannot resume: its cron expression never \
+                                 matches a future time; update it first"
+                            ))
+                        })?
+                    }
                 };
+                let next_run_at = Some(next_run_at);
                 Ok::<_, ApiError>(ScheduleUpdate {
                     spec: current.spec(),
                     next_run_at,
@@ -420,6 +461,20 @@ impl ScheduleService for ScheduleApi {
     ) -> Result<Response<pb::TriggerScheduleResponse>, Status> {
         let tenant = tenant_of(&request)?;
         let name = schedule_name(&request.get_ref().name)?;
+        // The template is checked against the job type as registered now: it may have changed
+        // since the schedule was made.
+        let current = self
+            .store
+            .get_schedule(&tenant, &name)
+            .await
+            .map_err(|e| ApiError::from_store(e, not_found(&tenant, &name)))?;
+        let payload = prost_types::Any {
+            type_url: current.job.payload_type.clone(),
+            value: current.job.payload.clone(),
+        };
+        payloads::check_registered(&self.registry, &tenant, &current.job.job_type, &payload)
+            .await
+            .map_err(|e| e.within("schedule.job"))?;
         let job = self
             .store
             .trigger_schedule(&tenant, &name)

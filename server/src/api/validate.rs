@@ -411,6 +411,18 @@ fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
+/// A read's view; UNSPECIFIED means `default`.
+pub fn view(value: i32, default: pb::JobView) -> Result<pb::JobView, ApiError> {
+    match pb::JobView::try_from(value) {
+        Ok(pb::JobView::Unspecified) => Ok(default),
+        Ok(view) => Ok(view),
+        Err(_) => Err(ApiError::invalid(
+            "view",
+            format!("{value} is not a view; JOB_VIEW_BASIC (1) or JOB_VIEW_FULL (2)"),
+        )),
+    }
+}
+
 /// A page size of a List call: 0 means `default`.
 pub fn page_size(value: i32, default: i32, max: i32) -> Result<i64, ApiError> {
     match value {

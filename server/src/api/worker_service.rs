@@ -659,8 +659,14 @@ impl Session {
     ) -> bool {
         match message {
             In::Hello(_) => {
-                tracing::warn!("ignoring a second hello on the same stream");
-                true
+                // The worker and the server no longer agree on the stream's state: end it, and
+                // let the worker start over on a new one.
+                let error = ApiError::invalid(
+                    "hello",
+                    "sent again on a stream already welcomed; a stream takes one hello, first",
+                );
+                let _ = self.tx.send(Err(error.into())).await;
+                false
             }
             In::Heartbeat(heartbeat) => self.heartbeat(heartbeat, worker).await,
             In::Complete(complete) => {

@@ -9,7 +9,7 @@ use sqlx::{PgExecutor, Postgres, postgres::PgArguments, query::QueryAs};
 use uuid::Uuid;
 
 use super::{
-    Result, Store,
+    DUE_CHANNEL, Result, Store,
     rows::{JOB_COLUMNS, LeasedRow},
 };
 use crate::domain::{AttemptOutcome, JobId, JobState, LeaseRef, QueueName, TenantId};
@@ -428,10 +428,14 @@ impl Store {
                                    WHEN 'paused' THEN jsonb_build_object('reason', pause_reason) \
                                    ELSE jsonb_build_object('error', last_error) END \
                  FROM upd \
+             ), wake AS ( \
+                 SELECT pg_notify('{DUE_CHANNEL}', '') \
+                 FROM (SELECT 1 FROM upd WHERE state = 'retrying' LIMIT 1) d \
              ) \
              SELECT upd.state AS applied_state, {PRIOR_OUTCOME} AS prior_outcome \
              FROM input i \
              LEFT JOIN upd ON upd.id = i.id AND upd.attempt = i.attempt \
+             CROSS JOIN (SELECT count(*) FROM wake) w \
              ORDER BY i.ord"
         );
         let query = bind_leases(sqlx::query_as(sql), failed)

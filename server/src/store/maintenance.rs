@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 
 use super::{
-    JOBS_CHANNEL, Result, Store,
+    DUE_CHANNEL, JOBS_CHANNEL, Result, Store,
     leases::{ATTEMPT_UPSERT, BACKOFF_MS},
 };
 
@@ -81,10 +81,13 @@ impl Store {
                                    WHEN 'paused' THEN jsonb_build_object('reason', pause_reason) \
                                    ELSE jsonb_build_object('error', last_error) END \
                  FROM upd \
+             ), wake AS ( \
+                 SELECT pg_notify('{DUE_CHANNEL}', '') \
+                 FROM (SELECT 1 FROM upd WHERE state = 'retrying' LIMIT 1) d \
              ) \
-             SELECT count(*) FROM upd"
+             SELECT (SELECT count(*) FROM upd), (SELECT count(*) FROM wake)"
         );
-        let (n,): (i64,) = sqlx::query_as(sql)
+        let (n, _woken): (i64, i64) = sqlx::query_as(sql)
             .bind(limit)
             .fetch_one(&self.pool)
             .await?;
