@@ -609,7 +609,6 @@ async fn schedules_are_checked_like_enqueues_and_updates_like_creates() {
             update_mask: Some(prost_types::FieldMask {
                 paths: paths.iter().map(|p| (*p).to_owned()).collect(),
             }),
-            ..Default::default()
         }
     };
     assert_status(
