@@ -1,11 +1,12 @@
 //! Fault tests: processes killed with SIGKILL, several replicas on one database. Each checks
-//! invariants 1 and 2 from the database itself: the jobs table and every attempt
-//! (`job_attempt_history`).
+//! invariants 1 and 2 from the database itself (the jobs table and every attempt) and from the
+//! handlers, which count their own runs: the attempts table records a success per succeeded
+//! job whatever happened, so only the handlers can tell that a job ran twice.
 
 mod support;
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -24,10 +25,14 @@ use tonic::Code;
 
 const WAIT: Duration = Duration::from_secs(120);
 
+/// How many times each job's handler (by `Sleep::seq`) ran to success.
+type Runs = Arc<Mutex<HashMap<u64, u32>>>;
+
 fn spawn_sdk_worker(
     url: &str,
     id: &str,
     concurrency: usize,
+    runs: Runs,
 ) -> (CancellationToken, JoinHandle<()>) {
     let stop = CancellationToken::new();
     let name = id.to_owned();
@@ -35,8 +40,13 @@ fn spawn_sdk_worker(
         .worker_id(id)
         .concurrency(concurrency)
         .register::<Sleep, _, _>(move |ctx: JobContext, job: Sleep| {
-            let name = name.clone();
-            async move { jobs::run_sleep(ctx, job, name).await }
+            let (name, runs) = (name.clone(), runs.clone());
+            async move {
+                let seq = job.seq;
+                let output = jobs::run_sleep(ctx, job, name).await?;
+                *runs.lock().expect("lock").entry(seq).or_default() += 1;
+                Ok(output)
+            }
         })
         .build()
         .expect("worker builds");
@@ -59,8 +69,10 @@ async fn count_in_state(pool: &sqlx::PgPool, state: &str) -> i64 {
         .expect("count")
 }
 
-/// Every job succeeded exactly once, by its final attempt, and nothing is left running.
-async fn assert_each_succeeded_once(pool: &sqlx::PgPool, expected: i64) {
+/// Every job's handler ran to success exactly once (counted by the handlers), every job
+/// succeeded by its final attempt, and nothing is left running.
+async fn assert_each_succeeded_once(pool: &sqlx::PgPool, expected: i64, runs: &Runs) {
+    assert_each_ran_once(&runs.lock().expect("lock"), expected);
     assert_eq!(count_in_state(pool, "succeeded").await, expected);
     assert_eq!(count_in_state(pool, "running").await, 0);
     let bad: i64 = sqlx::query_scalar(
@@ -83,6 +95,23 @@ async fn assert_each_succeeded_once(pool: &sqlx::PgPool, expected: i64) {
             .await
             .expect("count open attempts");
     assert_eq!(open, 0, "attempts left open");
+}
+
+/// Each of `expected` jobs (seq 0 to expected - 1) ran to success once.
+fn assert_each_ran_once(runs: &HashMap<u64, u32>, expected: i64) {
+    let twice: Vec<(&u64, &u32)> = runs.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        twice.is_empty(),
+        "jobs whose handler succeeded more than once: {twice:?}"
+    );
+    let ran = i64::try_from(runs.len()).expect("small");
+    assert_eq!(ran, expected, "jobs whose handler succeeded");
+}
+
+#[test]
+#[should_panic(expected = "jobs whose handler succeeded more than once")]
+fn a_job_run_twice_is_caught() {
+    assert_each_ran_once(&HashMap::from([(0, 1), (1, 2)]), 2);
 }
 
 /// A worker killed mid-job: its lease lapses, another worker completes the job, and the dead
@@ -148,7 +177,7 @@ async fn killed_worker_lease_expires_and_another_worker_finishes() {
     assert!(running.attempts[0].finished_at.is_none());
     victim.kill();
 
-    let (stop, worker) = spawn_sdk_worker(&server.url(), "rescuer", 1);
+    let (stop, worker) = spawn_sdk_worker(&server.url(), "rescuer", 1, Runs::default());
     let output: SleepOutput = handle.wait().await.expect("the job completes");
     assert_eq!(output.worker, "rescuer");
     assert_eq!(output.attempt, 2);
@@ -214,7 +243,8 @@ async fn killed_server_loses_nothing() {
             .await
             .expect("enqueue batch");
     }
-    let (stop, worker) = spawn_sdk_worker(&server.url(), "survivor", 40);
+    let runs = Runs::default();
+    let (stop, worker) = spawn_sdk_worker(&server.url(), "survivor", 40, runs.clone());
     let pool = db.pool().await;
     eventually("some jobs done", WAIT, || {
         let pool = pool.clone();
@@ -234,7 +264,7 @@ async fn killed_server_loses_nothing() {
         async move { (count_in_state(&pool, "succeeded").await == 1000).then_some(()) }
     })
     .await;
-    assert_each_succeeded_once(&pool, 1000).await;
+    assert_each_succeeded_once(&pool, 1000, &runs).await;
     let total: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs")
         .fetch_one(&pool)
         .await
@@ -313,16 +343,18 @@ async fn two_servers_never_lease_a_job_twice() {
 
     let running: Arc<Mutex<HashSet<u64>>> = Arc::default();
     let doubled: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let runs = Runs::default();
     let mut workers = Vec::new();
     for (i, url) in [a.url(), b.url(), a.url(), b.url()].into_iter().enumerate() {
         let stop = CancellationToken::new();
-        let (running, doubled) = (running.clone(), doubled.clone());
+        let (running, doubled, runs) = (running.clone(), doubled.clone(), runs.clone());
         let name = format!("w{i}");
         let worker = Worker::builder(url)
             .worker_id(name.clone())
             .concurrency(10)
             .register::<Sleep, _, _>(move |ctx: JobContext, job: Sleep| {
-                let (running, doubled, name) = (running.clone(), doubled.clone(), name.clone());
+                let (running, doubled, runs, name) =
+                    (running.clone(), doubled.clone(), runs.clone(), name.clone());
                 async move {
                     let seq = job.seq;
                     if !running.lock().expect("lock").insert(seq) {
@@ -330,6 +362,9 @@ async fn two_servers_never_lease_a_job_twice() {
                     }
                     let result = jobs::run_sleep(ctx, job, name).await;
                     running.lock().expect("lock").remove(&seq);
+                    if result.is_ok() {
+                        *runs.lock().expect("lock").entry(seq).or_default() += 1;
+                    }
                     result
                 }
             })
@@ -377,7 +412,7 @@ async fn two_servers_never_lease_a_job_twice() {
         "jobs run twice at once: {:?}",
         doubled.lock().expect("lock")
     );
-    assert_each_succeeded_once(&pool, 2000).await;
+    assert_each_succeeded_once(&pool, 2000, &runs).await;
     let attempts: i64 = sqlx::query_scalar("SELECT count(*) FROM job_attempt_history")
         .fetch_one(&pool)
         .await
