@@ -7,7 +7,7 @@ use std::borrow::Cow;
 use jobwire_proto::{limits::MAX_RENDERED_JSON_BYTES, v1 as pb};
 use prost_reflect::DynamicMessage;
 
-use super::{ApiError, convert};
+use super::{ApiError, convert, validate};
 use crate::{
     domain::TenantId,
     registry::{Registry, Schema},
@@ -20,6 +20,8 @@ pub async fn prepare<'a>(
     tenant: &TenantId,
     spec: &'a pb::JobSpec,
 ) -> Result<(Cow<'a, pb::JobSpec>, Option<i32>), ApiError> {
+    // Checked before the registry is asked about it.
+    validate::job_type("job_type", &spec.job_type)?;
     let sources = usize::from(spec.payload.is_some())
         + usize::from(spec.payload_json.is_some())
         + usize::from(!spec.example.is_empty());
