@@ -128,8 +128,13 @@ fn client_threads() -> usize {
 
 impl Server {
     pub fn start(database_url: &str, extra: &[&str]) -> anyhow::Result<Self> {
+        Self::start_at("127.0.0.1:0", database_url, extra)
+    }
+
+    /// A server listening on `listen` (a replica restarted where it was).
+    pub fn start_at(listen: &str, database_url: &str, extra: &[&str]) -> anyhow::Result<Self> {
         let mut child = Command::new(server_binary()?)
-            .args(["--listen", "127.0.0.1:0", "--database-url", database_url])
+            .args(["--listen", listen, "--database-url", database_url])
             .args(extra)
             .env(
                 "RUST_LOG",
@@ -153,6 +158,12 @@ impl Server {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Crashes the server (SIGKILL) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Peak resident memory so far, in MiB (VmHWM).

@@ -30,7 +30,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 
 /// The longest a workload may run; one that runs over is reported as failed and the rest run.
-const WORKLOAD_TIMEOUT: Duration = Duration::from_secs(300);
+const WORKLOAD_TIMEOUT: Duration = Duration::from_secs(900);
 
 /// Benchmarks of jobwire.
 #[derive(Debug, Parser)]
@@ -91,6 +91,9 @@ enum Workload {
     /// 10,000 WatchJobs streams opened and abandoned, five rounds; server RSS per round
     #[value(name = "WA")]
     WatchAbandon,
+    /// Four watchers against the event log over 1,020,000 events while replicas are killed
+    #[value(name = "WK")]
+    WatchKills,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -131,6 +134,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 Workload::WatchFanout => workloads::watch_fanout::run(&pg).await,
                 Workload::CrossReplica => workloads::cross_replica::run(&pg).await,
                 Workload::WatchAbandon => workloads::watch_abandon::run(&pg).await,
+                Workload::WatchKills => workloads::watch_kills::run(&pg, args.prefetch).await,
             }
         };
         let report = match tokio::time::timeout(WORKLOAD_TIMEOUT, run).await {

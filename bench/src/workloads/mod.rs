@@ -7,6 +7,8 @@
 //! - `watch_fanout` (W4): 500 WatchJob streams on jobs reporting progress.
 //! - `cross_replica` (CR): progress on one replica, watched on another.
 //! - `watch_abandon` (WA): watch streams opened and abandoned; server memory per round.
+//! - `watch_kills` (WK): every watcher's events against the log over 1,000,000 events, with
+//!   replicas killed and restarted.
 
 pub mod bulk_drain;
 pub mod concurrent_enqueue;
@@ -14,6 +16,7 @@ pub mod cross_replica;
 pub mod pickup_latency;
 pub mod watch_abandon;
 pub mod watch_fanout;
+pub mod watch_kills;
 
 use std::time::Duration;
 
