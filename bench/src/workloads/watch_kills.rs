@@ -47,7 +47,7 @@ struct Received {
 pub async fn run(pg: &Postgres, prefetch: usize) -> anyhow::Result<Report> {
     let url = pg.fresh_database("jobwire_bench_wk").await?;
     let stable = Server::start(&url, &[])?;
-    let mut victims = vec![Server::start(&url, &[])?, Server::start(&url, &[])?];
+    let mut victims = [Server::start(&url, &[])?, Server::start(&url, &[])?];
     let urls: Arc<Mutex<Vec<String>>> =
         Arc::new(Mutex::new(victims.iter().map(|s| s.url.clone()).collect()));
     let mut worker = WorkerProcess::start(&stable.url, Handler::Noop, (SLOTS, prefetch), None)?;
