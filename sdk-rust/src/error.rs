@@ -5,9 +5,16 @@
 //! returns it to the worker runtime to say how its attempt failed and whether retrying can help.
 //! Keeping them apart means a handler cannot accidentally report a transport error as a job
 //! failure without choosing whether it is retryable.
+//!
+//! When the server refuses a request because of its content, it names the fields at fault in a
+//! `google.rpc.BadRequest` detail of its status; [`Error::field_violations`] reads them back as
+//! [`FieldViolation`]s (field path and description), so a caller can point at the input to fix
+//! without parsing the message.
 
 use std::fmt;
 use std::time::Duration;
+
+use tonic_types::StatusExt as _;
 
 use crate::job::{JobError, JobId, JobInfo, JobState};
 
@@ -19,13 +26,28 @@ pub enum Error {
     #[error("transport error: {0}")]
     Transport(#[from] tonic::transport::Error),
 
-    /// The server answered with a non-OK status; `code` and `message` are the server's.
+    /// The server answered with a non-OK status; `code` and `message` are the server's. A
+    /// status that names the fields at fault comes as [`Error::BadRequest`] instead; use
+    /// [`Error::code`] to read the code of either.
     #[error("server returned {code:?}: {message}")]
     Rpc {
         /// The gRPC status code, such as [`tonic::Code::NotFound`].
         code: tonic::Code,
         /// The server's message, which names the field at fault for `InvalidArgument`.
         message: String,
+    },
+
+    /// The server refused the request because of the fields it names: a non-OK status (from
+    /// jobwire, always `InvalidArgument`) carrying a `google.rpc.BadRequest` detail with at
+    /// least one field violation. See [`Error::field_violations`].
+    #[error("server returned {code:?}: {message}")]
+    BadRequest {
+        /// The gRPC status code, [`tonic::Code::InvalidArgument`] from a jobwire server.
+        code: tonic::Code,
+        /// The server's message, which names the first field at fault.
+        message: String,
+        /// Every field the server named, in its order; never empty.
+        field_violations: Vec<FieldViolation>,
     },
 
     /// A payload or result is not the message the caller's type expects (another type URL, or
@@ -103,8 +125,30 @@ impl Error {
     /// `NotFound` from `FailedPrecondition` without matching on the variant.
     pub fn code(&self) -> Option<tonic::Code> {
         match self {
-            Self::Rpc { code, .. } => Some(*code),
+            Self::Rpc { code, .. } | Self::BadRequest { code, .. } => Some(*code),
             _ => None,
+        }
+    }
+
+    /// The fields the server named as the reason it refused the request, each with its path
+    /// in the request (such as `job.priority`) and what is wrong with it; empty when the error
+    /// names none (it is not [`Error::BadRequest`]).
+    ///
+    /// ```no_run
+    /// # async fn demo(client: jobwire::Client, payload: impl jobwire::JobType) {
+    /// if let Err(error) = client.enqueue(payload).priority(500).await {
+    ///     for violation in error.field_violations() {
+    ///         eprintln!("{}: {}", violation.field(), violation.description());
+    ///     }
+    /// }
+    /// # }
+    /// ```
+    pub fn field_violations(&self) -> &[FieldViolation] {
+        match self {
+            Self::BadRequest {
+                field_violations, ..
+            } => field_violations,
+            _ => &[],
         }
     }
 
@@ -119,10 +163,63 @@ impl Error {
 
 impl From<tonic::Status> for Error {
     fn from(status: tonic::Status) -> Self {
-        Self::Rpc {
-            code: status.code(),
-            message: status.message().to_owned(),
+        let code = status.code();
+        let message = status.message().to_owned();
+        // Details that do not decode are ignored: the code and message still say what happened.
+        let field_violations: Vec<FieldViolation> = status
+            .get_error_details()
+            .bad_request()
+            .map(|bad_request| {
+                bad_request
+                    .field_violations
+                    .iter()
+                    .map(FieldViolation::from_proto)
+                    .collect()
+            })
+            .unwrap_or_default();
+        if field_violations.is_empty() {
+            Self::Rpc { code, message }
+        } else {
+            Self::BadRequest {
+                code,
+                message,
+                field_violations,
+            }
         }
+    }
+}
+
+/// A field the server named as the reason it refused a request: one entry of the
+/// `google.rpc.BadRequest` detail of its status. See [`Error::field_violations`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldViolation {
+    field: String,
+    description: String,
+}
+
+impl FieldViolation {
+    fn from_proto(violation: &tonic_types::FieldViolation) -> Self {
+        Self {
+            field: violation.field.clone(),
+            description: violation.description.clone(),
+        }
+    }
+
+    /// The path of the field in the request, dot-separated from the request's top level, such
+    /// as `job.priority` or `jobs[3].payload_json.sourceUrl`.
+    pub fn field(&self) -> &str {
+        &self.field
+    }
+
+    /// What is wrong with the field, such as `must be between 0 and 100, got 500`.
+    pub fn description(&self) -> &str {
+        &self.description
+    }
+}
+
+impl fmt::Display for FieldViolation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.description)
     }
 }
 
@@ -352,6 +449,76 @@ mod tests {
         let error = Error::from(tonic::Status::not_found("job 42 not found"));
         assert_eq!(error.code(), Some(tonic::Code::NotFound));
         assert!(error.to_string().contains("job 42 not found"));
+    }
+
+    #[test]
+    fn field_violations_are_read_from_the_status_details() {
+        let status = tonic::Status::with_error_details(
+            tonic::Code::InvalidArgument,
+            "job.priority: must be between 0 and 100, got 500",
+            tonic_types::ErrorDetails::with_bad_request(vec![
+                tonic_types::FieldViolation::new(
+                    "job.priority",
+                    "must be between 0 and 100, got 500",
+                ),
+                tonic_types::FieldViolation::new("job.queue", "must not be empty"),
+            ]),
+        );
+        let error = Error::from(status);
+        assert_eq!(error.code(), Some(tonic::Code::InvalidArgument));
+        assert!(matches!(error, Error::BadRequest { .. }));
+        let fields: Vec<(&str, &str)> = error
+            .field_violations()
+            .iter()
+            .map(|v| (v.field(), v.description()))
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                ("job.priority", "must be between 0 and 100, got 500"),
+                ("job.queue", "must not be empty"),
+            ]
+        );
+        assert_eq!(
+            error.to_string(),
+            "server returned InvalidArgument: job.priority: must be between 0 and 100, got 500"
+        );
+        assert_eq!(
+            error.field_violations()[1].to_string(),
+            "job.queue: must not be empty"
+        );
+    }
+
+    #[test]
+    fn a_status_without_violations_has_none() {
+        let plain = Error::from(tonic::Status::invalid_argument("bad"));
+        assert!(matches!(plain, Error::Rpc { .. }));
+        assert!(plain.field_violations().is_empty());
+
+        // A BadRequest detail that lists no field is no reason to change the variant.
+        let empty = Error::from(tonic::Status::with_error_details(
+            tonic::Code::InvalidArgument,
+            "bad",
+            tonic_types::ErrorDetails::with_bad_request(Vec::new()),
+        ));
+        assert!(matches!(empty, Error::Rpc { .. }));
+        assert!(empty.field_violations().is_empty());
+
+        let other = Error::Config("no url".into());
+        assert!(other.field_violations().is_empty());
+    }
+
+    #[test]
+    fn undecodable_details_are_ignored() {
+        let status =
+            tonic::Status::with_details(tonic::Code::InvalidArgument, "bad", bytes_of_garbage());
+        let error = Error::from(status);
+        assert_eq!(error.code(), Some(tonic::Code::InvalidArgument));
+        assert!(error.field_violations().is_empty());
+    }
+
+    fn bytes_of_garbage() -> tonic::codegen::Bytes {
+        tonic::codegen::Bytes::from_static(&[0xff, 0xff, 0xff])
     }
 
     #[test]

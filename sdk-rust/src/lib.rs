@@ -71,8 +71,8 @@
 //! - [`report`]: what a running job says about itself: [`Progress`], [`ProgressInfo`],
 //!   [`LogLevel`].
 //! - [`event`]: typed job events, [`JobEvent`] and [`JobEventKind`].
-//! - [`error`]: [`Error`] for calls that fail (and jobs that end badly), [`HandlerError`] for
-//!   handlers that fail.
+//! - [`error`]: [`Error`] for calls that fail (and jobs that end badly), with the fields the
+//!   server named at fault ([`Error::field_violations`]); [`HandlerError`] for handlers that fail.
 //!
 //! The client and the worker share nothing but the job vocabulary and the connection settings,
 //! so a producer never pulls in the worker's machinery and the other way round.
