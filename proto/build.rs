@@ -29,8 +29,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Type names let the SDK pack payloads into `Any` without a hand-written type URL.
     let mut config = prost_build::Config::new();
     config.enable_type_names();
-    // `build_transport(false)`: DESIGN.md names the worker RPC `Connect`, which would collide
-    // with the generated `connect` constructor; clients are built from a `Channel` instead.
+    // `build_transport(false)`: the worker RPC is named `Connect` (docs/architecture.md), which
+    // would collide with the generated `connect` constructor; clients are built from a `Channel`
+    // instead.
     // Every service and client decodes through `codec::Codec`: a malformed body is the
     // caller's INVALID_ARGUMENT, not the server's INTERNAL.
     tonic_prost_build::configure()

@@ -10,7 +10,7 @@
 //! - **No collision** with any other PostgreSQL on the machine: the cluster listens on no TCP
 //!   port at all, only on a Unix socket in a directory of its own.
 //! - **Durability stays PostgreSQL's default** (fsync and synchronous commit on), so invariant 1
-//!   of DESIGN.md holds on the embedded cluster as on any other.
+//!   of docs/architecture.md holds on the embedded cluster as on any other.
 //! - **The cluster outlives its starter.** It is a daemon (`pg_ctl start`): a killed server
 //!   leaves it running and the next start reuses it, so a crash of jobwire is never a crash of
 //!   its database. Concurrent starters (test processes of one run, a restarted server) agree
@@ -329,7 +329,7 @@ impl EmbeddedPostgres {
     /// and every server process (its process group, as `pg_ctl` makes it a session leader), no
     /// shutdown checkpoint. Returns once they are all dead, so that the next
     /// [`EmbeddedPostgres::start`] runs crash recovery instead of finding a dying cluster. For
-    /// tests of durability (DESIGN.md invariant 1).
+    /// tests of durability (invariant 1 of docs/architecture.md).
     pub async fn kill(self) -> Result<(), EmbeddedPgError> {
         let pid = self.pid;
         let target = Pid::from_raw(pid);

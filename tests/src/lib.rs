@@ -1,7 +1,7 @@
 //! The end-to-end test harness: real PostgreSQL, the real server binary, real processes.
 //!
-//! DESIGN.md asks the tests to prove the invariants against what operators run, so nothing here
-//! is a fake: [`test_db`] creates a real database, [`ServerProcess`] runs the real
+//! The tests prove the invariants of docs/architecture.md against what operators run, so
+//! nothing here is a fake: [`test_db`] creates a real database, [`ServerProcess`] runs the real
 //! `jobwire-server` binary, and [`ChildProcess`] runs any other binary (test workers) so that a
 //! test can SIGKILL it. Tests wait on observable state with [`eventually`], never on wall time.
 //!

@@ -2,10 +2,10 @@
 //! sequence seen whenever they break.
 //!
 //! The server promises that a watch resumed after sequence N delivers every later event, in
-//! order, once (DESIGN.md invariant 5). [`JobEvents`] keeps that promise across reconnects by
-//! remembering the sequence of the last event it took (yielded, or skipped as unreadable) and
-//! reopening after it; it also drops any event at or below it, so a server that repeats itself
-//! cannot make the consumer see an event twice.
+//! order, once (invariant 5 of docs/architecture.md). [`JobEvents`] keeps that promise across
+//! reconnects by remembering the sequence of the last event it took (yielded, or skipped as
+//! unreadable) and reopening after it; it also drops any event at or below it, so a server that
+//! repeats itself cannot make the consumer see an event twice.
 //!
 //! Reconnects wait 50 ms, doubling to 2 s (jittered, so that the watchers of a restarted server
 //! do not all return at once). A stream gives up, yielding one error and then
