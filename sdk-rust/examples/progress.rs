@@ -1,5 +1,7 @@
 //! Enqueues one `demo.countdown` job and renders it live from the job's event stream: a
 //! progress bar, the job's log lines and state changes printed above it, then the result.
+//! When stdout is not a terminal (a pipe, a file, CI), every event is a plain line instead,
+//! with no bar and no escape codes.
 //!
 //! Run a server and the `worker` example first, then:
 //! `JOBWIRE_URL=http://127.0.0.1:50051 cargo run -p jobwire --example progress`.
@@ -9,12 +11,13 @@
 
 mod common;
 
+use std::io::IsTerminal as _;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use common::Countdown;
 use futures::StreamExt;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use jobwire::{Client, JobEvent, JobEventKind, JobState, ProgressInfo};
 
 #[tokio::main]
@@ -36,14 +39,7 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("enqueueing the countdown")?;
 
-    let bar = ProgressBar::new(u64::from(steps));
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{spinner} {elapsed_precise} [{bar:40}] {pos}/{len} {prefix:.bold} {wide_msg}",
-        )?
-        .progress_chars("=> "),
-    );
-    bar.enable_steady_tick(Duration::from_millis(100));
+    let bar = Display::new(u64::from(steps))?;
     bar.println(format!("enqueued job {}", handle.id()));
     bar.set_message("waiting for a worker");
 
@@ -61,11 +57,11 @@ async fn main() -> anyhow::Result<()> {
                     }
                 }
                 Some(Err(error)) => {
-                    bar.abandon();
+                    bar.abandon(None);
                     return Err(error).with_context(|| format!("watching job {}", handle.id()));
                 }
                 None => {
-                    bar.abandon();
+                    bar.abandon(None);
                     bail!("the watch of job {} ended before the job did", handle.id());
                 }
             },
@@ -91,7 +87,7 @@ async fn main() -> anyhow::Result<()> {
         );
     };
     if *state != JobState::Succeeded {
-        bar.abandon_with_message(state.to_string());
+        bar.abandon(Some(state.to_string()));
         let why = error
             .as_ref()
             .map(ToString::to_string)
@@ -99,7 +95,7 @@ async fn main() -> anyhow::Result<()> {
             .unwrap_or_default();
         bail!("job {} ended {state}: {why}", handle.id());
     }
-    bar.finish_with_message("done");
+    bar.finish("done");
 
     // The event carries the finished job; read it once more only if it came without a result.
     let output = match job.as_deref().map(|job| job.result::<Countdown>()) {
@@ -117,11 +113,80 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Where the job is shown: a live bar when stdout is a terminal, plain lines otherwise, so that
+/// output sent to a file or a pipe holds each event once, with no escape codes.
+enum Display {
+    /// A bar drawn on stdout, with lines printed above it.
+    Bar(ProgressBar),
+    /// One line per event on stdout.
+    Lines,
+}
+
+impl Display {
+    fn new(steps: u64) -> anyhow::Result<Self> {
+        if !std::io::stdout().is_terminal() {
+            return Ok(Self::Lines);
+        }
+        let bar = ProgressBar::with_draw_target(Some(steps), ProgressDrawTarget::stdout());
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{spinner} {elapsed_precise} [{bar:40}] {pos}/{len} {prefix:.bold} {wide_msg}",
+            )?
+            .progress_chars("=> "),
+        );
+        bar.enable_steady_tick(Duration::from_millis(100));
+        Ok(Self::Bar(bar))
+    }
+
+    /// A line of its own: above the bar, or on stdout.
+    fn println(&self, line: impl AsRef<str>) {
+        match self {
+            Self::Bar(bar) => bar.println(line),
+            Self::Lines => println!("{}", line.as_ref()),
+        }
+    }
+
+    /// What the job is doing: the bar's message, or a line.
+    fn set_message(&self, message: &str) {
+        match self {
+            Self::Bar(bar) => bar.set_message(message.to_owned()),
+            Self::Lines => println!("  {message}"),
+        }
+    }
+
+    fn progress(&self, progress: &ProgressInfo) {
+        match self {
+            Self::Bar(bar) => show_progress(bar, progress),
+            Self::Lines => println!("{}", progress_line(progress)),
+        }
+    }
+
+    fn finish(&self, message: &'static str) {
+        match self {
+            Self::Bar(bar) => bar.finish_with_message(message),
+            Self::Lines => println!("  {message}"),
+        }
+    }
+
+    /// Leaves the bar where it stopped; plain lines have already said why.
+    fn abandon(&self, message: Option<String>) {
+        if let Self::Bar(bar) = self {
+            match message {
+                Some(message) => bar.abandon_with_message(message),
+                None => bar.abandon(),
+            }
+        }
+    }
+}
+
 /// Shows one event: progress moves the bar, everything else is printed above it.
-fn render(bar: &ProgressBar, event: &JobEvent) {
+fn render(bar: &Display, event: &JobEvent) {
     match event.kind() {
-        JobEventKind::Progress(progress) => show_progress(bar, progress),
-        JobEventKind::Log { level, message, .. } => bar.println(format!("{level:>5} {message}")),
+        JobEventKind::Progress(progress) => bar.progress(progress),
+        // `LogLevel`'s Display writes its name whole; padding applies to the string.
+        JobEventKind::Log { level, message, .. } => {
+            bar.println(format!("{:>5} {message}", level.to_string()));
+        }
         JobEventKind::StateChanged {
             state,
             reason,
@@ -140,9 +205,12 @@ fn render(bar: &ProgressBar, event: &JobEvent) {
             }
             bar.println(line);
             match state {
+                // A line of their own already said so.
+                JobState::Running | JobState::Retrying | JobState::Paused | JobState::Available
+                    if matches!(bar, Display::Lines) => {}
                 JobState::Running => bar.set_message("running"),
                 JobState::Retrying | JobState::Paused | JobState::Available => {
-                    bar.set_message(state.to_string());
+                    bar.set_message(&state.to_string());
                 }
                 _ => {}
             }
@@ -169,6 +237,23 @@ fn show_progress(bar: &ProgressBar, progress: &ProgressInfo) {
     }
     bar.set_prefix(progress.stage().unwrap_or_default().to_owned());
     bar.set_message(progress.message().unwrap_or_default().to_owned());
+}
+
+/// A progress report as one line: `progress 3/20 (15%) counting: 17 to go`.
+fn progress_line(progress: &ProgressInfo) -> String {
+    let mut line = String::from("progress");
+    if let Some(total) = progress.items_total() {
+        line.push_str(&format!(" {}/{total}", progress.items_done()));
+    }
+    if let Some(fraction) = progress.fraction() {
+        line.push_str(&format!(" ({:.0}%)", fraction * 100.0));
+    }
+    match (progress.stage(), progress.message()) {
+        (Some(stage), Some(message)) => line.push_str(&format!(" {stage}: {message}")),
+        (Some(text), None) | (None, Some(text)) => line.push_str(&format!(" {text}")),
+        (None, None) => {}
+    }
+    line
 }
 
 /// A number from the environment, or `default` when unset or not a number.

@@ -93,13 +93,16 @@ pub fn server_url() -> String {
     std::env::var("JOBWIRE_URL").unwrap_or_else(|_| "http://127.0.0.1:50051".to_owned())
 }
 
-/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`), in colour only when stderr is a
+/// terminal: redirected to a file or a pipe, the lines carry no escape codes.
 pub fn init_tracing() {
+    use std::io::IsTerminal as _;
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 }

@@ -4,6 +4,7 @@
 //! `JOBWIRE_URL` (default `http://127.0.0.1:50051`) names the server; `CATALOG_CACHE_DIR`
 //! (default `./.catalog-cache`) is where downloads go; `RUST_LOG` filters the worker's own log.
 
+use std::io::IsTerminal as _;
 use std::path::PathBuf;
 
 use jobwire::Worker;
@@ -15,7 +16,11 @@ const DEFAULT_CACHE_DIR: &str = "./.catalog-cache";
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).init();
+    // Colour only on a terminal: a log redirected to a file or a pipe carries no escape codes.
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stdout().is_terminal())
+        .init();
 
     let url = std::env::var("JOBWIRE_URL").unwrap_or_else(|_| DEFAULT_URL.to_owned());
     let cache_dir = std::env::var_os("CATALOG_CACHE_DIR")
