@@ -21,16 +21,12 @@ use jobwire_proto::limits::MAX_MESSAGE_BYTES;
 
 use crate::{
     api::{
-        budget::OversizeLayer,
-        job_service::JobApi,
-        job_type_service::JobTypeApi,
-        queue_service::QueueApi,
-        schedule_service::ScheduleApi,
-        watch::Watches,
-        worker_service::{SessionConfig, WorkerApi},
+        budget::OversizeLayer, job_service::JobApi, job_type_service::JobTypeApi,
+        queue_service::QueueApi, schedule_service::ScheduleApi, watch::Watches,
+        worker_service::WorkerApi,
     },
     config::{Config, MAX_STREAMS_PER_CONNECTION},
-    engine::Engine,
+    engine::{Engine, session::SessionConfig},
     memory::Trimmer,
     registry::Registry,
     store::Store,
@@ -106,12 +102,14 @@ pub async fn run(
         store.clone(),
         registry.clone(),
         engine.clone(),
-        SessionConfig {
-            lease_duration: config.lease_duration,
-            heartbeat_interval: config.heartbeat_interval,
-            max_payload_bytes: config.max_payload_bytes,
-            stop_grace: config.stop_grace,
-        },
+        (
+            SessionConfig {
+                lease_duration: config.lease_duration,
+                heartbeat_interval: config.heartbeat_interval,
+                stop_grace: config.stop_grace,
+            },
+            config.max_payload_bytes,
+        ),
         shutdown.clone(),
         tasks.clone(),
     ))

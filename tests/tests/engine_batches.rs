@@ -9,10 +9,12 @@ use jobwire_server::{
     api::validate,
     domain::{JobId, LeaseRef, QueueName, TenantId},
     engine::{
-        completer::{Completer, Settle, SettleError},
+        Error,
+        completer::{Completer, Settle},
+        ending::Completion,
         fanout::{Fanout, FanoutConfig},
     },
-    store::{Completion, LogBatch, Store, Worker},
+    store::{LogBatch, Store, Worker},
 };
 use jobwire_tests::test_db;
 
@@ -47,6 +49,7 @@ async fn a_report_the_database_refuses_fails_only_its_own_caller() {
             &Worker {
                 id: "w",
                 lease: Duration::from_secs(60),
+                reports_started: false,
             },
         )
         .await
@@ -98,8 +101,8 @@ async fn a_report_the_database_refuses_fails_only_its_own_caller() {
             done.await.expect("completion task"),
         );
         if i == poisoned {
-            assert!(matches!(logs, Err(SettleError::Internal(_))), "{logs:?}");
-            assert!(matches!(done, Err(SettleError::Internal(_))), "{done:?}");
+            assert!(matches!(logs, Err(Error::Internal(_))), "{logs:?}");
+            assert!(matches!(done, Err(Error::Internal(_))), "{done:?}");
         } else {
             assert!(logs.is_ok(), "log line {i}: {logs:?}");
             assert!(done.is_ok(), "completion {i}: {done:?}");

@@ -6,6 +6,7 @@ mod support;
 use jobwire_proto::v1 as pb;
 use jobwire_server::{
     domain::{JobId, LeaseRef, TenantId},
+    engine::ending,
     store::Store,
 };
 use std::time::Duration;
@@ -928,8 +929,7 @@ async fn a_lease_handed_back_undelivered_ends_its_job_as_a_stop_asked() {
             attempt: l.attempt,
         })
         .collect();
-    let released = store
-        .release_undelivered(&TenantId::default_tenant(), &refs)
+    let released = ending::release(&store, &TenantId::default_tenant(), &refs)
         .await
         .expect("release");
     assert_eq!(released, 3);
@@ -974,8 +974,7 @@ async fn a_lease_handed_back_undelivered_ends_its_job_as_a_stop_asked() {
 
     // Sent again (as a worker does after a broken stream), the hand-back matches nothing: the
     // next claim of the plain job is attempt 2, not a second attempt 1.
-    let again = store
-        .release_undelivered(&TenantId::default_tenant(), &refs)
+    let again = ending::release(&store, &TenantId::default_tenant(), &refs)
         .await
         .expect("release again");
     assert_eq!(again, 0);

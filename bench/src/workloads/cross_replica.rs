@@ -99,6 +99,7 @@ pub async fn run(pg: &Postgres) -> anyhow::Result<Report> {
         running: vec![],
         schemas: vec![],
         prefetch: 0,
+        reports_started: false,
     })))
     .await?;
     let mut stream = WorkerServiceClient::new(channel(&a.url).await?)

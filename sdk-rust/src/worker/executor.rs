@@ -66,6 +66,8 @@ pub(super) struct Finished {
     pub(super) outcome: Result<Any, HandlerError>,
     /// What was left of the lease's reports, to send before the result.
     pub(super) left: Final,
+    /// The handler was stopped because the attempt ran past its deadline.
+    pub(super) timed_out: bool,
 }
 
 /// A lease the worker will not run, and the failure to report for it.
@@ -93,6 +95,8 @@ pub(super) struct Executor {
     leases: HashMap<pb::LeaseRef, InFlight>,
     /// Which lease each task runs; a panicked task tells only its id.
     by_task: HashMap<task::Id, pb::LeaseRef>,
+    /// Leases whose handlers started since the server was last told.
+    started: Vec<pb::LeaseRef>,
 }
 
 impl Executor {
@@ -112,6 +116,7 @@ impl Executor {
             tasks: JoinSet::new(),
             leases: HashMap::new(),
             by_task: HashMap::new(),
+            started: Vec::new(),
         }
     }
 
@@ -199,6 +204,7 @@ impl Executor {
                 .instrument(span),
         );
         tracing::debug!(job_id = %lease_ref.job_id, attempt = lease_ref.attempt, "handler started");
+        self.started.push(lease_ref.clone());
         self.by_task.insert(task.id(), lease_ref.clone());
         self.leases.insert(
             lease_ref,
@@ -209,6 +215,12 @@ impl Executor {
                 lost: false,
             },
         );
+    }
+
+    /// The leases whose handlers started since the last call, for the server to count their
+    /// attempts (see `Hello.reports_started`).
+    pub(super) fn take_started(&mut self) -> Vec<pb::LeaseRef> {
+        std::mem::take(&mut self.started)
     }
 
     /// Starts queued leases on the slots free.
@@ -354,11 +366,13 @@ impl Executor {
         let lease = self.by_task.remove(&id)?;
         let running = self.leases.remove(&lease)?;
         self.start_queued();
+        let reason = running.stop.reason();
         Some(Finished {
             lease,
             job_type: running.job_type,
-            outcome: after_stop(outcome, running.stop.reason()),
+            outcome: after_stop(outcome, reason),
             left: running.reports.finish(),
+            timed_out: reason == Some(StopReason::TimedOut),
         })
     }
 }

@@ -264,6 +264,7 @@ impl Work {
             job_type,
             outcome,
             left,
+            timed_out,
         } = finished;
         let request_id = self.ids.next();
         match outcome {
@@ -286,7 +287,8 @@ impl Work {
                     %error,
                     "job failed"
                 );
-                self.outbox.fail(request_id, lease, job_type, &error, left);
+                self.outbox
+                    .fail(request_id, lease, job_type, &error, left, timed_out);
             }
         }
     }
@@ -308,13 +310,21 @@ impl Work {
         );
         let request_id = self.ids.next();
         self.outbox
-            .fail(request_id, lease, job_type, &error, Final::default());
+            .fail(request_id, lease, job_type, &error, Final::default(), false);
     }
 
     /// The hand-backs and the results not sent on the current stream yet, each result after
     /// what was left of its lease's reports.
     fn outgoing(&mut self) -> Vec<pb::ConnectRequest> {
         let mut messages = Vec::new();
+        let started = self.executor.take_started();
+        if !started.is_empty() {
+            messages.push(pb::ConnectRequest {
+                message: Some(pb::connect_request::Message::Started(pb::StartedJobs {
+                    leases: started,
+                })),
+            });
+        }
         self.releases.outgoing(&mut self.ids, &mut messages);
         for unsent in self.outbox.unsent() {
             self.reporter.final_reports(

@@ -99,6 +99,7 @@ impl Outbox {
         job_type: String,
         error: &HandlerError,
         left: Final,
+        timed_out: bool,
     ) {
         let message = Message::Fail(pb::FailJob {
             request_id,
@@ -110,6 +111,7 @@ impl Outbox {
             ),
             non_retryable: !error.is_retryable(),
             retry_after: error.retry_after().map(job::duration_to_proto),
+            timed_out,
         });
         self.push(request_id, lease, job_type, message, left);
     }
@@ -243,6 +245,7 @@ mod tests {
             "t".into(),
             &HandlerError::retryable("x"),
             Final::default(),
+            false,
         );
         let unsent = outbox.unsent();
         assert_eq!(ids(&unsent), [1, 2]);
@@ -262,7 +265,7 @@ mod tests {
         let error = HandlerError::fatal("bad input")
             .with_kind("validation")
             .with_retry_after(Duration::from_secs(2));
-        outbox.fail(1, lease("j1"), "t".into(), &error, Final::default());
+        outbox.fail(1, lease("j1"), "t".into(), &error, Final::default(), false);
         let unsent = outbox.unsent();
         let Some(Message::Fail(fail)) = &unsent[0].result.message else {
             panic!("expected a FailJob");
@@ -314,6 +317,7 @@ mod tests {
             "t".into(),
             &HandlerError::retryable("x"),
             Final::default(),
+            false,
         );
         outbox.complete(3, lease("j3"), "t".into(), Any::default(), Final::default());
         let first = outbox.unsent();

@@ -135,6 +135,7 @@ pub(super) async fn run(
         running: work.executor.live_leases(),
         schemas: work.executor.job_schemas(),
         prefetch: i32::try_from(work.executor.prefetch()).unwrap_or(i32::MAX),
+        reports_started: true,
     };
     out.send_message(Outbound::Hello(hello))
         .await
@@ -306,8 +307,11 @@ async fn receive(
                     attempt: lease.attempt,
                 }]);
                 out.send_all(work.outgoing()).await?;
-            } else if let Err(refusal) = work.executor.start(lease) {
-                work.refuse(*refusal);
+            } else {
+                if let Err(refusal) = work.executor.start(lease) {
+                    work.refuse(*refusal);
+                }
+                // The server counts an attempt once it knows its handler started.
                 out.send_all(work.outgoing()).await?;
             }
         }

@@ -6,10 +6,7 @@
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::{
-    engine::{completer::SettleError, enqueuer::EnqueueError},
-    store,
-};
+use crate::{engine, store};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -99,24 +96,14 @@ impl From<store::Error> for ApiError {
     }
 }
 
-impl From<SettleError> for ApiError {
-    fn from(error: SettleError) -> Self {
+impl From<engine::Error> for ApiError {
+    fn from(error: engine::Error) -> Self {
         match error {
-            SettleError::ShuttingDown | SettleError::Unavailable(_) => {
+            engine::Error::ShuttingDown | engine::Error::Unavailable(_) => {
                 Self::Unavailable(error.to_string())
             }
-            SettleError::Internal(message) => Self::Internal(message),
-        }
-    }
-}
-
-impl From<EnqueueError> for ApiError {
-    fn from(error: EnqueueError) -> Self {
-        match error {
-            EnqueueError::ShuttingDown | EnqueueError::Unavailable(_) => {
-                Self::Unavailable(error.to_string())
-            }
-            EnqueueError::Internal(message) => Self::Internal(message),
+            engine::Error::Stale(_) | engine::Error::Late(_) => Self::Aborted(error.to_string()),
+            engine::Error::Internal(message) => Self::Internal(message),
         }
     }
 }

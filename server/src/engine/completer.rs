@@ -19,10 +19,14 @@ use tokio::sync::{mpsc, oneshot};
 
 use std::collections::HashMap;
 
-use super::{batch, fanout::FanoutHandle};
+use super::{
+    Error, batch,
+    ending::{self, Completion, Failure},
+    fanout::FanoutHandle,
+};
 use crate::{
-    domain::{JobState, LeaseRef},
-    store::{self, Checkpoint, Completion, Failure, LogBatch, ProgressUpdate, SettleResult, Store},
+    domain::{JobState, LeaseRef, TenantId},
+    store::{self, Checkpoint, LogBatch, ProgressUpdate, SettleResult, Store},
 };
 
 /// The most outcomes written by one statement.
@@ -40,23 +44,28 @@ const RETRY_BUDGET: Duration = Duration::from_secs(30);
 pub enum Settle {
     Complete(Completion),
     Fail(Failure),
+    /// A lease's handler has started (answered at once: nobody waits for it).
+    Started(TenantId, LeaseRef),
     Progress(ProgressUpdate),
     Logs(LogBatch),
     Checkpoint(Checkpoint),
 }
 
-type Reply = oneshot::Sender<Result<SettleResult, SettleError>>;
-
-/// Why an outcome could not be recorded.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum SettleError {
-    #[error("the server is shutting down")]
-    ShuttingDown,
-    #[error("database unavailable: {0}")]
-    Unavailable(String),
-    #[error("database error: {0}")]
-    Internal(String),
+impl Settle {
+    /// The lease the report is about.
+    pub fn lease(&self) -> LeaseRef {
+        match self {
+            Settle::Complete(c) => c.lease,
+            Settle::Fail(f) => f.lease,
+            Settle::Progress(p) => p.lease,
+            Settle::Logs(l) => l.lease,
+            Settle::Checkpoint(c) => c.lease,
+            Settle::Started(_, lease) => *lease,
+        }
+    }
 }
+
+type Reply = oneshot::Sender<Result<SettleResult, Error>>;
 
 /// A cloneable handle for submitting outcomes.
 #[derive(Debug, Clone)]
@@ -66,13 +75,13 @@ pub struct CompleterHandle {
 
 impl CompleterHandle {
     /// Records one outcome, waiting until it has committed.
-    pub async fn settle(&self, settle: Settle) -> Result<SettleResult, SettleError> {
+    pub async fn settle(&self, settle: Settle) -> Result<SettleResult, Error> {
         let (reply, answer) = oneshot::channel();
         self.tx
             .send((settle, reply))
             .await
-            .map_err(|_| SettleError::ShuttingDown)?;
-        answer.await.map_err(|_| SettleError::ShuttingDown)?
+            .map_err(|_| Error::ShuttingDown)?;
+        answer.await.map_err(|_| Error::ShuttingDown)?
     }
 }
 
@@ -108,6 +117,7 @@ impl Completer {
         let mut failures = (Vec::new(), Vec::new());
         let mut logs = (Vec::new(), Vec::new());
         let mut checkpoints = (Vec::new(), Vec::new());
+        let mut started = Vec::new();
         // The latest progress per lease, and every caller waiting on any report for it.
         let mut progress: HashMap<LeaseRef, (ProgressUpdate, Vec<Reply>)> = HashMap::new();
         for (settle, reply) in batch.drain(..) {
@@ -116,6 +126,10 @@ impl Completer {
                 Settle::Fail(f) => push(&mut failures, f, reply),
                 Settle::Logs(l) => push(&mut logs, l, reply),
                 Settle::Checkpoint(c) => push(&mut checkpoints, c, reply),
+                Settle::Started(tenant, lease) => {
+                    let _ = reply.send(Ok(SettleResult::Applied(JobState::Running)));
+                    started.push((tenant, lease));
+                }
                 Settle::Progress(p) => match progress.get_mut(&p.lease) {
                     Some((latest, replies)) => {
                         *latest = p;
@@ -127,6 +141,14 @@ impl Completer {
                 },
             }
         }
+        // An attempt that ends in this batch needs no note that it started: its end counts it.
+        let ending: std::collections::HashSet<LeaseRef> = completions
+            .0
+            .iter()
+            .map(|c: &Completion| c.lease)
+            .chain(failures.0.iter().map(|f: &Failure| f.lease))
+            .collect();
+        started.retain(|(_, lease)| !ending.contains(lease));
         let (updates, progress_replies): (Vec<_>, Vec<_>) = progress.into_values().unzip();
         tracing::debug!(
             completions = completions.0.len(),
@@ -147,7 +169,7 @@ impl Completer {
             .chunks(chunk)
             .map(|rows| progress_replies.by_ref().take(rows.len()).collect())
             .collect();
-        let (_, logged, saved) = tokio::join!(
+        let (_, logged, saved, noted) = tokio::join!(
             join_all(
                 updates
                     .chunks(chunk)
@@ -158,23 +180,41 @@ impl Completer {
             self.write(checkpoints.0.len(), |r| {
                 self.store.save_checkpoints(&checkpoints.0[r])
             }),
+            self.write(started.len(), |r| self.store.mark_started(&started[r])),
         );
+        if let Some(Err(error)) = noted.iter().find(|r| r.is_err()) {
+            // A start not noted only means that a lapse of that lease would not count.
+            tracing::warn!(%error, "could not note started handlers");
+        }
         if logged.iter().any(Result::is_ok) {
             self.fanout.committed();
         }
         answer_matched(logged, logs.1.into_iter().map(|r| vec![r]).collect());
         answer_matched(saved, checkpoints.1.into_iter().map(|r| vec![r]).collect());
-        let (done, failed) = tokio::join!(
-            self.write(completions.0.len(), |r| {
-                self.store.complete_many(&completions.0[r])
-            }),
-            self.write(failures.0.len(), |r| self.store.fail_many(&failures.0[r])),
-        );
-        if done.iter().chain(&failed).any(Result::is_ok) {
+        // Completions and failures end in one statement; failures are decided from their
+        // attempts' facts, read first (see `ending`).
+        let mut ends: Vec<_> = completions.0.iter().map(ending::completion).collect();
+        let mut replies = completions.1;
+        if !failures.0.is_empty() {
+            match with_retries(|| ending::failures(&self.store, &failures.0)).await {
+                Ok(failed) => {
+                    ends.extend(failed);
+                    replies.extend(failures.1);
+                }
+                Err(error) => {
+                    for reply in failures.1 {
+                        let _ = reply.send(Err(error.clone()));
+                    }
+                }
+            }
+        }
+        let ended = self
+            .write(ends.len(), |r| self.store.end_attempts(&ends[r]))
+            .await;
+        if ended.iter().any(Result::is_ok) {
             self.fanout.committed();
         }
-        answer(done, completions.1);
-        answer(failed, failures.1);
+        answer(ended, replies);
     }
 
     /// Writes one statement of progress reports, answers them, and wakes the fanout.
@@ -197,7 +237,7 @@ impl Completer {
         &self,
         len: usize,
         statement: impl Fn(Range<usize>) -> Fut,
-    ) -> Vec<Result<R, SettleError>>
+    ) -> Vec<Result<R, Error>>
     where
         Fut: Future<Output = store::Result<Vec<R>>>,
     {
@@ -208,7 +248,7 @@ impl Completer {
         batch::isolate(
             len,
             |range| with_retries(move || statement(range.clone())),
-            |error| matches!(error, SettleError::Internal(_)),
+            |error| matches!(error, Error::Internal(_)),
         )
         .await
     }
@@ -221,7 +261,7 @@ fn push<T>(group: &mut (Vec<T>, Vec<Reply>), item: T, reply: Reply) {
 
 /// Answers reports whose statement says, per row, whether the lease was current; each row has
 /// the group of callers whose reports it stands for.
-fn answer_matched(outcomes: Vec<Result<bool, SettleError>>, groups: Vec<Vec<Reply>>) {
+fn answer_matched(outcomes: Vec<Result<bool, Error>>, groups: Vec<Vec<Reply>>) {
     for (outcome, replies) in outcomes.into_iter().zip(groups) {
         let result = outcome.map(|current| {
             if current {
@@ -236,14 +276,14 @@ fn answer_matched(outcomes: Vec<Result<bool, SettleError>>, groups: Vec<Vec<Repl
     }
 }
 
-fn answer(outcomes: Vec<Result<SettleResult, SettleError>>, replies: Vec<Reply>) {
+fn answer(outcomes: Vec<Result<SettleResult, Error>>, replies: Vec<Reply>) {
     for (outcome, reply) in outcomes.into_iter().zip(replies) {
         let _ = reply.send(outcome);
     }
 }
 
 /// Runs a batch statement, retrying transient failures with exponential backoff.
-async fn with_retries<T, F, Fut>(mut op: F) -> Result<Vec<T>, SettleError>
+async fn with_retries<T, F, Fut>(mut op: F) -> Result<Vec<T>, Error>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = store::Result<Vec<T>>>,
@@ -259,9 +299,9 @@ where
                 delay = (delay * 2).min(Duration::from_secs(2));
             }
             Err(error) if error.is_transient() => {
-                return Err(SettleError::Unavailable(error.to_string()));
+                return Err(Error::Unavailable(error.to_string()));
             }
-            Err(error) => return Err(SettleError::Internal(error.to_string())),
+            Err(error) => return Err(Error::Internal(error.to_string())),
         }
     }
 }

@@ -50,6 +50,7 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
+use super::ending;
 use crate::{
     domain::{JobId, LeaseRef, QueueName, TenantId},
     store::{HeldBack, LeasedRow, Store, Worker as LeaseTo},
@@ -99,6 +100,8 @@ pub struct Registration {
     pub prefetch: u32,
     /// Leases it holds at registration (those adopted from an earlier stream).
     pub held: u32,
+    /// Whether the worker says when its handlers start (see `domain::ending`).
+    pub reports_started: bool,
     /// Where leases are delivered; capacity at least the worker's slots plus its prefetch.
     pub leases: mpsc::Sender<Outgoing>,
 }
@@ -121,6 +124,7 @@ pub struct Reservation {
     pub session: SessionId,
     pub worker_id: String,
     pub lease: Duration,
+    pub reports_started: bool,
     leases: mpsc::Sender<Outgoing>,
 }
 
@@ -579,7 +583,7 @@ impl Dispatcher {
             if leases.is_empty() {
                 continue;
             }
-            if let Err(error) = self.store.release_undelivered(&tenant, &leases).await {
+            if let Err(error) = ending::release(&self.store, &tenant, &leases).await {
                 tracing::warn!(%error, "could not hand back undelivered leases; they will lapse");
             }
         }
@@ -743,6 +747,7 @@ impl Dispatcher {
             session: r.session,
             worker_id: r.worker_id.clone(),
             lease: self.lease_duration,
+            reports_started: r.reports_started,
             leases: r.leases.clone(),
         })
     }
@@ -791,6 +796,7 @@ impl Dispatcher {
             let request = ClaimRequest {
                 tenant: r.tenant.clone(),
                 worker_id: r.worker_id.clone(),
+                reports_started: r.reports_started,
                 job_types: r.job_types.clone(),
                 unlimited,
                 limited,
@@ -880,6 +886,7 @@ impl Dispatcher {
 struct ClaimRequest {
     tenant: TenantId,
     worker_id: String,
+    reports_started: bool,
     job_types: Vec<String>,
     unlimited: Vec<QueueName>,
     limited: Vec<QueueName>,
@@ -917,6 +924,7 @@ async fn claim(store: &Store, request: ClaimRequest) -> ClaimOutcome {
     let to = LeaseTo {
         id: &request.worker_id,
         lease: request.lease,
+        reports_started: request.reports_started,
     };
     let tenant = &request.tenant;
     let mut claimed = Claimed {

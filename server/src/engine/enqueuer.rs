@@ -44,12 +44,13 @@ use tokio::{
 use chrono::Utc;
 
 use super::{
-    batch,
+    Error, batch,
     dispatcher::{DispatcherHandle, Reservation, Startable},
+    ending,
 };
 use crate::{
     domain::{JobId, JobState, LeaseRef, TenantId},
-    store::{self, EnqueueOutcome, Handoff, LeasedRow, NewJob, Store},
+    store::{EnqueueOutcome, Handoff, LeasedRow, NewJob, Store},
 };
 
 /// The most jobs written by one statement.
@@ -70,28 +71,7 @@ const HOLD_MAX: Duration = Duration::from_micros(500);
 /// between them, yet a crowd that has gone stops holding batches back within tens of ms.
 const CROWD_WINDOW: Duration = Duration::from_millis(20);
 
-type Reply = oneshot::Sender<Result<EnqueueOutcome, EnqueueError>>;
-
-/// Why a job could not be enqueued.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum EnqueueError {
-    #[error("the server is shutting down")]
-    ShuttingDown,
-    #[error("database unavailable: {0}")]
-    Unavailable(String),
-    #[error("database error: {0}")]
-    Internal(String),
-}
-
-impl From<store::Error> for EnqueueError {
-    fn from(error: store::Error) -> Self {
-        if error.is_transient() {
-            Self::Unavailable(error.to_string())
-        } else {
-            Self::Internal(error.to_string())
-        }
-    }
-}
+type Reply = oneshot::Sender<Result<EnqueueOutcome, Error>>;
 
 /// A cloneable handle for enqueueing one job.
 #[derive(Debug, Clone)]
@@ -101,17 +81,13 @@ pub struct EnqueuerHandle {
 
 impl EnqueuerHandle {
     /// Enqueues one job in the next batch, returning once that batch has committed.
-    pub async fn enqueue(
-        &self,
-        tenant: TenantId,
-        job: NewJob,
-    ) -> Result<EnqueueOutcome, EnqueueError> {
+    pub async fn enqueue(&self, tenant: TenantId, job: NewJob) -> Result<EnqueueOutcome, Error> {
         let (reply, answer) = oneshot::channel();
         self.tx
             .send((tenant, job, reply))
             .await
-            .map_err(|_| EnqueueError::ShuttingDown)?;
-        answer.await.map_err(|_| EnqueueError::ShuttingDown)?
+            .map_err(|_| Error::ShuttingDown)?;
+        answer.await.map_err(|_| Error::ShuttingDown)?
     }
 }
 
@@ -267,6 +243,7 @@ async fn flush(store: Store, dispatcher: DispatcherHandle, batch: Vec<(TenantId,
             job.handoff = reservation.as_ref().map(|r| Handoff {
                 worker: r.worker_id.clone(),
                 lease: r.lease,
+                reports_started: r.reports_started,
             });
         }
         let started = std::time::Instant::now();
@@ -276,14 +253,9 @@ async fn flush(store: Store, dispatcher: DispatcherHandle, batch: Vec<(TenantId,
             jobs.len(),
             |range| {
                 let (store, tenant, jobs) = (&store, &tenant, &jobs[range]);
-                async move {
-                    store
-                        .enqueue_many(tenant, jobs)
-                        .await
-                        .map_err(EnqueueError::from)
-                }
+                async move { store.enqueue_many(tenant, jobs).await.map_err(Error::from) }
             },
-            |error| matches!(error, EnqueueError::Internal(_)),
+            |error| matches!(error, Error::Internal(_)),
         )
         .await;
         if let Some(Err(error)) = outcomes.iter().find(|o| o.is_err()) {
@@ -304,7 +276,7 @@ async fn hand_over(
     store: &Store,
     dispatcher: &DispatcherHandle,
     tenant: &TenantId,
-    outcomes: &[Result<EnqueueOutcome, EnqueueError>],
+    outcomes: &[Result<EnqueueOutcome, Error>],
     reserved: Vec<Option<Reservation>>,
     started: std::time::Instant,
 ) {
@@ -336,7 +308,7 @@ async fn hand_over(
     }
     give_back(dispatcher, unused).await;
     if !undelivered.is_empty()
-        && let Err(error) = store.release_undelivered(tenant, &undelivered).await
+        && let Err(error) = ending::release(store, tenant, &undelivered).await
     {
         tracing::warn!(%error, "could not hand back undelivered leases; they will lapse");
     }

@@ -3,12 +3,14 @@
 //! | loop | runs on | job |
 //! | --- | --- | --- |
 //! | [`batch`] | (shared) | isolates the bad item of a failed batch statement |
+//! | [`ending`] | (shared) | decides how attempts end and applies the decisions |
 //! | [`dispatcher`] | every replica | leases available jobs to this replica's workers |
 //! | [`enqueuer`] | every replica | group-commits concurrent single enqueues |
 //! | [`completer`] | every replica | writes attempt outcomes in batches |
 //! | [`notifier`] | every replica | turns NOTIFY into dispatcher wake-ups and stop signals |
 //! | [`fanout`] | every replica | delivers committed events to watchers, in order |
 //! | [`leader`] | every replica | elects the one replica that runs the singletons |
+//! | [`session`] | every worker stream | owns the leases one worker holds: delivery, starts, stops, ends, hand-backs |
 //! | [`reaper`] | leader | retries or fails jobs whose lease lapsed |
 //! | [`scheduler`] | leader | makes due SCHEDULED / RETRYING jobs AVAILABLE |
 //! | [`cron`] | leader | creates the jobs of due cron schedule ticks |
@@ -22,15 +24,20 @@ pub mod batch;
 pub mod completer;
 pub mod cron;
 pub mod dispatcher;
+pub mod ending;
 pub mod enqueuer;
+pub mod error;
 pub mod fanout;
 pub mod leader;
 pub mod notifier;
 pub mod reaper;
 pub mod scheduler;
+pub mod session;
 pub mod statistics;
 
 use std::time::Duration;
+
+pub use error::Error;
 
 use tokio::sync::broadcast;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};

@@ -1,13 +1,15 @@
 //! The reaper: ends attempts whose worker stopped heartbeating (invariant 2).
 //!
-//! Runs on the leader only. Each tick reaps lapsed leases in batches until none is left; the
-//! jobs go to RETRYING (the scheduler makes them available after their backoff) or FAILED.
+//! Runs on the leader only. Each tick reaps lapsed leases in batches until none is left, each
+//! ending as `domain::ending` decides: RETRYING (the scheduler makes it available after its
+//! backoff) or FAILED when a handler had started the attempt, AVAILABLE again, uncounted, when
+//! none had (a lease claimed ahead and lost with its server, or a claim whose commit was lost).
 
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::leader::Leadership;
+use super::{ending, leader::Leadership};
 use crate::store::Store;
 
 const BATCH: i64 = 1000;
@@ -34,11 +36,11 @@ impl Reaper {
                 leading = self.leadership.wait_leading() => if !leading { return },
             }
             loop {
-                match self.store.reap_expired(BATCH).await {
+                match ending::reap(&self.store, BATCH).await {
                     Ok(0) => break,
                     Ok(n) => {
                         tracing::info!(reaped = n, "expired leases reaped");
-                        if n < BATCH as u64 {
+                        if n < BATCH as usize {
                             break;
                         }
                     }

@@ -48,6 +48,8 @@ pub struct NewJob {
 pub struct Handoff {
     pub worker: String,
     pub lease: std::time::Duration,
+    /// The worker says when its handlers start; otherwise the attempt counts as started now.
+    pub reports_started: bool,
 }
 
 /// The job an enqueue produced, or the one its idempotency key already named.
@@ -542,12 +544,12 @@ fn enqueue_sql(keyed: bool, returning: &[&str], inserted: &str) -> String {
             SELECT * FROM UNNEST($2::uuid[], $3::text[], $4::text[], $5::text[], $6::bytea[], \
                 $7::int2[], $8::int4[], $9::int8[], $10::int8[], $11::float8[], $12::float8[], \
                 $13::timestamptz[], $14::text[], $15::jsonb[], $16::int8[], $17::uuid[], \
-                $18::timestamptz[], $19::int4[], $20::bool[], $21::text[], $22::int8[]) \
-                WITH ORDINALITY \
+                $18::timestamptz[], $19::int4[], $20::bool[], $21::text[], $22::int8[], \
+                $23::bool[]) WITH ORDINALITY \
             AS t(id, queue, job_type, payload_type, payload, priority, max_attempts, \
                  retry_initial_ms, retry_max_ms, retry_multiplier, retry_jitter, run_at, \
                  idempotency_key, labels, timeout_ms, schedule_id, schedule_tick, \
-                 job_type_version, needs_approval, lease_owner, lease_ms, ord) \
+                 job_type_version, needs_approval, lease_owner, lease_ms, reports_started, ord) \
         ), planned AS MATERIALIZED ( \
             SELECT input.*, \
                 CASE WHEN needs_approval THEN 'awaiting_approval'::job_state \
@@ -564,7 +566,7 @@ fn enqueue_sql(keyed: bool, returning: &[&str], inserted: &str) -> String {
                 state, max_attempts, retry_initial_ms, retry_max_ms, retry_multiplier, \
                 retry_jitter, run_at, idempotency_key, labels, timeout_ms, schedule_id, \
                 schedule_tick, job_type_version, attempt, lease_owner, lease_expires_at, \
-                started_at, attempt_started_at) \
+                started_at, attempt_started_at, handler_started_at) \
             SELECT id, $1, queue, job_type, payload_type, payload, priority, state, \
                 max_attempts, retry_initial_ms, retry_max_ms, retry_multiplier, retry_jitter, \
                 coalesce(run_at, now()), idempotency_key, coalesce(labels, '{{}}'), timeout_ms, \
@@ -574,7 +576,8 @@ fn enqueue_sql(keyed: bool, returning: &[&str], inserted: &str) -> String {
                 CASE WHEN state = 'running' \
                      THEN now() + lease_ms * interval '1 millisecond' END, \
                 CASE WHEN state = 'running' THEN now() END, \
-                CASE WHEN state = 'running' THEN now() END \
+                CASE WHEN state = 'running' THEN now() END, \
+                CASE WHEN state = 'running' AND NOT reports_started THEN now() END \
             FROM planned ORDER BY ord \
             {conflict} \
             RETURNING {inserted} \
@@ -708,7 +711,11 @@ where
         ))
         .bind(nullable(jobs.iter().map(|j| {
             j.handoff.as_ref().map(|h| super::leases::millis(h.lease))
-        })));
+        })))
+        .bind(nullable(
+            jobs.iter()
+                .map(|j| j.handoff.as_ref().map(|h| h.reports_started)),
+        ));
     Ok(q.fetch_all(db).await?)
 }
 

@@ -9,17 +9,10 @@ use sqlx::{PgExecutor, Postgres, postgres::PgArguments, query::QueryAs};
 use uuid::Uuid;
 
 use super::{
-    DUE_CHANNEL, Result, Store,
+    Result, Store,
     rows::{JOB_COLUMNS, LeasedRow},
 };
-use crate::domain::{AttemptOutcome, JobId, JobState, LeaseRef, QueueName, TenantId};
-
-/// The delay before the next attempt, from the job's own policy: exponential in the attempt
-/// number (capped so `power` cannot overflow), bounded by the maximum, with symmetric jitter.
-/// Refers to the job as `j`.
-pub(super) const BACKOFF_MS: &str = "least(j.retry_max_ms, \
-     j.retry_initial_ms * power(j.retry_multiplier, least(j.attempt - j.attempt_base - 1, 60))) \
-     * (1 + j.retry_jitter * (2 * random() - 1))";
+use crate::domain::{JobId, JobState, LeaseRef, QueueName, TenantId};
 
 /// The end of an attempt is its row's insert: a running attempt lives in its job's row
 /// (`attempt`, `lease_owner`, `attempt_started_at`), so a job costs one attempt write, not an
@@ -34,7 +27,7 @@ pub(super) const ATTEMPT_UPSERT: &str = "ON CONFLICT (job_id, attempt) DO UPDATE
 /// by primary key only for the inputs the update did not match: a join of the whole input
 /// against `job_attempts` was planned as a sequential scan of that ever-growing table (the
 /// planner guesses 100 `UNNEST` rows).
-const PRIOR_OUTCOME: &str = "CASE WHEN upd.id IS NULL THEN ( \
+pub(super) const PRIOR_OUTCOME: &str = "CASE WHEN upd.id IS NULL THEN ( \
      SELECT p.outcome FROM job_attempt_history p \
      WHERE p.job_id = i.id AND p.attempt = i.attempt AND p.tenant_id = i.tenant_id) END";
 
@@ -52,11 +45,11 @@ const PRIOR_OUTCOME: &str = "CASE WHEN upd.id IS NULL THEN ( \
 /// same stale statistics. Seen in W4, where 500 jobs analyzed as available had all started:
 /// `jobs` estimated at 2 running rows, each 125-row progress statement scanned every job once
 /// per report (31,198 rows removed by the join filter, 3 ms of its 4.4).
-const LEASE_MATCH: &str = "j.tenant_id = i.tenant_id AND j.id = i.id \
+pub(super) const LEASE_MATCH: &str = "j.tenant_id = i.tenant_id AND j.id = i.id \
      AND (j.attempt, j.state) IS NOT DISTINCT FROM (i.attempt, i.state)";
 
 /// The input column [`LEASE_MATCH`] compares a job's state with.
-const RUNNING: &str = "'running'::job_state AS state";
+pub(super) const RUNNING: &str = "'running'::job_state AS state";
 
 /// A report about one running attempt: its tenant and lease are a batch statement's first
 /// three inputs.
@@ -77,7 +70,7 @@ macro_rules! leased {
         }
     )*};
 }
-leased!(Completion, Failure, ProgressUpdate, LogBatch, Checkpoint);
+leased!(ProgressUpdate, LogBatch, Checkpoint);
 
 /// Binds `$1` tenants, `$2` job ids and `$3` attempts, the input [`LEASE_MATCH`] compares, for
 /// the statements that settle or report on a batch of running attempts.
@@ -106,27 +99,6 @@ fn bind_leases<'q, O, T: Leased>(
         )
 }
 
-/// A successful attempt to record.
-#[derive(Debug, Clone)]
-pub struct Completion {
-    pub tenant: TenantId,
-    pub lease: LeaseRef,
-    pub result_type: Option<String>,
-    pub result: Option<Vec<u8>>,
-}
-
-/// A failed attempt to record.
-#[derive(Debug, Clone)]
-pub struct Failure {
-    pub tenant: TenantId,
-    pub lease: LeaseRef,
-    pub message: String,
-    pub kind: String,
-    pub non_retryable: bool,
-    /// Overrides the policy's backoff when set.
-    pub retry_after: Option<Duration>,
-}
-
 /// What became of one completion or failure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SettleResult {
@@ -136,6 +108,8 @@ pub enum SettleResult {
     AlreadySettled,
     /// The token is not the job's running attempt, or the job does not exist in the tenant.
     Stale,
+    /// A result after the attempt's deadline: the attempt timed out, so it is refused.
+    Late,
 }
 
 /// A stop asked of a running job.
@@ -151,6 +125,8 @@ pub enum StopKind {
 pub struct Renewed {
     pub lease: LeaseRef,
     pub stop: Option<StopKind>,
+    /// How long the attempt has until its deadline, if it has one (zero when past it).
+    pub deadline_in: Option<Duration>,
 }
 
 /// The latest progress of a running attempt, as the API's Progress message in JSON, with the
@@ -178,25 +154,6 @@ pub struct Checkpoint {
     pub tenant: TenantId,
     pub lease: LeaseRef,
     pub data: Vec<u8>,
-}
-
-#[derive(sqlx::FromRow)]
-struct SettledRow {
-    applied_state: Option<JobState>,
-    /// How the attempt had ended before this statement, if it had.
-    prior_outcome: Option<AttemptOutcome>,
-}
-
-impl SettledRow {
-    /// A message for an attempt that already ended the same way is a resend: acknowledge it.
-    /// Any other unmatched message carries a stale token.
-    fn into_result(self, settled_by: fn(AttemptOutcome) -> bool) -> SettleResult {
-        match (self.applied_state, self.prior_outcome) {
-            (Some(state), _) => SettleResult::Applied(state),
-            (None, Some(outcome)) if settled_by(outcome) => SettleResult::AlreadySettled,
-            _ => SettleResult::Stale,
-        }
-    }
 }
 
 impl Store {
@@ -248,7 +205,9 @@ impl Store {
                     + (j.timeout_ms + $6) * interval '1 millisecond' > now()) \
              RETURNING j.id, j.attempt, \
                  CASE WHEN j.cancel_requested_at IS NOT NULL THEN 'cancel' \
-                      WHEN j.pause_requested_at IS NOT NULL THEN 'pause' END"
+                      WHEN j.pause_requested_at IS NOT NULL THEN 'pause' END, \
+                 greatest(0, (extract(epoch FROM j.attempt_started_at - now()) * 1000)::int8 \
+                     + j.timeout_ms)"
         );
         let query = sqlx::query_as(sql)
             .bind(tenant.as_str())
@@ -257,210 +216,19 @@ impl Store {
             .bind(worker)
             .bind(millis(lease))
             .bind(millis(grace));
-        let rows: Vec<(Uuid, i32, Option<StopKind>)> =
+        let rows: Vec<(Uuid, i32, Option<StopKind>, Option<i64>)> =
             self.hot(async |c| Ok(query.fetch_all(c).await?)).await?;
         Ok(rows
             .into_iter()
-            .map(|(id, attempt, stop)| Renewed {
+            .map(|(id, attempt, stop, deadline_in)| Renewed {
                 lease: LeaseRef {
                     job_id: JobId(id),
                     attempt,
                 },
                 stop,
-            })
-            .collect())
-    }
-
-    /// Hands back leases whose handler never started (they never reached their worker, or it
-    /// handed them back unstarted): the attempt does not count against the job's attempts, and
-    /// the job is available again. Its number is not reused: the next claim takes the next
-    /// one, so a hand-back sent again later (after a broken stream) cannot match that claim,
-    /// and no late message for the old lease can pass for the new one. A job asked meanwhile to stop ends as asked, cancelled or
-    /// paused, as it would have when its worker stopped it: sent back to the queue, a cancelled
-    /// job would be claimed and run again until a heartbeat passed the cancel on.
-    pub async fn release_undelivered(&self, tenant: &TenantId, leases: &[LeaseRef]) -> Result<u64> {
-        if leases.is_empty() {
-            return Ok(0);
-        }
-        let sql = static_sql!(
-            "WITH input AS MATERIALIZED ( \
-                 SELECT $1::text AS tenant_id, t.*, {RUNNING} \
-                 FROM UNNEST($2::uuid[], $3::int4[]) AS t(id, attempt) \
-             ), upd AS ( \
-                 UPDATE jobs j SET \
-                     state = CASE \
-                         WHEN j.cancel_requested_at IS NOT NULL THEN 'cancelled'::job_state \
-                         WHEN j.pause_requested_at IS NOT NULL THEN 'paused'::job_state \
-                         ELSE 'available'::job_state END, \
-                     finished_at = CASE WHEN j.cancel_requested_at IS NOT NULL THEN now() END, \
-                     attempt_base = j.attempt_base + 1, lease_owner = NULL, \
-                     lease_expires_at = NULL, \
-                     pause_requested_at = NULL, updated_at = now() \
-                 FROM input i WHERE {LEASE_MATCH} \
-                 RETURNING j.id, j.tenant_id, j.attempt, j.queue, j.state, j.cancel_reason, \
-                           j.pause_reason \
-             ), ev AS ( \
-                 INSERT INTO job_events (tenant_id, job_id, kind, state, attempt, data) \
-                 SELECT tenant_id, id, 'state', state, attempt, \
-                        CASE state \
-                            WHEN 'cancelled' THEN jsonb_build_object('reason', cancel_reason) \
-                            WHEN 'paused' THEN jsonb_build_object('reason', pause_reason) \
-                            ELSE '{{\"reason\": \"lease not delivered\"}}' END \
-                 FROM upd \
-             ) \
-             SELECT CASE WHEN state = 'available' \
-                         THEN pg_notify('jobwire_jobs', tenant_id || '/' || queue) END \
-             FROM upd"
-        );
-        let query = sqlx::query(sql)
-            .bind(tenant.as_str())
-            .bind(leases.iter().map(|l| l.job_id.0).collect::<Vec<_>>())
-            .bind(leases.iter().map(|l| l.attempt).collect::<Vec<_>>());
-        let done = self.hot(async |c| Ok(query.execute(c).await?)).await?;
-        Ok(done.rows_affected())
-    }
-
-    /// Records successful attempts in one statement. Results come back in input order.
-    pub async fn complete_many(&self, done: &[Completion]) -> Result<Vec<SettleResult>> {
-        if done.is_empty() {
-            return Ok(Vec::new());
-        }
-        let sql = static_sql!(
-            "WITH input AS MATERIALIZED ( \
-                 SELECT *, {RUNNING} FROM UNNEST($1::text[], $2::uuid[], $3::int4[], $4::text[], \
-                                      $5::bytea[]) WITH ORDINALITY \
-                 AS t(tenant_id, id, attempt, result_type, result, ord) \
-             ), upd AS ( \
-                 UPDATE jobs j SET state = 'succeeded', result_type = i.result_type, \
-                        result = i.result, lease_expires_at = NULL, \
-                        pause_requested_at = NULL, finished_at = now(), updated_at = now() \
-                 FROM input i \
-                 WHERE {LEASE_MATCH} \
-                 RETURNING j.id, j.tenant_id, j.attempt, j.state \
-             ), ev AS ( \
-                 INSERT INTO job_events (tenant_id, job_id, kind, state, attempt) \
-                 SELECT tenant_id, id, 'state', state, attempt FROM upd \
-             ) \
-             SELECT upd.state AS applied_state, {PRIOR_OUTCOME} AS prior_outcome \
-             FROM input i \
-             LEFT JOIN upd ON upd.id = i.id AND upd.attempt = i.attempt \
-             ORDER BY i.ord"
-        );
-        let query = bind_leases(sqlx::query_as(sql), done)
-            .bind(
-                done.iter()
-                    .map(|c| c.result_type.clone())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(done.iter().map(|c| c.result.clone()).collect::<Vec<_>>());
-        let rows: Vec<SettledRow> = self.hot(async |c| Ok(query.fetch_all(c).await?)).await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| r.into_result(|o| o == AttemptOutcome::Succeeded))
-            .collect())
-    }
-
-    /// Records failed attempts in one statement: each job goes to RETRYING with its backoff, or
-    /// to FAILED when it was non-retryable or had no attempts left. Results in input order.
-    pub async fn fail_many(&self, failed: &[Failure]) -> Result<Vec<SettleResult>> {
-        if failed.is_empty() {
-            return Ok(Vec::new());
-        }
-        let sql = static_sql!(
-            "WITH input AS MATERIALIZED ( \
-                 SELECT *, {RUNNING} FROM UNNEST($1::text[], $2::uuid[], $3::int4[], $4::text[], $5::text[], \
-                                      $6::bool[], $7::int8[]) WITH ORDINALITY \
-                 AS t(tenant_id, id, attempt, message, kind, non_retryable, retry_after_ms, ord) \
-             ), upd AS ( \
-                 UPDATE jobs j SET \
-                     state = CASE \
-                         WHEN j.cancel_requested_at IS NOT NULL THEN 'cancelled'::job_state \
-                         WHEN j.pause_requested_at IS NOT NULL THEN 'paused'::job_state \
-                         WHEN i.non_retryable OR j.attempt - j.attempt_base >= j.max_attempts \
-                             THEN 'failed'::job_state \
-                         ELSE 'retrying'::job_state END, \
-                     run_at = CASE \
-                         WHEN j.cancel_requested_at IS NOT NULL \
-                           OR j.pause_requested_at IS NOT NULL \
-                           OR i.non_retryable OR j.attempt - j.attempt_base >= j.max_attempts \
-                             THEN j.run_at \
-                         ELSE now() + coalesce(i.retry_after_ms, {BACKOFF_MS}) \
-                                      * interval '1 millisecond' END, \
-                     attempt_base = CASE WHEN j.cancel_requested_at IS NULL \
-                                          AND j.pause_requested_at IS NOT NULL \
-                                         THEN j.attempt_base + 1 ELSE j.attempt_base END, \
-                     last_error = CASE \
-                         WHEN j.cancel_requested_at IS NOT NULL \
-                           OR j.pause_requested_at IS NOT NULL THEN j.last_error \
-                         ELSE jsonb_build_object('message', i.message, 'kind', i.kind, \
-                             'retryable', NOT i.non_retryable, 'attempt', j.attempt, \
-                             'occurred_at', now()) END, \
-                     lease_expires_at = NULL, pause_requested_at = NULL, \
-                     finished_at = CASE \
-                         WHEN j.cancel_requested_at IS NOT NULL THEN now() \
-                         WHEN j.pause_requested_at IS NOT NULL THEN NULL \
-                         WHEN i.non_retryable OR j.attempt - j.attempt_base >= j.max_attempts \
-                             THEN now() END, \
-                     updated_at = now() \
-                 FROM input i \
-                 WHERE {LEASE_MATCH} \
-                 RETURNING j.id, j.tenant_id, j.attempt, j.state, j.last_error, j.cancel_reason, \
-                           j.pause_reason, j.lease_owner, j.attempt_started_at, i.kind, i.message \
-             ), att AS ( \
-                 INSERT INTO job_attempts AS a (job_id, attempt, tenant_id, worker_id, \
-                                                started_at, finished_at, outcome, error) \
-                 SELECT id, attempt, tenant_id, coalesce(lease_owner, ''), \
-                        coalesce(attempt_started_at, now()), now(), \
-                        CASE state \
-                            WHEN 'cancelled' THEN 'cancelled'::attempt_outcome \
-                            WHEN 'paused' THEN 'paused'::attempt_outcome \
-                            ELSE CASE WHEN kind = 'timeout' THEN 'timed_out'::attempt_outcome \
-                                      ELSE 'failed'::attempt_outcome END END, \
-                        jsonb_build_object('message', message, 'kind', kind, \
-                            'retryable', state NOT IN ('failed'), 'attempt', attempt, \
-                            'occurred_at', now()) \
-                 FROM upd \
-                 {ATTEMPT_UPSERT} \
-             ), ev AS ( \
-                 INSERT INTO job_events (tenant_id, job_id, kind, state, attempt, data) \
-                 SELECT tenant_id, id, 'state', state, attempt, \
-                        CASE state WHEN 'cancelled' THEN jsonb_build_object('reason', cancel_reason) \
-                                   WHEN 'paused' THEN jsonb_build_object('reason', pause_reason) \
-                                   ELSE jsonb_build_object('error', last_error) END \
-                 FROM upd \
-             ), wake AS ( \
-                 SELECT pg_notify('{DUE_CHANNEL}', '') \
-                 FROM (SELECT 1 FROM upd WHERE state = 'retrying' LIMIT 1) d \
-             ) \
-             SELECT upd.state AS applied_state, {PRIOR_OUTCOME} AS prior_outcome \
-             FROM input i \
-             LEFT JOIN upd ON upd.id = i.id AND upd.attempt = i.attempt \
-             CROSS JOIN (SELECT count(*) FROM wake) w \
-             ORDER BY i.ord"
-        );
-        let query = bind_leases(sqlx::query_as(sql), failed)
-            .bind(failed.iter().map(|f| f.message.clone()).collect::<Vec<_>>())
-            .bind(failed.iter().map(|f| f.kind.clone()).collect::<Vec<_>>())
-            .bind(failed.iter().map(|f| f.non_retryable).collect::<Vec<_>>())
-            .bind(
-                failed
-                    .iter()
-                    .map(|f| f.retry_after.map(millis))
-                    .collect::<Vec<_>>(),
-            );
-        let rows: Vec<SettledRow> = self.hot(async |c| Ok(query.fetch_all(c).await?)).await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| {
-                r.into_result(|o| {
-                    matches!(
-                        o,
-                        AttemptOutcome::Failed
-                            | AttemptOutcome::Cancelled
-                            | AttemptOutcome::Paused
-                            | AttemptOutcome::TimedOut
-                    )
-                })
+                deadline_in: deadline_in
+                    .and_then(|ms| u64::try_from(ms).ok())
+                    .map(Duration::from_millis),
             })
             .collect())
     }
@@ -604,6 +372,9 @@ impl Store {
 pub struct Worker<'a> {
     pub id: &'a str,
     pub lease: Duration,
+    /// The worker says when its handlers start; otherwise an attempt counts as started at its
+    /// claim.
+    pub reports_started: bool,
 }
 
 /// The claim statement. Pick with `FOR UPDATE SKIP LOCKED` (replicas never pick the same row),
@@ -643,7 +414,8 @@ pub(super) async fn claim_statement(
              UPDATE jobs j SET state = 'running', attempt = j.attempt + 1, \
                     lease_owner = $5, lease_expires_at = now() + $6 * interval '1 millisecond', \
                     started_at = coalesce(j.started_at, now()), \
-                    attempt_started_at = now(), updated_at = now() \
+                    attempt_started_at = now(), updated_at = now(), \
+                    handler_started_at = CASE WHEN $8 THEN NULL ELSE now() END \
              WHERE j.tenant_id = $1 AND j.id = ANY(ARRAY(SELECT id FROM picked)) \
              RETURNING j.* \
          ), ev AS ( \
@@ -662,6 +434,7 @@ pub(super) async fn claim_statement(
         .bind(worker.id)
         .bind(millis(worker.lease))
         .bind(limits_checked)
+        .bind(worker.reports_started)
         .fetch_all(db)
         .await?)
 }

@@ -1,99 +1,11 @@
-//! Statements of the leader-only loops: reaping lapsed leases, promoting due jobs, and keeping
-//! the planner's statistics of the busy tables current.
+//! Statements of the leader-only loops: promoting due jobs, and keeping the planner's
+//! statistics of the busy tables current. (Lapsed leases are read and ended by `attempts`.)
 
 use chrono::{DateTime, Utc};
 
-use super::{
-    DUE_CHANNEL, JOBS_CHANNEL, Result, Store,
-    leases::{ATTEMPT_UPSERT, BACKOFF_MS},
-};
+use super::{JOBS_CHANNEL, Result, Store};
 
 impl Store {
-    /// Ends up to `limit` attempts whose lease lapsed (the worker stopped heartbeating, or would
-    /// not stop after a cancel, a pause or its timeout): a cancelled job ends CANCELLED, a paused
-    /// one PAUSED; any other is retried with its backoff, or FAILED when no attempt is left
-    /// (invariant 2: never RUNNING forever). Returns how many were reaped.
-    pub async fn reap_expired(&self, limit: i64) -> Result<u64> {
-        let sql = static_sql!(
-            "WITH expired AS ( \
-                 SELECT tenant_id, id FROM jobs \
-                 WHERE state = 'running' AND lease_expires_at < now() \
-                 ORDER BY lease_expires_at LIMIT $1 \
-                 FOR UPDATE SKIP LOCKED \
-             ), upd AS ( \
-                 UPDATE jobs j SET \
-                     state = CASE \
-                         WHEN j.cancel_requested_at IS NOT NULL THEN 'cancelled'::job_state \
-                         WHEN j.pause_requested_at IS NOT NULL THEN 'paused'::job_state \
-                         WHEN j.attempt - j.attempt_base >= j.max_attempts \
-                             THEN 'failed'::job_state \
-                         ELSE 'retrying'::job_state END, \
-                     run_at = CASE \
-                         WHEN j.cancel_requested_at IS NOT NULL \
-                           OR j.pause_requested_at IS NOT NULL \
-                           OR j.attempt - j.attempt_base >= j.max_attempts THEN j.run_at \
-                         ELSE now() + ({BACKOFF_MS}) * interval '1 millisecond' END, \
-                     attempt_base = CASE WHEN j.cancel_requested_at IS NULL \
-                                          AND j.pause_requested_at IS NOT NULL \
-                                         THEN j.attempt_base + 1 ELSE j.attempt_base END, \
-                     last_error = CASE \
-                         WHEN j.cancel_requested_at IS NOT NULL \
-                           OR j.pause_requested_at IS NOT NULL THEN j.last_error \
-                         ELSE jsonb_build_object( \
-                         'message', CASE WHEN j.timeout_ms IS NOT NULL AND j.attempt_started_at \
-                                         + j.timeout_ms * interval '1 millisecond' < now() \
-                                    THEN 'timed out after ' || j.timeout_ms || ' ms; worker ' \
-                                         || coalesce(j.lease_owner, '?') || ' did not stop' \
-                                    ELSE 'lease expired: worker ' || coalesce(j.lease_owner, '?') \
-                                         || ' stopped heartbeating' END, \
-                         'kind', CASE WHEN j.timeout_ms IS NOT NULL AND j.attempt_started_at \
-                                      + j.timeout_ms * interval '1 millisecond' < now() \
-                                 THEN 'timeout' ELSE 'lease_expired' END, \
-                         'retryable', true, 'attempt', j.attempt, 'occurred_at', now()) END, \
-                     lease_expires_at = NULL, pause_requested_at = NULL, \
-                     finished_at = CASE \
-                         WHEN j.cancel_requested_at IS NOT NULL THEN now() \
-                         WHEN j.pause_requested_at IS NOT NULL THEN NULL \
-                         WHEN j.attempt - j.attempt_base >= j.max_attempts THEN now() END, \
-                     updated_at = now() \
-                 FROM expired x WHERE j.tenant_id = x.tenant_id AND j.id = x.id \
-                 RETURNING j.id, j.tenant_id, j.attempt, j.state, j.last_error, j.cancel_reason, \
-                           j.pause_reason, j.lease_owner, j.attempt_started_at \
-             ), att AS ( \
-                 INSERT INTO job_attempts AS a (job_id, attempt, tenant_id, worker_id, \
-                                                started_at, finished_at, outcome, error) \
-                 SELECT id, attempt, tenant_id, coalesce(lease_owner, ''), \
-                        coalesce(attempt_started_at, now()), now(), \
-                        CASE \
-                            WHEN state = 'cancelled' THEN 'cancelled'::attempt_outcome \
-                            WHEN state = 'paused' THEN 'paused'::attempt_outcome \
-                            WHEN last_error->>'kind' = 'timeout' \
-                                THEN 'timed_out'::attempt_outcome \
-                            ELSE 'lease_expired'::attempt_outcome END, \
-                        CASE WHEN state IN ('cancelled', 'paused') THEN NULL \
-                             ELSE last_error END \
-                 FROM upd \
-                 {ATTEMPT_UPSERT} \
-             ), ev AS ( \
-                 INSERT INTO job_events (tenant_id, job_id, kind, state, attempt, data) \
-                 SELECT tenant_id, id, 'state', state, attempt, \
-                        CASE state WHEN 'cancelled' THEN jsonb_build_object('reason', cancel_reason) \
-                                   WHEN 'paused' THEN jsonb_build_object('reason', pause_reason) \
-                                   ELSE jsonb_build_object('error', last_error) END \
-                 FROM upd \
-             ), wake AS ( \
-                 SELECT pg_notify('{DUE_CHANNEL}', '') \
-                 FROM (SELECT 1 FROM upd WHERE state = 'retrying' LIMIT 1) d \
-             ) \
-             SELECT (SELECT count(*) FROM upd), (SELECT count(*) FROM wake)"
-        );
-        let (n, _woken): (i64, i64) = sqlx::query_as(sql)
-            .bind(limit)
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(u64::try_from(n).unwrap_or(0))
-    }
-
     /// Makes up to `limit` SCHEDULED or RETRYING jobs whose time has come AVAILABLE, and wakes
     /// the dispatchers of their queues. Returns how many were promoted.
     pub async fn promote_due(&self, limit: i64) -> Result<u64> {

@@ -22,6 +22,7 @@ macro_rules! static_sql {
     }};
 }
 
+mod attempts;
 mod events;
 mod hot;
 mod job_types;
@@ -41,13 +42,12 @@ use sqlx::{
 
 use hot::HotConnections;
 
+pub use attempts::{AttemptEnd, Guard, LapsedAttempt, Resend, RunningAttempt};
 pub use events::{EventFilter, LAST_EVENT_NUMBER, OpenTransaction, SnapshotXids};
 pub use job_types::{Example, JobTypeRow, NewJobType, TypeDefaults};
 pub use jobs::{EnqueueOutcome, Handoff, ListFilter, Listed, NewJob};
 pub use leases::Worker;
-pub use leases::{
-    Checkpoint, Completion, Failure, LogBatch, ProgressUpdate, Renewed, SettleResult, StopKind,
-};
+pub use leases::{Checkpoint, LogBatch, ProgressUpdate, Renewed, SettleResult, StopKind};
 pub use maintenance::LeaderLock;
 pub use queues::{HeldBack, LimitedClaim, QueueRow, QueueUpdate, QueueView};
 pub use rows::{AttemptRow, ErrorRecord, EventRow, JobRow, LeasedRow, ProgressOrigin};

@@ -111,13 +111,4 @@ pub struct AttemptRow {
     pub error: Option<Json<ErrorRecord>>,
 }
 
-/// A failure as kept in `jobs.last_error` and `job_attempts.error`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ErrorRecord {
-    pub message: String,
-    #[serde(default)]
-    pub kind: String,
-    pub retryable: bool,
-    pub attempt: i32,
-    pub occurred_at: DateTime<Utc>,
-}
+pub use crate::domain::ending::ErrorRecord;

@@ -326,6 +326,7 @@ impl RawWorker {
             message: message.into(),
             kind: "test".into(),
             non_retryable,
+            timed_out: false,
             retry_after: Some(prost_types::Duration {
                 seconds: i64::try_from(retry_after.as_secs()).expect("small"),
                 nanos: i32::try_from(retry_after.subsec_nanos()).expect("small"),
@@ -434,6 +435,7 @@ pub fn hello(
         running,
         schemas: vec![],
         prefetch: 0,
+        reports_started: false,
     }
 }
 

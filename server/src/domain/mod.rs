@@ -4,6 +4,8 @@
 //! a job's state is one enum mapped to its PostgreSQL type and to its protobuf value in exactly
 //! one place each.
 
+pub mod ending;
+
 use std::{fmt, time::Duration};
 
 use chrono::{DateTime, Utc};
@@ -162,7 +164,7 @@ impl fmt::Display for JobId {
 
 /// Names one lease: a job and the attempt holding it. The attempt is the fencing token that
 /// makes a late message from a lost worker harmless.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct LeaseRef {
     pub job_id: JobId,
     pub attempt: i32,
