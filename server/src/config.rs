@@ -79,6 +79,12 @@ pub struct Config {
     #[arg(long, env = "JOBWIRE_STOP_GRACE", value_parser = humantime::parse_duration, default_value = "10s")]
     pub stop_grace: Duration,
 
+    /// How long leadership lasts unless its holder renews it (every third of it): a leader that
+    /// stalls loses the role this long after its last renewal, at most, and another replica
+    /// takes the singleton loops (reaper, timers, cron) over.
+    #[arg(long, env = "JOBWIRE_LEADER_TTL", value_parser = humantime::parse_duration, default_value = "5s")]
+    pub leader_ttl: Duration,
+
     /// How often the leader looks for lapsed leases.
     #[arg(long, env = "JOBWIRE_REAP_INTERVAL", value_parser = humantime::parse_duration, default_value = "1s")]
     pub reap_interval: Duration,
@@ -161,6 +167,9 @@ impl Config {
                      connection may hold in all"
                 ),
             );
+        }
+        if !(Duration::from_millis(300)..=Duration::from_secs(600)).contains(&self.leader_ttl) {
+            return fail("leader-ttl", "must be between 300ms and 10m");
         }
         if self.reap_interval < Duration::from_millis(10) {
             return fail("reap-interval", "must be at least 10ms");

@@ -316,6 +316,11 @@ impl ServerProcess {
         self.process.kill()
     }
 
+    /// Sends `signal` to the server (SIGSTOP and SIGCONT make a stalled replica).
+    pub fn signal(&mut self, signal: Signal) {
+        self.process.signal(signal);
+    }
+
     /// Asks the server to shut down gracefully (SIGTERM) and returns how it exited.
     pub async fn terminate(&mut self) -> ExitStatus {
         self.process.terminate().await

@@ -18,7 +18,7 @@ use super::{
 };
 use crate::{
     domain::{CronSchedule, JobId, TenantId},
-    store::{CatchUpPolicy, DueSchedule, OverlapPolicy, StopKind, Store},
+    store::{CatchUpPolicy, DueSchedule, OverlapPolicy, StopKind, Store, Term},
 };
 
 /// Schedules fired per transaction.
@@ -50,13 +50,13 @@ impl Cron {
 
     pub async fn run(self, shutdown: CancellationToken) {
         let (leadership, due) = (self.leadership.clone(), self.due.clone());
-        lead_on_timer(leadership, &due, shutdown, || self.pass()).await;
+        lead_on_timer(leadership, &due, shutdown, |term| self.pass(term)).await;
     }
 
     /// Fires what is due and returns how long to sleep.
-    async fn pass(&self) -> Duration {
+    async fn pass(&self, term: Term) -> Duration {
         loop {
-            match self.fire_batch().await {
+            match self.fire_batch(term).await {
                 Ok(n) if n >= BATCH as usize => continue,
                 Ok(_) => break,
                 Err(error) => {
@@ -75,8 +75,8 @@ impl Cron {
     }
 
     /// One transaction over up to [`BATCH`] due schedules. Returns how many were due.
-    async fn fire_batch(&self) -> crate::store::Result<usize> {
-        let (mut firing, due) = self.store.begin_firing(BATCH).await?;
+    async fn fire_batch(&self, term: Term) -> crate::store::Result<usize> {
+        let (mut firing, due) = self.store.begin_firing(term, BATCH).await?;
         let mut cancels = Vec::new();
         for schedule in &due {
             let decision = decide(schedule);

@@ -12,7 +12,7 @@ use crate::{
         LeaseRef, TenantId,
         ending::{self, Decision, Failure as FailureReport, Lapse, Report},
     },
-    store::{self, AttemptEnd, Guard, Resend, SettleResult, Store},
+    store::{self, AttemptEnd, Guard, Resend, SettleResult, Store, Term},
 };
 
 /// A successful attempt to record.
@@ -126,10 +126,11 @@ pub async fn release(store: &Store, tenant: &TenantId, leases: &[LeaseRef]) -> s
     Ok(u64::try_from(released).unwrap_or(u64::MAX))
 }
 
-/// Ends up to `limit` attempts whose lease lapsed (invariant 2: never RUNNING forever).
+/// Ends up to `limit` attempts whose lease lapsed (invariant 2: never RUNNING forever), as the
+/// leader of `term`.
 /// Returns how many ended.
-pub async fn reap(store: &Store, limit: i64) -> store::Result<usize> {
-    let lapsed = store.lapsed_attempts(limit).await?;
+pub async fn reap(store: &Store, term: Term, limit: i64) -> store::Result<usize> {
+    let lapsed = store.lapsed_attempts(term, limit).await?;
     if lapsed.is_empty() {
         return Ok(0);
     }

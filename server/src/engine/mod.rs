@@ -35,8 +35,6 @@ pub mod scheduler;
 pub mod session;
 pub mod statistics;
 
-use std::time::Duration;
-
 pub use error::Error;
 
 use tokio::sync::broadcast;
@@ -54,8 +52,6 @@ use reaper::Reaper;
 use scheduler::Scheduler;
 use statistics::Statistics;
 
-/// How often followers try to become leader, and the leader checks its lock.
-const ELECTION_INTERVAL: Duration = Duration::from_secs(1);
 /// Stop signals buffered per worker stream; one that lags misses some, and its next heartbeat
 /// delivers them instead.
 const STOP_SIGNALS: usize = 1024;
@@ -89,7 +85,7 @@ impl Engine {
         let (dispatcher, dispatcher_handle) =
             Dispatcher::new(store.clone(), config.lease_duration, config.poll_interval);
         let (enqueuer, enqueuer_handle) = Enqueuer::new(store.clone(), dispatcher_handle.clone());
-        let (elector, leadership) = Elector::new(store.clone(), ELECTION_INTERVAL);
+        let (elector, leadership) = Elector::new(store.clone(), config.leader_ttl);
         let (stops, _) = broadcast::channel(STOP_SIGNALS);
         let (queue_holds, _) = broadcast::channel(QUEUE_HOLDS);
         let due = DueSignal::default();

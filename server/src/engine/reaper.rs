@@ -31,12 +31,15 @@ impl Reaper {
 
     pub async fn run(mut self, shutdown: CancellationToken) {
         loop {
-            tokio::select! {
+            let term = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                leading = self.leadership.wait_leading() => if !leading { return },
-            }
+                term = self.leadership.wait_leading() => match term {
+                    Some(term) => term,
+                    None => return,
+                },
+            };
             loop {
-                match ending::reap(&self.store, BATCH).await {
+                match ending::reap(&self.store, term, BATCH).await {
                     Ok(0) => break,
                     Ok(n) => {
                         tracing::info!(reaped = n, "expired leases reaped");

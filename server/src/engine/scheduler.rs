@@ -14,7 +14,7 @@ use super::{
     leader::{Leadership, lead_on_timer, sleep_until},
     notifier::DueSignal,
 };
-use crate::store::Store;
+use crate::store::{Store, Term};
 
 const BATCH: i64 = 1000;
 
@@ -42,13 +42,13 @@ impl Scheduler {
 
     pub async fn run(self, shutdown: CancellationToken) {
         let (leadership, due) = (self.leadership.clone(), self.due.clone());
-        lead_on_timer(leadership, &due, shutdown, || self.tick()).await;
+        lead_on_timer(leadership, &due, shutdown, |term| self.tick(term)).await;
     }
 
     /// Promotes what is due and returns how long to sleep.
-    async fn tick(&self) -> Duration {
+    async fn tick(&self, term: Term) -> Duration {
         loop {
-            match self.store.promote_due(BATCH).await {
+            match self.store.promote_due(term, BATCH).await {
                 Ok(n) if n >= BATCH as u64 => continue,
                 Ok(n) => {
                     if n > 0 {

@@ -31,7 +31,7 @@ impl Statistics {
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                leading = self.leadership.wait_leading() => if !leading { return },
+                term = self.leadership.wait_leading() => if term.is_none() { return },
             }
             match self.store.analyze_outgrown().await {
                 Ok(tables) if !tables.is_empty() => {

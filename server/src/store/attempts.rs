@@ -11,7 +11,7 @@ use sqlx::types::Json;
 use uuid::Uuid;
 
 use super::{
-    DUE_CHANNEL, JOBS_CHANNEL, Result, Store,
+    DUE_CHANNEL, JOBS_CHANNEL, Result, Store, Term,
     leases::{ATTEMPT_UPSERT, LEASE_MATCH, PRIOR_OUTCOME, RUNNING, SettleResult},
 };
 use crate::domain::{
@@ -322,18 +322,21 @@ impl Store {
         Ok(out)
     }
 
-    /// Up to `limit` running attempts whose lease has lapsed, oldest lapse first.
-    pub async fn lapsed_attempts(&self, limit: i64) -> Result<Vec<LapsedAttempt>> {
+    /// Up to `limit` running attempts whose lease has lapsed, oldest lapse first; none unless
+    /// `term` is the leader's.
+    pub async fn lapsed_attempts(&self, term: Term, limit: i64) -> Result<Vec<LapsedAttempt>> {
         let sql = static_sql!(
             "SELECT j.tenant_id, j.id, {FACT_COLUMNS}, j.handler_started_at IS NOT NULL AS started, \
                     j.timeout_ms, coalesce(j.lease_owner, '?') AS worker, \
                     j.timeout_ms IS NOT NULL AND j.attempt_started_at \
                         + j.timeout_ms * interval '1 millisecond' < now() AS timed_out \
-             FROM jobs j WHERE j.state = 'running' AND j.lease_expires_at < now() \
-             ORDER BY j.lease_expires_at LIMIT $1"
+             FROM jobs j WHERE j.state = 'running' AND j.lease_expires_at < now() AND {fence} \
+             ORDER BY j.lease_expires_at LIMIT $1",
+            fence = leader_fence!("$2"),
         );
         let rows: Vec<LapsedRow> = sqlx::query_as(sql)
             .bind(limit)
+            .bind(term.0)
             .fetch_all(&self.pool)
             .await?;
         Ok(rows

@@ -1,6 +1,8 @@
 //! Statements of the leader-only loops: promoting due jobs, and keeping the planner's
 //! statistics of the busy tables current. (Lapsed leases are read and ended by `attempts`.)
 
+use std::time::Duration;
+
 use chrono::{DateTime, Utc};
 
 use super::{JOBS_CHANNEL, Result, Store};
@@ -8,11 +10,12 @@ use super::{JOBS_CHANNEL, Result, Store};
 impl Store {
     /// Makes up to `limit` SCHEDULED or RETRYING jobs whose time has come AVAILABLE, and wakes
     /// the dispatchers of their queues. Returns how many were promoted.
-    pub async fn promote_due(&self, limit: i64) -> Result<u64> {
+    pub async fn promote_due(&self, term: Term, limit: i64) -> Result<u64> {
         let sql = static_sql!(
             "WITH due AS ( \
                  SELECT tenant_id, id FROM jobs \
                  WHERE state IN ('scheduled', 'retrying') AND run_at <= now() \
+                   AND {fence} \
                  ORDER BY run_at LIMIT $1 \
                  FOR UPDATE SKIP LOCKED \
              ), upd AS ( \
@@ -26,10 +29,12 @@ impl Store {
                  SELECT pg_notify('{JOBS_CHANNEL}', tenant_id || '/' || queue) \
                  FROM (SELECT DISTINCT tenant_id, queue FROM upd) q \
              ) \
-             SELECT (SELECT count(*) FROM upd), (SELECT count(*) FROM wake)"
+             SELECT (SELECT count(*) FROM upd), (SELECT count(*) FROM wake)",
+            fence = leader_fence!("$2"),
         );
         let (n, _woken): (i64, i64) = sqlx::query_as(sql)
             .bind(limit)
+            .bind(term.0)
             .fetch_one(&self.pool)
             .await?;
         Ok(u64::try_from(n).unwrap_or(0))
@@ -46,52 +51,86 @@ impl Store {
     }
 }
 
-/// The advisory lock that elects the replica running the singleton loops. It lives on a
-/// connection of its own: PostgreSQL releases it the moment that session ends, so a replica
-/// that dies hands leadership over as soon as its connection drops.
-#[derive(Debug)]
-pub struct LeaderLock {
-    conn: sqlx::PgConnection,
-}
+/// A term of leadership: the fencing token every leader statement carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Term(pub i64);
 
-/// Any 64-bit constant works; this one spells "jobwire" in ASCII.
-const LEADER_LOCK_KEY: i64 = 0x006a_6f62_7769_7265;
+/// Leadership held, as [`Store::hold_leadership`] found it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held {
+    pub term: Term,
+    /// The previous holder's application name, when this call took leadership over from
+    /// another replica (whose sessions left idle in a transaction its successor ends).
+    pub taken_from: Option<String>,
+}
 
 impl Store {
-    /// Opens the dedicated connection on which leadership is held.
-    pub async fn leader_lock(&self) -> Result<LeaderLock> {
-        use sqlx::Connection;
-        let options = (*self.pool.connect_options()).clone();
-        let conn = sqlx::PgConnection::connect_with(&options).await?;
-        Ok(LeaderLock { conn })
+    /// Takes leadership for `ttl` if it is free or expired, or renews it if `holder` holds it
+    /// under `term`. `None` when another replica holds it.
+    pub async fn hold_leadership(
+        &self,
+        holder: &str,
+        app: &str,
+        term: Option<Term>,
+        ttl: Duration,
+    ) -> Result<Option<Held>> {
+        let row: Option<(i64, Option<String>)> = sqlx::query_as(
+            "WITH prev AS (SELECT holder, holder_app FROM leader) \
+             INSERT INTO leader AS l (id, holder, holder_app, term, expires_at) \
+             VALUES (true, $1, $2, 1, clock_timestamp() + $4 * interval '1 millisecond') \
+             ON CONFLICT (id) DO UPDATE SET \
+                 holder = EXCLUDED.holder, holder_app = EXCLUDED.holder_app, \
+                 term = CASE WHEN l.holder = EXCLUDED.holder AND l.term = $3 THEN l.term \
+                             ELSE l.term + 1 END, \
+                 expires_at = EXCLUDED.expires_at \
+             WHERE (l.holder = EXCLUDED.holder AND l.term = $3) OR l.expires_at < now() \
+             RETURNING l.term, \
+                 (SELECT holder_app FROM prev WHERE prev.holder IS DISTINCT FROM $1) AS taken_from",
+        )
+        .bind(holder)
+        .bind(app)
+        .bind(term.map_or(0, |t| t.0))
+        .bind(super::leases::millis(ttl))
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|(term, taken_from)| Held {
+            term: Term(term),
+            taken_from,
+        }))
     }
-}
 
-impl LeaderLock {
-    /// Takes the lock if no other session holds it.
-    pub async fn try_acquire(&mut self) -> Result<bool> {
-        let (got,): (bool,) = sqlx::query_as("SELECT pg_try_advisory_lock($1)")
-            .bind(LEADER_LOCK_KEY)
-            .fetch_one(&mut self.conn)
+    /// Gives leadership up at once (on shutdown), so a successor need not wait for it to
+    /// expire.
+    pub async fn release_leadership(&self, holder: &str, term: Term) -> Result<()> {
+        sqlx::query("UPDATE leader SET expires_at = now() WHERE holder = $1 AND term = $2")
+            .bind(holder)
+            .bind(term.0)
+            .execute(&self.pool)
             .await?;
-        Ok(got)
-    }
-
-    /// Proves the session (and so the lock) is still alive.
-    pub async fn check(&mut self) -> Result<()> {
-        sqlx::query("SELECT 1").execute(&mut self.conn).await?;
         Ok(())
     }
 
-    /// Gives the lock up at once, so another replica need not wait for the connection to drop.
-    pub async fn release(mut self) -> Result<()> {
-        use sqlx::Connection;
-        sqlx::query("SELECT pg_advisory_unlock($1)")
-            .bind(LEADER_LOCK_KEY)
-            .execute(&mut self.conn)
-            .await?;
-        self.conn.close().await?;
-        Ok(())
+    /// Ends the sessions of `app` left idle in a transaction: a stalled replica's, holding the
+    /// locks of a transaction it cannot finish. Returns how many.
+    pub async fn end_stalled_sessions(&self, app: &str) -> Result<i64> {
+        let (ended,): (i64,) = sqlx::query_as(
+            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE application_name = $1 AND datname = current_database() \
+               AND state LIKE 'idle in transaction%' AND pid <> pg_backend_pid()) t",
+        )
+        .bind(app)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(ended)
+    }
+
+    /// The application name this server's connections carry.
+    pub fn application_name(&self) -> String {
+        self.pool
+            .connect_options()
+            .get_application_name()
+            .unwrap_or_default()
+            .to_owned()
     }
 }
 

@@ -22,6 +22,18 @@ macro_rules! static_sql {
     }};
 }
 
+/// The condition every statement of a leader-only loop adds: the term it acts under is still
+/// the leader's and unexpired. `$term` names the statement's parameter holding it.
+macro_rules! leader_fence {
+    ($term:literal) => {
+        concat!(
+            "EXISTS (SELECT 1 FROM leader WHERE term = ",
+            $term,
+            " AND expires_at > now())"
+        )
+    };
+}
+
 mod attempts;
 mod events;
 mod hot;
@@ -48,7 +60,7 @@ pub use job_types::{Example, JobTypeRow, NewJobType, TypeDefaults};
 pub use jobs::{EnqueueOutcome, Handoff, ListFilter, Listed, NewJob};
 pub use leases::Worker;
 pub use leases::{Checkpoint, LogBatch, ProgressUpdate, Renewed, SettleResult, StopKind};
-pub use maintenance::LeaderLock;
+pub use maintenance::{Held, Term};
 pub use queues::{HeldBack, LimitedClaim, QueueRow, QueueUpdate, QueueView};
 pub use rows::{AttemptRow, ErrorRecord, EventRow, JobRow, LeasedRow, ProgressOrigin};
 pub use schedules::{

@@ -12,7 +12,7 @@ use sqlx::{Postgres, Transaction, postgres::PgArguments, query::QueryAs, types::
 use uuid::Uuid;
 
 use super::{
-    DUE_CHANNEL, Error, Listed, Result, Store,
+    DUE_CHANNEL, Error, Listed, Result, Store, Term,
     jobs::{NewJob, enqueue_statement},
     rows::JobRow,
 };
@@ -324,18 +324,20 @@ impl Store {
     }
 
     /// Opens a firing: locks up to `limit` due, unpaused schedules (of every tenant) that no
-    /// other firing holds.
-    pub async fn begin_firing(&self, limit: i64) -> Result<(Firing, Vec<DueSchedule>)> {
+    /// other firing holds; none unless `term` is the leader's.
+    pub async fn begin_firing(&self, term: Term, limit: i64) -> Result<(Firing, Vec<DueSchedule>)> {
         let mut tx = self.pool.begin().await?;
         let sql = static_sql!(
             "SELECT {SCHEDULE_COLUMNS}, j.state AS last_job_state, now() AS db_now \
              FROM schedules s LEFT JOIN jobs j ON j.tenant_id = s.tenant_id AND j.id = s.last_job_id \
-             WHERE s.next_run_at <= now() \
+             WHERE s.next_run_at <= now() AND {fence} \
              ORDER BY s.next_run_at LIMIT $1 \
-             FOR UPDATE OF s SKIP LOCKED"
+             FOR UPDATE OF s SKIP LOCKED",
+            fence = leader_fence!("$2"),
         );
         let due = sqlx::query_as::<_, DueSchedule>(sql)
             .bind(limit)
+            .bind(term.0)
             .fetch_all(&mut *tx)
             .await?;
         Ok((Firing { tx }, due))
