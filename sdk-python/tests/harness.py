@@ -217,13 +217,25 @@ class WorkerProcess:
             )
 
     @classmethod
-    def python(cls, url: str, worker_id: str, workdir: Path, concurrency: int = 4) -> WorkerProcess:
+    def python(
+        cls,
+        url: str,
+        worker_id: str,
+        workdir: Path,
+        concurrency: int = 4,
+        *,
+        prefetch: int = 0,
+        queued_wait: float | None = None,
+    ) -> WorkerProcess:
         env = {
             "JOBWIRE_URL": url,
             "WORKER_ID": worker_id,
             "CONCURRENCY": str(concurrency),
+            "PREFETCH": str(prefetch),
             "PYTHONUNBUFFERED": "1",
         }
+        if queued_wait is not None:
+            env["QUEUED_WAIT"] = str(queued_wait)
         app = str(SDK / "tests" / "worker_app.py")
         return cls([sys.executable, app], env, workdir / f"worker-{worker_id}.log")
 
@@ -273,14 +285,15 @@ async def until_running(
 
 
 @contextlib.contextmanager
-def logged(prefix: str) -> Iterator[asyncio.Event]:
-    """An event set when the SDK logs a message starting with ``prefix``: how a test learns
-    what the worker noticed, such as a broken stream."""
+def logged(prefix: str, containing: str = "") -> Iterator[asyncio.Event]:
+    """An event set when the SDK logs a message starting with ``prefix`` (and containing
+    ``containing``): how a test learns what the worker noticed, such as a broken stream."""
     seen = asyncio.Event()
 
     class Watch(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
-            if record.getMessage().startswith(prefix):
+            message = record.getMessage()
+            if message.startswith(prefix) and containing in message:
                 seen.set()
 
     handler = Watch()

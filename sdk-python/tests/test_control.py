@@ -4,13 +4,21 @@ resume, a timeout) as the handler sees it."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+from collections.abc import Callable
+from typing import Any
 
+import grpc.aio
 import handlers
 import harness
 import pytest
 import pytests_pb2 as pb
 
 import jobwire
+from jobwire.v1 import worker_service_pb2
+from jobwire.worker import _runtime, _wire
+
+TIMED_OUT = jobwire.v1.job_pb2.ATTEMPT_OUTCOME_TIMED_OUT
 
 
 def worker(server: harness.Server, observed: handlers.Observed | None = None) -> jobwire.Worker:
@@ -115,8 +123,38 @@ async def test_a_pause_reaches_a_handler_waiting_on_its_context(
     assert job.has_checkpoint
 
 
-async def test_a_timeout_stops_the_handler_locally(
-    server: harness.Server, client: jobwire.Client
+@pytest.fixture
+def written(monkeypatch: pytest.MonkeyPatch) -> list[worker_service_pb2.ConnectRequest]:
+    """Every message in-process workers write on their streams, in order."""
+    messages: list[worker_service_pb2.ConnectRequest] = []
+    write = _runtime._write
+
+    async def recording(
+        call: grpc.aio.StreamStreamCall[Any, Any],
+        message: worker_service_pb2.ConnectRequest,
+        *,
+        welcomed: bool,
+    ) -> None:
+        messages.append(message)
+        await write(call, message, welcomed=welcomed)
+
+    monkeypatch.setattr(_runtime, "_write", recording)
+    return messages
+
+
+def sent(messages: list[worker_service_pb2.ConnectRequest], which: str, job_id: str) -> list[Any]:
+    """The messages of one kind (``fail``, ``complete``) written for the job."""
+    return [
+        getattr(m, which)
+        for m in messages
+        if m.WhichOneof("message") == which and getattr(m, which).lease.job_id == job_id
+    ]
+
+
+async def test_a_timeout_stops_the_handler_locally_and_fails_the_attempt_timed_out(
+    server: harness.Server,
+    client: jobwire.Client,
+    written: list[worker_service_pb2.ConnectRequest],
 ) -> None:
     observed = handlers.Observed()
     async with harness.running(worker(server, observed)):
@@ -129,8 +167,90 @@ async def test_a_timeout_stops_the_handler_locally(
         with pytest.raises(jobwire.JobFailed) as failed:
             await handle.wait(timeout=30)
     assert observed.stopped[handle.id] is jobwire.StopReason.TIMED_OUT
+    [fail] = sent(written, "fail", handle.id)
+    assert (fail.timed_out, fail.kind, fail.non_retryable) == (True, "timeout", False)
     assert failed.value.last_error is not None
     assert failed.value.last_error.kind == "timeout"
+    job = await handle.get()
+    assert [a.outcome for a in job.attempts] == [TIMED_OUT]
+
+
+async def test_the_servers_timed_out_stops_the_handler_and_keeps_its_failure_kind(
+    server: harness.Server,
+    client: jobwire.Client,
+    written: list[worker_service_pb2.ConnectRequest],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With no local deadline, STOP_REASON_TIMED_OUT from the server stops the handler as the
+    deadline would: its context is cancelled as TIMED_OUT and the attempt fails timed out,
+    under the failure kind the handler chose."""
+    read_grant = _wire._grant
+
+    def without_deadline(lease: worker_service_pb2.Lease, duration: float | None) -> _wire.Grant:
+        return dataclasses.replace(read_grant(lease, duration), timeout=None)
+
+    monkeypatch.setattr(_wire, "_grant", without_deadline)
+    seen: list[tuple[jobwire.StopReason, float | None]] = []
+
+    async def slow(ctx: jobwire.JobContext, job: pb.Block) -> None:
+        reason = await ctx.wait_cancelled()
+        seen.append((reason, ctx.time_left()))
+        raise jobwire.Retryable("the upstream did not answer", kind="upstream_slow")
+
+    slow_worker = jobwire.Worker(server.url, worker_id="py-slow", queues=["py"])
+    slow_worker.register(handlers.BLOCK, slow)
+    async with harness.running(slow_worker):
+        handle = await client.enqueue(
+            pb.Block(note="slow"),
+            queue="py",
+            timeout=0.5,
+            retry=jobwire.RetryPolicy(max_attempts=2, initial_backoff=60),
+        )
+        await harness.eventually(lambda: _in_state(client, handle.id, jobwire.JobState.RETRYING))
+    assert seen == [(jobwire.StopReason.TIMED_OUT, None)]
+    [fail] = sent(written, "fail", handle.id)
+    assert (fail.timed_out, fail.kind, fail.non_retryable) == (True, "upstream_slow", False)
+    job = await handle.get()
+    assert [a.outcome for a in job.attempts] == [TIMED_OUT]
+    assert job.attempts[0].error.kind == "upstream_slow"
+    assert job.attempts_counted == 1
+
+
+async def test_a_result_after_the_deadline_is_refused_and_not_sent_again(
+    start_server: Callable[..., harness.Server],
+    written: list[worker_service_pb2.ConnectRequest],
+) -> None:
+    """A handler that ignores its timeout and returns late: the server refuses the result
+    (ABORTED, naming the timeout), the worker drops it (its drain does not wait for it), and
+    the attempt ends timed out when its lease lapses."""
+    server = start_server(harness.SHORT_LEASES)
+    finished = asyncio.Event()
+
+    async def stubborn(ctx: jobwire.JobContext, job: pb.Block) -> None:
+        await ctx.wait_cancelled()
+        await asyncio.sleep(0.5)
+        asyncio.get_running_loop().call_soon(finished.set)
+
+    late_worker = jobwire.Worker(server.url, worker_id="py-late", queues=["py"], stop_grace=None)
+    late_worker.register(handlers.BLOCK, stubborn)
+    async with await jobwire.Client.connect(server.url) as client:
+        with harness.logged("job ", "result refused, the attempt ran past its timeout") as refused:
+            async with harness.running(late_worker):
+                handle = await client.enqueue(
+                    pb.Block(note="late"),
+                    queue="py",
+                    timeout=0.5,
+                    retry=jobwire.RetryPolicy(max_attempts=1),
+                )
+                await asyncio.wait_for(finished.wait(), 30)
+                await asyncio.wait_for(refused.wait(), 30)
+            # The drain finished: nothing was left to deliver.
+        assert len(sent(written, "complete", handle.id)) == 1
+        with pytest.raises(jobwire.JobFailed) as failed:
+            await handle.wait(timeout=30)
+        assert failed.value.state is jobwire.JobState.FAILED
+        job = await handle.get()
+    assert [a.outcome for a in job.attempts] == [TIMED_OUT]
 
 
 async def _in_state(

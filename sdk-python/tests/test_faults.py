@@ -1,5 +1,6 @@
 """Worker processes that die or are told to stop: a SIGKILLed worker's lease lapses and
-another worker finishes its job; SIGTERM drains a worker, which finishes what it runs."""
+another worker finishes its job, the attempt counted only if its handler had started; SIGTERM
+drains a worker, which finishes what it runs."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import handlers
 import harness
+import pytest
 import pytests_pb2 as pb
 
 import jobwire
@@ -46,6 +48,81 @@ async def test_a_killed_workers_job_is_finished_by_another_worker(
     assert all(
         a.outcome == jobwire.v1.job_pb2.ATTEMPT_OUTCOME_LEASE_EXPIRED for a in doomed_attempts
     )
+
+
+async def test_a_lease_lost_with_its_worker_counts_only_if_its_handler_had_started(
+    start_server: Callable[..., harness.Server], workdir: Path
+) -> None:
+    """The worker reports each handler's start (Hello.reports_started). With one attempt
+    allowed, a job whose handler started on a worker that is SIGKILLed fails when its lease
+    lapses (the attempt counted); jobs whose leases waited in that worker's prefetch queue
+    come back uncounted and succeed on another worker."""
+    server = start_server(harness.SHORT_LEASES)
+    once = jobwire.RetryPolicy(max_attempts=1)
+    async with await jobwire.Client.connect(server.url) as client:
+        # One slot, a prefetch queue, and queued leases kept (not handed back after 250 ms) so
+        # that the worker still holds some unstarted when it dies.
+        doomed = harness.WorkerProcess.python(
+            server.url, "py-doomed", workdir, concurrency=1, prefetch=20, queued_wait=300
+        )
+        try:
+            quick = await client.enqueue_many(
+                [pb.Echo(text=f"quick {n}") for n in range(300)],
+                job_type=handlers.ECHO,
+                queue="py",
+                retry=once,
+            )
+            # Once the worker keeps pace the server sends it leases ahead of its slot; the
+            # long job, first in line, takes the slot and those behind it wait in the queue.
+            await quick[30].wait(timeout=30)
+            long = await client.enqueue(
+                pb.Steps(steps=1_000_000, step_millis=20),
+                job_type=handlers.STEPS,
+                queue="py",
+                priority=100,
+                retry=once,
+            )
+            # A checkpoint stored: the handler runs, and its start, sent before the
+            # checkpoint on the same stream, has reached the server.
+            await harness.eventually(lambda: _checkpointed(client, long.id))
+            # Leases claimed ahead and never sent go back within 250 ms; what the worker still
+            # holds then, beside the long job, waits in its prefetch queue.
+            await asyncio.sleep(0.6)
+            held = [
+                job.id
+                async for job in client.list_jobs(states=[jobwire.JobState.RUNNING], queue="py")
+                if job.lease_owner == "py-doomed" and job.id != long.id
+            ]
+            assert held, "the worker held no lease in its prefetch queue"
+            doomed.signal(signal.SIGKILL)
+            assert await doomed.wait(10) == -signal.SIGKILL
+        finally:
+            doomed.kill()
+
+        with pytest.raises(jobwire.JobFailed) as failed:
+            await long.wait(timeout=60)
+        assert failed.value.state is jobwire.JobState.FAILED
+        job = await long.get()
+        assert (job.attempt, job.attempts_counted) == (1, 1)
+        assert [a.outcome for a in job.attempts] == [
+            jobwire.v1.job_pb2.ATTEMPT_OUTCOME_LEASE_EXPIRED
+        ]
+
+        rescuer = jobwire.Worker(server.url, worker_id="py-rescuer", queues=["py"])
+        rescuer.register(handlers.ECHO, handlers.echo)
+        async with harness.running(rescuer):
+            results = await asyncio.gather(*(h.wait(timeout=60) for h in quick))
+        assert [r.text for r in results] == [f"quick {n}" for n in range(300)]
+        by_id = {h.id: r for h, r in zip(quick, results, strict=True)}
+        for job_id in held:
+            assert by_id[job_id].worker == "py-rescuer"
+            job = await client.get_job(job_id)
+            assert job.attempt >= 2, "its lease on the killed worker took a number"
+            assert job.attempts_counted == 1, "and did not count"
+
+
+async def _checkpointed(client: jobwire.Client, job_id: str) -> bool | None:
+    return True if (await client.get_job(job_id)).has_checkpoint else None
 
 
 async def test_sigterm_drains_the_worker_which_finishes_its_running_job(

@@ -54,19 +54,69 @@ def test_an_unknown_stop_reason_reads_as_a_lost_lease() -> None:
     assert isinstance(read, _wire.Stop) and read.reason is jobwire.StopReason.LEASE_LOST
 
 
-def test_a_failure_after_a_cancel_pause_or_timeout_is_named_for_it() -> None:
+def test_a_failure_after_a_cancel_or_pause_is_named_for_it() -> None:
     failure = _wire.Failure("disk full", "io", retryable=False, retry_after=timedelta(seconds=4))
-    timed_out = failure.after_stop(jobwire.StopReason.TIMED_OUT)
-    assert (timed_out.kind, timed_out.retryable, timed_out.message) == (
-        "timeout",
-        True,
-        "disk full",
-    )
-    assert timed_out.retry_after == timedelta(seconds=4)
     assert failure.after_stop(jobwire.StopReason.LEASE_LOST) == failure
     assert failure.after_stop(None) == failure
-    message = _wire.fail(7, ("j1", 1), failure.after_stop(jobwire.StopReason.CANCELLED))
-    assert (message.fail.kind, message.fail.non_retryable) == ("cancelled", False)
+    message = _wire.fail(7, ("j1", 1), failure.after_stop(jobwire.StopReason.CANCELLED)).fail
+    assert (message.kind, message.non_retryable, message.timed_out) == ("cancelled", False, False)
+    paused = failure.after_stop(jobwire.StopReason.PAUSED)
+    assert (paused.kind, paused.retryable, paused.timed_out) == ("paused", True, False)
+
+
+def test_a_failure_after_a_timeout_is_typed_and_keeps_the_handlers_kind() -> None:
+    failure = _wire.Failure("disk full", "io", retryable=False, retry_after=timedelta(seconds=4))
+    timed_out = failure.after_stop(jobwire.StopReason.TIMED_OUT)
+    assert (timed_out.kind, timed_out.retryable, timed_out.message, timed_out.timed_out) == (
+        "io",
+        True,
+        "disk full",
+        True,
+    )
+    assert timed_out.retry_after == timedelta(seconds=4)
+    message = _wire.fail(7, ("j1", 1), timed_out).fail
+    assert (message.timed_out, message.kind, message.non_retryable) == (True, "io", False)
+    assert message.retry_after.seconds == 4
+    # No kind of the handler's (a Stopped, a task cancelled after the grace): the SDK's own.
+    stopped = _wire.Failure("", None, retryable=True).after_stop(jobwire.StopReason.TIMED_OUT)
+    assert (stopped.kind, stopped.message, stopped.timed_out) == (
+        "timeout",
+        "stopped: timed out",
+        True,
+    )
+    assert not _wire.fail(8, ("j1", 1), failure).fail.timed_out
+
+
+def test_the_worker_reports_its_handlers_starts() -> None:
+    hello = _wire.hello(
+        worker_id="w",
+        job_types=["t"],
+        queues=["q"],
+        slots=2,
+        prefetch=0,
+        running=[("j1", 2)],
+        schemas=[],
+    ).hello
+    assert hello.reports_started
+    started = _wire.started([("j1", 2), ("j2", 1)]).started
+    assert [(ref.job_id, ref.attempt) for ref in started.leases] == [("j1", 2), ("j2", 1)]
+
+
+def test_a_result_refused_for_its_deadline_is_told_from_a_stale_lease() -> None:
+    def ack(code: int, message: str) -> _wire.Ack:
+        read = _wire.read(
+            worker_service_pb2.ConnectResponse(
+                ack=worker_service_pb2.Ack(request_id=1, code=code, message=message)
+            ),
+            None,
+        )
+        assert isinstance(read, _wire.Ack)
+        return read
+
+    late = ack(10, "lease j/1 ran past its timeout: its result is refused")
+    assert late.code is grpc.StatusCode.ABORTED and late.refused_late
+    assert not ack(10, "lease j/1 is no longer held: the job has moved on").refused_late
+    assert not ack(0, "").refused_late
 
 
 class _Refused(grpc.RpcError):

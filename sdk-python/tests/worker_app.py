@@ -1,5 +1,8 @@
 """A Python worker process for fault tests: serves py.echo and py.steps until SIGTERM (then
-drains) or SIGKILL. Settings come from the environment: JOBWIRE_URL, WORKER_ID, CONCURRENCY."""
+drains) or SIGKILL. Settings come from the environment: JOBWIRE_URL, WORKER_ID, CONCURRENCY,
+PREFETCH, and QUEUED_WAIT (seconds a prefetched lease may wait unstarted before it is handed
+back; the runtime's 250 ms otherwise, which a test that kills the worker while it holds such a
+lease cannot rely on catching)."""
 
 from __future__ import annotations
 
@@ -14,13 +17,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "_generated"))
 import handlers
 
 import jobwire
+from jobwire.worker import _runtime
 
 
 async def main() -> None:
+    if "QUEUED_WAIT" in os.environ:
+        _runtime.MAX_QUEUED_WAIT = float(os.environ["QUEUED_WAIT"])
     worker = jobwire.Worker(
         os.environ["JOBWIRE_URL"],
         worker_id=os.environ.get("WORKER_ID", "py-test-worker"),
         concurrency=int(os.environ.get("CONCURRENCY", "4")),
+        prefetch=int(os.environ.get("PREFETCH", "0")),
         queues=["py", "default"],
     )
     worker.register(handlers.ECHO, handlers.echo)

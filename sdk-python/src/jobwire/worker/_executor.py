@@ -10,10 +10,17 @@ is why the executor belongs to the worker and not to a connection. A task's end 
 its done callback, synchronously, so that the leases a new stream names in its Hello are
 exactly those still running.
 
-What a stopped attempt reports: a handler stopped by a cancel, a pause or its timeout that
-fails (or is cancelled after ``stop_grace``) fails with the stop's kind, retryable, so the
-server settles the job by the stop's reason; one that returns a result completes as usual.
-A lease's deadline is a timer on the event loop's monotonic clock.
+Starts: each handler the executor starts (a lease that just arrived, or a queued one when a
+slot frees) is listed until the session takes the list (``take_started``) and tells the server,
+which counts an attempt only once its handler started. A queued lease is not started: lost with
+the worker, it burns none of its job's attempts.
+
+What a stopped attempt reports: a handler stopped by a cancel or a pause that fails (or is
+cancelled after ``stop_grace``) fails with the stop's kind, retryable, so the server settles the
+job by the stop's reason; one stopped by its timeout (the lease's deadline, a timer on the event
+loop's monotonic clock, or the server's TIMED_OUT, whichever comes first) fails retryable and
+``timed_out``. One that returns a result completes as usual; after the deadline the server
+refuses that result, and the attempt ends timed out when its lease lapses.
 """
 
 from __future__ import annotations
@@ -103,6 +110,8 @@ class Executor:
         self._finished = finished
         self._running: dict[LeaseKey, _Running] = {}
         self._queued: OrderedDict[LeaseKey, _Queued] = OrderedDict()
+        #: Leases whose handlers started since the server was last told, in order.
+        self._started: list[LeaseKey] = []
 
     def __len__(self) -> int:
         return len(self._running)
@@ -160,7 +169,20 @@ class Executor:
                 loop.call_at(deadline, self.stop, grant.key, StopReason.TIMED_OUT)
             )
         self._running[grant.key] = running
+        self._started.append(grant.key)
         task.add_done_callback(functools.partial(self._settle, grant.key))
+
+    def take_started(self) -> list[LeaseKey]:
+        """The leases whose handlers started since the last call, for the server to count
+        their attempts (``Hello.reports_started``)."""
+        started, self._started = self._started, []
+        return started
+
+    def restart_reports(self) -> None:
+        """A new stream: every running handler is to be reported as started again. Those that
+        started between streams were never reported, and a report written to a stream that
+        broke may not have arrived; the server takes a repeat as a no-op."""
+        self._started = sorted(key for key, r in self._running.items() if not r.lost)
 
     def _settle(self, key: LeaseKey, task: asyncio.Task[any_pb2.Any]) -> None:
         running = self._running.pop(key, None)

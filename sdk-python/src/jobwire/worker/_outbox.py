@@ -4,8 +4,10 @@ A result (CompleteJob or FailJob) stays in the ``Outbox`` until an Ack with its 
 arrives, so a stream that breaks in between loses nothing: each new stream rewinds the outbox
 and sends every pending result again, after what was left of its lease's reports. Re-sending is
 safe because each result carries its lease's fencing token; the server refuses (ABORTED) one
-whose attempt is no longer current. The outbox is bounded by the worker's slots: each result
-frees the slot of the handler that produced it.
+whose attempt is no longer current, or which came after the attempt's deadline. Any ack settles
+a result for good: one refused is never sent again, since the same message would be refused
+the same way. The outbox is bounded by the worker's slots: each result frees the slot of the
+handler that produced it.
 
 ``Releases`` does the same for leases handed back unstarted (ReleaseLeases): a hand-back lost
 with its stream, or refused as UNAVAILABLE, goes again; a repeat changes nothing on the server.
@@ -80,6 +82,13 @@ class Outbox:
         job_id, attempt = pending.key
         if ack.code is grpc.StatusCode.OK:
             log.debug("job %s attempt %d: result acknowledged", job_id, attempt)
+        elif ack.refused_late:
+            log.warning(
+                "job %s attempt %d: result refused, the attempt ran past its timeout: %s",
+                job_id,
+                attempt,
+                ack.message,
+            )
         elif ack.code is grpc.StatusCode.ABORTED:
             log.warning(
                 "job %s attempt %d: result refused, the lease was stale: %s",

@@ -8,9 +8,13 @@ keeps them, and results the server has not acknowledged are sent again on the ne
 The session is the stream's only owner: one loop over an inbox (the server's messages, read by
 a reader task; wake-ups from handlers finishing or reporting; the shutdown request) and the
 timers it computes itself (heartbeat, report flush, stale prefetched leases, the drain's
-deadline). It holds no state of its own that must survive: leases live in the executor,
-reports in their buffers, results in the outbox, so a broken stream is simply followed by
-another session.
+deadline). Each turn of the loop takes every event waiting in the inbox, then sends what they
+call for, ending with the started notices, hand-backs and results they produced: the handlers
+started for a burst of leases are reported in one ``started`` message, right after they
+start, as are queued leases started when a slot frees. It holds no state of its own that must
+survive: leases live in the executor, reports in their buffers, results in the outbox, so a
+broken stream is simply followed by another session, which reports every running handler as
+started again (those started between streams were never reported).
 
 Shutdown is an input: ``stop()`` (or SIGTERM, or the ``shutdown`` awaitable) starts a drain.
 The worker sends Drain, hands back its prefetched leases, lets running handlers finish and
@@ -60,6 +64,8 @@ _HANDSHAKE_TIMEOUT = 10.0
 _DEFAULT_HEARTBEAT = 5.0
 _CLOSE_TIMEOUT = 2.0
 _ABORT_GRACE = 2.0
+#: The most inbox events one turn of the session's loop takes before it sends.
+_MAX_EVENTS_PER_TURN = 256
 
 
 class _Phase(enum.Enum):
@@ -283,9 +289,13 @@ class _Run:
         return self.phase is not _Phase.SERVING
 
     def outgoing(self) -> list[_wire.Request]:
-        """Hand-backs, then results not sent on this stream, each after what was left of its
-        lease's reports."""
-        messages = self.releases.outgoing()
+        """The handlers started since the last call, hand-backs, then results not sent on this
+        stream, each after what was left of its lease's reports."""
+        messages: list[_wire.Request] = []
+        started = self.executor.take_started()
+        if started:
+            messages.append(_wire.started(started))
+        messages.extend(self.releases.outgoing())
         for unsent in self.outbox.unsent():
             messages.extend(self.reporter.final_reports(unsent.key, unsent.lines, unsent.progress))
             messages.append(unsent.message)
@@ -428,10 +438,11 @@ class _Run:
             for key in welcome.rejected:
                 if self.executor.stop(key, StopReason.LEASE_LOST) is Stopping.UNSTARTED:
                     self.releases.add([key])
+            self.executor.restart_reports()
             reader = self.loop.create_task(self.read(call, session))
             now = self.loop.time()
-            # What waited for a stream: checkpoints asked for meanwhile, batches of lines, and
-            # results; a wake-up taken between streams is not repeated.
+            # What waited for a stream: checkpoints asked for meanwhile, batches of lines, the
+            # handlers running, and results; a wake-up taken between streams is not repeated.
             await _send(call, [*self.reporter.woken(now), *self.outgoing()])
             next_heartbeat = now + period
             while True:
@@ -448,18 +459,19 @@ class _Run:
                 ]
                 event = await self.next_event(min(t for t in timers if t is not None))
                 out: list[_wire.Request] = []
-                if isinstance(event, _Inbound):
-                    if event.session == session:
-                        out = self.receive(event.message)
-                elif isinstance(event, _Ended):
-                    if event.session == session:
-                        raise _Broken(_describe(event.error), welcomed=True)
-                elif event is _Signal.WAKE:
-                    self.wake_pending = False
-                    out = [*self.reporter.woken(self.loop.time()), *self.outgoing()]
-                elif event is _Signal.SHUTDOWN and not self.stopping:
-                    self.advance(self.loop.time())
-                    out = [_wire.drain(), *self.outgoing()]
+                ended: _Ended | None = None
+                handled = 0
+                while event is not None:
+                    if isinstance(event, _Ended):
+                        if event.session == session:
+                            ended = event
+                            break
+                    else:
+                        out.extend(self.handle(event, session))
+                    handled += 1
+                    if handled >= _MAX_EVENTS_PER_TURN or self.inbox.empty():
+                        break
+                    event = self.inbox.get_nowait()
                 now = self.loop.time()
                 if now >= next_heartbeat:
                     out.append(_wire.heartbeat(self.executor.live_leases()))
@@ -471,10 +483,14 @@ class _Run:
                     stale = self.executor.take_stale(now, MAX_QUEUED_WAIT)
                     log.debug("handing back %d queued lease(s) that waited too long", len(stale))
                     self.releases.add(stale)
-                    out.extend(self.outgoing())
                 if self.stopping:
                     self.advance(now)
+                # What the turn's events produced: handlers started (for leases that arrived,
+                # or queued ones on the slots freed), hand-backs, results.
+                out.extend(self.outgoing())
                 await _send(call, out)
+                if ended is not None:
+                    raise _Broken(_describe(ended.error), welcomed=True)
         finally:
             if reader is not None:
                 reader.cancel()
@@ -522,17 +538,34 @@ class _Run:
         except Exception as error:
             self.inbox.put_nowait(_Ended(session, error))
 
-    def receive(self, response: worker_service_pb2.ConnectResponse) -> list[_wire.Request]:
+    def handle(self, event: _Event, session: int) -> list[_wire.Request]:
+        """Acts on one event of the inbox (not a stream's end); returns what must go out
+        before the turn's started notices, hand-backs and results."""
+        if isinstance(event, _Inbound):
+            if event.session == session:
+                self.receive(event.message)
+        elif event is _Signal.WAKE:
+            self.wake_pending = False
+            return self.reporter.woken(self.loop.time())
+        elif event is _Signal.SHUTDOWN and not self.stopping:
+            # Drain first, so that the server sends no lease into the room the hand-backs of
+            # the queued leases free.
+            self.advance(self.loop.time())
+            return [_wire.drain()]
+        return []
+
+    def receive(self, response: worker_service_pb2.ConnectResponse) -> None:
+        """Acts on a message from the server; what it calls for goes out with the turn's
+        ``outgoing``."""
         message = _wire.read(response, self.lease_duration)
         if isinstance(message, _wire.Grant):
             if self.stopping:
                 # Sent before the server read our drain: straight back, to run elsewhere.
                 self.releases.add([message.key])
-                return self.outgoing()
+                return
             refused = self.executor.start(message)
             if refused is not None:
                 self.outbox.fail(self.ids(), message.key, message.job_type, refused, Final())
-                return self.outgoing()
         elif isinstance(message, _wire.Stop):
             stopping = self.executor.stop(message.key, message.reason)
             if stopping is Stopping.ASKED:
@@ -544,10 +577,9 @@ class _Run:
                 )
             elif stopping is Stopping.UNSTARTED:
                 self.releases.add([message.key])
-                return self.outgoing()
         elif isinstance(message, _wire.Ack):
             if self.releases.acknowledge(message):
-                return []
+                return
             answered, stale = self.reporter.acknowledge(message)
             if stale is not None:
                 self.executor.stop(stale, StopReason.LEASE_LOST)
@@ -560,12 +592,9 @@ class _Run:
                 message.queue,
                 len(taken),
             )
-            if taken:
-                self.releases.add(taken)
-                return self.outgoing()
+            self.releases.add(taken)
         elif isinstance(message, _wire.Welcome):
             log.warning("ignoring a second welcome on the same stream")
-        return []
 
     async def close_stream(
         self,

@@ -1,8 +1,16 @@
 """Every message of the worker protocol (``WorkerService.Connect``), built and read here only.
 
 The rest of the runtime speaks in the plain values below (``LeaseKey``, ``Grant``, ``Failure``,
-``Ack``, ``Stop``), so a change of the protocol, such as a new field by which the worker says
-that a lease's handler started or a typed timeout on ``FailJob``, is a change of this module.
+``Ack``, ``Stop``), so a change of the protocol is a change of this module.
+
+Starts: the worker says ``Hello.reports_started`` and sends ``StartedJobs`` as its handlers
+start, so that the server counts an attempt against ``max_attempts`` only once its handler
+started: a lease lost unstarted (in the prefetch queue of a worker that died) does not count.
+
+Timeouts are typed: a failure after the attempt ran past its deadline (the worker's own timer or
+the server's ``STOP_REASON_TIMED_OUT``) carries ``FailJob.timed_out``; its ``kind`` is only a
+label (the handler's, or ``timeout``). A result sent after the deadline is refused with ABORTED,
+like one for a stale lease, and never sent again.
 
 Timing without shared clocks: a lease's deadline is a time of the server's clock, and so is its
 expiry. The attempt's timeout is their difference plus the lease duration of the welcome (both
@@ -46,7 +54,7 @@ _STOP_REASONS = {
 }
 
 #: The failure kind of an attempt that failed after a stop, for the stops that decide how the
-#: server settles the job.
+#: server settles the job; after a timeout, only when the handler gave none of its own.
 _STOP_KINDS = {
     StopReason.CANCELLED: "cancelled",
     StopReason.PAUSED: "paused",
@@ -87,6 +95,13 @@ class Ack:
     code: grpc.StatusCode
     message: str
 
+    @property
+    def refused_late(self) -> bool:
+        """A result refused because it came after the attempt's deadline (the attempt timed
+        out), rather than for a lease that moved on: both are ABORTED, told apart by the
+        message."""
+        return self.code is grpc.StatusCode.ABORTED and "timeout" in self.message
+
 
 @dataclass(frozen=True)
 class Stop:
@@ -105,18 +120,32 @@ class Failure:
     """How an attempt failed, as reported in FailJob."""
 
     message: str
+    #: The handler's class of the failure; None when it gave none (a ``Stopped``, a task
+    #: cancelled after the stop grace, a ``HandlerError`` without one).
     kind: str | None
     retryable: bool
     retry_after: timedelta | None = None
+    #: The worker stopped the handler because the attempt ran past its deadline.
+    timed_out: bool = False
 
     def after_stop(self, reason: StopReason | None) -> Failure:
-        """The failure to report once the stop's reason is known: after a cancel, pause or
-        timeout it is named for the stop and retryable, so the server settles the job by the
-        stop's reason rather than by the handler's view of the error."""
+        """The failure to report once the stop's reason is known. After a cancel or a pause it
+        is named for the stop and retryable, so the server settles the job by the stop's reason
+        rather than by the handler's view of the error. After a timeout it is retryable and
+        ``timed_out``, which is what the server records the attempt by; its kind stays the
+        handler's, or is ``timeout`` when the handler gave none."""
         kind = _STOP_KINDS.get(reason) if reason is not None else None
         if kind is None:
             return self
         message = self.message or f"stopped: {reason}"
+        if reason is StopReason.TIMED_OUT:
+            return Failure(
+                message,
+                self.kind or kind,
+                retryable=True,
+                retry_after=self.retry_after,
+                timed_out=True,
+            )
         return Failure(message, kind, retryable=True, retry_after=self.retry_after)
 
 
@@ -227,12 +256,19 @@ def hello(
             prefetch=prefetch,
             running=[_ref(key) for key in running],
             schemas=schemas,
+            # Leases lost before their handler started then do not count as attempts.
+            reports_started=True,
         )
     )
 
 
 def heartbeat(running: Iterable[LeaseKey]) -> Request:
     return Request(heartbeat=worker_service_pb2.Heartbeat(running=[_ref(k) for k in running]))
+
+
+def started(keys: Iterable[LeaseKey]) -> Request:
+    """The leases whose handlers have just started; not acknowledged."""
+    return Request(started=worker_service_pb2.StartedJobs(leases=[_ref(k) for k in keys]))
 
 
 def drain() -> Request:
@@ -254,6 +290,7 @@ def fail(request_id: int, key: LeaseKey, failure: Failure) -> Request:
         message=_cut(failure.message, MAX_TEXT_BYTES) or "failed",
         kind=_cut(failure.kind or "", MAX_KIND_BYTES),
         non_retryable=not failure.retryable,
+        timed_out=failure.timed_out,
     )
     if failure.retry_after is not None:
         message.retry_after.CopyFrom(_codec.to_duration(failure.retry_after))
