@@ -53,10 +53,9 @@ struct Args {
     /// worker subprocess): 1 runs a current-thread runtime, 0 one thread per core.
     ///
     /// They share two cores with the server and PostgreSQL, and with a thread per core each
-    /// process's threads wake one another across cores for every message: with the same
-    /// server, W3 moved 3,898 jobs/s with a thread per core against 4,168 with one, and W1
-    /// drained 25,917 against 27,662 (medians of three rounds). One thread is also how the
-    /// Graphile peer's producers and workers run (a Node.js process).
+    /// process's threads wake one another across cores for every message, which slows W1's
+    /// drain and W3 alike. One thread is also how the Graphile peer's producers and workers run
+    /// (a Node.js process).
     #[arg(long, global = true, default_value_t = 1)]
     client_threads: usize,
     #[command(subcommand)]

@@ -101,10 +101,9 @@ pub struct Config {
     pub db_max_connections: u32,
 
     /// Threads of the async runtime (default: one per core). On a host it shares with
-    /// PostgreSQL or busy neighbours, fewer threads wake each other less: on two cores, 1 moved
-    /// 28 % more single enqueues from 8 closed-loop callers (W3, before the enqueuer kept its
-    /// batches in its own task) but delivered a burst of 500 progress reports later (W4 p99
-    /// 35.7 ms against 33.1); see `docs/performance.md`.
+    /// PostgreSQL or busy neighbours, fewer threads wake each other less, which can help
+    /// closed-loop callers of single enqueues but delivers a burst of progress reports later:
+    /// a setting to measure per host; see `docs/performance.md`.
     #[arg(long, env = "JOBWIRE_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
 

@@ -10,9 +10,9 @@
 //! to free up (or until half are free) before the next claim. An idle worker claims at once.
 //!
 //! A worker whose jobs finish faster than a claim's round trip would still idle for that round
-//! trip on every claim: with 20 slots and 3 ms per claim cycle it cannot pass about 6,000 jobs a
-//! second however cheap the jobs are. So the dispatcher measures each worker's pace and claims
-//! that many round trips' worth of leases ahead of its free slots (see [`Pace`]). These wait here
+//! trip on every claim, so its slots cap its rate at one slotful per claim cycle however cheap
+//! the jobs are. So the dispatcher measures each worker's pace and claims that many round trips'
+//! worth of leases ahead of its free slots (see [`Pace`]). These wait here
 //! and go to the worker as its slots free. A lease that waits longer than [`MAX_READY_AGE`] (the
 //! worker slowed down) is handed back, as are a queue's ready leases when it is paused or its
 //! limits change. An attempt starts at its claim (its lease, timeout and start time count from
@@ -61,18 +61,17 @@ const CLAIM_DEBOUNCE: Duration = Duration::from_millis(2);
 /// How many claim round trips of a worker's pace are claimed ahead of its free slots.
 const AHEAD_ROUND_TRIPS: f64 = 8.0;
 /// At most this many leases per slot are held ready, whatever the pace. A claim tops up once
-/// half are spent, so half must outlast a claim's round trip: at 10 per slot, W1's worker (20
-/// slots) topped up at 100 leases while its claims of about 110 took 3.5 ms, so its pace could
-/// not pass about 31,000 jobs/s and it waited on every claim. At 25 the drain ran 10 % faster,
-/// at 50 another 4 %. Even 50 per slot is a few tens of milliseconds of such a worker's jobs,
-/// far inside [`MAX_READY_AGE`].
+/// half are spent, so half must outlast a claim's round trip: with too low a cap, a fast worker
+/// runs through the half left while a large claim is still on its way, and waits on every claim.
+/// Even 50 per slot is a few tens of milliseconds of such a worker's jobs, far inside
+/// [`MAX_READY_AGE`].
 const MAX_AHEAD_PER_SLOT: u32 = 50;
 /// Over how long a worker's pace is measured: a few claim round trips, so that a worker that
 /// speeds up is claimed for within tens of milliseconds.
 const PACE_WINDOW: Duration = Duration::from_millis(25);
 /// The first window of a worker with no pace (new, or one that stalled). Until its pace is known
-/// a worker claims only for its free slots, a round trip per slotful: W1's drain ran at about
-/// 10,000 jobs/s for its first 100 ms, against 31,000 once it claimed ahead.
+/// a worker claims only for its free slots, a round trip per slotful, far below the pace it
+/// reaches once it claims ahead; so the first window is short.
 const FIRST_PACE_WINDOW: Duration = Duration::from_millis(10);
 /// The longest a lease claimed ahead waits for a slot before it is handed back. An attempt's
 /// clocks (its lease, its timeout, its start time) run from the claim, so this is what a job

@@ -14,9 +14,8 @@
 //! round trip after their batch commits. A batch started at the first of them would leave the
 //! rest to the batch after it, and the crowd would split into two halves taking turns. So when
 //! more callers have lately waited at once than are pending, a batch that could start waits up
-//! to [`HOLD_MAX`] for them. W3's 8 producers went from 5,036 statements of 4.0 jobs for 20,000
-//! jobs to 2,542 of 7.9 (and 4,294-4,300 jobs/s to 4,546-4,626). A lone caller, or a crowd that
-//! has gone, waits for nothing.
+//! to [`HOLD_MAX`] for them, so that the whole crowd goes out in one batch. A lone caller, or a
+//! crowd that has gone, waits for nothing.
 //!
 //! Validation happens before a job joins a batch, so one caller's bad input cannot fail another's.
 //! A batch that fails on the database anyway is written again in parts when the failure may be
@@ -58,14 +57,13 @@ const MAX_BATCH: usize = 1000;
 /// Batches written at the same time.
 const MAX_IN_FLIGHT: usize = 4;
 /// The jobs a batch must hold to be written beside one in flight rather than after it. The
-/// enqueue statement's fixed cost is about that of a dozen jobs (`pgbench`, one backend, with
-/// its commit: 0.85-0.98 ms for one job, 1.2 ms for 4, 2.0 ms for 16, 5.5 ms for 64). With every
-/// batch started at once, W3's 8 producers made 13,677 statements of 1.5 jobs for 20,000 jobs,
-/// 11.8 s of the database's time, against 4.8 s in 5,029 statements one at a time.
+/// enqueue statement's fixed cost is about that of a dozen jobs, so batches started at once
+/// would each carry a job or two and cost the database far more in all than fewer, fuller
+/// batches written one after another.
 const OVERLAP_MIN: usize = 16;
 
-/// The longest a batch that could start waits for the rest of the crowd. W3's crowd of 8
-/// gathered in 0.18 ms at the median; one batch in ten waited the whole 0.5 ms.
+/// The longest a batch that could start waits for the rest of the crowd: a crowd coming back
+/// together usually gathers well within it, and a lone caller never waits.
 const HOLD_MAX: Duration = Duration::from_micros(500);
 /// How long a crowd is remembered: many of its round trips, so that it is not forgotten
 /// between them, yet a crowd that has gone stops holding batches back within tens of ms.
@@ -113,8 +111,8 @@ impl Enqueuer {
     /// Runs until every handle is dropped, then finishes the batches in flight.
     pub async fn run(mut self) {
         // Batches are written inside this task rather than spawned, so that a statement's answer
-        // wakes the task that already holds the batch instead of another thread: W3 moved 4,728
-        // jobs/s against 4,007 with spawned batches (five alternating rounds).
+        // wakes the task that already holds the batch instead of another thread, a wake-up that
+        // a closed-loop caller would otherwise pay for on every call.
         let mut writing = FuturesUnordered::new();
         // The calls in the batches being written.
         let mut in_flight = 0;

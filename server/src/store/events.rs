@@ -102,8 +102,8 @@ impl Store {
     /// order (the order is what makes the horizon safe), in one statement. When the number is
     /// still `unless_still`, the backends are not read (`None`): nothing has been numbered
     /// since, so there is nothing new to wait for. Reading them costs the database a copy of
-    /// every backend's status, about 1 ms of its CPU when busy; a replica with a watcher and
-    /// nothing happening paid it every poll (8 % of a core at 5 ms).
+    /// every backend's status, which is not cheap when busy; without this check a replica with
+    /// a watcher and nothing happening would pay it on every poll.
     pub async fn event_watermark(
         &self,
         unless_still: Option<i64>,

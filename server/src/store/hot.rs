@@ -3,10 +3,9 @@
 //! sqlx's pool hands out its idle connections oldest first. A steady stream of statements then
 //! walks every connection of the pool in turn, and each connection pays its first use of each
 //! statement: the parse, the generic plan, the catalog caches, and the page faults of a backend
-//! touching shared buffers it has not mapped yet. With 20 connections, W4's progress statement
-//! was parsed on 24 backends in 61 runs, and W1's bulk enqueue paid about 5 ms on 6-7 of its 20
-//! chunks. The same server limited to 5 connections ran W4 at a p99 of 21-23 ms instead of
-//! 27-35, W2 at 1.7 ms instead of 2.9, and W1's enqueue 8 % faster.
+//! touching shared buffers it has not mapped yet. A statement run in bursts, such as a wave of
+//! progress reports or a bulk enqueue, keeps meeting a connection that has not run it yet, and
+//! pays those first-use costs again and again in its tail latency.
 //!
 //! So the engine's statements (claims, settles, progress, enqueues, the event fanout's reads)
 //! take the most recently returned connection, as PgBouncer reuses its server connections, and

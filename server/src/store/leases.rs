@@ -37,14 +37,14 @@ pub(super) const PRIOR_OUTCOME: &str = "CASE WHEN upd.id IS NULL THEN ( \
 /// equality), which no index serves. As separate equalities they let the planner, working from
 /// statistics taken before a burst of leases (few running jobs), walk `jobs_queue_state` by
 /// tenant and state for every input row, through every running and recently settled entry; a
-/// generic plan keeps that choice for the connection's life. Seen in W1: 0.87 ms per row, a
-/// 1,000-job completion taking 0.95 s.
+/// generic plan keeps that choice for the connection's life, and a large completion batch then
+/// takes a walk of that index per job instead of a key lookup.
 ///
 /// The state compared is the input's own [`RUNNING`] column, of a MATERIALIZED input, not a
 /// constant: a constant is pushed down as a filter on `jobs`, whose selectivity comes from the
-/// same stale statistics. Seen in W4, where 500 jobs analyzed as available had all started:
-/// `jobs` estimated at 2 running rows, each 125-row progress statement scanned every job once
-/// per report (31,198 rows removed by the join filter, 3 ms of its 4.4).
+/// same stale statistics: jobs analyzed while available and since started would be estimated
+/// as a handful of running rows, and a batch of progress reports would scan every job once per
+/// report.
 pub(super) const LEASE_MATCH: &str = "j.tenant_id = i.tenant_id AND j.id = i.id \
      AND (j.attempt, j.state) IS NOT DISTINCT FROM (i.attempt, i.state)";
 
