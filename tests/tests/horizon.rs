@@ -9,7 +9,9 @@
 //! database, beside connections taking numbers as fast as they can.
 
 use jobwire_server::store::{LAST_EVENT_NUMBER, Store};
-use jobwire_tests::test_db;
+use std::time::Duration;
+
+use jobwire_tests::{eventually, test_db};
 use sqlx::Connection;
 
 /// Reads of the last number, each checked against the value read under the lock after it.
@@ -42,13 +44,33 @@ async fn the_last_event_number_never_runs_ahead_of_numbers_handed_out() {
     let mut conn = sqlx::PgConnection::connect(db.url())
         .await
         .expect("connect");
+    // On a busy machine the takers may be slow to start: read only once they run.
+    eventually("the takers take numbers", Duration::from_secs(60), || {
+        // A taker that ended already could not connect: its panic says why.
+        assert!(
+            takers.iter().all(|taker| !taker.is_finished()),
+            "a taker ended before taking numbers"
+        );
+        let url = db.url().to_owned();
+        async move {
+            let mut conn = sqlx::PgConnection::connect(&url).await.expect("connect");
+            let taken: i64 = sqlx::query_scalar(
+                "SELECT coalesce(pg_sequence_last_value( \
+                     pg_get_serial_sequence('job_events', 'seq')), 0)",
+            )
+            .fetch_one(&mut conn)
+            .await
+            .expect("last value");
+            (taken > 0).then_some(())
+        }
+    })
+    .await;
     // Numbers only grow, so a read above the value read under the lock right after it named a
     // number not yet handed out.
     let check = format!(
         "DO $$ \
          DECLARE seen bigint; handed_out bigint; ahead bigint := 0; worst bigint := 0; \
          BEGIN \
-             PERFORM pg_sleep(0.2); \
              FOR i IN 1..{READS} LOOP \
                  seen := {LAST_EVENT_NUMBER}; \
                  handed_out := coalesce(pg_sequence_last_value( \

@@ -33,16 +33,13 @@ async fn ticks(pool: &PgPool, schedule: &str) -> Vec<DateTime<Utc>> {
     rows.into_iter().map(|(t,)| t).collect()
 }
 
-/// The pid of the server process holding the leader lock of this database.
+/// The pid of the server process holding leadership of this database (an unexpired lease).
 async fn leader_pid(pool: &PgPool) -> Option<u32> {
-    let row: Option<(String,)> = sqlx::query_as(
-        "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
-         WHERE l.locktype = 'advisory' AND l.granted \
-           AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
-    )
-    .fetch_optional(pool)
-    .await
-    .expect("leader");
+    let row: Option<(String,)> =
+        sqlx::query_as("SELECT holder_app FROM leader WHERE expires_at > now()")
+            .fetch_optional(pool)
+            .await
+            .expect("leader");
     row.and_then(|(name,)| name.strip_prefix("jobwire-server/")?.parse().ok())
 }
 

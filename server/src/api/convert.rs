@@ -6,6 +6,7 @@ use chrono::{DateTime, Utc};
 use jobwire_proto::v1 as pb;
 
 use crate::{
+    domain::EventKind,
     engine::fanout::FanoutEvent,
     store::{
         AttemptRow, CatchUpPolicy, ErrorRecord, EventRow, JobRow, LeasedRow, OverlapPolicy,
@@ -260,14 +261,14 @@ pub fn event(row: &EventRow, job: Option<&JobRow>) -> pb::JobEvent {
             .unwrap_or_default()
             .to_owned()
     };
-    let event = match row.kind.as_str() {
-        "progress" => Some(Event::Progress(progress_from_json(data))),
-        "log" => Some(Event::Log(pb::LogLine {
+    let event = match row.kind {
+        EventKind::Progress => Some(Event::Progress(progress_from_json(data))),
+        EventKind::Log => Some(Event::Log(pb::LogLine {
             level: log_level(&text("level")).into(),
             message: text("message"),
             time: data.get("time").and_then(parse_time),
         })),
-        "stop_requested" => Some(Event::StopRequested(pb::StopRequested {
+        EventKind::StopRequested => Some(Event::StopRequested(pb::StopRequested {
             target_state: match text("target").as_str() {
                 "paused" => pb::JobState::Paused,
                 _ => pb::JobState::Cancelled,
@@ -275,7 +276,7 @@ pub fn event(row: &EventRow, job: Option<&JobRow>) -> pb::JobEvent {
             .into(),
             reason: text("reason"),
         })),
-        _ => Some(Event::StateChanged(pb::StateChanged {
+        EventKind::State => Some(Event::StateChanged(pb::StateChanged {
             state: row
                 .state
                 .map(|s| s.to_proto())

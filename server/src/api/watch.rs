@@ -26,7 +26,7 @@ use tonic::Status;
 
 use super::{ApiError, convert, payloads};
 use crate::{
-    domain::TenantId,
+    domain::{EventKind, TenantId},
     engine::fanout::{FanoutEvent, FanoutHandle, Subscription, Target},
     memory::Ended,
     registry::Registry,
@@ -37,8 +37,8 @@ use crate::{
 const REPLAY_PAGE: i64 = 500;
 /// Messages converted ahead of what the client has taken. Each is the stream's own copy (a
 /// state change carries the whole job), while events waiting in the fanout's buffer are shared
-/// by every stream: so a slow stream waits there, not here. With 256, the server watched by 200
-/// WatchJobs streams over 5,000 jobs (tests/watch.rs) peaked at 160 MiB; with 16, at 66 MiB.
+/// by every stream: so a slow stream waits there, not here, and a few messages ahead keep many
+/// streams' memory small while still sparing a fast client a wait per message.
 const AHEAD: usize = 16;
 
 /// Where a stream's events go; wraps the two response types.
@@ -273,7 +273,7 @@ impl<S: Sink> Watch<S> {
                 Err(error) => return End::Failed(error),
             };
             for row in &rows {
-                if row.kind == "state" {
+                if row.kind == EventKind::State {
                     last_state = row.state;
                 }
                 if !self.send(convert::event(row, snapshot.as_ref())).await {
@@ -360,7 +360,7 @@ impl<S: Sink> Watch<S> {
     /// of many jobs leave it out rather than read a row per event.)
     async fn snapshot(&self, rows: &[EventRow]) -> Result<Option<JobRow>, ApiError> {
         match &self.target {
-            Target::Job(id) if rows.iter().any(|r| r.kind == "state") => {
+            Target::Job(id) if rows.iter().any(|r| r.kind == EventKind::State) => {
                 Ok(Some(self.job_row(*id).await?))
             }
             _ => Ok(None),

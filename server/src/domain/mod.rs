@@ -68,6 +68,20 @@ impl JobState {
     }
 }
 
+/// What an event of a job's log records; the `kind` column of `job_events`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type)]
+#[sqlx(type_name = "text", rename_all = "snake_case")]
+pub enum EventKind {
+    /// The job changed state (`state` says into which).
+    State,
+    /// Its handler reported progress.
+    Progress,
+    /// Its handler logged a line.
+    Log,
+    /// A cancel or a pause of its running attempt was asked.
+    StopRequested,
+}
+
 /// How an attempt ended; the column type `attempt_outcome`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type)]
 #[sqlx(type_name = "attempt_outcome", rename_all = "snake_case")]
@@ -127,10 +141,6 @@ name_type!(
 name_type!(
     /// A queue: the unit workers subscribe to and (later) limits apply to.
     QueueName
-);
-name_type!(
-    /// A job type such as `download.fetch`; workers declare which they run.
-    JobTypeName
 );
 
 impl TenantId {

@@ -7,9 +7,9 @@
 //! committed or never will, or when it has committed and so has every number before it. The
 //! second rule matters while statements overlap: the horizon read just after one commits is
 //! held back by the next, already running, until that one commits too, although the next takes
-//! its numbers only as it ends. In W4 that wait was 1-9 ms per batch of progress events. While
-//! nobody watches the fanout only keeps the horizon current, slowly; with watchers it polls at
-//! the watch interval.
+//! its numbers only as it ends, so without the second rule each batch of progress events would
+//! wait for the next batch's commit. While nobody watches the fanout only keeps the horizon
+//! current, slowly; with watchers it polls at the watch interval.
 //!
 //! # Why a horizon is safe
 //!
@@ -19,8 +19,8 @@
 //! will, because:
 //! 1. `H` is a number `nextval()` had really handed out when it was read. It is read with
 //!    `pg_sequence_last_value()`, under the sequence's buffer lock ([`store::LAST_EVENT_NUMBER`]
-//!    says why a plain read of the sequence can see up to 32 numbers ahead, which once let a
-//!    watcher skip 31 committed events).
+//!    says why a plain read of the sequence can see up to 32 numbers ahead, which would let a
+//!    watcher skip committed events).
 //! 2. So each number `n <= H` was taken before `X` was read, by a transaction that already held
 //!    its id: every statement that writes an event changes or locks a row first, and the id is
 //!    assigned at that first change.
@@ -35,12 +35,12 @@
 //!
 //! A subscription starts at the horizon it was registered at: its stream replays the stored
 //! events up to there, then takes live ones from here. Events wait for its stream in a queue of
-//! its own, bounded in time rather than in count: a burst committed at once (5,000 events of one
-//! EnqueueJobs) waits there whole for a stream that keeps up. A subscription whose oldest
-//! waiting event has waited longer than the lag limit has fallen behind: it is dropped (never
-//! blocking the others), and its stream tells the client to resume from its last sequence
-//! (invariant 5 holds across the reconnect). [`MAX_QUEUED`] events waiting drop it as well,
-//! however recent, to bound what one stalled subscription holds.
+//! its own, bounded in time rather than in count: a burst committed at once (an EnqueueJobs of
+//! up to 5,000 jobs, an event each) waits there whole for a stream that keeps up. A subscription
+//! whose oldest waiting event has waited longer than the lag limit has fallen behind: it is
+//! dropped (never blocking the others), and its stream tells the client to resume from its last
+//! sequence (invariant 5 holds across the reconnect). [`MAX_QUEUED`] events waiting drop it as
+//! well, however recent, to bound what one stalled subscription holds.
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
@@ -59,7 +59,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::{
-    domain::{JobId, JobState, TenantId},
+    domain::{EventKind, JobId, JobState, TenantId},
     store::{EventFilter, EventRow, JobRow, OpenTransaction, SnapshotXids, Store},
 };
 
@@ -78,8 +78,8 @@ const IDLE_INTERVAL: Duration = Duration::from_millis(100);
 /// The most transactions a warning about held-up delivery names.
 const NAMED_TRANSACTIONS: usize = 5;
 /// The least time between two reads of the log. Each that finds it moved costs the database a
-/// scan of its backends (about 1 ms of its CPU under load), and this replica's commits can wake
-/// the loop faster than that is worth.
+/// scan of its backends, not cheap under load, and this replica's commits can wake the loop
+/// faster than that is worth.
 const MIN_TICK_GAP: Duration = Duration::from_millis(1);
 
 /// An event as delivered: the row, and for state changes the job as it is now.
@@ -92,7 +92,7 @@ pub struct FanoutEvent {
 impl FanoutEvent {
     /// The state a state-change event entered, if it is one.
     pub fn state(&self) -> Option<JobState> {
-        (self.row.kind == "state")
+        (self.row.kind == EventKind::State)
             .then_some(self.row.state)
             .flatten()
     }
@@ -117,7 +117,7 @@ impl Target {
                         .as_ref()
                         .is_none_or(|t| row.job_type.as_ref() == Some(t))
                     && (f.states.is_empty()
-                        || (row.kind == "state"
+                        || (row.kind == EventKind::State
                             && row.state.is_some_and(|s| f.states.contains(&s))))
                     && (f.labels.is_empty()
                         || row.labels.as_ref().is_some_and(|labels| {
@@ -208,7 +208,7 @@ struct State {
     subscribers: HashMap<u64, Subscriber>,
     /// The subscriptions to one job, by job, and the filtered ones: an event is offered to its
     /// job's watchers and to the filters only, so delivering it costs what watches it, not
-    /// every watcher on the replica (500 job watchers made every event 500 comparisons).
+    /// a comparison with every watcher on the replica.
     by_job: HashMap<Uuid, Vec<u64>>,
     filtered: HashSet<u64>,
     next_id: u64,
@@ -399,7 +399,7 @@ impl FanoutHandle {
     /// it takes; the caller's stream gives up on shutdown. A subscription taken before would
     /// start at 0: until those transactions ended it would get nothing anyway (any number
     /// missing from the log's history stops delivery past the horizon), and then the loop
-    /// would read the whole log for it. It once gave up after 5 s and did just that.
+    /// would read the whole log for it, which is why this does not give up after a timeout.
     pub async fn subscribe(&self, tenant: TenantId, target: Target) -> Subscription {
         let mut started = self.shared.started.subscribe();
         if !*started.borrow_and_update() {
@@ -653,7 +653,7 @@ impl Fanout {
     ) -> crate::store::Result<bool> {
         let snapshot_ids: Vec<(&str, Uuid)> = rows
             .iter()
-            .filter(|r| r.kind == "state")
+            .filter(|r| r.kind == EventKind::State)
             .map(|r| (r.tenant_id.as_str(), r.job_id))
             .collect::<HashSet<_>>()
             .into_iter()
@@ -712,7 +712,7 @@ impl Fanout {
         }
         let now = Instant::now();
         for row in rows {
-            let job = (row.kind == "state")
+            let job = (row.kind == EventKind::State)
                 .then(|| jobs.get(&row.job_id).cloned())
                 .flatten();
             state.offer(&Arc::new(FanoutEvent { row, job }), now, self.lag_limit);
@@ -869,7 +869,7 @@ mod tests {
                 seq,
                 tenant_id: tenant.into(),
                 job_id: job,
-                kind: "progress".into(),
+                kind: EventKind::Progress,
                 state: None,
                 attempt: 1,
                 data: Json(serde_json::json!({})),

@@ -11,12 +11,11 @@ use std::time::Duration;
 
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
 use super::dispatcher::DispatcherHandle;
 use crate::{
-    domain::{JobId, LeaseRef, QueueName, TenantId},
-    store::{CONTROL_CHANNEL, DUE_CHANNEL, QUEUE_HOLDS_CHANNEL, QUEUES_CHANNEL, StopKind, Store},
+    domain::{LeaseRef, QueueName, TenantId},
+    store::{Heard, Notification, StopKind, Store},
 };
 
 /// A stop requested for a running lease, for whichever stream holds it.
@@ -25,26 +24,6 @@ pub struct StopSignal {
     pub tenant: TenantId,
     pub lease: LeaseRef,
     pub stop: StopKind,
-}
-
-impl StopSignal {
-    /// Parses `tenant/job_id/attempt/cancel|pause`.
-    fn parse(payload: &str) -> Option<Self> {
-        let mut parts = payload.split('/');
-        let tenant = TenantId::new_unchecked(parts.next()?);
-        let job_id = JobId(Uuid::parse_str(parts.next()?).ok()?);
-        let attempt = parts.next()?.parse().ok()?;
-        let stop = match parts.next()? {
-            "cancel" => StopKind::Cancel,
-            "pause" => StopKind::Pause,
-            _ => return None,
-        };
-        Some(Self {
-            tenant,
-            lease: LeaseRef { job_id, attempt },
-            stop,
-        })
-    }
 }
 
 /// A queue that was just paused or limited: workers hand back the leases they queued for it.
@@ -130,48 +109,11 @@ impl Notifier {
             loop {
                 let next = tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    next = listener.try_recv() => next,
+                    next = listener.recv() => next,
                 };
                 match next {
-                    Ok(Some(notification)) if notification.channel() == CONTROL_CHANNEL => {
-                        if let Some(signal) = StopSignal::parse(notification.payload()) {
-                            // No stream listening is fine: the lease is held elsewhere.
-                            let _ = self.stops.send(signal);
-                        }
-                    }
-                    Ok(Some(notification)) if notification.channel() == DUE_CHANNEL => {
-                        self.due.wake();
-                    }
-                    Ok(Some(notification)) if notification.channel() == QUEUES_CHANNEL => {
-                        if let Some((tenant, queue)) = notification.payload().split_once('/') {
-                            self.dispatcher
-                                .queue_changed(
-                                    TenantId::new_unchecked(tenant),
-                                    QueueName::new_unchecked(queue),
-                                )
-                                .await;
-                        }
-                    }
-                    Ok(Some(notification)) if notification.channel() == QUEUE_HOLDS_CHANNEL => {
-                        if let Some((tenant, queue)) = notification.payload().split_once('/') {
-                            // No stream listening is fine: no worker queues leases.
-                            let _ = self.queue_holds.send(QueueHold {
-                                tenant: TenantId::new_unchecked(tenant),
-                                queue: QueueName::new_unchecked(queue),
-                            });
-                        }
-                    }
-                    Ok(Some(notification)) => {
-                        if let Some((tenant, queue)) = notification.payload().split_once('/') {
-                            self.dispatcher
-                                .wake(
-                                    TenantId::new_unchecked(tenant),
-                                    QueueName::new_unchecked(queue),
-                                )
-                                .await;
-                        }
-                    }
-                    Ok(None) => {
+                    Ok(Heard::Notification(notification)) => self.deliver(notification).await,
+                    Ok(Heard::Lost) => {
                         tracing::warn!("notification connection lost; reconnecting");
                         self.dispatcher.wake_all().await;
                         self.due.wake();
@@ -181,6 +123,32 @@ impl Notifier {
                         break;
                     }
                 }
+            }
+        }
+    }
+
+    async fn deliver(&self, notification: Notification) {
+        match notification {
+            Notification::Work { tenant, queue } => self.dispatcher.wake(tenant, queue).await,
+            Notification::QueueChanged { tenant, queue } => {
+                self.dispatcher.queue_changed(tenant, queue).await
+            }
+            Notification::QueueHold { tenant, queue } => {
+                // No stream listening is fine: no worker queues leases.
+                let _ = self.queue_holds.send(QueueHold { tenant, queue });
+            }
+            Notification::Due => self.due.wake(),
+            Notification::Stop {
+                tenant,
+                lease,
+                stop,
+            } => {
+                // No stream listening is fine: the lease is held elsewhere.
+                let _ = self.stops.send(StopSignal {
+                    tenant,
+                    lease,
+                    stop,
+                });
             }
         }
     }

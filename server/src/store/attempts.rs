@@ -11,8 +11,9 @@ use sqlx::types::Json;
 use uuid::Uuid;
 
 use super::{
-    DUE_CHANNEL, JOBS_CHANNEL, Result, Store, Term,
+    Result, Store, Term,
     leases::{ATTEMPT_UPSERT, LEASE_MATCH, PRIOR_OUTCOME, RUNNING, SettleResult},
+    notify::send,
 };
 use crate::domain::{
     AttemptOutcome, JobId, JobState, LeaseRef, TenantId,
@@ -195,10 +196,10 @@ impl Store {
                             ELSE jsonb_build_object('error', last_error) END \
                  FROM upd \
              ), wake AS ( \
-                 SELECT pg_notify('{JOBS_CHANNEL}', tenant_id || '/' || queue) \
+                 SELECT {work} \
                  FROM (SELECT DISTINCT tenant_id, queue FROM upd WHERE state = 'available') q \
                  UNION ALL \
-                 SELECT pg_notify('{DUE_CHANNEL}', '') \
+                 SELECT {due} \
                  FROM (SELECT 1 FROM upd WHERE state = 'retrying' LIMIT 1) d \
              ) \
              SELECT upd.state AS applied_state, {PRIOR_OUTCOME} AS prior_outcome, \
@@ -209,6 +210,8 @@ impl Store {
              LEFT JOIN upd ON upd.id = i.id AND upd.attempt = i.attempt \
              CROSS JOIN (SELECT count(*) FROM wake) w \
              ORDER BY i.ord",
+            work = send::work("tenant_id", "queue"),
+            due = send::due(),
             state = branch!("state"),
             counts = branch!("counts"),
             outcome = branch!("outcome"),

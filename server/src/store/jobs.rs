@@ -7,7 +7,8 @@ use sqlx::{PgExecutor, types::Json};
 use uuid::Uuid;
 
 use super::{
-    CONTROL_CHANNEL, DUE_CHANNEL, Error, JOBS_CHANNEL, Result, StopKind, Store,
+    Error, Result, StopKind, Store,
+    notify::send,
     rows::{AttemptRow, JOB_COLUMNS, JobRow},
 };
 use crate::domain::{JobId, JobState, QueueName, TenantId};
@@ -305,11 +306,11 @@ impl Store {
                                                           ELSE 'paused' END, 'reason', $4) \
                  FROM upd \
              ), wake AS ( \
-                 SELECT pg_notify('{CONTROL_CHANNEL}', \
-                                  tenant_id || '/' || id || '/' || attempt || '/' || $3) \
+                 SELECT {stop} \
                  FROM upd \
              ) \
-             SELECT {JOB_COLUMNS} FROM upd, (SELECT count(*) FROM wake) w"
+             SELECT {JOB_COLUMNS} FROM upd, (SELECT count(*) FROM wake) w",
+            stop = send::stop("tenant_id", "id", "attempt", "$3"),
         );
         let kind = match stop {
             StopKind::Cancel => "cancel",
@@ -367,9 +368,10 @@ impl Store {
                  SELECT tenant_id, id, 'state', state, attempt, '{{\"reason\": \"resumed\"}}' \
                  FROM upd \
              ), wake AS ( \
-                 SELECT pg_notify('{JOBS_CHANNEL}', tenant_id || '/' || queue) FROM upd \
+                 SELECT {work} FROM upd \
              ) \
-             SELECT {JOB_COLUMNS} FROM upd, (SELECT count(*) FROM wake) w"
+             SELECT {JOB_COLUMNS} FROM upd, (SELECT count(*) FROM wake) w",
+            work = send::work("tenant_id", "queue"),
         );
         Ok(sqlx::query_as::<_, JobRow>(sql)
             .bind(tenant.as_str())
@@ -399,12 +401,14 @@ impl Store {
                         jsonb_build_object('reason', 'approved: ' || $3) \
                  FROM upd \
              ), wake AS ( \
-                 SELECT pg_notify('{JOBS_CHANNEL}', tenant_id || '/' || queue) FROM upd \
+                 SELECT {work} FROM upd \
                  WHERE state = 'available' \
                  UNION ALL \
-                 SELECT pg_notify('{DUE_CHANNEL}', '') FROM upd WHERE state = 'scheduled' \
+                 SELECT {due} FROM upd WHERE state = 'scheduled' \
              ) \
-             SELECT {JOB_COLUMNS} FROM upd, (SELECT count(*) FROM wake) w"
+             SELECT {JOB_COLUMNS} FROM upd, (SELECT count(*) FROM wake) w",
+            work = send::work("tenant_id", "queue"),
+            due = send::due(),
         );
         Ok(sqlx::query_as::<_, JobRow>(sql)
             .bind(tenant.as_str())
@@ -461,9 +465,10 @@ impl Store {
                  SELECT tenant_id, id, 'state', state, attempt, '{{\"reason\": \"retried\"}}' \
                  FROM upd \
              ), wake AS ( \
-                 SELECT pg_notify('{JOBS_CHANNEL}', tenant_id || '/' || queue) FROM upd \
+                 SELECT {work} FROM upd \
              ) \
-             SELECT {JOB_COLUMNS} FROM upd, (SELECT count(*) FROM wake) w"
+             SELECT {JOB_COLUMNS} FROM upd, (SELECT count(*) FROM wake) w",
+            work = send::work("tenant_id", "queue"),
         );
         Ok(sqlx::query_as::<_, JobRow>(sql)
             .bind(tenant.as_str())
@@ -599,10 +604,10 @@ fn enqueue_sql(keyed: bool, returning: &[&str], inserted: &str) -> String {
                 FROM ins WHERE state = 'running' \
             ) e ORDER BY id, n \
         ), wake AS ( \
-            SELECT pg_notify('{JOBS_CHANNEL}', tenant_id || '/' || queue) \
+            SELECT {work} \
             FROM (SELECT DISTINCT tenant_id, queue FROM ins WHERE state = 'available') q \
             UNION ALL \
-            SELECT pg_notify('{DUE_CHANNEL}', '') \
+            SELECT {due} \
             FROM (SELECT 1 FROM ins WHERE state = 'scheduled' LIMIT 1) d \
         ) \
         SELECT u.* FROM ( \
@@ -610,6 +615,8 @@ fn enqueue_sql(keyed: bool, returning: &[&str], inserted: &str) -> String {
             FROM ins JOIN input i ON i.id = ins.id \
             {skipped} \
         ) u CROSS JOIN (SELECT count(*) AS woken FROM wake) w",
+        work = send::work("tenant_id", "queue"),
+        due = send::due(),
         ins_cols = prefixed("ins", returning),
     )
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use super::{JOBS_CHANNEL, Result, Store};
+use super::{Result, Store, notify::send};
 
 impl Store {
     /// Makes up to `limit` SCHEDULED or RETRYING jobs whose time has come AVAILABLE, and wakes
@@ -26,10 +26,11 @@ impl Store {
                  INSERT INTO job_events (tenant_id, job_id, kind, state, attempt) \
                  SELECT tenant_id, id, 'state', 'available', attempt FROM upd \
              ), wake AS ( \
-                 SELECT pg_notify('{JOBS_CHANNEL}', tenant_id || '/' || queue) \
+                 SELECT {work} \
                  FROM (SELECT DISTINCT tenant_id, queue FROM upd) q \
              ) \
              SELECT (SELECT count(*) FROM upd), (SELECT count(*) FROM wake)",
+            work = send::work("tenant_id", "queue"),
             fence = leader_fence!("$2"),
         );
         let (n, _woken): (i64, i64) = sqlx::query_as(sql)
@@ -134,23 +135,6 @@ impl Store {
     }
 }
 
-impl Store {
-    /// A listener on the channels where enqueues announce work and stop requests travel.
-    pub async fn listener(&self) -> Result<sqlx::postgres::PgListener> {
-        let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
-        listener
-            .listen_all([
-                JOBS_CHANNEL,
-                super::CONTROL_CHANNEL,
-                super::QUEUES_CHANNEL,
-                super::QUEUE_HOLDS_CHANNEL,
-                super::DUE_CHANNEL,
-            ])
-            .await?;
-        Ok(listener)
-    }
-}
-
 /// The tables the hot statements read by key, each with its ANALYZE statement.
 const ANALYZED: [(&str, &str); 3] = [
     ("jobs", "ANALYZE (SKIP_LOCKED) jobs"),
@@ -159,9 +143,8 @@ const ANALYZED: [(&str, &str); 3] = [
 ];
 
 /// A tenth of the default sample: the plans at stake turn on the table's size and rough
-/// selectivities, not fine histograms, and the full sample took 175 ms of CPU per ANALYZE of
-/// `jobs` while W1 enqueued (15 ms with this one). Autovacuum's own analyze later takes the full
-/// sample.
+/// selectivities, not fine histograms, and the full sample costs many times the CPU of this one
+/// on a table being filled. Autovacuum's own analyze later takes the full sample.
 const ANALYZE_TARGET: &str = "SET LOCAL default_statistics_target = 10";
 
 /// Below this many pages a table is cheap to scan whatever the plan, so it is left alone.
@@ -173,10 +156,10 @@ impl Store {
     /// Plans are cached per connection and made from the table's size at the time. One made
     /// while `jobs` was small (a fresh deployment, or any table before autovacuum's first
     /// analyze, up to a minute away) hash-joins a sequential scan of it, and keeps doing so as
-    /// it grows: in W3, whose table grows from empty, 1,597 completions scanning the whole table
-    /// took 6.1 s of a 12 s run. An ANALYZE invalidates those plans on every connection, so they
-    /// are made again from the table's real size. SKIP_LOCKED: a table autovacuum is working on
-    /// is skipped, and tried again on the next pass. Returns the tables analyzed.
+    /// it grows: every completion then scans the whole table, a cost that grows with each job
+    /// enqueued. An ANALYZE invalidates those plans on every connection, so they are made again
+    /// from the table's real size. SKIP_LOCKED: a table autovacuum is working on is skipped, and
+    /// tried again on the next pass. Returns the tables analyzed.
     pub async fn analyze_outgrown(&self) -> Result<Vec<&'static str>> {
         let outgrown: Vec<(String,)> = sqlx::query_as(
             "SELECT relname::text FROM pg_class \

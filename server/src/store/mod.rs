@@ -8,10 +8,10 @@
 //!
 //! An update of rows a CTE picked (claim, reaper, scheduler) names them with
 //! `j.id = ANY(ARRAY(SELECT id FROM picked))`, not a join. The connections use generic plans,
-//! which estimate a `LIMIT $n` at a tenth of the rows it limits: with statistics of 20,000
-//! available jobs a join with the picked rows was planned as a hash join over a sequential scan
-//! of `jobs` (14 ms for a 100-job claim). An array is estimated at ten elements, and read
-//! through the primary key at any table size.
+//! which estimate a `LIMIT $n` at a tenth of the rows it limits: with statistics of many
+//! available jobs a join with the picked rows is planned as a hash join over a sequential scan
+//! of `jobs`, which makes even a small claim cost as much as reading the table. An array is
+//! estimated at ten elements, and read through the primary key at any table size.
 
 /// SQL assembled once, on first use, from compile-time constants (column lists, channel names,
 /// shared expressions), never from input; the result is a `&'static str` sqlx accepts as safe.
@@ -41,6 +41,7 @@ mod job_types;
 mod jobs;
 mod leases;
 mod maintenance;
+mod notify;
 mod queues;
 mod rows;
 mod schedules;
@@ -61,34 +62,13 @@ pub use jobs::{EnqueueOutcome, Handoff, ListFilter, Listed, NewJob};
 pub use leases::Worker;
 pub use leases::{Checkpoint, LogBatch, ProgressUpdate, Renewed, SettleResult, StopKind};
 pub use maintenance::{Held, Term};
+pub use notify::{Heard, Listener, Notification};
 pub use queues::{HeldBack, LimitedClaim, QueueRow, QueueUpdate, QueueView};
 pub use rows::{AttemptRow, ErrorRecord, EventRow, JobRow, LeasedRow, ProgressOrigin};
 pub use schedules::{
     CatchUpPolicy, DueSchedule, Firing, JobTemplate, NewSchedule, OverlapPolicy, ScheduleRow,
     ScheduleSpec, ScheduleUpdate,
 };
-
-/// The PostgreSQL channel on which enqueues and promotions announce available work; the payload
-/// is `tenant/queue`. A wake-up only: listeners re-read the table.
-pub const JOBS_CHANNEL: &str = "jobwire_jobs";
-
-/// The channel on which a queue's pause or limits change; the payload is `tenant/queue`.
-/// Dispatchers re-read which queues are limited.
-pub const QUEUES_CHANNEL: &str = "jobwire_queues";
-
-/// The channel on which a queue that was just paused or limited asks workers to hand back the
-/// leases they hold queued for it, unstarted; the payload is `tenant/queue`. Separate from
-/// [`QUEUES_CHANNEL`] because a resume or a lifted limit changes the queue too, and handing
-/// back leases then would only churn them.
-pub const QUEUE_HOLDS_CHANNEL: &str = "jobwire_queue_holds";
-
-/// The channel on which a new SCHEDULED job or a changed schedule wakes the leader's timers,
-/// which may now be due earlier than they planned.
-pub const DUE_CHANNEL: &str = "jobwire_due";
-
-/// The channel on which stop requests for running jobs reach every replica; the payload is
-/// `tenant/job_id/attempt/cancel|pause`. A wake-up only: heartbeats re-read the request.
-pub const CONTROL_CHANNEL: &str = "jobwire_control";
 
 /// What can go wrong in the store. Callers decide retries with [`Error::is_transient`].
 #[derive(Debug, thiserror::Error)]

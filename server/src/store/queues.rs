@@ -11,8 +11,9 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use super::{
-    Error, JOBS_CHANNEL, QUEUE_HOLDS_CHANNEL, QUEUES_CHANNEL, Result, Store,
+    Error, Result, Store,
     leases::{Worker, claim_statement},
+    notify::send,
     rows::LeasedRow,
 };
 use crate::domain::{JobState, QueueName, TenantId};
@@ -185,15 +186,17 @@ impl Store {
                  FROM old WHERE q.tenant_id = $1 AND q.name = $2 \
                  RETURNING {QUEUE_COLUMNS}, old.was_limit, old.was_rate \
              ), wake AS ( \
-                 SELECT pg_notify('{QUEUES_CHANNEL}', $1 || '/' || $2) FROM upd \
+                 SELECT {changed} FROM upd \
                  UNION ALL \
-                 SELECT pg_notify('{QUEUE_HOLDS_CHANNEL}', $1 || '/' || $2) FROM upd \
+                 SELECT {hold} FROM upd \
                  WHERE upd.concurrency_limit < upd.was_limit \
                     OR (upd.concurrency_limit IS NOT NULL AND upd.was_limit IS NULL) \
                     OR upd.rate_per_second < upd.was_rate \
                     OR (upd.rate_per_second IS NOT NULL AND upd.was_rate IS NULL) \
              ) \
-             SELECT upd.* FROM upd, (SELECT count(*) FROM wake) w"
+             SELECT upd.* FROM upd, (SELECT count(*) FROM wake) w",
+            changed = send::queue_changed("$1", "$2"),
+            hold = send::queue_hold("$1", "$2"),
         );
         // A queue created by this very statement is invisible to its UPDATE (one snapshot), so
         // a creating call that found nothing to update runs once more. The UPDATE reads `old`,
@@ -237,11 +240,13 @@ impl Store {
                  WHERE q.tenant_id = $1 AND q.name = $2 \
                  RETURNING {QUEUE_COLUMNS} \
              ), wake AS ( \
-                 SELECT pg_notify('{QUEUES_CHANNEL}', $1 || '/' || $2) FROM upd \
+                 SELECT {changed} FROM upd \
                  UNION ALL \
-                 SELECT pg_notify('{QUEUE_HOLDS_CHANNEL}', $1 || '/' || $2) FROM upd \
+                 SELECT {hold} FROM upd \
              ) \
-             SELECT upd.* FROM upd, (SELECT count(*) FROM wake) w"
+             SELECT upd.* FROM upd, (SELECT count(*) FROM wake) w",
+            changed = send::queue_changed("$1", "$2"),
+            hold = send::queue_hold("$1", "$2"),
         );
         sqlx::query_as::<_, QueueRow>(sql)
             .bind(tenant.as_str())
@@ -260,11 +265,13 @@ impl Store {
                  WHERE q.tenant_id = $1 AND q.name = $2 \
                  RETURNING {QUEUE_COLUMNS} \
              ), wake AS ( \
-                 SELECT pg_notify('{QUEUES_CHANNEL}', $1 || '/' || $2) FROM upd \
+                 SELECT {changed} FROM upd \
                  UNION ALL \
-                 SELECT pg_notify('{JOBS_CHANNEL}', $1 || '/' || $2) FROM upd \
+                 SELECT {work} FROM upd \
              ) \
-             SELECT upd.* FROM upd, (SELECT count(*) FROM wake) w"
+             SELECT upd.* FROM upd, (SELECT count(*) FROM wake) w",
+            work = send::work("$1", "$2"),
+            changed = send::queue_changed("$1", "$2"),
         );
         sqlx::query_as::<_, QueueRow>(sql)
             .bind(tenant.as_str())

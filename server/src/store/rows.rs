@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::types::Json;
 use uuid::Uuid;
 
-use crate::domain::{AttemptOutcome, JobState};
+use crate::domain::{AttemptOutcome, EventKind, JobState};
 
 /// The columns of `jobs`, in the order [`JobRow`] reads them; every statement returning jobs
 /// selects exactly these.
@@ -88,7 +88,7 @@ pub struct EventRow {
     pub seq: i64,
     pub tenant_id: String,
     pub job_id: Uuid,
-    pub kind: String,
+    pub kind: EventKind,
     pub state: Option<JobState>,
     pub attempt: i32,
     pub data: Json<serde_json::Value>,

@@ -12,8 +12,9 @@ use sqlx::{Postgres, Transaction, postgres::PgArguments, query::QueryAs, types::
 use uuid::Uuid;
 
 use super::{
-    DUE_CHANNEL, Error, Listed, Result, Store, Term,
+    Error, Listed, Result, Store, Term,
     jobs::{NewJob, enqueue_statement},
+    notify::send,
     rows::JobRow,
 };
 use crate::domain::{JobId, QueueName, TenantId};
@@ -191,9 +192,10 @@ impl Store {
                  ON CONFLICT (tenant_id, name) DO NOTHING \
                  RETURNING * \
              ), wake AS ( \
-                 SELECT pg_notify('{DUE_CHANNEL}', '') FROM s \
+                 SELECT {due} FROM s \
              ) \
-             SELECT {SCHEDULE_COLUMNS} FROM s, (SELECT count(*) FROM wake) w"
+             SELECT {SCHEDULE_COLUMNS} FROM s, (SELECT count(*) FROM wake) w",
+            due = send::due(),
         );
         let query = sqlx::query_as::<_, ScheduleRow>(sql)
             .bind(new.id)
@@ -274,9 +276,10 @@ impl Store {
                  WHERE id = $1 \
                  RETURNING * \
              ), wake AS ( \
-                 SELECT pg_notify('{DUE_CHANNEL}', '') FROM s \
+                 SELECT {due} FROM s \
              ) \
-             SELECT {SCHEDULE_COLUMNS} FROM s, (SELECT count(*) FROM wake) w"
+             SELECT {SCHEDULE_COLUMNS} FROM s, (SELECT count(*) FROM wake) w",
+            due = send::due(),
         );
         let query = sqlx::query_as::<_, ScheduleRow>(sql).bind(current.id);
         let row = bind_spec(query, &update.spec)
