@@ -525,11 +525,12 @@ async fn malformed_requests_are_refused_by_name_never_internal() {
         "job.payload.type_url",
     );
 
-    // A forged page token.
+    // A forged page token, in the form the server issues, with a NUL in its cursor.
     let mut schedules =
         pb::schedule_service_client::ScheduleServiceClient::new(channel(&url).await);
     use base64::Engine as _;
-    let forged = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode("after:\u{0}x");
+    let forged = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(r#"{"after":"\u0000x","filter":null}"#);
     assert_status(
         schedules
             .list_schedules(pb::ListSchedulesRequest {

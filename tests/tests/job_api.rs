@@ -273,6 +273,35 @@ async fn cancel_retry_and_idempotency() {
         Code::FailedPrecondition,
         "JOB_STATE_SUCCEEDED",
     );
+
+    // A list in the full view gives each job its own attempts; the basic view gives none.
+    let list = |view: pb::JobView| {
+        let mut client = client.clone();
+        async move {
+            client
+                .list_jobs(pb::ListJobsRequest {
+                    view: view as i32,
+                    ..Default::default()
+                })
+                .await
+                .expect("list")
+                .into_inner()
+                .jobs
+        }
+    };
+    let attempts = |jobs: &[pb::Job]| {
+        jobs.iter()
+            .map(|j| (j.id.clone(), j.attempts.iter().map(|a| a.attempt).collect()))
+            .collect::<Vec<(String, Vec<i32>)>>()
+    };
+    let full = list(pb::JobView::Full).await;
+    assert_eq!(full.len(), 5, "{:?}", attempts(&full));
+    for (id, numbers) in attempts(&full) {
+        let expected = if id == job.id { vec![1, 2] } else { vec![] };
+        assert_eq!(numbers, expected, "job {id}");
+    }
+    let basic = list(pb::JobView::Basic).await;
+    assert!(basic.iter().all(|j| j.attempts.is_empty()), "{basic:?}");
 }
 
 #[tokio::test]

@@ -304,12 +304,6 @@ pub fn fanout_event(e: &FanoutEvent) -> pb::JobEvent {
     event(&e.row, e.job.as_ref())
 }
 
-/// A page token continuing a by-name listing after `name`.
-pub fn name_page_token(name: &str) -> String {
-    use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
-    URL_SAFE_NO_PAD.encode(format!("after:{name}"))
-}
-
 /// A queue with its figures.
 pub fn queue(view: QueueView) -> pb::Queue {
     let q = view.queue;

@@ -1,6 +1,7 @@
 //! `jobwire.v1.JobService`: enqueue, inspect and control jobs.
 
-use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
+use std::collections::HashMap;
+
 use jobwire_proto::v1::{self as pb, job_service_server::JobService};
 use serde::{Deserialize, Serialize};
 use tonic::{Request, Response, Status};
@@ -10,7 +11,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use jobwire_proto::limits::MAX_PAGE_BYTES;
 
 use super::{
-    ApiError, budget, convert, payloads, tenant_of, validate,
+    ApiError, convert,
+    paging::PageRequest,
+    payloads, tenant_of, validate,
     watch::{JobSink, JobsSink, Watches},
 };
 use crate::{
@@ -105,28 +108,13 @@ fn state_name(state: JobState) -> &'static str {
     state.to_proto().as_str_name()
 }
 
-/// What a page token remembers: where the last page ended, and the filters it was made for
-/// (AIP-158: a token must not be reused with other filters).
+/// The filters a ListJobs page token was issued for, as the request gave them (AIP-158: a token
+/// must not be reused with other filters).
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
-struct PageToken {
-    before: uuid::Uuid,
+struct JobsFilter {
     states: Vec<i32>,
     queue: String,
     job_type: String,
-}
-
-impl PageToken {
-    fn encode(&self) -> String {
-        URL_SAFE_NO_PAD.encode(serde_json::to_vec(self).unwrap_or_default())
-    }
-
-    fn decode(token: &str) -> Result<Self, ApiError> {
-        URL_SAFE_NO_PAD
-            .decode(token)
-            .ok()
-            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-            .ok_or_else(|| ApiError::invalid("page_token", "is not a token this server issued"))
-    }
 }
 
 #[tonic::async_trait]
@@ -220,18 +208,17 @@ impl JobService for JobApi {
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
         let tenant = tenant_of(&request)?;
         let req = request.get_ref();
-        let page_size = match req.page_size {
-            0 => DEFAULT_PAGE_SIZE,
-            n if (1..=MAX_PAGE_SIZE).contains(&n) => n,
-            n => {
-                return Err(ApiError::invalid(
-                    "page_size",
-                    format!("must be between 1 and {MAX_PAGE_SIZE}, got {n}"),
-                )
-                .into());
-            }
-        };
-        let mut filter = ListFilter {
+        let paging = PageRequest::<uuid::Uuid, _>::parse(
+            req.page_size,
+            &req.page_token,
+            JobsFilter {
+                states: req.states.clone(),
+                queue: req.queue.clone(),
+                job_type: req.job_type.clone(),
+            },
+            (DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE),
+        )?;
+        let filter = ListFilter {
             states: validate::states(&req.states)?,
             queue: (!req.queue.is_empty())
                 .then(|| validate::queue("queue", &req.queue))
@@ -239,57 +226,36 @@ impl JobService for JobApi {
             job_type: (!req.job_type.is_empty())
                 .then(|| validate::job_type("job_type", &req.job_type))
                 .transpose()?,
-            before: None,
+            before: paging.after.map(JobId),
         };
-        if !req.page_token.is_empty() {
-            let token = PageToken::decode(&req.page_token)?;
-            if token.states != req.states
-                || token.queue != req.queue
-                || token.job_type != req.job_type
-            {
-                return Err(ApiError::invalid(
-                    "page_token",
-                    "was issued for other filters; filters must not change between pages",
-                )
-                .into());
-            }
-            filter.before = Some(JobId(token.before));
-        }
+        let full = validate::view(req.view, pb::JobView::Basic)? == pb::JobView::Full;
         let listed = self
             .store
-            .list_jobs(&tenant, &filter, i64::from(page_size) + 1, MAX_PAGE_BYTES)
+            .list_jobs(&tenant, &filter, paging.limit(), MAX_PAGE_BYTES)
             .await
             .map_err(ApiError::from)?;
         let truncated = listed.candidates > listed.rows.len();
-        let full = validate::view(req.view, pb::JobView::Basic)? == pb::JobView::Full;
+        let mut attempts = if full {
+            let ids: Vec<JobId> = listed.rows.iter().map(|row| JobId(row.id)).collect();
+            self.store
+                .list_attempts_of(&tenant, &ids)
+                .await
+                .map_err(ApiError::from)?
+        } else {
+            HashMap::new()
+        };
         let mut candidates = Vec::with_capacity(listed.rows.len());
         for row in listed.rows {
-            let attempts = if full {
-                self.store
-                    .list_attempts(&tenant, JobId(row.id))
-                    .await
-                    .map_err(ApiError::from)?
-            } else {
-                Vec::new()
-            };
+            let attempts = attempts.remove(&JobId(row.id)).unwrap_or_default();
             let mut job = convert::job(row, &attempts);
             payloads::render(&self.registry, &tenant, &mut job).await;
             candidates.push(job);
         }
-        let page = budget::fill(candidates, page_size as usize, truncated);
-        let next_page_token = match page.items.last() {
-            Some(last) if page.more => PageToken {
-                before: uuid::Uuid::parse_str(&last.id)
-                    .map_err(|e| ApiError::Internal(e.to_string()))?,
-                states: req.states.clone(),
-                queue: req.queue.clone(),
-                job_type: req.job_type.clone(),
-            }
-            .encode(),
-            _ => String::new(),
-        };
+        let (jobs, next_page_token) = paging.page(candidates, truncated, |job| {
+            uuid::Uuid::parse_str(&job.id).map_err(|e| ApiError::Internal(e.to_string()))
+        })?;
         Ok(Response::new(pb::ListJobsResponse {
-            jobs: page.items,
+            jobs,
             next_page_token,
         }))
     }

@@ -6,7 +6,7 @@ use tonic::{Request, Response, Status};
 
 use jobwire_proto::limits::MAX_PAGE_BYTES;
 
-use super::{ApiError, budget, convert, tenant_of, validate};
+use super::{ApiError, convert, paging::PageRequest, tenant_of, validate};
 use crate::{
     domain::TenantId,
     registry::{Registry, Schema, SchemaError},
@@ -358,11 +358,20 @@ impl JobTypeService for JobTypeApi {
     ) -> Result<Response<pb::ListJobTypesResponse>, Status> {
         let tenant = tenant_of(&request)?;
         let req = request.get_ref();
-        let page_size = validate::page_size(req.page_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)?;
-        let after = validate::name_page_token(&req.page_token)?;
+        let paging = PageRequest::<String, ()>::parse(
+            req.page_size,
+            &req.page_token,
+            (),
+            (DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE),
+        )?;
         let listed = self
             .store
-            .list_job_types(&tenant, after.as_deref(), page_size + 1, MAX_PAGE_BYTES)
+            .list_job_types(
+                &tenant,
+                paging.after.as_deref(),
+                paging.limit(),
+                MAX_PAGE_BYTES,
+            )
             .await
             .map_err(ApiError::from)?;
         let truncated = listed.candidates > listed.rows.len();
@@ -371,13 +380,10 @@ impl JobTypeService for JobTypeApi {
             .into_iter()
             .map(|row| job_type(row, false))
             .collect();
-        let page = budget::fill(candidates, page_size as usize, truncated);
-        let next_page_token = match page.items.last() {
-            Some(last) if page.more => convert::name_page_token(&last.name),
-            _ => String::new(),
-        };
+        let (job_types, next_page_token) =
+            paging.page(candidates, truncated, |item| Ok(item.name.clone()))?;
         Ok(Response::new(pb::ListJobTypesResponse {
-            job_types: page.items,
+            job_types,
             next_page_token,
         }))
     }

@@ -9,11 +9,13 @@ pub mod convert;
 pub mod error;
 pub mod job_service;
 pub mod job_type_service;
+pub mod paging;
 pub mod payloads;
 pub mod queue_service;
 pub mod schedule_service;
 pub mod validate;
 pub mod watch;
+pub mod worker_messages;
 pub mod worker_service;
 
 pub use error::ApiError;

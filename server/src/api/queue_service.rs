@@ -3,7 +3,7 @@
 use jobwire_proto::v1::{self as pb, queue_service_server::QueueService};
 use tonic::{Request, Response, Status};
 
-use super::{ApiError, convert, tenant_of, validate};
+use super::{ApiError, convert, paging::PageRequest, tenant_of, validate};
 use crate::{
     domain::{QueueName, TenantId},
     store::{QueueUpdate, QueueView, Store},
@@ -109,24 +109,23 @@ impl QueueService for QueueApi {
     ) -> Result<Response<pb::ListQueuesResponse>, Status> {
         let tenant = tenant_of(&request)?;
         let req = request.get_ref();
-        let page_size = validate::page_size(req.page_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)?;
-        let after = validate::name_page_token(&req.page_token)?;
-        let mut views: Vec<QueueView> = self
+        let paging = PageRequest::<String, ()>::parse(
+            req.page_size,
+            &req.page_token,
+            (),
+            (DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE),
+        )?;
+        let views: Vec<QueueView> = self
             .store
-            .list_queues(&tenant, after.as_deref(), page_size + 1)
+            .list_queues(&tenant, paging.after.as_deref(), paging.limit())
             .await
             .map_err(ApiError::from)?;
-        let next_page_token = if views.len() as i64 > page_size {
-            views.truncate(page_size as usize);
-            views
-                .last()
-                .map(|v| convert::name_page_token(&v.queue.name))
-                .unwrap_or_default()
-        } else {
-            String::new()
-        };
+        let candidates = views.into_iter().map(convert::queue).collect();
+        let (queues, next_page_token) = paging.page(candidates, false, |queue: &pb::Queue| {
+            Ok(queue.name.clone())
+        })?;
         Ok(Response::new(pb::ListQueuesResponse {
-            queues: views.into_iter().map(convert::queue).collect(),
+            queues,
             next_page_token,
         }))
     }

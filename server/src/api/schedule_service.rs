@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use jobwire_proto::limits::MAX_PAGE_BYTES;
 
-use super::{ApiError, budget, convert, payloads, tenant_of, validate};
+use super::{ApiError, convert, paging::PageRequest, payloads, tenant_of, validate};
 use crate::{
     domain::{CronError, CronSchedule, TenantId},
     registry::Registry,
@@ -334,22 +334,28 @@ impl ScheduleService for ScheduleApi {
     ) -> Result<Response<pb::ListSchedulesResponse>, Status> {
         let tenant = tenant_of(&request)?;
         let req = request.get_ref();
-        let page_size = validate::page_size(req.page_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)?;
-        let after = validate::name_page_token(&req.page_token)?;
+        let paging = PageRequest::<String, ()>::parse(
+            req.page_size,
+            &req.page_token,
+            (),
+            (DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE),
+        )?;
         let listed = self
             .store
-            .list_schedules(&tenant, after.as_deref(), page_size + 1, MAX_PAGE_BYTES)
+            .list_schedules(
+                &tenant,
+                paging.after.as_deref(),
+                paging.limit(),
+                MAX_PAGE_BYTES,
+            )
             .await
             .map_err(ApiError::from)?;
         let truncated = listed.candidates > listed.rows.len();
         let candidates = listed.rows.into_iter().map(convert::schedule).collect();
-        let page = budget::fill(candidates, page_size as usize, truncated);
-        let next_page_token = match page.items.last() {
-            Some(last) if page.more => convert::name_page_token(&last.name),
-            _ => String::new(),
-        };
+        let (schedules, next_page_token) =
+            paging.page(candidates, truncated, |item| Ok(item.name.clone()))?;
         Ok(Response::new(pb::ListSchedulesResponse {
-            schedules: page.items,
+            schedules,
             next_page_token,
         }))
     }

@@ -423,34 +423,6 @@ pub fn view(value: i32, default: pb::JobView) -> Result<pb::JobView, ApiError> {
     }
 }
 
-/// A page size of a List call: 0 means `default`.
-pub fn page_size(value: i32, default: i32, max: i32) -> Result<i64, ApiError> {
-    match value {
-        0 => Ok(i64::from(default)),
-        n if (1..=max).contains(&n) => Ok(i64::from(n)),
-        n => Err(ApiError::invalid(
-            "page_size",
-            format!("must be between 1 and {max}, got {n}"),
-        )),
-    }
-}
-
-/// The name a page token of a by-name listing (queues, schedules) continues after.
-pub fn name_page_token(token: &str) -> Result<Option<String>, ApiError> {
-    use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
-    if token.is_empty() {
-        return Ok(None);
-    }
-    URL_SAFE_NO_PAD
-        .decode(token)
-        .ok()
-        .and_then(|bytes| String::from_utf8(bytes).ok())
-        .and_then(|s| s.strip_prefix("after:").map(str::to_owned))
-        .filter(|name| check_name("page_token", name, MAX_NAME_LEN).is_ok())
-        .map(Some)
-        .ok_or_else(|| ApiError::invalid("page_token", "is not a token this server issued"))
-}
-
 /// A name such as a schedule's: the characters of queue and job type names.
 pub fn name(field: &str, value: &str) -> Result<String, ApiError> {
     check_name(field, value, MAX_NAME_LEN)?;

@@ -12,7 +12,7 @@ use std::{
 };
 
 use jobwire_proto::{
-    limits::{MAX_LOG_BATCH_BYTES, MAX_MESSAGE_BYTES},
+    limits::MAX_MESSAGE_BYTES,
     v1::{
         self as pb, connect_request::Message as In, connect_response::Message as Out,
         worker_service_server::WorkerService,
@@ -24,32 +24,21 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::Instrument;
 
-use super::{ApiError, budget, convert, job_type_service, tenant_of, validate};
+use super::{ApiError, budget, convert, tenant_of, validate, worker_messages};
 use crate::{
-    domain::{LeaseRef, QueueName, TenantId},
+    domain::{LeaseRef, TenantId},
     engine::{
         self, Engine,
-        ending::{Completion, Failure},
-        session::{
-            Close, Inbound, Outbound, SessionConfig, SessionSpec, StopReason, WorkerSession,
-        },
+        session::{Close, Inbound, Outbound, SessionConfig, StopReason, WorkerSession},
     },
     registry::Registry,
-    store::{Checkpoint, LogBatch, NewJobType, ProgressUpdate, Store},
+    store::{NewJobType, Store},
 };
 
 /// Messages buffered towards one worker before its stream waits for the worker to read.
 const OUTBOUND_CAPACITY: usize = 256;
 /// How long a new stream may take to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
-const MAX_SLOTS: i32 = 10_000;
-const MAX_WORKER_ID: usize = 128;
-const MAX_FAILURE_KIND: usize = 128;
-const MAX_FAILURE_MESSAGE: usize = 8192;
-const MAX_LOG_LINES: usize = 1000;
-const MAX_LOG_LINE: usize = 8192;
-const MAX_PROGRESS_TEXT: usize = 1024;
-const MAX_PROGRESS_DATA: usize = 64 * 1024;
 
 pub struct WorkerApi {
     store: Store,
@@ -150,7 +139,7 @@ impl Stream {
         let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
             Ok(Ok(Some(pb::ConnectRequest {
                 message: Some(In::Hello(hello)),
-            }))) => validate_hello(&self.tenant, hello),
+            }))) => worker_messages::hello(&self.tenant, hello),
             Ok(Ok(None)) | Ok(Err(_)) => return,
             Ok(Ok(Some(_))) => Err(ApiError::invalid(
                 "hello",
@@ -353,27 +342,29 @@ impl Stream {
             In::Drain(_) => (None, Ok(Inbound::Drain)),
             In::Complete(m) => (
                 Some(m.request_id),
-                completion(&self.tenant, self.max_payload, m).map(|c| Inbound::Complete(0, c)),
+                worker_messages::completion(&self.tenant, self.max_payload, m)
+                    .map(|c| Inbound::Complete(0, c)),
             ),
             In::Fail(m) => (
                 Some(m.request_id),
-                failure(&self.tenant, m).map(|f| Inbound::Fail(0, f)),
+                worker_messages::failure(&self.tenant, m).map(|f| Inbound::Fail(0, f)),
             ),
             In::Progress(m) => (
                 Some(m.request_id),
-                progress(&self.tenant, m).map(|p| Inbound::Progress(0, p)),
+                worker_messages::progress(&self.tenant, m).map(|p| Inbound::Progress(0, p)),
             ),
             In::Logs(m) => (
                 Some(m.request_id),
-                logs(&self.tenant, m).map(|l| Inbound::Logs(0, l)),
+                worker_messages::logs(&self.tenant, m).map(|l| Inbound::Logs(0, l)),
             ),
             In::Checkpoint(m) => (
                 Some(m.request_id),
-                checkpoint(&self.tenant, self.max_payload, m).map(|c| Inbound::Checkpoint(0, c)),
+                worker_messages::checkpoint(&self.tenant, self.max_payload, m)
+                    .map(|c| Inbound::Checkpoint(0, c)),
             ),
             In::Release(m) => (
                 Some(m.request_id),
-                validate_release(&m).map(|leases| Inbound::Release(0, leases)),
+                worker_messages::release(&m).map(|leases| Inbound::Release(0, leases)),
             ),
         };
         match (request_id, inbound) {
@@ -435,283 +426,9 @@ fn oversize_lease(lease: &pb::Lease) -> Option<usize> {
     (size > MAX_MESSAGE_BYTES).then_some(size)
 }
 
-/// Cuts a string to at most `max` bytes, on a character boundary.
-fn truncate(mut text: String, max: usize) -> String {
-    if text.len() > max {
-        let mut cut = max;
-        while !text.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        text.truncate(cut);
-    }
-    text
-}
-
-/// A validated hello: the session's spec, and the schemas of the types it serves.
-struct Hello {
-    spec: SessionSpec,
-    /// Schemas of served types, to register when they changed.
-    schemas: Vec<NewJobType>,
-}
-
-fn validate_hello(tenant: &TenantId, hello: pb::Hello) -> Result<Hello, ApiError> {
-    if hello.worker_id.is_empty() {
-        return Err(ApiError::invalid("hello.worker_id", "must not be empty"));
-    }
-    validate::text("hello.worker_id", &hello.worker_id, MAX_WORKER_ID)?;
-    if hello.job_types.is_empty() {
-        return Err(ApiError::invalid(
-            "hello.job_types",
-            "must name at least one job type",
-        ));
-    }
-    let job_types = hello
-        .job_types
-        .iter()
-        .enumerate()
-        .map(|(i, t)| validate::job_type(&format!("hello.job_types[{i}]"), t))
-        .collect::<Result<Vec<_>, _>>()?;
-    let mut queues = hello
-        .queues
-        .iter()
-        .enumerate()
-        .map(|(i, q)| validate::queue(&format!("hello.queues[{i}]"), q))
-        .collect::<Result<Vec<_>, _>>()?;
-    if queues.is_empty() {
-        queues.push(QueueName::new_unchecked(validate::DEFAULT_QUEUE));
-    }
-    if !(1..=MAX_SLOTS).contains(&hello.slots) {
-        return Err(ApiError::invalid(
-            "hello.slots",
-            format!("must be between 1 and {MAX_SLOTS}, got {}", hello.slots),
-        ));
-    }
-    if !(0..=MAX_SLOTS).contains(&hello.prefetch) {
-        return Err(ApiError::invalid(
-            "hello.prefetch",
-            format!("must be between 0 and {MAX_SLOTS}, got {}", hello.prefetch),
-        ));
-    }
-    let running = hello
-        .running
-        .iter()
-        .enumerate()
-        .map(|(i, l)| validate::lease_ref(&format!("hello.running[{i}]"), Some(l)))
-        .collect::<Result<Vec<_>, _>>()?;
-    let schemas = hello
-        .schemas
-        .iter()
-        .enumerate()
-        .map(|(i, t)| {
-            let at = format!("hello.schemas[{i}]");
-            if !job_types.contains(&t.name) {
-                return Err(ApiError::invalid(
-                    format!("{at}.name"),
-                    format!("{:?} is not among hello.job_types", t.name),
-                ));
-            }
-            job_type_service::new_job_type(t, &at)
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(Hello {
-        spec: SessionSpec {
-            tenant: tenant.clone(),
-            worker_id: hello.worker_id,
-            job_types,
-            queues,
-            slots: hello.slots.unsigned_abs(),
-            prefetch: hello.prefetch.unsigned_abs(),
-            running,
-            reports_started: hello.reports_started,
-        },
-        schemas,
-    })
-}
-
-fn validate_release(release: &pb::ReleaseLeases) -> Result<Vec<LeaseRef>, ApiError> {
-    let most = 2 * usize::try_from(MAX_SLOTS).unwrap_or(usize::MAX);
-    if release.leases.is_empty() || release.leases.len() > most {
-        return Err(ApiError::invalid(
-            "release.leases",
-            format!("must name 1 to {most} leases, got {}", release.leases.len()),
-        ));
-    }
-    release
-        .leases
-        .iter()
-        .enumerate()
-        .map(|(i, l)| validate::lease_ref(&format!("release.leases[{i}]"), Some(l)))
-        .collect()
-}
-
 fn lease_msg(lease: LeaseRef) -> pb::LeaseRef {
     pb::LeaseRef {
         job_id: lease.job_id.to_string(),
         attempt: lease.attempt,
     }
-}
-
-fn progress(tenant: &TenantId, report: pb::ReportProgress) -> Result<ProgressUpdate, ApiError> {
-    let lease = validate::lease_ref("progress.lease", report.lease.as_ref())?;
-    let progress = report
-        .progress
-        .ok_or_else(|| ApiError::invalid("progress.progress", "is required"))?;
-    if let Some(f) = progress.fraction
-        && !(0.0..=1.0).contains(&f)
-    {
-        return Err(ApiError::invalid(
-            "progress.progress.fraction",
-            format!("must be between 0.0 and 1.0, got {f}"),
-        ));
-    }
-    if progress.items_done < 0 || progress.items_total < 0 {
-        return Err(ApiError::invalid(
-            "progress.progress.items_done",
-            "item counts must not be negative",
-        ));
-    }
-    if let Some(data) = &progress.data {
-        if prost::Message::encoded_len(data) > MAX_PROGRESS_DATA {
-            return Err(ApiError::invalid(
-                "progress.progress.data",
-                format!("must encode to at most {MAX_PROGRESS_DATA} bytes"),
-            ));
-        }
-        validate::structure("progress.progress.data", data)?;
-    }
-    let progress = pb::Progress {
-        message: truncate(progress.message, MAX_PROGRESS_TEXT),
-        stage: truncate(progress.stage, MAX_PROGRESS_TEXT),
-        ..progress
-    };
-    validate::text(
-        "progress.progress.message",
-        &progress.message,
-        MAX_PROGRESS_TEXT,
-    )?;
-    validate::text(
-        "progress.progress.stage",
-        &progress.stage,
-        MAX_PROGRESS_TEXT,
-    )?;
-    Ok(ProgressUpdate {
-        tenant: tenant.clone(),
-        lease,
-        fraction: convert::progress_fraction(&progress),
-        progress: convert::progress_to_json(&progress, chrono::Utc::now()),
-    })
-}
-
-fn logs(tenant: &TenantId, report: pb::ReportLogs) -> Result<LogBatch, ApiError> {
-    let lease = validate::lease_ref("logs.lease", report.lease.as_ref())?;
-    if report.lines.len() > MAX_LOG_LINES {
-        return Err(ApiError::invalid(
-            "logs.lines",
-            format!("at most {MAX_LOG_LINES} lines per message"),
-        ));
-    }
-    let text: usize = report.lines.iter().map(|l| l.message.len()).sum();
-    if text > MAX_LOG_BATCH_BYTES {
-        return Err(ApiError::invalid(
-            "logs.lines",
-            format!("at most {MAX_LOG_BATCH_BYTES} bytes of text per message, got {text}"),
-        ));
-    }
-    let now = chrono::Utc::now();
-    let lines = report
-        .lines
-        .into_iter()
-        .enumerate()
-        .map(|(i, line)| {
-            let level = pb::LogLevel::try_from(line.level)
-                .unwrap_or(pb::LogLevel::Info)
-                .as_str_name();
-            let time = line
-                .time
-                .map(|t| validate::timestamp(&format!("logs.lines[{i}].time"), &t))
-                .transpose()?
-                .unwrap_or(now);
-            let message = truncate(line.message, MAX_LOG_LINE);
-            validate::text(&format!("logs.lines[{i}].message"), &message, MAX_LOG_LINE)?;
-            Ok(serde_json::json!({
-                "level": level,
-                "message": message,
-                "time": time.to_rfc3339(),
-            }))
-        })
-        .collect::<Result<_, ApiError>>()?;
-    Ok(LogBatch {
-        tenant: tenant.clone(),
-        lease,
-        lines,
-    })
-}
-
-fn checkpoint(
-    tenant: &TenantId,
-    max_payload: usize,
-    save: pb::SaveCheckpoint,
-) -> Result<Checkpoint, ApiError> {
-    let lease = validate::lease_ref("checkpoint.lease", save.lease.as_ref())?;
-    if save.data.len() > max_payload {
-        return Err(ApiError::invalid(
-            "checkpoint.data",
-            format!(
-                "is {} bytes, over the limit of {} bytes",
-                save.data.len(),
-                max_payload
-            ),
-        ));
-    }
-    Ok(Checkpoint {
-        tenant: tenant.clone(),
-        lease,
-        data: save.data,
-    })
-}
-
-fn completion(
-    tenant: &TenantId,
-    max_payload: usize,
-    complete: pb::CompleteJob,
-) -> Result<Completion, ApiError> {
-    let lease = validate::lease_ref("complete.lease", complete.lease.as_ref())?;
-    if let Some(result) = &complete.result {
-        validate::any_size("complete.result", result, max_payload)?;
-    }
-    let (result_type, result) = match complete.result {
-        Some(any) => (Some(any.type_url), Some(any.value)),
-        None => (None, None),
-    };
-    Ok(Completion {
-        tenant: tenant.clone(),
-        lease,
-        result_type,
-        result,
-    })
-}
-
-fn failure(tenant: &TenantId, fail: pb::FailJob) -> Result<Failure, ApiError> {
-    let lease = validate::lease_ref("fail.lease", fail.lease.as_ref())?;
-    let retry_after = fail
-        .retry_after
-        .as_ref()
-        .map(|d| validate::duration("fail.retry_after", d))
-        .transpose()?;
-    let mut message = truncate(fail.message, MAX_FAILURE_MESSAGE);
-    if message.is_empty() {
-        message = "the handler failed without a message".to_owned();
-    }
-    validate::text("fail.message", &message, MAX_FAILURE_MESSAGE)?;
-    let kind = truncate(fail.kind, MAX_FAILURE_KIND);
-    validate::text("fail.kind", &kind, MAX_FAILURE_KIND)?;
-    Ok(Failure {
-        tenant: tenant.clone(),
-        lease,
-        message,
-        kind,
-        non_retryable: fail.non_retryable,
-        retry_after,
-        timed_out: fail.timed_out,
-    })
 }

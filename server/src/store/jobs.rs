@@ -192,15 +192,41 @@ impl Store {
     /// no row of their own (see [`ATTEMPT_UPSERT`](super::leases::ATTEMPT_UPSERT)): the
     /// `job_attempt_history` view reads them from the job.
     pub async fn list_attempts(&self, tenant: &TenantId, id: JobId) -> Result<Vec<AttemptRow>> {
-        Ok(sqlx::query_as::<_, AttemptRow>(
-            "SELECT attempt, worker_id, started_at, finished_at, outcome, error \
-             FROM job_attempt_history WHERE tenant_id = $1 AND job_id = $2 \
-             ORDER BY attempt",
+        let mut attempts = self.list_attempts_of(tenant, &[id]).await?;
+        Ok(attempts.remove(&id).unwrap_or_default())
+    }
+
+    /// The attempts of each of `ids`, oldest first, in one statement: a page of jobs in the
+    /// full view costs one read of their attempts, not one per job.
+    pub async fn list_attempts_of(
+        &self,
+        tenant: &TenantId,
+        ids: &[JobId],
+    ) -> Result<HashMap<JobId, Vec<AttemptRow>>> {
+        #[derive(sqlx::FromRow)]
+        struct JobAttempt {
+            job_id: Uuid,
+            #[sqlx(flatten)]
+            attempt: AttemptRow,
+        }
+        let ids: Vec<Uuid> = ids.iter().map(|id| id.0).collect();
+        let rows: Vec<JobAttempt> = sqlx::query_as(
+            "SELECT job_id, attempt, worker_id, started_at, finished_at, outcome, error \
+             FROM job_attempt_history WHERE tenant_id = $1 AND job_id = ANY($2) \
+             ORDER BY job_id, attempt",
         )
         .bind(tenant.as_str())
-        .bind(id.0)
+        .bind(&ids)
         .fetch_all(&self.pool)
-        .await?)
+        .await?;
+        let mut attempts: HashMap<JobId, Vec<AttemptRow>> = HashMap::new();
+        for row in rows {
+            attempts
+                .entry(JobId(row.job_id))
+                .or_default()
+                .push(row.attempt);
+        }
+        Ok(attempts)
     }
 
     /// Jobs newest first, at most `limit`.
