@@ -10,10 +10,9 @@
 
 FROM rust:1-bookworm AS builder
 WORKDIR /src
-# Code generation is pure Rust (protox), so no protoc; compile-time-checked queries read the
-# checked-in .sqlx data instead of a live database.
-ENV SQLX_OFFLINE=true \
-    CARGO_TERM_COLOR=never
+# Code generation is pure Rust (protox), so no protoc; queries are checked at run time, so the
+# build needs no database.
+ENV CARGO_TERM_COLOR=never
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/usr/local/cargo/git \

@@ -241,7 +241,7 @@ async def test_prefetched_leases_are_handed_back_unstarted_and_run_elsewhere(
 ) -> None:
     """A worker holding leases beyond its slot hands back, on its drain (and when they wait
     too long), those it has not started; another worker runs them, and a lease handed back
-    counts against no job's attempts (DESIGN.md invariant 9)."""
+    counts against no job's attempts (docs/architecture.md, invariant 9)."""
     handles = await client.enqueue_many(
         [pb.Echo(text=f"quick {n}") for n in range(300)], job_type=handlers.ECHO, queue="py"
     )

@@ -2,7 +2,7 @@
 the last sequence seen whenever they break.
 
 The server promises that a watch resumed after sequence N delivers every later event, in
-order, once (DESIGN.md invariant 5). ``JobEvents`` keeps that promise across reconnects by
+order, once (docs/architecture.md, invariant 5). ``JobEvents`` keeps that promise across reconnects by
 remembering the sequence of the last event it took and reopening after it; it also drops any
 event at or below it, so a server that repeats itself cannot make the consumer see an event
 twice.

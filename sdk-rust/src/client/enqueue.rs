@@ -111,7 +111,7 @@ impl<J: JobType> Enqueue<J> {
     ///
     /// # Errors
     ///
-    /// [`Error::Rpc`] with `InvalidArgument` (naming the field) when the server refuses the job,
+    /// [`Error::BadRequest`] (naming the fields) when the server refuses the job,
     /// [`Error::Encode`] when the payload cannot be encoded.
     pub async fn send(self) -> Result<JobHandle<J>, Error> {
         self.send_detailed().await.map(Enqueued::into_handle)

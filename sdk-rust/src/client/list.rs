@@ -86,8 +86,7 @@ impl ListJobs {
     ///
     /// # Errors
     ///
-    /// [`Error::Rpc`] with `InvalidArgument` for a bad page size or a token that does not
-    /// match the filters.
+    /// [`Error::BadRequest`] for a bad page size or a token that does not match the filters.
     pub async fn send(self) -> Result<JobPage, Error> {
         let response = self.client.list(self.request).await?;
         Ok(JobPage {

@@ -128,7 +128,7 @@ impl Client {
     ///
     /// # Errors
     ///
-    /// [`Error::Rpc`] with `InvalidArgument` when any job is invalid (then none was stored),
+    /// [`Error::BadRequest`] when any job is invalid (then none was stored),
     /// [`Error::Encode`] when a payload cannot be encoded.
     pub async fn enqueue_many<I>(
         &self,

@@ -228,7 +228,7 @@ impl QueueRef {
     ///
     /// # Errors
     ///
-    /// [`Error::Rpc`] with `NotFound` when the queue was never used, `InvalidArgument` when
+    /// [`Error::Rpc`] with `NotFound` when the queue was never used, [`Error::BadRequest`] when
     /// `reason` is longer than 1024 characters.
     pub async fn pause(&self, reason: impl Into<String>) -> Result<QueueInfo, Error> {
         let request = pb::PauseQueueRequest {
@@ -336,8 +336,8 @@ impl UpdateQueue {
     /// # Errors
     ///
     /// [`Error::Rpc`] with `NotFound` when the queue was never used and
-    /// [`create_if_missing`](Self::create_if_missing) was not set, `InvalidArgument` (naming
-    /// the field) when a limit is out of range or no limit was set.
+    /// [`create_if_missing`](Self::create_if_missing) was not set, [`Error::BadRequest`]
+    /// (naming the field) when a limit is out of range or no limit was set.
     pub async fn send(self) -> Result<QueueInfo, Error> {
         let request = self.client.tenant.request(self.to_request());
         let response = self

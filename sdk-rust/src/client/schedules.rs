@@ -353,7 +353,7 @@ impl<J: JobType> CreateSchedule<J> {
     /// # Errors
     ///
     /// [`Error::Rpc`] with `AlreadyExists` when the tenant has a schedule of that name,
-    /// `InvalidArgument` (naming the field) for a bad cron expression, time zone or range;
+    /// [`Error::BadRequest`] (naming the field) for a bad cron expression, time zone or range;
     /// [`Error::Encode`] when the payload cannot be encoded.
     pub async fn send(self) -> Result<ScheduleInfo, Error> {
         let client = self.client.clone();
@@ -600,7 +600,7 @@ impl UpdateSchedule {
     /// # Errors
     ///
     /// [`Error::Rpc`] with `NotFound` when the tenant has no schedule of that name,
-    /// `InvalidArgument` (naming the field) for a bad value or when no field was set.
+    /// [`Error::BadRequest`] (naming the field) for a bad value or when no field was set.
     pub async fn send(self) -> Result<ScheduleInfo, Error> {
         let request = self.client.tenant.request(self.to_request());
         let response = self
