@@ -23,6 +23,7 @@ use super::{
     Error, batch,
     ending::{self, Completion, Failure},
     fanout::FanoutHandle,
+    signals::{Signal, Signals},
 };
 use crate::{
     domain::{JobState, LeaseRef, TenantId},
@@ -89,12 +90,25 @@ pub struct Completer {
     store: Store,
     fanout: FanoutHandle,
     rx: mpsc::Receiver<(Settle, Reply)>,
+    signals: Signals,
 }
 
 impl Completer {
     pub fn new(store: Store, fanout: FanoutHandle) -> (Self, CompleterHandle) {
         let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
-        (Self { store, fanout, rx }, CompleterHandle { tx })
+        let completer = Self {
+            store,
+            fanout,
+            rx,
+            signals: Signals::default(),
+        };
+        (completer, CompleterHandle { tx })
+    }
+
+    /// Announces each batch written, with its size, for a test to await.
+    pub fn with_signals(mut self, signals: Signals) -> Self {
+        self.signals = signals;
+        self
     }
 
     /// Runs until every handle is dropped and the queue is empty.
@@ -108,7 +122,9 @@ impl Completer {
                     Err(_) => break,
                 }
             }
+            let reports = batch.len();
             self.flush(&mut batch).await;
+            self.signals.send(|| Signal::Flushed { reports });
         }
     }
 

@@ -50,7 +50,10 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use super::ending;
+use super::{
+    ending,
+    signals::{Signal, Signals},
+};
 use crate::{
     domain::{JobId, LeaseRef, QueueName, TenantId},
     store::{HeldBack, LeasedRow, Store, Worker as LeaseTo},
@@ -447,6 +450,7 @@ pub struct Dispatcher {
     /// Leases to hand back, by tenant, gathered while applying commands.
     returned: Vec<(TenantId, Vec<LeaseRef>)>,
     rx: mpsc::Receiver<Command>,
+    signals: Signals,
 }
 
 impl Dispatcher {
@@ -468,9 +472,16 @@ impl Dispatcher {
                 claim_tasks: HashMap::new(),
                 returned: Vec::new(),
                 rx,
+                signals: Signals::default(),
             },
             DispatcherHandle { tx },
         )
+    }
+
+    /// Announces each claim's leases and each hand-back, for a test to await.
+    pub fn with_signals(mut self, signals: Signals) -> Self {
+        self.signals = signals;
+        self
     }
 
     pub async fn run(mut self, shutdown: CancellationToken) {
@@ -582,8 +593,13 @@ impl Dispatcher {
             if leases.is_empty() {
                 continue;
             }
-            if let Err(error) = ending::release(&self.store, &tenant, &leases).await {
-                tracing::warn!(%error, "could not hand back undelivered leases; they will lapse");
+            match ending::release(&self.store, &tenant, &leases).await {
+                Ok(released) => self
+                    .signals
+                    .send(|| Signal::HandedBack { leases: released }),
+                Err(error) => {
+                    tracing::warn!(%error, "could not hand back undelivered leases; they will lapse")
+                }
             }
         }
     }
@@ -873,11 +889,13 @@ impl Dispatcher {
         // Dated from the claim's start, as the database dates the attempt (its `now()`).
         let now = Instant::now();
         let at = now.checked_sub(claimed.took).unwrap_or(now);
+        let leases = claimed.rows.len();
         worker
             .ready
             .extend(claimed.rows.into_iter().map(|row| (at, row)));
         let undelivered = worker.feed();
         self.returned.push((outcome.tenant, undelivered));
+        self.signals.send(|| Signal::Claimed { session, leases });
     }
 }
 

@@ -18,7 +18,10 @@ use chrono::{DateTime, Utc};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::notifier::DueSignal;
+use super::{
+    notifier::DueSignal,
+    signals::{Signal, Signals},
+};
 use crate::store::{Store, Term};
 
 /// Leadership as this replica holds it: the term, until when (on this replica's clock).
@@ -70,6 +73,7 @@ pub struct Elector {
     /// new candidate.
     holder: String,
     tx: watch::Sender<Option<Lease>>,
+    signals: Signals,
 }
 
 impl Elector {
@@ -81,9 +85,16 @@ impl Elector {
                 ttl,
                 holder: uuid::Uuid::now_v7().to_string(),
                 tx,
+                signals: Signals::default(),
             },
             Leadership { rx },
         )
+    }
+
+    /// Announces the outcome of each round (the term led under, or none), for a test to await.
+    pub fn with_signals(mut self, signals: Signals) -> Self {
+        self.signals = signals;
+        self
     }
 
     pub async fn run(self, shutdown: CancellationToken) {
@@ -131,6 +142,9 @@ impl Elector {
             }
             held = now_held;
             self.tx.send_replace(held);
+            self.signals.send(|| Signal::Campaigned {
+                term: held.map(|lease| lease.term),
+            });
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep(interval) => {}

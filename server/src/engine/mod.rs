@@ -15,6 +15,7 @@
 //! | [`scheduler`] | leader | makes due SCHEDULED / RETRYING jobs AVAILABLE |
 //! | [`cron`] | leader | creates the jobs of due cron schedule ticks |
 //! | [`statistics`] | leader | analyzes busy tables as they outgrow their statistics |
+//! | [`signals`] | (tests) | announces what the loops did, for a test to await (off here) |
 //!
 //! Each loop has one job and is wired here; every task runs on one [`TaskTracker`], so shutdown
 //! can wait for all of them. The completer and the enqueuer stop last: only once every stream
@@ -33,6 +34,7 @@ pub mod notifier;
 pub mod reaper;
 pub mod scheduler;
 pub mod session;
+pub mod signals;
 pub mod statistics;
 
 pub use error::Error;

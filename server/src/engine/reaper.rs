@@ -9,7 +9,11 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::{ending, leader::Leadership};
+use super::{
+    ending,
+    leader::Leadership,
+    signals::{Signal, Signals},
+};
 use crate::store::Store;
 
 const BATCH: i64 = 1000;
@@ -18,6 +22,7 @@ pub struct Reaper {
     store: Store,
     interval: Duration,
     leadership: Leadership,
+    signals: Signals,
 }
 
 impl Reaper {
@@ -26,7 +31,14 @@ impl Reaper {
             store,
             interval,
             leadership,
+            signals: Signals::default(),
         }
+    }
+
+    /// Announces each pass with how many attempts it ended, for a test to await.
+    pub fn with_signals(mut self, signals: Signals) -> Self {
+        self.signals = signals;
+        self
     }
 
     pub async fn run(mut self, shutdown: CancellationToken) {
@@ -38,11 +50,13 @@ impl Reaper {
                     None => return,
                 },
             };
+            let mut reaped = 0;
             loop {
                 match ending::reap(&self.store, term, BATCH).await {
                     Ok(0) => break,
                     Ok(n) => {
                         tracing::info!(reaped = n, "expired leases reaped");
+                        reaped += n;
                         if n < BATCH as usize {
                             break;
                         }
@@ -53,6 +67,7 @@ impl Reaper {
                     }
                 }
             }
+            self.signals.send(|| Signal::Reaped { leases: reaped });
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(self.interval) => {}

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use super::{
     leader::{Leadership, lead_on_timer, sleep_until},
     notifier::DueSignal,
+    signals::{Signal, Signals},
 };
 use crate::store::{Store, Term};
 
@@ -23,6 +24,7 @@ pub struct Scheduler {
     poll_interval: Duration,
     leadership: Leadership,
     due: DueSignal,
+    signals: Signals,
 }
 
 impl Scheduler {
@@ -37,7 +39,14 @@ impl Scheduler {
             poll_interval,
             leadership,
             due,
+            signals: Signals::default(),
         }
+    }
+
+    /// Announces each pass with how many jobs it promoted, for a test to await.
+    pub fn with_signals(mut self, signals: Signals) -> Self {
+        self.signals = signals;
+        self
     }
 
     pub async fn run(self, shutdown: CancellationToken) {
@@ -47,13 +56,15 @@ impl Scheduler {
 
     /// Promotes what is due and returns how long to sleep.
     async fn tick(&self, term: Term) -> Duration {
+        let mut promoted = 0;
         loop {
             match self.store.promote_due(term, BATCH).await {
-                Ok(n) if n >= BATCH as u64 => continue,
+                Ok(n) if n >= BATCH as u64 => promoted += n,
                 Ok(n) => {
                     if n > 0 {
                         tracing::debug!(promoted = n, "due jobs promoted");
                     }
+                    promoted += n;
                     break;
                 }
                 Err(error) => {
@@ -62,6 +73,7 @@ impl Scheduler {
                 }
             }
         }
+        self.signals.send(|| Signal::Promoted { jobs: promoted });
         match self.store.next_due().await {
             Ok(next) => sleep_until(next, self.poll_interval),
             Err(error) => {
