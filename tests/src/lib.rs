@@ -21,6 +21,7 @@
 //!
 //! [`jobs`] holds the job types that the tests and the test worker binary share.
 
+pub mod engine;
 pub mod grpcurl;
 pub mod jobs;
 pub mod raw;
