@@ -2,10 +2,10 @@
 the last sequence seen whenever they break.
 
 The server promises that a watch resumed after sequence N delivers every later event, in
-order, once (docs/architecture.md, invariant 5). ``JobEvents`` keeps that promise across reconnects by
-remembering the sequence of the last event it took and reopening after it; it also drops any
-event at or below it, so a server that repeats itself cannot make the consumer see an event
-twice.
+order, once (docs/architecture.md, invariant 5). ``JobEvents`` keeps that promise across
+reconnects by remembering the sequence of the last event it took and reopening after it; it
+also drops any event at or below it, so a server that repeats itself cannot make the consumer
+see an event twice.
 
 Reopens wait 50 ms, doubling to 2 s, jittered. A stream gives up, raising the server's error,
 when the server answers NOT_FOUND, INVALID_ARGUMENT, PERMISSION_DENIED, UNAUTHENTICATED or
