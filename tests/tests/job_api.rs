@@ -1025,7 +1025,13 @@ async fn a_lease_a_drained_worker_never_started_is_handed_back_as_it_leaves() {
     let server = ServerProcess::start(&db, &[]).await;
     let mut client = jobs(&server.url()).await;
     let job = enqueue(&mut client, spec("type.late", "default")).await;
-    let mut worker = RawWorker::connect(&server.url(), "late", &["type.late"], 1).await;
+    let reporting = |id: &str| pb::Hello {
+        reports_started: true,
+        ..support::hello(id, &["type.late"], 1, Vec::new())
+    };
+    let mut worker = RawWorker::try_connect(&server.url(), reporting("late"))
+        .await
+        .expect("connect");
     let lease = worker.next_lease().await;
     assert_eq!(lease.job_id, job.id);
 
@@ -1047,6 +1053,28 @@ async fn a_lease_a_drained_worker_never_started_is_handed_back_as_it_leaves() {
     )
     .await;
     assert_eq!(runs, 0, "a lease never started is no attempt");
+
+    // A lease whose handler started is not handed back: it counts, and is left to lapse.
+    let mut worker = RawWorker::try_connect(&server.url(), reporting("late-2"))
+        .await
+        .expect("connect");
+    let lease = worker.next_lease().await;
+    assert_eq!(lease.job_id, job.id);
+    worker
+        .started(vec![pb::LeaseRef {
+            job_id: lease.job_id.clone(),
+            attempt: lease.attempt,
+        }])
+        .await;
+    worker.drain_and_close().await;
+    let (state, started): (String, bool) = sqlx::query_as(
+        "SELECT state::text, handler_started_at IS NOT NULL FROM jobs WHERE id = $1::uuid",
+    )
+    .bind(&job.id)
+    .fetch_one(&pool)
+    .await
+    .expect("job");
+    assert_eq!((state.as_str(), started), ("running", true));
 }
 
 /// A worker that keeps pace is sent leases beyond its slots, up to its prefetch and no more.

@@ -104,9 +104,29 @@ pub async fn failures(store: &Store, failures: &[Failure]) -> store::Result<Vec<
         .collect())
 }
 
-/// Hands back leases whose handler never started: the attempts do not count, and the jobs are
+/// Hands back leases this server never delivered: the attempts do not count, and the jobs are
 /// available again at once (or cancelled or paused, as asked meanwhile).
 pub async fn release(store: &Store, tenant: &TenantId, leases: &[LeaseRef]) -> store::Result<u64> {
+    end_unstarted(store, tenant, leases, Guard::None).await
+}
+
+/// Hands back leases a worker held, as [`release`] does, but only those no handler started: a
+/// started one stays the worker's until it reports or its lease lapses, and then counts. A
+/// worker that does not report starts had each lease counted as started on delivery.
+pub async fn hand_back(
+    store: &Store,
+    tenant: &TenantId,
+    leases: &[LeaseRef],
+) -> store::Result<u64> {
+    end_unstarted(store, tenant, leases, Guard::Unstarted).await
+}
+
+async fn end_unstarted(
+    store: &Store,
+    tenant: &TenantId,
+    leases: &[LeaseRef],
+    guard: Guard,
+) -> store::Result<u64> {
     let ends: Vec<AttemptEnd> = leases
         .iter()
         .map(|lease| AttemptEnd {
@@ -114,7 +134,7 @@ pub async fn release(store: &Store, tenant: &TenantId, leases: &[LeaseRef]) -> s
             lease: *lease,
             decision: Decision::released(NOT_DELIVERED),
             result: None,
-            guard: Guard::None,
+            guard,
             resend: Resend::Never,
         })
         .collect();

@@ -404,15 +404,22 @@ impl WorkerSession {
                 attempt: row.job.attempt,
             });
         }
-        // Without this a lease that reached a drained worker as it went idle would lapse, and
-        // its job run again only after the lease duration.
-        if how == Close::Drained {
-            undelivered.extend(self.held.drain().map(|(lease, _)| lease));
-        }
         self.release(undelivered).await;
+        // The worker's reports first: its start marks among them.
         let mut acks = Vec::new();
         while let Some(ack) = self.acks.next().await {
             acks.extend(ack);
+        }
+        // Without this a lease that reached a drained worker as it went idle would lapse, and
+        // its job run again only after the lease duration. Only those no handler started go
+        // back: a started one counts, so it is left to lapse.
+        if how == Close::Drained {
+            let held: Vec<LeaseRef> = self.held.drain().map(|(lease, _)| lease).collect();
+            if !held.is_empty()
+                && let Err(error) = ending::hand_back(&self.store, &self.spec.tenant, &held).await
+            {
+                tracing::warn!(%error, "could not hand back a drained worker's leases; they will lapse");
+            }
         }
         acks
     }

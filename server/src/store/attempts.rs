@@ -29,6 +29,8 @@ pub enum Guard {
     InTime,
     /// Its lease has lapsed: a renewal since wins over the reaper.
     Lapsed,
+    /// No handler has started it: a worker cannot hand back, uncounted, an attempt it ran.
+    Unstarted,
 }
 
 impl Guard {
@@ -37,6 +39,7 @@ impl Guard {
             Self::None => "none",
             Self::InTime => "in_time",
             Self::Lapsed => "lapsed",
+            Self::Unstarted => "unstarted",
         }
     }
 }
@@ -168,6 +171,7 @@ impl Store {
                  WHERE {LEASE_MATCH} \
                    AND CASE i.guard \
                        WHEN 'lapsed' THEN j.lease_expires_at < now() \
+                       WHEN 'unstarted' THEN j.handler_started_at IS NULL \
                        WHEN 'in_time' THEN j.timeout_ms IS NULL \
                             OR j.attempt_started_at + j.timeout_ms * interval '1 millisecond' \
                                > now() \

@@ -387,6 +387,11 @@ impl RawWorker {
         while let Ok(Ok(Some(_))) = tokio::time::timeout(WAIT, rx.message()).await {}
     }
 
+    /// Says that the handlers of `leases` started (not acknowledged).
+    pub async fn started(&self, leases: Vec<pb::LeaseRef>) {
+        self.send(In::Started(pb::StartedJobs { leases })).await;
+    }
+
     pub async fn heartbeat(&self, running: Vec<pb::LeaseRef>) {
         self.send(In::Heartbeat(pb::Heartbeat { running })).await;
     }
