@@ -10,7 +10,7 @@ use std::{
 };
 
 use jobwire_server::{
-    domain::{AttemptOutcome, JobId, JobState, LeaseRef, QueueName, TenantId},
+    domain::{AttemptOutcome, EventKind, JobId, JobState, LeaseRef, QueueName, TenantId},
     engine::{
         Error,
         completer::Settle,
@@ -19,7 +19,7 @@ use jobwire_server::{
         session::{Close, Inbound, Outbound, WorkerSession},
         signals::Signal,
     },
-    store::{LeasedRow, SettleResult},
+    store::{LeasedRow, LogBatch, ProgressUpdate, SettleResult},
 };
 use jobwire_tests::engine::{Heard, JOB_TYPE, QUEUE, Setup, job, lease_of, session_config, setup};
 use tokio::sync::mpsc;
@@ -398,6 +398,59 @@ mod completer {
     /// thread, and `join_all` sends them all in its first poll, before the test yields to the
     /// completer's task. So they form one batch, whose statements must still answer each caller
     /// for its own report.
+    /// A worker sends a lease's log lines ahead of its progress; when both land in one batch,
+    /// the line's event comes first, as the handler wrote them.
+    #[tokio::test]
+    async fn a_line_logged_before_a_progress_report_gets_the_earlier_event() {
+        const JOBS: usize = 8;
+        const ROUNDS: usize = 6;
+        let s = setup().await;
+        let ids = s
+            .enqueue((0..JOBS).map(|_| job(QUEUE, JOB_TYPE)).collect())
+            .await;
+        let rows = s.claim("w", JOBS as i64, false).await;
+        let completer = s.completer();
+        for round in 0..ROUNDS {
+            let reports = rows.iter().flat_map(|row| {
+                let lease = lease_of(row);
+                [
+                    Settle::Logs(LogBatch {
+                        tenant: s.tenant.clone(),
+                        lease,
+                        lines: vec![serde_json::json!({
+                            "level": "INFO",
+                            "message": format!("round {round}"),
+                            "time": "2026-12-07T00:00:00Z",
+                        })],
+                    }),
+                    Settle::Progress(ProgressUpdate {
+                        tenant: s.tenant.clone(),
+                        lease,
+                        progress: serde_json::json!({"message": format!("round {round}")}),
+                        fraction: None,
+                    }),
+                ]
+            });
+            let answers = futures::future::join_all(reports.map(|r| completer.settle(r))).await;
+            assert!(answers.iter().all(Result::is_ok), "{answers:?}");
+        }
+        for id in ids {
+            let kinds: Vec<EventKind> = s
+                .store
+                .job_events(&s.tenant, id, 0, i64::MAX, 100)
+                .await
+                .expect("events")
+                .into_iter()
+                .map(|e| e.kind)
+                .filter(|kind| matches!(kind, EventKind::Log | EventKind::Progress))
+                .collect();
+            let expected: Vec<EventKind> = (0..ROUNDS)
+                .flat_map(|_| [EventKind::Log, EventKind::Progress])
+                .collect();
+            assert_eq!(kinds, expected, "job {id}");
+        }
+    }
+
     #[tokio::test]
     async fn concurrent_reports_share_a_batch_and_each_caller_gets_its_own_answer() {
         const JOBS: usize = 12;

@@ -4,8 +4,10 @@
 //! coalesces whatever has queued up while the previous batch was being written into one
 //! statement per kind, so the database sees a few round trips per batch, not one per job.
 //! Progress is coalesced further: of several reports for one lease in a batch only the latest is
-//! written (all are acknowledged). Within a batch, progress, logs and checkpoints are written
-//! before completions and failures, so a job's last progress never lands after its end. The queue is bounded: when it is full,
+//! written (all are acknowledged). Within a batch, log lines are written before progress (a
+//! worker sends a lease's lines ahead of its progress, so events keep the handler's order), and
+//! progress, logs and checkpoints before completions and failures, so a job's last progress
+//! never lands after its end. The queue is bounded: when it is full,
 //! streams wait (backpressure reaches the workers through their unacknowledged results).
 //!
 //! A transient database failure is retried with backoff; a caller is answered only once its
@@ -185,19 +187,22 @@ impl Completer {
             .chunks(chunk)
             .map(|rows| progress_replies.by_ref().take(rows.len()).collect())
             .collect();
-        let (_, logged, saved, noted) = tokio::join!(
-            join_all(
-                updates
-                    .chunks(chunk)
-                    .zip(groups)
-                    .map(|(rows, replies)| self.write_progress(rows, replies)),
-            ),
+        // Log lines before progress: a worker sends a lease's lines ahead of its progress, so
+        // their events keep the order its handler wrote them in.
+        let (logged, saved, noted) = tokio::join!(
             self.write(logs.0.len(), |r| self.store.record_logs_many(&logs.0[r])),
             self.write(checkpoints.0.len(), |r| {
                 self.store.save_checkpoints(&checkpoints.0[r])
             }),
             self.write(started.len(), |r| self.store.mark_started(&started[r])),
         );
+        join_all(
+            updates
+                .chunks(chunk)
+                .zip(groups)
+                .map(|(rows, replies)| self.write_progress(rows, replies)),
+        )
+        .await;
         if let Some(Err(error)) = noted.iter().find(|r| r.is_err()) {
             // A start not noted only means that a lapse of that lease would not count.
             tracing::warn!(%error, "could not note started handlers");
