@@ -395,6 +395,7 @@ async fn a_registered_type_takes_checked_json_examples_and_defaults() {
         .get_job_type(pb::GetJobTypeRequest {
             name: "demo.resize".into(),
             version: "1".into(),
+            ..Default::default()
         })
         .await
         .expect("v1")
@@ -402,10 +403,37 @@ async fn a_registered_type_takes_checked_json_examples_and_defaults() {
         .job_type
         .expect("type");
     assert!(!old.latest);
+    assert!(
+        old.descriptor_set.is_empty(),
+        "the basic view leaves it out"
+    );
+    let full = types
+        .get_job_type(pb::GetJobTypeRequest {
+            name: "demo.resize".into(),
+            version: "1".into(),
+            view: pb::JobTypeView::Full as i32,
+        })
+        .await
+        .expect("v1, full")
+        .into_inner()
+        .job_type
+        .expect("type");
+    assert_eq!(full.descriptor_set, descriptor_set(false));
+    let status = types
+        .get_job_type(pb::GetJobTypeRequest {
+            name: "demo.resize".into(),
+            view: 7,
+            ..Default::default()
+        })
+        .await
+        .expect_err("no such view");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().starts_with("view: "), "{status:?}");
     let latest = types
         .get_job_type(pb::GetJobTypeRequest {
             name: "demo.resize".into(),
             version: "latest".into(),
+            ..Default::default()
         })
         .await
         .expect("latest")
@@ -531,7 +559,7 @@ async fn bad_registrations_name_the_field() {
     let status = types
         .get_job_type(pb::GetJobTypeRequest {
             name: "demo.resize".into(),
-            version: String::new(),
+            ..Default::default()
         })
         .await
         .expect_err("nothing registered");

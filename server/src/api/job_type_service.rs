@@ -333,6 +333,7 @@ impl JobTypeService for JobTypeApi {
         let tenant = tenant_of(&request)?;
         let req = request.get_ref();
         let name = validate::job_type("name", &req.name)?;
+        let full = validate::job_type_view(req.view)? == pb::JobTypeView::Full;
         let version = match req.version.as_str() {
             "" | "latest" => None,
             v => Some(v.parse::<i32>().ok().filter(|v| *v > 0).ok_or_else(|| {
@@ -348,7 +349,7 @@ impl JobTypeService for JobTypeApi {
             .await
             .map_err(|e| ApiError::from_store(e, not_found(&tenant, &name, version)))?;
         Ok(Response::new(pb::GetJobTypeResponse {
-            job_type: Some(job_type(row, true)),
+            job_type: Some(job_type(row, full)),
         }))
     }
 

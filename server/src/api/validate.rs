@@ -423,6 +423,18 @@ pub fn view(value: i32, default: pb::JobView) -> Result<pb::JobView, ApiError> {
     }
 }
 
+/// A GetJobType view: unspecified means BASIC.
+pub fn job_type_view(value: i32) -> Result<pb::JobTypeView, ApiError> {
+    match pb::JobTypeView::try_from(value) {
+        Ok(pb::JobTypeView::Unspecified) => Ok(pb::JobTypeView::Basic),
+        Ok(view) => Ok(view),
+        Err(_) => Err(ApiError::invalid(
+            "view",
+            format!("{value} is not a view; JOB_TYPE_VIEW_BASIC (1) or JOB_TYPE_VIEW_FULL (2)"),
+        )),
+    }
+}
+
 /// A name such as a schedule's: the characters of queue and job type names.
 pub fn name(field: &str, value: &str) -> Result<String, ApiError> {
     check_name(field, value, MAX_NAME_LEN)?;
