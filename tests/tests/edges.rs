@@ -417,18 +417,23 @@ async fn a_retry_starts_after_its_backoff_not_after_the_poll() {
 }
 
 async fn register_log_line_type(url: &str) {
+    register_type(url, "jobwire.v1.LogLine").await;
+}
+
+/// Registers `edge.logline` (again) with a payload message of jobwire's own protocol.
+async fn register_type(url: &str, payload_type: &str) {
     let mut types = pb::job_type_service_client::JobTypeServiceClient::new(channel(url).await);
     types
         .register_job_type(pb::RegisterJobTypeRequest {
             job_type: Some(pb::JobType {
                 name: "edge.logline".into(),
-                payload_type: "jobwire.v1.LogLine".into(),
+                payload_type: payload_type.into(),
                 descriptor_set: jobwire_proto::FILE_DESCRIPTOR_SET.to_vec(),
                 ..Default::default()
             }),
         })
         .await
-        .expect("register a type whose payload has a Timestamp");
+        .unwrap_or_else(|e| panic!("register edge.logline with {payload_type}: {e}"));
 }
 
 fn json_struct(value: serde_json::Value) -> prost_types::Struct {
@@ -647,6 +652,56 @@ async fn schedules_are_checked_like_enqueues_and_updates_like_creates() {
         .job
         .expect("job");
     assert_eq!(triggered.job_type, "edge.logline");
+
+    // A JSON template is encoded against the registered schema, a misspelled field named.
+    let json_schedule = |name: &str, json: serde_json::Value| pb::Schedule {
+        name: name.into(),
+        cron: "0 3 * * *".into(),
+        job: Some(pb::JobTemplate {
+            job_type: "edge.logline".into(),
+            payload_json: Some(json_struct(json)),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    assert_status(
+        schedules
+            .create_schedule(pb::CreateScheduleRequest {
+                schedule: Some(json_schedule("json", serde_json::json!({"mesage": "hi"}))),
+                ..Default::default()
+            })
+            .await,
+        Code::InvalidArgument,
+        "schedule.job.payload_json.mesage",
+    );
+    let made = schedules
+        .create_schedule(pb::CreateScheduleRequest {
+            schedule: Some(json_schedule("json", serde_json::json!({"message": "hi"}))),
+            ..Default::default()
+        })
+        .await
+        .expect("a JSON template")
+        .into_inner()
+        .schedule
+        .and_then(|s| s.job)
+        .and_then(|job| job.payload)
+        .expect("its payload");
+    assert_eq!(made.type_url, "type.googleapis.com/jobwire.v1.LogLine");
+    let decoded: pb::LogLine = prost::Message::decode(made.value.as_slice()).expect("decodes");
+    assert_eq!(decoded.message, "hi");
+
+    // The type registered again with another payload: a trigger of the old template is
+    // refused, naming the payload, rather than making a job its worker cannot decode.
+    register_type(&url, "jobwire.v1.Progress").await;
+    assert_status(
+        schedules
+            .trigger_schedule(pb::TriggerScheduleRequest {
+                name: "good".into(),
+            })
+            .await,
+        Code::InvalidArgument,
+        "schedule.job.payload.type_url",
+    );
 }
 
 /// A second hello on a welcomed stream ends it with INVALID_ARGUMENT naming hello (it was

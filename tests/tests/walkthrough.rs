@@ -1,32 +1,32 @@
-//! The README's grpcurl walkthrough of job types, run verbatim with bash against a real server,
-//! so the documentation cannot go stale: list, describe, register from a .proto (built by buf),
-//! enqueue with JSON, a refused misspelling, an example by slug, cancel, watch.
+//! The README's grpcurl walkthroughs, run verbatim with bash against a real server, so the
+//! documentation cannot go stale: list, describe, register from a .proto (built by buf),
+//! enqueue with JSON, a refused misspelling, an example by slug, cancel, watch; then the queue
+//! and schedule commands, the schedule's JSON template checked against the catalog's type.
 
-use std::{path::PathBuf, process::Command};
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Output},
+};
 
 use jobwire_tests::{ServerProcess, test_db};
 
-/// The shell code between the walkthrough markers of README.md.
-fn walkthrough(readme: &str) -> String {
+/// The shell code between the `<!-- {name}:begin -->` and `<!-- {name}:end -->` markers of
+/// README.md.
+fn block(readme: &str, name: &str) -> String {
     let start = readme
-        .find("<!-- walkthrough:begin -->")
-        .expect("begin marker");
-    let end = readme.find("<!-- walkthrough:end -->").expect("end marker");
+        .find(&format!("<!-- {name}:begin -->"))
+        .unwrap_or_else(|| panic!("{name}: begin marker"));
+    let end = readme
+        .find(&format!("<!-- {name}:end -->"))
+        .unwrap_or_else(|| panic!("{name}: end marker"));
     let block = &readme[start..end];
     let code_start = block.find("```sh\n").expect("sh block") + "```sh\n".len();
     let code_end = block[code_start..].find("```").expect("block end") + code_start;
     block[code_start..code_end].to_owned()
 }
 
-#[tokio::test]
-async fn the_readme_walkthrough_runs_verbatim() {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let readme = std::fs::read_to_string(root.join("README.md")).expect("README.md");
-    let script = walkthrough(&readme);
-
-    let db = test_db().await;
-    let server = ServerProcess::start(&db, &[]).await;
-    let scratch = tempfile::tempdir().expect("tempdir");
+/// Runs `script` with bash, strict, against the server at `addr`, with `.tools/bin` on PATH.
+fn run(root: &Path, scratch: &Path, addr: &str, script: &str) -> (Output, String, String) {
     let tools = root.join(".tools/bin");
     let path = format!(
         "{}:{}",
@@ -34,15 +34,41 @@ async fn the_readme_walkthrough_runs_verbatim() {
         std::env::var("PATH").unwrap_or_default()
     );
     let output = Command::new("bash")
-        .args(["-euo", "pipefail", "-c", &script])
-        .env("ADDR", server.addr().to_string())
-        .env("TMPDIR", scratch.path())
+        .args(["-euo", "pipefail", "-c", script])
+        .env("ADDR", addr)
+        .env("TMPDIR", scratch)
         .env("PATH", path)
-        .current_dir(&root)
+        .current_dir(root)
         .output()
         .expect("bash runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    (output, stdout, stderr)
+}
+
+/// What the catalog worker does as it connects, for the one type the schedule example uses:
+/// registers `discovery.scan.registry` from the descriptor set the walkthrough built.
+const REGISTER_SCAN: &str = r#"
+grpcurl -plaintext -d @ "$ADDR" jobwire.v1.JobTypeService/RegisterJobType <<JSON
+{"job_type": {"name": "discovery.scan.registry",
+  "payload_type": "jobwire.catalog.v1.DiscoveryScanRegistry",
+  "output_type": "jobwire.catalog.v1.DiscoveryScanRegistryOutput",
+  "descriptor_set": "$(base64 -w0 "$TMPDIR/catalog.binpb")"}}
+JSON
+"#;
+
+#[tokio::test]
+async fn the_readme_walkthroughs_run_verbatim() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let readme = std::fs::read_to_string(root.join("README.md")).expect("README.md");
+
+    let db = test_db().await;
+    let server = ServerProcess::start(&db, &[]).await;
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let addr = server.addr().to_string();
+
+    let (output, stdout, stderr) =
+        run(&root, scratch.path(), &addr, &block(&readme, "walkthrough"));
     assert!(
         output.status.success(),
         "the walkthrough failed:\n{stdout}\n{stderr}"
@@ -66,4 +92,23 @@ async fn the_readme_walkthrough_runs_verbatim() {
         stderr.contains("job.payload_json.sourceUrll"),
         "the refusal names the field:\n{stderr}"
     );
+
+    let script = format!("{REGISTER_SCAN}\n{}", block(&readme, "operations"));
+    let (output, stdout, stderr) = run(&root, scratch.path(), &addr, &script);
+    assert!(
+        output.status.success(),
+        "the queue and schedule commands failed:\n{stdout}\n{stderr}"
+    );
+    for expected in [
+        "\"concurrencyLimit\": 4",
+        "\"paused\": true",
+        "\"name\": \"daily_registry_scan\"",
+        "\"jobType\": \"discovery.scan.registry\"",
+        "type.googleapis.com/jobwire.catalog.v1.DiscoveryScanRegistry",
+    ] {
+        assert!(
+            stdout.contains(expected),
+            "{expected:?} missing from the queue and schedule commands' output:\n{stdout}"
+        );
+    }
 }

@@ -366,6 +366,7 @@ pub fn schedule(row: ScheduleRow) -> pb::Schedule {
             }),
             labels: job.labels.0,
             timeout: job.timeout_ms.map(millis),
+            payload_json: None,
         }),
         overlap_policy: match row.overlap_policy {
             OverlapPolicy::Allow => pb::OverlapPolicy::Allow,

@@ -72,6 +72,7 @@ impl ScheduleApi {
         let spec = pb::JobSpec {
             job_type: job.job_type.clone(),
             payload: job.payload.clone(),
+            payload_json: job.payload_json.clone(),
             queue: job.queue.clone(),
             priority: job.priority,
             schedule: None,
