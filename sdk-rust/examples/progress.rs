@@ -98,17 +98,21 @@ async fn main() -> anyhow::Result<()> {
     bar.finish("done");
 
     // The event carries the finished job; read it once more only if it came without a result.
-    let output = match job.as_deref().map(|job| job.result::<Countdown>()) {
-        Some(Ok(Some(output))) => output,
-        _ => handle
-            .get()
-            .await?
-            .result::<Countdown>()?
-            .context("the job succeeded without a result")?,
+    let info = match job.as_deref() {
+        Some(info) if info.result::<Countdown>().is_ok_and(|r| r.is_some()) => info.clone(),
+        _ => handle.get().await?,
     };
+    let output = info
+        .result::<Countdown>()?
+        .context("the job succeeded without a result")?;
+    // The attempt number is the lease's fencing token: a paused attempt took one too, but only
+    // attempts that ran to a failure or a result count against max_attempts.
     println!(
-        "counted {} steps in attempt {} (resumed from step {})",
-        output.steps, output.attempt, output.resumed_from
+        "counted {} steps in attempt {} (resumed from step {}; {} counted against max_attempts)",
+        output.steps,
+        output.attempt,
+        output.resumed_from,
+        info.attempts_counted()
     );
     Ok(())
 }

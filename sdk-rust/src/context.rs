@@ -132,7 +132,10 @@ impl JobContext {
         &self.inner.job_id
     }
 
-    /// This attempt's number, 1 for the first.
+    /// This attempt's number, 1 for the first: its lease's fencing token. A paused attempt, or
+    /// a lease handed back before its handler started, took a number too, so after a pause and
+    /// a resume this is 2 while the job has counted one attempt
+    /// ([`JobInfo::attempts_counted`](crate::JobInfo::attempts_counted)).
     pub fn attempt(&self) -> u32 {
         self.inner.attempt
     }

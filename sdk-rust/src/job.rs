@@ -465,7 +465,10 @@ impl JobInfo {
         self.job.priority
     }
 
-    /// Attempts started so far (0 before the first).
+    /// The number of the latest attempt, 0 before the first: its lease's fencing token. Every
+    /// lease takes a number, one paused or handed back before its handler started too, so this
+    /// can run ahead of [`attempts_counted`](Self::attempts_counted), which is what the retry
+    /// policy's `max_attempts` limits.
     pub fn attempt(&self) -> u32 {
         count(self.job.attempt)
     }
@@ -478,7 +481,9 @@ impl JobInfo {
             .map(count)
     }
 
-    /// Attempts that count against the retry policy's `max_attempts`: paused attempts do not.
+    /// Attempts that count against the retry policy's `max_attempts`: those that ended in a
+    /// failure, a timeout, a lapse after their handler started, or a result. Paused attempts,
+    /// and leases handed back before their handler started, do not.
     pub fn attempts_counted(&self) -> u32 {
         count(self.job.attempts_counted)
     }
@@ -604,12 +609,23 @@ pub(crate) fn decode<M: prost::Message + prost::Name + Default>(
         .map_err(|source| Error::Decode { what, source })
 }
 
-/// Encodes a message as `Any`, under its [`prost::Name`] type URL.
+/// The domain of the type URLs this SDK writes: the one every protobuf runtime, grpcurl and
+/// the server's JSON payloads use, whatever domain a type's [`prost::Name`] gives.
+const TYPE_URL_DOMAIN: &str = "type.googleapis.com";
+
+/// Encodes a message as `Any`, under the type URL `type.googleapis.com/<full name>`.
 pub(crate) fn encode<M: prost::Message + prost::Name>(
     message: &M,
     what: &'static str,
 ) -> Result<Any, Error> {
-    Any::from_msg(message).map_err(|source| Error::Encode { what, source })
+    let mut value = Vec::with_capacity(message.encoded_len());
+    message
+        .encode(&mut value)
+        .map_err(|source| Error::Encode { what, source })?;
+    Ok(Any {
+        type_url: format!("{TYPE_URL_DOMAIN}/{}", M::full_name()),
+        value,
+    })
 }
 
 /// A protocol duration for `delay`; one beyond the protocol's range (about 292 billion years)

@@ -107,7 +107,7 @@ pub fn idempotency_key<J: JobType>(payload: &J) -> String {
 mod tests {
     use std::collections::HashSet;
 
-    use prost::Name;
+    use jobwire::prost::Name;
 
     use super::*;
 

@@ -30,8 +30,8 @@
 //! ```
 //!
 //! and in the crate: `pub mod jobs { include!(concat!(env!("OUT_DIR"), "/shop.v1.rs")); }`
-//! (one file per protobuf package, named after it). The crate needs `jobwire` and `prost` as
-//! dependencies. An output message must be in the payload's package, or
+//! (one file per protobuf package, named after it). The crate needs only `jobwire` as a
+//! dependency: the generated code uses the prost it re-exports. An output message must be in the payload's package, or
 //! `google.protobuf.Empty` (the unit type `()`), the default.
 
 use std::{
@@ -113,6 +113,9 @@ pub fn compile(protos: &[impl AsRef<Path>], includes: &[impl AsRef<Path>]) -> Re
 
     let mut config = prost_build::Config::new();
     config.enable_type_names();
+    // The SDK's prost, so the crate needs no prost of its own, nor one of the same version.
+    config.prost_path("::jobwire::prost");
+    config.prost_types_path("::jobwire::prost_types");
     config.extern_path(".jobwire.v1", "::jobwire::proto::v1");
     config
         .compile_fds(compiler.file_descriptor_set())

@@ -335,7 +335,7 @@ mod tests {
         assert!(spec.labels.is_empty());
         assert_eq!(spec.timeout, None);
         let payload = spec.payload.expect("payload");
-        assert_eq!(payload.type_url, "/jobwire.test.Ping");
+        assert_eq!(payload.type_url, "type.googleapis.com/jobwire.test.Ping");
         assert_eq!(payload.to_msg::<Ping>().ok(), Some(ping()));
     }
 

@@ -727,7 +727,7 @@ mod tests {
         assert_eq!(template.retry_policy, None);
         assert_eq!(template.timeout, None);
         let payload = template.payload.expect("payload");
-        assert_eq!(payload.type_url, "/jobwire.test.Report");
+        assert_eq!(payload.type_url, "type.googleapis.com/jobwire.test.Report");
         assert_eq!(payload.to_msg::<Report>().ok(), Some(report()));
     }
 

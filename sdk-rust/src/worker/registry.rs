@@ -54,7 +54,7 @@ impl Registry {
             let running = handler(ctx, job);
             Box::pin(async move {
                 let output = running.await?;
-                Any::from_msg(&output).map_err(|err| {
+                crate::job::encode(&output, "job result").map_err(|err| {
                     HandlerError::fatal(format!("the result could not be encoded: {err}"))
                         .with_kind("result_encode")
                 })
