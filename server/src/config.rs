@@ -20,19 +20,27 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Parser)]
 #[command(name = "jobwire-server", version, about)]
 pub struct Config {
-    /// Address to serve gRPC on (port 0 picks a free port; the chosen address is printed).
+    /// Address to serve gRPC on.
+    ///
+    /// Port 0 picks a free port; the chosen address is printed on stdout once the server
+    /// answers health checks.
     #[arg(long, env = "JOBWIRE_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
 
-    /// PostgreSQL to use. Without it the server starts a private cluster in --data-dir.
-    #[arg(long, env = "DATABASE_URL")]
+    /// PostgreSQL to use (default: a private cluster in --data-dir).
+    ///
+    /// Without it the server starts a private PostgreSQL cluster of its own in --data-dir,
+    /// from the machine's PostgreSQL server binaries, and stops it on exit.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
 
     /// Where the private PostgreSQL cluster lives when no DATABASE_URL is given.
     #[arg(long, env = "JOBWIRE_DATA_DIR", default_value = ".jobwire")]
     pub data_dir: PathBuf,
 
-    /// Log format on stderr (the level comes from RUST_LOG, default info).
+    /// Log format on stderr.
+    ///
+    /// The level comes from RUST_LOG (default `info`, with PostgreSQL's notices at `warn`).
     #[arg(long, env = "JOBWIRE_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
 
@@ -44,8 +52,9 @@ pub struct Config {
     #[arg(long, env = "JOBWIRE_HEARTBEAT_INTERVAL", value_parser = humantime::parse_duration, default_value = "5s")]
     pub heartbeat_interval: Duration,
 
-    /// The safety-net poll for work when no notification arrives, and the longest the
-    /// scheduler sleeps.
+    /// Safety-net poll for work when no notification arrives.
+    ///
+    /// It is also the longest the scheduler sleeps between looks for due jobs.
     #[arg(long, env = "JOBWIRE_POLL_INTERVAL", value_parser = humantime::parse_duration, default_value = "1s")]
     pub poll_interval: Duration,
 
@@ -53,18 +62,24 @@ pub struct Config {
     #[arg(long, env = "JOBWIRE_WATCH_POLL_INTERVAL", value_parser = humantime::parse_duration, default_value = "5ms")]
     pub watch_poll_interval: Duration,
 
+    /// When to log a transaction that holds watch delivery up.
+    ///
     /// How long watch delivery may be held up by a transaction in progress (an event number it
     /// holds, or a replica's first horizon it delays) before the server logs which transaction,
     /// and again each time as long again passes.
     #[arg(long, env = "JOBWIRE_WATCH_STALL_WARNING", value_parser = humantime::parse_duration, default_value = "10s")]
     pub watch_stall_warning: Duration,
 
+    /// How long an event may wait for a slow watch stream.
+    ///
     /// How long an event may wait for a watch stream to take it before the stream counts as
     /// fallen behind: it is then ended with RESOURCE_EXHAUSTED naming the sequence to resume
     /// after. Bursts that a stream keeps up with wait whole, however many events they hold.
     #[arg(long, env = "JOBWIRE_WATCH_LAG_LIMIT", value_parser = humantime::parse_duration, default_value = "15s")]
     pub watch_lag_limit: Duration,
 
+    /// Open watch streams allowed per client connection.
+    ///
     /// Watch streams (WatchJob and WatchJobs) one client connection may hold open at once;
     /// beyond it a new one is refused with RESOURCE_EXHAUSTED.
     #[arg(
@@ -74,14 +89,18 @@ pub struct Config {
     )]
     pub max_watches_per_connection: usize,
 
+    /// How long a worker has to stop a job it was told to stop.
+    ///
     /// How long a worker has to stop a running job after a cancel or a pause (or past its
     /// timeout) before its lease is no longer renewed.
     #[arg(long, env = "JOBWIRE_STOP_GRACE", value_parser = humantime::parse_duration, default_value = "10s")]
     pub stop_grace: Duration,
 
-    /// How long leadership lasts unless its holder renews it (every third of it): a leader that
-    /// stalls loses the role this long after its last renewal, at most, and another replica
-    /// takes the singleton loops (reaper, timers, cron) over.
+    /// How long leadership lasts without a renewal.
+    ///
+    /// The leader renews it every third of this: a leader that stalls loses the role this long
+    /// after its last renewal, at most, and another replica takes the singleton loops (reaper,
+    /// timers, cron) over.
     #[arg(long, env = "JOBWIRE_LEADER_TTL", value_parser = humantime::parse_duration, default_value = "5s")]
     pub leader_ttl: Duration,
 
@@ -89,25 +108,31 @@ pub struct Config {
     #[arg(long, env = "JOBWIRE_REAP_INTERVAL", value_parser = humantime::parse_duration, default_value = "1s")]
     pub reap_interval: Duration,
 
-    /// The largest payload, result or checkpoint accepted, in bytes (at most 1 MiB, the
-    /// protocol's own limit).
+    /// Largest payload, result or checkpoint accepted, in bytes.
+    ///
+    /// At most 1 MiB, the protocol's own limit.
     #[arg(long, env = "JOBWIRE_MAX_PAYLOAD_BYTES", default_value_t = 1024 * 1024)]
     pub max_payload_bytes: usize,
 
-    /// Size of the PostgreSQL connection pool. The engine's batch statements (claims, settles,
-    /// progress, enqueues, event reads) reuse the connections they used last, newest first, and
-    /// keep up to half of the pool idle between them, so that they run on warm connections.
+    /// Size of the PostgreSQL connection pool.
+    ///
+    /// The engine's batch statements (claims, settles, progress, enqueues, event reads) reuse
+    /// the connections they used last, newest first, and keep up to half of the pool idle
+    /// between them, so that they run on warm connections.
     #[arg(long, env = "JOBWIRE_DB_MAX_CONNECTIONS", default_value_t = 20)]
     pub db_max_connections: u32,
 
-    /// Threads of the async runtime (default: one per core). On a host it shares with
-    /// PostgreSQL or busy neighbours, fewer threads wake each other less, which can help
-    /// closed-loop callers of single enqueues but delivers a burst of progress reports later:
-    /// a setting to measure per host; see `docs/performance.md`.
+    /// Threads of the async runtime (default: one per core).
+    ///
+    /// On a host it shares with PostgreSQL or busy neighbours, fewer threads wake each other
+    /// less, which can help closed-loop callers of single enqueues but delivers a burst of
+    /// progress reports later: a setting to measure per host; see `docs/performance.md`.
     #[arg(long, env = "JOBWIRE_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
 
-    /// How long in-flight work may take to finish on SIGTERM before the server stops anyway.
+    /// How long in-flight work may take to finish on SIGTERM.
+    ///
+    /// After it the server stops anyway, whatever is still in flight.
     #[arg(long, env = "JOBWIRE_SHUTDOWN_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s")]
     pub shutdown_timeout: Duration,
 }

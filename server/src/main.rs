@@ -49,7 +49,10 @@ fn main() -> ExitCode {
 }
 
 fn init_tracing(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // PostgreSQL's notices (a migration renaming an index, say) are the database talking to
+    // whoever runs the statement, not news for an operator; RUST_LOG brings them back.
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,sqlx::postgres::notice=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
@@ -127,6 +130,11 @@ async fn serve(
             // it to know the server is up.
             println!("jobwire-server listening on {addr}");
             let _ = std::io::stdout().flush();
+            tracing::info!(
+                "next: `grpcurl -plaintext {addr} list`, or a worker and a job: \
+                 `cargo run --release -p jobwire --example worker`, then `--example quickstart` \
+                 (README, Quickstart)"
+            );
         }
     });
     server::run(config, database_url, listener, shutdown, ready).await?;
