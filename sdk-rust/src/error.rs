@@ -22,7 +22,7 @@ use crate::job::{JobError, JobId, JobInfo, JobState};
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// The server could not be reached.
+    /// The server could not be reached, or the TLS handshake with it failed.
     #[error("transport error: {0}")]
     Transport(#[from] tonic::transport::Error),
 

@@ -71,6 +71,8 @@
 //! - [`report`]: what a running job says about itself: [`Progress`], [`ProgressInfo`],
 //!   [`LogLevel`].
 //! - [`event`]: typed job events, [`JobEvent`] and [`JobEventKind`].
+//! - [`Tls`] and the `api_key` settings of [`ClientBuilder`] and [`WorkerBuilder`]: how both
+//!   reach a server that serves TLS (an `https://` address) or asks for an API key.
 //! - [`error`]: [`Error`] for calls that fail (and jobs that end badly), with the fields the
 //!   server named at fault ([`Error::field_violations`]); [`HandlerError`] for handlers that fail.
 //!
@@ -88,15 +90,16 @@ mod transport;
 pub mod worker;
 
 pub use client::{
-    CatchUpPolicy, Client, CreateSchedule, Enqueue, Enqueued, JobEvents, JobHandle, JobPage,
-    ListJobs, NewJob, OverlapPolicy, QueueInfo, QueueRef, RateLimit, ScheduleInfo, ScheduleRef,
-    UpdateQueue, UpdateSchedule, WatchJobs,
+    CatchUpPolicy, Client, ClientBuilder, CreateSchedule, Enqueue, Enqueued, JobEvents, JobHandle,
+    JobPage, ListJobs, NewJob, OverlapPolicy, QueueInfo, QueueRef, RateLimit, ScheduleInfo,
+    ScheduleRef, UpdateQueue, UpdateSchedule, WatchJobs,
 };
 pub use context::{JobContext, StopReason};
 pub use error::{Error, HandlerError, JobFailure};
 pub use event::{JobEvent, JobEventKind};
 pub use job::{JobError, JobId, JobInfo, JobSchema, JobState, JobType, RetryPolicy};
 pub use report::{LogLevel, Progress, ProgressInfo};
+pub use transport::Tls;
 pub use worker::{Worker, WorkerBuilder};
 
 /// The generated protocol types, for what the typed API does not cover (such as

@@ -135,6 +135,25 @@ pub struct Config {
     /// After it the server stops anyway, whatever is still in flight.
     #[arg(long, env = "JOBWIRE_SHUTDOWN_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s")]
     pub shutdown_timeout: Duration,
+
+    /// Serve TLS with this certificate chain (PEM); needs --tls-key.
+    ///
+    /// The server's certificate first, then any intermediates. With it every connection is
+    /// TLS and plaintext clients are refused; clients trust the issuing CA (grpcurl `-cacert`,
+    /// the SDKs' TLS settings).
+    #[arg(long, env = "JOBWIRE_TLS_CERT", value_name = "PEM")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "JOBWIRE_TLS_KEY", value_name = "PEM")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Require client certificates issued by this CA (PEM): mutual TLS.
+    ///
+    /// A client that presents no certificate, or one this CA did not sign, is refused during
+    /// the handshake. Needs --tls-cert and --tls-key.
+    #[arg(long, env = "JOBWIRE_TLS_CLIENT_CA", value_name = "PEM")]
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 /// Concurrent calls (streams included) on one client connection. Dashboards multiplex many
@@ -219,6 +238,49 @@ impl Config {
                 &format!("must be between 1 and {MAX_WORKER_THREADS}"),
             );
         }
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(_), None) => return fail("tls-cert", "needs --tls-key, the certificate's key"),
+            (None, Some(_)) => return fail("tls-key", "needs --tls-cert, the key's certificate"),
+            (None, None) if self.tls_client_ca.is_some() => {
+                return fail(
+                    "tls-client-ca",
+                    "needs --tls-cert and --tls-key: client certificates are checked only on TLS",
+                );
+            }
+            _ => {}
+        }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn validate(args: &[&str]) -> Result<(), ConfigError> {
+        let mut all = vec!["jobwire-server"];
+        all.extend_from_slice(args);
+        Config::try_parse_from(all).expect("flags parse").validate()
+    }
+
+    #[test]
+    fn tls_flags_come_together() {
+        assert!(validate(&[]).is_ok());
+        assert!(validate(&["--tls-cert", "c.pem", "--tls-key", "k.pem"]).is_ok());
+        assert!(
+            validate(&[
+                "--tls-cert",
+                "c.pem",
+                "--tls-key",
+                "k.pem",
+                "--tls-client-ca",
+                "ca.pem"
+            ])
+            .is_ok()
+        );
+        let flag = |args: &[&str]| validate(args).expect_err("refused").flag;
+        assert_eq!(flag(&["--tls-cert", "c.pem"]), "tls-cert");
+        assert_eq!(flag(&["--tls-key", "k.pem"]), "tls-key");
+        assert_eq!(flag(&["--tls-client-ca", "ca.pem"]), "tls-client-ca");
     }
 }

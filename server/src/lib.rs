@@ -13,6 +13,7 @@
 //! - [`store`]: every SQL statement.
 //! - [`memory`]: gives memory freed by ended streams back to the system.
 //! - [`embedded_pg`]: the private PostgreSQL cluster used when no `DATABASE_URL` is given.
+//! - [`tls`]: the listener's TLS settings, read and checked from their PEM files at start-up.
 //! - [`server`]: wires the pieces together and runs them until shutdown.
 //!
 //! PostgreSQL holds all state, so any number of replicas can serve side by side.
@@ -26,3 +27,4 @@ pub mod memory;
 pub mod registry;
 pub mod server;
 pub mod store;
+pub mod tls;

@@ -43,6 +43,8 @@ pub enum ServeError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("cannot serve TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// Serves on `listener` until `shutdown` fires, then stops in order. `ready` is told when
@@ -54,6 +56,8 @@ pub async fn run(
     shutdown: CancellationToken,
     ready: oneshot::Sender<()>,
 ) -> Result<(), ServeError> {
+    // Read before anything starts: a wrong certificate file stops the server at once.
+    let tls = crate::tls::load(config)?;
     let store = Store::connect(database_url, config.db_max_connections).await?;
     let tasks = TaskTracker::new();
     let engine = Engine::start(&store, config, &tasks, &shutdown);
@@ -130,7 +134,7 @@ pub async fn run(
     .max_decoding_message_size(max_message)
     .max_encoding_message_size(max_message);
 
-    let served = tonic::transport::Server::builder()
+    let served = crate::tls::apply(tonic::transport::Server::builder(), tls)?
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .max_concurrent_streams(u32::try_from(MAX_STREAMS_PER_CONNECTION).unwrap_or(u32::MAX))

@@ -22,6 +22,7 @@
 //! Event streams ([`JobEvents`]) reconnect and resume by themselves, so a consumer sees every
 //! event once, in order, across server restarts.
 
+mod builder;
 mod enqueue;
 mod handle;
 mod list;
@@ -29,6 +30,7 @@ mod queues;
 mod schedules;
 mod watch;
 
+pub use builder::ClientBuilder;
 pub use enqueue::{Enqueue, Enqueued, NewJob};
 
 use enqueue::sealed::Sealed as _;
@@ -48,12 +50,13 @@ use crate::proto::v1 as pb;
 use crate::proto::v1::job_service_client::JobServiceClient;
 use crate::proto::v1::queue_service_client::QueueServiceClient;
 use crate::proto::v1::schedule_service_client::ScheduleServiceClient;
-use crate::transport::{self, Tenant};
+use crate::transport::Headers;
 
 /// A connection to a jobwire server for enqueueing and managing jobs, queues and schedules.
 ///
 /// Every call acts within one tenant: the one set with [`with_tenant`](Self::with_tenant), or
-/// the server's `default` tenant.
+/// the server's `default` tenant. Every call carries the API key set with
+/// [`ClientBuilder::api_key`] or [`with_api_key`](Self::with_api_key), if any.
 #[derive(Debug, Clone)]
 pub struct Client {
     /// Cloned per call: tonic clients take `&mut self`, and a clone shares the channel.
@@ -62,11 +65,14 @@ pub struct Client {
     queues: QueueServiceClient<Channel>,
     /// On the same channel as `jobs`.
     schedules: ScheduleServiceClient<Channel>,
-    tenant: Tenant,
+    /// Tenant and API key, put on every request by [`Headers::request`].
+    headers: Headers,
 }
 
 impl Client {
-    /// Connects to the server at `url` (such as `http://127.0.0.1:50051`).
+    /// Connects to the server at `url` (such as `http://127.0.0.1:50051`), with no API key and
+    /// the system's root certificates for an `https://` address; see [`builder`](Self::builder)
+    /// for those.
     ///
     /// The first connection is made now, so a wrong address fails here rather than on the first
     /// call; later the channel reconnects by itself after the server restarts.
@@ -76,18 +82,28 @@ impl Client {
     /// [`Error::Config`] when `url` is not a valid address, [`Error::Transport`] when the
     /// server cannot be reached.
     pub async fn connect(url: impl Into<String>) -> Result<Self, Error> {
-        let channel = transport::endpoint(url.into())?.connect().await?;
-        Ok(Self::from_channel(channel))
+        Self::builder(url).connect().await
     }
 
-    /// A client over a channel built by the caller, for settings the SDK does not choose (TLS,
-    /// timeouts, load balancing).
+    /// Starts configuring a client for the server at `url` (`http://host:port` for plaintext,
+    /// `https://host:port` for TLS): its tenant, API key and TLS settings.
+    pub fn builder(url: impl Into<String>) -> ClientBuilder {
+        ClientBuilder::new(url.into())
+    }
+
+    /// A client over a channel built by the caller, for settings the SDK does not choose
+    /// (timeouts, load balancing). Set the tenant and API key with
+    /// [`with_tenant`](Self::with_tenant) and [`with_api_key`](Self::with_api_key).
     pub fn from_channel(channel: Channel) -> Self {
+        Self::with_headers(channel, Headers::default())
+    }
+
+    fn with_headers(channel: Channel, headers: Headers) -> Self {
         Self {
             jobs: JobServiceClient::new(channel.clone()),
             queues: QueueServiceClient::new(channel.clone()),
             schedules: ScheduleServiceClient::new(channel),
-            tenant: Tenant::default(),
+            headers,
         }
     }
 
@@ -97,13 +113,23 @@ impl Client {
     ///
     /// [`Error::Config`] when `tenant` is empty or not a valid header value.
     pub fn with_tenant(mut self, tenant: impl AsRef<str>) -> Result<Self, Error> {
-        self.tenant = Tenant::parse(tenant.as_ref())?;
+        self.headers = self.headers.with_tenant(tenant.as_ref())?;
+        Ok(self)
+    }
+
+    /// The same client sending `key` on every call (as `authorization: Bearer <key>`).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] when `key` is empty or holds anything but visible ASCII.
+    pub fn with_api_key(mut self, key: impl AsRef<str>) -> Result<Self, Error> {
+        self.headers = self.headers.with_api_key(key.as_ref())?;
         Ok(self)
     }
 
     /// The tenant set with [`with_tenant`](Self::with_tenant), if any.
     pub fn tenant(&self) -> Option<&str> {
-        self.tenant.name()
+        self.headers.tenant()
     }
 
     /// Starts an enqueue of `payload`; set options on the builder, then await it (or call
@@ -145,7 +171,7 @@ impl Client {
         let response = self
             .jobs
             .clone()
-            .enqueue_jobs(self.tenant.request(pb::EnqueueJobsRequest { jobs }))
+            .enqueue_jobs(self.headers.request(pb::EnqueueJobsRequest { jobs }))
             .await?
             .into_inner();
         response
@@ -200,7 +226,7 @@ impl Client {
         let response = self
             .jobs
             .clone()
-            .cancel_job(self.tenant.request(request))
+            .cancel_job(self.headers.request(request))
             .await?
             .into_inner();
         job_info(response.job)
@@ -219,7 +245,7 @@ impl Client {
         let response = self
             .jobs
             .clone()
-            .retry_job(self.tenant.request(request))
+            .retry_job(self.headers.request(request))
             .await?
             .into_inner();
         job_info(response.job)
@@ -245,7 +271,7 @@ impl Client {
         let response = self
             .jobs
             .clone()
-            .pause_job(self.tenant.request(request))
+            .pause_job(self.headers.request(request))
             .await?
             .into_inner();
         job_info(response.job)
@@ -265,7 +291,7 @@ impl Client {
         let response = self
             .jobs
             .clone()
-            .resume_job(self.tenant.request(request))
+            .resume_job(self.headers.request(request))
             .await?
             .into_inner();
         job_info(response.job)
@@ -289,7 +315,7 @@ impl Client {
         let response = self
             .jobs
             .clone()
-            .approve_job(self.tenant.request(request))
+            .approve_job(self.headers.request(request))
             .await?
             .into_inner();
         job_info(response.job)
@@ -313,7 +339,7 @@ impl Client {
         let response = self
             .jobs
             .clone()
-            .reject_job(self.tenant.request(request))
+            .reject_job(self.headers.request(request))
             .await?
             .into_inner();
         job_info(response.job)
@@ -342,7 +368,7 @@ impl Client {
             let response = self
                 .queues
                 .clone()
-                .list_queues(self.tenant.request(request))
+                .list_queues(self.headers.request(request))
                 .await?
                 .into_inner();
             queues.extend(response.queues.into_iter().map(QueueInfo::from_proto));
@@ -388,7 +414,7 @@ impl Client {
             let response = self
                 .schedules
                 .clone()
-                .list_schedules(self.tenant.request(request))
+                .list_schedules(self.headers.request(request))
                 .await?
                 .into_inner();
             for schedule in response.schedules {
@@ -425,7 +451,7 @@ impl Client {
         Ok(self
             .jobs
             .clone()
-            .get_job(self.tenant.request(request))
+            .get_job(self.headers.request(request))
             .await?
             .into_inner())
     }
@@ -436,7 +462,7 @@ impl Client {
         Ok(self
             .jobs
             .clone()
-            .enqueue_job(self.tenant.request(request))
+            .enqueue_job(self.headers.request(request))
             .await?
             .into_inner())
     }
@@ -446,7 +472,7 @@ impl Client {
         Ok(self
             .jobs
             .clone()
-            .list_jobs(self.tenant.request(request))
+            .list_jobs(self.headers.request(request))
             .await?
             .into_inner())
     }

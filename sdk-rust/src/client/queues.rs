@@ -216,7 +216,7 @@ impl QueueRef {
             .client
             .queues
             .clone()
-            .get_queue(self.client.tenant.request(request))
+            .get_queue(self.client.headers.request(request))
             .await?
             .into_inner();
         queue_info(response.queue)
@@ -239,7 +239,7 @@ impl QueueRef {
             .client
             .queues
             .clone()
-            .pause_queue(self.client.tenant.request(request))
+            .pause_queue(self.client.headers.request(request))
             .await?
             .into_inner();
         queue_info(response.queue)
@@ -258,7 +258,7 @@ impl QueueRef {
             .client
             .queues
             .clone()
-            .resume_queue(self.client.tenant.request(request))
+            .resume_queue(self.client.headers.request(request))
             .await?
             .into_inner();
         queue_info(response.queue)
@@ -339,7 +339,7 @@ impl UpdateQueue {
     /// [`create_if_missing`](Self::create_if_missing) was not set, [`Error::BadRequest`]
     /// (naming the field) when a limit is out of range or no limit was set.
     pub async fn send(self) -> Result<QueueInfo, Error> {
-        let request = self.client.tenant.request(self.to_request());
+        let request = self.client.headers.request(self.to_request());
         let response = self
             .client
             .queues

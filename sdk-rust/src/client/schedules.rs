@@ -357,7 +357,7 @@ impl<J: JobType> CreateSchedule<J> {
     /// [`Error::Encode`] when the payload cannot be encoded.
     pub async fn send(self) -> Result<ScheduleInfo, Error> {
         let client = self.client.clone();
-        let request = client.tenant.request(self.into_request()?);
+        let request = client.headers.request(self.into_request()?);
         let response = client
             .schedules
             .clone()
@@ -420,7 +420,7 @@ impl ScheduleRef {
             .client
             .schedules
             .clone()
-            .get_schedule(self.client.tenant.request(request))
+            .get_schedule(self.client.headers.request(request))
             .await?
             .into_inner();
         schedule_info(response.schedule)
@@ -440,7 +440,7 @@ impl ScheduleRef {
             .client
             .schedules
             .clone()
-            .pause_schedule(self.client.tenant.request(request))
+            .pause_schedule(self.client.headers.request(request))
             .await?
             .into_inner();
         schedule_info(response.schedule)
@@ -460,7 +460,7 @@ impl ScheduleRef {
             .client
             .schedules
             .clone()
-            .resume_schedule(self.client.tenant.request(request))
+            .resume_schedule(self.client.headers.request(request))
             .await?
             .into_inner();
         schedule_info(response.schedule)
@@ -478,7 +478,7 @@ impl ScheduleRef {
         self.client
             .schedules
             .clone()
-            .delete_schedule(self.client.tenant.request(request))
+            .delete_schedule(self.client.headers.request(request))
             .await?;
         Ok(())
     }
@@ -498,7 +498,7 @@ impl ScheduleRef {
             .client
             .schedules
             .clone()
-            .trigger_schedule(self.client.tenant.request(request))
+            .trigger_schedule(self.client.headers.request(request))
             .await?
             .into_inner();
         super::job_info(response.job)
@@ -602,7 +602,7 @@ impl UpdateSchedule {
     /// [`Error::Rpc`] with `NotFound` when the tenant has no schedule of that name,
     /// [`Error::BadRequest`] (naming the field) for a bad value or when no field was set.
     pub async fn send(self) -> Result<ScheduleInfo, Error> {
-        let request = self.client.tenant.request(self.to_request());
+        let request = self.client.headers.request(self.to_request());
         let response = self
             .client
             .schedules

@@ -268,7 +268,7 @@ impl Source {
                 let stream = client
                     .jobs
                     .clone()
-                    .watch_job(client.tenant.request(request))
+                    .watch_job(client.headers.request(request))
                     .await?
                     .into_inner();
                 Ok(stream.map(|response| response.map(|r| r.event)).boxed())
@@ -281,7 +281,7 @@ impl Source {
                 let stream = client
                     .jobs
                     .clone()
-                    .watch_jobs(client.tenant.request(request))
+                    .watch_jobs(client.headers.request(request))
                     .await?
                     .into_inner();
                 Ok(stream.map(|response| response.map(|r| r.event)).boxed())

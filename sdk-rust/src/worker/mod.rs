@@ -62,7 +62,7 @@ use crate::error::HandlerError;
 use crate::job::JobType;
 use crate::proto::v1 as pb;
 use crate::proto::v1::worker_service_client::WorkerServiceClient;
-use crate::transport::{self, Tenant};
+use crate::transport::{self, Headers, Tls};
 
 use executor::{Executor, Finished, Refusal};
 use lifecycle::{Lifecycle, Phase};
@@ -105,7 +105,8 @@ pub struct Worker {
 /// What a worker says about itself on every stream.
 struct Config {
     endpoint: Endpoint,
-    tenant: Tenant,
+    /// Tenant and API key, put on the stream by [`Headers::request`].
+    headers: Headers,
     worker_id: Arc<str>,
     queues: Vec<String>,
     drain_timeout: Duration,
@@ -137,7 +138,7 @@ impl Worker {
         let span = tracing::info_span!(
             "worker",
             worker = %self.config.worker_id,
-            tenant = self.config.tenant.name().unwrap_or("default"),
+            tenant = self.config.headers.tenant().unwrap_or("default"),
         );
         self.serve(shutdown).instrument(span).await
     }
@@ -441,6 +442,8 @@ pub struct WorkerBuilder {
     concurrency: usize,
     prefetch: usize,
     tenant: Option<String>,
+    api_key: Option<String>,
+    tls: Option<Tls>,
     drain_timeout: Duration,
     progress_interval: Duration,
     registry: Registry,
@@ -457,6 +460,8 @@ impl WorkerBuilder {
             concurrency: DEFAULT_CONCURRENCY,
             prefetch: 0,
             tenant: None,
+            api_key: None,
+            tls: None,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             progress_interval: DEFAULT_PROGRESS_INTERVAL,
             registry: Registry::default(),
@@ -507,6 +512,20 @@ impl WorkerBuilder {
         self
     }
 
+    /// The API key sent on the worker's stream, as `authorization: Bearer <key>` (default:
+    /// none).
+    pub fn api_key(mut self, key: impl Into<String>) -> Self {
+        self.api_key = Some(key.into());
+        self
+    }
+
+    /// TLS settings: root certificates to trust, a client certificate; the address must start
+    /// with `https://` (which without them trusts the system's roots).
+    pub fn tls(mut self, tls: Tls) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
     /// How long a drain may take before handlers are told to stop (default 30 s).
     pub fn drain_timeout(mut self, timeout: Duration) -> Self {
         self.drain_timeout = timeout;
@@ -543,8 +562,9 @@ impl WorkerBuilder {
     ///
     /// # Errors
     ///
-    /// [`Error::Config`] when the address or tenant is invalid, no handler was registered, a
-    /// job type was registered twice, the concurrency or prefetch is out of range, the
+    /// [`Error::Config`] when the address, tenant, API key or TLS settings are invalid (TLS
+    /// settings for an `http://` address included), no handler was registered, a job type was
+    /// registered twice, the concurrency or prefetch is out of range, the
     /// progress interval is zero, or the worker id is empty or too long.
     pub fn build(self) -> Result<Worker, Error> {
         if let Some(job_type) = self.duplicate {
@@ -579,10 +599,13 @@ impl WorkerBuilder {
                 "the worker id must be 1 to {MAX_WORKER_ID_CHARS} characters, not {id_chars}"
             )));
         }
-        let tenant = match &self.tenant {
-            Some(name) => Tenant::parse(name)?,
-            None => Tenant::default(),
-        };
+        let mut headers = Headers::default();
+        if let Some(tenant) = &self.tenant {
+            headers = headers.with_tenant(tenant)?;
+        }
+        if let Some(key) = &self.api_key {
+            headers = headers.with_api_key(key)?;
+        }
         let queues = if self.queues.is_empty() {
             vec!["default".to_owned()]
         } else {
@@ -592,8 +615,8 @@ impl WorkerBuilder {
         let reporter = Reporter::new(self.progress_interval);
         Ok(Worker {
             config: Config {
-                endpoint: transport::endpoint(self.url)?,
-                tenant,
+                endpoint: transport::endpoint(self.url, self.tls.as_ref())?,
+                headers,
                 worker_id: Arc::clone(&worker_id),
                 queues,
                 drain_timeout: self.drain_timeout,
@@ -617,6 +640,9 @@ impl fmt::Debug for WorkerBuilder {
             .field("queues", &self.queues)
             .field("concurrency", &self.concurrency)
             .field("prefetch", &self.prefetch)
+            .field("tenant", &self.tenant)
+            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .field("tls", &self.tls)
             .field("progress_interval", &self.progress_interval)
             .field("job_types", &self.registry.job_types())
             .finish_non_exhaustive()
@@ -688,6 +714,8 @@ mod tests {
         assert!(config_error(builder().worker_id("")).contains("worker id"));
         assert!(config_error(builder().worker_id("w".repeat(129))).contains("worker id"));
         assert!(config_error(builder().tenant("")).contains("tenant"));
+        assert!(config_error(builder().api_key("")).contains("API key"));
+        assert!(config_error(builder().tls(Tls::new())).contains("https://"));
         assert!(
             config_error(builder().progress_interval(Duration::ZERO)).contains("progress interval")
         );
@@ -695,6 +723,13 @@ mod tests {
             config_error(builder().register::<Noop, _, _>(|_ctx, _job: Noop| async { Ok(()) }))
                 .contains("registered twice")
         );
+    }
+
+    #[test]
+    fn the_key_is_never_shown() {
+        let builder = builder().api_key("jw_secret");
+        let shown = format!("{builder:?}");
+        assert!(!shown.contains("jw_secret"), "{shown}");
     }
 
     #[test]
@@ -723,7 +758,7 @@ mod tests {
         assert_eq!(worker.worker_id(), "w1");
         assert_eq!(worker.config.queues, ["a", "b"]);
         assert_eq!(worker.executor.slots(), 3);
-        assert_eq!(worker.config.tenant.name(), Some("acme"));
+        assert_eq!(worker.config.headers.tenant(), Some("acme"));
         assert_eq!(worker.config.drain_timeout, Duration::from_secs(5));
     }
 }

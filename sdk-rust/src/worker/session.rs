@@ -147,7 +147,7 @@ pub(super) async fn run(
             .map_err(broken(false))?;
     }
 
-    let request = config.tenant.request(ReceiverStream::new(rx));
+    let request = config.headers.request(ReceiverStream::new(rx));
     let handshake = async {
         let mut inbound = client.connect(request).await?.into_inner();
         match inbound.message().await? {
