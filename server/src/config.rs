@@ -4,7 +4,9 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::api::auth::Role;
 use jobwire_proto::limits::MAX_PAYLOAD_BYTES;
 
 /// How log lines are written to stderr.
@@ -20,12 +22,23 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Parser)]
 #[command(name = "jobwire-server", version, about)]
 pub struct Config {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// Address to serve gRPC on.
     ///
     /// Port 0 picks a free port; the chosen address is printed on stdout once the server
     /// answers health checks.
     #[arg(long, env = "JOBWIRE_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
+
+    /// Serve without API keys on a non-loopback address.
+    ///
+    /// Until the first API key exists, a server on a loopback address serves every call open
+    /// (with a warning); on any other address it refuses to start unless this is given. Once
+    /// a key exists, every call needs one, whatever this says.
+    #[arg(long, env = "JOBWIRE_INSECURE_NO_AUTH")]
+    pub insecure_no_auth: bool,
 
     /// PostgreSQL to use (default: a private cluster in --data-dir).
     ///
@@ -154,6 +167,57 @@ pub struct Config {
     /// the handshake. Needs --tls-cert and --tls-key.
     #[arg(long, env = "JOBWIRE_TLS_CLIENT_CA", value_name = "PEM")]
     pub tls_client_ca: Option<PathBuf>,
+}
+
+/// What to do instead of serving.
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Make, list and revoke API keys, in the database the server would use.
+    ///
+    /// This is how the first admin key of a deployment is made; after it, admins can use
+    /// ApiKeyService. It takes the same --database-url (or --data-dir) as the server.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum KeysCommand {
+    /// Make a key: its secret goes to stdout, once, and its details to stderr.
+    ///
+    /// Example: `KEY=$(jobwire-server keys create --tenant acme --role admin)`, then send
+    /// `authorization: Bearer $KEY`.
+    Create {
+        /// The tenant the key acts for.
+        #[arg(long)]
+        tenant: String,
+        /// A role the key holds (repeat for more).
+        #[arg(long = "role", value_enum, required = true)]
+        roles: Vec<Role>,
+        /// Who the key is for, as logs show it.
+        #[arg(long, default_value = "made by jobwire-server keys create")]
+        name: String,
+        /// How long the key lasts (default: until revoked).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+        /// Calls a second the key may make on each replica (default: no limit).
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Calls the key may make at once after a quiet spell (default: the rate rounded up).
+        #[arg(long, requires = "rate")]
+        burst: Option<i32>,
+    },
+    /// List a tenant's keys (never their secrets).
+    List {
+        #[arg(long)]
+        tenant: String,
+    },
+    /// Revoke a key: calls with it are refused within seconds on every replica.
+    Revoke {
+        #[arg(long)]
+        tenant: String,
+        /// The key's id (the UUID in `jw_<id>_...`, as `keys list` shows it).
+        id: uuid::Uuid,
+    },
 }
 
 /// Concurrent calls (streams included) on one client connection. Dashboards multiplex many

@@ -9,7 +9,7 @@ use std::{
 
 use clap::Parser;
 use jobwire_server::{
-    config::{Config, LogFormat},
+    config::{Command, Config, LogFormat},
     embedded_pg::{DataDirClaim, EmbeddedPostgres},
     server,
 };
@@ -66,32 +66,157 @@ fn init_tracing(format: LogFormat) {
 async fn run(mut config: Config) -> anyhow::Result<()> {
     // `DATABASE_URL=` (set but empty) means the same as unset.
     config.database_url = config.database_url.filter(|url| !url.is_empty());
+    if let Some(Command::Keys(command)) = config.command.take() {
+        let database = Database::open(&config).await?;
+        let done = keys::run(&database.url, command).await;
+        database.close().await;
+        return done;
+    }
     // Bound first: a port already taken stops the server before it touches any cluster.
     let listener = bind(config.listen).await?;
-    let (embedded, _claim) = match &config.database_url {
-        Some(_) => (None, None),
-        None => {
-            // Held until the server exits: one data directory, one server.
-            let claim = DataDirClaim::take(&config.data_dir)?;
-            tracing::info!(data_dir = %config.data_dir.display(), "no DATABASE_URL: starting a private PostgreSQL");
-            let pg = EmbeddedPostgres::start(&config.data_dir).await?;
-            pg.ensure_database("jobwire").await?;
-            (Some(pg), Some(claim))
+    let database = Database::open(&config).await?;
+    let served = serve(&config, &database.url, listener).await;
+    database.close().await;
+    served
+}
+
+/// The database the server uses: DATABASE_URL's, or the private cluster in --data-dir, which
+/// this process then starts, holds (one data directory, one server) and stops.
+struct Database {
+    url: String,
+    embedded: Option<(EmbeddedPostgres, DataDirClaim)>,
+}
+
+impl Database {
+    async fn open(config: &Config) -> anyhow::Result<Self> {
+        if let Some(url) = &config.database_url {
+            return Ok(Self {
+                url: url.clone(),
+                embedded: None,
+            });
         }
-    };
-    let database_url = match (&config.database_url, &embedded) {
-        (Some(url), _) => url.clone(),
-        (None, Some(pg)) => pg.database_url("jobwire"),
-        (None, None) => anyhow::bail!("no database configured"),
+        let claim = DataDirClaim::take(&config.data_dir)?;
+        tracing::info!(data_dir = %config.data_dir.display(), "no DATABASE_URL: starting a private PostgreSQL");
+        let pg = EmbeddedPostgres::start(&config.data_dir).await?;
+        pg.ensure_database("jobwire").await?;
+        Ok(Self {
+            url: pg.database_url("jobwire"),
+            embedded: Some((pg, claim)),
+        })
+    }
+
+    async fn close(self) {
+        if let Some((pg, _claim)) = self.embedded
+            && let Err(error) = pg.stop().await
+        {
+            tracing::warn!(%error, "could not stop the private PostgreSQL");
+        }
+    }
+}
+
+/// `jobwire-server keys`: API keys made, listed and revoked in the database directly.
+mod keys {
+    use jobwire_server::{
+        api::{api_key_service, auth},
+        config::KeysCommand,
+        store::{NewApiKey, Store},
     };
 
-    let served = serve(&config, &database_url, listener).await;
-    if let Some(pg) = embedded
-        && let Err(error) = pg.stop().await
-    {
-        tracing::warn!(%error, "could not stop the private PostgreSQL");
+    pub async fn run(database_url: &str, command: KeysCommand) -> anyhow::Result<()> {
+        let store = Store::connect(database_url, 2).await?;
+        let done = act(&store, command).await;
+        store.close().await;
+        done
     }
-    served
+
+    fn tenant(name: &str) -> anyhow::Result<jobwire_server::domain::TenantId> {
+        jobwire_server::api::validate::tenant(name).map_err(|e| anyhow::anyhow!("--tenant: {e}"))
+    }
+
+    async fn act(store: &Store, command: KeysCommand) -> anyhow::Result<()> {
+        match command {
+            KeysCommand::Create {
+                tenant: name,
+                roles,
+                name: key_name,
+                ttl,
+                rate,
+                burst,
+            } => {
+                let tenant = tenant(&name)?;
+                let (key_name, roles) = api_key_service::key_spec(&key_name, &roles)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                let expires_at = ttl
+                    .map(chrono::Duration::from_std)
+                    .transpose()?
+                    .map(|ttl| chrono::Utc::now() + ttl);
+                let rate = api_key_service::rate_limit(
+                    rate.map(|per_second| jobwire_proto::v1::KeyRateLimit {
+                        per_second,
+                        burst: burst.unwrap_or(0),
+                    })
+                    .as_ref(),
+                )
+                .map_err(|e| anyhow::anyhow!("--{e}"))?;
+                let minted = auth::mint();
+                let row = store
+                    .create_api_key(&NewApiKey {
+                        id: minted.id,
+                        tenant,
+                        name: key_name,
+                        roles,
+                        secret_sha256: minted.secret_sha256,
+                        expires_at,
+                        rate,
+                    })
+                    .await?;
+                eprintln!(
+                    "API key {} for tenant {}, roles {}, expires {}; the key follows, shown \
+                     this once:",
+                    row.id,
+                    row.tenant_id,
+                    row.roles.join(", "),
+                    row.expires_at
+                        .map_or("never".to_owned(), |at| at.to_rfc3339())
+                );
+                println!("{}", minted.secret);
+            }
+            KeysCommand::List { tenant: name } => {
+                let tenant = tenant(&name)?;
+                for row in store.list_api_keys(&tenant, None, i64::MAX).await? {
+                    let state = match (row.revoked_at, row.expires_at) {
+                        (Some(at), _) => format!("revoked {}", at.to_rfc3339()),
+                        (None, Some(at)) => format!("expires {}", at.to_rfc3339()),
+                        (None, None) => "active".to_owned(),
+                    };
+                    println!(
+                        "{}\t{}\t{}\t{}",
+                        row.id,
+                        row.roles.join(","),
+                        state,
+                        row.name
+                    );
+                }
+            }
+            KeysCommand::Revoke { tenant: name, id } => {
+                let tenant = tenant(&name)?;
+                let row = store
+                    .revoke_api_key(&tenant, id)
+                    .await
+                    .map_err(|e| match e {
+                        jobwire_server::store::Error::NotFound => {
+                            anyhow::anyhow!("tenant {name} has no API key {id}")
+                        }
+                        other => other.into(),
+                    })?;
+                eprintln!(
+                    "API key {} revoked; replicas refuse it within seconds",
+                    row.id
+                );
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Binds the gRPC address, saying what to do when it is taken.
@@ -115,6 +240,11 @@ async fn serve(
     listener: tokio::net::TcpListener,
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
+    let transport = if config.tls_cert.is_some() {
+        "-cacert <the CA's certificate>"
+    } else {
+        "-plaintext"
+    };
     let shutdown = CancellationToken::new();
     let signals = shutdown.clone();
     tokio::spawn(async move {
@@ -131,7 +261,7 @@ async fn serve(
             println!("jobwire-server listening on {addr}");
             let _ = std::io::stdout().flush();
             tracing::info!(
-                "next: `grpcurl -plaintext {addr} list`, or a worker and a job: \
+                "next: `grpcurl {transport} {addr} list`, or a worker and a job: \
                  `cargo run --release -p jobwire --example worker`, then `--example quickstart` \
                  (README, Quickstart)"
             );

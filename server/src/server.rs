@@ -5,9 +5,10 @@
 //! Health reports NOT_SERVING from the first moment of shutdown, and whenever PostgreSQL stops
 //! answering, so load balancers route around this replica.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use jobwire_proto::v1::{
+    api_key_service_server::ApiKeyServiceServer, audit_service_server::AuditServiceServer,
     job_service_server::JobServiceServer, job_type_service_server::JobTypeServiceServer,
     queue_service_server::QueueServiceServer, schedule_service_server::ScheduleServiceServer,
     worker_service_server::WorkerServiceServer,
@@ -21,8 +22,15 @@ use jobwire_proto::limits::MAX_MESSAGE_BYTES;
 
 use crate::{
     api::{
-        budget::OversizeLayer, job_service::JobApi, job_type_service::JobTypeApi,
-        queue_service::QueueApi, schedule_service::ScheduleApi, watch::Watches,
+        api_key_service::ApiKeyApi,
+        audit_service::AuditApi,
+        auth::{AuthLayer, Authenticator, Mode},
+        budget::OversizeLayer,
+        job_service::JobApi,
+        job_type_service::JobTypeApi,
+        queue_service::QueueApi,
+        schedule_service::ScheduleApi,
+        watch::Watches,
         worker_service::WorkerApi,
     },
     config::{Config, MAX_STREAMS_PER_CONNECTION},
@@ -45,6 +53,12 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
     #[error("cannot serve TLS: {0}")]
     Tls(#[from] crate::tls::TlsError),
+    #[error(
+        "no API key exists and --listen {0} is not a loopback address: make an admin key with \
+         `jobwire-server keys create --tenant <tenant> --role admin` (then send it as \
+         `authorization: Bearer <key>`), or run without authentication with --insecure-no-auth"
+    )]
+    NoAuth(std::net::SocketAddr),
 }
 
 /// Serves on `listener` until `shutdown` fires, then stops in order. `ready` is told when
@@ -59,6 +73,8 @@ pub async fn run(
     // Read before anything starts: a wrong certificate file stops the server at once.
     let tls = crate::tls::load(config)?;
     let store = Store::connect(database_url, config.db_max_connections).await?;
+    let mode = auth_mode(config, &store).await?;
+    let auth = Arc::new(Authenticator::new(store.clone(), mode));
     let tasks = TaskTracker::new();
     let engine = Engine::start(&store, config, &tasks, &shutdown);
     let (trimmer, ended) = Trimmer::new();
@@ -126,6 +142,12 @@ pub async fn run(
     let job_types = JobTypeServiceServer::new(JobTypeApi::new(store.clone(), registry.clone()))
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
+    let audit = AuditServiceServer::new(AuditApi::new(store.clone()))
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
+    let api_keys = ApiKeyServiceServer::new(ApiKeyApi::new(store.clone(), auth.clone()))
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
     let schedules = ScheduleServiceServer::new(ScheduleApi::new(
         store.clone(),
         registry.clone(),
@@ -139,6 +161,7 @@ pub async fn run(
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .max_concurrent_streams(u32::try_from(MAX_STREAMS_PER_CONNECTION).unwrap_or(u32::MAX))
         .layer(OversizeLayer)
+        .layer(AuthLayer::new(auth.clone()))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -147,6 +170,8 @@ pub async fn run(
         .add_service(queues)
         .add_service(schedules)
         .add_service(job_types)
+        .add_service(api_keys)
+        .add_service(audit)
         .serve_with_incoming_shutdown(
             // Leases, acks and events are small messages: Nagle's algorithm would hold them
             // back for tens of milliseconds.
@@ -166,6 +191,24 @@ pub async fn run(
     store.close().await;
     served?;
     Ok(())
+}
+
+/// Whether calls need a key: once any key exists, always; before, a loopback address (or
+/// `--insecure-no-auth`) serves open, with a warning, and any other address refuses to start.
+async fn auth_mode(config: &Config, store: &Store) -> Result<Mode, ServeError> {
+    if store.any_api_keys().await? {
+        tracing::info!("API keys required");
+        return Ok(Mode::Required);
+    }
+    if config.listen.ip().is_loopback() || config.insecure_no_auth {
+        tracing::warn!(
+            listen = %config.listen,
+            "no API key exists: serving without authentication (every caller has every right \
+             in the tenant it names); make one with `jobwire-server keys create`"
+        );
+        return Ok(Mode::Open);
+    }
+    Err(ServeError::NoAuth(config.listen))
 }
 
 /// Keeps the health service in step with PostgreSQL until shutdown; tells `ready` the first

@@ -281,6 +281,15 @@ impl ServerProcess {
         (status, process.stderr())
     }
 
+    /// Runs the server binary with exactly `args` (a subcommand such as `keys create`) to its
+    /// end: how it exited, its stdout and its stderr. Fails the test if it is still running
+    /// after [`READY_TIMEOUT`].
+    pub async fn run_command(args: &[&str]) -> (ExitStatus, String, String) {
+        let mut process = ChildProcess::spawn(server_binary(), args, &[("DATABASE_URL", "")]);
+        let status = process.wait(READY_TIMEOUT).await;
+        (status, process.stdout(), process.stderr())
+    }
+
     /// Starts the server with exactly `args` after the harness's `--listen`, for tests that
     /// bring their own database settings (a dedicated cluster, or the embedded default).
     pub async fn start_with_args(args: &[&str]) -> Self {

@@ -4,6 +4,9 @@
 //! call one store or engine function, convert the result ([`convert`]). Every failure becomes an
 //! [`ApiError`], which maps to a `tonic::Status` in exactly one place ([`error`]).
 
+pub mod api_key_service;
+pub mod audit_service;
+pub mod auth;
 pub mod budget;
 pub mod convert;
 pub mod error;
@@ -25,8 +28,12 @@ use crate::domain::TenantId;
 /// The request header naming the tenant a call acts for.
 pub const TENANT_HEADER: &str = "jobwire-tenant";
 
-/// The tenant of a request: its `jobwire-tenant` header, or the default tenant.
+/// The tenant of a request: its API key's ([`auth`]), whatever the headers say; without a key
+/// (a server running open), its `jobwire-tenant` header, or the default tenant.
 pub fn tenant_of<T>(request: &tonic::Request<T>) -> Result<TenantId, ApiError> {
+    if let Some(identity) = request.extensions().get::<auth::Identity>() {
+        return Ok(identity.tenant.clone());
+    }
     match request.metadata().get(TENANT_HEADER) {
         None => Ok(TenantId::default_tenant()),
         Some(value) => {

@@ -25,6 +25,13 @@ impl Cursor for uuid::Uuid {
     }
 }
 
+/// A row number (the audit log's): any number names a place in the order.
+impl Cursor for i64 {
+    fn is_valid(&self) -> bool {
+        true
+    }
+}
+
 /// A name (queues, job types, schedules): it must be one the API accepts as a name.
 impl Cursor for String {
     fn is_valid(&self) -> bool {

@@ -34,7 +34,9 @@ macro_rules! leader_fence {
     };
 }
 
+mod api_keys;
 mod attempts;
+mod audit;
 mod events;
 mod hot;
 mod job_types;
@@ -55,7 +57,9 @@ use sqlx::{
 
 use hot::HotConnections;
 
+pub use api_keys::{ApiKeyRow, NewApiKey};
 pub use attempts::{AttemptEnd, Guard, LapsedAttempt, Resend, RunningAttempt};
+pub use audit::{AuditRow, NewAuditEntry};
 pub use events::{EventFilter, LAST_EVENT_NUMBER, OpenTransaction, SnapshotXids};
 pub use job_types::{Example, JobTypeRow, NewJobType, TypeDefaults};
 pub use jobs::{EnqueueOutcome, Handoff, ListFilter, Listed, NewJob};
