@@ -6,10 +6,12 @@ use std::{
     io::{BufRead, BufReader},
     path::PathBuf,
     process::{Child, Command, Stdio},
+    sync::atomic::{AtomicBool, Ordering},
     time::Duration,
 };
 
 use anyhow::{Context, bail};
+use jobwire::Client;
 use jobwire_server::embedded_pg::EmbeddedPostgres;
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
 use tokio::{
@@ -18,6 +20,15 @@ use tokio::{
 };
 
 use crate::worker::Handler;
+
+/// Whether servers require API keys (the bench's `--api-keys`): each server's database then
+/// gets an admin key before the server starts, which its clients and workers send.
+static API_KEYS: AtomicBool = AtomicBool::new(false);
+
+/// Makes every server started from now on require API keys.
+pub fn require_api_keys() {
+    API_KEYS.store(true, Ordering::Relaxed);
+}
 
 /// How long a worker subprocess may take to drain and exit once told to stop.
 const WORKER_STOP_GRACE: Duration = Duration::from_secs(30);
@@ -99,6 +110,8 @@ impl Postgres {
 pub struct Server {
     child: Child,
     pub url: String,
+    /// The key its clients send, when it requires keys.
+    pub api_key: Option<String>,
 }
 
 /// The server binary next to this one (same profile).
@@ -120,6 +133,28 @@ fn server_binary() -> anyhow::Result<PathBuf> {
     Ok(bin)
 }
 
+/// An admin key of the default tenant, made in `database_url` with `jobwire-server keys create`
+/// (an admin may also connect as a worker).
+fn admin_key(database_url: &str) -> anyhow::Result<String> {
+    let output = Command::new(server_binary()?)
+        .args(["--database-url", database_url, "keys", "create"])
+        .args([
+            "--tenant",
+            "default",
+            "--role",
+            "admin",
+            "--name",
+            "jobwire-bench",
+        ])
+        .env("RUST_LOG", "warn")
+        .stderr(Stdio::inherit())
+        .output()?;
+    if !output.status.success() {
+        bail!("jobwire-server keys create failed: {}", output.status);
+    }
+    Ok(String::from_utf8(output.stdout)?.trim().to_owned())
+}
+
 /// The runtime threads of this process, which its worker subprocesses run with too (see the
 /// bench's `--client-threads`).
 fn client_threads() -> usize {
@@ -133,6 +168,11 @@ impl Server {
 
     /// A server listening on `listen` (a replica restarted where it was).
     pub fn start_at(listen: &str, database_url: &str, extra: &[&str]) -> anyhow::Result<Self> {
+        let api_key = if API_KEYS.load(Ordering::Relaxed) {
+            Some(admin_key(database_url)?)
+        } else {
+            None
+        };
         let mut child = Command::new(server_binary()?)
             .args(["--listen", listen, "--database-url", database_url])
             .args(extra)
@@ -153,7 +193,17 @@ impl Server {
         Ok(Self {
             url: format!("http://{addr}"),
             child,
+            api_key,
         })
+    }
+
+    /// A client of this server, with its key when it requires one.
+    pub async fn client(&self) -> anyhow::Result<Client> {
+        let mut builder = Client::builder(self.url.clone());
+        if let Some(key) = &self.api_key {
+            builder = builder.api_key(key.clone());
+        }
+        Ok(builder.connect().await?)
     }
 
     pub fn pid(&self) -> u32 {
@@ -216,11 +266,11 @@ pub struct WorkerProcess {
 }
 
 impl WorkerProcess {
-    /// Starts `jobwire-bench worker` against `server_url` with `slots` and `prefetch` and, when
+    /// Starts `jobwire-bench worker` against `server` (with its key) with `slots` and `prefetch` and, when
     /// given, the SDK's progress interval (its default otherwise). It connects in the
     /// background; a workload that needs it connected waits for a warm-up job.
     pub fn start(
-        server_url: &str,
+        server: &Server,
         handler: Handler,
         (slots, prefetch): (usize, usize),
         progress_interval: Option<Duration>,
@@ -232,12 +282,15 @@ impl WorkerProcess {
         let mut command = tokio::process::Command::new(std::env::current_exe()?);
         command
             .arg("worker")
-            .args(["--url", server_url, "--handler", &handler])
+            .args(["--url", &server.url, "--handler", &handler])
             .args(["--concurrency", &slots.to_string()])
             .args(["--prefetch", &prefetch.to_string()])
             .args(["--client-threads", &client_threads().to_string()]);
         if let Some(interval) = progress_interval {
             command.args(["--progress-interval-ms", &interval.as_millis().to_string()]);
+        }
+        if let Some(key) = &server.api_key {
+            command.env("JOBWIRE_API_KEY", key);
         }
         let mut child = command
             .stdin(Stdio::piped())

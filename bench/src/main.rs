@@ -58,6 +58,10 @@ struct Args {
     /// (a Node.js process).
     #[arg(long, global = true, default_value_t = 1)]
     client_threads: usize,
+    /// Servers require API keys: each gets an admin key before it starts, which the
+    /// producers, watchers and workers send (the cost of authentication on the hot path).
+    #[arg(long)]
+    api_keys: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -119,6 +123,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .init();
     if let Some(Command::Worker(worker)) = args.command {
         return worker::run(worker).await;
+    }
+    if args.api_keys {
+        cluster::require_api_keys();
     }
     let pg = cluster::Postgres::start().await?;
     let mut failed = None;

@@ -40,6 +40,10 @@ pub struct WorkerArgs {
     /// (default: the SDK's).
     #[arg(long)]
     pub progress_interval_ms: Option<u64>,
+    /// The API key to send, when the server requires one (from the environment, so that it
+    /// shows in no process list).
+    #[arg(long, env = "JOBWIRE_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
 }
 
 /// Which handler the worker registers.
@@ -61,6 +65,9 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
         .prefetch(args.prefetch);
     if let Some(interval) = args.progress_interval_ms {
         builder = builder.progress_interval(Duration::from_millis(interval));
+    }
+    if let Some(key) = args.api_key {
+        builder = builder.api_key(key);
     }
     let builder = match args.handler {
         Handler::Noop => builder.register::<Noop, _, _>(|_ctx, _job: Noop| async { Ok(()) }),

@@ -12,7 +12,6 @@
 
 use std::time::Duration;
 
-use jobwire::Client;
 use tokio::time::Instant;
 
 use super::Report;
@@ -35,7 +34,7 @@ pub async fn run(pg: &Postgres, prefetch: usize) -> anyhow::Result<Report> {
     let url = pg.fresh_database("jobwire_bench_w1").await?;
     let server = Server::start(&url, &[])?;
     let mut ledger = Ledger::connect(&url).await?;
-    let client = Client::connect(server.url.clone()).await?;
+    let client = server.client().await?;
 
     tokio::time::sleep(SETTLE).await;
     let enqueue_start = Instant::now();
@@ -49,7 +48,7 @@ pub async fn run(pg: &Postgres, prefetch: usize) -> anyhow::Result<Report> {
     }
 
     let drain_start = Instant::now();
-    let mut worker = WorkerProcess::start(&server.url, Handler::Noop, (SLOTS, prefetch), None)?;
+    let mut worker = WorkerProcess::start(&server, Handler::Noop, (SLOTS, prefetch), None)?;
     let cores = Window::open(&server, &worker);
     let drained = worker.while_running(ledger.wait_until_settled()).await? - drain_start;
     let mut report = super::report("W1", JOBS);

@@ -9,7 +9,6 @@
 //! the warm-up, all succeeded. The same span is a [`Window`] of the cores' time: W3's rounds
 //! are a chain of hops between processes, each waiting for a core on a busy machine.
 
-use jobwire::Client;
 use tokio::{task::JoinSet, time::Instant};
 
 use super::Report;
@@ -29,8 +28,8 @@ pub async fn run(pg: &Postgres, prefetch: usize) -> anyhow::Result<Report> {
     let url = pg.fresh_database("jobwire_bench_w3").await?;
     let server = Server::start(&url, &[])?;
     let mut ledger = Ledger::connect(&url).await?;
-    let mut worker = WorkerProcess::start(&server.url, Handler::Noop, (SLOTS, prefetch), None)?;
-    let warm_up = Client::connect(server.url.clone()).await?;
+    let mut worker = WorkerProcess::start(&server, Handler::Noop, (SLOTS, prefetch), None)?;
+    let warm_up = server.client().await?;
     worker
         .while_running(async {
             warm_up.enqueue(Noop {}).await?.wait().await?;
@@ -39,7 +38,7 @@ pub async fn run(pg: &Postgres, prefetch: usize) -> anyhow::Result<Report> {
         .await?;
     let mut producers = Vec::with_capacity(PRODUCERS);
     for _ in 0..PRODUCERS {
-        producers.push(Client::connect(server.url.clone()).await?);
+        producers.push(server.client().await?);
     }
 
     let cores = Window::open(&server, &worker);

@@ -39,9 +39,9 @@ pub async fn run(pg: &Postgres) -> anyhow::Result<Report> {
     let url = pg.fresh_database("jobwire_bench_w2").await?;
     let server = Server::start(&url, &[])?;
     let mut ledger = Ledger::connect(&url).await?;
-    let mut worker = WorkerProcess::start(&server.url, Handler::Stamp, (SLOTS, 0), None)?;
+    let mut worker = WorkerProcess::start(&server, Handler::Stamp, (SLOTS, 0), None)?;
     let lines = worker.lines()?;
-    let client = Client::connect(server.url.clone()).await?;
+    let client = server.client().await?;
 
     worker
         .while_running(async {

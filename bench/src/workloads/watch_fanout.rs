@@ -25,7 +25,6 @@
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use jobwire::Client;
 use jobwire_proto::v1::{self as pb, job_event::Event, job_service_client::JobServiceClient};
 use tokio::{sync::mpsc, task::JoinSet};
 use tonic::transport::Channel;
@@ -67,7 +66,7 @@ pub async fn run(pg: &Postgres) -> anyhow::Result<Report> {
     let url = pg.fresh_database("jobwire_bench_w4").await?;
     let server = Server::start(&url, &[])?;
     let mut ledger = Ledger::connect(&url).await?;
-    let client = Client::connect(server.url.clone()).await?;
+    let client = server.client().await?;
     let beat = Beat {
         reports: REPORTS,
         spacing_ms: SPACING_MS,
@@ -99,12 +98,8 @@ pub async fn run(pg: &Postgres) -> anyhow::Result<Report> {
         }
     }
 
-    let mut worker = WorkerProcess::start(
-        &server.url,
-        Handler::Beat,
-        (JOBS, 0),
-        Some(PROGRESS_INTERVAL),
-    )?;
+    let mut worker =
+        WorkerProcess::start(&server, Handler::Beat, (JOBS, 0), Some(PROGRESS_INTERVAL))?;
     let cores = Window::open(&server, &worker);
     let watched = worker
         .while_running(async {

@@ -50,7 +50,7 @@ pub async fn run(pg: &Postgres, prefetch: usize) -> anyhow::Result<Report> {
     let mut victims = [Server::start(&url, &[])?, Server::start(&url, &[])?];
     let urls: Arc<Mutex<Vec<String>>> =
         Arc::new(Mutex::new(victims.iter().map(|s| s.url.clone()).collect()));
-    let mut worker = WorkerProcess::start(&stable.url, Handler::Noop, (SLOTS, prefetch), None)?;
+    let mut worker = WorkerProcess::start(&stable, Handler::Noop, (SLOTS, prefetch), None)?;
     let done = Arc::new(AtomicBool::new(false));
 
     let received: Vec<Arc<Mutex<Received>>> = (0..WATCHERS)
