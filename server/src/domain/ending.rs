@@ -14,7 +14,7 @@
 
 use std::time::Duration;
 
-use chrono::{DateTime, TimeDelta, Utc};
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::{AttemptOutcome, JobState};
@@ -127,8 +127,9 @@ pub struct Decision {
     pub on_cancel: End,
     /// A pause was asked.
     pub on_pause: End,
-    /// When the next attempt may start, for a RETRYING end.
-    pub retry_at: Option<DateTime<Utc>>,
+    /// How long after the end (the statement that applies it) the next attempt may start, for
+    /// a RETRYING end: a delay, not a time, so that the wait is counted from the end itself.
+    pub retry_in: Option<Duration>,
     /// The failure kept as the job's last error, for a FAILED or RETRYING end.
     pub error: Option<ErrorRecord>,
     /// Why the job is available again, for an end that makes it so.
@@ -194,7 +195,7 @@ impl Decision {
             otherwise: succeeded,
             on_cancel: succeeded,
             on_pause: succeeded,
-            retry_at: None,
+            retry_in: None,
             error: None,
             reason: None,
         }
@@ -213,7 +214,7 @@ impl Decision {
             otherwise: end(JobState::Available),
             on_cancel: end(JobState::Cancelled),
             on_pause: end(JobState::Paused),
-            retry_at: None,
+            retry_in: None,
             error: None,
             reason: Some(reason),
         }
@@ -231,20 +232,16 @@ fn failed(attempt: &Attempt, failure: &Failure, now: DateTime<Utc>, draw: f64) -
     let counted = attempt.counted_with_this();
     let exhausted = counted >= attempt.max_attempts;
     let retry = !(failure.non_retryable || exhausted);
-    let (otherwise, retry_at) = if retry {
+    let (otherwise, retry_in) = if retry {
         let delay = failure
             .retry_after
             .unwrap_or_else(|| attempt.backoff.delay(counted, draw));
-        let retry_at = TimeDelta::from_std(delay)
-            .ok()
-            .and_then(|delay| now.checked_add_signed(delay))
-            .unwrap_or(DateTime::<Utc>::MAX_UTC);
         let end = End {
             state: JobState::Retrying,
             counts: true,
             outcome: Some(outcome),
         };
-        (end, Some(retry_at))
+        (end, Some(delay))
     } else {
         let end = End {
             state: JobState::Failed,
@@ -265,7 +262,7 @@ fn failed(attempt: &Attempt, failure: &Failure, now: DateTime<Utc>, draw: f64) -
             counts: false,
             outcome: Some(AttemptOutcome::Paused),
         },
-        retry_at,
+        retry_in,
         error: Some(ErrorRecord {
             message: failure.message.clone(),
             kind: failure.kind.clone(),
@@ -336,7 +333,7 @@ mod tests {
             assert_eq!(end.state, JobState::Succeeded);
             assert!(end.counts);
         }
-        assert_eq!((d.retry_at, d.error), (None, None));
+        assert_eq!((d.retry_in, d.error), (None, None));
     }
 
     /// Every combination of failure, attempts left and stop request.
@@ -368,10 +365,10 @@ mod tests {
             assert!(d.otherwise.counts, "{what}");
             if retry {
                 assert_eq!(d.otherwise.state, JobState::Retrying, "{what}");
-                assert!(d.retry_at.is_some(), "{what}");
+                assert!(d.retry_in.is_some(), "{what}");
             } else {
                 assert_eq!(d.otherwise.state, JobState::Failed, "{what}");
-                assert_eq!(d.retry_at, None, "{what}");
+                assert_eq!(d.retry_in, None, "{what}");
             }
             assert_eq!(d.on_cancel, CANCELLED, "{what}");
             assert_eq!(d.on_pause, PAUSED, "{what}");
@@ -383,17 +380,17 @@ mod tests {
     #[test]
     fn the_backoff_grows_per_counted_attempt_to_its_cap_or_follows_the_worker() {
         let d = decide(&attempt(1, 0, 10), &failure(false, false), now(), 0.0);
-        assert_eq!(d.retry_at, Some(now() + TimeDelta::seconds(1)));
+        assert_eq!(d.retry_in, Some(Duration::from_secs(1)));
         let d = decide(&attempt(3, 0, 10), &failure(false, false), now(), 0.0);
-        assert_eq!(d.retry_at, Some(now() + TimeDelta::seconds(4)));
+        assert_eq!(d.retry_in, Some(Duration::from_secs(4)));
         let d = decide(&attempt(4, 1, 10), &failure(false, false), now(), 0.0);
         assert_eq!(
-            d.retry_at,
-            Some(now() + TimeDelta::seconds(4)),
+            d.retry_in,
+            Some(Duration::from_secs(4)),
             "an uncounted attempt does not grow it"
         );
         let d = decide(&attempt(9, 0, 10), &failure(false, false), now(), 0.0);
-        assert_eq!(d.retry_at, Some(now() + TimeDelta::seconds(60)), "capped");
+        assert_eq!(d.retry_in, Some(Duration::from_secs(60)), "capped");
         let told = Report::Failed(Failure {
             message: "later".into(),
             kind: String::new(),
@@ -402,7 +399,7 @@ mod tests {
             timed_out: false,
         });
         let d = decide(&attempt(5, 0, 10), &told, now(), 0.0);
-        assert_eq!(d.retry_at, Some(now() + TimeDelta::milliseconds(250)));
+        assert_eq!(d.retry_in, Some(Duration::from_millis(250)));
         let backoff = attempt(1, 0, 1).backoff;
         let jittered = Backoff {
             jitter: 0.5,

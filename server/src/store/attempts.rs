@@ -147,17 +147,19 @@ impl Store {
                      $4::job_state[], $5::bool[], $6::attempt_outcome[], \
                      $7::job_state[], $8::bool[], $9::attempt_outcome[], \
                      $10::job_state[], $11::bool[], $12::attempt_outcome[], \
-                     $13::timestamptz[], $14::jsonb[], $15::text[], $16::bytea[], $17::text[], \
+                     $13::int8[], $14::jsonb[], $15::text[], $16::bytea[], $17::text[], \
                      $18::text[]) WITH ORDINALITY \
                  AS t(tenant_id, id, attempt, end_state, end_counts, end_outcome, \
                       cancel_state, cancel_counts, cancel_outcome, \
                       pause_state, pause_counts, pause_outcome, \
-                      retry_at, error, result_type, result, reason, guard, ord) \
+                      retry_in_us, error, result_type, result, reason, guard, ord) \
              ), upd AS ( \
                  UPDATE jobs j SET \
                      state = {state}, \
                      attempt_base = j.attempt_base + CASE WHEN {counts} THEN 0 ELSE 1 END, \
-                     run_at = CASE WHEN {state} = 'retrying' THEN i.retry_at ELSE j.run_at END, \
+                     run_at = CASE WHEN {state} = 'retrying' \
+                                   THEN now() + i.retry_in_us * interval '1 microsecond' \
+                                   ELSE j.run_at END, \
                      last_error = CASE WHEN {state} IN ('failed', 'retrying') THEN i.error \
                                        ELSE j.last_error END, \
                      result_type = CASE WHEN {state} = 'succeeded' THEN i.result_type \
@@ -250,7 +252,15 @@ impl Store {
             .bind(on_pause.0)
             .bind(on_pause.1)
             .bind(on_pause.2)
-            .bind(ends.iter().map(|e| e.decision.retry_at).collect::<Vec<_>>())
+            .bind(
+                ends.iter()
+                    .map(|e| {
+                        e.decision
+                            .retry_in
+                            .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+                    })
+                    .collect::<Vec<_>>(),
+            )
             .bind(
                 ends.iter()
                     .map(|e| e.decision.error.clone().map(Json))
