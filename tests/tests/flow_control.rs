@@ -578,15 +578,23 @@ async fn the_jobs_table_is_analyzed_as_it_grows_and_a_drain_reads_it_by_key() {
             .await
             .expect("enqueued");
     }
-    eventually("the leader analyzed the whole jobs table", WAIT, || async {
-        let (analyzed,): (bool,) =
-            sqlx::query_as("SELECT reltuples >= $1 / 2 FROM pg_class WHERE oid = 'jobs'::regclass")
-                .bind(total as f32)
-                .fetch_one(&pool)
-                .await
-                .expect("statistics");
-        analyzed.then_some(())
-    })
+    // The leader analyzes a table each time it doubles, so its estimate trails the table by up
+    // to half; a pass that sampled it just short of half its final size leaves the estimate a
+    // little under half for good (the table does not double again). A quarter is the margin.
+    eventually(
+        "the leader analyzed the jobs table as it grew",
+        WAIT,
+        || async {
+            let (analyzed,): (bool,) = sqlx::query_as(
+                "SELECT reltuples >= $1 / 4 FROM pg_class WHERE oid = 'jobs'::regclass",
+            )
+            .bind(total as f32)
+            .fetch_one(&pool)
+            .await
+            .expect("statistics");
+            analyzed.then_some(())
+        },
+    )
     .await;
     let before = eventually("inserts reported", WAIT, || async {
         let counters = jobs_table_counters(&pool).await;
