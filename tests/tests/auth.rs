@@ -759,6 +759,20 @@ async fn the_audit_log_lists_administrative_actions_with_their_actor() {
     .await
     .expect("a key");
 
+    // A request over the message budget is refused whole, before anything reads it all.
+    let status = call(
+        "/jobwire.v1.QueueService/PauseQueue",
+        pb::PauseQueueRequest {
+            name: "audited".into(),
+            reason: "x".repeat(5 * 1024 * 1024),
+        }
+        .encode_to_vec(),
+        &admin,
+    )
+    .await
+    .expect_err("over the budget");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+
     let listed = call(
         "/jobwire.v1.AuditService/ListAuditEvents",
         Vec::new(),

@@ -22,7 +22,7 @@ use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use chrono::Utc;
 use futures::future::BoxFuture;
 use http_body_util::BodyExt;
-use jobwire_proto::v1 as pb;
+use jobwire_proto::{limits::MAX_MESSAGE_BYTES, v1 as pb};
 use prost_reflect::{DescriptorPool, DynamicMessage, Kind, ReflectMessage, Value};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
@@ -559,11 +559,19 @@ where
             if !audited(&path) {
                 return inner.call(request).await;
             }
-            // An administrative request is small (one message): read it whole, to write it
-            // down once the call has succeeded.
+            // An administrative request is one message: read it whole, to write it down once the
+            // call has succeeded, but never more than the message budget (with its frame).
             let (parts, body) = request.into_parts();
-            let body = match body.collect().await {
+            let limited = http_body_util::Limited::new(body, MAX_MESSAGE_BYTES + 5);
+            let body = match limited.collect().await {
                 Ok(collected) => collected.to_bytes(),
+                Err(error) if error.is::<http_body_util::LengthLimitError>() => {
+                    return Ok(Status::resource_exhausted(format!(
+                        "the message is over the limit of {MAX_MESSAGE_BYTES} bytes (4 MiB) \
+                         per message"
+                    ))
+                    .into_http());
+                }
                 Err(_) => return Ok(Status::cancelled("the request ended early").into_http()),
             };
             let headers = parts.headers.clone();
