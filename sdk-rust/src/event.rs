@@ -41,6 +41,9 @@ pub enum JobEventKind {
         /// The job as it was when the event was delivered (not when it happened: a replayed
         /// event shows the job's later state). Boxed: it is much larger than the other kinds.
         job: Option<Box<JobInfo>>,
+        /// Who made the change, for changes made through the API (approve, reject, cancel,
+        /// pause, resume, retry).
+        actor: Option<Actor>,
     },
     /// The handler reported progress (coalesced on the way: the latest value at each write).
     Progress(ProgressInfo),
@@ -61,7 +64,28 @@ pub enum JobEventKind {
         target: JobState,
         /// Why, if a reason was given.
         reason: Option<String>,
+        /// Who asked for the stop.
+        actor: Option<Actor>,
     },
+}
+
+/// The caller behind a change: the API key it used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Actor {
+    /// The key's id; `None` on a server running without keys.
+    pub key_id: Option<String>,
+    /// The key's name when it acted.
+    pub key_name: String,
+}
+
+impl Actor {
+    fn from_proto(actor: &pb::Actor) -> Self {
+        Self {
+            key_id: owned(&actor.key_id),
+            key_name: actor.key_name.clone(),
+        }
+    }
 }
 
 impl JobEvent {
@@ -80,6 +104,7 @@ impl JobEvent {
                     .clone()
                     .and_then(|job| JobInfo::from_proto(job).ok())
                     .map(Box::new),
+                actor: change.actor.as_ref().map(Actor::from_proto),
             },
             Event::Progress(progress) => {
                 JobEventKind::Progress(ProgressInfo::from_proto(progress.clone()))
@@ -92,6 +117,7 @@ impl JobEvent {
             Event::StopRequested(stop) => JobEventKind::StopRequested {
                 target: JobState::from_proto(stop.target_state).ok()?,
                 reason: owned(&stop.reason),
+                actor: stop.actor.as_ref().map(Actor::from_proto),
             },
         };
         Some(Self {
@@ -216,6 +242,7 @@ mod tests {
             worker_id: "w1".into(),
             error: None,
             job,
+            actor: None,
         })
     }
 
@@ -239,12 +266,14 @@ mod tests {
             worker_id,
             error,
             job,
+            actor,
         } = converted.into_kind()
         else {
             panic!("expected a state change");
         };
         assert_eq!(state, JobState::Running);
         assert_eq!(reason, None);
+        assert_eq!(actor, None);
         assert_eq!(worker_id.as_deref(), Some("w1"));
         assert_eq!(error, None);
         assert_eq!(job, None);
@@ -273,11 +302,16 @@ mod tests {
         let stop = JobEvent::from_proto(event(Event::StopRequested(pb::StopRequested {
             target_state: pb::JobState::Paused as i32,
             reason: "maintenance".into(),
+            actor: Some(pb::Actor {
+                key_id: "0190f0a0-0000-7000-8000-000000000001".into(),
+                key_name: "ops".into(),
+            }),
         })))
         .expect("known");
         assert!(matches!(
             stop.kind(),
-            JobEventKind::StopRequested { target: JobState::Paused, reason: Some(r) } if r == "maintenance"
+            JobEventKind::StopRequested { target: JobState::Paused, reason: Some(r), actor: Some(a) }
+                if r == "maintenance" && a.key_name == "ops" && a.key_id.is_some()
         ));
         assert_eq!(stop.state(), None);
     }

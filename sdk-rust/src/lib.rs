@@ -96,7 +96,7 @@ pub use client::{
 };
 pub use context::{JobContext, StopReason};
 pub use error::{Error, HandlerError, JobFailure};
-pub use event::{JobEvent, JobEventKind};
+pub use event::{Actor, JobEvent, JobEventKind};
 pub use job::{JobError, JobId, JobInfo, JobSchema, JobState, JobType, RetryPolicy};
 pub use report::{LogLevel, Progress, ProgressInfo};
 pub use transport::Tls;

@@ -127,6 +127,12 @@ pub struct Config {
     #[arg(long, env = "JOBWIRE_MAX_PAYLOAD_BYTES", default_value_t = 1024 * 1024)]
     pub max_payload_bytes: usize,
 
+    /// Streams (worker connections, WatchJob, WatchJobs) one API key may hold open at once on
+    /// this replica, unless the key sets its own limit: a client that leaks streams is refused
+    /// more (RESOURCE_EXHAUSTED) before it exhausts the replica for other keys.
+    #[arg(long, env = "JOBWIRE_MAX_STREAMS_PER_KEY", default_value_t = 1000)]
+    pub max_streams_per_key: u32,
+
     /// Size of the PostgreSQL connection pool.
     ///
     /// The engine's batch statements (claims, settles, progress, enqueues, event reads) reuse
@@ -205,6 +211,10 @@ pub enum KeysCommand {
         /// Calls the key may make at once after a quiet spell (default: the rate rounded up).
         #[arg(long, requires = "rate")]
         burst: Option<i32>,
+        /// Streams (worker connections, watches) the key may hold open at once on each
+        /// replica (default: the server's --max-streams-per-key).
+        #[arg(long)]
+        max_streams: Option<i32>,
     },
     /// List a tenant's keys (never their secrets).
     List {
@@ -280,6 +290,9 @@ impl Config {
         }
         if self.reap_interval < Duration::from_millis(10) {
             return fail("reap-interval", "must be at least 10ms");
+        }
+        if self.max_streams_per_key == 0 {
+            return fail("max-streams-per-key", "must be at least 1");
         }
         if self.max_payload_bytes == 0 || self.max_payload_bytes > MAX_PAYLOAD_BYTES {
             return fail(

@@ -142,6 +142,7 @@ mod keys {
                 ttl,
                 rate,
                 burst,
+                max_streams,
             } => {
                 let tenant = tenant(&name)?;
                 let (key_name, roles) = api_key_service::key_spec(&key_name, &roles)
@@ -158,6 +159,8 @@ mod keys {
                     .as_ref(),
                 )
                 .map_err(|e| anyhow::anyhow!("--{e}"))?;
+                let max_streams = api_key_service::max_streams(max_streams.unwrap_or(0))
+                    .map_err(|e| anyhow::anyhow!("--{e}"))?;
                 let minted = auth::mint();
                 let row = store
                     .create_api_key(&NewApiKey {
@@ -168,6 +171,7 @@ mod keys {
                         secret_sha256: minted.secret_sha256,
                         expires_at,
                         rate,
+                        max_streams,
                     })
                     .await?;
                 eprintln!(

@@ -74,7 +74,11 @@ pub async fn run(
     let tls = crate::tls::load(config)?;
     let store = Store::connect(database_url, config.db_max_connections).await?;
     let mode = auth_mode(config, &store).await?;
-    let auth = Arc::new(Authenticator::new(store.clone(), mode));
+    let auth = Arc::new(Authenticator::new(
+        store.clone(),
+        mode,
+        config.max_streams_per_key,
+    ));
     let tasks = TaskTracker::new();
     let engine = Engine::start(&store, config, &tasks, &shutdown);
     let (trimmer, ended) = Trimmer::new();

@@ -423,6 +423,30 @@ async fn without_keys_a_public_address_needs_insecure_no_auth() {
     )
     .await
     .expect("open on loopback");
+
+    // The first key, made beside the running server, closes it within seconds: no restart.
+    let admin = key(&db, "acme", &["admin"], None).await;
+    let refused = eventually("keys required", Duration::from_secs(15), || {
+        let mut raw = raw.clone();
+        async move {
+            raw.unary(
+                "/jobwire.v1.JobService/ListJobs",
+                Vec::new(),
+                &[("jobwire-tenant", "acme".to_owned())],
+            )
+            .await
+            .err()
+        }
+    })
+    .await;
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    raw.unary(
+        "/jobwire.v1.JobService/ListJobs",
+        Vec::new(),
+        &bearer(&admin),
+    )
+    .await
+    .expect("with the key");
 }
 
 #[tokio::test]
@@ -469,6 +493,203 @@ async fn a_key_over_its_rate_is_told_when_to_retry_while_another_proceeds() {
             .await
             .unwrap_or_else(|e| panic!("the other key's call {n}: {e:?}"));
     }
+}
+
+/// A key holds at most its `max_streams` streams open on a replica; one more is refused while
+/// another key opens streams freely, and a stream that ends gives its slot back.
+#[tokio::test]
+async fn a_key_at_its_stream_limit_is_refused_one_more_while_another_proceeds() {
+    let db = test_db().await;
+    let limited = key_with(&db, "acme", &["viewer"], None, &["--max-streams", "2"]).await;
+    let other = key(&db, "acme", &["viewer"], None).await;
+    let server = ServerProcess::start(&db, &[]).await;
+    let mut jobs = support::jobs(&server.url()).await;
+    let watch = |secret: &str| {
+        let mut request = tonic::Request::new(pb::WatchJobsRequest::default());
+        request.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {secret}").parse().expect("header"),
+        );
+        request
+    };
+    let first = jobs
+        .watch_jobs(watch(&limited))
+        .await
+        .expect("first stream");
+    let second = jobs
+        .watch_jobs(watch(&limited))
+        .await
+        .expect("second stream");
+    let refused = jobs
+        .watch_jobs(watch(&limited))
+        .await
+        .expect_err("a third stream");
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().contains("2 streams"), "{refused:?}");
+    // Unary calls of the same key are not streams.
+    let mut raw = RawClient::new(channel(&server.url()).await);
+    raw.unary(
+        "/jobwire.v1.JobService/ListJobs",
+        Vec::new(),
+        &bearer(&limited),
+    )
+    .await
+    .expect("a unary call at the stream limit");
+    let mut others = Vec::new();
+    for n in 0..5 {
+        others.push(
+            jobs.watch_jobs(watch(&other))
+                .await
+                .unwrap_or_else(|e| panic!("the other key's stream {n}: {e:?}")),
+        );
+    }
+    drop(first);
+    let third = eventually("a slot given back", Duration::from_secs(10), || {
+        let mut jobs = jobs.clone();
+        let request = watch(&limited);
+        async move { jobs.watch_jobs(request).await.ok() }
+    })
+    .await;
+    drop((second, third, others));
+}
+
+/// Approving, rejecting, cancelling and retrying a job name the acting key in the job's events,
+/// which a watcher replaying the job's history sees.
+#[tokio::test]
+async fn job_events_name_the_key_that_approved_rejected_cancelled_or_retried() {
+    let db = test_db().await;
+    let producer = key(&db, "acme", &["producer"], None).await;
+    let approver = key_with(&db, "acme", &["approver"], None, &["--name", "alice"]).await;
+    let admin = key_with(&db, "acme", &["admin"], None, &["--name", "ops"]).await;
+    let server = ServerProcess::start(&db, &[]).await;
+    let mut raw = RawClient::new(channel(&server.url()).await);
+    let mut enqueue = async || {
+        let bytes = raw
+            .unary(
+                "/jobwire.v1.JobService/EnqueueJob",
+                pb::EnqueueJobRequest {
+                    job: Some(pb::JobSpec {
+                        job_type: "risky.job".into(),
+                        payload: Some(prost_types::Any {
+                            type_url: "type.googleapis.com/test.Payload".into(),
+                            value: Vec::new(),
+                        }),
+                        needs_approval: true,
+                        ..Default::default()
+                    }),
+                }
+                .encode_to_vec(),
+                &bearer(&producer),
+            )
+            .await
+            .expect("enqueue");
+        pb::EnqueueJobResponse::decode(bytes.as_slice())
+            .expect("response")
+            .job
+            .expect("job")
+            .id
+    };
+    let approved = enqueue().await;
+    let rejected = enqueue().await;
+    let key_ids = |secret: &str| {
+        let simple = secret.split('_').nth(1).expect("id");
+        uuid::Uuid::parse_str(simple).expect("uuid").to_string()
+    };
+    let mut raw = RawClient::new(channel(&server.url()).await);
+    let mut call = async |method: &str, body: Vec<u8>, secret: &str| {
+        raw.unary(
+            &format!("/jobwire.v1.JobService/{method}"),
+            body,
+            &bearer(secret),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{method}: {e:?}"));
+    };
+    call(
+        "ApproveJob",
+        pb::ApproveJobRequest {
+            id: approved.clone(),
+            reason: "looks fine".into(),
+        }
+        .encode_to_vec(),
+        &approver,
+    )
+    .await;
+    call(
+        "RejectJob",
+        pb::RejectJobRequest {
+            id: rejected.clone(),
+            reason: "too risky".into(),
+        }
+        .encode_to_vec(),
+        &approver,
+    )
+    .await;
+    call(
+        "CancelJob",
+        pb::CancelJobRequest {
+            id: approved.clone(),
+            reason: "not today".into(),
+        }
+        .encode_to_vec(),
+        &admin,
+    )
+    .await;
+    call(
+        "RetryJob",
+        pb::RetryJobRequest {
+            id: rejected.clone(),
+        }
+        .encode_to_vec(),
+        &admin,
+    )
+    .await;
+
+    let mut raw = RawClient::new(channel(&server.url()).await);
+    let mut actors = async |id: &str, want: usize| {
+        let bodies = raw
+            .server_streaming(
+                "/jobwire.v1.JobService/WatchJob",
+                pb::WatchJobRequest {
+                    id: id.to_owned(),
+                    after_sequence: 0,
+                }
+                .encode_to_vec(),
+                &bearer(&admin),
+                want,
+            )
+            .await
+            .expect("watch");
+        bodies
+            .iter()
+            .map(|b| pb::WatchJobResponse::decode(b.as_slice()).expect("event"))
+            .filter_map(|r| match r.event?.event? {
+                pb::job_event::Event::StateChanged(s) => Some((
+                    pb::JobState::try_from(s.state).expect("state"),
+                    s.actor.map(|a| (a.key_id, a.key_name)),
+                )),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    let ops = Some((key_ids(&admin), "ops".to_owned()));
+    let alice = Some((key_ids(&approver), "alice".to_owned()));
+    assert_eq!(
+        actors(&approved, 3).await,
+        vec![
+            (pb::JobState::AwaitingApproval, None),
+            (pb::JobState::Available, alice.clone()),
+            (pb::JobState::Cancelled, ops.clone()),
+        ]
+    );
+    assert_eq!(
+        actors(&rejected, 3).await,
+        vec![
+            (pb::JobState::AwaitingApproval, None),
+            (pb::JobState::Cancelled, alice),
+            (pb::JobState::Available, ops),
+        ]
+    );
 }
 
 /// The names tenant A's resources go by, which tenant B's calls aim at.

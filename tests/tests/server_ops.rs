@@ -158,14 +158,22 @@ async fn embedded_default_starts_reuses_and_stops_its_cluster() {
     assert!(!postmaster_running(dir.path()));
 }
 
-/// The backends of `server`'s pool, and how many of them last ran the enqueue statement.
-async fn backends(pool: &sqlx::PgPool, server: &ServerProcess) -> (i64, i64) {
+/// The backends of `server`'s pool, and how many of them ended a transaction since `since`
+/// (an enqueue is a transaction scoped to its tenant, so its connection's last statement is its
+/// COMMIT; nothing else this test's server runs ends in one while no worker is connected and no
+/// schedule exists).
+async fn backends(
+    pool: &sqlx::PgPool,
+    server: &ServerProcess,
+    since: chrono::DateTime<chrono::Utc>,
+) -> (i64, i64) {
     sqlx::query_as(
         "SELECT count(*), \
-                count(*) FILTER (WHERE query LIKE 'WITH input AS ( SELECT * FROM UNNEST($2::uuid[]%') \
+                count(*) FILTER (WHERE query = 'COMMIT' AND state_change > $2) \
          FROM pg_stat_activity WHERE application_name = $1",
     )
     .bind(format!("jobwire-server/{}", server.pid()))
+    .bind(since)
     .fetch_one(pool)
     .await
     .expect("pg_stat_activity")
@@ -185,7 +193,11 @@ async fn enqueues_one_after_another_stay_on_a_warm_connection() {
     let reads = futures::future::join_all((0..40).map(|_| client.get_job(&id))).await;
     assert!(reads.iter().all(Result::is_ok), "{reads:?}");
     let pool = db.pool().await;
-    let (opened, _) = backends(&pool, &server).await;
+    let since: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT clock_timestamp()")
+        .fetch_one(&pool)
+        .await
+        .expect("now");
+    let (opened, _) = backends(&pool, &server, since).await;
     assert!(opened >= 8, "the burst opened only {opened} connections");
 
     for seq in 0..30 {
@@ -197,7 +209,7 @@ async fn enqueues_one_after_another_stay_on_a_warm_connection() {
             .await
             .expect("enqueue");
     }
-    let (_, enqueued_on) = backends(&pool, &server).await;
+    let (_, enqueued_on) = backends(&pool, &server, since).await;
     assert!(
         (1..=2).contains(&enqueued_on),
         "30 enqueues in a row ran on {enqueued_on} of {opened} connections"

@@ -22,6 +22,7 @@ const MIN_TTL: Duration = Duration::from_secs(1);
 const MIN_RATE: f64 = 0.01;
 const MAX_RATE: f64 = 100_000.0;
 const MAX_BURST: i32 = 100_000;
+const MAX_STREAMS: i32 = 100_000;
 
 pub struct ApiKeyApi {
     store: Store,
@@ -60,6 +61,18 @@ pub fn key_spec(name: &str, roles: &[Role]) -> Result<(String, Vec<String>), Api
         names.push(role.as_str().to_owned());
     }
     Ok((name.to_owned(), names))
+}
+
+/// A key's stream limit, checked: `None` (0) for the server's default.
+pub fn max_streams(value: i32) -> Result<Option<i32>, ApiError> {
+    match value {
+        0 => Ok(None),
+        1..=MAX_STREAMS => Ok(Some(value)),
+        _ => Err(ApiError::invalid(
+            "max_streams",
+            format!("must be between 0 and {MAX_STREAMS}, got {value}"),
+        )),
+    }
 }
 
 /// A key's request limit, checked: calls per second and burst (default: the rate rounded up).
@@ -103,6 +116,7 @@ pub fn api_key(row: ApiKeyRow) -> pb::ApiKey {
             .rate_per_second
             .zip(row.rate_burst)
             .map(|(per_second, burst)| pb::KeyRateLimit { per_second, burst }),
+        max_streams: row.max_streams.unwrap_or(0),
     }
 }
 
@@ -144,6 +158,7 @@ impl ApiKeyService for ApiKeyApi {
             }
         };
         let rate = rate_limit(req.rate_limit.as_ref())?;
+        let max_streams = max_streams(req.max_streams)?;
         let minted = auth::mint();
         let row = self
             .store
@@ -155,6 +170,7 @@ impl ApiKeyService for ApiKeyApi {
                 secret_sha256: minted.secret_sha256,
                 expires_at,
                 rate,
+                max_streams,
             })
             .await
             .map_err(ApiError::from)?;

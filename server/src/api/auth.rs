@@ -12,8 +12,11 @@
 //! authenticates a call that presents a key.
 
 use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
+    collections::{HashMap, HashSet},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     task::{Context, Poll},
     time::{Duration, Instant},
 };
@@ -27,13 +30,14 @@ use prost_reflect::{DescriptorPool, DynamicMessage, Kind, ReflectMessage, Value}
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 use uuid::Uuid;
 
 use super::{TENANT_HEADER, validate};
 use crate::{
-    domain::TenantId,
+    domain::{Actor, TenantId},
     store::{ApiKeyRow, NewAuditEntry, Store},
 };
 
@@ -187,6 +191,17 @@ pub struct Identity {
     pub roles: Vec<Role>,
     /// Calls per second and burst, when the key is limited.
     pub rate: Option<(f64, i32)>,
+    /// Streams open at once on this replica, when the key sets its own limit.
+    pub max_streams: Option<u32>,
+}
+
+impl Identity {
+    pub fn actor(&self) -> Actor {
+        Actor {
+            key_id: Some(self.key_id),
+            key_name: self.key_name.clone(),
+        }
+    }
 }
 
 /// A key's token bucket on this replica.
@@ -259,20 +274,70 @@ pub struct Authenticator {
     store: Store,
     /// The protocol's descriptors, to write audited requests down as JSON.
     pool: Option<DescriptorPool>,
-    mode: Mode,
+    /// Set once keys are required: from the start, or from the first key made while this
+    /// server ran open.
+    required: AtomicBool,
+    /// While open: when it last looked for a key.
+    looked_for_keys: Mutex<Option<Instant>>,
     cache: Mutex<HashMap<Uuid, (Instant, Option<ApiKeyRow>)>>,
     buckets: Mutex<HashMap<Uuid, Bucket>>,
+    /// The paths of the streaming methods, which hold a slot of their key while open.
+    streaming: HashSet<String>,
+    /// Each key's stream slots on this replica.
+    slots: Mutex<HashMap<Uuid, Arc<Semaphore>>>,
+    /// A key's slots unless it sets its own number.
+    default_streams: u32,
 }
 
 impl Authenticator {
-    pub fn new(store: Store, mode: Mode) -> Self {
+    pub fn new(store: Store, mode: Mode, default_streams: u32) -> Self {
+        let pool = DescriptorPool::decode(jobwire_proto::FILE_DESCRIPTOR_SET).ok();
+        let streaming = pool
+            .iter()
+            .flat_map(|pool| pool.services())
+            .flat_map(|service| service.methods().collect::<Vec<_>>())
+            .filter(|m| m.is_client_streaming() || m.is_server_streaming())
+            .map(|m| format!("/{}/{}", m.parent_service().full_name(), m.name()))
+            .collect();
         Self {
             store,
-            pool: DescriptorPool::decode(jobwire_proto::FILE_DESCRIPTOR_SET).ok(),
-            mode,
+            pool,
+            required: AtomicBool::new(mode == Mode::Required),
+            looked_for_keys: Mutex::new(None),
             cache: Mutex::new(HashMap::new()),
             buckets: Mutex::new(HashMap::new()),
+            streaming,
+            slots: Mutex::new(HashMap::new()),
+            default_streams,
         }
+    }
+
+    /// Takes a stream slot of the caller's key for a call to a streaming method, held until the
+    /// stream ends; `None` for any other call, or one without a key.
+    fn open_stream(
+        &self,
+        path: &str,
+        identity: Option<&Identity>,
+    ) -> Result<Option<OwnedSemaphorePermit>, Status> {
+        let Some(identity) = identity.filter(|_| self.streaming.contains(path)) else {
+            return Ok(None);
+        };
+        let limit = identity.max_streams.unwrap_or(self.default_streams);
+        let slots = {
+            let Ok(mut slots) = self.slots.lock() else {
+                return Ok(None);
+            };
+            slots
+                .entry(identity.key_id)
+                .or_insert_with(|| Arc::new(Semaphore::new(limit as usize)))
+                .clone()
+        };
+        slots.try_acquire_owned().map(Some).map_err(|_| {
+            Status::resource_exhausted(format!(
+                "API key {} ({:?}) holds {limit} streams open on this replica, its limit: close                  one first, or use a key with a higher max_streams",
+                identity.key_id, identity.key_name
+            ))
+        })
     }
 
     /// Forgets what this replica remembers of a key, so that its revocation holds here at once.
@@ -296,12 +361,13 @@ impl Authenticator {
             Access::Roles(roles) => roles,
         };
         let Some(value) = presented else {
-            return match self.mode {
-                Mode::Open => Ok(None),
-                Mode::Required => Err(Status::unauthenticated(
+            return if self.keys_required().await? {
+                Err(Status::unauthenticated(
                     "this server requires an API key: send `authorization: Bearer <key>` \
                      (an admin makes keys with ApiKeyService or `jobwire-server keys create`)",
-                )),
+                ))
+            } else {
+                Ok(None)
             };
         };
         let identity = self.identify(value).await?;
@@ -320,6 +386,32 @@ impl Authenticator {
                 held.join(", ")
             )))
         }
+    }
+
+    /// Whether calls need a key. A server that started open looks for keys again at most every
+    /// [`CACHE_TTL`]: once the first key exists (made by `keys create` beside it, or through
+    /// the API), it requires keys from then on, without a restart.
+    async fn keys_required(&self) -> Result<bool, Status> {
+        if self.required.load(Ordering::Relaxed) {
+            return Ok(true);
+        }
+        let due = self.looked_for_keys.lock().map_or(true, |mut at| {
+            let due = at.is_none_or(|at| at.elapsed() >= CACHE_TTL);
+            if due {
+                *at = Some(Instant::now());
+            }
+            due
+        });
+        if due {
+            let exists = self.store.any_api_keys().await.map_err(|error| {
+                tracing::warn!(%error, "could not look for API keys");
+                Status::unavailable("cannot check whether this server requires keys; retry later")
+            })?;
+            if exists && !self.required.swap(true, Ordering::Relaxed) {
+                tracing::info!("an API key exists now: every call needs one from here on");
+            }
+        }
+        Ok(self.required.load(Ordering::Relaxed))
     }
 
     /// Counts a call against its key's limit, if it has one.
@@ -371,13 +463,11 @@ impl Authenticator {
                 Some(Err(_)) => return,
             },
         };
+        let actor = identity.map_or_else(Actor::open, Identity::actor);
         let entry = NewAuditEntry {
             tenant,
-            key_id: identity.map(|i| i.key_id),
-            key_name: identity.map_or_else(
-                || "(no key: server open)".to_owned(),
-                |i| i.key_name.clone(),
-            ),
+            key_id: actor.key_id,
+            key_name: actor.key_name,
             method: path.trim_start_matches("/jobwire.v1.").to_owned(),
             request: self.summary(path, body),
         };
@@ -450,6 +540,7 @@ impl Authenticator {
             key_name: row.name,
             roles: row.roles.iter().filter_map(|r| Role::parse(r)).collect(),
             rate: row.rate_per_second.zip(row.rate_burst),
+            max_streams: row.max_streams.and_then(|n| u32::try_from(n).ok()),
         })
     }
 
@@ -532,9 +623,10 @@ where
         + Send
         + 'static,
     S::Future: Send + 'static,
-    ResBody: Default + Send + 'static,
+    ResBody: tonic::codegen::Body<Data = tonic::codegen::Bytes> + Send + 'static,
+    ResBody::Error: Into<tonic::codegen::StdError>,
 {
-    type Response = http::Response<ResBody>;
+    type Response = http::Response<tonic::body::Body>;
     type Error = S::Error;
     type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
 
@@ -553,11 +645,24 @@ where
                 Ok(identity) => identity,
                 Err(status) => return Ok(status.into_http()),
             };
+            let slot = match auth.open_stream(&path, identity.as_ref()) {
+                Ok(slot) => slot,
+                Err(status) => return Ok(status.into_http()),
+            };
             if let Some(identity) = &identity {
                 request.extensions_mut().insert(identity.clone());
             }
             if !audited(&path) {
-                return inner.call(request).await;
+                let response = inner.call(request).await?;
+                return Ok(response.map(|body| match slot {
+                    None => tonic::body::Body::new(body),
+                    // The slot lives in the body, so it is given back when the stream ends,
+                    // however it ends (the body is dropped).
+                    Some(slot) => tonic::body::Body::new(body.map_frame(move |frame| {
+                        let _held = &slot;
+                        frame
+                    })),
+                }));
             }
             // An administrative request is one message: read it whole, to write it down once the
             // call has succeeded, but never more than the message budget (with its frame).
@@ -588,7 +693,7 @@ where
             if !failed {
                 auth.audit(&path, identity.as_ref(), &headers, &body).await;
             }
-            Ok(response)
+            Ok(response.map(tonic::body::Body::new))
         })
     }
 }

@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use jobwire_proto::v1 as pb;
 
 use crate::{
-    domain::EventKind,
+    domain::{Actor, EventKind},
     engine::fanout::FanoutEvent,
     store::{
         AttemptRow, CatchUpPolicy, ErrorRecord, EventRow, JobRow, LeasedRow, OverlapPolicy,
@@ -251,6 +251,15 @@ fn log_level(name: &str) -> pb::LogLevel {
     pb::LogLevel::from_str_name(name).unwrap_or(pb::LogLevel::Unspecified)
 }
 
+/// The caller an event's data names, for changes made through the API.
+fn actor(data: &serde_json::Value) -> Option<pb::Actor> {
+    let actor: Actor = serde_json::from_value(data.get("actor")?.clone()).ok()?;
+    Some(pb::Actor {
+        key_id: actor.key_id.map(|id| id.to_string()).unwrap_or_default(),
+        key_name: actor.key_name,
+    })
+}
+
 /// An event as watchers see it. State changes carry `job`, the job as it is now.
 pub fn event(row: &EventRow, job: Option<&JobRow>) -> pb::JobEvent {
     use pb::job_event::Event;
@@ -275,6 +284,7 @@ pub fn event(row: &EventRow, job: Option<&JobRow>) -> pb::JobEvent {
             }
             .into(),
             reason: text("reason"),
+            actor: actor(data),
         })),
         EventKind::State => Some(Event::StateChanged(pb::StateChanged {
             state: row
@@ -289,6 +299,7 @@ pub fn event(row: &EventRow, job: Option<&JobRow>) -> pb::JobEvent {
                 .and_then(|e| serde_json::from_value::<ErrorRecord>(e.clone()).ok())
                 .map(|e| error(&e)),
             job: job.map(|j| self::job(j.clone(), &[])),
+            actor: actor(data),
         })),
     };
     pb::JobEvent {

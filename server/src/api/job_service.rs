@@ -11,13 +11,13 @@ use tokio_stream::wrappers::ReceiverStream;
 use jobwire_proto::limits::MAX_PAGE_BYTES;
 
 use super::{
-    ApiError, convert,
+    ApiError, actor_of, convert,
     paging::PageRequest,
     payloads, tenant_of, validate,
     watch::{JobSink, JobsSink, Watches},
 };
 use crate::{
-    domain::{JobId, JobState, TenantId},
+    domain::{Actor, JobId, JobState, TenantId},
     engine::{enqueuer::EnqueuerHandle, fanout::Target},
     registry::Registry,
     store::{EventFilter, ListFilter, StopKind, Store},
@@ -61,8 +61,13 @@ impl JobApi {
         stop: StopKind,
         reason: &str,
         action: &str,
+        actor: &Actor,
     ) -> Result<pb::Job, ApiError> {
-        match self.store.request_stop(tenant, id, stop, reason).await? {
+        match self
+            .store
+            .request_stop(tenant, id, stop, reason, Some(actor))
+            .await?
+        {
             Some(row) => {
                 tracing::info!(job_id = %id, %tenant, ?stop, "stop requested of a running job");
                 Ok(convert::job(row, &[]))
@@ -270,7 +275,7 @@ impl JobService for JobApi {
         let reason = validate::reason(&req.reason)?;
         let job = match self
             .store
-            .cancel_queued(&tenant, id, &reason)
+            .cancel_queued(&tenant, id, &reason, Some(&actor_of(&request)))
             .await
             .map_err(ApiError::from)?
         {
@@ -279,8 +284,15 @@ impl JobService for JobApi {
                 convert::job(row, &[])
             }
             None => {
-                self.stop_running(&tenant, id, StopKind::Cancel, &reason, "cancel")
-                    .await?
+                self.stop_running(
+                    &tenant,
+                    id,
+                    StopKind::Cancel,
+                    &reason,
+                    "cancel",
+                    &actor_of(&request),
+                )
+                .await?
             }
         };
         Ok(Response::new(pb::CancelJobResponse { job: Some(job) }))
@@ -294,7 +306,7 @@ impl JobService for JobApi {
         let id = validate::job_id("id", &request.get_ref().id)?;
         let Some(row) = self
             .store
-            .retry_finished(&tenant, id)
+            .retry_finished(&tenant, id, Some(&actor_of(&request)))
             .await
             .map_err(ApiError::from)?
         else {
@@ -316,14 +328,21 @@ impl JobService for JobApi {
         let reason = validate::reason(&req.reason)?;
         let job = match self
             .store
-            .pause_queued(&tenant, id, &reason)
+            .pause_queued(&tenant, id, &reason, Some(&actor_of(&request)))
             .await
             .map_err(ApiError::from)?
         {
             Some(row) => convert::job(row, &[]),
             None => {
-                self.stop_running(&tenant, id, StopKind::Pause, &reason, "pause")
-                    .await?
+                self.stop_running(
+                    &tenant,
+                    id,
+                    StopKind::Pause,
+                    &reason,
+                    "pause",
+                    &actor_of(&request),
+                )
+                .await?
             }
         };
         Ok(Response::new(pb::PauseJobResponse { job: Some(job) }))
@@ -337,7 +356,7 @@ impl JobService for JobApi {
         let id = validate::job_id("id", &request.get_ref().id)?;
         let Some(row) = self
             .store
-            .resume_paused(&tenant, id)
+            .resume_paused(&tenant, id, Some(&actor_of(&request)))
             .await
             .map_err(ApiError::from)?
         else {
@@ -358,7 +377,7 @@ impl JobService for JobApi {
         let reason = validate::reason(&req.reason)?;
         let Some(row) = self
             .store
-            .approve(&tenant, id, &reason)
+            .approve(&tenant, id, &reason, Some(&actor_of(&request)))
             .await
             .map_err(ApiError::from)?
         else {
@@ -380,7 +399,7 @@ impl JobService for JobApi {
         let reason = validate::reason(&req.reason)?;
         let Some(row) = self
             .store
-            .reject(&tenant, id, &reason)
+            .reject(&tenant, id, &reason, Some(&actor_of(&request)))
             .await
             .map_err(ApiError::from)?
         else {

@@ -23,10 +23,19 @@ pub mod worker_service;
 
 pub use error::ApiError;
 
-use crate::domain::TenantId;
+use crate::domain::{Actor, TenantId};
 
 /// The request header naming the tenant a call acts for.
 pub const TENANT_HEADER: &str = "jobwire-tenant";
+
+/// Who is making a request, for the job events it writes: its API key, or nobody named on a
+/// server running open.
+pub fn actor_of<T>(request: &tonic::Request<T>) -> Actor {
+    request
+        .extensions()
+        .get::<auth::Identity>()
+        .map_or_else(Actor::open, auth::Identity::actor)
+}
 
 /// The tenant of a request: its API key's ([`auth`]), whatever the headers say; without a key
 /// (a server running open), its `jobwire-tenant` header, or the default tenant.

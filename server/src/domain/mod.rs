@@ -143,6 +143,25 @@ name_type!(
     QueueName
 );
 
+/// Who made a change through the API: the acting key, written into the job's events beside the
+/// change so a job's history names who approved, rejected, cancelled or retried it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Actor {
+    /// `None` on a server running without keys.
+    pub key_id: Option<Uuid>,
+    pub key_name: String,
+}
+
+impl Actor {
+    /// The caller on a server running without keys.
+    pub fn open() -> Self {
+        Self {
+            key_id: None,
+            key_name: "(no key: server open)".to_owned(),
+        }
+    }
+}
+
 impl TenantId {
     /// The tenant of requests that name none, until authentication assigns tenants.
     pub fn default_tenant() -> Self {

@@ -110,11 +110,11 @@ impl Cron {
     /// and a job that finished meanwhile needs nothing.
     async fn cancel_previous(&self, tenant: &TenantId, id: JobId) {
         const REASON: &str = "replaced by the next tick of its schedule";
-        let result = match self.store.cancel_queued(tenant, id, REASON).await {
+        let result = match self.store.cancel_queued(tenant, id, REASON, None).await {
             Ok(Some(_)) => Ok(()),
             Ok(None) => self
                 .store
-                .request_stop(tenant, id, StopKind::Cancel, REASON)
+                .request_stop(tenant, id, StopKind::Cancel, REASON, None)
                 .await
                 .map(|_| ()),
             Err(error) => Err(error),

@@ -19,6 +19,8 @@ pub struct ApiKeyRow {
     pub revoked_at: Option<DateTime<Utc>>,
     pub rate_per_second: Option<f64>,
     pub rate_burst: Option<i32>,
+    /// Streams open at once on each replica; `None`: the server's default.
+    pub max_streams: Option<i32>,
 }
 
 /// A key to create; its secret's digest is computed by the caller, which alone sees the secret.
@@ -32,19 +34,21 @@ pub struct NewApiKey {
     pub expires_at: Option<DateTime<Utc>>,
     /// Calls per second and burst, both or neither.
     pub rate: Option<(f64, i32)>,
+    pub max_streams: Option<i32>,
 }
 
 const COLUMNS: &str = "id, tenant_id, name, roles, secret_sha256, created_at, expires_at, \
-    revoked_at, rate_per_second, rate_burst";
+    revoked_at, rate_per_second, rate_burst, max_streams";
 
 impl Store {
     pub async fn create_api_key(&self, key: &NewApiKey) -> Result<ApiKeyRow> {
         let sql = static_sql!(
             "INSERT INTO api_keys (id, tenant_id, name, roles, secret_sha256, expires_at, \
-                                   rate_per_second, rate_burst) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING {COLUMNS}"
+                                   rate_per_second, rate_burst, max_streams) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING {COLUMNS}"
         );
-        Ok(sqlx::query_as(sql)
+        let mut tx = self.tenant_transaction(&key.tenant).await?;
+        let out = sqlx::query_as(sql)
             .bind(key.id)
             .bind(key.tenant.as_str())
             .bind(&key.name)
@@ -53,8 +57,11 @@ impl Store {
             .bind(key.expires_at)
             .bind(key.rate.map(|(rate, _)| rate))
             .bind(key.rate.map(|(_, burst)| burst))
-            .fetch_one(&self.pool)
-            .await?)
+            .bind(key.max_streams)
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(out)
     }
 
     /// Any tenant's key by its id, for authenticating a request.
@@ -85,12 +92,15 @@ impl Store {
              WHERE tenant_id = $1 AND ($2::uuid IS NULL OR id > $2) \
              ORDER BY id LIMIT $3"
         );
-        Ok(sqlx::query_as(sql)
+        let mut tx = self.tenant_transaction(tenant).await?;
+        let out = sqlx::query_as(sql)
             .bind(tenant.as_str())
             .bind(after)
             .bind(limit)
-            .fetch_all(&self.pool)
-            .await?)
+            .fetch_all(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(out)
     }
 
     /// Revokes a tenant's key; revoking it again changes nothing. [`Error::NotFound`] when the
@@ -100,11 +110,14 @@ impl Store {
             "UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) \
              WHERE tenant_id = $1 AND id = $2 RETURNING {COLUMNS}"
         );
-        sqlx::query_as(sql)
+        let mut tx = self.tenant_transaction(tenant).await?;
+        let revoked = sqlx::query_as(sql)
             .bind(tenant.as_str())
             .bind(id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *tx)
             .await?
-            .ok_or(Error::NotFound)
+            .ok_or(Error::NotFound)?;
+        tx.commit().await?;
+        Ok(revoked)
     }
 }

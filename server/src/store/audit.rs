@@ -29,6 +29,7 @@ pub struct AuditRow {
 
 impl Store {
     pub async fn record_audit(&self, entry: &NewAuditEntry) -> Result<()> {
+        let mut tx = self.tenant_transaction(&entry.tenant).await?;
         sqlx::query(
             "INSERT INTO audit_log (tenant_id, key_id, key_name, method, request) \
              VALUES ($1, $2, $3, $4, $5)",
@@ -38,8 +39,9 @@ impl Store {
         .bind(&entry.key_name)
         .bind(&entry.method)
         .bind(Json(&entry.request))
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -50,7 +52,8 @@ impl Store {
         before: Option<i64>,
         limit: i64,
     ) -> Result<Vec<AuditRow>> {
-        Ok(sqlx::query_as(
+        let mut tx = self.tenant_transaction(tenant).await?;
+        let out = sqlx::query_as(
             "SELECT id, at, key_id, key_name, method, request FROM audit_log \
              WHERE tenant_id = $1 AND ($2::bigint IS NULL OR id < $2) \
              ORDER BY id DESC LIMIT $3",
@@ -58,7 +61,9 @@ impl Store {
         .bind(tenant.as_str())
         .bind(before)
         .bind(limit)
-        .fetch_all(&self.pool)
-        .await?)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(out)
     }
 }

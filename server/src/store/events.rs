@@ -181,14 +181,17 @@ impl Store {
              WHERE e.job_id = $1 AND e.tenant_id = $2 AND e.seq > $3 AND e.seq <= $4 \
              ORDER BY e.seq LIMIT $5"
         );
-        Ok(sqlx::query_as::<_, EventRow>(sql)
+        let mut tx = self.tenant_transaction(tenant).await?;
+        let out = sqlx::query_as::<_, EventRow>(sql)
             .bind(id.0)
             .bind(tenant.as_str())
             .bind(after)
             .bind(upto)
             .bind(limit)
-            .fetch_all(&self.pool)
-            .await?)
+            .fetch_all(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(out)
     }
 
     /// A tenant's events matching a filter in `(after, upto]`, in order, at most `limit`.
@@ -211,7 +214,8 @@ impl Store {
                AND j.labels @> $7 \
              ORDER BY e.seq LIMIT $8"
         );
-        Ok(sqlx::query_as::<_, EventRow>(sql)
+        let mut tx = self.tenant_transaction(tenant).await?;
+        let out = sqlx::query_as::<_, EventRow>(sql)
             .bind(tenant.as_str())
             .bind(after)
             .bind(upto)
@@ -220,18 +224,22 @@ impl Store {
             .bind(&filter.states)
             .bind(Json(&filter.labels))
             .bind(limit)
-            .fetch_all(&self.pool)
-            .await?)
+            .fetch_all(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(out)
     }
 
     /// The sequence of a job's newest event (0 when it has none).
     pub async fn last_job_event(&self, tenant: &TenantId, id: JobId) -> Result<i64> {
+        let mut tx = self.tenant_transaction(tenant).await?;
         let (last,): (Option<i64>,) =
             sqlx::query_as("SELECT max(seq) FROM job_events WHERE job_id = $1 AND tenant_id = $2")
                 .bind(id.0)
                 .bind(tenant.as_str())
-                .fetch_one(&self.pool)
+                .fetch_one(&mut *tx)
                 .await?;
+        tx.commit().await?;
         Ok(last.unwrap_or(0))
     }
 

@@ -75,17 +75,17 @@ const COLUMNS: &str = "t.name, t.version, \
 async fn retry_on_conflict<T, F, Fut>(mut insert: F) -> Result<T>
 where
     F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, sqlx::Error>>,
+    Fut: Future<Output = Result<T>>,
 {
     let mut tries = 0;
     loop {
         match insert().await {
-            Err(sqlx::Error::Database(db))
+            Err(Error::Database(sqlx::Error::Database(db)))
                 if db.code().as_deref() == Some("23505") && tries < 5 =>
             {
                 tries += 1;
             }
-            other => return Ok(other?),
+            other => return other,
         }
     }
 }
@@ -110,15 +110,15 @@ impl Store {
                     t.descriptor_set, t.defaults, t.examples, t.created_at FROM t"
         );
         retry_on_conflict(|| {
-            sqlx::query_as::<_, JobTypeRow>(sql)
+            let query = sqlx::query_as::<_, JobTypeRow>(sql)
                 .bind(tenant.as_str())
                 .bind(&new.name)
                 .bind(&new.payload_type)
                 .bind(&new.output_type)
                 .bind(&new.descriptor_set)
                 .bind(Json(&new.defaults))
-                .bind(Json(&new.examples))
-                .fetch_one(&self.pool)
+                .bind(Json(&new.examples));
+            self.as_tenant(tenant, async |c| Ok(query.fetch_one(c).await?))
         })
         .await
     }
@@ -150,14 +150,14 @@ impl Store {
         );
         // Another worker may register the same version first; the retry compares with it.
         retry_on_conflict(|| {
-            sqlx::query_as::<_, JobTypeRow>(sql)
+            let query = sqlx::query_as::<_, JobTypeRow>(sql)
                 .bind(tenant.as_str())
                 .bind(&new.name)
                 .bind(&new.payload_type)
                 .bind(&new.output_type)
                 .bind(&new.descriptor_set)
-                .bind(Json(&new.defaults))
-                .fetch_optional(&self.pool)
+                .bind(Json(&new.defaults));
+            self.as_tenant(tenant, async |c| Ok(query.fetch_optional(c).await?))
         })
         .await
     }
@@ -174,11 +174,11 @@ impl Store {
              WHERE t.tenant_id = $1 AND t.name = $2 AND ($3::int4 IS NULL OR t.version = $3) \
              ORDER BY t.version DESC LIMIT 1"
         );
-        sqlx::query_as::<_, JobTypeRow>(sql)
+        let query = sqlx::query_as::<_, JobTypeRow>(sql)
             .bind(tenant.as_str())
             .bind(name)
-            .bind(version)
-            .fetch_optional(&self.pool)
+            .bind(version);
+        self.as_tenant(tenant, async |c| Ok(query.fetch_optional(c).await?))
             .await?
             .ok_or(Error::NotFound)
     }
@@ -213,13 +213,15 @@ impl Store {
              WHERE c.n = 1 OR c.bytes <= $4 \
              ORDER BY l.name"
         );
+        let mut tx = self.tenant_transaction(tenant).await?;
         let rows = sqlx::query_as(sql)
             .bind(tenant.as_str())
             .bind(after)
             .bind(limit)
             .bind(i64::try_from(max_bytes).unwrap_or(i64::MAX))
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *tx)
             .await?;
+        tx.commit().await?;
         Ok(Listed::from_rows(rows))
     }
 }

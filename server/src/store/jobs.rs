@@ -11,7 +11,7 @@ use super::{
     notify::send,
     rows::{AttemptRow, JOB_COLUMNS, JobRow},
 };
-use crate::domain::{JobId, JobState, QueueName, TenantId};
+use crate::domain::{Actor, JobId, JobState, QueueName, TenantId};
 
 /// A validated job to insert.
 #[derive(Debug, Clone)]
@@ -119,7 +119,7 @@ impl Store {
         jobs: &[NewJob],
     ) -> Result<Vec<EnqueueOutcome>> {
         let outcomes = self
-            .hot(async |c| enqueue_statement(c, tenant, jobs).await)
+            .hot_as_tenant(tenant, async |c| enqueue_statement(c, tenant, jobs).await)
             .await?;
         self.settle_conflicts(tenant, jobs, outcomes, |row| EnqueueOutcome {
             job: row.clone(),
@@ -136,7 +136,7 @@ impl Store {
             ENQUEUE_UNKEYED_BRIEF.as_str()
         };
         let rows: Vec<Ordered<Enqueued>> = self
-            .hot(async |c| enqueue_rows(c, sql, tenant, jobs).await)
+            .hot_as_tenant(tenant, async |c| enqueue_rows(c, sql, tenant, jobs).await)
             .await?;
         self.settle_conflicts(tenant, jobs, in_order(jobs.len(), rows), |row| Enqueued {
             id: row.id,
@@ -163,7 +163,9 @@ impl Store {
             .filter_map(|(j, _)| j.idempotency_key.clone())
             .collect();
         if !missing.is_empty() {
-            let found = jobs_by_keys(&self.pool, tenant, &missing).await?;
+            let mut tx = self.tenant_transaction(tenant).await?;
+            let found = jobs_by_keys(&mut *tx, tenant, &missing).await?;
+            tx.commit().await?;
             for (job, outcome) in jobs.iter().zip(outcomes.iter_mut()) {
                 if outcome.is_none() {
                     *outcome = job
@@ -185,7 +187,10 @@ impl Store {
     }
 
     pub async fn get_job(&self, tenant: &TenantId, id: JobId) -> Result<JobRow> {
-        get_job(&self.pool, tenant, id).await
+        let mut tx = self.tenant_transaction(tenant).await?;
+        let job = get_job(&mut *tx, tenant, id).await?;
+        tx.commit().await?;
+        Ok(job)
     }
 
     /// The attempts of a job, oldest first. The running attempt and the one that succeeded have
@@ -210,6 +215,7 @@ impl Store {
             attempt: AttemptRow,
         }
         let ids: Vec<Uuid> = ids.iter().map(|id| id.0).collect();
+        let mut tx = self.tenant_transaction(tenant).await?;
         let rows: Vec<JobAttempt> = sqlx::query_as(
             "SELECT job_id, attempt, worker_id, started_at, finished_at, outcome, error \
              FROM job_attempt_history WHERE tenant_id = $1 AND job_id = ANY($2) \
@@ -217,8 +223,9 @@ impl Store {
         )
         .bind(tenant.as_str())
         .bind(&ids)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *tx)
         .await?;
+        tx.commit().await?;
         let mut attempts: HashMap<JobId, Vec<AttemptRow>> = HashMap::new();
         for row in rows {
             attempts
@@ -258,6 +265,7 @@ impl Store {
                AND id = ANY(ARRAY(SELECT id FROM candidate WHERE n = 1 OR bytes <= $7)) \
              ORDER BY id DESC"
         );
+        let mut tx = self.tenant_transaction(tenant).await?;
         let rows: Vec<ListedRow<JobRow>> = sqlx::query_as(sql)
             .bind(tenant.as_str())
             .bind(&filter.states)
@@ -266,8 +274,9 @@ impl Store {
             .bind(filter.before.map(|id| id.0))
             .bind(limit)
             .bind(i64::try_from(max_bytes).unwrap_or(i64::MAX))
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *tx)
             .await?;
+        tx.commit().await?;
         Ok(Listed::from_rows(rows))
     }
 
@@ -278,6 +287,7 @@ impl Store {
         tenant: &TenantId,
         id: JobId,
         reason: &str,
+        actor: Option<&Actor>,
     ) -> Result<Option<JobRow>> {
         let sql = static_sql!(
             "WITH upd AS ( \
@@ -289,17 +299,21 @@ impl Store {
                  RETURNING * \
              ), ev AS ( \
                  INSERT INTO job_events (tenant_id, job_id, kind, state, attempt, data) \
-                 SELECT tenant_id, id, 'state', state, attempt, jsonb_build_object('reason', $3) \
+                 SELECT tenant_id, id, 'state', state, attempt, jsonb_build_object('reason', $3, 'actor', $4::jsonb) \
                  FROM upd \
              ) \
              SELECT {JOB_COLUMNS} FROM upd"
         );
-        Ok(sqlx::query_as::<_, JobRow>(sql)
+        let mut tx = self.tenant_transaction(tenant).await?;
+        let out = sqlx::query_as::<_, JobRow>(sql)
             .bind(tenant.as_str())
             .bind(id.0)
             .bind(reason)
-            .fetch_optional(&self.pool)
-            .await?)
+            .bind(actor.map(Json))
+            .fetch_optional(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(out)
     }
 
     /// Asks the worker running a job to stop it, for good (`Cancel`) or to resume later
@@ -312,6 +326,7 @@ impl Store {
         id: JobId,
         stop: StopKind,
         reason: &str,
+        actor: Option<&Actor>,
     ) -> Result<Option<JobRow>> {
         let sql = static_sql!(
             "WITH upd AS ( \
@@ -329,7 +344,8 @@ impl Store {
                  INSERT INTO job_events (tenant_id, job_id, kind, attempt, data) \
                  SELECT tenant_id, id, 'stop_requested', attempt, \
                         jsonb_build_object('target', CASE WHEN $3 = 'cancel' THEN 'cancelled' \
-                                                          ELSE 'paused' END, 'reason', $4) \
+                                                          ELSE 'paused' END, 'reason', $4, \
+                                   'actor', $5::jsonb) \
                  FROM upd \
              ), wake AS ( \
                  SELECT {stop} \
@@ -342,13 +358,17 @@ impl Store {
             StopKind::Cancel => "cancel",
             StopKind::Pause => "pause",
         };
-        Ok(sqlx::query_as::<_, JobRow>(sql)
+        let mut tx = self.tenant_transaction(tenant).await?;
+        let out = sqlx::query_as::<_, JobRow>(sql)
             .bind(tenant.as_str())
             .bind(id.0)
             .bind(kind)
             .bind(reason)
-            .fetch_optional(&self.pool)
-            .await?)
+            .bind(actor.map(Json))
+            .fetch_optional(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(out)
     }
 
     /// Holds a job that no worker runs: it stays PAUSED until resumed. Returns `None` when the
@@ -358,6 +378,7 @@ impl Store {
         tenant: &TenantId,
         id: JobId,
         reason: &str,
+        actor: Option<&Actor>,
     ) -> Result<Option<JobRow>> {
         let sql = static_sql!(
             "WITH upd AS ( \
@@ -367,22 +388,31 @@ impl Store {
                  RETURNING * \
              ), ev AS ( \
                  INSERT INTO job_events (tenant_id, job_id, kind, state, attempt, data) \
-                 SELECT tenant_id, id, 'state', state, attempt, jsonb_build_object('reason', $3) \
+                 SELECT tenant_id, id, 'state', state, attempt, jsonb_build_object('reason', $3, 'actor', $4::jsonb) \
                  FROM upd \
              ) \
              SELECT {JOB_COLUMNS} FROM upd"
         );
-        Ok(sqlx::query_as::<_, JobRow>(sql)
+        let mut tx = self.tenant_transaction(tenant).await?;
+        let out = sqlx::query_as::<_, JobRow>(sql)
             .bind(tenant.as_str())
             .bind(id.0)
             .bind(reason)
-            .fetch_optional(&self.pool)
-            .await?)
+            .bind(actor.map(Json))
+            .fetch_optional(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(out)
     }
 
     /// Makes a PAUSED job available again. Returns `None` when the job exists but is not
     /// paused.
-    pub async fn resume_paused(&self, tenant: &TenantId, id: JobId) -> Result<Option<JobRow>> {
+    pub async fn resume_paused(
+        &self,
+        tenant: &TenantId,
+        id: JobId,
+        actor: Option<&Actor>,
+    ) -> Result<Option<JobRow>> {
         let sql = static_sql!(
             "WITH upd AS ( \
                  UPDATE jobs SET state = 'available', run_at = now(), pause_reason = NULL, \
@@ -391,7 +421,7 @@ impl Store {
                  RETURNING * \
              ), ev AS ( \
                  INSERT INTO job_events (tenant_id, job_id, kind, state, attempt, data) \
-                 SELECT tenant_id, id, 'state', state, attempt, '{{\"reason\": \"resumed\"}}' \
+                 SELECT tenant_id, id, 'state', state, attempt, jsonb_build_object('reason', 'resumed', 'actor', $3::jsonb) \
                  FROM upd \
              ), wake AS ( \
                  SELECT {work} FROM upd \
@@ -399,11 +429,15 @@ impl Store {
              SELECT {JOB_COLUMNS} FROM upd, (SELECT count(*) FROM wake) w",
             work = send::work("tenant_id", "queue"),
         );
-        Ok(sqlx::query_as::<_, JobRow>(sql)
+        let mut tx = self.tenant_transaction(tenant).await?;
+        let out = sqlx::query_as::<_, JobRow>(sql)
             .bind(tenant.as_str())
             .bind(id.0)
-            .fetch_optional(&self.pool)
-            .await?)
+            .bind(actor.map(Json))
+            .fetch_optional(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(out)
     }
 
     /// Lets a job AWAITING_APPROVAL run: AVAILABLE, or SCHEDULED while its run_at is ahead.
@@ -413,6 +447,7 @@ impl Store {
         tenant: &TenantId,
         id: JobId,
         reason: &str,
+        actor: Option<&Actor>,
     ) -> Result<Option<JobRow>> {
         let sql = static_sql!(
             "WITH upd AS ( \
@@ -424,7 +459,7 @@ impl Store {
              ), ev AS ( \
                  INSERT INTO job_events (tenant_id, job_id, kind, state, attempt, data) \
                  SELECT tenant_id, id, 'state', state, attempt, \
-                        jsonb_build_object('reason', 'approved: ' || $3) \
+                        jsonb_build_object('reason', 'approved: ' || $3, 'actor', $4::jsonb) \
                  FROM upd \
              ), wake AS ( \
                  SELECT {work} FROM upd \
@@ -436,12 +471,16 @@ impl Store {
             work = send::work("tenant_id", "queue"),
             due = send::due(),
         );
-        Ok(sqlx::query_as::<_, JobRow>(sql)
+        let mut tx = self.tenant_transaction(tenant).await?;
+        let out = sqlx::query_as::<_, JobRow>(sql)
             .bind(tenant.as_str())
             .bind(id.0)
             .bind(reason)
-            .fetch_optional(&self.pool)
-            .await?)
+            .bind(actor.map(Json))
+            .fetch_optional(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(out)
     }
 
     /// Refuses a job AWAITING_APPROVAL: CANCELLED for good. Returns `None` when the job exists
@@ -451,6 +490,7 @@ impl Store {
         tenant: &TenantId,
         id: JobId,
         reason: &str,
+        actor: Option<&Actor>,
     ) -> Result<Option<JobRow>> {
         let sql = static_sql!(
             "WITH upd AS ( \
@@ -461,23 +501,32 @@ impl Store {
              ), ev AS ( \
                  INSERT INTO job_events (tenant_id, job_id, kind, state, attempt, data) \
                  SELECT tenant_id, id, 'state', state, attempt, \
-                        jsonb_build_object('reason', cancel_reason) \
+                        jsonb_build_object('reason', cancel_reason, 'actor', $4::jsonb) \
                  FROM upd \
              ) \
              SELECT {JOB_COLUMNS} FROM upd"
         );
-        Ok(sqlx::query_as::<_, JobRow>(sql)
+        let mut tx = self.tenant_transaction(tenant).await?;
+        let out = sqlx::query_as::<_, JobRow>(sql)
             .bind(tenant.as_str())
             .bind(id.0)
             .bind(reason)
-            .fetch_optional(&self.pool)
-            .await?)
+            .bind(actor.map(Json))
+            .fetch_optional(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(out)
     }
 
     /// Makes a FAILED or CANCELLED job available again with a fresh set of attempts. The attempt
     /// counter keeps counting, so fencing tokens never repeat; `attempt_base` moves instead.
     /// Returns `None` when the job exists but is in another state.
-    pub async fn retry_finished(&self, tenant: &TenantId, id: JobId) -> Result<Option<JobRow>> {
+    pub async fn retry_finished(
+        &self,
+        tenant: &TenantId,
+        id: JobId,
+        actor: Option<&Actor>,
+    ) -> Result<Option<JobRow>> {
         let sql = static_sql!(
             "WITH upd AS ( \
                  UPDATE jobs SET state = 'available', attempt_base = attempt, \
@@ -488,7 +537,7 @@ impl Store {
                  RETURNING * \
              ), ev AS ( \
                  INSERT INTO job_events (tenant_id, job_id, kind, state, attempt, data) \
-                 SELECT tenant_id, id, 'state', state, attempt, '{{\"reason\": \"retried\"}}' \
+                 SELECT tenant_id, id, 'state', state, attempt, jsonb_build_object('reason', 'retried', 'actor', $3::jsonb) \
                  FROM upd \
              ), wake AS ( \
                  SELECT {work} FROM upd \
@@ -496,11 +545,15 @@ impl Store {
              SELECT {JOB_COLUMNS} FROM upd, (SELECT count(*) FROM wake) w",
             work = send::work("tenant_id", "queue"),
         );
-        Ok(sqlx::query_as::<_, JobRow>(sql)
+        let mut tx = self.tenant_transaction(tenant).await?;
+        let out = sqlx::query_as::<_, JobRow>(sql)
             .bind(tenant.as_str())
             .bind(id.0)
-            .fetch_optional(&self.pool)
-            .await?)
+            .bind(actor.map(Json))
+            .fetch_optional(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(out)
     }
 }
 

@@ -168,7 +168,7 @@ impl Store {
         limit: i64,
         worker: &Worker<'_>,
     ) -> Result<Vec<LeasedRow>> {
-        self.hot(async |c| {
+        self.hot_as_tenant(tenant, async |c| {
             claim_statement(c, tenant, queues, job_types, limit, worker, false).await
         })
         .await

@@ -47,6 +47,7 @@ mod notify;
 mod queues;
 mod rows;
 mod schedules;
+mod tenancy;
 
 use std::{sync::Arc, time::Duration};
 
@@ -73,6 +74,7 @@ pub use schedules::{
     CatchUpPolicy, DueSchedule, Firing, JobTemplate, NewSchedule, OverlapPolicy, ScheduleRow,
     ScheduleSpec, ScheduleUpdate,
 };
+pub use tenancy::TENANT_ROLE;
 
 /// What can go wrong in the store. Callers decide retries with [`Error::is_transient`].
 #[derive(Debug, thiserror::Error)]
@@ -166,10 +168,12 @@ impl Store {
         sqlx::migrate!("../migrations").run(&pool).await?;
         events::check_event_numbering(&pool).await?;
         let hot = HotConnections::new(usize::try_from(max_connections / 2).unwrap_or(1).max(1));
-        Ok(Self {
+        let store = Self {
             pool,
             hot: Arc::new(hot),
-        })
+        };
+        store.check_tenant_role().await?;
+        Ok(store)
     }
 
     /// Closes every connection, once the statements running have finished.

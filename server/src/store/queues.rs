@@ -147,13 +147,16 @@ impl Store {
                AND ($3::text IS NULL OR q.name > $3) \
              ORDER BY q.name LIMIT $4"
         );
-        Ok(sqlx::query_as::<_, QueueView>(sql)
+        let mut tx = self.tenant_transaction(tenant).await?;
+        let out = sqlx::query_as::<_, QueueView>(sql)
             .bind(tenant.as_str())
             .bind(name.map(QueueName::as_str))
             .bind(after)
             .bind(limit)
-            .fetch_all(&self.pool)
-            .await?)
+            .fetch_all(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(out)
     }
 
     /// Changes a queue's limits, creating the queue first when `create` is set. A new rate
@@ -202,6 +205,7 @@ impl Store {
         // a creating call that found nothing to update runs once more. The UPDATE reads `old`,
         // so the row is locked, and its previous limits read, before it changes: a concurrent
         // change is waited for and compared against.
+        let mut tx = self.tenant_transaction(tenant).await?;
         for _ in 0..2 {
             let row = sqlx::query_as::<_, QueueRow>(sql)
                 .bind(tenant.as_str())
@@ -212,9 +216,10 @@ impl Store {
                 .bind(update.rate_limit.is_some())
                 .bind(update.rate_limit.flatten().map(|(rate, _)| rate))
                 .bind(update.rate_limit.flatten().map(|(_, burst)| burst))
-                .fetch_optional(&self.pool)
+                .fetch_optional(&mut *tx)
                 .await?;
             if let Some(row) = row {
+                tx.commit().await?;
                 return Ok(row);
             }
             if !create {
@@ -248,13 +253,16 @@ impl Store {
             changed = send::queue_changed("$1", "$2"),
             hold = send::queue_hold("$1", "$2"),
         );
-        sqlx::query_as::<_, QueueRow>(sql)
+        let mut tx = self.tenant_transaction(tenant).await?;
+        let row = sqlx::query_as::<_, QueueRow>(sql)
             .bind(tenant.as_str())
             .bind(name.as_str())
             .bind(reason)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *tx)
             .await?
-            .ok_or(Error::NotFound)
+            .ok_or(Error::NotFound)?;
+        tx.commit().await?;
+        Ok(row)
     }
 
     /// Resumes a queue and wakes the dispatchers of every replica for it.
@@ -273,18 +281,22 @@ impl Store {
             work = send::work("$1", "$2"),
             changed = send::queue_changed("$1", "$2"),
         );
-        sqlx::query_as::<_, QueueRow>(sql)
+        let mut tx = self.tenant_transaction(tenant).await?;
+        let row = sqlx::query_as::<_, QueueRow>(sql)
             .bind(tenant.as_str())
             .bind(name.as_str())
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *tx)
             .await?
-            .ok_or(Error::NotFound)
+            .ok_or(Error::NotFound)?;
+        tx.commit().await?;
+        Ok(row)
     }
 
     /// Creates the queues a worker serves, so they are listed (and can be limited) before
     /// their first job.
     pub async fn ensure_queues(&self, tenant: &TenantId, names: &[QueueName]) -> Result<()> {
         let names: Vec<&str> = names.iter().map(QueueName::as_str).collect();
+        let mut tx = self.tenant_transaction(tenant).await?;
         sqlx::query(
             "INSERT INTO queues (tenant_id, name) \
              SELECT $1, n FROM unnest($2::text[]) AS n ORDER BY n \
@@ -292,8 +304,9 @@ impl Store {
         )
         .bind(tenant.as_str())
         .bind(&names)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -324,7 +337,7 @@ impl Store {
         limit: i64,
         worker: &Worker<'_>,
     ) -> Result<LimitedClaim> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.tenant_transaction(tenant).await?;
         let row: Option<LimitRow> = sqlx::query_as(
             "SELECT paused_at IS NOT NULL AS paused, concurrency_limit, rate_per_second, \
                     rate_burst, rate_tokens, clock_timestamp() AS read_at, \

@@ -201,23 +201,29 @@ impl Store {
             .bind(new.id)
             .bind(tenant.as_str())
             .bind(&new.name);
-        bind_spec(query, &new.spec)
+        let mut tx = self.tenant_transaction(tenant).await?;
+        let row = bind_spec(query, &new.spec)
             .bind(new.next_run_at)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *tx)
             .await?
-            .ok_or(Error::AlreadyExists)
+            .ok_or(Error::AlreadyExists)?;
+        tx.commit().await?;
+        Ok(row)
     }
 
     pub async fn get_schedule(&self, tenant: &TenantId, name: &str) -> Result<ScheduleRow> {
         let sql = static_sql!(
             "SELECT {SCHEDULE_COLUMNS} FROM schedules s WHERE s.tenant_id = $1 AND s.name = $2"
         );
-        sqlx::query_as::<_, ScheduleRow>(sql)
+        let mut tx = self.tenant_transaction(tenant).await?;
+        let row = sqlx::query_as::<_, ScheduleRow>(sql)
             .bind(tenant.as_str())
             .bind(name)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *tx)
             .await?
-            .ok_or(Error::NotFound)
+            .ok_or(Error::NotFound)?;
+        tx.commit().await?;
+        Ok(row)
     }
 
     /// Schedules by name after `after`, at most `limit`.
@@ -242,13 +248,15 @@ impl Store {
              WHERE s.id = ANY(ARRAY(SELECT id FROM candidate WHERE n = 1 OR bytes <= $4)) \
              ORDER BY s.name"
         );
+        let mut tx = self.tenant_transaction(tenant).await?;
         let rows = sqlx::query_as(sql)
             .bind(tenant.as_str())
             .bind(after)
             .bind(limit)
             .bind(i64::try_from(max_bytes).unwrap_or(i64::MAX))
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *tx)
             .await?;
+        tx.commit().await?;
         Ok(Listed::from_rows(rows))
     }
 
@@ -261,7 +269,7 @@ impl Store {
         name: &str,
         change: impl FnOnce(&ScheduleRow) -> Result<ScheduleUpdate, E>,
     ) -> Result<ScheduleRow, E> {
-        let mut tx = self.pool.begin().await.map_err(Error::from)?;
+        let mut tx = self.tenant_transaction(tenant).await?;
         let current = lock_schedule(&mut tx, tenant, name).await?;
         let update = change(&current)?;
         let sql = static_sql!(
@@ -292,11 +300,13 @@ impl Store {
     }
 
     pub async fn delete_schedule(&self, tenant: &TenantId, name: &str) -> Result<()> {
+        let mut tx = self.tenant_transaction(tenant).await?;
         let done = sqlx::query("DELETE FROM schedules WHERE tenant_id = $1 AND name = $2")
             .bind(tenant.as_str())
             .bind(name)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
+        tx.commit().await?;
         if done.rows_affected() == 0 {
             return Err(Error::NotFound);
         }
@@ -306,7 +316,7 @@ impl Store {
     /// Creates a job from a schedule's template now, outside its ticks, and records it as the
     /// schedule's last job.
     pub async fn trigger_schedule(&self, tenant: &TenantId, name: &str) -> Result<JobRow> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.tenant_transaction(tenant).await?;
         let schedule = lock_schedule(&mut tx, tenant, name).await?;
         let job = schedule.job.to_job(schedule.id, None);
         let created = enqueue_statement(&mut *tx, tenant, std::slice::from_ref(&job))

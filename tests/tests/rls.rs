@@ -1,0 +1,273 @@
+//! Row-level security, the second wall between tenants: inside a transaction the server scopes
+//! to one tenant, statements that name no tenant at all still cannot read, change, delete or
+//! write another tenant's rows. The tables are found in the catalog (every table with a
+//! `tenant_id` column), so a table added without a policy fails here.
+
+use jobwire_server::{domain::TenantId, store::Store};
+use jobwire_tests::test_db;
+use sqlx::{AssertSqlSafe, PgPool, Row};
+
+/// Two rows per tenant-scoped table for each of `acme` and `globex`, written as the tables'
+/// owner (which the policies do not bind).
+async fn seed(pool: &PgPool) {
+    for tenant in ["acme", "globex"] {
+        for n in 0..2 {
+            let job: uuid::Uuid = sqlx::query_scalar(
+                "INSERT INTO jobs (id, tenant_id, queue, job_type, payload_type, payload, \
+                     priority, state, max_attempts, retry_initial_ms, retry_max_ms, \
+                     retry_multiplier, retry_jitter, run_at, idempotency_key) \
+                 VALUES (gen_random_uuid(), $1, 'q', 't', 'p', '\\x00', 50, 'available', 3, \
+                     10, 100, 2, 0, now(), $1 || $2) RETURNING id",
+            )
+            .bind(tenant)
+            .bind(n.to_string())
+            .fetch_one(pool)
+            .await
+            .expect("job");
+            sqlx::query(
+                "INSERT INTO job_attempts (job_id, attempt, tenant_id, worker_id, outcome) \
+                 VALUES ($1, 1, $2, 'w', 'failed')",
+            )
+            .bind(job)
+            .bind(tenant)
+            .execute(pool)
+            .await
+            .expect("attempt");
+            sqlx::query(
+                "INSERT INTO job_events (tenant_id, job_id, kind, state, attempt) \
+                 VALUES ($1, $2, 'state', 'available', 0)",
+            )
+            .bind(tenant)
+            .bind(job)
+            .execute(pool)
+            .await
+            .expect("event");
+            sqlx::query("INSERT INTO queues (tenant_id, name) VALUES ($1, 'q' || $2)")
+                .bind(tenant)
+                .bind(n.to_string())
+                .execute(pool)
+                .await
+                .expect("queue");
+            sqlx::query(
+                "INSERT INTO schedules (id, tenant_id, name, cron, time_zone, job_type, \
+                     payload_type, payload, queue, priority, max_attempts, retry_initial_ms, \
+                     retry_max_ms, retry_multiplier, retry_jitter, overlap_policy, \
+                     catch_up_policy, max_catch_up, misfire_grace_ms, paused) \
+                 VALUES (gen_random_uuid(), $1, 's' || $2, '0 3 * * *', 'UTC', 't', 'p', \
+                     '\\x00', 'q', 50, 3, 10, 100, 2, 0, 'allow', 'once', 1, 0, true)",
+            )
+            .bind(tenant)
+            .bind(n.to_string())
+            .execute(pool)
+            .await
+            .expect("schedule");
+            sqlx::query(
+                "INSERT INTO job_types (tenant_id, name, version, payload_type, output_type, \
+                     descriptor_set) VALUES ($1, 't', $2, 'p', 'o', '\\x00')",
+            )
+            .bind(tenant)
+            .bind(n + 1)
+            .execute(pool)
+            .await
+            .expect("job type");
+            sqlx::query(
+                "INSERT INTO api_keys (id, tenant_id, name, roles, secret_sha256) \
+                 VALUES (gen_random_uuid(), $1, 'k', '{admin}', sha256('x'::bytea))",
+            )
+            .bind(tenant)
+            .execute(pool)
+            .await
+            .expect("key");
+            sqlx::query(
+                "INSERT INTO audit_log (tenant_id, key_name, method, request) \
+                 VALUES ($1, 'k', 'm', '{}')",
+            )
+            .bind(tenant)
+            .execute(pool)
+            .await
+            .expect("audit entry");
+        }
+    }
+}
+
+/// Every table of the schema with a `tenant_id` column.
+async fn tenant_tables(pool: &PgPool) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT c.relname::text FROM pg_class c \
+         JOIN pg_namespace n ON n.oid = c.relnamespace \
+         JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = 'tenant_id' \
+         WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p') ORDER BY 1",
+    )
+    .fetch_all(pool)
+    .await
+    .expect("tables")
+}
+
+async fn count(pool: &PgPool, table: &str, tenant: &str) -> i64 {
+    sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT count(*) FROM {table} WHERE tenant_id = $1"
+    )))
+    .bind(tenant)
+    .fetch_one(pool)
+    .await
+    .expect("count")
+}
+
+fn code(err: &sqlx::Error) -> Option<String> {
+    err.as_database_error()
+        .and_then(|e| e.code())
+        .map(|c| c.into_owned())
+}
+
+#[tokio::test]
+async fn a_statement_without_a_tenant_filter_reaches_only_its_own_tenant() {
+    let db = test_db().await;
+    let store = Store::connect(db.url(), 4).await.expect("store");
+    let pool = db.pool().await;
+    seed(&pool).await;
+    let globex = TenantId::new_unchecked("globex");
+
+    let tables = tenant_tables(&pool).await;
+    assert!(tables.len() >= 8, "tenant tables: {tables:?}");
+    for table in &tables {
+        let acme_rows = count(&pool, table, "acme").await;
+        let globex_rows = count(&pool, table, "globex").await;
+        assert!(
+            acme_rows > 0 && globex_rows > 0,
+            "{table}: seed() must give it rows of both tenants to test"
+        );
+
+        // Reads: the whole table is globex's.
+        let mut tx = store.tenant_transaction(&globex).await.expect("scope");
+        let seen: i64 = sqlx::query_scalar(AssertSqlSafe(format!("SELECT count(*) FROM {table}")))
+            .fetch_one(&mut *tx)
+            .await
+            .expect("read");
+        assert_eq!(seen, globex_rows, "{table}: rows seen");
+        let foreign: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+            "SELECT count(*) FROM {table} WHERE tenant_id = 'acme'"
+        )))
+        .fetch_one(&mut *tx)
+        .await
+        .expect("read");
+        assert_eq!(foreign, 0, "{table}: acme's rows asked for by name");
+        tx.rollback().await.expect("rollback");
+
+        // Moving globex's rows to acme is refused by the policy's check.
+        let mut tx = store.tenant_transaction(&globex).await.expect("scope");
+        let moved = sqlx::query(AssertSqlSafe(format!(
+            "UPDATE {table} SET tenant_id = 'acme'"
+        )))
+        .execute(&mut *tx)
+        .await
+        .expect_err("rows moved to another tenant");
+        assert_eq!(code(&moved), Some("42501".into()), "{table}: {moved}");
+        tx.rollback().await.expect("rollback");
+
+        // An UPDATE and a DELETE of every row touch globex's rows only.
+        let mut tx = store.tenant_transaction(&globex).await.expect("scope");
+        let updated = sqlx::query(AssertSqlSafe(format!(
+            "UPDATE {table} SET tenant_id = tenant_id"
+        )))
+        .execute(&mut *tx)
+        .await
+        .expect("update")
+        .rows_affected();
+        assert_eq!(
+            updated,
+            u64::try_from(globex_rows).expect("count"),
+            "{table}: updated"
+        );
+        let deleted = sqlx::query(AssertSqlSafe(format!("DELETE FROM {table}")))
+            .execute(&mut *tx)
+            .await
+            .expect("delete")
+            .rows_affected();
+        assert_eq!(
+            deleted,
+            u64::try_from(globex_rows).expect("count"),
+            "{table}: deleted"
+        );
+        tx.commit().await.expect("commit");
+        assert_eq!(
+            count(&pool, table, "acme").await,
+            acme_rows,
+            "{table}: acme's rows"
+        );
+        assert_eq!(
+            count(&pool, table, "globex").await,
+            0,
+            "{table}: globex's rows"
+        );
+    }
+
+    // An insert in another tenant's name fails with the policy's error.
+    let mut tx = store.tenant_transaction(&globex).await.expect("scope");
+    let refused = sqlx::query("INSERT INTO queues (tenant_id, name) VALUES ('acme', 'smuggled')")
+        .execute(&mut *tx)
+        .await
+        .expect_err("an acme row written in globex's scope");
+    assert_eq!(code(&refused), Some("42501".into()), "{refused}");
+    tx.rollback().await.expect("rollback");
+
+    // The attempt history view reads its tables as the caller, so the policies hold there too.
+    let mut tx = store
+        .tenant_transaction(&TenantId::new_unchecked("acme"))
+        .await
+        .expect("scope");
+    let tenants: Vec<String> =
+        sqlx::query_scalar("SELECT DISTINCT tenant_id FROM job_attempt_history")
+            .fetch_all(&mut *tx)
+            .await
+            .expect("view");
+    assert_eq!(tenants, vec!["acme".to_owned()]);
+    tx.rollback().await.expect("rollback");
+}
+
+/// The role tenant statements run as can bypass nothing, and without a tenant set it reads
+/// nothing at all: the policies fail closed.
+#[tokio::test]
+async fn the_tenant_role_bypasses_nothing_and_fails_closed() {
+    let db = test_db().await;
+    let _store = Store::connect(db.url(), 2).await.expect("store");
+    let pool = db.pool().await;
+    seed(&pool).await;
+    let row = sqlx::query("SELECT rolsuper, rolbypassrls FROM pg_roles WHERE rolname = $1")
+        .bind(jobwire_server::store::TENANT_ROLE)
+        .fetch_one(&pool)
+        .await
+        .expect("role");
+    assert!(
+        !row.get::<bool, _>(0) && !row.get::<bool, _>(1),
+        "superuser or BYPASSRLS"
+    );
+
+    for table in tenant_tables(&pool).await {
+        let forced: (bool, i64) = sqlx::query_as(
+            "SELECT c.relrowsecurity, (SELECT count(*) FROM pg_policies p \
+                 WHERE p.tablename = c.relname AND $2::name = ANY(p.roles)) \
+             FROM pg_class c WHERE c.relname = $1 AND c.relnamespace = current_schema()::regnamespace",
+        )
+        .bind(&table)
+        .bind(jobwire_server::store::TENANT_ROLE)
+        .fetch_one(&pool)
+        .await
+        .expect("catalog");
+        assert_eq!(
+            forced,
+            (true, 1),
+            "{table}: row-level security and one policy"
+        );
+
+        let mut tx = pool.begin().await.expect("begin");
+        sqlx::query("SET LOCAL ROLE jobwire_tenant")
+            .execute(&mut *tx)
+            .await
+            .expect("set role");
+        let unscoped = sqlx::query(AssertSqlSafe(format!("SELECT * FROM {table}")))
+            .fetch_all(&mut *tx)
+            .await;
+        assert!(unscoped.is_err(), "{table}: read without a tenant set");
+        tx.rollback().await.expect("rollback");
+    }
+}
