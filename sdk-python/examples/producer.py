@@ -17,7 +17,8 @@ import jobwire
 
 async def main() -> None:
     url = os.environ.get("JOBWIRE_URL", "http://127.0.0.1:50051")
-    async with await jobwire.Client.connect(url) as client:
+    api_key = os.environ.get("JOBWIRE_API_KEY") or None
+    async with await jobwire.Client.connect(url, api_key=api_key) as client:
         handle = await client.enqueue(
             Resize(url="https://example.com/cat.png", width=320),
             job_type=RESIZE,

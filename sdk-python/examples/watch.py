@@ -29,7 +29,8 @@ def show(event: jobwire.JobEvent) -> None:
 
 async def main() -> None:
     url = os.environ.get("JOBWIRE_URL", "http://127.0.0.1:50051")
-    async with await jobwire.Client.connect(url) as client:
+    api_key = os.environ.get("JOBWIRE_API_KEY") or None
+    async with await jobwire.Client.connect(url, api_key=api_key) as client:
         handle = await client.enqueue(Countdown(steps=20, step_millis=100), job_type=COUNTDOWN)
         print(f"watching job {handle.id}")
         async with handle.watch() as events:

@@ -75,6 +75,8 @@ async def main() -> None:
         os.environ.get("JOBWIRE_URL", "http://127.0.0.1:50051"),
         queues=queues,
         concurrency=int(os.environ.get("JOBWIRE_CONCURRENCY", "4")),
+        # Needed once the server has keys: one with the worker role.
+        api_key=os.environ.get("JOBWIRE_API_KEY") or None,
     )
     worker.register(RESIZE, resize)
     worker.register(COUNTDOWN, countdown)

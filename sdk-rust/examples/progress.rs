@@ -29,7 +29,12 @@ async fn main() -> anyhow::Result<()> {
     // Room for a retry or two; an attempt that takes far longer than planned is stopped.
     let expected = Duration::from_millis(u64::from(steps) * u64::from(step_millis));
 
-    let client = Client::connect(url.clone())
+    let mut client = Client::builder(url.clone());
+    if let Some(key) = common::api_key() {
+        client = client.api_key(key);
+    }
+    let client = client
+        .connect()
         .await
         .with_context(|| format!("connecting to {url}"))?;
     let handle = client

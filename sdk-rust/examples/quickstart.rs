@@ -22,7 +22,12 @@ async fn main() -> anyhow::Result<()> {
         .and_then(|secs| secs.parse().ok())
         .map_or(Duration::from_secs(60), Duration::from_secs);
 
-    let client = Client::connect(url.clone())
+    let mut client = Client::builder(url.clone());
+    if let Some(key) = common::api_key() {
+        client = client.api_key(key);
+    }
+    let client = client
+        .connect()
         .await
         .with_context(|| format!("connecting to {url}"))?;
     let handle = client

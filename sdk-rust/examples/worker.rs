@@ -33,7 +33,11 @@ async fn main() -> anyhow::Result<()> {
         .and_then(|n| n.parse().ok())
         .unwrap_or(4);
 
-    let worker = Worker::builder(common::server_url())
+    let mut builder = Worker::builder(common::server_url());
+    if let Some(key) = common::api_key() {
+        builder = builder.api_key(key);
+    }
+    let worker = builder
         .queues(queues)
         .concurrency(concurrency)
         .register::<Resize, _, _>(resize)

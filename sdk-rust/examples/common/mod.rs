@@ -93,6 +93,13 @@ pub fn server_url() -> String {
     std::env::var("JOBWIRE_URL").unwrap_or_else(|_| "http://127.0.0.1:50051".to_owned())
 }
 
+/// The API key to send, from `JOBWIRE_API_KEY`: needed once the server has keys.
+pub fn api_key() -> Option<String> {
+    std::env::var("JOBWIRE_API_KEY")
+        .ok()
+        .filter(|key| !key.is_empty())
+}
+
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`), in colour only when stderr is a
 /// terminal: redirected to a file or a pipe, the lines carry no escape codes.
 pub fn init_tracing() {

@@ -27,7 +27,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .filter(|dir| !dir.is_empty())
         .map_or_else(|| PathBuf::from(DEFAULT_CACHE_DIR), PathBuf::from);
 
-    let worker = jobwire_catalog::register_all(Worker::builder(&url), cache_dir.clone()).build()?;
+    let mut builder = Worker::builder(&url);
+    // Needed once the server has keys: one with the worker role.
+    if let Some(key) = std::env::var("JOBWIRE_API_KEY")
+        .ok()
+        .filter(|k| !k.is_empty())
+    {
+        builder = builder.api_key(key);
+    }
+    let worker = jobwire_catalog::register_all(builder, cache_dir.clone()).build()?;
     tracing::info!(
         worker = worker.worker_id(),
         %url,
