@@ -59,6 +59,8 @@ use crate::transport::Headers;
 /// [`ClientBuilder::api_key`] or [`with_api_key`](Self::with_api_key), if any.
 #[derive(Debug, Clone)]
 pub struct Client {
+    /// The connection every service client below shares, kept for [`channel`](Self::channel).
+    channel: Channel,
     /// Cloned per call: tonic clients take `&mut self`, and a clone shares the channel.
     jobs: JobServiceClient<Channel>,
     /// On the same channel as `jobs`, so administering queues opens no other connection.
@@ -102,7 +104,8 @@ impl Client {
         Self {
             jobs: JobServiceClient::new(channel.clone()),
             queues: QueueServiceClient::new(channel.clone()),
-            schedules: ScheduleServiceClient::new(channel),
+            schedules: ScheduleServiceClient::new(channel.clone()),
+            channel,
             headers,
         }
     }
@@ -130,6 +133,27 @@ impl Client {
     /// The tenant set with [`with_tenant`](Self::with_tenant), if any.
     pub fn tenant(&self) -> Option<&str> {
         self.headers.tenant()
+    }
+
+    /// The channel this client calls through, for what the typed API does not cover: build a
+    /// generated client of [`crate::proto`] on it (a clone shares the connection, and its TLS
+    /// settings) and wrap each message with [`request`](Self::request).
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+
+    /// Wraps `message` in a request carrying this client's tenant and API key, for a call
+    /// through a generated client on [`channel`](Self::channel).
+    pub fn request<T>(&self, message: T) -> tonic::Request<T> {
+        self.headers.request(message)
+    }
+
+    /// The events of the job with this id, as [`JobHandle::watch_from`] streams them, for a
+    /// caller that does not know the job's type (such as a command-line tool): every event after
+    /// `after_sequence` (0: from the job's beginning), once and in order, ending after its
+    /// terminal state change.
+    pub fn watch_job(&self, id: impl Into<JobId>, after_sequence: i64) -> JobEvents {
+        watch::job_events(self.clone(), id.into(), after_sequence)
     }
 
     /// Starts an enqueue of `payload`; set options on the builder, then await it (or call

@@ -1,0 +1,165 @@
+//! `jobwire queues`: a queue's figures, its pause and its limits, through the SDK's
+//! [`QueueRef`](jobwire::QueueRef).
+//!
+//! `queues list` reads every page (a tenant has few queues) and prints them as one listing.
+
+use jobwire::{Client, RateLimit};
+use jobwire_proto::v1 as pb;
+
+use crate::args::{Limit, QueuesCommand, SetQueueArgs};
+use crate::error::Failure;
+use crate::render::{self, Pool, line};
+
+/// Runs one `queues` subcommand.
+pub async fn run(client: &Client, json: bool, command: QueuesCommand) -> Result<(), Failure> {
+    let pool = Pool::new()?;
+    let queue = match command {
+        QueuesCommand::List => {
+            let queues: Vec<pb::Queue> = client
+                .list_queues()
+                .await?
+                .into_iter()
+                .map(|queue| queue.into_proto())
+                .collect();
+            return list(&pool, json, queues);
+        }
+        QueuesCommand::Get { name } => client.queue(name).get().await?,
+        QueuesCommand::Pause { name, reason } => client.queue(name).pause(reason).await?,
+        QueuesCommand::Resume { name } => client.queue(name).resume().await?,
+        QueuesCommand::Set(args) => set(client, args).await?,
+    };
+    let queue = queue.into_proto();
+    if json {
+        return pool.print(&queue);
+    }
+    line(&describe(&queue))
+}
+
+/// `queues set`: the limits named, set or removed.
+async fn set(client: &Client, args: SetQueueArgs) -> Result<jobwire::QueueInfo, Failure> {
+    let mut update = client.queue(args.name).update();
+    if let Some(limit) = args.concurrency {
+        update = update.concurrency_limit(match limit {
+            Limit::Set(jobs) => Some(jobs),
+            Limit::Remove => None,
+        });
+    }
+    if let Some(limit) = args.rate {
+        update = update.rate_limit(match limit {
+            Limit::Set(per_second) => {
+                let rate = RateLimit::per_second(per_second);
+                Some(match args.burst {
+                    Some(burst) => rate.burst(burst),
+                    None => rate,
+                })
+            }
+            Limit::Remove => None,
+        });
+    }
+    if args.create {
+        update = update.create_if_missing();
+    }
+    Ok(update.send().await?)
+}
+
+fn list(pool: &Pool, json: bool, queues: Vec<pb::Queue>) -> Result<(), Failure> {
+    if json {
+        return pool.print(&pb::ListQueuesResponse {
+            queues,
+            next_page_token: String::new(),
+        });
+    }
+    let rows = queues
+        .iter()
+        .map(|queue| {
+            let stats = queue.stats.clone().unwrap_or_default();
+            [
+                queue.name.clone(),
+                if queue.paused { "paused" } else { "" }.to_owned(),
+                concurrency(queue),
+                rate(queue),
+                count(&stats, pb::JobState::Available).to_string(),
+                count(&stats, pb::JobState::Running).to_string(),
+                render::proto_duration(stats.oldest_available_age.as_ref()),
+                format!("{:.2}/s", stats.throughput_per_second),
+            ]
+        })
+        .collect();
+    line(&render::table(
+        [
+            "NAME",
+            "PAUSED",
+            "CONCURRENCY",
+            "RATE",
+            "AVAILABLE",
+            "RUNNING",
+            "OLDEST WAITING",
+            "THROUGHPUT",
+        ],
+        rows,
+    ))
+}
+
+/// One queue for people: settings, then its jobs per state.
+fn describe(queue: &pb::Queue) -> String {
+    let stats = queue.stats.clone().unwrap_or_default();
+    let paused = if queue.paused {
+        let mut text = format!("yes, since {}", render::time(queue.paused_at.as_ref()));
+        if !queue.pause_reason.is_empty() {
+            text.push_str(&format!(" ({})", queue.pause_reason));
+        }
+        text
+    } else {
+        "no".into()
+    };
+    let mut text = render::fields(&[
+        ("name", queue.name.clone()),
+        ("paused", paused),
+        ("concurrency", concurrency(queue)),
+        ("rate", rate(queue)),
+        (
+            "oldest waiting",
+            render::proto_duration(stats.oldest_available_age.as_ref()),
+        ),
+        (
+            "throughput",
+            format!(
+                "{:.2}/s ({} finished in the last minute)",
+                stats.throughput_per_second, stats.finished_last_minute
+            ),
+        ),
+        ("created", render::time(queue.created_at.as_ref())),
+        ("updated", render::time(queue.updated_at.as_ref())),
+    ]);
+    if !stats.counts.is_empty() {
+        let rows = stats
+            .counts
+            .iter()
+            .map(|count| [render::state(count.state), count.count.to_string()])
+            .collect();
+        text.push_str("\n\njobs:\n");
+        text.push_str(&render::table(["STATE", "COUNT"], rows));
+    }
+    text
+}
+
+fn concurrency(queue: &pb::Queue) -> String {
+    queue
+        .concurrency_limit
+        .map_or_else(|| "-".into(), |limit| limit.to_string())
+}
+
+fn rate(queue: &pb::Queue) -> String {
+    queue.rate_limit.as_ref().map_or_else(
+        || "-".into(),
+        |rate| format!("{}/s (burst {})", rate.per_second, rate.burst),
+    )
+}
+
+fn count(stats: &pb::QueueStats, state: pb::JobState) -> i64 {
+    stats
+        .counts
+        .iter()
+        .find(|count| count.state == state as i32)
+        .map_or(0, |count| count.count)
+}
