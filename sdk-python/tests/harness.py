@@ -284,6 +284,15 @@ async def until_running(
     raise AssertionError(f"job {job_id} ended without running on {worker_id}")
 
 
+async def until_logged(client: jobwire.Client, job_id: str, message: str) -> jobwire.JobEvent:
+    """Follows the job's events until its handler logs ``message``."""
+    async with client.watch_job(job_id) as events:
+        async for event in events:
+            if isinstance(event.kind, jobwire.LogLine) and event.kind.message == message:
+                return event
+    raise AssertionError(f"job {job_id} ended without logging {message!r}")
+
+
 @contextlib.contextmanager
 def logged(prefix: str, containing: str = "") -> Iterator[asyncio.Event]:
     """An event set when the SDK logs a message starting with ``prefix`` (and containing

@@ -31,6 +31,9 @@ async def test_a_killed_workers_job_is_finished_by_another_worker(
                 retry=jobwire.RetryPolicy(max_attempts=5, initial_backoff=0.05),
             )
             await harness.until_running(client, handle.id, "py-doomed")
+            # Killed once its handler runs: a worker killed before that gives its attempt back
+            # uncounted, with no attempt of its own in the history this test reads.
+            await harness.until_logged(client, handle.id, "first attempt waiting")
             doomed.signal(signal.SIGKILL)
             assert await doomed.wait(10) == -signal.SIGKILL
         finally:
