@@ -101,14 +101,32 @@ pub enum Command {
     /// The registered job types: payload schemas, defaults, examples.
     #[command(subcommand)]
     Types(TypesCommand),
+    /// The connected workers, on every replica: list them, drain one.
+    #[command(subcommand)]
+    Workers(WorkersCommand),
     /// Prints a completion script for a shell, such as `jobwire completions bash >
     /// /etc/bash_completion.d/jobwire`.
     Completions {
         /// The shell.
         shell: clap_complete::Shell,
     },
-    // `workers list` and `workers drain ID` belong here once WorkerService offers ListWorkers
-    // and DrainWorker (issue 31, item 2); the server has neither yet.
+}
+
+#[derive(Debug, Subcommand)]
+#[command(after_help = "\
+Examples:
+  jobwire workers list
+  jobwire workers list --json | jq '.workers[].workerId'
+  jobwire workers drain thumbnailer-1   # finishes its jobs, takes no new one, disconnects")]
+pub enum WorkersCommand {
+    /// Lists the connected workers: what they serve, their slots and leases, their replica.
+    List,
+    /// Tells a worker to drain: it finishes the jobs it runs, takes no new one, and
+    /// disconnects (its process's `run` returns). Exits 3 when no such worker is connected.
+    Drain {
+        /// The worker's id (WORKER ID in `workers list`).
+        id: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -248,7 +266,8 @@ Examples:
   jobwire queues list
   jobwire queues pause media --reason 'renderer upgrade'
   jobwire queues set media --concurrency 4 --rate 10/s --burst 20
-  jobwire queues set media --concurrency none --rate none   # removes both limits")]
+  jobwire queues set media --concurrency none --rate none   # removes both limits
+  jobwire queues set media --warn-after 5m --critical-after 30m   # health thresholds")]
 pub enum QueuesCommand {
     /// Lists the queues with their figures.
     List,
@@ -263,7 +282,7 @@ pub enum QueuesCommand {
     },
     /// Lets a paused queue's jobs start again.
     Resume { name: String },
-    /// Sets or removes the queue's limits.
+    /// Sets or removes the queue's limits and health thresholds.
     Set(SetQueueArgs),
 }
 
@@ -282,6 +301,14 @@ pub struct SetQueueArgs {
     /// second's worth).
     #[arg(long, requires = "rate")]
     pub burst: Option<u32>,
+    /// The queue's health turns WARNING once its oldest waiting job has waited this long
+    /// (such as 5m; 1s to 365d); `none` removes the threshold.
+    #[arg(long, group = "limits", value_parser = parse_threshold)]
+    pub warn_after: Option<Limit<Duration>>,
+    /// The queue's health turns CRITICAL once its oldest waiting job has waited this long;
+    /// `none` removes the threshold.
+    #[arg(long, group = "limits", value_parser = parse_threshold)]
+    pub critical_after: Option<Limit<Duration>>,
     /// Create the queue if no job used it yet.
     #[arg(long)]
     pub create: bool,
@@ -529,6 +556,14 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         _ => return Err(format!("{text:?}: the unit must be ms, s, m, h or d")),
     };
     Duration::try_from_secs_f64(seconds).map_err(|err| format!("{text:?}: {err}"))
+}
+
+/// A health threshold: a duration, or `none` to remove it.
+fn parse_threshold(text: &str) -> Result<Limit<Duration>, String> {
+    if text == "none" {
+        return Ok(Limit::Remove);
+    }
+    parse_duration(text).map(Limit::Set)
 }
 
 /// A concurrency limit, or `none`.

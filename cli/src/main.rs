@@ -1,11 +1,11 @@
 //! `jobwire`: the command-line tool for operators of a jobwire server.
 //!
 //! It does what an operator did with grpcurl and hand-typed JSON, in the server's own terms:
-//! list, inspect, enqueue, watch and control jobs; pause queues and set their limits; manage
-//! cron schedules; read the registered job types. It is built on the Rust SDK, which owns the
-//! connection (address, API key, tenant, TLS) and the resuming watch; services and shapes the
-//! SDK's typed API does not cover (JSON payloads, the job type registry, pages as the server
-//! sent them) are called through the generated clients of `jobwire_proto` on the SDK's channel.
+//! list, inspect, enqueue, watch and control jobs; pause queues, set their limits and health
+//! thresholds; manage cron schedules; read the registered job types; list the connected workers
+//! and drain one. It is built on the Rust SDK, which owns the connection (address, API key,
+//! tenant, TLS) and the resuming watch; services and shapes the SDK's typed API does not cover
+//! (JSON payloads, the job type registry, the worker fleet, pages as the server sent them) are called through the generated clients of `jobwire_proto` on the SDK's channel.
 //!
 //! Output is for people by default (tables, `name: value` blocks, a progress bar) and for
 //! scripts with `--json`: the RPC's response message as one JSON object in the proto3 JSON
@@ -19,9 +19,8 @@
 //! - [`connect`]: the SDK client from the global options.
 //! - [`error`]: what can fail, and the exit code for each.
 //! - [`render`]: proto JSON through prost-reflect, tables and fields for people.
-//! - [`jobs`], [`watch`], [`queues`], [`schedules`], [`types`]: one file per command group.
-//!
-//! `workers list` and `workers drain` wait for the server's ListWorkers and DrainWorker.
+//! - [`jobs`], [`watch`], [`queues`], [`schedules`], [`types`], [`workers`]: one file per
+//!   command group.
 
 mod args;
 mod connect;
@@ -32,6 +31,7 @@ mod render;
 mod schedules;
 mod types;
 mod watch;
+mod workers;
 
 use std::process::ExitCode;
 
@@ -84,6 +84,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Queues(command) => queues::run(&client, json, command).await,
         Command::Schedules(command) => schedules::run(&client, json, command).await,
         Command::Types(command) => types::run(&client, json, command).await,
+        Command::Workers(command) => workers::run(&client, json, command).await,
         Command::Completions { .. } => Ok(()),
     }
 }

@@ -2,6 +2,8 @@
 //! [`QueueRef`](jobwire::QueueRef).
 //!
 //! `queues list` reads every page (a tenant has few queues) and prints them as one listing.
+//! Both `list` and `get` show each queue's health: the wait of its oldest available job
+//! against the thresholds `queues set --warn-after/--critical-after` sets.
 
 use jobwire::{Client, RateLimit};
 use jobwire_proto::v1 as pb;
@@ -56,6 +58,18 @@ async fn set(client: &Client, args: SetQueueArgs) -> Result<jobwire::QueueInfo, 
             Limit::Remove => None,
         });
     }
+    if let Some(threshold) = args.warn_after {
+        update = update.warn_after(match threshold {
+            Limit::Set(wait) => Some(wait),
+            Limit::Remove => None,
+        });
+    }
+    if let Some(threshold) = args.critical_after {
+        update = update.critical_after(match threshold {
+            Limit::Set(wait) => Some(wait),
+            Limit::Remove => None,
+        });
+    }
     if args.create {
         update = update.create_if_missing();
     }
@@ -75,10 +89,11 @@ fn list(pool: &Pool, json: bool, queues: Vec<pb::Queue>) -> Result<(), Failure> 
             let stats = queue.stats.clone().unwrap_or_default();
             [
                 queue.name.clone(),
+                health(&stats).to_owned(),
                 if queue.paused { "paused" } else { "" }.to_owned(),
                 concurrency(queue),
                 rate(queue),
-                count(&stats, pb::JobState::Available).to_string(),
+                stats.backlog.to_string(),
                 count(&stats, pb::JobState::Running).to_string(),
                 render::proto_duration(stats.oldest_available_age.as_ref()),
                 format!("{:.2}/s", stats.throughput_per_second),
@@ -88,10 +103,11 @@ fn list(pool: &Pool, json: bool, queues: Vec<pb::Queue>) -> Result<(), Failure> 
     line(&render::table(
         [
             "NAME",
+            "HEALTH",
             "PAUSED",
             "CONCURRENCY",
             "RATE",
-            "AVAILABLE",
+            "BACKLOG",
             "RUNNING",
             "OLDEST WAITING",
             "THROUGHPUT",
@@ -114,9 +130,13 @@ fn describe(queue: &pb::Queue) -> String {
     };
     let mut text = render::fields(&[
         ("name", queue.name.clone()),
+        ("health", health(&stats).to_owned()),
         ("paused", paused),
         ("concurrency", concurrency(queue)),
         ("rate", rate(queue)),
+        ("backlog", stats.backlog.to_string()),
+        ("warn after", threshold(queue.warn_after.as_ref())),
+        ("critical after", threshold(queue.critical_after.as_ref())),
         (
             "oldest waiting",
             render::proto_duration(stats.oldest_available_age.as_ref()),
@@ -141,6 +161,24 @@ fn describe(queue: &pb::Queue) -> String {
         text.push_str(&render::table(["STATE", "COUNT"], rows));
     }
     text
+}
+
+/// The queue's health as a word; `-` when the server did not say.
+fn health(stats: &pb::QueueStats) -> &'static str {
+    match stats.health() {
+        pb::QueueHealth::Ok => "ok",
+        pb::QueueHealth::Warning => "WARNING",
+        pb::QueueHealth::Critical => "CRITICAL",
+        pb::QueueHealth::Unspecified => "-",
+    }
+}
+
+/// A health threshold; `-` when none is set.
+fn threshold(wait: Option<&prost_types::Duration>) -> String {
+    match wait {
+        Some(_) => render::proto_duration(wait),
+        None => "-".into(),
+    }
 }
 
 fn concurrency(queue: &pb::Queue) -> String {

@@ -91,8 +91,8 @@ pub mod worker;
 
 pub use client::{
     CatchUpPolicy, Client, ClientBuilder, CreateSchedule, Enqueue, Enqueued, JobEvents, JobHandle,
-    JobPage, ListJobs, NewJob, OverlapPolicy, QueueInfo, QueueRef, RateLimit, ScheduleInfo,
-    ScheduleRef, UpdateQueue, UpdateSchedule, WatchJobs,
+    JobPage, ListJobs, NewJob, OverlapPolicy, QueueHealth, QueueInfo, QueueRef, RateLimit,
+    ScheduleInfo, ScheduleRef, UpdateQueue, UpdateSchedule, WatchJobs,
 };
 pub use context::{JobContext, StopReason};
 pub use error::{Error, HandlerError, JobFailure};

@@ -32,6 +32,12 @@ pub struct Config {
     #[arg(long, env = "JOBWIRE_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
 
+    /// This replica's name, shown with each worker connected to it (ListWorkers).
+    ///
+    /// Default: `<hostname>:<port>`, the host and the port it serves on.
+    #[arg(long, env = "JOBWIRE_REPLICA_NAME")]
+    pub replica_name: Option<String>,
+
     /// Serve without API keys on a non-loopback address.
     ///
     /// Until the first API key exists, a server on a loopback address serves every call open

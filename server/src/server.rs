@@ -40,6 +40,32 @@ use crate::{
     store::Store,
 };
 
+/// The most of a replica's name shown with its workers.
+const MAX_REPLICA_NAME: usize = 255;
+
+/// This replica's name for ListWorkers: `--replica-name`, or `<hostname>:<port>`, which tells
+/// replicas apart on one host as well as across hosts.
+fn replica_name(config: &Config, listener: &TcpListener) -> String {
+    let name = config.replica_name.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .map(|name| name.trim().to_owned())
+            .filter(|name| !name.is_empty())
+            .unwrap_or_else(|| "jobwire".to_owned());
+        match listener.local_addr() {
+            Ok(addr) => format!("{host}:{}", addr.port()),
+            Err(_) => host,
+        }
+    });
+    // Stored as text: a NUL cannot be, and a name this long says nothing more.
+    let mut name = name.replace('\0', "");
+    while name.len() > MAX_REPLICA_NAME {
+        name.pop();
+    }
+    name
+}
+
 /// How often health is re-checked against PostgreSQL.
 const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -131,6 +157,7 @@ pub async fn run(
                 lease_duration: config.lease_duration,
                 heartbeat_interval: config.heartbeat_interval,
                 stop_grace: config.stop_grace,
+                replica: replica_name(config, &listener),
             },
             config.max_payload_bytes,
         ),

@@ -306,6 +306,7 @@ impl Setup {
             fanout: self.idle_fanout(),
             stops: broadcast::channel(16).0,
             queue_holds: broadcast::channel(16).0,
+            drains: broadcast::channel(16).0,
         }
     }
 
@@ -345,6 +346,7 @@ pub fn session_config() -> SessionConfig {
         lease_duration: LEASE,
         heartbeat_interval: Duration::from_secs(5),
         stop_grace: Duration::from_secs(10),
+        replica: "test-replica".to_owned(),
     }
 }
 

@@ -74,7 +74,8 @@ fn allowed(method: &str, role: &str) -> bool {
         "QueueService/ListQueues"
         | "QueueService/GetQueue"
         | "ScheduleService/GetSchedule"
-        | "ScheduleService/ListSchedules" => &readers,
+        | "ScheduleService/ListSchedules"
+        | "WorkerService/ListWorkers" => &readers,
         "WorkerService/Connect" => &["admin", "worker"],
         _ => &["admin"],
     };

@@ -157,6 +157,16 @@ impl TestWorker {
         worker
     }
 
+    /// Waits for the worker's run to return by itself (a drain the server asked for).
+    async fn ended(self) {
+        let _guard = self.stop.drop_guard();
+        tokio::time::timeout(WAIT, self.task)
+            .await
+            .expect("the worker's run returned")
+            .expect("the worker task")
+            .expect("the worker drained");
+    }
+
     async fn stop(self) {
         self.stop.cancel();
         self.task
@@ -785,6 +795,102 @@ async fn queues_with_api_keys() {
         .await
         .expect(INVALID_INPUT);
     assert!(run.stderr.contains("concurrency_limit"), "{run:?}");
+
+    // Health thresholds: set, shown, judged; refused out of range.
+    let queue = as_admin(&[
+        "queues",
+        "set",
+        "media",
+        "--warn-after",
+        "5m",
+        "--critical-after",
+        "1h",
+        "--json",
+    ])
+    .await
+    .expect(0)
+    .json();
+    assert_eq!(queue["warnAfter"], "300s", "{queue}");
+    assert_eq!(queue["criticalAfter"], "3600s", "{queue}");
+    assert_eq!(queue["stats"]["health"], "QUEUE_HEALTH_OK", "{queue}");
+    let run = as_admin(&["queues", "get", "media"]).await.expect(0);
+    assert!(run.stdout.contains("health"), "{run:?}");
+    assert!(run.stdout.contains("warn after"), "{run:?}");
+    let run = as_admin(&["queues", "list"]).await.expect(0);
+    assert!(run.stdout.contains("HEALTH"), "{run:?}");
+    assert!(run.stdout.contains("BACKLOG"), "{run:?}");
+    let row = run
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("media"))
+        .unwrap_or_else(|| panic!("no media row: {run:?}"));
+    assert!(row.contains("ok"), "{row}");
+    let run = as_admin(&["queues", "set", "media", "--warn-after", "100ms"])
+        .await
+        .expect(INVALID_INPUT);
+    assert!(run.stderr.contains("warn_after"), "{run:?}");
+    as_admin(&["queues", "set", "media", "--warn-after", "soon"])
+        .await
+        .expect(INVALID_INPUT);
+}
+
+#[tokio::test]
+async fn workers_list_and_drain() {
+    let db = test_db().await;
+    let server = ServerProcess::start(&db, &[]).await;
+    let run = jobwire(&server, &["workers", "list"]).await.expect(0);
+    assert!(run.stdout.contains("no worker is connected"), "{run:?}");
+
+    let worker = TestWorker::start(&server).await;
+    let listed = jobwire(&server, &["workers", "list", "--json"])
+        .await
+        .expect(0)
+        .json();
+    let workers = listed["workers"].as_array().expect("a list of workers");
+    assert_eq!(workers.len(), 1, "{listed}");
+    assert_eq!(workers[0]["workerId"], "cli-test-worker", "{listed}");
+    assert_eq!(workers[0]["slots"], 10, "{listed}");
+    assert_eq!(workers[0]["freeSlots"], 10, "{listed}");
+    assert!(
+        workers[0]["version"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("jobwire-rust/")),
+        "{listed}"
+    );
+    let run = jobwire(&server, &["workers", "list"]).await.expect(0);
+    assert!(run.stdout.contains("WORKER ID"), "{run:?}");
+    let row = run
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("cli-test-worker"))
+        .unwrap_or_else(|| panic!("no worker row: {run:?}"));
+    assert!(row.contains("serving") && row.contains("10/10"), "{row}");
+
+    // Not found, and invalid input.
+    let run = jobwire(&server, &["workers", "drain", "nosuch"])
+        .await
+        .expect(NOT_FOUND);
+    assert!(run.stderr.contains("nosuch"), "{run:?}");
+    jobwire(&server, &["workers", "drain", ""])
+        .await
+        .expect(INVALID_INPUT);
+
+    // A drain: the worker's run returns by itself.
+    let run = jobwire(&server, &["workers", "drain", "cli-test-worker"])
+        .await
+        .expect(0);
+    assert!(run.stdout.contains("draining 1 stream"), "{run:?}");
+    worker.ended().await;
+    eventually("the drained worker gone", WAIT, || async {
+        let listed = jobwire(&server, &["workers", "list", "--json"])
+            .await
+            .json();
+        listed["workers"]
+            .as_array()
+            .is_none_or(Vec::is_empty)
+            .then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -805,6 +805,8 @@ mod session {
             prefetch: 0,
             running: Vec::new(),
             reports_started,
+            version: String::new(),
+            host: String::new(),
         }
     }
 

@@ -86,6 +86,16 @@ async fn seed(pool: &PgPool) {
             .execute(pool)
             .await
             .expect("audit entry");
+            sqlx::query(
+                "INSERT INTO workers (id, tenant_id, worker_id, replica, queues, job_types, \
+                     slots, prefetch) \
+                 VALUES (gen_random_uuid(), $1, 'w' || $2, 'r', '{q}', '{t}', 1, 0)",
+            )
+            .bind(tenant)
+            .bind(n.to_string())
+            .execute(pool)
+            .await
+            .expect("worker");
         }
     }
 }

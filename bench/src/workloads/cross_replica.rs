@@ -100,6 +100,7 @@ pub async fn run(pg: &Postgres) -> anyhow::Result<Report> {
         schemas: vec![],
         prefetch: 0,
         reports_started: false,
+        ..Default::default()
     })))
     .await?;
     let mut stream = WorkerServiceClient::new(channel(&a.url).await?)

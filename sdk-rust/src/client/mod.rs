@@ -36,7 +36,7 @@ pub use enqueue::{Enqueue, Enqueued, NewJob};
 use enqueue::sealed::Sealed as _;
 pub use handle::JobHandle;
 pub use list::{JobPage, ListJobs};
-pub use queues::{QueueInfo, QueueRef, RateLimit, UpdateQueue};
+pub use queues::{QueueHealth, QueueInfo, QueueRef, RateLimit, UpdateQueue};
 pub use schedules::{
     CatchUpPolicy, CreateSchedule, OverlapPolicy, ScheduleInfo, ScheduleRef, UpdateSchedule,
 };

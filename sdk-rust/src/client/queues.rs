@@ -31,6 +31,21 @@ pub struct RateLimit {
     pub burst: u32,
 }
 
+/// How a queue keeps up: the wait of its oldest available job against the queue's thresholds
+/// ([`UpdateQueue::warn_after`], [`UpdateQueue::critical_after`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum QueueHealth {
+    /// No threshold is crossed, or none is set.
+    Ok,
+    /// The oldest available job has waited at least the warning threshold.
+    Warning,
+    /// The oldest available job has waited at least the critical threshold.
+    Critical,
+    /// The server did not say, or said something this SDK does not know.
+    Unknown,
+}
+
 /// One second's worth of starts, as the server defaults it.
 fn default_burst(per_second: f64) -> u32 {
     if per_second.is_finite() && per_second > 1.0 {
@@ -144,6 +159,35 @@ impl QueueInfo {
         self.stats()
             .and_then(|stats| stats.oldest_available_age)
             .and_then(|age| Duration::try_from(age).ok())
+    }
+
+    /// Jobs AVAILABLE and waiting for a worker.
+    pub fn backlog(&self) -> i64 {
+        self.stats().map_or(0, |stats| stats.backlog)
+    }
+
+    /// The queue's health against its thresholds.
+    pub fn health(&self) -> QueueHealth {
+        match self.stats().map(|stats| stats.health()) {
+            Some(pb::QueueHealth::Ok) => QueueHealth::Ok,
+            Some(pb::QueueHealth::Warning) => QueueHealth::Warning,
+            Some(pb::QueueHealth::Critical) => QueueHealth::Critical,
+            Some(pb::QueueHealth::Unspecified) | None => QueueHealth::Unknown,
+        }
+    }
+
+    /// The wait of the oldest available job at which the queue turns WARNING.
+    pub fn warn_after(&self) -> Option<Duration> {
+        self.queue
+            .warn_after
+            .and_then(|d| Duration::try_from(d).ok())
+    }
+
+    /// The wait of the oldest available job at which the queue turns CRITICAL.
+    pub fn critical_after(&self) -> Option<Duration> {
+        self.queue
+            .critical_after
+            .and_then(|d| Duration::try_from(d).ok())
     }
 
     /// Jobs that finished (succeeded or failed) in the last 60 seconds.
@@ -325,6 +369,22 @@ impl UpdateQueue {
         self
     }
 
+    /// The queue's health turns WARNING once its oldest available job has waited this long
+    /// (1 second to 365 days); `None` removes the threshold.
+    pub fn warn_after(mut self, wait: Option<Duration>) -> Self {
+        self.queue.warn_after = wait.map(proto_duration);
+        super::mask_path(&mut self.update_mask, "warn_after");
+        self
+    }
+
+    /// The queue's health turns CRITICAL once its oldest available job has waited this long
+    /// (1 second to 365 days); `None` removes the threshold.
+    pub fn critical_after(mut self, wait: Option<Duration>) -> Self {
+        self.queue.critical_after = wait.map(proto_duration);
+        super::mask_path(&mut self.update_mask, "critical_after");
+        self
+    }
+
     /// Creates the queue if it was never used, so that its limits hold from its first job.
     pub fn create_if_missing(mut self) -> Self {
         self.allow_missing = true;
@@ -370,6 +430,14 @@ impl IntoFuture for UpdateQueue {
 }
 
 /// The queue every single-queue response carries.
+/// A wait as the proto carries it; one too long for it saturates (the server refuses it).
+fn proto_duration(wait: Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: i64::try_from(wait.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(wait.subsec_nanos()).unwrap_or(0),
+    }
+}
+
 fn queue_info(queue: Option<pb::Queue>) -> Result<QueueInfo, Error> {
     queue
         .map(QueueInfo::from_proto)
@@ -454,6 +522,8 @@ mod tests {
                 }),
                 finished_last_minute: 120,
                 throughput_per_second: 2.0,
+                backlog: 12,
+                health: pb::QueueHealth::Warning as i32,
             }),
             ..Default::default()
         });
@@ -461,6 +531,7 @@ mod tests {
         assert!(info.is_paused());
         assert_eq!(info.pause_reason(), Some("maintenance"));
         assert_eq!(info.concurrency_limit(), Some(8));
+        assert_eq!((info.backlog(), info.health()), (12, QueueHealth::Warning));
         assert_eq!(info.rate_limit(), None);
         assert_eq!(info.count(JobState::Available), 12);
         assert_eq!(info.count(JobState::Failed), 0);

@@ -5,6 +5,9 @@
 //! handlers are told to stop → (abort grace) → Finished, when whatever is left is abandoned.
 //! Every loop of the worker races [`Lifecycle::changed`] against its work, so a phase change is
 //! seen wherever the worker is waiting: on a stream, or between reconnects.
+//!
+//! The server may start the drain too ([`Lifecycle::drain`], when an operator calls
+//! DrainWorker): the worker then goes through the same phases as on its own shutdown.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -84,6 +87,16 @@ impl<'a> Lifecycle<'a> {
         self.phase
     }
 
+    /// Starts the drain now, as if the shutdown future had resolved: the server asked for it.
+    /// True when this began the drain; false when shutdown had already begun.
+    pub(super) fn drain(&mut self) -> bool {
+        if self.phase != Phase::Serving {
+            return false;
+        }
+        self.enter(Phase::Draining, self.drain_timeout);
+        true
+    }
+
     fn enter(&mut self, phase: Phase, lasting: Duration) {
         self.phase = phase;
         self.deadline = Instant::now() + lasting;
@@ -122,5 +135,21 @@ mod tests {
         assert_eq!(lifecycle.changed().await, Phase::Finished);
         assert_eq!(drain_started.elapsed(), Duration::from_secs(32));
         assert!(lifecycle.phase().is_stopping());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_drain_asked_by_the_server_runs_like_a_shutdown() {
+        let mut lifecycle = Lifecycle::new(
+            std::future::pending(),
+            Duration::from_secs(30),
+            Duration::from_secs(2),
+        );
+        assert!(lifecycle.drain());
+        assert_eq!(lifecycle.phase(), Phase::Draining);
+        assert!(!lifecycle.drain(), "a drain begins once");
+        let drain_started = Instant::now();
+        assert_eq!(lifecycle.changed().await, Phase::Aborting);
+        assert_eq!(drain_started.elapsed(), Duration::from_secs(30));
+        assert_eq!(lifecycle.changed().await, Phase::Finished);
     }
 }

@@ -108,6 +108,8 @@ struct Config {
     /// Tenant and API key, put on the stream by [`Headers::request`].
     headers: Headers,
     worker_id: Arc<str>,
+    /// The host the worker runs on, as its hello tells the server (for ListWorkers).
+    host: Arc<str>,
     queues: Vec<String>,
     drain_timeout: Duration,
 }
@@ -124,7 +126,8 @@ impl Worker {
         &self.config.worker_id
     }
 
-    /// Serves jobs until `shutdown` resolves, then drains and returns.
+    /// Serves jobs until `shutdown` resolves, then drains and returns. It drains and returns
+    /// the same way when an operator asks the server to drain this worker (DrainWorker).
     ///
     /// The server need not be up: the worker connects when it can and keeps retrying. Run it
     /// with a signal future (see the `worker` example) or any other trigger, such as
@@ -618,6 +621,7 @@ impl WorkerBuilder {
                 endpoint: transport::endpoint(self.url, self.tls.as_ref())?,
                 headers,
                 worker_id: Arc::clone(&worker_id),
+                host: Arc::from(host_name()),
                 queues,
                 drain_timeout: self.drain_timeout,
             },
@@ -649,13 +653,27 @@ impl fmt::Debug for WorkerBuilder {
     }
 }
 
-/// `<hostname>-<pid>-<random>`: readable in lease owners, and unique even for several workers
-/// in one process (as in tests).
-fn default_worker_id() -> String {
+/// The most of a host name the hello carries (the server's limit for `Hello.host`).
+const MAX_HOST: usize = 255;
+
+/// The host the worker runs on, from the kernel or `HOSTNAME`; empty when neither says.
+fn host_name() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .or_else(|| std::env::var("HOSTNAME").ok())
-        .map(|name| name.trim().to_owned())
+        .map(|name| name.trim().replace('\0', ""))
+        .unwrap_or_default();
+    let mut cut = host.len().min(MAX_HOST);
+    while !host.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    host[..cut].to_owned()
+}
+
+/// `<hostname>-<pid>-<random>`: readable in lease owners, and unique even for several workers
+/// in one process (as in tests).
+fn default_worker_id() -> String {
+    let host = Some(host_name())
         .filter(|name| !name.is_empty())
         .unwrap_or_else(|| "worker".to_owned());
     let host: String = host.chars().take(96).collect();

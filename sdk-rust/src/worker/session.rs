@@ -12,7 +12,8 @@
 //!
 //! A session ends when the stream breaks ([`Broken`], and the worker reconnects), when a drain
 //! completes (every handler returned and every result was acknowledged), or when the lifecycle
-//! finishes.
+//! finishes. A drain starts with the worker's shutdown or when the server sends `drain`
+//! (DrainWorker): the same drain either way.
 
 use std::time::Duration;
 
@@ -41,6 +42,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
 /// How long to wait for the server to end the stream after the worker closed its side.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// What the hello says the worker runs, for the server's ListWorkers.
+const SDK_VERSION: &str = concat!("jobwire-rust/", env!("CARGO_PKG_VERSION"));
 
 /// How a session ended without breaking.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,6 +139,8 @@ pub(super) async fn run(
         schemas: work.executor.job_schemas(),
         prefetch: i32::try_from(work.executor.prefetch()).unwrap_or(i32::MAX),
         reports_started: true,
+        version: SDK_VERSION.to_owned(),
+        host: config.host.to_string(),
     };
     out.send_message(Outbound::Hello(hello))
         .await
@@ -199,6 +204,17 @@ pub(super) async fn run(
         let stale_at = work.executor.stale_at(MAX_QUEUED_WAIT);
         tokio::select! {
             message = inbound.message() => match message {
+                Ok(Some(pb::ConnectResponse { message: Some(Inbound::Drain(_)) })) => {
+                    // An operator asked (DrainWorker): drain as on our own shutdown.
+                    if lifecycle.drain() {
+                        tracing::info!("the server asked this worker to drain");
+                        work.on_phase(Phase::Draining);
+                        out.send_message(Outbound::Drain(pb::Drain {}))
+                            .await
+                            .map_err(broken(true))?;
+                        out.send_all(work.outgoing()).await.map_err(broken(true))?;
+                    }
+                }
                 Ok(Some(pb::ConnectResponse { message: Some(message) })) => {
                     receive(message, &out, work, lifecycle.phase())
                         .await
@@ -376,6 +392,8 @@ async fn receive(
             }
         }
         Inbound::Welcome(_) => tracing::warn!("ignoring a second welcome on the same stream"),
+        // Handled by the session's loop, which owns the lifecycle.
+        Inbound::Drain(_) => {}
     }
     Ok(())
 }

@@ -150,8 +150,11 @@ pub fn access(path: &str) -> Access {
         "QueueService/ListQueues"
         | "QueueService/GetQueue"
         | "ScheduleService/GetSchedule"
-        | "ScheduleService/ListSchedules" => READ,
+        | "ScheduleService/ListSchedules"
+        | "WorkerService/ListWorkers" => READ,
         "WorkerService/Connect" => WORK,
+        // Named though it is the default: draining a worker is an operator's act.
+        "WorkerService/DrainWorker" => ADMIN,
         _ => ADMIN,
     })
 }
@@ -179,6 +182,7 @@ pub fn audited(path: &str) -> bool {
             | "ScheduleService/TriggerSchedule"
             | "ApiKeyService/CreateApiKey"
             | "ApiKeyService/RevokeApiKey"
+            | "WorkerService/DrainWorker"
     )
 }
 
@@ -766,6 +770,7 @@ mod tests {
             "/jobwire.v1.ApiKeyService/",
             "/jobwire.v1.AuditService/",
             "/jobwire.v1.QueueService/UpdateQueue",
+            "/jobwire.v1.WorkerService/DrainWorker",
             "/jobwire.v1.QueueService/PauseQueue",
             "/jobwire.v1.QueueService/ResumeQueue",
             "/jobwire.v1.ScheduleService/CreateSchedule",

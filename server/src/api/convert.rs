@@ -6,11 +6,11 @@ use chrono::{DateTime, Utc};
 use jobwire_proto::v1 as pb;
 
 use crate::{
-    domain::{Actor, EventKind},
+    domain::{Actor, EventKind, JobState, health::QueueHealth},
     engine::fanout::FanoutEvent,
     store::{
         AttemptRow, CatchUpPolicy, ErrorRecord, EventRow, JobRow, LeasedRow, OverlapPolicy,
-        QueueView, ScheduleRow,
+        QueueView, ScheduleRow, WorkerView,
     },
 };
 
@@ -318,9 +318,14 @@ pub fn fanout_event(e: &FanoutEvent) -> pb::JobEvent {
 /// A queue with its figures.
 pub fn queue(view: QueueView) -> pb::Queue {
     let q = view.queue;
-    let counts = view
-        .states
-        .unwrap_or_default()
+    let thresholds = q.thresholds();
+    let states = view.states.unwrap_or_default();
+    let backlog = states
+        .iter()
+        .zip(view.counts.iter().flatten())
+        .find(|(state, _)| **state == JobState::Available)
+        .map_or(0, |(_, count)| *count);
+    let counts = states
         .into_iter()
         .zip(view.counts.unwrap_or_default())
         .map(|(state, count)| pb::StateCount {
@@ -328,6 +333,9 @@ pub fn queue(view: QueueView) -> pb::Queue {
             count,
         })
         .collect();
+    let oldest_available_age = view
+        .oldest_available
+        .map(|at| (view.read_at - at).to_std().unwrap_or_default());
     pb::Queue {
         name: q.name,
         paused: q.paused_at.is_some(),
@@ -342,12 +350,45 @@ pub fn queue(view: QueueView) -> pb::Queue {
         updated_at: Some(timestamp(q.updated_at)),
         stats: Some(pb::QueueStats {
             counts,
-            oldest_available_age: view
-                .oldest_available
-                .map(|at| duration((view.read_at - at).to_std().unwrap_or_default())),
+            oldest_available_age: oldest_available_age.map(duration),
             finished_last_minute: view.finished_last_minute,
             throughput_per_second: view.finished_last_minute as f64 / 60.0,
+            backlog,
+            health: queue_health(thresholds.judge(oldest_available_age)).into(),
         }),
+        warn_after: thresholds.warn_after.map(duration),
+        critical_after: thresholds.critical_after.map(duration),
+    }
+}
+
+/// A worker's stream as ListWorkers shows it.
+pub fn worker(view: WorkerView) -> pb::Worker {
+    let slots = view.slots;
+    let held = i32::try_from(view.leases_held).unwrap_or(i32::MAX);
+    pb::Worker {
+        stream_id: view.id.to_string(),
+        worker_id: view.worker_id,
+        version: view.version,
+        host: view.host,
+        queues: view.queues,
+        job_types: view.job_types,
+        slots,
+        prefetch: view.prefetch,
+        free_slots: slots.saturating_sub(held).max(0),
+        leases_held: held,
+        connected_at: Some(timestamp(view.connected_at)),
+        last_heartbeat_at: Some(timestamp(view.heartbeat_at)),
+        replica: view.replica,
+        draining: view.draining,
+    }
+}
+
+/// A queue's health as the API names it.
+pub fn queue_health(health: QueueHealth) -> pb::QueueHealth {
+    match health {
+        QueueHealth::Ok => pb::QueueHealth::Ok,
+        QueueHealth::Warning => pb::QueueHealth::Warning,
+        QueueHealth::Critical => pb::QueueHealth::Critical,
     }
 }
 

@@ -1,4 +1,7 @@
-//! `jobwire.v1.QueueService`: inspect queues, pause them, limit them.
+//! `jobwire.v1.QueueService`: inspect queues (with their health against the thresholds set on
+//! them), pause them, limit them.
+
+use std::time::Duration;
 
 use jobwire_proto::v1::{self as pb, queue_service_server::QueueService};
 use tonic::{Request, Response, Status};
@@ -16,6 +19,10 @@ const MAX_CONCURRENCY_LIMIT: i32 = 1_000_000;
 const MIN_RATE: f64 = 0.000_001;
 const MAX_RATE: f64 = 100_000.0;
 const MAX_BURST: i32 = 100_000;
+/// The shortest and longest health threshold: a wait shorter than a second is noise, and one
+/// beyond a year means the queue is not watched.
+const MIN_THRESHOLD: Duration = Duration::from_secs(1);
+const MAX_THRESHOLD: Duration = Duration::from_secs(365 * 24 * 3600);
 
 pub struct QueueApi {
     store: Store,
@@ -44,7 +51,28 @@ fn queue_name(value: &str) -> Result<QueueName, ApiError> {
     validate::name("name", value).map(QueueName::new_unchecked)
 }
 
-/// The limits an UpdateQueue request sets, for the paths its mask names.
+/// A health threshold of an UpdateQueue request, in milliseconds: [`MIN_THRESHOLD`] to
+/// [`MAX_THRESHOLD`], or `None` to remove it.
+fn threshold(field: &str, value: Option<&prost_types::Duration>) -> Result<Option<i64>, ApiError> {
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    let wait = validate::duration(field, value)?;
+    if !(MIN_THRESHOLD..=MAX_THRESHOLD).contains(&wait) {
+        return Err(ApiError::invalid(
+            field,
+            format!(
+                "must be between {}s and {}s, got {:?}",
+                MIN_THRESHOLD.as_secs(),
+                MAX_THRESHOLD.as_secs(),
+                wait
+            ),
+        ));
+    }
+    Ok(Some(i64::try_from(wait.as_millis()).unwrap_or(i64::MAX)))
+}
+
+/// The settings an UpdateQueue request changes, for the paths its mask names.
 fn queue_update(queue: &pb::Queue, paths: &[&str]) -> Result<QueueUpdate, ApiError> {
     let mut update = QueueUpdate::default();
     for path in paths {
@@ -90,6 +118,16 @@ fn queue_update(queue: &pb::Queue, paths: &[&str]) -> Result<QueueUpdate, ApiErr
                     }
                 };
                 update.rate_limit = Some(rate);
+            }
+            "warn_after" => {
+                update.warn_after_ms =
+                    Some(threshold("queue.warn_after", queue.warn_after.as_ref())?);
+            }
+            "critical_after" => {
+                update.critical_after_ms = Some(threshold(
+                    "queue.critical_after",
+                    queue.critical_after.as_ref(),
+                )?);
             }
             other => {
                 return Err(ApiError::Internal(format!(
@@ -153,14 +191,19 @@ impl QueueService for QueueApi {
         let name = validate::name("queue.name", &queue.name).map(QueueName::new_unchecked)?;
         let paths = validate::update_mask(
             req.update_mask.as_ref(),
-            &["concurrency_limit", "rate_limit"],
+            &[
+                "concurrency_limit",
+                "rate_limit",
+                "warn_after",
+                "critical_after",
+            ],
         )?;
         let update = queue_update(queue, &paths)?;
         self.store
             .update_queue(&tenant, &name, &update, req.allow_missing)
             .await
             .map_err(|e| not_found(e, &name))?;
-        tracing::info!(%tenant, queue = %name, ?update, "queue limits changed");
+        tracing::info!(%tenant, queue = %name, ?update, "queue settings changed");
         let queue = self.view(&tenant, &name).await?;
         Ok(Response::new(pb::UpdateQueueResponse {
             queue: Some(queue),

@@ -15,7 +15,11 @@ use crate::{
 };
 
 const MAX_SLOTS: i32 = 10_000;
-const MAX_WORKER_ID: usize = 128;
+pub const MAX_WORKER_ID: usize = 128;
+/// `Hello.version`: an SDK's name and version.
+const MAX_VERSION: usize = 128;
+/// `Hello.host`: a host name (DNS allows 253 bytes).
+const MAX_HOST: usize = 255;
 const MAX_FAILURE_KIND: usize = 128;
 const MAX_FAILURE_MESSAGE: usize = 8192;
 const MAX_LOG_LINES: usize = 1000;
@@ -47,6 +51,8 @@ pub fn hello(tenant: &TenantId, hello: pb::Hello) -> Result<Hello, ApiError> {
         return Err(ApiError::invalid("hello.worker_id", "must not be empty"));
     }
     validate::text("hello.worker_id", &hello.worker_id, MAX_WORKER_ID)?;
+    validate::text("hello.version", &hello.version, MAX_VERSION)?;
+    validate::text("hello.host", &hello.host, MAX_HOST)?;
     if hello.job_types.is_empty() {
         return Err(ApiError::invalid(
             "hello.job_types",
@@ -111,6 +117,8 @@ pub fn hello(tenant: &TenantId, hello: pb::Hello) -> Result<Hello, ApiError> {
             prefetch: hello.prefetch.unsigned_abs(),
             running,
             reports_started: hello.reports_started,
+            version: hello.version,
+            host: hello.host,
         },
         schemas,
     })

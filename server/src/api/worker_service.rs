@@ -5,6 +5,10 @@
 //! worker holds), and writes what the session decides (leases, stops, acks) back as protocol
 //! messages. A message that does not validate is refused in its ack, naming the field; a failed
 //! write means the worker left.
+//!
+//! ListWorkers and DrainWorker act on the fleet through the store, whichever replica serves
+//! each worker: the streams are recorded in the `workers` table by their sessions, and a drain
+//! is a request on their rows that the serving replica hears of and passes on.
 
 use std::{
     sync::atomic::{AtomicU64, Ordering},
@@ -24,7 +28,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::Instrument;
 
-use super::{ApiError, budget, convert, tenant_of, validate, worker_messages};
+use super::{ApiError, budget, convert, paging::PageRequest, tenant_of, validate, worker_messages};
 use crate::{
     domain::{LeaseRef, TenantId},
     engine::{
@@ -39,6 +43,8 @@ use crate::{
 const OUTBOUND_CAPACITY: usize = 256;
 /// How long a new stream may take to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
+const DEFAULT_PAGE_SIZE: i32 = 100;
+const MAX_PAGE_SIZE: i32 = 1000;
 
 pub struct WorkerApi {
     store: Store,
@@ -102,6 +108,64 @@ impl WorkerService for WorkerApi {
                 .instrument(span),
         );
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn list_workers(
+        &self,
+        request: Request<pb::ListWorkersRequest>,
+    ) -> Result<Response<pb::ListWorkersResponse>, Status> {
+        let tenant = tenant_of(&request)?;
+        let req = request.get_ref();
+        let paging = PageRequest::<uuid::Uuid, ()>::parse(
+            req.page_size,
+            &req.page_token,
+            (),
+            (DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE),
+        )?;
+        // A stream unheard for a lease duration has lost its leases: its replica is gone.
+        let views = self
+            .store
+            .list_workers(
+                &tenant,
+                self.config.lease_duration,
+                paging.after,
+                paging.limit(),
+            )
+            .await
+            .map_err(ApiError::from)?;
+        let candidates = views.into_iter().map(convert::worker).collect();
+        let (workers, next_page_token) =
+            paging.page(candidates, false, |worker: &pb::Worker| {
+                uuid::Uuid::parse_str(&worker.stream_id)
+                    .map_err(|e| ApiError::Internal(format!("a stream id that is no UUID: {e}")))
+            })?;
+        Ok(Response::new(pb::ListWorkersResponse {
+            workers,
+            next_page_token,
+        }))
+    }
+
+    async fn drain_worker(
+        &self,
+        request: Request<pb::DrainWorkerRequest>,
+    ) -> Result<Response<pb::DrainWorkerResponse>, Status> {
+        let tenant = tenant_of(&request)?;
+        let worker_id = &request.get_ref().worker_id;
+        if worker_id.is_empty() {
+            return Err(ApiError::invalid("worker_id", "must not be empty").into());
+        }
+        validate::text("worker_id", worker_id, worker_messages::MAX_WORKER_ID)?;
+        let views = self
+            .store
+            .request_drain(&tenant, worker_id, self.config.lease_duration)
+            .await
+            .map_err(|e| {
+                ApiError::from_store(e, || format!("no worker {worker_id:?} is connected"))
+            })?;
+        tracing::info!(%tenant, worker = %worker_id, streams = views.len(), "worker drain asked");
+        Ok(Response::new(pb::DrainWorkerResponse {
+            workers: views.into_iter().map(convert::worker).collect(),
+        }))
     }
 }
 
@@ -235,7 +299,7 @@ impl Stream {
                         }
                     }
                     Ok(Some(_)) => {}
-                    Ok(None) if draining => return Close::Drained,
+                    Ok(None) if draining || session.is_draining() => return Close::Drained,
                     Err(status) if budget::oversize(&status).is_some() => {
                         if let Some(status) = budget::oversize(&status) {
                             self.fail(status).await;
@@ -305,6 +369,10 @@ impl Stream {
                     queue: queue.as_str().to_owned(),
                 }))
                 .await
+            }
+            Outbound::Drain => {
+                tracing::info!("telling the worker to drain");
+                self.send(Out::Drain(pb::Drain {})).await
             }
             Outbound::Ack(request_id, result) => self.send(Out::Ack(ack(request_id, result))).await,
         }

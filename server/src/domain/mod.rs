@@ -5,6 +5,7 @@
 //! one place each.
 
 pub mod ending;
+pub mod health;
 
 use std::{fmt, time::Duration};
 

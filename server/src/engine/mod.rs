@@ -7,7 +7,7 @@
 //! | [`dispatcher`] | every replica | leases available jobs to this replica's workers |
 //! | [`enqueuer`] | every replica | group-commits concurrent single enqueues |
 //! | [`completer`] | every replica | writes attempt outcomes in batches |
-//! | [`notifier`] | every replica | turns NOTIFY into dispatcher wake-ups and stop signals |
+//! | [`notifier`] | every replica | turns NOTIFY into dispatcher wake-ups, stop and drain signals |
 //! | [`fanout`] | every replica | delivers committed events to watchers, in order |
 //! | [`leader`] | every replica | elects the one replica that runs the singletons |
 //! | [`session`] | every worker stream | owns the leases one worker holds: delivery, starts, stops, ends, hand-backs |
@@ -49,7 +49,7 @@ use dispatcher::{Dispatcher, DispatcherHandle};
 use enqueuer::{Enqueuer, EnqueuerHandle};
 use fanout::{Fanout, FanoutConfig, FanoutHandle};
 use leader::{Elector, Leadership};
-use notifier::{DueSignal, Notifier, QueueHold, StopSignal};
+use notifier::{DrainSignal, DueSignal, Notifier, QueueHold, StopSignal};
 use reaper::Reaper;
 use scheduler::Scheduler;
 use statistics::Statistics;
@@ -60,6 +60,9 @@ const STOP_SIGNALS: usize = 1024;
 /// Queue holds buffered for a slow worker stream; one that lags lets its worker's queued
 /// leases wait out their 250 ms instead.
 const QUEUE_HOLDS: usize = 256;
+/// Drain requests buffered per worker stream; one that lags reads its request at its next
+/// heartbeat instead.
+const DRAINS: usize = 256;
 
 /// Handles to the running engine, for the API layer.
 #[derive(Clone)]
@@ -73,6 +76,8 @@ pub struct Engine {
     pub stops: broadcast::Sender<StopSignal>,
     /// Queues just paused or limited, for the worker streams whose workers queue leases.
     pub queue_holds: broadcast::Sender<QueueHold>,
+    /// Drains asked of workers (DrainWorker), for the worker streams to pick up.
+    pub drains: broadcast::Sender<DrainSignal>,
 }
 
 impl Engine {
@@ -90,11 +95,12 @@ impl Engine {
         let (elector, leadership) = Elector::new(store.clone(), config.leader_ttl);
         let (stops, _) = broadcast::channel(STOP_SIGNALS);
         let (queue_holds, _) = broadcast::channel(QUEUE_HOLDS);
+        let (drains, _) = broadcast::channel(DRAINS);
         let due = DueSignal::default();
         let notifier = Notifier::new(
             store.clone(),
             dispatcher_handle.clone(),
-            (stops.clone(), queue_holds.clone()),
+            (stops.clone(), queue_holds.clone(), drains.clone()),
             due.clone(),
         );
         let (fanout, fanout_handle) = Fanout::new(
@@ -135,6 +141,7 @@ impl Engine {
             fanout: fanout_handle,
             stops,
             queue_holds,
+            drains,
         }
     }
 }

@@ -26,6 +26,13 @@ pub struct StopSignal {
     pub stop: StopKind,
 }
 
+/// A drain asked of a worker's streams (DrainWorker), for whichever stream serves it.
+#[derive(Debug, Clone)]
+pub struct DrainSignal {
+    pub tenant: TenantId,
+    pub worker_id: String,
+}
+
 /// A queue that was just paused or limited: workers hand back the leases they queued for it.
 #[derive(Debug, Clone)]
 pub struct QueueHold {
@@ -38,6 +45,7 @@ pub struct Notifier {
     dispatcher: DispatcherHandle,
     stops: broadcast::Sender<StopSignal>,
     queue_holds: broadcast::Sender<QueueHold>,
+    drains: broadcast::Sender<DrainSignal>,
     due: DueSignal,
 }
 
@@ -71,7 +79,11 @@ impl Notifier {
     pub fn new(
         store: Store,
         dispatcher: DispatcherHandle,
-        (stops, queue_holds): (broadcast::Sender<StopSignal>, broadcast::Sender<QueueHold>),
+        (stops, queue_holds, drains): (
+            broadcast::Sender<StopSignal>,
+            broadcast::Sender<QueueHold>,
+            broadcast::Sender<DrainSignal>,
+        ),
         due: DueSignal,
     ) -> Self {
         Self {
@@ -79,6 +91,7 @@ impl Notifier {
             dispatcher,
             stops,
             queue_holds,
+            drains,
             due,
         }
     }
@@ -138,6 +151,10 @@ impl Notifier {
                 let _ = self.queue_holds.send(QueueHold { tenant, queue });
             }
             Notification::Due => self.due.wake(),
+            Notification::Drain { tenant, worker_id } => {
+                // No stream listening is fine: the worker is connected elsewhere.
+                let _ = self.drains.send(DrainSignal { tenant, worker_id });
+            }
             Notification::Stop {
                 tenant,
                 lease,

@@ -14,6 +14,12 @@
 //! notification or a reconnect loses nothing. At its deadline a lease is told TIMED_OUT; a result
 //! after it is refused. When the stream ends, leases not yet delivered are handed back at once;
 //! leases the worker holds stay until it reconnects and adopts them, or until they lapse.
+//!
+//! A session also keeps its stream's row in the `workers` table (written at the hello and with
+//! each heartbeat, deleted at the end), which is how every replica lists every worker. A drain
+//! asked by DrainWorker on any replica reaches the session through a notification, or through
+//! that row at its next heartbeat should the notification be missed; the session then takes no
+//! more leases and tells the worker to drain, as it would on the worker's own shutdown.
 
 use std::{
     cmp::Reverse,
@@ -32,12 +38,13 @@ use super::{
     completer::Settle,
     dispatcher::{Outgoing, Registration, SessionId},
     ending::{self, Completion, Failure},
-    notifier::StopSignal,
+    notifier::{DrainSignal, StopSignal},
 };
 use crate::{
     domain::{JobId, LeaseRef, QueueName, TenantId},
     store::{
         Checkpoint, LeasedRow, LogBatch, ProgressUpdate, Renewed, SettleResult, StopKind, Store,
+        WorkerRecord,
     },
 };
 
@@ -57,6 +64,8 @@ pub struct SessionConfig {
     /// How long a worker has to stop a job after a cancel, a pause or its deadline before its
     /// lease is no longer renewed.
     pub stop_grace: Duration,
+    /// This replica's name, recorded with each stream it serves for ListWorkers.
+    pub replica: String,
 }
 
 /// What a worker says it is, in its first message.
@@ -71,6 +80,9 @@ pub struct SessionSpec {
     /// Leases from an earlier stream that it still holds.
     pub running: Vec<LeaseRef>,
     pub reports_started: bool,
+    /// What the worker runs and where, as its hello said (may be empty), for ListWorkers.
+    pub version: String,
+    pub host: String,
 }
 
 /// Why the worker must stop running a job.
@@ -135,6 +147,8 @@ pub enum Outbound {
     },
     /// Leases of this queue that the worker holds queued must go back unstarted.
     ReleaseQueued(QueueName),
+    /// An operator asked the worker to drain (DrainWorker).
+    Drain,
     Ack(u64, Result<(), Error>),
 }
 
@@ -182,6 +196,11 @@ pub struct WorkerSession {
     leases: mpsc::Receiver<Outgoing>,
     stops: broadcast::Receiver<StopSignal>,
     queue_holds: broadcast::Receiver<crate::engine::notifier::QueueHold>,
+    drains: broadcast::Receiver<DrainSignal>,
+    /// The stream's row in the `workers` table.
+    record: WorkerRecord,
+    /// Whether the worker was told to drain (it is told once).
+    drain_sent: bool,
     acks: FuturesUnordered<AckFuture>,
     /// Messages decided while handling one and not yet taken by [`Self::next`].
     outbox: VecDeque<Outbound>,
@@ -208,6 +227,24 @@ impl WorkerSession {
             )
             .await?;
         store.ensure_queues(&spec.tenant, &spec.queues).await?;
+        let record = WorkerRecord {
+            id: uuid::Uuid::now_v7(),
+            tenant: spec.tenant.clone(),
+            worker_id: spec.worker_id.clone(),
+            version: spec.version.clone(),
+            host: spec.host.clone(),
+            replica: config.replica.clone(),
+            queues: spec.queues.iter().map(|q| q.as_str().to_owned()).collect(),
+            job_types: spec.job_types.clone(),
+            slots: i32::try_from(spec.slots).unwrap_or(i32::MAX),
+            prefetch: i32::try_from(spec.prefetch).unwrap_or(i32::MAX),
+        };
+        // Subscribed before the row exists, so a drain asked the moment it appears is heard.
+        let drains = engine.drains.subscribe();
+        // Rows a dead replica left a lease duration ago serve no one now; prune them.
+        store
+            .record_worker(&record, Some(config.lease_duration))
+            .await?;
         let capacity = usize::try_from(spec.slots + spec.prefetch)
             .unwrap_or(1)
             .max(1);
@@ -224,6 +261,9 @@ impl WorkerSession {
             leases,
             stops: engine.stops.subscribe(),
             queue_holds: engine.queue_holds.subscribe(),
+            drains,
+            record,
+            drain_sent: false,
             acks: FuturesUnordered::new(),
             outbox: VecDeque::new(),
             spec,
@@ -309,6 +349,17 @@ impl WorkerSession {
                     Err(broadcast::error::RecvError::Lagged(_)) => {}
                     Err(broadcast::error::RecvError::Closed) => return None,
                 },
+                drain = self.drains.recv(), if !self.drain_sent => match drain {
+                    Ok(drain) => {
+                        if drain.tenant == self.spec.tenant && drain.worker_id == self.spec.worker_id {
+                            self.begin_drain().await;
+                            return Some(Outbound::Drain);
+                        }
+                    }
+                    // The request stays on the stream's row: the next heartbeat reads it.
+                    Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                },
                 Some(ack) = self.acks.next(), if !self.acks.is_empty() => {
                     if let Some((request_id, result)) = ack {
                         return Some(Outbound::Ack(request_id, result));
@@ -357,9 +408,11 @@ impl WorkerSession {
                 }
             }
             Inbound::Drain => {
-                tracing::info!("worker draining");
-                self.draining = true;
-                self.engine.dispatcher.drain(self.id).await;
+                if !self.draining {
+                    tracing::info!("worker draining");
+                    self.draining = true;
+                    self.engine.dispatcher.drain(self.id).await;
+                }
             }
         }
     }
@@ -396,6 +449,13 @@ impl WorkerSession {
     /// whatever happens: the worker may still hear of them and need not resend.
     pub async fn close(mut self, how: Close) -> Vec<(u64, Result<(), Error>)> {
         self.engine.dispatcher.unregister(self.id).await;
+        if let Err(error) = self
+            .store
+            .forget_worker(&self.spec.tenant, self.record.id)
+            .await
+        {
+            tracing::warn!(%error, "could not forget the stream's row; it ages out unheard");
+        }
         self.leases.close();
         let mut undelivered = Vec::new();
         while let Some(Outgoing { row, .. }) = self.leases.recv().await {
@@ -426,6 +486,22 @@ impl WorkerSession {
 
     pub fn id(&self) -> SessionId {
         self.id
+    }
+
+    /// Whether the session takes no more leases: the worker asked, or was told, to drain. A
+    /// draining worker that closes its side has drained.
+    pub fn is_draining(&self) -> bool {
+        self.draining
+    }
+
+    /// Stops leasing to the worker, which is told (once) to drain: an operator asked.
+    async fn begin_drain(&mut self) {
+        self.drain_sent = true;
+        if !self.draining {
+            tracing::info!("draining the worker, as DrainWorker asked");
+            self.draining = true;
+            self.engine.dispatcher.drain(self.id).await;
+        }
     }
 
     pub fn heartbeat_interval(&self) -> Duration {
@@ -520,6 +596,16 @@ impl WorkerSession {
                 return;
             }
         };
+        // The stream's row says it is alive, and carries a drain request the notification of
+        // which this replica missed.
+        match self.store.record_worker(&self.record, None).await {
+            Ok(true) if !self.drain_sent => {
+                self.begin_drain().await;
+                self.outbox.push_back(Outbound::Drain);
+            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "could not record the worker's heartbeat"),
+        }
         let renewed_leases: HashSet<LeaseRef> = renewed.iter().map(|r| r.lease).collect();
         for lease in leases.iter().filter(|l| !renewed_leases.contains(l)) {
             self.stop(*lease, StopReason::LeaseLost);

@@ -48,6 +48,7 @@ mod queues;
 mod rows;
 mod schedules;
 mod tenancy;
+mod workers;
 
 use std::{sync::Arc, time::Duration};
 
@@ -75,6 +76,7 @@ pub use schedules::{
     ScheduleSpec, ScheduleUpdate,
 };
 pub use tenancy::TENANT_ROLE;
+pub use workers::{WorkerRecord, WorkerView};
 
 /// What can go wrong in the store. Callers decide retries with [`Error::is_transient`].
 #[derive(Debug, thiserror::Error)]

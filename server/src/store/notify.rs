@@ -27,6 +27,11 @@ const DUE_CHANNEL: &str = "jobwire_due";
 /// A stop asked of a running attempt; payload: `tenant/job/attempt/cancel|pause`. Heartbeats re-read it too.
 const CONTROL_CHANNEL: &str = "jobwire_control";
 
+/// DrainWorker asked a worker to drain; payload: `tenant/worker_id` (the worker id is free
+/// text and may hold `/`; the tenant never does). The replica serving the worker's stream tells
+/// it; its heartbeat re-reads the request too.
+const DRAINS_CHANNEL: &str = "jobwire_drains";
+
 /// The SQL calls that send each notification, given the SQL expressions of their parts; the
 /// statements of this module's siblings send nothing else, so [`Notification::parse`] reads
 /// every payload they write.
@@ -57,6 +62,11 @@ pub mod send {
         format!("pg_notify('{DUE_CHANNEL}', '')")
     }
 
+    /// A drain asked of the streams of a worker.
+    pub fn drain(tenant: &str, worker_id: &str) -> String {
+        format!("pg_notify('{DRAINS_CHANNEL}', {tenant} || '/' || {worker_id})")
+    }
+
     /// A stop of an attempt; `stop` is `'cancel'` or `'pause'`.
     pub fn stop(tenant: &str, job: &str, attempt: &str, stop: &str) -> String {
         format!(
@@ -83,6 +93,8 @@ pub enum Notification {
         lease: LeaseRef,
         stop: StopKind,
     },
+    /// A drain was asked of a worker's streams.
+    Drain { tenant: TenantId, worker_id: String },
 }
 
 impl Notification {
@@ -109,6 +121,13 @@ impl Notification {
                 Self::QueueHold { tenant, queue }
             }
             DUE_CHANNEL => Self::Due,
+            DRAINS_CHANNEL => {
+                let (tenant, worker_id) = payload.split_once('/')?;
+                Self::Drain {
+                    tenant: TenantId::new_unchecked(tenant),
+                    worker_id: worker_id.to_owned(),
+                }
+            }
             CONTROL_CHANNEL => {
                 let mut parts = payload.split('/');
                 let tenant = TenantId::new_unchecked(parts.next()?);
@@ -171,6 +190,7 @@ impl Store {
                 QUEUES_CHANNEL,
                 QUEUE_HOLDS_CHANNEL,
                 DUE_CHANNEL,
+                DRAINS_CHANNEL,
             ])
             .await?;
         Ok(Listener(listener))
@@ -211,6 +231,13 @@ mod tests {
             None
         );
         assert_eq!(Notification::parse(QUEUES_CHANNEL, "no-slash"), None);
+        assert_eq!(
+            Notification::parse(DRAINS_CHANNEL, "acme/host-1/pid-2"),
+            Some(Notification::Drain {
+                tenant: TenantId::new_unchecked("acme"),
+                worker_id: "host-1/pid-2".to_owned(),
+            })
+        );
         assert_eq!(Notification::parse("elsewhere", "acme/emails"), None);
     }
 }

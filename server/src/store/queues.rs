@@ -16,11 +16,12 @@ use super::{
     notify::send,
     rows::LeasedRow,
 };
-use crate::domain::{JobState, QueueName, TenantId};
+use crate::domain::{JobState, QueueName, TenantId, health::HealthThresholds};
 
 /// The columns of [`QueueRow`].
 const QUEUE_COLUMNS: &str = "q.name, q.paused_at, q.pause_reason, q.concurrency_limit, \
-    q.rate_per_second, q.rate_burst, q.created_at, q.updated_at";
+    q.rate_per_second, q.rate_burst, q.warn_after_ms, q.critical_after_ms, q.created_at, \
+    q.updated_at";
 
 /// A queue's settings.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -31,8 +32,26 @@ pub struct QueueRow {
     pub concurrency_limit: Option<i32>,
     pub rate_per_second: Option<f64>,
     pub rate_burst: Option<i32>,
+    /// Health thresholds: the oldest available job's wait at which the queue turns WARNING,
+    /// and CRITICAL.
+    pub warn_after_ms: Option<i64>,
+    pub critical_after_ms: Option<i64>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+}
+
+impl QueueRow {
+    /// The health thresholds, as the domain judges them.
+    pub fn thresholds(&self) -> HealthThresholds {
+        let duration = |ms: Option<i64>| {
+            ms.and_then(|ms| u64::try_from(ms).ok())
+                .map(Duration::from_millis)
+        };
+        HealthThresholds {
+            warn_after: duration(self.warn_after_ms),
+            critical_after: duration(self.critical_after_ms),
+        }
+    }
 }
 
 /// A queue's settings with its figures, read together.
@@ -50,12 +69,15 @@ pub struct QueueView {
     pub read_at: DateTime<Utc>,
 }
 
-/// A change of a queue's limits; `None` leaves a limit as it is, `Some(None)` removes it.
+/// A change of a queue's settings; `None` leaves a setting as it is, `Some(None)` removes it.
 #[derive(Debug, Clone, Default)]
 pub struct QueueUpdate {
     pub concurrency_limit: Option<Option<i32>>,
     /// Jobs per second and burst.
     pub rate_limit: Option<Option<(f64, i32)>>,
+    /// Health thresholds, in milliseconds.
+    pub warn_after_ms: Option<Option<i64>>,
+    pub critical_after_ms: Option<Option<i64>>,
 }
 
 /// Why a limited claim came back with fewer jobs than asked, though more may be waiting.
@@ -159,7 +181,7 @@ impl Store {
         Ok(out)
     }
 
-    /// Changes a queue's limits, creating the queue first when `create` is set. A new rate
+    /// Changes a queue's limits and health thresholds, creating the queue first when `create` is set. A new rate
     /// limit starts with a full bucket. Every replica is told to re-read which queues are
     /// limited; prefetching workers are asked for their queued leases of the queue only when a
     /// limit is tightened (set where there was none, or lowered): under a raised limit the
@@ -185,6 +207,8 @@ impl Store {
                      rate_burst = CASE WHEN $6 THEN $8 ELSE q.rate_burst END, \
                      rate_tokens = CASE WHEN $6 THEN coalesce($8, 0) ELSE q.rate_tokens END, \
                      rate_refilled_at = CASE WHEN $6 THEN now() ELSE q.rate_refilled_at END, \
+                     warn_after_ms = CASE WHEN $9 THEN $10 ELSE q.warn_after_ms END, \
+                     critical_after_ms = CASE WHEN $11 THEN $12 ELSE q.critical_after_ms END, \
                      updated_at = now() \
                  FROM old WHERE q.tenant_id = $1 AND q.name = $2 \
                  RETURNING {QUEUE_COLUMNS}, old.was_limit, old.was_rate \
@@ -216,6 +240,10 @@ impl Store {
                 .bind(update.rate_limit.is_some())
                 .bind(update.rate_limit.flatten().map(|(rate, _)| rate))
                 .bind(update.rate_limit.flatten().map(|(_, burst)| burst))
+                .bind(update.warn_after_ms.is_some())
+                .bind(update.warn_after_ms.flatten())
+                .bind(update.critical_after_ms.is_some())
+                .bind(update.critical_after_ms.flatten())
                 .fetch_optional(&mut *tx)
                 .await?;
             if let Some(row) = row {

@@ -441,6 +441,7 @@ pub fn hello(
         schemas: vec![],
         prefetch: 0,
         reports_started: false,
+        ..Default::default()
     }
 }
 

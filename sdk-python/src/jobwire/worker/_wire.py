@@ -21,9 +21,11 @@ is off by minutes still stops the handler on time.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from importlib import metadata
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -237,6 +239,17 @@ def _ref(key: LeaseKey) -> worker_service_pb2.LeaseRef:
     return worker_service_pb2.LeaseRef(job_id=key[0], attempt=key[1])
 
 
+def _sdk_version() -> str:
+    try:
+        return f"jobwire-python/{metadata.version('jobwire')}"
+    except metadata.PackageNotFoundError:
+        return "jobwire-python"
+
+
+#: What the hello says the worker runs.
+_SDK_VERSION = _sdk_version()
+
+
 def hello(
     *,
     worker_id: str,
@@ -258,6 +271,9 @@ def hello(
             schemas=schemas,
             # Leases lost before their handler started then do not count as attempts.
             reports_started=True,
+            # For the server's ListWorkers; within the limits the proto documents.
+            version=_SDK_VERSION,
+            host=socket.gethostname().replace("\0", "")[:255],
         )
     )
 
