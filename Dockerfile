@@ -5,8 +5,15 @@
 # postgresql package installed below.
 #
 #   docker build -t jobwire .
+#   KEY=$(docker run --rm -e DATABASE_URL=postgres://user:pass@db/jobwire jobwire \
+#         keys create --tenant acme --role admin)
 #   docker run -p 50051:50051 -e DATABASE_URL=postgres://user:pass@db/jobwire jobwire
-#   docker run -p 50051:50051 -v jobwire-data:/var/lib/jobwire jobwire
+#
+# It listens on every address of the container, so it refuses to start until the first API key
+# exists (or with --insecure-no-auth). With the embedded default, make the key in the same
+# volume: `docker run --rm -v jobwire-data:/var/lib/jobwire jobwire keys create ...`, then
+# `docker run -p 50051:50051 -v jobwire-data:/var/lib/jobwire jobwire`. compose.yaml runs it
+# beside PostgreSQL; docs/operations.md has the rest.
 
 FROM rust:1-bookworm AS builder
 WORKDIR /src
