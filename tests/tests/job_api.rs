@@ -620,7 +620,9 @@ async fn an_enqueue_racing_an_uncommitted_key_is_answered_with_the_winner() {
     let db = test_db().await;
     let server = ServerProcess::start(&db, &[]).await;
     let mut client = jobs(&server.url()).await;
-    enqueue(&mut client, spec("type.template", "default")).await;
+    // The racing job is a copy of this one under the key: the same job type and payload, so
+    // the enqueues below repeat it (another payload would be refused, ALREADY_EXISTS).
+    enqueue(&mut client, spec("type.keyed", "default")).await;
     let pool = db.pool().await;
     let mut racer = pool.begin().await.expect("begin");
     let winner: String = sqlx::query_scalar(

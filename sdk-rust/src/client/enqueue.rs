@@ -80,9 +80,18 @@ impl<J: JobType> Enqueue<J> {
     }
 
     /// Makes the enqueue safe to repeat: while a job enqueued with the same key in the same
-    /// tenant is retained, the server returns it instead of creating another.
+    /// tenant is retained, the server returns it instead of creating another. A key held by a
+    /// job of another job type or payload is refused (ALREADY_EXISTS, with that job's id)
+    /// unless [`accept_existing`](Self::accept_existing) is set.
     pub fn idempotency_key(mut self, key: impl Into<String>) -> Self {
         self.draft.idempotency_key = Some(key.into());
+        self
+    }
+
+    /// Takes the job holding the idempotency key even when its job type or payload differs
+    /// from this one's, rather than being refused.
+    pub fn accept_existing(mut self) -> Self {
+        self.draft.accept_existing = true;
         self
     }
 
@@ -258,6 +267,7 @@ struct Draft<J> {
     labels: HashMap<String, String>,
     timeout: Option<Duration>,
     needs_approval: bool,
+    accept_existing: bool,
 }
 
 impl<J: JobType> Draft<J> {
@@ -272,6 +282,7 @@ impl<J: JobType> Draft<J> {
             labels: HashMap::new(),
             timeout: None,
             needs_approval: false,
+            accept_existing: false,
         }
     }
 
@@ -295,6 +306,7 @@ impl<J: JobType> Draft<J> {
             example: String::new(),
             job_type_version: 0,
             needs_approval: self.needs_approval,
+            accept_existing: self.accept_existing,
         })
     }
 }

@@ -17,6 +17,10 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     AlreadyExists(String),
+    /// An idempotency key the tenant holds for a job of another job type or payload; `field`
+    /// is the key's path in the request.
+    #[error("{field}: already names job {existing}, of another job type or payload")]
+    KeyReused { field: String, existing: String },
     /// The request is well-formed but the target's state forbids it.
     #[error("{0}")]
     FailedPrecondition(String),
@@ -65,7 +69,7 @@ impl ApiError {
         match self {
             Self::InvalidArgument { .. } => Code::InvalidArgument,
             Self::NotFound(_) => Code::NotFound,
-            Self::AlreadyExists(_) => Code::AlreadyExists,
+            Self::AlreadyExists(_) | Self::KeyReused { .. } => Code::AlreadyExists,
             Self::FailedPrecondition(_) => Code::FailedPrecondition,
             Self::Aborted(_) => Code::Aborted,
             Self::ResourceExhausted(_) => Code::ResourceExhausted,
@@ -91,6 +95,10 @@ impl From<store::Error> for ApiError {
         }
         match error {
             store::Error::NotFound => Self::NotFound("not found".into()),
+            store::Error::KeyReused { index, existing } => Self::KeyReused {
+                field: format!("jobs[{index}].idempotency_key"),
+                existing: existing.to_string(),
+            },
             other => Self::Internal(other.to_string()),
         }
     }
@@ -116,6 +124,22 @@ impl From<ApiError> for Status {
                 format!("{field}: {description}"),
                 ErrorDetails::with_bad_request_violation(field, description),
             ),
+            ApiError::KeyReused { field, existing } => {
+                let message = format!(
+                    "{field}: already names job {existing}, of another job type or payload; \
+                     use another key, or set accept_existing to receive that job"
+                );
+                let mut details = ErrorDetails::new();
+                details
+                    .set_error_info(
+                        "IDEMPOTENCY_KEY_REUSED",
+                        "jobwire.v1",
+                        [("existing_job_id".to_owned(), existing.clone())],
+                    )
+                    .set_resource_info("jobwire.v1.Job", existing, "", "")
+                    .add_bad_request_violation(field, "reuses the key of another job");
+                Status::with_error_details(Code::AlreadyExists, message, details)
+            }
             ApiError::Internal(detail) => {
                 tracing::error!(%detail, "internal error");
                 Status::internal("internal error")

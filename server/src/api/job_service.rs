@@ -141,11 +141,19 @@ impl JobService for JobApi {
             validate::job_spec(&spec, self.max_payload_bytes).map_err(|e| e.within("job"))?;
         job.job_type_version = version;
         let queue = job.queue.clone();
+        let accept_existing = job.accept_existing;
         let outcome = self
             .enqueuer
             .enqueue(tenant.clone(), job)
             .await
             .map_err(ApiError::from)?;
+        if !outcome.same && !accept_existing {
+            return Err(ApiError::KeyReused {
+                field: "job.idempotency_key".into(),
+                existing: outcome.job.id.to_string(),
+            }
+            .into());
+        }
         if outcome.created {
             tracing::debug!(job_id = %outcome.job.id, %tenant, %queue, "job enqueued");
         }

@@ -337,6 +337,7 @@ pub fn job_spec(spec: &pb::JobSpec, max_payload: usize) -> Result<NewJob, ApiErr
         schedule: None,
         job_type_version: None,
         needs_approval: spec.needs_approval,
+        accept_existing: spec.accept_existing,
         handoff: None,
     })
 }

@@ -38,6 +38,9 @@ pub struct NewJob {
     pub job_type_version: Option<i32>,
     /// Held AWAITING_APPROVAL until ApproveJob.
     pub needs_approval: bool,
+    /// With an idempotency key already used for another job type or payload, take that job
+    /// rather than refuse.
+    pub accept_existing: bool,
     /// A worker of this replica with a slot set aside for the job: if the job is due and its
     /// queue is neither paused nor limited, it starts RUNNING under a lease to that worker in
     /// the enqueue statement itself, with no claim after it.
@@ -58,6 +61,9 @@ pub struct Handoff {
 pub struct EnqueueOutcome {
     pub job: JobRow,
     pub created: bool,
+    /// False when an existing job was returned for an idempotency key it holds with another
+    /// job type or payload: the caller refuses it unless the job accepts the existing one.
+    pub same: bool,
 }
 
 /// What EnqueueJobs answers for each job: a batch caller gets ids and states, so the statement
@@ -68,6 +74,8 @@ pub struct Enqueued {
     pub id: Uuid,
     pub state: JobState,
     pub created: bool,
+    /// As [`EnqueueOutcome::same`].
+    pub same: bool,
 }
 
 /// Rows of a listing read within a byte budget, and how many matched before the budget.
@@ -77,6 +85,17 @@ pub struct Listed<T> {
     /// How many rows matched (up to the limit asked); more than `rows.len()` when the byte
     /// budget left some out.
     pub candidates: usize,
+}
+
+impl NewJob {
+    /// Whether `existing`, the job holding this job's idempotency key, is the same request:
+    /// the same job type and payload. Options (queue, priority, retries) may differ; a repeat
+    /// that changes them gets the first job as it was.
+    pub fn repeats(&self, existing: &JobRow) -> bool {
+        existing.job_type == self.job_type
+            && existing.payload_type == self.payload_type
+            && existing.payload == self.payload
+    }
 }
 
 impl<T> Listed<T> {
@@ -121,9 +140,10 @@ impl Store {
         let outcomes = self
             .hot_as_tenant(tenant, async |c| enqueue_statement(c, tenant, jobs).await)
             .await?;
-        self.settle_conflicts(tenant, jobs, outcomes, |row| EnqueueOutcome {
+        self.settle_conflicts(tenant, jobs, outcomes, |job, row| EnqueueOutcome {
             job: row.clone(),
             created: false,
+            same: job.repeats(row),
         })
         .await
     }
@@ -135,13 +155,33 @@ impl Store {
         } else {
             ENQUEUE_UNKEYED_BRIEF.as_str()
         };
+        // A key reused for another job type or payload refuses the whole batch: the check runs
+        // inside the statement's transaction, which it then leaves uncommitted.
         let rows: Vec<Ordered<Enqueued>> = self
-            .hot_as_tenant(tenant, async |c| enqueue_rows(c, sql, tenant, jobs).await)
+            .hot_as_tenant(tenant, async |c| {
+                let rows: Vec<Ordered<Enqueued>> = enqueue_rows(c, sql, tenant, jobs).await?;
+                match rows.iter().find(|r| {
+                    !r.row.same
+                        && usize::try_from(r.ord - 1)
+                            .ok()
+                            .and_then(|i| jobs.get(i))
+                            .is_some_and(|j| !j.accept_existing)
+                }) {
+                    Some(reused) => Err(Error::KeyReused {
+                        index: usize::try_from(reused.ord - 1).unwrap_or(0),
+                        existing: JobId(reused.row.id),
+                    }),
+                    None => Ok(rows),
+                }
+            })
             .await?;
-        self.settle_conflicts(tenant, jobs, in_order(jobs.len(), rows), |row| Enqueued {
-            id: row.id,
-            state: row.state,
-            created: false,
+        self.settle_conflicts(tenant, jobs, in_order(jobs.len(), rows), |job, row| {
+            Enqueued {
+                id: row.id,
+                state: row.state,
+                created: false,
+                same: job.repeats(row),
+            }
         })
         .await
     }
@@ -154,7 +194,7 @@ impl Store {
         tenant: &TenantId,
         jobs: &[NewJob],
         mut outcomes: Vec<Option<T>>,
-        existing: impl Fn(&JobRow) -> T,
+        existing: impl Fn(&NewJob, &JobRow) -> T,
     ) -> Result<Vec<T>> {
         let missing: Vec<String> = jobs
             .iter()
@@ -172,7 +212,7 @@ impl Store {
                         .idempotency_key
                         .as_ref()
                         .and_then(|k| found.iter().find(|r| r.idempotency_key.as_ref() == Some(k)))
-                        .map(&existing);
+                        .map(|row| existing(job, row));
                 }
             }
         }
@@ -594,6 +634,7 @@ struct Ordered<T> {
 #[derive(sqlx::FromRow)]
 struct EnqueuedJob {
     created: bool,
+    same: bool,
     #[sqlx(flatten)]
     job: JobRow,
 }
@@ -613,7 +654,9 @@ fn enqueue_sql(keyed: bool, returning: &[&str], inserted: &str) -> String {
             "ON CONFLICT DO NOTHING",
             format!(
                 "UNION ALL \
-                 SELECT i.ord, false AS created, {old_cols} \
+                 SELECT i.ord, false AS created, \
+                     (j.job_type = i.job_type AND j.payload_type = i.payload_type \
+                      AND j.payload = i.payload) AS same, {old_cols} \
                  FROM input i \
                  JOIN jobs j ON j.tenant_id = $1 AND j.idempotency_key = i.idempotency_key \
                  WHERE NOT EXISTS (SELECT 1 FROM ins WHERE ins.id = i.id)",
@@ -690,7 +733,7 @@ fn enqueue_sql(keyed: bool, returning: &[&str], inserted: &str) -> String {
             FROM (SELECT 1 FROM ins WHERE state = 'scheduled' LIMIT 1) d \
         ) \
         SELECT u.* FROM ( \
-            SELECT i.ord, true AS created, {ins_cols} \
+            SELECT i.ord, true AS created, true AS same, {ins_cols} \
             FROM ins JOIN input i ON i.id = ins.id \
             {skipped} \
         ) u CROSS JOIN (SELECT count(*) AS woken FROM wake) w",
@@ -743,6 +786,7 @@ pub(super) async fn enqueue_statement(
             row.map(|r| EnqueueOutcome {
                 job: r.job,
                 created: r.created,
+                same: r.same,
             })
         })
         .collect())

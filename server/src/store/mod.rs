@@ -93,6 +93,15 @@ pub enum Error {
     Corrupt(String),
     #[error("the database is set up in a way jobwire cannot serve: {0}")]
     Misconfigured(String),
+    /// A batch's job `index` reuses the idempotency key of `existing`, a job of another job
+    /// type or payload; nothing of the batch was written.
+    #[error(
+        "job {index} reuses the idempotency key of job {existing}, of another job type or payload"
+    )]
+    KeyReused {
+        index: usize,
+        existing: crate::domain::JobId,
+    },
 }
 
 impl Error {

@@ -78,6 +78,7 @@ impl JobTemplate {
             schedule: Some((schedule, tick)),
             job_type_version: None,
             needs_approval: false,
+            accept_existing: false,
             handoff: None,
         }
     }
