@@ -199,11 +199,15 @@ pub struct ListJobsArgs {
     /// Only jobs of this type.
     #[arg(long = "type")]
     pub job_type: Option<String>,
-    /// Only jobs carrying this label (KEY=VALUE); repeat for several. The server's listing has
-    /// no label filter yet, so labels are matched here, on each page: a page may hold fewer
-    /// than --page-size jobs.
+    /// Only jobs carrying this label (KEY=VALUE); repeat for several (a job must carry all).
     #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
     pub labels: Vec<(String, String)>,
+    /// Only jobs whose last error has this kind (with `--state failed`: dead letters).
+    #[arg(long)]
+    pub error_kind: Option<String>,
+    /// Only jobs whose last error's message contains this text, ignoring case.
+    #[arg(long)]
+    pub error_text: Option<String>,
     /// Jobs per page, 1 to 1000 (the server's default: 50).
     #[arg(long)]
     pub page_size: Option<u32>,

@@ -108,16 +108,14 @@ async fn list(client: &Client, pool: &Pool, json: bool, args: ListJobsArgs) -> R
         queue: args.queue.unwrap_or_default(),
         job_type: args.job_type.unwrap_or_default(),
         view: pb::JobView::Basic as i32,
+        error_kind: args.error_kind.unwrap_or_default(),
+        error_text: args.error_text.unwrap_or_default(),
+        labels: args.labels.into_iter().collect(),
     };
-    let mut page = JobServiceClient::new(client.channel())
+    let page = JobServiceClient::new(client.channel())
         .list_jobs(client.request(request))
         .await?
         .into_inner();
-    page.jobs.retain(|job| {
-        args.labels
-            .iter()
-            .all(|(key, value)| job.labels.get(key) == Some(value))
-    });
     if json {
         let pool = with_types(pool.clone(), client, &page.jobs).await;
         return pool.print(&page);

@@ -120,9 +120,17 @@ async def test_a_registered_type_takes_json_and_lists_in_pages(
 
 async def test_idempotency_keys_return_the_first_job(client: jobwire.Client) -> None:
     first = await client.enqueue(pb.Echo(text="once"), idempotency_key="k-1")
-    again = await client.enqueue(pb.Echo(text="twice"), idempotency_key="k-1")
+    again = await client.enqueue(pb.Echo(text="once"), idempotency_key="k-1")
     assert (first.created, again.created) == (True, False)
     assert again.id == first.id
+    # The key with another payload is refused, naming the first job, unless accepted.
+    with pytest.raises(jobwire.AlreadyExists) as refused:
+        await client.enqueue(pb.Echo(text="twice"), idempotency_key="k-1")
+    assert first.id in str(refused.value)
+    accepted = await client.enqueue(
+        pb.Echo(text="twice"), idempotency_key="k-1", accept_existing=True
+    )
+    assert (accepted.id, accepted.created) == (first.id, False)
 
 
 async def test_queues_and_schedules_are_administered(client: jobwire.Client) -> None:

@@ -350,7 +350,7 @@ async fn jobs_enqueue_list_get_watch_and_control() {
     let got = jobwire(&server, &["jobs", "get", &failed]).await.expect(0);
     assert!(got.stdout.contains("width must be positive"), "{got:?}");
 
-    // Listing: by state, by label (matched by the tool), a page at a time.
+    // Listing: by state, by label (the server filters), a page at a time.
     let listed = jobwire(&server, &["jobs", "list", "--state", "failed", "--json"])
         .await
         .expect(0)

@@ -105,6 +105,7 @@ class Client:
         labels: Mapping[str, str] | None = ...,
         timeout: timedelta | float | None = ...,
         needs_approval: bool = ...,
+        accept_existing: bool = ...,
     ) -> JobHandle[O]: ...
 
     @overload
@@ -122,6 +123,7 @@ class Client:
         labels: Mapping[str, str] | None = ...,
         timeout: timedelta | float | None = ...,
         needs_approval: bool = ...,
+        accept_existing: bool = ...,
     ) -> JobHandle[Message]: ...
 
     async def enqueue(
@@ -138,18 +140,23 @@ class Client:
         labels: Mapping[str, str] | None = None,
         timeout: timedelta | float | None = None,
         needs_approval: bool = False,
+        accept_existing: bool = False,
     ) -> JobHandle[Any]:
         """Stores a job durably and returns its handle.
 
         ``job_type`` is a ``JobType`` (then ``wait`` returns its output type), a job type name,
         or None to read it from the payload's ``(jobwire.v1.job)`` option. Raises
-        ``InvalidArgument`` naming the field when the server refuses the job.
+        ``InvalidArgument`` naming the field when the server refuses the job. An
+        ``idempotency_key`` already used for another job type or payload raises
+        ``AlreadyExists`` naming that job, unless ``accept_existing`` is set (then that job's
+        handle comes back, ``created`` false).
         """
         kind = _resolve(payload, job_type)
         spec = job_service_pb2.JobSpec(job_type=kind.name if isinstance(kind, JobType) else kind)
         spec.payload.CopyFrom(_codec.pack(payload))
         _apply(spec, queue, priority, delay, run_at, retry, idempotency_key, labels, timeout)
         spec.needs_approval = needs_approval
+        spec.accept_existing = accept_existing
         response = await self._call(
             self._jobs.EnqueueJob, job_service_pb2.EnqueueJobRequest(job=spec)
         )

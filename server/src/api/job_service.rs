@@ -120,6 +120,12 @@ struct JobsFilter {
     states: Vec<i32>,
     queue: String,
     job_type: String,
+    #[serde(default)]
+    error_kind: String,
+    #[serde(default)]
+    error_text: String,
+    #[serde(default)]
+    labels: std::collections::BTreeMap<String, String>,
 }
 
 #[tonic::async_trait]
@@ -228,6 +234,9 @@ impl JobService for JobApi {
                 states: req.states.clone(),
                 queue: req.queue.clone(),
                 job_type: req.job_type.clone(),
+                error_kind: req.error_kind.clone(),
+                error_text: req.error_text.clone(),
+                labels: req.labels.clone().into_iter().collect(),
             },
             (DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE),
         )?;
@@ -239,6 +248,19 @@ impl JobService for JobApi {
             job_type: (!req.job_type.is_empty())
                 .then(|| validate::job_type("job_type", &req.job_type))
                 .transpose()?,
+            error_kind: (!req.error_kind.is_empty())
+                .then(|| {
+                    validate::text("error_kind", &req.error_kind, validate::MAX_ERROR_KIND_LEN)
+                        .map(|()| req.error_kind.clone())
+                })
+                .transpose()?,
+            error_text: (!req.error_text.is_empty())
+                .then(|| {
+                    validate::text("error_text", &req.error_text, validate::MAX_ERROR_TEXT_LEN)
+                        .map(|()| req.error_text.clone())
+                })
+                .transpose()?,
+            labels: validate::labels(&req.labels)?,
             before: paging.after.map(JobId),
         };
         let full = validate::view(req.view, pb::JobView::Basic)? == pb::JobView::Full;

@@ -24,6 +24,9 @@ const MAX_LABELS: usize = 64;
 const MAX_LABEL_KEY_LEN: usize = 63;
 const MAX_LABEL_VALUE_LEN: usize = 256;
 const MAX_REASON_LEN: usize = 1024;
+/// ListJobs' error filters.
+pub const MAX_ERROR_KIND_LEN: usize = 128;
+pub const MAX_ERROR_TEXT_LEN: usize = 256;
 const MAX_DELAY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 pub const MAX_BATCH: usize = 5000;
 /// The longest type URL of a payload or a result.

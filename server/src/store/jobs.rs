@@ -124,6 +124,12 @@ pub struct ListFilter {
     pub states: Vec<JobState>,
     pub queue: Option<QueueName>,
     pub job_type: Option<String>,
+    /// Only jobs whose last error has this kind.
+    pub error_kind: Option<String>,
+    /// Only jobs whose last error's message contains this, ignoring case.
+    pub error_text: Option<String>,
+    /// Only jobs carrying every one of these labels.
+    pub labels: HashMap<String, String>,
     /// Only jobs older (smaller id) than this one: the page cursor.
     pub before: Option<JobId>,
 }
@@ -298,6 +304,10 @@ impl Store {
                    AND ($3::text IS NULL OR queue = $3) \
                    AND ($4::text IS NULL OR job_type = $4) \
                    AND ($5::uuid IS NULL OR id < $5) \
+                   AND ($8::text IS NULL OR last_error->>'kind' = $8) \
+                   AND ($9::text IS NULL \
+                        OR strpos(lower(last_error->>'message'), lower($9)) > 0) \
+                   AND labels @> $10 \
                  ORDER BY id DESC LIMIT $6 \
              ) \
              SELECT {JOB_COLUMNS}, (SELECT count(*) FROM candidate) AS candidates FROM jobs \
@@ -314,6 +324,9 @@ impl Store {
             .bind(filter.before.map(|id| id.0))
             .bind(limit)
             .bind(i64::try_from(max_bytes).unwrap_or(i64::MAX))
+            .bind(filter.error_kind.as_deref())
+            .bind(filter.error_text.as_deref())
+            .bind(Json(&filter.labels))
             .fetch_all(&mut *tx)
             .await?;
         tx.commit().await?;
