@@ -15,7 +15,7 @@ import pytest
 import pytests_pb2 as pb
 
 import jobwire
-from jobwire.v1 import worker_service_pb2
+from jobwire.v1 import worker_service_pb2, worker_service_pb2_grpc
 from jobwire.worker import _runtime, _wire
 
 TIMED_OUT = jobwire.v1.job_pb2.ATTEMPT_OUTCOME_TIMED_OUT
@@ -258,3 +258,28 @@ async def _in_state(
 ) -> jobwire.v1.job_pb2.Job | None:
     job = await client.get_job(job_id)
     return job if jobwire.JobState.parse(job.state) is state else None
+
+
+async def test_drain_worker_makes_the_worker_finish_its_job_and_leave(
+    server: harness.Server, client: jobwire.Client
+) -> None:
+    drained = worker(server)
+    run = asyncio.ensure_future(drained.run(handle_signals=False))
+    try:
+        handle = await client.enqueue(
+            pb.Steps(steps=5, step_millis=100), job_type=handlers.STEPS, queue="py"
+        )
+        await harness.until_running(client, handle.id, "py-control")
+        async with grpc.aio.insecure_channel(server.addr) as channel:
+            stub = worker_service_pb2_grpc.WorkerServiceStub(channel)
+            answer = await stub.DrainWorker(
+                worker_service_pb2.DrainWorkerRequest(worker_id="py-control")
+            )
+        assert [w.worker_id for w in answer.workers] == ["py-control"]
+        # The worker finishes the job it runs, then returns from run() by itself.
+        await asyncio.wait_for(run, 30)
+        assert (await handle.wait(timeout=30)).reached == 5
+    finally:
+        drained.stop()
+        if not run.done():
+            await asyncio.wait_for(run, 30)

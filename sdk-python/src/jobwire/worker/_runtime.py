@@ -593,6 +593,9 @@ class _Run:
                 len(taken),
             )
             self.releases.add(taken)
+        elif isinstance(message, _wire.DrainAsked):
+            log.info("the server asked this worker to drain")
+            self.worker.stop()
         elif isinstance(message, _wire.Welcome):
             log.warning("ignoring a second welcome on the same stream")
 

@@ -118,6 +118,11 @@ class ReleaseQueued:
 
 
 @dataclass(frozen=True)
+class DrainAsked:
+    """An operator asked this worker to drain (DrainWorker): as on SIGTERM."""
+
+
+@dataclass(frozen=True)
 class Failure:
     """How an attempt failed, as reported in FailJob."""
 
@@ -151,7 +156,7 @@ class Failure:
         return Failure(message, kind, retryable=True, retry_after=self.retry_after)
 
 
-Inbound = Welcome | Grant | Ack | Stop | ReleaseQueued
+Inbound = Welcome | Grant | Ack | Stop | ReleaseQueued | DrainAsked
 
 
 def _status_code(value: int) -> grpc.StatusCode:
@@ -179,6 +184,8 @@ def read(
         return Stop(_key(stop.lease), reason, stop.message)
     if which == "release_queued":
         return ReleaseQueued(response.release_queued.queue)
+    if which == "drain":
+        return DrainAsked()
     if which == "welcome":
         welcome = response.welcome
         return Welcome(
