@@ -26,11 +26,11 @@ use std::time::SystemTime;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::Error;
-use crate::job::{self, JobId};
+use crate::job::{self, JobId, JobInfo};
 use crate::proto::v1 as pb;
 use crate::report::{LogLevel, Progress};
 use crate::worker::reports::Reports;
+use crate::{Client, Error};
 
 /// Why a handler was asked to stop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -98,6 +98,10 @@ struct Inner {
     worker_id: Arc<str>,
     stop: StopSignal,
     reports: Reports,
+    /// The jobs this one depended on.
+    depends_on: Vec<JobId>,
+    /// The worker's connection, for reading other jobs (none in unit tests).
+    client: Option<Client>,
 }
 
 impl JobContext {
@@ -123,8 +127,45 @@ impl JobContext {
                 worker_id,
                 stop,
                 reports,
+                depends_on: lease.depends_on.iter().cloned().map(JobId::from).collect(),
+                client: None,
             }),
         }
+    }
+
+    /// The same context reading other jobs through `client`. Called before the context is
+    /// shared, so the inner value is still unique; otherwise it is left as it was.
+    pub(crate) fn with_client(mut self, client: Option<Client>) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.client = client;
+        }
+        self
+    }
+
+    /// The jobs this job waited for (`Enqueue::depends_on`), all SUCCEEDED unless the job was
+    /// enqueued to run regardless of their failure.
+    pub fn depends_on(&self) -> &[JobId] {
+        &self.inner.depends_on
+    }
+
+    /// One of the jobs this job depended on, as the server has it now, to read its result:
+    /// `ctx.dependency(&id).await?.result::<Fetch>()?`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Status`] when the server cannot be reached or refuses the read, and
+    /// [`Error::Config`] when `id` is not one of [`depends_on`](Self::depends_on).
+    pub async fn dependency(&self, id: &JobId) -> Result<JobInfo, Error> {
+        if !self.inner.depends_on.contains(id) {
+            return Err(Error::Config(format!(
+                "job {id} is not a dependency of job {}",
+                self.inner.job_id
+            )));
+        }
+        let client = self.inner.client.as_ref().ok_or_else(|| {
+            Error::Config("this context has no connection to read other jobs".into())
+        })?;
+        client.get_job(id.as_str()).await
     }
 
     /// The job's id.

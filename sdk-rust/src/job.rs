@@ -68,6 +68,12 @@ pub struct JobSchema {
     timeout_ms: Option<u64>,
     idempotent_by_payload: bool,
     needs_approval: bool,
+    /// (kind, never, backoff in ms) per failure kind.
+    retry_rules: &'static [(&'static str, bool, Option<u64>)],
+    /// (field, values): a job needs approval when any holds of its payload.
+    approval_when: &'static [(&'static str, &'static [&'static str])],
+    approval_timeout_ms: Option<u64>,
+    approval_timeout_fails: bool,
 }
 
 impl JobSchema {
@@ -88,7 +94,42 @@ impl JobSchema {
             timeout_ms: None,
             idempotent_by_payload: false,
             needs_approval: false,
+            retry_rules: &[],
+            approval_when: &[],
+            approval_timeout_ms: None,
+            approval_timeout_fails: false,
         }
+    }
+
+    /// Retry rules by failure kind: `(kind, never, backoff in ms)`.
+    pub const fn retry_rules(
+        mut self,
+        rules: &'static [(&'static str, bool, Option<u64>)],
+    ) -> Self {
+        self.retry_rules = rules;
+        self
+    }
+
+    /// Conditions `(field, values)` on the payload under which a job of the type needs
+    /// approval: any one holding is enough.
+    pub const fn approval_when(
+        mut self,
+        conditions: &'static [(&'static str, &'static [&'static str])],
+    ) -> Self {
+        self.approval_when = conditions;
+        self
+    }
+
+    /// How long a job of the type may wait for approval, in milliseconds.
+    pub const fn approval_timeout_ms(mut self, millis: u64) -> Self {
+        self.approval_timeout_ms = Some(millis);
+        self
+    }
+
+    /// The approval timeout fails the job rather than reject it.
+    pub const fn approval_timeout_fails(mut self) -> Self {
+        self.approval_timeout_fails = true;
+        self
     }
 
     /// The same payload enqueued again (while the first job is kept) returns the first job.
@@ -145,15 +186,46 @@ impl JobSchema {
             defaults: Some(pb::JobTypeDefaults {
                 queue: self.queue.unwrap_or_default().to_owned(),
                 priority: self.priority,
-                retry_policy: self.max_attempts.map(|n| pb::RetryPolicy {
-                    max_attempts: Some(i32::try_from(n).unwrap_or(i32::MAX)),
-                    ..Default::default()
-                }),
+                retry_policy: (self.max_attempts.is_some() || !self.retry_rules.is_empty()).then(
+                    || pb::RetryPolicy {
+                        max_attempts: self
+                            .max_attempts
+                            .map(|n| i32::try_from(n).unwrap_or(i32::MAX)),
+                        by_kind: self
+                            .retry_rules
+                            .iter()
+                            .map(|&(kind, never, backoff)| pb::RetryRule {
+                                kind: kind.to_owned(),
+                                never,
+                                backoff: backoff
+                                    .map(|ms| duration_to_proto(Duration::from_millis(ms))),
+                            })
+                            .collect(),
+                        ..Default::default()
+                    },
+                ),
                 timeout: self
                     .timeout_ms
                     .map(|ms| duration_to_proto(Duration::from_millis(ms))),
                 idempotent_by_payload: self.idempotent_by_payload,
                 needs_approval: self.needs_approval,
+                approval_when: self
+                    .approval_when
+                    .iter()
+                    .map(|&(field, equals)| pb::PayloadCondition {
+                        field: field.to_owned(),
+                        equals: equals.iter().map(|v| (*v).to_owned()).collect(),
+                    })
+                    .collect(),
+                approval_timeout: self
+                    .approval_timeout_ms
+                    .map(|ms| duration_to_proto(Duration::from_millis(ms))),
+                on_approval_timeout: if self.approval_timeout_fails {
+                    pb::ApprovalTimeoutAction::Fail
+                } else {
+                    pb::ApprovalTimeoutAction::Unspecified
+                }
+                .into(),
             }),
             ..Default::default()
         }
@@ -350,6 +422,8 @@ impl RetryPolicy {
             max_backoff: self.max_backoff.map(duration_to_proto),
             backoff_multiplier: self.backoff_multiplier,
             jitter: self.jitter,
+            // Rules by failure kind come with the job type's schema (`(jobwire.v1.job)`).
+            by_kind: Vec::new(),
         }
     }
 }
@@ -477,6 +551,7 @@ impl JobInfo {
     pub fn max_attempts(&self) -> Option<u32> {
         self.job
             .retry_policy
+            .as_ref()
             .and_then(|policy| policy.max_attempts)
             .map(count)
     }

@@ -62,11 +62,14 @@ fn allowed(method: &str, role: &str) -> bool {
         | "JobService/CancelJob"
         | "JobService/RetryJob"
         | "JobService/PauseJob"
-        | "JobService/ResumeJob" => &["admin", "producer"],
-        "JobService/GetJob"
-        | "JobService/ListJobs"
-        | "JobService/WatchJob"
-        | "JobService/WatchJobs" => &["admin", "producer", "viewer", "approver"],
+        | "JobService/ResumeJob"
+        | "JobService/ReplayJobs" => &["admin", "producer"],
+        "JobService/GetJob" | "JobService/ListJobs" => {
+            &["admin", "producer", "viewer", "approver", "worker"]
+        }
+        "JobService/WatchJob" | "JobService/WatchJobs" => {
+            &["admin", "producer", "viewer", "approver"]
+        }
         "JobService/ApproveJob" | "JobService/RejectJob" => &["admin", "approver"],
         "JobTypeService/GetJobType" | "JobTypeService/ListJobTypes" => {
             &["admin", "producer", "viewer", "worker", "approver"]

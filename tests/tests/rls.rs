@@ -96,6 +96,14 @@ async fn seed(pool: &PgPool) {
             .execute(pool)
             .await
             .expect("worker");
+            sqlx::query(
+                "INSERT INTO replay_requests (tenant_id, request_id) VALUES ($1, 'r' || $2)",
+            )
+            .bind(tenant)
+            .bind(n.to_string())
+            .execute(pool)
+            .await
+            .expect("replay request");
         }
     }
 }

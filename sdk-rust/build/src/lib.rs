@@ -272,6 +272,55 @@ fn job_type_impl(message: &MessageDescriptor) -> Result<Option<String>, Error> {
             schema.push_str(method);
         }
     }
+    if let Some(policy) = nested(&job, "retry_policy") {
+        let rules: Vec<String> = list(&policy, "by_kind")
+            .iter()
+            .map(|rule| {
+                let backoff = nested(rule, "backoff")
+                    .map(|d| format!("::core::option::Option::Some({})", duration_ms(&d)))
+                    .unwrap_or_else(|| "::core::option::Option::None".into());
+                let never = rule
+                    .get_field_by_name("never")
+                    .and_then(|v| v.as_bool())
+                    .unwrap_or_default();
+                format!("({:?}, {never}, {backoff})", text(rule, "kind"))
+            })
+            .collect();
+        if !rules.is_empty() {
+            let _ = write!(schema, ".retry_rules(&[{}])", rules.join(", "));
+        }
+    }
+    let conditions: Vec<String> = list(&job, "approval_when")
+        .iter()
+        .map(|c| {
+            let equals: Vec<String> = c
+                .get_field_by_name("equals")
+                .and_then(|v| {
+                    v.as_list().map(|l| {
+                        l.iter()
+                            .filter_map(|x| x.as_str())
+                            .map(|x| format!("{x:?}"))
+                            .collect()
+                    })
+                })
+                .unwrap_or_default();
+            format!("({:?}, &[{}])", text(c, "field"), equals.join(", "))
+        })
+        .collect();
+    if !conditions.is_empty() {
+        let _ = write!(schema, ".approval_when(&[{}])", conditions.join(", "));
+    }
+    if let Some(timeout) = nested(&job, "approval_timeout") {
+        let _ = write!(schema, ".approval_timeout_ms({})", duration_ms(&timeout));
+    }
+    // APPROVAL_TIMEOUT_ACTION_FAIL.
+    if job
+        .get_field_by_name("on_approval_timeout")
+        .and_then(|v| v.as_enum_number())
+        == Some(2)
+    {
+        schema.push_str(".approval_timeout_fails()");
+    }
     let rust_name = message.name().to_upper_camel_case();
     Ok(Some(format!(
         "\nimpl ::jobwire::JobType for {rust_name} {{\n    \
@@ -287,6 +336,30 @@ fn text(message: &DynamicMessage, field: &str) -> String {
         .get_field_by_name(field)
         .and_then(|v| v.as_str().map(str::to_owned))
         .unwrap_or_default()
+}
+
+/// The messages of a repeated message field (empty when unset).
+fn list(message: &DynamicMessage, field: &str) -> Vec<DynamicMessage> {
+    message
+        .get_field_by_name(field)
+        .and_then(|v| {
+            v.as_list()
+                .map(|l| l.iter().filter_map(|x| x.as_message().cloned()).collect())
+        })
+        .unwrap_or_default()
+}
+
+/// A google.protobuf.Duration option in whole milliseconds (negative values as 0).
+fn duration_ms(d: &DynamicMessage) -> u64 {
+    let seconds = d
+        .get_field_by_name("seconds")
+        .and_then(|v| v.as_i64())
+        .unwrap_or_default();
+    let nanos = d
+        .get_field_by_name("nanos")
+        .and_then(|v| v.as_i32())
+        .unwrap_or_default();
+    u64::try_from(seconds.saturating_mul(1000) + i64::from(nanos / 1_000_000)).unwrap_or(0)
 }
 
 fn nested(message: &DynamicMessage, field: &str) -> Option<DynamicMessage> {

@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 
 use crate::Error;
 use crate::client::{Client, JobHandle};
-use crate::job::{self, JobState, JobType, RetryPolicy};
+use crate::job::{self, JobId, JobState, JobType, RetryPolicy};
 use crate::proto::v1 as pb;
 use crate::proto::v1::job_spec::Schedule;
 
@@ -107,6 +107,22 @@ impl<J: JobType> Enqueue<J> {
     /// [`Client::reject_job`]). A job type whose schema asks for approval needs it anyway.
     pub fn needs_approval(mut self) -> Self {
         self.draft.needs_approval = true;
+        self
+    }
+
+    /// Makes the job wait PENDING until the job `id` (of the same tenant) has SUCCEEDED; call
+    /// it once per dependency. When a dependency ends FAILED or CANCELLED the job is CANCELLED
+    /// with a reason naming it, unless [`run_if_dependencies_fail`](Self::run_if_dependencies_fail).
+    /// The handler finds them in [`JobContext::depends_on`](crate::JobContext::depends_on).
+    pub fn depends_on(mut self, id: &JobId) -> Self {
+        self.draft.depends_on.push(id.as_str().to_owned());
+        self
+    }
+
+    /// Runs the job once every dependency has ended, however it ended, rather than cancel it
+    /// when one fails.
+    pub fn run_if_dependencies_fail(mut self) -> Self {
+        self.draft.run_regardless = true;
         self
     }
 
@@ -268,6 +284,8 @@ struct Draft<J> {
     timeout: Option<Duration>,
     needs_approval: bool,
     accept_existing: bool,
+    depends_on: Vec<String>,
+    run_regardless: bool,
 }
 
 impl<J: JobType> Draft<J> {
@@ -283,6 +301,8 @@ impl<J: JobType> Draft<J> {
             timeout: None,
             needs_approval: false,
             accept_existing: false,
+            depends_on: Vec::new(),
+            run_regardless: false,
         }
     }
 
@@ -307,6 +327,17 @@ impl<J: JobType> Draft<J> {
             job_type_version: 0,
             needs_approval: self.needs_approval,
             accept_existing: self.accept_existing,
+            depends_on: self.depends_on,
+            depends_on_index: Vec::new(),
+            // The job type's approval timeout applies.
+            approval_timeout: None,
+            on_approval_timeout: pb::ApprovalTimeoutAction::Unspecified.into(),
+            on_dependency_failure: if self.run_regardless {
+                pb::DependencyFailure::Run
+            } else {
+                pb::DependencyFailure::Unspecified
+            }
+            .into(),
         })
     }
 }

@@ -100,7 +100,7 @@ impl Client {
         Self::with_headers(channel, Headers::default())
     }
 
-    fn with_headers(channel: Channel, headers: Headers) -> Self {
+    pub(crate) fn with_headers(channel: Channel, headers: Headers) -> Self {
         Self {
             jobs: JobServiceClient::new(channel.clone()),
             queues: QueueServiceClient::new(channel.clone()),

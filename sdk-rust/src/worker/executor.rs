@@ -26,6 +26,7 @@ use tokio::task::{self, JoinError, JoinSet};
 use tokio::time::Instant;
 use tracing::Instrument;
 
+use crate::Client;
 use crate::context::{JobContext, StopReason, StopSignal};
 use crate::error::HandlerError;
 use crate::job;
@@ -82,6 +83,8 @@ pub(super) struct Refusal {
 pub(super) struct Executor {
     registry: Registry,
     worker_id: Arc<str>,
+    /// The worker's connection as a client, handed to each context to read other jobs.
+    client: Option<Client>,
     /// Where each lease's progress, logs and checkpoints go.
     links: Links,
     /// The most handlers that may run at once.
@@ -109,6 +112,7 @@ impl Executor {
         Self {
             registry,
             worker_id,
+            client: None,
             links,
             slots,
             prefetch,
@@ -181,12 +185,19 @@ impl Executor {
         ))
     }
 
+    /// Lets handlers read other jobs (their dependencies) through `client`.
+    pub(super) fn with_client(mut self, client: Client) -> Self {
+        self.client = Some(client);
+        self
+    }
+
     fn spawn(&mut self, lease: pb::Lease, handler: ErasedHandler) {
         let lease_ref = lease_ref(&lease);
         let stop = StopSignal::default();
         let reports = self.links.attach(lease_ref.clone());
         let shared = reports.shared();
-        let ctx = JobContext::new(&lease, Arc::clone(&self.worker_id), stop.clone(), reports);
+        let ctx = JobContext::new(&lease, Arc::clone(&self.worker_id), stop.clone(), reports)
+            .with_client(self.client.clone());
         let deadline = job::system_time(lease.deadline.as_ref());
         let timer = stop.clone();
         let span = tracing::info_span!(

@@ -55,7 +55,6 @@ use std::time::Duration;
 use tonic::transport::Endpoint;
 use tracing::Instrument;
 
-use crate::Error;
 use crate::backoff::Backoff;
 use crate::context::{JobContext, StopReason};
 use crate::error::HandlerError;
@@ -63,6 +62,7 @@ use crate::job::JobType;
 use crate::proto::v1 as pb;
 use crate::proto::v1::worker_service_client::WorkerServiceClient;
 use crate::transport::{self, Headers, Tls};
+use crate::{Client, Error};
 
 use executor::{Executor, Finished, Refusal};
 use lifecycle::{Lifecycle, Phase};
@@ -616,9 +616,11 @@ impl WorkerBuilder {
         };
         let worker_id: Arc<str> = Arc::from(worker_id);
         let reporter = Reporter::new(self.progress_interval);
+        let endpoint = transport::endpoint(self.url, self.tls.as_ref())?;
+        let client = Client::with_headers(endpoint.connect_lazy(), headers.clone());
         Ok(Worker {
             config: Config {
-                endpoint: transport::endpoint(self.url, self.tls.as_ref())?,
+                endpoint,
                 headers,
                 worker_id: Arc::clone(&worker_id),
                 host: Arc::from(host_name()),
@@ -630,7 +632,8 @@ impl WorkerBuilder {
                 worker_id,
                 (self.concurrency, self.prefetch),
                 reporter.links(),
-            ),
+            )
+            .with_client(client),
             reporter,
         })
     }

@@ -119,6 +119,8 @@ pub enum Access {
 use Role::{Admin, Approver, Producer, Viewer, Worker};
 
 const READ_JOBS: &[Role] = &[Admin, Producer, Viewer, Approver];
+/// Workers read the jobs a handler depends on, and a parent's children.
+const READ_JOBS_AND_WORK: &[Role] = &[Admin, Producer, Viewer, Approver, Worker];
 const WRITE_JOBS: &[Role] = &[Admin, Producer];
 const APPROVE: &[Role] = &[Admin, Approver];
 const READ: &[Role] = &[Admin, Producer, Viewer];
@@ -140,11 +142,10 @@ pub fn access(path: &str) -> Access {
         | "JobService/CancelJob"
         | "JobService/RetryJob"
         | "JobService/PauseJob"
-        | "JobService/ResumeJob" => WRITE_JOBS,
-        "JobService/GetJob"
-        | "JobService/ListJobs"
-        | "JobService/WatchJob"
-        | "JobService/WatchJobs" => READ_JOBS,
+        | "JobService/ResumeJob"
+        | "JobService/ReplayJobs" => WRITE_JOBS,
+        "JobService/GetJob" | "JobService/ListJobs" => READ_JOBS_AND_WORK,
+        "JobService/WatchJob" | "JobService/WatchJobs" => READ_JOBS,
         "JobService/ApproveJob" | "JobService/RejectJob" => APPROVE,
         "JobTypeService/GetJobType" | "JobTypeService/ListJobTypes" => READ_TYPES,
         "QueueService/ListQueues"
@@ -168,6 +169,7 @@ pub fn audited(path: &str) -> bool {
             | "JobService/RetryJob"
             | "JobService/PauseJob"
             | "JobService/ResumeJob"
+            | "JobService/ReplayJobs"
             | "JobService/ApproveJob"
             | "JobService/RejectJob"
             | "JobTypeService/RegisterJobType"

@@ -73,6 +73,11 @@ pub fn job(row: JobRow, attempts: &[AttemptRow]) -> pb::Job {
             max_backoff: Some(millis(row.retry_max_ms)),
             backoff_multiplier: Some(row.retry_multiplier),
             jitter: Some(row.retry_jitter),
+            by_kind: row
+                .retry_rules
+                .as_ref()
+                .map(|r| r.0.iter().map(retry_rule).collect())
+                .unwrap_or_default(),
         }),
         run_at: Some(timestamp(row.run_at)),
         result: row.result.map(|value| prost_types::Any {
@@ -111,9 +116,45 @@ pub fn job(row: JobRow, attempts: &[AttemptRow]) -> pb::Job {
         payload_json: None,
         result_json: None,
         attempts_omitted: 0,
+        depends_on: ids(row.depends_on.as_deref()),
+        on_dependency_failure: if row.run_regardless {
+            pb::DependencyFailure::Run
+        } else {
+            pb::DependencyFailure::Cancel
+        }
+        .into(),
+        approval_deadline: row
+            .approval_deadline
+            .filter(|_| row.state == crate::domain::JobState::AwaitingApproval)
+            .map(timestamp),
+        on_approval_timeout: match (row.approval_deadline, row.approval_timeout_fails) {
+            (None, _) => pb::ApprovalTimeoutAction::Unspecified,
+            (Some(_), false) => pb::ApprovalTimeoutAction::Reject,
+            (Some(_), true) => pb::ApprovalTimeoutAction::Fail,
+        }
+        .into(),
     };
     super::budget::trim_attempts(&mut job);
     job
+}
+
+/// A retry rule by failure kind as the API shows it.
+pub fn retry_rule(rule: &crate::domain::ending::KindRule) -> pb::RetryRule {
+    pb::RetryRule {
+        kind: rule.kind.clone(),
+        never: rule.never,
+        backoff: rule
+            .backoff_ms
+            .map(|ms| duration(Duration::from_millis(u64::try_from(ms).unwrap_or(0)))),
+    }
+}
+
+/// Job ids as the API spells them.
+fn ids(ids: Option<&[uuid::Uuid]>) -> Vec<String> {
+    ids.unwrap_or_default()
+        .iter()
+        .map(ToString::to_string)
+        .collect()
 }
 
 /// The lease message pushed to a worker for a freshly claimed job, `held` after its claim.
@@ -140,6 +181,7 @@ pub fn lease(leased: LeasedRow, held: std::time::Duration) -> pb::Lease {
         labels: row.labels.0,
         created_at: Some(timestamp(row.created_at)),
         held: prost_types::Duration::try_from(held).ok(),
+        depends_on: ids(row.depends_on.as_deref()),
     }
 }
 
@@ -415,6 +457,7 @@ pub fn schedule(row: ScheduleRow) -> pb::Schedule {
                 max_backoff: Some(millis(job.retry_max_ms)),
                 backoff_multiplier: Some(job.retry_multiplier),
                 jitter: Some(job.retry_jitter),
+                by_kind: Vec::new(),
             }),
             labels: job.labels.0,
             timeout: job.timeout_ms.map(millis),

@@ -99,6 +99,14 @@ impl From<store::Error> for ApiError {
                 field: format!("jobs[{index}].idempotency_key"),
                 existing: existing.to_string(),
             },
+            store::Error::UnknownDependency {
+                index,
+                position,
+                id,
+            } => Self::invalid(
+                format!("jobs[{index}].depends_on[{position}]"),
+                format!("names {id}, which is no job of this tenant"),
+            ),
             other => Self::Internal(other.to_string()),
         }
     }

@@ -20,11 +20,15 @@ use crate::{
     domain::{Actor, JobId, JobState, TenantId},
     engine::{enqueuer::EnqueuerHandle, fanout::Target},
     registry::Registry,
-    store::{EventFilter, ListFilter, StopKind, Store},
+    store::{self, EventFilter, ListFilter, ReplayFilter, StopKind, Store},
 };
 
 const DEFAULT_PAGE_SIZE: i32 = 50;
 const MAX_PAGE_SIZE: i32 = 1000;
+const DEFAULT_REPLAY_LIMIT: i32 = 1000;
+const MAX_REPLAY_LIMIT: i32 = 10_000;
+const MAX_REQUEST_ID_LEN: usize = 128;
+const MAX_PATCH_BYTES: usize = 64 * 1024;
 
 pub struct JobApi {
     store: Store,
@@ -143,16 +147,38 @@ impl JobService for JobApi {
         let (spec, version) = payloads::prepare(&self.registry, &tenant, spec)
             .await
             .map_err(|e| e.within("job"))?;
-        let mut job =
-            validate::job_spec(&spec, self.max_payload_bytes).map_err(|e| e.within("job"))?;
+        let mut job = validate::single_job_spec(&spec, self.max_payload_bytes)
+            .map_err(|e| e.within("job"))?;
         job.job_type_version = version;
         let queue = job.queue.clone();
         let accept_existing = job.accept_existing;
-        let outcome = self
-            .enqueuer
-            .enqueue(tenant.clone(), job)
-            .await
-            .map_err(ApiError::from)?;
+        let outcome = if job.depends_on.is_empty() {
+            self.enqueuer
+                .enqueue(tenant.clone(), job)
+                .await
+                .map_err(ApiError::from)?
+        } else {
+            // Not group-committed: its dependencies are checked and marked in its own
+            // transaction.
+            let mut outcomes = self
+                .store
+                .enqueue_dependent(&tenant, std::slice::from_ref(&job))
+                .await
+                .map_err(|e| match e {
+                    store::Error::UnknownDependency { position, id, .. } => ApiError::invalid(
+                        format!("job.depends_on[{position}]"),
+                        format!("names {id}, which is no job of this tenant"),
+                    ),
+                    store::Error::KeyReused { existing, .. } => ApiError::KeyReused {
+                        field: "job.idempotency_key".into(),
+                        existing: existing.to_string(),
+                    },
+                    other => ApiError::from(other),
+                })?;
+            outcomes
+                .pop()
+                .ok_or_else(|| ApiError::Internal("an enqueue returned no job".into()))?
+        };
         if !outcome.same && !accept_existing {
             return Err(ApiError::KeyReused {
                 field: "job.idempotency_key".into(),
@@ -192,11 +218,25 @@ impl JobService for JobApi {
         for (job, version) in jobs.iter_mut().zip(versions) {
             job.job_type_version = version;
         }
-        let outcomes = self
-            .store
-            .enqueue_batch(&tenant, &jobs)
-            .await
-            .map_err(ApiError::from)?;
+        let outcomes = if jobs.iter().all(|j| j.depends_on.is_empty()) {
+            self.store
+                .enqueue_batch(&tenant, &jobs)
+                .await
+                .map_err(ApiError::from)?
+        } else {
+            self.store
+                .enqueue_dependent(&tenant, &jobs)
+                .await
+                .map_err(ApiError::from)?
+                .into_iter()
+                .map(|o| store::Enqueued {
+                    id: o.job.id,
+                    state: o.job.state,
+                    created: o.created,
+                    same: o.same,
+                })
+                .collect()
+        };
         Ok(Response::new(pb::EnqueueJobsResponse {
             jobs: outcomes
                 .into_iter()
@@ -345,6 +385,155 @@ impl JobService for JobApi {
         tracing::info!(job_id = %id, %tenant, "job retried");
         Ok(Response::new(pb::RetryJobResponse {
             job: Some(convert::job(row, &[])),
+        }))
+    }
+
+    async fn replay_jobs(
+        &self,
+        request: Request<pb::ReplayJobsRequest>,
+    ) -> Result<Response<pb::ReplayJobsResponse>, Status> {
+        let tenant = tenant_of(&request)?;
+        let actor = actor_of(&request);
+        let req = request.get_ref();
+        let states = validate::states(&req.states)?;
+        if let Some(i) = states
+            .iter()
+            .position(|s| !matches!(s, JobState::Failed | JobState::Cancelled))
+        {
+            return Err(ApiError::invalid(
+                format!("states[{i}]"),
+                "only FAILED and CANCELLED jobs are replayed",
+            )
+            .into());
+        }
+        let text = |field: &str, value: &str, max: usize| {
+            (!value.is_empty())
+                .then(|| validate::text(field, value, max).map(|()| value.to_owned()))
+                .transpose()
+        };
+        let filter = ReplayFilter {
+            states,
+            queue: (!req.queue.is_empty())
+                .then(|| validate::queue("queue", &req.queue))
+                .transpose()?,
+            job_type: (!req.job_type.is_empty())
+                .then(|| validate::job_type("job_type", &req.job_type))
+                .transpose()?,
+            finished_after: req
+                .finished_after
+                .as_ref()
+                .map(|t| validate::timestamp("finished_after", t))
+                .transpose()?,
+            finished_before: req
+                .finished_before
+                .as_ref()
+                .map(|t| validate::timestamp("finished_before", t))
+                .transpose()?,
+            error_kind: text("error_kind", &req.error_kind, validate::MAX_ERROR_KIND_LEN)?,
+            error_text: text("error_text", &req.error_text, validate::MAX_ERROR_TEXT_LEN)?,
+            labels: validate::labels(&req.labels)?,
+        };
+        let limit = match req.limit {
+            0 => DEFAULT_REPLAY_LIMIT,
+            n if (1..=MAX_REPLAY_LIMIT).contains(&n) => n,
+            n => {
+                return Err(ApiError::invalid(
+                    "limit",
+                    format!("must be between 1 and {MAX_REPLAY_LIMIT}, got {n}"),
+                )
+                .into());
+            }
+        };
+        let request_id = match (req.dry_run, req.request_id.as_str()) {
+            (true, _) => None,
+            (false, "") => {
+                return Err(ApiError::invalid(
+                    "request_id",
+                    "is required unless dry_run: it makes a repeated replay harmless",
+                )
+                .into());
+            }
+            (false, id) => {
+                validate::text("request_id", id, MAX_REQUEST_ID_LEN)?;
+                Some(id)
+            }
+        };
+        let patch = match &req.payload_patch {
+            None => None,
+            Some(patch) => {
+                if prost::Message::encoded_len(patch) > MAX_PATCH_BYTES {
+                    return Err(ApiError::invalid(
+                        "payload_patch",
+                        format!("must encode to at most {MAX_PATCH_BYTES} bytes"),
+                    )
+                    .into());
+                }
+                let Some(job_type) = &filter.job_type else {
+                    return Err(ApiError::invalid(
+                        "job_type",
+                        "is required with payload_patch: a patch fits one job type's payload",
+                    )
+                    .into());
+                };
+                Some((job_type.clone(), convert::struct_to_json(patch)))
+            }
+        };
+        let patch = patch.map(std::sync::Arc::new);
+        let change = |job: store::Replayable| {
+            let (registry, tenant, patch) = (self.registry.clone(), tenant.clone(), patch.clone());
+            let patched = async move {
+                let Some((job_type, patch)) = patch.as_deref() else {
+                    return Ok(None);
+                };
+                let version = job
+                    .job_type_version
+                    .ok_or("its job type had no registered schema when it was enqueued")?;
+                let schema = registry
+                    .schema(&tenant, job_type, Some(version))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .ok_or_else(|| {
+                        format!("version {version} of its job type is not registered")
+                    })?;
+                let mut json = schema
+                    .payload_to_json(&job.payload)
+                    .ok_or("its payload does not decode")?;
+                json_patch::merge(&mut json, patch);
+                schema
+                    .payload_from_json(&json)
+                    .map(Some)
+                    .map_err(|e| format!("{}: {}", e.path, e.why))
+            };
+            futures::FutureExt::boxed(patched)
+        };
+        let replayed = self
+            .store
+            .replay(
+                &tenant,
+                store::Replay {
+                    filter: &filter,
+                    limit: i64::from(limit),
+                    request: request_id,
+                    actor: Some(&actor),
+                },
+                change,
+            )
+            .await
+            .map_err(|e| match e {
+                store::Error::Refused { id, why } => ApiError::invalid(
+                    "payload_patch",
+                    format!("does not fit job {id}: {why}; nothing was replayed"),
+                ),
+                other => ApiError::from(other),
+            })?;
+        if !req.dry_run && !replayed.repeated {
+            tracing::info!(%tenant, jobs = replayed.count, request_id = ?request_id, "jobs replayed");
+        }
+        Ok(Response::new(pb::ReplayJobsResponse {
+            count: replayed.count,
+            sample_ids: replayed.sample.iter().map(ToString::to_string).collect(),
+            truncated: replayed.truncated,
+            repeated: replayed.repeated,
         }))
     }
 

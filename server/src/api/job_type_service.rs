@@ -8,7 +8,7 @@ use jobwire_proto::limits::MAX_PAGE_BYTES;
 
 use super::{ApiError, convert, paging::PageRequest, tenant_of, validate};
 use crate::{
-    domain::TenantId,
+    domain::{TenantId, approval::Condition},
     registry::{Registry, Schema, SchemaError},
     store::{Example, JobTypeRow, NewJobType, Store, TypeDefaults},
 };
@@ -22,6 +22,9 @@ const MAX_EXAMPLE_NAME: usize = 256;
 const MAX_DESCRIPTOR_BYTES: usize = 1024 * 1024;
 const MAX_EXAMPLES_BYTES: usize = 512 * 1024;
 const EMPTY: &str = "google.protobuf.Empty";
+const MAX_CONDITIONS: usize = 16;
+const MAX_CONDITION_VALUES: usize = 64;
+const MAX_CONDITION_TEXT: usize = 256;
 
 pub struct JobTypeApi {
     store: Store,
@@ -35,7 +38,11 @@ impl JobTypeApi {
 }
 
 /// The explicit defaults of a registration, validated; unset fields stay unset.
-fn defaults(d: Option<&pb::JobTypeDefaults>, at: &str) -> Result<TypeDefaults, ApiError> {
+fn defaults(
+    d: Option<&pb::JobTypeDefaults>,
+    at: &str,
+    payload: &MessageDescriptor,
+) -> Result<TypeDefaults, ApiError> {
     let Some(d) = d else {
         return Ok(TypeDefaults::default());
     };
@@ -49,9 +56,10 @@ fn defaults(d: Option<&pb::JobTypeDefaults>, at: &str) -> Result<TypeDefaults, A
         validate::priority(d.priority).map_err(within)?;
     }
     // Checked whole (so a bad multiplier is refused now), kept field by field.
-    validate::retry_policy(d.retry_policy.as_ref())
-        .map_err(|e| e.within(&format!("{at}.retry_policy")))?;
-    let policy = d.retry_policy.unwrap_or_default();
+    let rules = validate::retry_policy(d.retry_policy.as_ref())
+        .map_err(within)?
+        .rules;
+    let policy = d.retry_policy.clone().unwrap_or_default();
     let ms = |field: &str, v: Option<&prost_types::Duration>| -> Result<Option<i64>, ApiError> {
         v.map(|d| {
             validate::duration(field, d).map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
@@ -73,7 +81,109 @@ fn defaults(d: Option<&pb::JobTypeDefaults>, at: &str) -> Result<TypeDefaults, A
         timeout_ms: ms("timeout", d.timeout.as_ref())?,
         idempotent_by_payload: d.idempotent_by_payload,
         needs_approval: d.needs_approval,
+        retry_rules: rules,
+        approval_when: conditions(&d.approval_when, payload).map_err(within)?,
+        approval_timeout_ms: match &d.approval_timeout {
+            None => None,
+            Some(t) => {
+                let t = validate::duration("approval_timeout", t).map_err(within)?;
+                if t < std::time::Duration::from_secs(1) {
+                    return Err(within(ApiError::invalid(
+                        "approval_timeout",
+                        "must be at least 1s",
+                    )));
+                }
+                Some(i64::try_from(t.as_millis()).unwrap_or(i64::MAX))
+            }
+        },
+        approval_timeout_fails: match pb::ApprovalTimeoutAction::try_from(d.on_approval_timeout) {
+            Ok(pb::ApprovalTimeoutAction::Fail) => true,
+            Ok(_) => false,
+            Err(_) => {
+                return Err(within(ApiError::invalid(
+                    "on_approval_timeout",
+                    format!("{} is not an ApprovalTimeoutAction", d.on_approval_timeout),
+                )));
+            }
+        },
     })
+}
+
+/// Approval conditions, each naming a singular scalar field of the payload (through nested
+/// messages), with the text its default value compares as.
+fn conditions(
+    given: &[pb::PayloadCondition],
+    payload: &MessageDescriptor,
+) -> Result<Vec<Condition>, ApiError> {
+    if given.len() > MAX_CONDITIONS {
+        return Err(ApiError::invalid(
+            "approval_when",
+            format!("at most {MAX_CONDITIONS} conditions"),
+        ));
+    }
+    given
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let at = format!("approval_when[{i}]");
+            validate::text(&format!("{at}.field"), &c.field, MAX_CONDITION_TEXT)?;
+            if c.equals.is_empty() || c.equals.len() > MAX_CONDITION_VALUES {
+                return Err(ApiError::invalid(
+                    format!("{at}.equals"),
+                    format!("must hold 1 to {MAX_CONDITION_VALUES} values"),
+                ));
+            }
+            for (k, v) in c.equals.iter().enumerate() {
+                validate::text(&format!("{at}.equals[{k}]"), v, MAX_CONDITION_TEXT)?;
+            }
+            let (json_field, absent) = field_default(payload, &c.field)
+                .map_err(|why| ApiError::invalid(format!("{at}.field"), why))?;
+            Ok(Condition {
+                field: c.field.clone(),
+                json_field,
+                equals: c.equals.clone(),
+                absent,
+            })
+        })
+        .collect()
+}
+
+/// For a path of field names ending at a singular scalar or enum field: the path in the names
+/// of the proto3 JSON form, and the text of the field's default value there.
+fn field_default(message: &MessageDescriptor, path: &str) -> Result<(String, String), String> {
+    let mut at = message.clone();
+    let mut json = Vec::new();
+    let mut parts = path.split('.').peekable();
+    while let Some(part) = parts.next() {
+        let field = at
+            .get_field_by_name(part)
+            .ok_or_else(|| format!("{} has no field {part:?}", at.full_name()))?;
+        json.push(field.json_name().to_owned());
+        if field.is_list() || field.is_map() {
+            return Err(format!(
+                "{part:?} is repeated; a condition needs a single value"
+            ));
+        }
+        match field.kind() {
+            Kind::Message(inner) if parts.peek().is_some() => at = inner,
+            Kind::Message(_) => {
+                return Err(format!("{part:?} is a message; name a field within it"));
+            }
+            _ if parts.peek().is_some() => {
+                return Err(format!("{part:?} is not a message"));
+            }
+            kind => {
+                let absent = match kind {
+                    Kind::Enum(e) => e.default_value().name().to_owned(),
+                    Kind::Bool => "false".into(),
+                    Kind::String | Kind::Bytes => String::new(),
+                    _ => "0".into(),
+                };
+                return Ok((json.join("."), absent));
+            }
+        }
+    }
+    Err("is empty".into())
 }
 
 fn examples(
@@ -169,7 +279,7 @@ pub fn new_job_type(t: &pb::JobType, at: &str) -> Result<NewJobType, ApiError> {
     let schema = Schema {
         name: name.clone(),
         version: 0,
-        defaults: defaults(t.defaults.as_ref(), at)?,
+        defaults: defaults(t.defaults.as_ref(), at, &payload)?,
         examples: Vec::new(),
         payload,
         output,
@@ -256,6 +366,7 @@ fn job_type(row: JobTypeRow, with_descriptors: bool) -> pb::JobType {
         max_backoff: d.max_backoff_ms.map(millis),
         backoff_multiplier: d.backoff_multiplier,
         jitter: d.jitter,
+        by_kind: d.retry_rules.iter().map(convert::retry_rule).collect(),
     };
     pb::JobType {
         name: row.name,
@@ -275,6 +386,21 @@ fn job_type(row: JobTypeRow, with_descriptors: bool) -> pb::JobType {
             timeout: d.timeout_ms.map(millis),
             idempotent_by_payload: d.idempotent_by_payload,
             needs_approval: d.needs_approval,
+            approval_when: d
+                .approval_when
+                .iter()
+                .map(|c| pb::PayloadCondition {
+                    field: c.field.clone(),
+                    equals: c.equals.clone(),
+                })
+                .collect(),
+            approval_timeout: d.approval_timeout_ms.map(millis),
+            on_approval_timeout: match (d.approval_timeout_ms, d.approval_timeout_fails) {
+                (None, _) => pb::ApprovalTimeoutAction::Unspecified,
+                (Some(_), false) => pb::ApprovalTimeoutAction::Reject,
+                (Some(_), true) => pb::ApprovalTimeoutAction::Fail,
+            }
+            .into(),
         }),
         examples: row
             .examples

@@ -206,7 +206,25 @@ fn apply_defaults(schema: &Schema, spec: &mut pb::JobSpec) {
     if spec.timeout.is_none() {
         spec.timeout = d.timeout_ms.map(millis);
     }
+    if policy.by_kind.is_empty() {
+        policy.by_kind = d.retry_rules.iter().map(convert::retry_rule).collect();
+    }
+    if spec.approval_timeout.is_none() {
+        spec.approval_timeout = d.approval_timeout_ms.map(millis);
+    }
+    if spec.on_approval_timeout == pb::ApprovalTimeoutAction::Unspecified as i32
+        && d.approval_timeout_fails
+    {
+        spec.on_approval_timeout = pb::ApprovalTimeoutAction::Fail.into();
+    }
     spec.needs_approval |= d.needs_approval;
+    if !spec.needs_approval && !d.approval_when.is_empty() {
+        let payload = spec
+            .payload
+            .as_ref()
+            .and_then(|p| schema.payload_to_json(&p.value));
+        spec.needs_approval = payload.is_some_and(|p| d.approval_when.iter().any(|c| c.holds(&p)));
+    }
 }
 
 fn millis(ms: i64) -> prost_types::Duration {

@@ -68,6 +68,16 @@ impl ScheduleApi {
         job: Option<&pb::JobTemplate>,
     ) -> Result<JobTemplate, ApiError> {
         let job = job.ok_or_else(|| ApiError::invalid("schedule.job", "is required"))?;
+        if job
+            .retry_policy
+            .as_ref()
+            .is_some_and(|p| !p.by_kind.is_empty())
+        {
+            return Err(ApiError::invalid(
+                "schedule.job.retry_policy.by_kind",
+                "is not kept by schedules; enqueue the job with its rules instead",
+            ));
+        }
         // A template is a job spec without a time or a key: the same rules and defaults apply.
         let spec = pb::JobSpec {
             job_type: job.job_type.clone(),
@@ -76,7 +86,7 @@ impl ScheduleApi {
             queue: job.queue.clone(),
             priority: job.priority,
             schedule: None,
-            retry_policy: job.retry_policy,
+            retry_policy: job.retry_policy.clone(),
             idempotency_key: String::new(),
             labels: job.labels.clone(),
             timeout: job.timeout,

@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use super::ApiError;
 use crate::{
-    domain::{JobId, JobState, LeaseRef, QueueName, RetryPolicy, TenantId},
+    domain::{JobId, JobState, LeaseRef, QueueName, RetryPolicy, TenantId, ending::KindRule},
     store::NewJob,
 };
 
@@ -24,6 +24,12 @@ const MAX_LABELS: usize = 64;
 const MAX_LABEL_KEY_LEN: usize = 63;
 const MAX_LABEL_VALUE_LEN: usize = 256;
 const MAX_REASON_LEN: usize = 1024;
+/// Rules of a retry policy by failure kind.
+const MAX_RETRY_RULES: usize = 32;
+/// The shortest approval timeout.
+const MIN_APPROVAL_TIMEOUT: Duration = Duration::from_secs(1);
+/// Dependencies of one job, by id and by batch index together.
+pub const MAX_DEPENDENCIES: usize = 100;
 /// ListJobs' error filters.
 pub const MAX_ERROR_KIND_LEN: usize = 128;
 pub const MAX_ERROR_TEXT_LEN: usize = 256;
@@ -252,6 +258,35 @@ pub fn retry_policy(policy: Option<&pb::RetryPolicy>) -> Result<RetryPolicy, Api
         }
         out.multiplier = m;
     }
+    if p.by_kind.len() > MAX_RETRY_RULES {
+        return Err(ApiError::invalid(
+            "retry_policy.by_kind",
+            format!("at most {MAX_RETRY_RULES} rules"),
+        ));
+    }
+    for (i, rule) in p.by_kind.iter().enumerate() {
+        let field = format!("retry_policy.by_kind[{i}]");
+        if rule.kind.is_empty() {
+            return Err(ApiError::invalid(format!("{field}.kind"), "is required"));
+        }
+        text(&format!("{field}.kind"), &rule.kind, MAX_ERROR_KIND_LEN)?;
+        if out.rules.iter().any(|r| r.kind == rule.kind) {
+            return Err(ApiError::invalid(
+                format!("{field}.kind"),
+                format!("repeats the kind {:?}", rule.kind),
+            ));
+        }
+        let backoff_ms = rule
+            .backoff
+            .as_ref()
+            .map(|d| duration(&format!("{field}.backoff"), d).map(millis))
+            .transpose()?;
+        out.rules.push(KindRule {
+            kind: rule.kind.clone(),
+            never: rule.never,
+            backoff_ms,
+        });
+    }
     if let Some(j) = p.jitter {
         if !(0.0..=1.0).contains(&j) {
             return Err(ApiError::invalid(
@@ -321,8 +356,62 @@ pub fn job_spec(spec: &pb::JobSpec, max_payload: usize) -> Result<NewJob, ApiErr
             Some(millis(d))
         }
     };
+    if spec.depends_on.len() + spec.depends_on_index.len() > MAX_DEPENDENCIES {
+        return Err(ApiError::invalid(
+            "depends_on",
+            format!("at most {MAX_DEPENDENCIES} dependencies (with depends_on_index)"),
+        ));
+    }
+    let mut depends_on = Vec::with_capacity(spec.depends_on.len());
+    for (i, id) in spec.depends_on.iter().enumerate() {
+        let field = format!("depends_on[{i}]");
+        let id = job_id(&field, id)?;
+        if depends_on.contains(&id) {
+            return Err(ApiError::invalid(field, format!("repeats {id}")));
+        }
+        depends_on.push(id);
+    }
+    let run_regardless = match pb::DependencyFailure::try_from(spec.on_dependency_failure) {
+        Ok(pb::DependencyFailure::Unspecified | pb::DependencyFailure::Cancel) => false,
+        Ok(pb::DependencyFailure::Run) => true,
+        Err(_) => {
+            return Err(ApiError::invalid(
+                "on_dependency_failure",
+                format!("{} is not a DependencyFailure", spec.on_dependency_failure),
+            ));
+        }
+    };
+    let approval_timeout_ms = match &spec.approval_timeout {
+        None => None,
+        Some(d) => {
+            let d = duration("approval_timeout", d)?;
+            if d < MIN_APPROVAL_TIMEOUT {
+                return Err(ApiError::invalid("approval_timeout", "must be at least 1s"));
+            }
+            Some(millis(d))
+        }
+    };
+    let approval_timeout_fails = match pb::ApprovalTimeoutAction::try_from(spec.on_approval_timeout)
+    {
+        Ok(pb::ApprovalTimeoutAction::Unspecified | pb::ApprovalTimeoutAction::Reject) => false,
+        Ok(pb::ApprovalTimeoutAction::Fail) => true,
+        Err(_) => {
+            return Err(ApiError::invalid(
+                "on_approval_timeout",
+                format!(
+                    "{} is not an ApprovalTimeoutAction",
+                    spec.on_approval_timeout
+                ),
+            ));
+        }
+    };
     Ok(NewJob {
         id: JobId::new(),
+        approval_timeout_ms,
+        approval_timeout_fails,
+        retry_rules: policy.rules.clone(),
+        depends_on,
+        run_regardless,
         timeout_ms,
         queue,
         job_type,
@@ -356,14 +445,26 @@ pub fn batch_len(len: usize) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// A batch: each job valid, no idempotency key used twice, and not too many.
+/// A single job: [`job_spec`], refusing what only a batch can hold.
+pub fn single_job_spec(spec: &pb::JobSpec, max_payload: usize) -> Result<NewJob, ApiError> {
+    if !spec.depends_on_index.is_empty() {
+        return Err(ApiError::invalid(
+            "depends_on_index",
+            "names jobs of the same EnqueueJobs request; use depends_on with job ids here",
+        ));
+    }
+    job_spec(spec, max_payload)
+}
+
+/// A batch: each job valid, no idempotency key used twice, not too many, and its dependencies
+/// on jobs of the batch resolved to their ids, without a cycle.
 pub fn job_specs<S: std::borrow::Borrow<pb::JobSpec>>(
     specs: &[S],
     max_payload: usize,
 ) -> Result<Vec<NewJob>, ApiError> {
     batch_len(specs.len())?;
     let mut seen = HashMap::new();
-    specs
+    let mut jobs = specs
         .iter()
         .enumerate()
         .map(|(i, spec)| {
@@ -381,7 +482,45 @@ pub fn job_specs<S: std::borrow::Borrow<pb::JobSpec>>(
             }
             Ok(job)
         })
-        .collect()
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut edges = Vec::with_capacity(specs.len());
+    for (i, spec) in specs.iter().enumerate() {
+        let mut to = Vec::new();
+        for (k, &index) in spec.borrow().depends_on_index.iter().enumerate() {
+            let field = format!("jobs[{i}].depends_on_index[{k}]");
+            let target = usize::try_from(index)
+                .ok()
+                .filter(|&t| t < specs.len())
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        &field,
+                        format!(
+                            "{index} is not an index of this request's {} jobs",
+                            specs.len()
+                        ),
+                    )
+                })?;
+            if target == i {
+                return Err(ApiError::invalid(field, "a job cannot depend on itself"));
+            }
+            if to.contains(&target) {
+                return Err(ApiError::invalid(field, format!("repeats {target}")));
+            }
+            to.push(target);
+        }
+        edges.push(to);
+    }
+    if let Some(i) = crate::domain::waits::cycle(&edges) {
+        return Err(ApiError::invalid(
+            format!("jobs[{i}].depends_on_index"),
+            "forms a cycle: the jobs would wait for each other forever",
+        ));
+    }
+    let ids: Vec<JobId> = jobs.iter().map(|j| j.id).collect();
+    for (job, to) in jobs.iter_mut().zip(edges) {
+        job.depends_on.extend(to.into_iter().map(|t| ids[t]));
+    }
+    Ok(jobs)
 }
 
 pub fn states(values: &[i32]) -> Result<Vec<JobState>, ApiError> {

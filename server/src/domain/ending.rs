@@ -29,6 +29,20 @@ pub struct Attempt {
     pub uncounted: i32,
     pub max_attempts: i32,
     pub backoff: Backoff,
+    /// The job's retry rules by failure kind (RetryPolicy.by_kind).
+    pub rules: Vec<KindRule>,
+}
+
+/// How failures of one kind are retried, overriding the policy for them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KindRule {
+    pub kind: String,
+    /// A failure of this kind is never retried.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub never: bool,
+    /// The delay before the next attempt, instead of the backoff.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff_ms: Option<i64>,
 }
 
 impl Attempt {
@@ -231,11 +245,15 @@ fn failed(attempt: &Attempt, failure: &Failure, now: DateTime<Utc>, draw: f64) -
     };
     let counted = attempt.counted_with_this();
     let exhausted = counted >= attempt.max_attempts;
-    let retry = !(failure.non_retryable || exhausted);
+    let rule = attempt.rules.iter().find(|r| r.kind == failure.kind);
+    let never = rule.is_some_and(|r| r.never);
+    let retry = !(failure.non_retryable || never || exhausted);
     let (otherwise, retry_in) = if retry {
-        let delay = failure
-            .retry_after
-            .unwrap_or_else(|| attempt.backoff.delay(counted, draw));
+        let delay = failure.retry_after.unwrap_or_else(|| {
+            rule.and_then(|r| r.backoff_ms)
+                .map(|ms| Duration::from_millis(u64::try_from(ms).unwrap_or(0)))
+                .unwrap_or_else(|| attempt.backoff.delay(counted, draw))
+        });
         let end = End {
             state: JobState::Retrying,
             counts: true,
@@ -266,7 +284,7 @@ fn failed(attempt: &Attempt, failure: &Failure, now: DateTime<Utc>, draw: f64) -
         error: Some(ErrorRecord {
             message: failure.message.clone(),
             kind: failure.kind.clone(),
-            retryable: !failure.non_retryable,
+            retryable: !(failure.non_retryable || never),
             attempt: attempt.number,
             occurred_at: now,
         }),
@@ -289,7 +307,49 @@ mod tests {
                 multiplier: 2.0,
                 jitter: 0.0,
             },
+            rules: Vec::new(),
         }
+    }
+
+    fn failed_with(kind: &str) -> Report {
+        Report::Failed(Failure {
+            message: "broke".into(),
+            kind: kind.into(),
+            non_retryable: false,
+            retry_after: None,
+            timed_out: false,
+        })
+    }
+
+    #[test]
+    fn a_rule_by_kind_stops_retries_or_sets_the_delay_and_other_kinds_follow_the_policy() {
+        let mut a = attempt(1, 0, 5);
+        a.rules = vec![
+            KindRule {
+                kind: "http_4xx".into(),
+                never: true,
+                backoff_ms: None,
+            },
+            KindRule {
+                kind: "rate_limited".into(),
+                never: false,
+                backoff_ms: Some(30_000),
+            },
+        ];
+        let now = Utc::now();
+        let d = decide(&a, &failed_with("http_4xx"), now, 0.0);
+        assert_eq!(d.otherwise.state, JobState::Failed);
+        assert_eq!(d.error.as_ref().map(|e| e.retryable), Some(false));
+        let d = decide(&a, &failed_with("rate_limited"), now, 0.0);
+        assert_eq!(d.otherwise.state, JobState::Retrying);
+        assert_eq!(d.retry_in, Some(Duration::from_secs(30)));
+        let d = decide(&a, &failed_with("http_5xx"), now, 0.0);
+        assert_eq!(d.otherwise.state, JobState::Retrying);
+        assert_eq!(
+            d.retry_in,
+            Some(Duration::from_secs(1)),
+            "the policy's backoff"
+        );
     }
 
     fn failure(non_retryable: bool, timed_out: bool) -> Report {

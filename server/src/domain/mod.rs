@@ -4,8 +4,10 @@
 //! a job's state is one enum mapped to its PostgreSQL type and to its protobuf value in exactly
 //! one place each.
 
+pub mod approval;
 pub mod ending;
 pub mod health;
+pub mod waits;
 
 use std::{fmt, time::Duration};
 
@@ -208,6 +210,8 @@ pub struct RetryPolicy {
     pub max_backoff: Duration,
     pub multiplier: f64,
     pub jitter: f64,
+    /// Rules by failure kind, overriding the above for failures of that kind.
+    pub rules: Vec<ending::KindRule>,
 }
 
 impl Default for RetryPolicy {
@@ -218,6 +222,7 @@ impl Default for RetryPolicy {
             max_backoff: Duration::from_secs(3600),
             multiplier: 2.0,
             jitter: 0.1,
+            rules: Vec::new(),
         }
     }
 }

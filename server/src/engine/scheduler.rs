@@ -1,4 +1,9 @@
-//! The scheduler: makes SCHEDULED and RETRYING jobs AVAILABLE when their time comes.
+//! The scheduler: makes SCHEDULED and RETRYING jobs AVAILABLE when their time comes, and
+//! PENDING jobs whose dependencies have ended AVAILABLE (or CANCELLED, when one failed), and
+//! ends approvals whose timeout has passed.
+//!
+//! The ending of a job another waits for notifies the due channel (a trigger, so that no path
+//! to an ending can forget it), which wakes this loop like a new due time does.
 //!
 //! Runs on the leader only. After promoting what is due it sleeps until the next run_at it knows
 //! of, but never longer than the poll interval. A job enqueued meanwhile for an earlier time, on
@@ -15,9 +20,14 @@ use super::{
     notifier::DueSignal,
     signals::{Signal, Signals},
 };
-use crate::store::{Store, Term};
+use crate::{
+    domain::waits,
+    store::{Store, Term},
+};
 
 const BATCH: i64 = 1000;
+/// Rounds of ending waits per pass: a chain longer than this goes on at the next pass.
+const MAX_WAIT_ROUNDS: usize = 64;
 
 pub struct Scheduler {
     store: Store,
@@ -54,8 +64,41 @@ impl Scheduler {
         lead_on_timer(leadership, &due, shutdown, |term| self.tick(term)).await;
     }
 
+    /// Ends the waits that can be decided, again while deciding some lets others be decided
+    /// (a cancel cascading down a chain), within [`MAX_WAIT_ROUNDS`].
+    async fn end_waits(&self, term: Term) {
+        for _ in 0..MAX_WAIT_ROUNDS {
+            let waiting = match self.store.decidable_waits(term, BATCH).await {
+                Ok(waiting) if waiting.is_empty() => return,
+                Ok(waiting) => waiting,
+                Err(error) => {
+                    tracing::warn!(%error, "reading waiting jobs failed");
+                    return;
+                }
+            };
+            let ends: Vec<_> = waiting
+                .iter()
+                .map(|w| (w.id, waits::decide(&w.waiting)))
+                .collect();
+            match self.store.end_waits(term, &ends).await {
+                Ok(0) => return,
+                Ok(n) => tracing::debug!(jobs = n, "waits ended"),
+                Err(error) => {
+                    tracing::warn!(%error, "ending waits failed");
+                    return;
+                }
+            }
+        }
+    }
+
     /// Promotes what is due and returns how long to sleep.
     async fn tick(&self, term: Term) -> Duration {
+        self.end_waits(term).await;
+        match self.store.expire_approvals(term, BATCH).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(jobs = n, "approvals timed out"),
+            Err(error) => tracing::warn!(%error, "ending timed-out approvals failed"),
+        }
         let mut promoted = 0;
         loop {
             match self.store.promote_due(term, BATCH).await {

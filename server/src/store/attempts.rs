@@ -17,7 +17,7 @@ use super::{
 };
 use crate::domain::{
     AttemptOutcome, JobId, JobState, LeaseRef, TenantId,
-    ending::{Attempt, Backoff, Decision, End},
+    ending::{Attempt, Backoff, Decision, End, KindRule},
 };
 
 /// What a statement ending an attempt must see of its job beyond its lease.
@@ -407,7 +407,7 @@ impl Store {
 
 /// The columns [`AttemptFacts`] reads, from `jobs j`.
 const FACT_COLUMNS: &str = "j.attempt, j.attempt_base, j.max_attempts, j.retry_initial_ms, \
-     j.retry_max_ms, j.retry_multiplier, j.retry_jitter, now() AS now";
+     j.retry_max_ms, j.retry_multiplier, j.retry_jitter, j.retry_rules, now() AS now";
 
 #[derive(sqlx::FromRow)]
 struct AttemptFacts {
@@ -418,6 +418,7 @@ struct AttemptFacts {
     retry_max_ms: i64,
     retry_multiplier: f64,
     retry_jitter: f64,
+    retry_rules: Option<sqlx::types::Json<Vec<KindRule>>>,
     now: DateTime<Utc>,
 }
 
@@ -433,6 +434,11 @@ impl AttemptFacts {
                 multiplier: self.retry_multiplier,
                 jitter: self.retry_jitter,
             },
+            rules: self
+                .retry_rules
+                .as_ref()
+                .map(|r| r.0.clone())
+                .unwrap_or_default(),
         }
     }
 }

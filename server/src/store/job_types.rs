@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::types::Json;
 
 use super::{Error, Listed, Result, Store};
-use crate::domain::TenantId;
+use crate::domain::{TenantId, approval::Condition, ending::KindRule};
 
 /// What a job of a type gets when its enqueue leaves a field unset.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -30,6 +30,16 @@ pub struct TypeDefaults {
     pub idempotent_by_payload: bool,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub needs_approval: bool,
+    /// RetryPolicy.by_kind.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retry_rules: Vec<KindRule>,
+    /// Conditions on the payload under which a job needs approval.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub approval_when: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval_timeout_ms: Option<i64>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub approval_timeout_fails: bool,
 }
 
 /// A named example payload, kept as the JSON it was registered with.

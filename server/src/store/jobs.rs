@@ -11,7 +11,7 @@ use super::{
     notify::send,
     rows::{AttemptRow, JOB_COLUMNS, JobRow},
 };
-use crate::domain::{Actor, JobId, JobState, QueueName, TenantId};
+use crate::domain::{Actor, JobId, JobState, QueueName, TenantId, ending::KindRule};
 
 /// A validated job to insert.
 #[derive(Debug, Clone)]
@@ -38,6 +38,16 @@ pub struct NewJob {
     pub job_type_version: Option<i32>,
     /// Held AWAITING_APPROVAL until ApproveJob.
     pub needs_approval: bool,
+    /// How long the job may wait AWAITING_APPROVAL, if it needs approval.
+    pub approval_timeout_ms: Option<i64>,
+    /// The approval timeout fails the job rather than reject it.
+    pub approval_timeout_fails: bool,
+    /// Retry rules by failure kind.
+    pub retry_rules: Vec<KindRule>,
+    /// Jobs of the tenant this one waits PENDING for.
+    pub depends_on: Vec<JobId>,
+    /// Run once the dependencies have ended even when one failed, rather than be cancelled.
+    pub run_regardless: bool,
     /// With an idempotency key already used for another job type or payload, take that job
     /// rather than refuse.
     pub accept_existing: bool,
@@ -188,6 +198,78 @@ impl Store {
                 created: false,
                 same: job.repeats(row),
             }
+        })
+        .await
+    }
+
+    /// Enqueues jobs of which some depend on others, in one transaction: the dependencies
+    /// outside the batch must be jobs of the tenant (each is marked waited on, so that its
+    /// ending wakes the scheduler), and the dependent jobs start PENDING. Outside the group
+    /// commit, so that one caller's unknown dependency fails no one else.
+    pub async fn enqueue_dependent(
+        &self,
+        tenant: &TenantId,
+        jobs: &[NewJob],
+    ) -> Result<Vec<EnqueueOutcome>> {
+        let batch: Vec<Uuid> = jobs.iter().map(|j| j.id.0).collect();
+        let mut targets: Vec<Uuid> = jobs
+            .iter()
+            .flat_map(|j| j.depends_on.iter().map(|d| d.0))
+            .collect();
+        targets.sort_unstable();
+        targets.dedup();
+        let (inside, outside): (Vec<Uuid>, Vec<Uuid>) =
+            targets.into_iter().partition(|t| batch.contains(t));
+        let mut tx = self.tenant_transaction(tenant).await?;
+        let found: Vec<Uuid> = sqlx::query_scalar(
+            "UPDATE jobs SET waited_on = true WHERE tenant_id = $1 AND id = ANY($2) RETURNING id",
+        )
+        .bind(tenant.as_str())
+        .bind(&outside)
+        .fetch_all(&mut *tx)
+        .await?;
+        if let Some(missing) = outside.iter().find(|id| !found.contains(id)) {
+            let (index, position) = jobs
+                .iter()
+                .enumerate()
+                .find_map(|(i, j)| {
+                    j.depends_on
+                        .iter()
+                        .position(|d| d.0 == *missing)
+                        .map(|p| (i, p))
+                })
+                .unwrap_or_default();
+            return Err(Error::UnknownDependency {
+                index,
+                position,
+                id: JobId(*missing),
+            });
+        }
+        let outcomes = enqueue_statement(&mut *tx, tenant, jobs).await?;
+        // As in enqueue_batch: a key reused for another job type or payload refuses the whole
+        // batch, left uncommitted.
+        if let Some((index, reused)) = outcomes.iter().enumerate().find_map(|(i, o)| {
+            o.as_ref()
+                .filter(|o| !o.same && !jobs.get(i).is_some_and(|j| j.accept_existing))
+                .map(|o| (i, o))
+        }) {
+            return Err(Error::KeyReused {
+                index,
+                existing: JobId(reused.job.id),
+            });
+        }
+        if !inside.is_empty() {
+            sqlx::query("UPDATE jobs SET waited_on = true WHERE tenant_id = $1 AND id = ANY($2)")
+                .bind(tenant.as_str())
+                .bind(&inside)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        self.settle_conflicts(tenant, jobs, outcomes, |job, row| EnqueueOutcome {
+            job: row.clone(),
+            created: false,
+            same: job.repeats(row),
         })
         .await
     }
@@ -504,8 +586,10 @@ impl Store {
     ) -> Result<Option<JobRow>> {
         let sql = static_sql!(
             "WITH upd AS ( \
-                 UPDATE jobs SET state = CASE WHEN run_at <= now() THEN 'available'::job_state \
-                                              ELSE 'scheduled'::job_state END, \
+                 UPDATE jobs SET state = CASE \
+                            WHEN depends_on IS NOT NULL THEN 'pending'::job_state \
+                            WHEN run_at <= now() THEN 'available'::job_state \
+                            ELSE 'scheduled'::job_state END, \
                         updated_at = now() \
                  WHERE tenant_id = $1 AND id = $2 AND state = 'awaiting_approval' \
                  RETURNING * \
@@ -518,7 +602,7 @@ impl Store {
                  SELECT {work} FROM upd \
                  WHERE state = 'available' \
                  UNION ALL \
-                 SELECT {due} FROM upd WHERE state = 'scheduled' \
+                 SELECT {due} FROM upd WHERE state IN ('scheduled', 'pending') \
              ) \
              SELECT {JOB_COLUMNS} FROM upd, (SELECT count(*) FROM wake) w",
             work = send::work("tenant_id", "queue"),
@@ -685,14 +769,18 @@ fn enqueue_sql(keyed: bool, returning: &[&str], inserted: &str) -> String {
                 $7::int2[], $8::int4[], $9::int8[], $10::int8[], $11::float8[], $12::float8[], \
                 $13::timestamptz[], $14::text[], $15::jsonb[], $16::int8[], $17::uuid[], \
                 $18::timestamptz[], $19::int4[], $20::bool[], $21::text[], $22::int8[], \
-                $23::bool[]) WITH ORDINALITY \
+                $23::bool[], $24::text[], $25::bool[], $26::int8[], $27::bool[], \
+                $28::jsonb[]) WITH ORDINALITY \
             AS t(id, queue, job_type, payload_type, payload, priority, max_attempts, \
                  retry_initial_ms, retry_max_ms, retry_multiplier, retry_jitter, run_at, \
                  idempotency_key, labels, timeout_ms, schedule_id, schedule_tick, \
-                 job_type_version, needs_approval, lease_owner, lease_ms, reports_started, ord) \
+                 job_type_version, needs_approval, lease_owner, lease_ms, reports_started, \
+                 depends_on, run_regardless, approval_timeout_ms, approval_timeout_fails, \
+                 retry_rules, ord) \
         ), planned AS MATERIALIZED ( \
             SELECT input.*, \
                 CASE WHEN needs_approval THEN 'awaiting_approval'::job_state \
+                     WHEN depends_on IS NOT NULL THEN 'pending'::job_state \
                      WHEN coalesce(run_at, now()) > now() THEN 'scheduled'::job_state \
                      WHEN lease_owner IS NOT NULL AND NOT EXISTS ( \
                          SELECT 1 FROM queues s WHERE s.tenant_id = $1 AND s.name = input.queue \
@@ -706,7 +794,8 @@ fn enqueue_sql(keyed: bool, returning: &[&str], inserted: &str) -> String {
                 state, max_attempts, retry_initial_ms, retry_max_ms, retry_multiplier, \
                 retry_jitter, run_at, idempotency_key, labels, timeout_ms, schedule_id, \
                 schedule_tick, job_type_version, attempt, lease_owner, lease_expires_at, \
-                started_at, attempt_started_at, handler_started_at) \
+                started_at, attempt_started_at, handler_started_at, depends_on, \
+                run_regardless, approval_deadline, approval_timeout_fails, retry_rules) \
             SELECT id, $1, queue, job_type, payload_type, payload, priority, state, \
                 max_attempts, retry_initial_ms, retry_max_ms, retry_multiplier, retry_jitter, \
                 coalesce(run_at, now()), idempotency_key, coalesce(labels, '{{}}'), timeout_ms, \
@@ -717,7 +806,11 @@ fn enqueue_sql(keyed: bool, returning: &[&str], inserted: &str) -> String {
                      THEN now() + lease_ms * interval '1 millisecond' END, \
                 CASE WHEN state = 'running' THEN now() END, \
                 CASE WHEN state = 'running' THEN now() END, \
-                CASE WHEN state = 'running' AND NOT reports_started THEN now() END \
+                CASE WHEN state = 'running' AND NOT reports_started THEN now() END, \
+                depends_on::uuid[], coalesce(run_regardless, false), \
+                CASE WHEN state = 'awaiting_approval' \
+                     THEN now() + approval_timeout_ms * interval '1 millisecond' END, \
+                coalesce(approval_timeout_fails, false), retry_rules \
             FROM planned ORDER BY ord \
             {conflict} \
             RETURNING {inserted} \
@@ -743,7 +836,7 @@ fn enqueue_sql(keyed: bool, returning: &[&str], inserted: &str) -> String {
             FROM (SELECT DISTINCT tenant_id, queue FROM ins WHERE state = 'available') q \
             UNION ALL \
             SELECT {due} \
-            FROM (SELECT 1 FROM ins WHERE state = 'scheduled' LIMIT 1) d \
+            FROM (SELECT 1 FROM ins WHERE state IN ('scheduled', 'pending') LIMIT 1) d \
         ) \
         SELECT u.* FROM ( \
             SELECT i.ord, true AS created, true AS same, {ins_cols} \
@@ -858,7 +951,21 @@ where
         .bind(nullable(
             jobs.iter()
                 .map(|j| j.handoff.as_ref().map(|h| h.reports_started)),
-        ));
+        ))
+        .bind(nullable(jobs.iter().map(|j| {
+            (!j.depends_on.is_empty()).then(|| uuid_array_literal(&j.depends_on))
+        })))
+        .bind(nullable(
+            jobs.iter().map(|j| j.run_regardless.then_some(true)),
+        ))
+        .bind(nullable(jobs.iter().map(|j| j.approval_timeout_ms)))
+        .bind(nullable(
+            jobs.iter()
+                .map(|j| j.approval_timeout_fails.then_some(true)),
+        ))
+        .bind(nullable(jobs.iter().map(|j| {
+            (!j.retry_rules.is_empty()).then(|| Json(j.retry_rules.clone()))
+        })));
     Ok(q.fetch_all(db).await?)
 }
 
@@ -869,6 +976,13 @@ where
 fn nullable<T>(values: impl Iterator<Item = Option<T>>) -> Option<Vec<Option<T>>> {
     let values: Vec<Option<T>> = values.collect();
     values.iter().any(Option::is_some).then_some(values)
+}
+
+/// Ids as a PostgreSQL array literal: a column of `uuid[]` values travels as `text[]`, since
+/// UNNEST cannot unnest an array of arrays of different lengths.
+fn uuid_array_literal(ids: &[JobId]) -> String {
+    let inner: Vec<String> = ids.iter().map(ToString::to_string).collect();
+    format!("{{{}}}", inner.join(","))
 }
 
 /// Returned rows placed at their jobs' positions; a job the statement returned nothing for (an

@@ -7,6 +7,9 @@ use chrono::{DateTime, Utc};
 
 use super::{Result, Store, notify::send};
 
+/// The failure kind of a job failed by its approval timeout.
+pub const APPROVAL_TIMEOUT_KIND: &str = "approval_timeout";
+
 impl Store {
     /// Makes up to `limit` SCHEDULED or RETRYING jobs whose time has come AVAILABLE, and wakes
     /// the dispatchers of their queues. Returns how many were promoted.
@@ -41,13 +44,63 @@ impl Store {
         Ok(u64::try_from(n).unwrap_or(0))
     }
 
-    /// The earliest run_at among SCHEDULED and RETRYING jobs, so the scheduler can sleep until
-    /// exactly then.
+    /// Ends up to `limit` approvals whose time is up: each job becomes CANCELLED (as a
+    /// rejection) or FAILED (error kind `approval_timeout`), as it was enqueued to, with its
+    /// event. Returns how many ended.
+    pub async fn expire_approvals(&self, term: Term, limit: i64) -> Result<u64> {
+        let sql = static_sql!(
+            "WITH due AS ( \
+                 SELECT id FROM jobs \
+                 WHERE state = 'awaiting_approval' AND approval_deadline <= now() AND {fence} \
+                 ORDER BY approval_deadline LIMIT $1 \
+                 FOR UPDATE SKIP LOCKED \
+             ), upd AS ( \
+                 UPDATE jobs j SET \
+                     state = CASE WHEN approval_timeout_fails THEN 'failed'::job_state \
+                                  ELSE 'cancelled'::job_state END, \
+                     cancel_reason = CASE WHEN approval_timeout_fails THEN NULL \
+                                          ELSE {reason} END, \
+                     last_error = CASE WHEN approval_timeout_fails THEN jsonb_build_object( \
+                         'message', {reason}, 'kind', '{APPROVAL_TIMEOUT_KIND}', \
+                         'retryable', false, 'attempt', attempt, 'occurred_at', now()) \
+                         ELSE last_error END, \
+                     finished_at = now(), updated_at = now() \
+                 FROM due d WHERE j.id = d.id \
+                 RETURNING j.id, j.tenant_id, j.state, j.attempt, {reason} AS reason \
+             ), ev AS ( \
+                 INSERT INTO job_events (tenant_id, job_id, kind, state, attempt, data) \
+                 SELECT tenant_id, id, 'state', state, attempt, \
+                        CASE WHEN state = 'failed' THEN jsonb_build_object('reason', reason, \
+                                 'error', jsonb_build_object('message', reason, \
+                                     'kind', '{APPROVAL_TIMEOUT_KIND}', 'retryable', false, \
+                                     'attempt', attempt, 'occurred_at', now())) \
+                             ELSE jsonb_build_object('reason', reason) END \
+                 FROM upd \
+             ) \
+             SELECT count(*) FROM upd",
+            fence = leader_fence!("$2"),
+            reason = "'approval timed out after ' || \
+                      (date_trunc('second', now() - j.created_at))::text",
+        );
+        let (n,): (i64,) = sqlx::query_as(sql)
+            .bind(limit)
+            .bind(term.0)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    /// The earliest time the scheduler has work: a run_at among SCHEDULED and RETRYING jobs, or
+    /// an approval deadline, so it can sleep until exactly then.
     pub async fn next_due(&self) -> Result<Option<DateTime<Utc>>> {
-        let (at,): (Option<DateTime<Utc>>,) =
-            sqlx::query_as("SELECT min(run_at) FROM jobs WHERE state IN ('scheduled', 'retrying')")
-                .fetch_one(&self.pool)
-                .await?;
+        let (at,): (Option<DateTime<Utc>>,) = sqlx::query_as(
+            "SELECT least( \
+                 (SELECT min(run_at) FROM jobs WHERE state IN ('scheduled', 'retrying')), \
+                 (SELECT min(approval_deadline) FROM jobs WHERE state = 'awaiting_approval' \
+                    AND approval_deadline IS NOT NULL))",
+        )
+        .fetch_one(&self.pool)
+        .await?;
         Ok(at)
     }
 }

@@ -45,9 +45,11 @@ mod leases;
 mod maintenance;
 mod notify;
 mod queues;
+mod replays;
 mod rows;
 mod schedules;
 mod tenancy;
+mod waits;
 mod workers;
 
 use std::{sync::Arc, time::Duration};
@@ -64,12 +66,13 @@ pub use attempts::{AttemptEnd, Guard, LapsedAttempt, Resend, RunningAttempt};
 pub use audit::{AuditRow, NewAuditEntry};
 pub use events::{EventFilter, LAST_EVENT_NUMBER, OpenTransaction, SnapshotXids};
 pub use job_types::{Example, JobTypeRow, NewJobType, TypeDefaults};
-pub use jobs::{EnqueueOutcome, Handoff, ListFilter, Listed, NewJob};
+pub use jobs::{EnqueueOutcome, Enqueued, Handoff, ListFilter, Listed, NewJob};
 pub use leases::Worker;
 pub use leases::{Checkpoint, LogBatch, ProgressUpdate, Renewed, SettleResult, StopKind};
 pub use maintenance::{Held, Term};
 pub use notify::{Heard, Listener, Notification};
 pub use queues::{HeldBack, LimitedClaim, QueueRow, QueueUpdate, QueueView};
+pub use replays::{Replay, ReplayFilter, Replayable, Replayed};
 pub use rows::{AttemptRow, ErrorRecord, EventRow, JobRow, LeasedRow, ProgressOrigin};
 pub use schedules::{
     CatchUpPolicy, DueSchedule, Firing, JobTemplate, NewSchedule, OverlapPolicy, ScheduleRow,
@@ -101,6 +104,20 @@ pub enum Error {
     KeyReused {
         index: usize,
         existing: crate::domain::JobId,
+    },
+    /// A replay's payload change does not fit job `id`; nothing was replayed.
+    #[error("the payload change does not fit job {id}: {why}")]
+    Refused {
+        id: crate::domain::JobId,
+        why: String,
+    },
+    /// Job `index` of a batch depends on `id` (at `position` of its `depends_on`), which is no
+    /// job of the tenant; nothing was written.
+    #[error("job {index} depends on {id}, which is no job of this tenant")]
+    UnknownDependency {
+        index: usize,
+        position: usize,
+        id: crate::domain::JobId,
     },
 }
 

@@ -17,7 +17,8 @@ pub(crate) const JOB_COLUMNS: &str = "id, tenant_id, queue, job_type, payload_ty
     idempotency_key, labels, cancel_reason, created_at, updated_at, started_at, finished_at, \
     attempt_base, progress, progress_origin, checkpoint IS NOT NULL AS has_checkpoint, \
     timeout_ms, attempt_started_at, cancel_requested_at, pause_requested_at, pause_reason, \
-    schedule_id, schedule_tick, job_type_version";
+    schedule_id, schedule_tick, job_type_version, depends_on, run_regardless, approval_deadline, \
+    approval_timeout_fails, retry_rules";
 
 /// One row of `jobs`.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -63,6 +64,16 @@ pub struct JobRow {
     pub schedule_id: Option<Uuid>,
     pub schedule_tick: Option<DateTime<Utc>>,
     pub job_type_version: Option<i32>,
+    /// The jobs this one waits for (None: it depends on none).
+    pub depends_on: Option<Vec<Uuid>>,
+    /// Runs once its dependencies have ended even when one failed.
+    pub run_regardless: bool,
+    /// While AWAITING_APPROVAL: when the approval timeout ends the wait.
+    pub approval_deadline: Option<DateTime<Utc>>,
+    /// The approval timeout fails the job rather than reject it.
+    pub approval_timeout_fails: bool,
+    /// Retry rules by failure kind.
+    pub retry_rules: Option<Json<Vec<crate::domain::ending::KindRule>>>,
 }
 
 /// A job freshly leased: the row plus what only its worker needs.

@@ -78,6 +78,11 @@ impl JobTemplate {
             schedule: Some((schedule, tick)),
             job_type_version: None,
             needs_approval: false,
+            depends_on: Vec::new(),
+            run_regardless: false,
+            approval_timeout_ms: None,
+            approval_timeout_fails: false,
+            retry_rules: Vec::new(),
             accept_existing: false,
             handoff: None,
         }
