@@ -71,6 +71,13 @@
 //! - [`report`]: what a running job says about itself: [`Progress`], [`ProgressInfo`],
 //!   [`LogLevel`].
 //! - [`event`]: typed job events, [`JobEvent`] and [`JobEventKind`].
+//! - [`items`]: item-based jobs ([`ItemJob`], [`ItemOptions`]): items run in order, each done
+//!   or failed, resumed from the first unfinished one, their outcomes the job's
+//!   [`ItemResults`].
+//! - [`retry`]: retry predicates, which decide from a handler's error whether its failure is
+//!   retryable and its kind ("retry a 5xx, not a 4xx"), per worker or per job type.
+//! - [`Recipe`]: a reusable enqueue profile (queue, priority, retry policy, labels, timeout,
+//!   approval) shared by many job types.
 //! - [`Tls`] and the `api_key` settings of [`ClientBuilder`] and [`WorkerBuilder`]: how both
 //!   reach a server that serves TLS (an `https://` address) or asks for an API key.
 //! - [`error`]: [`Error`] for calls that fail (and jobs that end badly), with the fields the
@@ -84,21 +91,25 @@ pub mod client;
 pub mod context;
 pub mod error;
 pub mod event;
+pub mod items;
 pub mod job;
 pub mod report;
+pub mod retry;
 mod transport;
 pub mod worker;
 
 pub use client::{
     CatchUpPolicy, Client, ClientBuilder, CreateSchedule, Enqueue, Enqueued, JobEvents, JobHandle,
-    JobPage, ListJobs, NewJob, OverlapPolicy, QueueHealth, QueueInfo, QueueRef, RateLimit,
+    JobPage, ListJobs, NewJob, OverlapPolicy, QueueHealth, QueueInfo, QueueRef, RateLimit, Recipe,
     ScheduleInfo, ScheduleRef, UpdateQueue, UpdateSchedule, WatchJobs,
 };
 pub use context::{JobContext, StopReason};
 pub use error::{Error, HandlerError, JobFailure};
 pub use event::{Actor, JobEvent, JobEventKind};
+pub use items::{ItemJob, ItemOptions, ItemResults, OnItemFailure};
 pub use job::{JobError, JobId, JobInfo, JobSchema, JobState, JobType, RetryPolicy};
 pub use report::{LogLevel, Progress, ProgressInfo};
+pub use retry::{RetryDecision, RetryPredicate};
 pub use transport::Tls;
 pub use worker::{Worker, WorkerBuilder};
 
