@@ -479,6 +479,19 @@ mod tests {
     }
 
     #[test]
+    fn the_bytes_are_the_python_sdks() {
+        // sdk-python's test_item_results_have_the_rust_sdks_bytes pins the same bytes.
+        let results = results(vec![
+            ItemOutcome::done(&()),
+            ItemOutcome::failed(&HandlerError::fatal("gone").with_kind("http_4xx")),
+        ]);
+        assert_eq!(
+            results.encode_to_vec(),
+            b"\x0a\x02\x0a\x00\x0a\x12\x12\x10\x0a\x04gone\x12\x08http_4xx"
+        );
+    }
+
+    #[test]
     fn checkpoints_fall_due_by_count_or_time() {
         let saved = Saved::new(3);
         let every_item = ItemOptions::new();
