@@ -250,3 +250,35 @@ def test_item_results_have_the_rust_sdks_bytes() -> None:
     data = results.to_message().SerializeToString()
     assert data == b"\x0a\x02\x0a\x00\x0a\x12\x12\x10\x0a\x04gone\x12\x08http_4xx"
     assert jobwire.ItemResults.parse(data) == results
+
+
+def test_a_retry_decision_may_be_a_bool_or_keep_the_handlers_own() -> None:
+    from jobwire import retry
+
+    error = jobwire.Retryable("slow down", kind="rate_limited", retry_after=timedelta(seconds=3))
+    fatal = retry.decide(lambda _: False, error)
+    assert fatal is not None
+    assert (fatal.retryable, fatal.kind, fatal.retry_after) == (
+        False,
+        "rate_limited",
+        timedelta(seconds=3),
+    )
+    assert retry.decide(lambda _: None, error) is None
+    assert retry.decide(None, error) is None
+    plain = retry.decide(lambda _: jobwire.RetryDecision(True, kind="io"), OSError("disk"))
+    assert plain is not None
+    assert (plain.retryable, plain.kind, plain.message) == (True, "io", "OSError: disk")
+
+
+def test_checkpoints_fall_due_by_count_or_time() -> None:
+    from jobwire.items import _Saved
+
+    saved = _Saved(3)
+    assert not saved.is_due(jobwire.ItemOptions(), 3), "nothing unsaved"
+    assert saved.is_due(jobwire.ItemOptions(), 4)
+    every_ten = jobwire.ItemOptions(checkpoint_every=10)
+    assert not saved.is_due(every_ten, 12)
+    assert saved.is_due(every_ten, 13)
+    timed = jobwire.ItemOptions(checkpoint_every=10, checkpoint_interval=0.0)
+    assert saved.is_due(timed, 4)
+    assert not saved.is_due(timed, 3)
