@@ -57,6 +57,20 @@
 //! # }
 //! ```
 //!
+//! # Composition
+//!
+//! Three features compose jobs from what the server already offers, on the SDK's side alone:
+//!
+//! - **Item-based jobs** ([`items`]): a payload declares its items ([`ItemJob`]), a per-item
+//!   handler is registered with [`WorkerBuilder::register_items`]; items run in order from the
+//!   first unfinished one (the checkpoint holds the outcomes so far), progress is counted in
+//!   items, and the result is every item's outcome ([`ItemResults`]).
+//! - **Retry predicates** ([`retry`]): [`WorkerBuilder::retry_predicate`] (every job type) or
+//!   [`WorkerBuilder::retry_predicate_for`] (one) decides from the error a handler returned
+//!   whether the failure is retryable and its kind, such as retrying a 5xx and not a 4xx.
+//! - **Recipes** ([`Recipe`]): a reusable enqueue profile applied with
+//!   [`Client::enqueue_with`] or [`Enqueue::recipe`]; the call's own settings win.
+//!
 //! # Layout
 //!
 //! - [`client`]: the producer's side: enqueue, inspect, watch, wait for, pause, resume, cancel
