@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytests_pb2 as pb
 
@@ -14,6 +16,7 @@ import jobwire
 ECHO = jobwire.JobType.of(pb.Echo, pb.EchoResult)
 STEPS = jobwire.JobType.of(pb.Steps, pb.StepsResult)
 BLOCK = jobwire.JobType.of(pb.Block)
+ITEMS = jobwire.JobType("py.items", pb.ItemBatch, jobwire.ITEM_RESULTS)
 
 
 @dataclass
@@ -69,3 +72,41 @@ def blocker(observed: Observed) -> Callable[[jobwire.JobContext, pb.Block], Awai
         raise jobwire.Retryable(f"{job.note} stopped: {reason}")
 
     return block
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    index: int
+    hang: bool
+    fail: bool
+
+
+def batch_items(job: pb.ItemBatch) -> list[BatchItem]:
+    return [BatchItem(i, job.hangs and i == job.hang_at, i in job.fail) for i in range(job.count)]
+
+
+def item_runner(
+    log: Path,
+) -> Callable[[jobwire.JobContext, BatchItem], Awaitable[pb.ItemRun]]:
+    """The per-item handler of py.items: each run is appended to ``log`` as a line
+    ``job item attempt phase worker``, a side channel that survives the worker's SIGKILL."""
+
+    def record(ctx: jobwire.JobContext, item: BatchItem, phase: str) -> None:
+        with log.open("a") as out:
+            out.write(f"{ctx.job_id} {item.index} {ctx.attempt} {phase} {ctx.worker_id}\n")
+            out.flush()
+            os.fsync(out.fileno())
+
+    async def run(ctx: jobwire.JobContext, item: BatchItem) -> pb.ItemRun:
+        if item.hang and ctx.attempt == 1:
+            record(ctx, item, "hang")
+            await ctx.wait_cancelled()
+            raise jobwire.Retryable("stopped while hanging")
+        await asyncio.sleep(0.005)
+        if item.fail:
+            record(ctx, item, "fail")
+            raise jobwire.NonRetryable(f"item {item.index} failed as asked", kind="item_fail")
+        record(ctx, item, "done")
+        return pb.ItemRun(index=item.index, attempt=ctx.attempt)
+
+    return run

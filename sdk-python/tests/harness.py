@@ -226,6 +226,7 @@ class WorkerProcess:
         *,
         prefetch: int = 0,
         queued_wait: float | None = None,
+        items_log: Path | None = None,
     ) -> WorkerProcess:
         env = {
             "JOBWIRE_URL": url,
@@ -236,6 +237,8 @@ class WorkerProcess:
         }
         if queued_wait is not None:
             env["QUEUED_WAIT"] = str(queued_wait)
+        if items_log is not None:
+            env["ITEMS_LOG"] = str(items_log)
         app = str(SDK / "tests" / "worker_app.py")
         return cls([sys.executable, app], env, workdir / f"worker-{worker_id}.log")
 

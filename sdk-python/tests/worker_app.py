@@ -1,8 +1,9 @@
 """A Python worker process for fault tests: serves py.echo and py.steps until SIGTERM (then
 drains) or SIGKILL. Settings come from the environment: JOBWIRE_URL, WORKER_ID, CONCURRENCY,
-PREFETCH, and QUEUED_WAIT (seconds a prefetched lease may wait unstarted before it is handed
+PREFETCH, QUEUED_WAIT (seconds a prefetched lease may wait unstarted before it is handed
 back; the runtime's 250 ms otherwise, which a test that kills the worker while it holds such a
-lease cannot rely on catching)."""
+lease cannot rely on catching) and ITEMS_LOG (the file py.items records its item runs in; the
+type is served only when it is set)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,12 @@ async def main() -> None:
     )
     worker.register(handlers.ECHO, handlers.echo)
     worker.register(handlers.STEPS, handlers.steps)
+    if "ITEMS_LOG" in os.environ:
+        worker.register_items(
+            handlers.ITEMS,
+            handlers.batch_items,
+            handlers.item_runner(Path(os.environ["ITEMS_LOG"])),
+        )
     await worker.run()
 
 

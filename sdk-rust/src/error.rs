@@ -12,6 +12,7 @@
 //! without parsing the message.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tonic_types::StatusExt as _;
@@ -321,15 +322,21 @@ impl fmt::Display for JobFailure {
 /// [`with_retry_after`](Self::with_retry_after)), until its attempts are used up.
 ///
 /// Any [`std::error::Error`] converts into a retryable `HandlerError` whose message is the
-/// error and its chain of sources, so `?` works in handlers. For that blanket conversion to be
-/// possible, `HandlerError` itself does not implement `std::error::Error` (the same trade-off as
-/// `anyhow::Error`); it is a report to the server, not something to propagate further.
-#[derive(Debug, Clone, PartialEq)]
+/// error and its chain of sources, so `?` works in handlers; the error itself is kept
+/// ([`downcast_ref`](Self::downcast_ref)), so a worker's
+/// [`RetryPredicate`](crate::retry::RetryPredicate) can decide from it whether the failure is
+/// worth retrying. For that blanket conversion to be possible, `HandlerError` itself does not
+/// implement `std::error::Error` (the same trade-off as `anyhow::Error`); it is a report to the
+/// server, not something to propagate further.
+#[derive(Debug, Clone)]
 pub struct HandlerError {
     message: String,
     kind: Option<String>,
     retryable: bool,
     retry_after: Option<Duration>,
+    /// The error the handler failed with, when it converted one: what retry predicates look
+    /// at. Shared, so the report stays cheap to clone.
+    source: Option<Arc<dyn std::error::Error + Send + Sync + 'static>>,
 }
 
 impl HandlerError {
@@ -341,6 +348,7 @@ impl HandlerError {
             kind: None,
             retryable: true,
             retry_after: None,
+            source: None,
         }
     }
 
@@ -349,6 +357,25 @@ impl HandlerError {
     pub fn fatal(message: impl Into<String>) -> Self {
         Self {
             retryable: false,
+            ..Self::retryable(message)
+        }
+    }
+
+    /// A retryable failure from `error`: its message is the error and its chain of sources,
+    /// and the error is kept for [`downcast_ref`](Self::downcast_ref) (what `?` does).
+    pub fn from_error<E>(error: E) -> Self
+    where
+        E: std::error::Error + Send + Sync + 'static,
+    {
+        let mut message = error.to_string();
+        let mut source = error.source();
+        while let Some(cause) = source {
+            message.push_str(": ");
+            message.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        Self {
+            source: Some(Arc::new(error)),
             ..Self::retryable(message)
         }
     }
@@ -387,6 +414,59 @@ impl HandlerError {
     pub fn retry_after(&self) -> Option<Duration> {
         self.retry_after
     }
+
+    /// The error the handler failed with, when the failure was converted from one (by `?` or
+    /// [`from_error`](Self::from_error)).
+    pub fn source_error(&self) -> Option<&(dyn std::error::Error + Send + Sync + 'static)> {
+        self.source.as_deref()
+    }
+
+    /// The first error of type `E` in the chain of the error the handler failed with: the
+    /// error itself, or one of its sources.
+    pub fn downcast_ref<E: std::error::Error + 'static>(&self) -> Option<&E> {
+        let mut next: Option<&(dyn std::error::Error + 'static)> = self
+            .source
+            .as_deref()
+            .map(|error| error as &(dyn std::error::Error + 'static));
+        while let Some(error) = next {
+            if let Some(found) = error.downcast_ref::<E>() {
+                return Some(found);
+            }
+            next = error.source();
+        }
+        None
+    }
+
+    /// This failure as a retry predicate decided it: its retryability, and its kind and delay
+    /// where the decision names them.
+    pub(crate) fn decided(mut self, decision: crate::retry::RetryDecision) -> Self {
+        let (retryable, kind, retry_after) = decision.into_parts();
+        self.retryable = retryable;
+        if kind.is_some() {
+            self.kind = kind;
+        }
+        if retry_after.is_some() {
+            self.retry_after = retry_after;
+        }
+        self
+    }
+
+    /// The same failure, its message prefixed with `context` (such as the item that failed).
+    pub(crate) fn in_context(mut self, context: &str) -> Self {
+        self.message = format!("{context}: {}", self.message);
+        self
+    }
+}
+
+/// Two failures are equal when they report the same thing to the server; the source errors,
+/// which need not be comparable, are left out.
+impl PartialEq for HandlerError {
+    fn eq(&self, other: &Self) -> bool {
+        self.message == other.message
+            && self.kind == other.kind
+            && self.retryable == other.retryable
+            && self.retry_after == other.retry_after
+    }
 }
 
 impl fmt::Display for HandlerError {
@@ -403,14 +483,7 @@ where
     E: std::error::Error + Send + Sync + 'static,
 {
     fn from(error: E) -> Self {
-        let mut message = error.to_string();
-        let mut source = error.source();
-        while let Some(cause) = source {
-            message.push_str(": ");
-            message.push_str(&cause.to_string());
-            source = cause.source();
-        }
-        Self::retryable(message)
+        Self::from_error(error)
     }
 }
 
@@ -431,6 +504,17 @@ mod tests {
         let error = HandlerError::from(Outer(Inner));
         assert_eq!(error.message(), "outer: inner");
         assert!(error.is_retryable());
+        assert!(error.downcast_ref::<Outer>().is_some());
+        assert!(
+            error.downcast_ref::<Inner>().is_some(),
+            "sources are searched too"
+        );
+        assert!(error.downcast_ref::<std::io::Error>().is_none());
+        assert!(
+            HandlerError::retryable("x")
+                .downcast_ref::<Inner>()
+                .is_none()
+        );
     }
 
     #[test]

@@ -57,6 +57,20 @@
 //! # }
 //! ```
 //!
+//! # Composition
+//!
+//! Three features compose jobs from what the server already offers, on the SDK's side alone:
+//!
+//! - **Item-based jobs** ([`items`]): a payload declares its items ([`ItemJob`]), a per-item
+//!   handler is registered with [`WorkerBuilder::register_items`]; items run in order from the
+//!   first unfinished one (the checkpoint holds the outcomes so far), progress is counted in
+//!   items, and the result is every item's outcome ([`ItemResults`]).
+//! - **Retry predicates** ([`retry`]): [`WorkerBuilder::retry_predicate`] (every job type) or
+//!   [`WorkerBuilder::retry_predicate_for`] (one) decides from the error a handler returned
+//!   whether the failure is retryable and its kind, such as retrying a 5xx and not a 4xx.
+//! - **Recipes** ([`Recipe`]): a reusable enqueue profile applied with
+//!   [`Client::enqueue_with`] or [`Enqueue::recipe`]; the call's own settings win.
+//!
 //! # Layout
 //!
 //! - [`client`]: the producer's side: enqueue, inspect, watch, wait for, pause, resume, cancel
@@ -71,6 +85,13 @@
 //! - [`report`]: what a running job says about itself: [`Progress`], [`ProgressInfo`],
 //!   [`LogLevel`].
 //! - [`event`]: typed job events, [`JobEvent`] and [`JobEventKind`].
+//! - [`items`]: item-based jobs ([`ItemJob`], [`ItemOptions`]): items run in order, each done
+//!   or failed, resumed from the first unfinished one, their outcomes the job's
+//!   [`ItemResults`].
+//! - [`retry`]: retry predicates, which decide from a handler's error whether its failure is
+//!   retryable and its kind ("retry a 5xx, not a 4xx"), per worker or per job type.
+//! - [`Recipe`]: a reusable enqueue profile (queue, priority, retry policy, labels, timeout,
+//!   approval) shared by many job types.
 //! - [`Tls`] and the `api_key` settings of [`ClientBuilder`] and [`WorkerBuilder`]: how both
 //!   reach a server that serves TLS (an `https://` address) or asks for an API key.
 //! - [`error`]: [`Error`] for calls that fail (and jobs that end badly), with the fields the
@@ -84,21 +105,25 @@ pub mod client;
 pub mod context;
 pub mod error;
 pub mod event;
+pub mod items;
 pub mod job;
 pub mod report;
+pub mod retry;
 mod transport;
 pub mod worker;
 
 pub use client::{
     CatchUpPolicy, Client, ClientBuilder, CreateSchedule, Enqueue, Enqueued, JobEvents, JobHandle,
-    JobPage, ListJobs, NewJob, OverlapPolicy, QueueHealth, QueueInfo, QueueRef, RateLimit,
+    JobPage, ListJobs, NewJob, OverlapPolicy, QueueHealth, QueueInfo, QueueRef, RateLimit, Recipe,
     ScheduleInfo, ScheduleRef, UpdateQueue, UpdateSchedule, WatchJobs,
 };
 pub use context::{JobContext, StopReason};
 pub use error::{Error, HandlerError, JobFailure};
 pub use event::{Actor, JobEvent, JobEventKind};
+pub use items::{ItemJob, ItemOptions, ItemResults, OnItemFailure};
 pub use job::{JobError, JobId, JobInfo, JobSchema, JobState, JobType, RetryPolicy};
 pub use report::{LogLevel, Progress, ProgressInfo};
+pub use retry::{RetryDecision, RetryPredicate};
 pub use transport::Tls;
 pub use worker::{Worker, WorkerBuilder};
 

@@ -19,10 +19,12 @@
 //!   to files in a temporary directory; a process dropped while its test panics prints its
 //!   stderr tail.
 //!
-//! [`jobs`] holds the job types that the tests and the test worker binary share.
+//! [`jobs`] holds the job types that the tests and the test worker binary share; [`items`] the
+//! item-based one of the `item-worker` binary.
 
 pub mod engine;
 pub mod grpcurl;
+pub mod items;
 pub mod jobs;
 pub mod raw;
 pub mod workers;

@@ -7,9 +7,10 @@ which leases jobs from the server, runs them with bounded concurrency, carries t
 logs and checkpoints to the server, and reports their results.
 
 Layout: ``client`` (the producer's side: enqueue, inspect, watch, control), ``admin`` (queues
-and schedules), ``worker`` (the worker runtime), ``jobs`` (job types, states, retry policies),
-``events`` (typed events and reports), ``errors`` (exceptions both ways), ``sync`` (a blocking
-client), ``v1`` (the stubs generated from ``proto/jobwire/v1`` at build time).
+and schedules), ``worker`` (the worker runtime), ``jobs`` (job types, states, retry policies,
+recipes), ``events`` (typed events and reports), ``errors`` (exceptions both ways), ``items``
+(item-based jobs), ``retry`` (retry predicates), ``sync`` (a blocking client), ``v1`` (the
+stubs generated from ``proto/jobwire/v1`` at build time).
 """
 
 from importlib.resources import files
@@ -46,7 +47,16 @@ from jobwire.errors import (
     Unimplemented,
 )
 from jobwire.events import JobEvent, LogLevel, LogLine, Progress, StateChanged, StopRequested
-from jobwire.jobs import JobState, JobType, RetryPolicy
+from jobwire.items import (
+    ITEM_RESULTS,
+    ItemOptions,
+    ItemOutcome,
+    ItemResults,
+    OnItemFailure,
+    run_items,
+)
+from jobwire.jobs import JobState, JobType, Recipe, RetryPolicy
+from jobwire.retry import RetryDecision, RetryIf
 from jobwire.worker import JobContext, Stopped, StopReason, Worker
 
 
@@ -57,6 +67,7 @@ def proto_include() -> Path:
 
 
 __all__ = [
+    "ITEM_RESULTS",
     "Aborted",
     "AlreadyExists",
     "CatchUpPolicy",
@@ -71,6 +82,9 @@ __all__ = [
     "HandlerError",
     "Internal",
     "InvalidArgument",
+    "ItemOptions",
+    "ItemOutcome",
+    "ItemResults",
     "JobContext",
     "JobEvent",
     "JobEvents",
@@ -84,11 +98,15 @@ __all__ = [
     "LogLine",
     "NonRetryable",
     "NotFound",
+    "OnItemFailure",
     "OverlapPolicy",
     "PermissionDenied",
     "Progress",
     "RateLimit",
+    "Recipe",
     "ResourceExhausted",
+    "RetryDecision",
+    "RetryIf",
     "Retryable",
     "RetryPolicy",
     "RpcError",
@@ -102,4 +120,5 @@ __all__ = [
     "Unimplemented",
     "Worker",
     "proto_include",
+    "run_items",
 ]

@@ -29,7 +29,7 @@ from jobwire._watch import Backoff, JobEvents
 from jobwire.admin import Queues, Schedules
 from jobwire.errors import JobFailed, RpcError, Unavailable, Unimplemented, from_rpc_error
 from jobwire.events import StateChanged
-from jobwire.jobs import JobState, JobType, RetryPolicy
+from jobwire.jobs import JobState, JobType, Recipe, RetryPolicy
 from jobwire.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
 
 log = logging.getLogger("jobwire.client")
@@ -106,6 +106,7 @@ class Client:
         timeout: timedelta | float | None = ...,
         needs_approval: bool = ...,
         accept_existing: bool = ...,
+        recipe: Recipe | None = ...,
     ) -> JobHandle[O]: ...
 
     @overload
@@ -124,6 +125,7 @@ class Client:
         timeout: timedelta | float | None = ...,
         needs_approval: bool = ...,
         accept_existing: bool = ...,
+        recipe: Recipe | None = ...,
     ) -> JobHandle[Message]: ...
 
     async def enqueue(
@@ -141,6 +143,7 @@ class Client:
         timeout: timedelta | float | None = None,
         needs_approval: bool = False,
         accept_existing: bool = False,
+        recipe: Recipe | None = None,
     ) -> JobHandle[Any]:
         """Stores a job durably and returns its handle.
 
@@ -149,13 +152,15 @@ class Client:
         ``InvalidArgument`` naming the field when the server refuses the job. An
         ``idempotency_key`` already used for another job type or payload raises
         ``AlreadyExists`` naming that job, unless ``accept_existing`` is set (then that job's
-        handle comes back, ``created`` false).
+        handle comes back, ``created`` false). A ``recipe`` gives the settings the call leaves
+        unset (see ``jobwire.Recipe``).
         """
         kind = _resolve(payload, job_type)
         spec = job_service_pb2.JobSpec(job_type=kind.name if isinstance(kind, JobType) else kind)
         spec.payload.CopyFrom(_codec.pack(payload))
         _apply(spec, queue, priority, delay, run_at, retry, idempotency_key, labels, timeout)
-        spec.needs_approval = needs_approval
+        _apply_recipe(spec, recipe)
+        spec.needs_approval = spec.needs_approval or needs_approval
         spec.accept_existing = accept_existing
         response = await self._call(
             self._jobs.EnqueueJob, job_service_pb2.EnqueueJobRequest(job=spec)
@@ -177,13 +182,15 @@ class Client:
         labels: Mapping[str, str] | None = None,
         timeout: timedelta | float | None = None,
         needs_approval: bool = False,
+        recipe: Recipe | None = None,
     ) -> JobHandle[Message]:
         """Enqueues a job of a registered type with its payload as JSON (``payload_json``),
         which the server checks against the type's schema, naming a wrong field's path."""
         spec = job_service_pb2.JobSpec(job_type=job_type)
         spec.payload_json.CopyFrom(_codec.to_struct(payload))
         _apply(spec, queue, priority, delay, run_at, retry, idempotency_key, labels, timeout)
-        spec.needs_approval = needs_approval
+        _apply_recipe(spec, recipe)
+        spec.needs_approval = spec.needs_approval or needs_approval
         response = await self._call(
             self._jobs.EnqueueJob, job_service_pb2.EnqueueJobRequest(job=spec)
         )
@@ -199,6 +206,7 @@ class Client:
         retry: RetryPolicy | None = None,
         labels: Mapping[str, str] | None = None,
         timeout: timedelta | float | None = None,
+        recipe: Recipe | None = None,
     ) -> list[JobHandle[O]]:
         """Stores many jobs of one type in one transaction (1 to 5000): all, or none when any
         is invalid. Handles come back in the order of ``payloads``."""
@@ -207,6 +215,7 @@ class Client:
             spec = job_service_pb2.JobSpec(job_type=job_type.name)
             spec.payload.CopyFrom(_codec.pack(payload))
             _apply(spec, queue, priority, None, None, retry, None, labels, timeout)
+            _apply_recipe(spec, recipe)
             specs.append(spec)
         response = await self._call(
             self._jobs.EnqueueJobs, job_service_pb2.EnqueueJobsRequest(jobs=specs)
@@ -428,6 +437,26 @@ def _resolve(payload: Message, job_type: JobType[Any, Any] | str | None) -> JobT
     if job_type is not None:
         return job_type
     return JobType.of(type(payload))
+
+
+def _apply_recipe(spec: job_service_pb2.JobSpec, recipe: Recipe | None) -> None:
+    """Fills what the call left unset in ``spec`` from ``recipe``; run after ``_apply``, so the
+    call's own settings win."""
+    if recipe is None:
+        return
+    if not spec.queue and recipe.queue is not None:
+        spec.queue = recipe.queue
+    if not spec.HasField("priority") and recipe.priority is not None:
+        spec.priority = recipe.priority
+    if not spec.HasField("retry_policy") and recipe.retry is not None:
+        spec.retry_policy.CopyFrom(recipe.retry.to_proto())
+    if not spec.HasField("timeout") and recipe.timeout is not None:
+        spec.timeout.CopyFrom(_codec.to_duration(recipe.timeout))
+    for key, value in recipe.labels.items():
+        # Not setdefault: reading a missing key of a protobuf map inserts it.
+        if key not in spec.labels:
+            spec.labels[key] = value
+    spec.needs_approval = spec.needs_approval or recipe.needs_approval
 
 
 def _apply(

@@ -10,7 +10,8 @@ ResizeOutput)``, for messages declared without the option (as the Rust examples'
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Generic, TypeVar, overload
 
@@ -79,6 +80,25 @@ class RetryPolicy:
         if self.jitter is not None:
             policy.jitter = self.jitter
         return policy
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A reusable enqueue profile: the settings a family of jobs shares (queue, priority,
+    retry policy, labels, timeout, approval), named once and applied to any number of job
+    types with ``client.enqueue(..., recipe=recipe)`` (or ``enqueue_many``, ``enqueue_json``).
+
+    Each setting the recipe has applies unless the call gives its own; labels are merged, the
+    call's value winning for a key both set; approval, asked by either, is asked. Plain data
+    on the client's side: the server sees ordinary job specs.
+    """
+
+    queue: str | None = None
+    priority: int | None = None
+    retry: RetryPolicy | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+    timeout: timedelta | float | None = None
+    needs_approval: bool = False
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ use std::pin::Pin;
 use std::time::{Duration, SystemTime};
 
 use crate::Error;
-use crate::client::{Client, JobHandle};
+use crate::client::{Client, JobHandle, Recipe};
 use crate::job::{self, JobId, JobState, JobType, RetryPolicy};
 use crate::proto::v1 as pb;
 use crate::proto::v1::job_spec::Schedule;
@@ -129,6 +129,14 @@ impl<J: JobType> Enqueue<J> {
     /// Adds a label for filtering and display; a repeated key keeps the last value.
     pub fn label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.draft.labels.insert(key.into(), value.into());
+        self
+    }
+
+    /// Applies `recipe`: each of its settings this enqueue has not set (before or after this
+    /// call) is taken from it, its labels are added under the keys this enqueue does not set,
+    /// and its approval is asked for if it asks. With two recipes, the first applied wins.
+    pub fn recipe(mut self, recipe: &Recipe) -> Self {
+        self.draft.recipes.push(recipe.clone());
         self
     }
 
@@ -286,6 +294,9 @@ struct Draft<J> {
     accept_existing: bool,
     depends_on: Vec<String>,
     run_regardless: bool,
+    /// Recipes applied, first first; their settings fill what the draft leaves unset when the
+    /// spec is built, so the call's own settings win whatever the order of the calls.
+    recipes: Vec<Recipe>,
 }
 
 impl<J: JobType> Draft<J> {
@@ -303,36 +314,53 @@ impl<J: JobType> Draft<J> {
             accept_existing: false,
             depends_on: Vec::new(),
             run_regardless: false,
+            recipes: Vec::new(),
         }
+    }
+
+    /// The draft with its recipes' settings filled in where it has none of its own.
+    fn with_recipes(mut self) -> Self {
+        for recipe in std::mem::take(&mut self.recipes) {
+            self.queue = self.queue.or(recipe.queue);
+            self.priority = self.priority.or(recipe.priority);
+            self.retry = self.retry.or(recipe.retry);
+            self.timeout = self.timeout.or(recipe.timeout);
+            self.needs_approval |= recipe.needs_approval;
+            for (key, value) in recipe.labels {
+                self.labels.entry(key).or_insert(value);
+            }
+        }
+        self
     }
 
     /// Unset options stay unset on the wire, so the server's defaults apply.
     fn into_spec(self) -> Result<pb::JobSpec, Error> {
+        let this = self.with_recipes();
         Ok(pb::JobSpec {
             job_type: J::JOB_TYPE.to_owned(),
-            payload: Some(job::encode(&self.payload, "job payload")?),
-            queue: self.queue.unwrap_or_default(),
-            priority: self.priority,
-            schedule: self.schedule.map(|when| match when {
+            payload: Some(job::encode(&this.payload, "job payload")?),
+            queue: this.queue.unwrap_or_default(),
+            priority: this.priority,
+            schedule: this.schedule.map(|when| match when {
                 When::At(time) => Schedule::RunAt(time.into()),
                 When::After(delay) => Schedule::Delay(job::duration_to_proto(delay)),
             }),
-            retry_policy: self.retry.map(RetryPolicy::to_proto),
-            idempotency_key: self.idempotency_key.unwrap_or_default(),
-            labels: self.labels,
-            timeout: self.timeout.map(job::duration_to_proto),
+            retry_policy: this.retry.map(RetryPolicy::to_proto),
+            idempotency_key: this.idempotency_key.unwrap_or_default(),
+            labels: this.labels,
+            timeout: this.timeout.map(job::duration_to_proto),
             // Typed payloads travel encoded; JSON and examples are for untyped callers.
             payload_json: None,
             example: String::new(),
             job_type_version: 0,
-            needs_approval: self.needs_approval,
-            accept_existing: self.accept_existing,
-            depends_on: self.depends_on,
+            needs_approval: this.needs_approval,
+            accept_existing: this.accept_existing,
+            depends_on: this.depends_on,
             depends_on_index: Vec::new(),
             // The job type's approval timeout applies.
             approval_timeout: None,
             on_approval_timeout: pb::ApprovalTimeoutAction::Unspecified.into(),
-            on_dependency_failure: if self.run_regardless {
+            on_dependency_failure: if this.run_regardless {
                 pb::DependencyFailure::Run
             } else {
                 pb::DependencyFailure::Unspecified
@@ -411,6 +439,42 @@ mod tests {
                 seconds: 90,
                 nanos: 0
             })
+        );
+    }
+
+    #[test]
+    fn a_recipe_fills_what_the_call_leaves_unset() {
+        let recipe = Recipe::new()
+            .queue("backups")
+            .priority(30)
+            .retry(RetryPolicy::no_retries())
+            .timeout(Duration::from_secs(60))
+            .label("team", "storage")
+            .label("tier", "gold")
+            .needs_approval();
+        let mut draft = Draft::new(ping());
+        draft.priority = Some(90);
+        draft.labels.insert("tier".into(), "silver".into());
+        draft.recipes.push(recipe.clone());
+        // A second recipe fills only what neither the call nor the first one set.
+        draft
+            .recipes
+            .push(Recipe::new().queue("other").label("extra", "yes"));
+        let spec = draft.into_spec().expect("spec");
+        assert_eq!(spec.queue, "backups");
+        assert_eq!(spec.priority, Some(90), "the call's priority wins");
+        assert_eq!(spec.retry_policy.and_then(|p| p.max_attempts), Some(1));
+        assert_eq!(spec.timeout.map(|t| t.seconds), Some(60));
+        assert!(spec.needs_approval);
+        let mut labels: Vec<_> = spec.labels.into_iter().collect();
+        labels.sort();
+        assert_eq!(
+            labels,
+            [
+                ("extra".to_owned(), "yes".to_owned()),
+                ("team".to_owned(), "storage".to_owned()),
+                ("tier".to_owned(), "silver".to_owned()),
+            ]
         );
     }
 

@@ -10,6 +10,9 @@
 //!   retries, idempotency key, labels) that is sent by awaiting it.
 //! - [`JobHandle`] is a job id that remembers its job type, so [`JobHandle::wait`] returns the
 //!   typed output; [`JobHandle::watch`] streams its events.
+//! - [`Recipe`] is a reusable enqueue profile (queue, priority, retry policy, labels, timeout,
+//!   approval) for many job types: [`enqueue_with`](Client::enqueue_with) or
+//!   [`Enqueue::recipe`].
 //! - [`list_jobs`](Client::list_jobs) returns a [`ListJobs`] builder for filtered, paged reads.
 //! - [`watch_jobs`](Client::watch_jobs) returns a [`WatchJobs`] builder for a filtered stream of
 //!   every matching job's events.
@@ -27,6 +30,7 @@ mod enqueue;
 mod handle;
 mod list;
 mod queues;
+mod recipe;
 mod schedules;
 mod watch;
 
@@ -37,6 +41,7 @@ use enqueue::sealed::Sealed as _;
 pub use handle::JobHandle;
 pub use list::{JobPage, ListJobs};
 pub use queues::{QueueHealth, QueueInfo, QueueRef, RateLimit, UpdateQueue};
+pub use recipe::Recipe;
 pub use schedules::{
     CatchUpPolicy, CreateSchedule, OverlapPolicy, ScheduleInfo, ScheduleRef, UpdateSchedule,
 };
@@ -160,6 +165,12 @@ impl Client {
     /// [`Enqueue::send`]).
     pub fn enqueue<J: JobType>(&self, payload: J) -> Enqueue<J> {
         Enqueue::new(self.clone(), payload)
+    }
+
+    /// Starts an enqueue of `payload` with `recipe`'s settings; options set on the builder
+    /// win over the recipe's. The same as `enqueue(payload).recipe(recipe)`.
+    pub fn enqueue_with<J: JobType>(&self, recipe: &Recipe, payload: J) -> Enqueue<J> {
+        self.enqueue(payload).recipe(recipe)
     }
 
     /// Enqueues many jobs of one type in one transaction: all of them, or none when any is

@@ -211,7 +211,7 @@ impl Executor {
         // The handler is called inside the task, so a panic even before its first await is
         // caught by the task and not by the worker's loop.
         let task = self.tasks.spawn(
-            async move { until_deadline(handler(ctx, payload), deadline, timer).await }
+            async move { until_deadline(handler.call(ctx, payload), deadline, timer).await }
                 .instrument(span),
         );
         tracing::debug!(job_id = %lease_ref.job_id, attempt = lease_ref.attempt, "handler started");

@@ -58,9 +58,11 @@ use tracing::Instrument;
 use crate::backoff::Backoff;
 use crate::context::{JobContext, StopReason};
 use crate::error::HandlerError;
+use crate::items::{ItemJob, ItemOptions};
 use crate::job::JobType;
 use crate::proto::v1 as pb;
 use crate::proto::v1::worker_service_client::WorkerServiceClient;
+use crate::retry::RetryPredicate;
 use crate::transport::{self, Headers, Tls};
 use crate::{Client, Error};
 
@@ -558,6 +560,46 @@ impl WorkerBuilder {
         if !self.registry.insert::<J, F, Fut>(handler) && self.duplicate.is_none() {
             self.duplicate = Some(J::JOB_TYPE);
         }
+        self
+    }
+
+    /// Serves the item-based job type `J` with `handler`, called once per item: the worker
+    /// runs `J`'s items in order from the first one not yet finished, as
+    /// [`ItemOptions::run`](crate::items::ItemOptions::run) describes, and the job's result is
+    /// every item's outcome.
+    pub fn register_items<J, F, Fut, R>(self, options: ItemOptions, handler: F) -> Self
+    where
+        J: ItemJob,
+        F: Fn(JobContext, J::Item) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<R, HandlerError>> + Send + 'static,
+        R: prost::Message + 'static,
+    {
+        let handler = Arc::new(handler);
+        let options = Arc::new(options);
+        self.register::<J, _, _>(move |ctx: JobContext, job: J| {
+            let handler = Arc::clone(&handler);
+            let options = Arc::clone(&options);
+            async move {
+                options
+                    .run(&ctx, job.items(), |ctx, item| handler(ctx, item))
+                    .await
+            }
+        })
+    }
+
+    /// Decides the failures of every job type without a predicate of its own
+    /// ([`retry_predicate_for`](Self::retry_predicate_for)): whether each is retryable and
+    /// its kind. See [`retry`](crate::retry).
+    pub fn retry_predicate(mut self, predicate: impl RetryPredicate) -> Self {
+        self.registry.set_default_predicate(Arc::new(predicate));
+        self
+    }
+
+    /// Decides the failures of job type `J`, instead of the worker's
+    /// [`retry_predicate`](Self::retry_predicate). See [`retry`](crate::retry).
+    pub fn retry_predicate_for<J: JobType>(mut self, predicate: impl RetryPredicate) -> Self {
+        self.registry
+            .set_predicate(J::JOB_TYPE, Arc::new(predicate));
         self
     }
 

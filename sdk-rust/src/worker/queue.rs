@@ -113,9 +113,7 @@ pub(super) fn lease_ref(lease: &pb::Lease) -> pb::LeaseRef {
 
 #[cfg(test)]
 mod tests {
-    use std::{sync::Arc, time::Duration};
-
-    use futures::FutureExt;
+    use std::time::Duration;
 
     use super::*;
 
@@ -127,7 +125,7 @@ mod tests {
                 queue: if job.ends_with('b') { "b" } else { "a" }.into(),
                 ..Default::default()
             },
-            handler: Arc::new(|_, payload| async move { Ok(payload) }.boxed()),
+            handler: ErasedHandler::echo(),
             since,
         }
     }

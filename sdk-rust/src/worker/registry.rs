@@ -3,6 +3,10 @@
 //! Typed handlers are wrapped once, at registration, into functions from an `Any` payload to
 //! an `Any` result, so the rest of the runtime handles every job type alike. Decoding happens
 //! inside the handler's task, so even a panic while decoding is caught like any other.
+//!
+//! The registry also keeps the worker's retry predicates (one per job type, and one for the
+//! rest) and hands each handler its own, so the predicate sees what the handler returned and
+//! nothing the SDK made (a payload that did not decode, a result that did not encode).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -14,15 +18,55 @@ use prost_types::Any;
 use crate::context::JobContext;
 use crate::error::HandlerError;
 use crate::job::JobType;
+use crate::retry::{self, SharedPredicate};
 
-/// A handler with its job type erased.
-pub(super) type ErasedHandler =
-    Arc<dyn Fn(JobContext, Any) -> BoxFuture<'static, Result<Any, HandlerError>> + Send + Sync>;
+/// A typed handler behind a function from an `Any` payload, with the predicate to apply to its
+/// failures, to an `Any` result.
+type Erased = Arc<
+    dyn Fn(
+            JobContext,
+            Any,
+            Option<SharedPredicate>,
+        ) -> BoxFuture<'static, Result<Any, HandlerError>>
+        + Send
+        + Sync,
+>;
+
+/// A handler with its job type erased, and the retry predicate that decides its failures.
+#[derive(Clone)]
+pub(super) struct ErasedHandler {
+    run: Erased,
+    predicate: Option<SharedPredicate>,
+}
+
+impl ErasedHandler {
+    /// A handler that echoes its payload, for tests of the machinery around handlers.
+    #[cfg(test)]
+    pub(super) fn echo() -> Self {
+        Self {
+            run: Arc::new(|_, payload, _| Box::pin(std::future::ready(Ok(payload)))),
+            predicate: None,
+        }
+    }
+
+    /// Runs the handler on `payload`.
+    pub(super) fn call(
+        &self,
+        ctx: JobContext,
+        payload: Any,
+    ) -> BoxFuture<'static, Result<Any, HandlerError>> {
+        (self.run)(ctx, payload, self.predicate.clone())
+    }
+}
 
 /// Handlers by job type name.
 #[derive(Default)]
 pub(super) struct Registry {
-    handlers: HashMap<&'static str, ErasedHandler>,
+    handlers: HashMap<&'static str, Erased>,
+    /// Retry predicates by job type name.
+    predicates: HashMap<&'static str, SharedPredicate>,
+    /// The retry predicate of job types without one of their own.
+    default_predicate: Option<SharedPredicate>,
     /// The schemas of the types that have one, registered with the server on connect.
     schemas: HashMap<&'static str, crate::job::JobSchema>,
 }
@@ -38,7 +82,7 @@ impl Registry {
         if self.handlers.contains_key(J::JOB_TYPE) {
             return false;
         }
-        let erased: ErasedHandler = Arc::new(move |ctx, payload: Any| {
+        let erased: Erased = Arc::new(move |ctx, payload: Any, predicate| {
             // A payload that does not decode will not decode on a retry either.
             let job = match payload.to_msg::<J>() {
                 Ok(job) => job,
@@ -53,7 +97,9 @@ impl Registry {
             };
             let running = handler(ctx, job);
             Box::pin(async move {
-                let output = running.await?;
+                let output = running
+                    .await
+                    .map_err(|error| retry::apply(predicate.as_ref(), error))?;
                 crate::job::encode(&output, "job result").map_err(|err| {
                     HandlerError::fatal(format!("the result could not be encoded: {err}"))
                         .with_kind("result_encode")
@@ -78,9 +124,27 @@ impl Registry {
         out
     }
 
+    /// Decides the failures of job type `job_type` with `predicate`.
+    pub(super) fn set_predicate(&mut self, job_type: &'static str, predicate: SharedPredicate) {
+        self.predicates.insert(job_type, predicate);
+    }
+
+    /// Decides the failures of job types without a predicate of their own with `predicate`.
+    pub(super) fn set_default_predicate(&mut self, predicate: SharedPredicate) {
+        self.default_predicate = Some(predicate);
+    }
+
     /// The handler of `job_type`, if this worker serves it.
     pub(super) fn get(&self, job_type: &str) -> Option<ErasedHandler> {
-        self.handlers.get(job_type).cloned()
+        let run = self.handlers.get(job_type)?;
+        Some(ErasedHandler {
+            run: Arc::clone(run),
+            predicate: self
+                .predicates
+                .get(job_type)
+                .or(self.default_predicate.as_ref())
+                .cloned(),
+        })
     }
 
     /// Every job type served, sorted so the `Hello` is stable across reconnects.
@@ -139,7 +203,10 @@ mod tests {
     async fn typed_handlers_run_on_any_payloads() {
         let handler = registry().get("test.echo").expect("registered");
         let payload = Any::from_msg(&Echo { text: "hi".into() }).expect("encode");
-        let result = handler(ctx(), payload).await.expect("handler succeeds");
+        let result = handler
+            .call(ctx(), payload)
+            .await
+            .expect("handler succeeds");
         assert_eq!(
             result.to_msg::<Echo>().ok(),
             Some(Echo { text: "hi".into() })
@@ -149,11 +216,54 @@ mod tests {
     #[tokio::test]
     async fn a_payload_of_another_type_fails_for_good() {
         let handler = registry().get("test.echo").expect("registered");
-        let error = handler(ctx(), Any::from_msg(&()).expect("encode"))
+        let error = handler
+            .call(ctx(), Any::from_msg(&()).expect("encode"))
             .await
             .expect_err("decode fails");
         assert!(!error.is_retryable());
         assert_eq!(error.kind(), Some("payload_decode"));
+    }
+
+    #[tokio::test]
+    async fn the_predicate_decides_what_the_handler_returned_and_nothing_else() {
+        let mut registry = Registry::default();
+        assert!(registry.insert::<Echo, _, _>(|_ctx, job: Echo| async move {
+            Err(HandlerError::retryable(job.text))
+        }));
+        registry.set_default_predicate(Arc::new(|error: &HandlerError| {
+            (error.message() == "client error")
+                .then(|| crate::retry::RetryDecision::fatal().with_kind("http_4xx"))
+        }));
+        let handler = registry.get("test.echo").expect("registered");
+        let run = |text: &str| {
+            let payload = Any::from_msg(&Echo { text: text.into() }).expect("encode");
+            handler.call(ctx(), payload)
+        };
+        let decided = run("client error").await.expect_err("fails");
+        assert!(!decided.is_retryable());
+        assert_eq!(decided.kind(), Some("http_4xx"));
+        let kept = run("server error").await.expect_err("fails");
+        assert!(kept.is_retryable());
+        assert_eq!(kept.kind(), None);
+        // A predicate of the type's own replaces the worker's.
+        registry.set_predicate(
+            "test.echo",
+            Arc::new(|_: &HandlerError| Some(crate::retry::RetryDecision::retryable())),
+        );
+        let handler = registry.get("test.echo").expect("registered");
+        let payload = Any::from_msg(&Echo {
+            text: "client error".into(),
+        })
+        .expect("encode");
+        let own = handler.call(ctx(), payload).await.expect_err("fails");
+        assert!(own.is_retryable());
+        // The SDK's own failures are not the handler's to reclassify.
+        let undecodable = handler
+            .call(ctx(), Any::from_msg(&()).expect("encode"))
+            .await
+            .expect_err("decode fails");
+        assert!(!undecodable.is_retryable());
+        assert_eq!(undecodable.kind(), Some("payload_decode"));
     }
 
     #[test]

@@ -38,7 +38,7 @@ from typing import Any
 from google.protobuf import any_pb2, empty_pb2
 from google.protobuf.message import Message
 
-from jobwire import _codec
+from jobwire import _codec, retry
 from jobwire.errors import DecodeError, HandlerError, NonRetryable
 from jobwire.jobs import JobType
 from jobwire.worker._reports import Final, LeaseReports, Reporter
@@ -54,6 +54,8 @@ Handler = Callable[[JobContext, Any], Awaitable[Any]]
 class Registered:
     job_type: JobType[Any, Any]
     handler: Handler
+    #: Decides the handler's failures; the worker's own when the type has none.
+    retry_if: retry.RetryIf | None = None
 
 
 class Stopping(enum.Enum):
@@ -268,7 +270,15 @@ async def _run(registered: Registered, ctx: JobContext, payload: any_pb2.Any) ->
     except DecodeError as error:
         # A payload that does not decode will not decode on a retry either.
         raise NonRetryable(str(error), kind="payload_decode") from error
-    output = await registered.handler(ctx, job)
+    try:
+        output = await registered.handler(ctx, job)
+    except Stopped:
+        raise
+    except Exception as error:
+        decided = retry.decide(registered.retry_if, error)
+        if decided is None:
+            raise
+        raise decided from error
     if output is None and job_type.output is empty_pb2.Empty:
         output = empty_pb2.Empty()
     if not isinstance(output, job_type.output):

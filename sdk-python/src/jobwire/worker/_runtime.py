@@ -41,10 +41,12 @@ import grpc
 import grpc.aio
 from google.protobuf.message import Message
 
+from jobwire import items as _items
 from jobwire._transport import Connection, Tls
 from jobwire._watch import Backoff
 from jobwire.errors import ConfigError, DrainTimeout
 from jobwire.jobs import JobType
+from jobwire.retry import RetryIf
 from jobwire.v1 import worker_service_pb2, worker_service_pb2_grpc
 from jobwire.worker import _wire
 from jobwire.worker._executor import Executor, Finished, Registered, Stopping
@@ -56,6 +58,7 @@ log = logging.getLogger("jobwire.worker")
 
 P = TypeVar("P", bound=Message)
 O = TypeVar("O", bound=Message)  # noqa: E741
+T = TypeVar("T")
 
 MAX_SLOTS = 10_000
 #: How long a prefetched lease may wait from its claim before it is handed back.
@@ -127,6 +130,7 @@ class Worker:
         drain_timeout: float = 30.0,
         stop_grace: float | None = 5.0,
         progress_interval: float = 0.1,
+        retry_if: RetryIf | None = None,
     ) -> None:
         if not 1 <= concurrency <= MAX_SLOTS:
             raise ConfigError(f"concurrency must be 1 to {MAX_SLOTS}, not {concurrency}")
@@ -145,6 +149,7 @@ class Worker:
         self._stop_grace = stop_grace
         self._progress_interval = progress_interval
         self._registry: dict[str, Registered] = {}
+        self._retry_if = retry_if
         self._loop: asyncio.AbstractEventLoop | None = None
         self._inbox: asyncio.Queue[_Event] | None = None
 
@@ -152,18 +157,50 @@ class Worker:
         self,
         job_type: JobType[P, O] | type[P],
         handler: Callable[[JobContext, P], Awaitable[O | None]],
+        *,
+        retry_if: RetryIf | None = None,
     ) -> None:
         """Serves ``job_type`` (a ``JobType``, or a payload message declaring one with the
         ``(jobwire.v1.job)`` option) with ``handler``, called once per attempt on its own task.
 
         A handler returns the output (None for ``google.protobuf.Empty``) or raises:
         ``NonRetryable`` fails the job at once, ``Retryable`` or any other exception fails
-        the attempt, to be retried under the job's policy.
+        the attempt, to be retried under the job's policy. ``retry_if`` (default: the
+        worker's) decides from the exception whether it is retryable and its kind; see
+        ``jobwire.retry``.
         """
         kind = job_type if isinstance(job_type, JobType) else JobType.of(job_type)
         if kind.name in self._registry:
             raise ConfigError(f"job type {kind.name} is registered twice")
-        self._registry[kind.name] = Registered(kind, handler)
+        self._registry[kind.name] = Registered(
+            kind, handler, retry_if if retry_if is not None else self._retry_if
+        )
+
+    def register_items(
+        self,
+        job_type: JobType[P, Message],
+        items: Callable[[P], Sequence[T]],
+        handler: _items.ItemHandler[T],
+        *,
+        options: _items.ItemOptions = _items.ItemOptions(),  # noqa: B008 - frozen
+        retry_if: RetryIf | None = None,
+    ) -> None:
+        """Serves the item-based ``job_type`` (its output ``jobwire.items.ITEM_RESULTS``):
+        ``items(payload)`` lists the job's items (the same list on every attempt), and
+        ``handler(ctx, item)`` runs one, returning its output (a message, bytes or None) or
+        raising. The items run in order from the first unfinished one, as
+        ``jobwire.items.run_items`` describes; the job's result is every item's outcome.
+        ``retry_if`` decides the failures of items under ``OnItemFailure.FAIL_JOB``."""
+        if job_type.output is not _items.ITEM_RESULTS:
+            raise ConfigError(
+                f"job type {job_type.name} must have jobwire.items.ITEM_RESULTS as its output"
+            )
+
+        async def run(ctx: JobContext, payload: P) -> Message:
+            results = await _items.run_items(ctx, items(payload), handler, options)
+            return results.to_message()
+
+        self.register(job_type, run, retry_if=retry_if)
 
     def handler(
         self, job_type: JobType[P, O] | type[P]
