@@ -32,6 +32,13 @@ pub struct Config {
     #[arg(long, env = "JOBWIRE_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
 
+    /// Serve Prometheus metrics on this address, at `/metrics` (default: none).
+    ///
+    /// Plain HTTP, without authentication: bind it to an address only the scraper reaches.
+    /// docs/operations.md ("Metrics") lists every metric.
+    #[arg(long, env = "JOBWIRE_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
     /// This replica's name, shown with each worker connected to it (ListWorkers).
     ///
     /// Default: `<hostname>:<port>`, the host and the port it serves on.

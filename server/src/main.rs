@@ -73,9 +73,13 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
         return done;
     }
     // Bound first: a port already taken stops the server before it touches any cluster.
-    let listener = bind(config.listen).await?;
+    let listener = bind(config.listen, "listen").await?;
+    let metrics = match config.metrics_listen {
+        Some(addr) => Some(bind(addr, "metrics-listen").await?),
+        None => None,
+    };
     let database = Database::open(&config).await?;
-    let served = serve(&config, &database.url, listener).await;
+    let served = serve(&config, &database.url, listener, metrics).await;
     database.close().await;
     served
 }
@@ -223,17 +227,18 @@ mod keys {
     }
 }
 
-/// Binds the gRPC address, saying what to do when it is taken.
-async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+/// Binds the address of `--{flag}`, saying what to do when it is taken.
+async fn bind(addr: SocketAddr, flag: &str) -> anyhow::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr).await.map_err(|error| {
         if error.kind() == std::io::ErrorKind::AddrInUse {
             anyhow::anyhow!(
                 "cannot listen on {addr}: the address is in use (by another jobwire-server or \
-                 another program); choose another with --listen (JOBWIRE_LISTEN), or stop what \
-                 holds it"
+                 another program); choose another with --{flag} (JOBWIRE_{}), or stop what \
+                 holds it",
+                flag.to_uppercase().replace('-', "_")
             )
         } else {
-            anyhow::anyhow!("cannot listen on {addr} (--listen): {error}")
+            anyhow::anyhow!("cannot listen on {addr} (--{flag}): {error}")
         }
     })
 }
@@ -242,6 +247,7 @@ async fn serve(
     config: &Config,
     database_url: &str,
     listener: tokio::net::TcpListener,
+    metrics: Option<tokio::net::TcpListener>,
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     let transport = if config.tls_cert.is_some() {
@@ -256,10 +262,15 @@ async fn serve(
         tracing::info!("shutdown requested");
         signals.cancel();
     });
+    let metrics_addr = metrics.as_ref().map(|m| m.local_addr()).transpose()?;
     let (ready, serving) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
         if serving.await.is_ok() {
             tracing::info!(%addr, "serving gRPC");
+            if let Some(metrics_addr) = metrics_addr {
+                // Before the ready line, so whoever waits for that one finds this one too.
+                println!("jobwire-server metrics on http://{metrics_addr}/metrics");
+            }
             // The one line on stdout, once health answers SERVING: scripts and tests wait for
             // it to know the server is up.
             println!("jobwire-server listening on {addr}");
@@ -271,7 +282,7 @@ async fn serve(
             );
         }
     });
-    server::run(config, database_url, listener, shutdown, ready).await?;
+    server::run(config, database_url, (listener, metrics), shutdown, ready).await?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -36,6 +36,22 @@ impl JobState {
         matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
     }
 
+    /// The state as its column spells it: the `state` label of the metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::AwaitingApproval => "awaiting_approval",
+            Self::Pending => "pending",
+            Self::Scheduled => "scheduled",
+            Self::Available => "available",
+            Self::Running => "running",
+            Self::Retrying => "retrying",
+            Self::Paused => "paused",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
     /// `None` for `JOB_STATE_UNSPECIFIED`, which names no state.
     pub fn from_proto(state: pb::JobState) -> Option<Self> {
         Some(match state {

@@ -11,7 +11,10 @@ use super::{
     notify::send,
     rows::{AttemptRow, JOB_COLUMNS, JobRow},
 };
-use crate::domain::{Actor, JobId, JobState, QueueName, TenantId};
+use crate::{
+    domain::{Actor, JobId, JobState, QueueName, TenantId},
+    metrics,
+};
 
 /// A validated job to insert.
 #[derive(Debug, Clone)]
@@ -134,6 +137,18 @@ pub struct ListFilter {
     pub before: Option<JobId>,
 }
 
+/// A job's metric series: its tenant, queue and type.
+pub(super) fn series(job: &JobRow) -> metrics::Series<'_> {
+    (&job.tenant_id, &job.queue, &job.job_type)
+}
+
+/// How long a job that just started had been due, in seconds: from its run_at (its enqueue,
+/// or the time it was scheduled or retried for) to its attempt's start.
+pub(super) fn start_delay(job: &JobRow) -> f64 {
+    job.attempt_started_at
+        .map_or(0.0, |started| (started - job.run_at).as_seconds_f64())
+}
+
 impl Store {
     /// Inserts jobs in one statement, with their first event rows and a NOTIFY per queue that
     /// received available work. Jobs whose idempotency key the tenant already used are not
@@ -146,6 +161,14 @@ impl Store {
         let outcomes = self
             .hot_as_tenant(tenant, async |c| enqueue_statement(c, tenant, jobs).await)
             .await?;
+        metrics::enqueue_batch(jobs.len());
+        let created = || outcomes.iter().flatten().filter(|o| o.created);
+        metrics::enqueued(created().map(|o| series(&o.job)));
+        metrics::started(
+            created()
+                .filter(|o| o.job.state == JobState::Running)
+                .map(|o| (series(&o.job), start_delay(&o.job))),
+        );
         self.settle_conflicts(tenant, jobs, outcomes, |job, row| EnqueueOutcome {
             job: row.clone(),
             created: false,
@@ -181,6 +204,11 @@ impl Store {
                 }
             })
             .await?;
+        metrics::enqueue_batch(jobs.len());
+        metrics::enqueued(rows.iter().filter(|r| r.row.created).filter_map(|r| {
+            let job = jobs.get(usize::try_from(r.ord - 1).ok()?)?;
+            Some((tenant.as_str(), job.queue.as_str(), job.job_type.as_str()))
+        }));
         self.settle_conflicts(tenant, jobs, in_order(jobs.len(), rows), |job, row| {
             Enqueued {
                 id: row.id,
@@ -366,6 +394,9 @@ impl Store {
             .fetch_optional(&mut *tx)
             .await?;
         tx.commit().await?;
+        if let Some(job) = &out {
+            metrics::cancelled(series(job));
+        }
         Ok(out)
     }
 
@@ -568,6 +599,9 @@ impl Store {
             .fetch_optional(&mut *tx)
             .await?;
         tx.commit().await?;
+        if let Some(job) = &out {
+            metrics::cancelled(series(job));
+        }
         Ok(out)
     }
 
