@@ -11,10 +11,13 @@ use clap::Parser;
 use jobwire_server::{
     config::{Command, Config, LogFormat},
     embedded_pg::{DataDirClaim, EmbeddedPostgres},
-    server,
+    server, telemetry,
 };
+use opentelemetry_sdk::trace::SdkTracerProvider;
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::{
+    EnvFilter, Layer, filter::LevelFilter, layer::SubscriberExt, util::SubscriberInitExt,
+};
 
 fn main() -> ExitCode {
     let config = Config::parse();
@@ -22,7 +25,6 @@ fn main() -> ExitCode {
         eprintln!("jobwire-server: {error}");
         return ExitCode::from(2);
     }
-    init_tracing(config.log_format);
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Some(threads) = config.worker_threads {
         builder.worker_threads(threads);
@@ -34,33 +36,65 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Inside the runtime: the OTLP exporter's gRPC channel runs on it.
+    let traces = match runtime.block_on(async { init_tracing(&config) }) {
+        Ok(traces) => traces,
+        Err(error) => {
+            eprintln!("jobwire-server: --otlp-endpoint: {error}");
+            return ExitCode::from(2);
+        }
+    };
     tracing::info!(
         worker_threads = runtime.metrics().num_workers(),
         "async runtime started"
     );
-    match runtime.block_on(run(config)) {
+    let code = match runtime.block_on(run(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!("{error:#}");
             eprintln!("jobwire-server: {error:#}");
             ExitCode::FAILURE
         }
+    };
+    if let Some(provider) = traces {
+        // Sends the spans still batched; the exporter's channel needs the runtime.
+        let _enter = runtime.enter();
+        if let Err(error) = provider.shutdown() {
+            eprintln!("jobwire-server: could not flush the last spans: {error}");
+        }
     }
+    code
 }
 
-fn init_tracing(format: LogFormat) {
+/// Logs to stderr and, with `--otlp-endpoint`, exports spans; returns the span exporter's
+/// provider, to be shut down on exit.
+fn init_tracing(
+    config: &Config,
+) -> Result<Option<SdkTracerProvider>, opentelemetry_otlp::ExporterBuildError> {
     // PostgreSQL's notices (a migration renaming an index, say) are the database talking to
     // whoever runs the statement, not news for an operator; RUST_LOG brings them back.
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,sqlx::postgres::notice=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    let fmt = match config.log_format {
+        LogFormat::Text => fmt.boxed(),
+        LogFormat::Json => fmt.json().boxed(),
+    };
+    let (otlp, provider) = match &config.otlp_endpoint {
+        // Spans are exported at info whatever RUST_LOG says of the logs.
+        Some(endpoint) => {
+            let (layer, provider) = telemetry::otlp_layer(endpoint)?;
+            (Some(layer.with_filter(LevelFilter::INFO)), Some(provider))
+        }
+        None => (None, None),
+    };
+    tracing_subscriber::registry()
+        .with(fmt.with_filter(filter))
+        .with(otlp)
+        .init();
+    Ok(provider)
 }
 
 async fn run(mut config: Config) -> anyhow::Result<()> {

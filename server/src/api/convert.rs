@@ -119,6 +119,10 @@ pub fn job(row: JobRow, attempts: &[AttemptRow]) -> pb::Job {
 /// The lease message pushed to a worker for a freshly claimed job, `held` after its claim.
 pub fn lease(leased: LeasedRow, held: std::time::Duration) -> pb::Lease {
     let row = leased.job;
+    let (traceparent, tracestate) = (
+        row.traceparent.clone().unwrap_or_default(),
+        row.tracestate.clone().unwrap_or_default(),
+    );
     let deadline = row
         .timeout_ms
         .zip(row.attempt_started_at)
@@ -140,6 +144,8 @@ pub fn lease(leased: LeasedRow, held: std::time::Duration) -> pb::Lease {
         labels: row.labels.0,
         created_at: Some(timestamp(row.created_at)),
         held: prost_types::Duration::try_from(held).ok(),
+        traceparent,
+        tracestate,
     }
 }
 

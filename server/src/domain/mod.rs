@@ -6,6 +6,7 @@
 
 pub mod ending;
 pub mod health;
+pub mod trace;
 
 use std::{fmt, time::Duration};
 

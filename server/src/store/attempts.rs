@@ -19,7 +19,11 @@ use crate::domain::{
     AttemptOutcome, JobId, JobState, LeaseRef, TenantId,
     ending::{Attempt, Backoff, Decision, End},
 };
-use crate::metrics::{self, Ended};
+use crate::{
+    domain::trace::TraceContext,
+    metrics::{self, Ended},
+    telemetry::{self, JobStep, Step},
+};
 
 /// What a statement ending an attempt must see of its job beyond its lease.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,6 +139,9 @@ struct EndedRow {
     job_type: Option<String>,
     /// How long the attempt ran, when the end applied and counted it as run.
     ran_s: Option<f64>,
+    /// The job's trace context, when the end applied (see `telemetry`).
+    traceparent: Option<String>,
+    tracestate: Option<String>,
     prior_outcome: Option<AttemptOutcome>,
     late: Option<bool>,
 }
@@ -185,7 +192,7 @@ impl Store {
                                > now() \
                        ELSE true END \
                  RETURNING j.id, j.tenant_id, j.attempt, j.state, j.queue, j.job_type, \
-                           j.last_error, \
+                           j.last_error, j.traceparent, j.tracestate, \
                            j.cancel_reason, j.pause_reason, j.lease_owner, \
                            j.attempt_started_at, {TAKEN_OUTCOME} AS outcome, \
                            i.error AS attempt_error, i.reason \
@@ -216,7 +223,7 @@ impl Store {
                  FROM (SELECT 1 FROM upd WHERE state = 'retrying' LIMIT 1) d \
              ) \
              SELECT upd.state AS applied_state, {PRIOR_OUTCOME} AS prior_outcome, \
-                    upd.queue, upd.job_type, \
+                    upd.queue, upd.job_type, upd.traceparent, upd.tracestate, \
                     CASE WHEN upd.outcome IS NOT NULL THEN extract(epoch FROM \
                         now() - upd.attempt_started_at)::float8 END AS ran_s, \
                     CASE WHEN upd.id IS NULL AND i.guard = 'in_time' THEN EXISTS ( \
@@ -305,6 +312,23 @@ impl Store {
             );
             Some((series, how, row.ran_s))
         }));
+        telemetry::steps(
+            Step::Settle,
+            rows.iter().zip(ends).filter_map(|(row, end)| {
+                Some(JobStep {
+                    trace: row.traceparent.clone().map(|traceparent| TraceContext {
+                        traceparent,
+                        tracestate: row.tracestate.clone(),
+                    }),
+                    job_id: end.lease.job_id.to_string(),
+                    tenant: end.tenant.as_str(),
+                    queue: row.queue.as_deref()?,
+                    job_type: row.job_type.as_deref()?,
+                    attempt: end.lease.attempt,
+                    state: row.applied_state?.as_str(),
+                })
+            }),
+        );
         Ok(rows
             .into_iter()
             .zip(ends)

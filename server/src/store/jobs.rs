@@ -12,8 +12,9 @@ use super::{
     rows::{AttemptRow, JOB_COLUMNS, JobRow},
 };
 use crate::{
-    domain::{Actor, JobId, JobState, QueueName, TenantId},
+    domain::{Actor, JobId, JobState, QueueName, TenantId, trace::TraceContext},
     metrics,
+    telemetry::{self, JobStep, Step},
 };
 
 /// A validated job to insert.
@@ -48,6 +49,8 @@ pub struct NewJob {
     /// queue is neither paused nor limited, it starts RUNNING under a lease to that worker in
     /// the enqueue statement itself, with no claim after it.
     pub handoff: Option<Handoff>,
+    /// The W3C trace context of the producer's span, kept with the job for its worker.
+    pub trace: Option<TraceContext>,
 }
 
 /// Who a job is leased to at its enqueue, and for how long.
@@ -142,6 +145,19 @@ pub(super) fn series(job: &JobRow) -> metrics::Series<'_> {
     (&job.tenant_id, &job.queue, &job.job_type)
 }
 
+/// A job's span about the statement that just changed it (see `telemetry`).
+pub(super) fn job_step(job: &JobRow) -> JobStep<'_> {
+    JobStep {
+        trace: job.trace(),
+        job_id: job.id.to_string(),
+        tenant: &job.tenant_id,
+        queue: &job.queue,
+        job_type: &job.job_type,
+        attempt: job.attempt,
+        state: job.state.as_str(),
+    }
+}
+
 /// How long a job that just started had been due, in seconds: from its run_at (its enqueue,
 /// or the time it was scheduled or retried for) to its attempt's start.
 pub(super) fn start_delay(job: &JobRow) -> f64 {
@@ -164,11 +180,9 @@ impl Store {
         metrics::enqueue_batch(jobs.len());
         let created = || outcomes.iter().flatten().filter(|o| o.created);
         metrics::enqueued(created().map(|o| series(&o.job)));
-        metrics::started(
-            created()
-                .filter(|o| o.job.state == JobState::Running)
-                .map(|o| (series(&o.job), start_delay(&o.job))),
-        );
+        let leased = || created().filter(|o| o.job.state == JobState::Running);
+        metrics::started(leased().map(|o| (series(&o.job), start_delay(&o.job))));
+        telemetry::steps(Step::Claim, leased().map(|o| job_step(&o.job)));
         self.settle_conflicts(tenant, jobs, outcomes, |job, row| EnqueueOutcome {
             job: row.clone(),
             created: false,
@@ -719,11 +733,12 @@ fn enqueue_sql(keyed: bool, returning: &[&str], inserted: &str) -> String {
                 $7::int2[], $8::int4[], $9::int8[], $10::int8[], $11::float8[], $12::float8[], \
                 $13::timestamptz[], $14::text[], $15::jsonb[], $16::int8[], $17::uuid[], \
                 $18::timestamptz[], $19::int4[], $20::bool[], $21::text[], $22::int8[], \
-                $23::bool[]) WITH ORDINALITY \
+                $23::bool[], $24::text[], $25::text[]) WITH ORDINALITY \
             AS t(id, queue, job_type, payload_type, payload, priority, max_attempts, \
                  retry_initial_ms, retry_max_ms, retry_multiplier, retry_jitter, run_at, \
                  idempotency_key, labels, timeout_ms, schedule_id, schedule_tick, \
-                 job_type_version, needs_approval, lease_owner, lease_ms, reports_started, ord) \
+                 job_type_version, needs_approval, lease_owner, lease_ms, reports_started, \
+                 traceparent, tracestate, ord) \
         ), planned AS MATERIALIZED ( \
             SELECT input.*, \
                 CASE WHEN needs_approval THEN 'awaiting_approval'::job_state \
@@ -740,7 +755,7 @@ fn enqueue_sql(keyed: bool, returning: &[&str], inserted: &str) -> String {
                 state, max_attempts, retry_initial_ms, retry_max_ms, retry_multiplier, \
                 retry_jitter, run_at, idempotency_key, labels, timeout_ms, schedule_id, \
                 schedule_tick, job_type_version, attempt, lease_owner, lease_expires_at, \
-                started_at, attempt_started_at, handler_started_at) \
+                started_at, attempt_started_at, handler_started_at, traceparent, tracestate) \
             SELECT id, $1, queue, job_type, payload_type, payload, priority, state, \
                 max_attempts, retry_initial_ms, retry_max_ms, retry_multiplier, retry_jitter, \
                 coalesce(run_at, now()), idempotency_key, coalesce(labels, '{{}}'), timeout_ms, \
@@ -751,7 +766,8 @@ fn enqueue_sql(keyed: bool, returning: &[&str], inserted: &str) -> String {
                      THEN now() + lease_ms * interval '1 millisecond' END, \
                 CASE WHEN state = 'running' THEN now() END, \
                 CASE WHEN state = 'running' THEN now() END, \
-                CASE WHEN state = 'running' AND NOT reports_started THEN now() END \
+                CASE WHEN state = 'running' AND NOT reports_started THEN now() END, \
+                traceparent, tracestate \
             FROM planned ORDER BY ord \
             {conflict} \
             RETURNING {inserted} \
@@ -892,6 +908,14 @@ where
         .bind(nullable(
             jobs.iter()
                 .map(|j| j.handoff.as_ref().map(|h| h.reports_started)),
+        ))
+        .bind(nullable(
+            jobs.iter()
+                .map(|j| j.trace.as_ref().map(|t| t.traceparent.clone())),
+        ))
+        .bind(nullable(
+            jobs.iter()
+                .map(|j| j.trace.as_ref().and_then(|t| t.tracestate.clone())),
         ));
     Ok(q.fetch_all(db).await?)
 }

@@ -15,6 +15,7 @@ use super::{
 use crate::{
     domain::{JobId, JobState, LeaseRef, QueueName, TenantId},
     metrics,
+    telemetry::{self, Step},
 };
 
 /// The end of an attempt is its row's insert: a running attempt lives in its job's row
@@ -166,6 +167,7 @@ pub(super) fn claimed(rows: &[LeasedRow]) {
         rows.iter()
             .map(|r| (jobs::series(&r.job), jobs::start_delay(&r.job))),
     );
+    telemetry::steps(Step::Claim, rows.iter().map(|r| jobs::job_step(&r.job)));
 }
 
 impl Store {

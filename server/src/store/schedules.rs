@@ -83,6 +83,7 @@ impl JobTemplate {
             needs_approval: false,
             accept_existing: false,
             handoff: None,
+            trace: None,
         }
     }
 }
