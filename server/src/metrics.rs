@@ -18,7 +18,10 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    sync::{LazyLock, Mutex},
+    sync::{
+        LazyLock, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
 use metrics::{
@@ -92,7 +95,17 @@ pub fn install() -> Result<PrometheusHandle, BuildError> {
     let handle = recorder.handle();
     metrics::set_global_recorder(recorder).map_err(BuildError::FailedToSetGlobalRecorder)?;
     describe();
+    RECORDING.store(true, Ordering::Relaxed);
     Ok(handle)
+}
+
+/// Whether metrics are kept: set once by [`install`]. Until then the records of job changes
+/// return before grouping their jobs into series, so a server without `--metrics-listen` pays
+/// nothing per job (not even the label cap's lock).
+static RECORDING: AtomicBool = AtomicBool::new(false);
+
+fn recording() -> bool {
+    RECORDING.load(Ordering::Relaxed)
 }
 
 fn describe() {
@@ -229,6 +242,9 @@ pub type Series<'a> = (&'a str, &'a str, &'a str);
 
 /// Adds one to `counter` per job, one increment per series.
 fn count<'a>(name: &'static str, jobs: impl IntoIterator<Item = Series<'a>>) {
+    if !recording() {
+        return;
+    }
     let mut tally: HashMap<Series<'a>, u64> = HashMap::new();
     for job in jobs {
         *tally.entry(job).or_default() += 1;
@@ -250,12 +266,21 @@ pub fn enqueue_batch(size: usize) {
 
 /// Attempts started by one committed statement, each with how long its job had been due.
 pub fn started<'a>(jobs: impl IntoIterator<Item = (Series<'a>, f64)>) {
-    let mut series = Vec::new();
-    for ((tenant, queue, job_type), delay) in jobs {
-        histogram!(JOB_START_DELAY, &labels(tenant, queue, job_type)).record(delay.max(0.0));
-        series.push((tenant, queue, job_type));
+    if !recording() {
+        return;
     }
-    count(JOBS_STARTED, series);
+    let mut delays: HashMap<Series<'a>, Vec<f64>> = HashMap::new();
+    for (series, delay) in jobs {
+        delays.entry(series).or_default().push(delay.max(0.0));
+    }
+    for ((tenant, queue, job_type), delays) in delays {
+        let labels = labels(tenant, queue, job_type);
+        counter!(JOBS_STARTED, &labels).increment(delays.len() as u64);
+        let histogram = histogram!(JOB_START_DELAY, &labels);
+        for delay in delays {
+            histogram.record(delay);
+        }
+    }
 }
 
 /// The size of one claim statement (empty claims included: they show a worker asking in vain).
@@ -282,12 +307,15 @@ pub enum Ended {
 /// Attempts ended by one committed statement, each with how long it ran when it counted as
 /// run (`None` for a lease handed back unstarted).
 pub fn ended<'a>(ends: impl IntoIterator<Item = (Series<'a>, Ended, Option<f64>)>) {
+    if !recording() {
+        return;
+    }
     let (mut succeeded, mut failed, mut retried, mut cancelled) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut runs: HashMap<Series<'a>, Vec<f64>> = HashMap::new();
     for (series, how, ran) in ends {
         if let Some(ran) = ran {
-            let (tenant, queue, job_type) = series;
-            histogram!(JOB_RUN_TIME, &labels(tenant, queue, job_type)).record(ran.max(0.0));
+            runs.entry(series).or_default().push(ran.max(0.0));
         }
         match how {
             Ended::Succeeded => succeeded.push(series),
@@ -295,6 +323,12 @@ pub fn ended<'a>(ends: impl IntoIterator<Item = (Series<'a>, Ended, Option<f64>)
             Ended::Retried => retried.push(series),
             Ended::Cancelled => cancelled.push(series),
             Ended::Other => {}
+        }
+    }
+    for ((tenant, queue, job_type), runs) in runs {
+        let histogram = histogram!(JOB_RUN_TIME, &labels(tenant, queue, job_type));
+        for ran in runs {
+            histogram.record(ran);
         }
     }
     count(JOBS_SUCCEEDED, succeeded);
