@@ -96,6 +96,9 @@
 //!   reach a server that serves TLS (an `https://` address) or asks for an API key.
 //! - [`error`]: [`Error`] for calls that fail (and jobs that end badly), with the fields the
 //!   server named at fault ([`Error::field_violations`]); [`HandlerError`] for handlers that fail.
+//! - Tracing: with the `opentelemetry` feature, enqueues carry the caller's current span as W3C
+//!   `traceparent` metadata, and each handler's `job` span is a child of the context its job was
+//!   enqueued with, for the application's own OpenTelemetry pipeline to export.
 //!
 //! The client and the worker share nothing but the job vocabulary and the connection settings,
 //! so a producer never pulls in the worker's machinery and the other way round.
@@ -109,6 +112,7 @@ pub mod items;
 pub mod job;
 pub mod report;
 pub mod retry;
+mod trace;
 mod transport;
 pub mod worker;
 

@@ -32,6 +32,21 @@ pub struct Config {
     #[arg(long, env = "JOBWIRE_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
 
+    /// Serve Prometheus metrics on this address, at `/metrics` (default: none).
+    ///
+    /// Plain HTTP, without authentication: bind it to an address only the scraper reaches.
+    /// docs/operations.md ("Metrics") lists every metric.
+    #[arg(long, env = "JOBWIRE_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// Export traces over OTLP/gRPC to this collector, e.g. `http://127.0.0.1:4317` (default:
+    /// no export).
+    ///
+    /// Spans of enqueues, claims and settles are children of the trace context (`traceparent`
+    /// metadata) each job was enqueued with.
+    #[arg(long, env = "JOBWIRE_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+
     /// This replica's name, shown with each worker connected to it (ListWorkers).
     ///
     /// Default: `<hostname>:<port>`, the host and the port it serves on.
@@ -261,6 +276,14 @@ impl Config {
                 message: message.to_owned(),
             })
         };
+        if let Some(endpoint) = &self.otlp_endpoint
+            && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+        {
+            return fail(
+                "otlp-endpoint",
+                "must be an http:// or https:// URL, such as http://127.0.0.1:4317",
+            );
+        }
         if self.lease_duration < Duration::from_millis(100) {
             return fail("lease-duration", "must be at least 100ms");
         }

@@ -11,6 +11,8 @@
 //! - [`registry`]: registered job types with their descriptors decoded and cached; JSON
 //!   payloads checked and converted against them.
 //! - [`store`]: every SQL statement.
+//! - [`metrics`]: Prometheus metrics: names, labels, the records the code makes, `/metrics`.
+//! - [`telemetry`]: OpenTelemetry: the OTLP export and the spans a job's trace context parents.
 //! - [`memory`]: gives memory freed by ended streams back to the system.
 //! - [`embedded_pg`]: the private PostgreSQL cluster used when no `DATABASE_URL` is given.
 //! - [`tls`]: the listener's TLS settings, read and checked from their PEM files at start-up.
@@ -24,7 +26,9 @@ pub mod domain;
 pub mod embedded_pg;
 pub mod engine;
 pub mod memory;
+pub mod metrics;
 pub mod registry;
 pub mod server;
 pub mod store;
+pub mod telemetry;
 pub mod tls;

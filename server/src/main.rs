@@ -11,10 +11,13 @@ use clap::Parser;
 use jobwire_server::{
     config::{Command, Config, LogFormat},
     embedded_pg::{DataDirClaim, EmbeddedPostgres},
-    server,
+    server, telemetry,
 };
+use opentelemetry_sdk::trace::SdkTracerProvider;
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::{
+    EnvFilter, Layer, filter::LevelFilter, layer::SubscriberExt, util::SubscriberInitExt,
+};
 
 fn main() -> ExitCode {
     let config = Config::parse();
@@ -22,7 +25,6 @@ fn main() -> ExitCode {
         eprintln!("jobwire-server: {error}");
         return ExitCode::from(2);
     }
-    init_tracing(config.log_format);
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Some(threads) = config.worker_threads {
         builder.worker_threads(threads);
@@ -34,33 +36,65 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Inside the runtime: the OTLP exporter's gRPC channel runs on it.
+    let traces = match runtime.block_on(async { init_tracing(&config) }) {
+        Ok(traces) => traces,
+        Err(error) => {
+            eprintln!("jobwire-server: --otlp-endpoint: {error}");
+            return ExitCode::from(2);
+        }
+    };
     tracing::info!(
         worker_threads = runtime.metrics().num_workers(),
         "async runtime started"
     );
-    match runtime.block_on(run(config)) {
+    let code = match runtime.block_on(run(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!("{error:#}");
             eprintln!("jobwire-server: {error:#}");
             ExitCode::FAILURE
         }
+    };
+    if let Some(provider) = traces {
+        // Sends the spans still batched; the exporter's channel needs the runtime.
+        let _enter = runtime.enter();
+        if let Err(error) = provider.shutdown() {
+            eprintln!("jobwire-server: could not flush the last spans: {error}");
+        }
     }
+    code
 }
 
-fn init_tracing(format: LogFormat) {
+/// Logs to stderr and, with `--otlp-endpoint`, exports spans; returns the span exporter's
+/// provider, to be shut down on exit.
+fn init_tracing(
+    config: &Config,
+) -> Result<Option<SdkTracerProvider>, opentelemetry_otlp::ExporterBuildError> {
     // PostgreSQL's notices (a migration renaming an index, say) are the database talking to
     // whoever runs the statement, not news for an operator; RUST_LOG brings them back.
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,sqlx::postgres::notice=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    let fmt = match config.log_format {
+        LogFormat::Text => fmt.boxed(),
+        LogFormat::Json => fmt.json().boxed(),
+    };
+    let (otlp, provider) = match &config.otlp_endpoint {
+        // Spans are exported at info whatever RUST_LOG says of the logs.
+        Some(endpoint) => {
+            let (layer, provider) = telemetry::otlp_layer(endpoint)?;
+            (Some(layer.with_filter(LevelFilter::INFO)), Some(provider))
+        }
+        None => (None, None),
+    };
+    tracing_subscriber::registry()
+        .with(fmt.with_filter(filter))
+        .with(otlp)
+        .init();
+    Ok(provider)
 }
 
 async fn run(mut config: Config) -> anyhow::Result<()> {
@@ -73,9 +107,13 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
         return done;
     }
     // Bound first: a port already taken stops the server before it touches any cluster.
-    let listener = bind(config.listen).await?;
+    let listener = bind(config.listen, "listen").await?;
+    let metrics = match config.metrics_listen {
+        Some(addr) => Some(bind(addr, "metrics-listen").await?),
+        None => None,
+    };
     let database = Database::open(&config).await?;
-    let served = serve(&config, &database.url, listener).await;
+    let served = serve(&config, &database.url, listener, metrics).await;
     database.close().await;
     served
 }
@@ -223,17 +261,18 @@ mod keys {
     }
 }
 
-/// Binds the gRPC address, saying what to do when it is taken.
-async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+/// Binds the address of `--{flag}`, saying what to do when it is taken.
+async fn bind(addr: SocketAddr, flag: &str) -> anyhow::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr).await.map_err(|error| {
         if error.kind() == std::io::ErrorKind::AddrInUse {
             anyhow::anyhow!(
                 "cannot listen on {addr}: the address is in use (by another jobwire-server or \
-                 another program); choose another with --listen (JOBWIRE_LISTEN), or stop what \
-                 holds it"
+                 another program); choose another with --{flag} (JOBWIRE_{}), or stop what \
+                 holds it",
+                flag.to_uppercase().replace('-', "_")
             )
         } else {
-            anyhow::anyhow!("cannot listen on {addr} (--listen): {error}")
+            anyhow::anyhow!("cannot listen on {addr} (--{flag}): {error}")
         }
     })
 }
@@ -242,6 +281,7 @@ async fn serve(
     config: &Config,
     database_url: &str,
     listener: tokio::net::TcpListener,
+    metrics: Option<tokio::net::TcpListener>,
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     let transport = if config.tls_cert.is_some() {
@@ -256,10 +296,15 @@ async fn serve(
         tracing::info!("shutdown requested");
         signals.cancel();
     });
+    let metrics_addr = metrics.as_ref().map(|m| m.local_addr()).transpose()?;
     let (ready, serving) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
         if serving.await.is_ok() {
             tracing::info!(%addr, "serving gRPC");
+            if let Some(metrics_addr) = metrics_addr {
+                // Before the ready line, so whoever waits for that one finds this one too.
+                println!("jobwire-server metrics on http://{metrics_addr}/metrics");
+            }
             // The one line on stdout, once health answers SERVING: scripts and tests wait for
             // it to know the server is up.
             println!("jobwire-server listening on {addr}");
@@ -271,7 +316,7 @@ async fn serve(
             );
         }
     });
-    server::run(config, database_url, listener, shutdown, ready).await?;
+    server::run(config, database_url, (listener, metrics), shutdown, ready).await?;
     tracing::info!("stopped");
     Ok(())
 }

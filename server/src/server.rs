@@ -34,7 +34,7 @@ use crate::{
         worker_service::WorkerApi,
     },
     config::{Config, MAX_STREAMS_PER_CONNECTION},
-    engine::{Engine, session::SessionConfig},
+    engine::{Engine, sampler::Sampler, session::SessionConfig},
     memory::Trimmer,
     registry::Registry,
     store::Store,
@@ -77,6 +77,8 @@ pub enum ServeError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("cannot serve metrics: {0}")]
+    Metrics(#[from] metrics_exporter_prometheus::BuildError),
     #[error("cannot serve TLS: {0}")]
     Tls(#[from] crate::tls::TlsError),
     #[error(
@@ -92,7 +94,7 @@ pub enum ServeError {
 pub async fn run(
     config: &Config,
     database_url: &str,
-    listener: TcpListener,
+    (listener, metrics): (TcpListener, Option<TcpListener>),
     shutdown: CancellationToken,
     ready: oneshot::Sender<()>,
 ) -> Result<(), ServeError> {
@@ -107,6 +109,14 @@ pub async fn run(
     ));
     let tasks = TaskTracker::new();
     let engine = Engine::start(&store, config, &tasks, &shutdown);
+    if let Some(metrics) = metrics {
+        let handle = crate::metrics::install()?;
+        tasks.spawn(
+            Sampler::new(store.clone(), config.db_max_connections, handle.clone())
+                .run(shutdown.clone()),
+        );
+        tasks.spawn(crate::metrics::serve(metrics, handle, shutdown.clone()));
+    }
     let (trimmer, ended) = Trimmer::new();
     tasks.spawn(trimmer.run(shutdown.clone()));
 

@@ -64,6 +64,9 @@ use tempfile::TempDir;
 use tokio::sync::OnceCell;
 use uuid::Uuid;
 
+/// What the server prints on stdout before its ready line, followed by the URL of its metrics.
+const METRICS_PREFIX: &str = "jobwire-server metrics on http://";
+
 /// What the server prints on stdout, followed by its address, once it accepts connections.
 const READY_PREFIX: &str = "jobwire-server listening on ";
 
@@ -319,6 +322,15 @@ impl ServerProcess {
     }
 
     /// The server's pid.
+    /// The address of `/metrics`, from the line the server prints before its ready line when
+    /// it serves metrics (`--metrics-listen`).
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.process.stdout().lines().find_map(|line| {
+            let url = line.strip_prefix(METRICS_PREFIX)?;
+            url.trim().trim_end_matches("/metrics").parse().ok()
+        })
+    }
+
     pub fn pid(&self) -> u32 {
         self.process.pid()
     }

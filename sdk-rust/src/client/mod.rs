@@ -203,12 +203,9 @@ impl Client {
             .into_iter()
             .map(|job| job.into_spec())
             .collect::<Result<Vec<_>, _>>()?;
-        let response = self
-            .jobs
-            .clone()
-            .enqueue_jobs(self.headers.request(pb::EnqueueJobsRequest { jobs }))
-            .await?
-            .into_inner();
+        let mut request = self.headers.request(pb::EnqueueJobsRequest { jobs });
+        crate::trace::inject(&mut request);
+        let response = self.jobs.clone().enqueue_jobs(request).await?.into_inner();
         response
             .jobs
             .into_iter()
@@ -493,13 +490,11 @@ impl Client {
 
     /// One `EnqueueJob` call.
     async fn enqueue_one(&self, spec: pb::JobSpec) -> Result<pb::EnqueueJobResponse, Error> {
-        let request = pb::EnqueueJobRequest { job: Some(spec) };
-        Ok(self
-            .jobs
-            .clone()
-            .enqueue_job(self.headers.request(request))
-            .await?
-            .into_inner())
+        let mut request = self
+            .headers
+            .request(pb::EnqueueJobRequest { job: Some(spec) });
+        crate::trace::inject(&mut request);
+        Ok(self.jobs.clone().enqueue_job(request).await?.into_inner())
     }
 
     /// One `ListJobs` call.

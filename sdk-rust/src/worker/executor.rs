@@ -207,6 +207,7 @@ impl Executor {
             job_type = %lease.job_type,
             worker = %self.worker_id,
         );
+        crate::trace::adopt(&span, &lease);
         let payload = lease.payload.unwrap_or_default();
         // The handler is called inside the task, so a panic even before its first await is
         // caught by the task and not by the worker's loop.

@@ -160,6 +160,10 @@ fn ids(ids: Option<&[uuid::Uuid]>) -> Vec<String> {
 /// The lease message pushed to a worker for a freshly claimed job, `held` after its claim.
 pub fn lease(leased: LeasedRow, held: std::time::Duration) -> pb::Lease {
     let row = leased.job;
+    let (traceparent, tracestate) = (
+        row.traceparent.clone().unwrap_or_default(),
+        row.tracestate.clone().unwrap_or_default(),
+    );
     let deadline = row
         .timeout_ms
         .zip(row.attempt_started_at)
@@ -182,6 +186,8 @@ pub fn lease(leased: LeasedRow, held: std::time::Duration) -> pb::Lease {
         created_at: Some(timestamp(row.created_at)),
         held: prost_types::Duration::try_from(held).ok(),
         depends_on: ids(row.depends_on.as_deref()),
+        traceparent,
+        tracestate,
     }
 }
 

@@ -17,11 +17,13 @@ use super::{
     watch::{JobSink, JobsSink, Watches},
 };
 use crate::{
-    domain::{Actor, JobId, JobState, TenantId},
+    domain::{Actor, JobId, JobState, TenantId, trace::TraceContext},
     engine::{enqueuer::EnqueuerHandle, fanout::Target},
     registry::Registry,
     store::{self, EventFilter, ListFilter, ReplayFilter, StopKind, Store},
+    telemetry,
 };
+use tracing::Instrument;
 
 const DEFAULT_PAGE_SIZE: i32 = 50;
 const MAX_PAGE_SIZE: i32 = 1000;
@@ -113,6 +115,13 @@ impl JobApi {
     }
 }
 
+/// The W3C trace context of a call's `traceparent` and `tracestate` metadata; a missing or
+/// malformed one is no context, never an error (see `domain::trace`).
+fn trace_context(metadata: &tonic::metadata::MetadataMap) -> Option<TraceContext> {
+    let header = |name| metadata.get(name).and_then(|v| v.to_str().ok());
+    TraceContext::parse(header("traceparent"), header("tracestate"))
+}
+
 fn state_name(state: JobState) -> &'static str {
     state.to_proto().as_str_name()
 }
@@ -150,11 +159,21 @@ impl JobService for JobApi {
         let mut job = validate::single_job_spec(&spec, self.max_payload_bytes)
             .map_err(|e| e.within("job"))?;
         job.job_type_version = version;
+        job.trace = trace_context(request.metadata());
+        let span = tracing::info_span!(
+            "jobwire.enqueue",
+            job_id = %job.id,
+            %tenant,
+            queue = %job.queue,
+            job_type = %job.job_type,
+        );
+        telemetry::adopt(&span, job.trace.as_ref());
         let queue = job.queue.clone();
         let accept_existing = job.accept_existing;
         let outcome = if job.depends_on.is_empty() {
             self.enqueuer
                 .enqueue(tenant.clone(), job)
+                .instrument(span)
                 .await
                 .map_err(ApiError::from)?
         } else {
@@ -163,6 +182,7 @@ impl JobService for JobApi {
             let mut outcomes = self
                 .store
                 .enqueue_dependent(&tenant, std::slice::from_ref(&job))
+                .instrument(span)
                 .await
                 .map_err(|e| match e {
                     store::Error::UnknownDependency { position, id, .. } => ApiError::invalid(
@@ -215,17 +235,23 @@ impl JobService for JobApi {
             versions.push(version);
         }
         let mut jobs = validate::job_specs(&specs, self.max_payload_bytes)?;
+        let trace = trace_context(request.metadata());
         for (job, version) in jobs.iter_mut().zip(versions) {
             job.job_type_version = version;
+            job.trace.clone_from(&trace);
         }
+        let span = tracing::info_span!("jobwire.enqueue", %tenant, jobs = jobs.len());
+        telemetry::adopt(&span, trace.as_ref());
         let outcomes = if jobs.iter().all(|j| j.depends_on.is_empty()) {
             self.store
                 .enqueue_batch(&tenant, &jobs)
+                .instrument(span)
                 .await
                 .map_err(ApiError::from)?
         } else {
             self.store
                 .enqueue_dependent(&tenant, &jobs)
+                .instrument(span)
                 .await
                 .map_err(ApiError::from)?
                 .into_iter()

@@ -431,6 +431,7 @@ pub fn job_spec(spec: &pb::JobSpec, max_payload: usize) -> Result<NewJob, ApiErr
         needs_approval: spec.needs_approval,
         accept_existing: spec.accept_existing,
         handoff: None,
+        trace: None,
     })
 }
 

@@ -29,6 +29,7 @@ use crate::{
     domain::{EventKind, TenantId},
     engine::fanout::{FanoutEvent, FanoutHandle, Subscription, Target},
     memory::Ended,
+    metrics::{OpenStream, StreamKind},
     registry::Registry,
     store::{EventRow, JobRow, Store},
 };
@@ -162,6 +163,7 @@ impl Watches {
             after,
             tx,
             _place: place,
+            _open: OpenStream::open(StreamKind::Watch),
         };
         self.tasks
             .spawn(watch.run(self.fanout.clone(), self.shutdown.clone()));
@@ -200,6 +202,8 @@ struct Watch<S: Sink> {
     tx: mpsc::Sender<Result<S::Item, Status>>,
     /// Held while the stream runs.
     _place: Option<Place>,
+    /// Counts the stream in the metrics while it runs.
+    _open: OpenStream,
 }
 
 /// How a watch ended.

@@ -35,6 +35,7 @@ use crate::{
         self, Engine,
         session::{Close, Inbound, Outbound, SessionConfig, StopReason, WorkerSession},
     },
+    metrics::{OpenStream, StreamKind},
     registry::Registry,
     store::{NewJobType, Store},
 };
@@ -102,10 +103,14 @@ impl WorkerService for WorkerApi {
             tx,
         };
         let span = tracing::info_span!("worker_stream", session = id, %tenant);
+        let open = OpenStream::open(StreamKind::Worker);
+        let run = stream.run(id, request.into_inner(), self.shutdown.clone());
         self.tasks.spawn(
-            stream
-                .run(id, request.into_inner(), self.shutdown.clone())
-                .instrument(span),
+            async move {
+                run.await;
+                drop(open);
+            }
+            .instrument(span),
         );
         Ok(Response::new(ReceiverStream::new(rx)))
     }

@@ -7,6 +7,7 @@
 pub mod approval;
 pub mod ending;
 pub mod health;
+pub mod trace;
 pub mod waits;
 
 use std::{fmt, time::Duration};
@@ -36,6 +37,22 @@ impl JobState {
     /// Terminal states never change again except through RetryJob.
     pub fn is_terminal(self) -> bool {
         matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
+    }
+
+    /// The state as its column spells it: the `state` label of the metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::AwaitingApproval => "awaiting_approval",
+            Self::Pending => "pending",
+            Self::Scheduled => "scheduled",
+            Self::Available => "available",
+            Self::Running => "running",
+            Self::Retrying => "retrying",
+            Self::Paused => "paused",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
     }
 
     /// `None` for `JOB_STATE_UNSPECIFIED`, which names no state.

@@ -229,6 +229,7 @@ impl Completer {
                 }
             }
         }
+        crate::metrics::completion_batch(ends.len());
         let ended = self
             .write(ends.len(), |r| self.store.end_attempts(&ends[r]))
             .await;

@@ -141,6 +141,7 @@ impl Elector {
                 }
             }
             held = now_held;
+            crate::metrics::leader(held.is_some());
             self.tx.send_replace(held);
             self.signals.send(|| Signal::Campaigned {
                 term: held.map(|lease| lease.term),
@@ -151,6 +152,7 @@ impl Elector {
             }
         }
         self.tx.send_replace(None);
+        crate::metrics::leader(false);
         if let Some(lease) = held
             && let Err(error) = self
                 .store

@@ -15,6 +15,7 @@
 //! | [`scheduler`] | leader | makes due SCHEDULED / RETRYING jobs AVAILABLE |
 //! | [`cron`] | leader | creates the jobs of due cron schedule ticks |
 //! | [`statistics`] | leader | analyzes busy tables as they outgrow their statistics |
+//! | [`sampler`] | every replica serving metrics | reads queue depths and pool use for the gauges |
 //! | [`signals`] | (tests) | announces what the loops did, for a test to await (off here) |
 //!
 //! Each loop has one job and is wired here; every task runs on one [`TaskTracker`], so shutdown
@@ -32,6 +33,7 @@ pub mod fanout;
 pub mod leader;
 pub mod notifier;
 pub mod reaper;
+pub mod sampler;
 pub mod scheduler;
 pub mod session;
 pub mod signals;

@@ -19,6 +19,11 @@ use crate::domain::{
     AttemptOutcome, JobId, JobState, LeaseRef, TenantId,
     ending::{Attempt, Backoff, Decision, End, KindRule},
 };
+use crate::{
+    domain::trace::TraceContext,
+    metrics::{self, Ended},
+    telemetry::{self, JobStep, Step},
+};
 
 /// What a statement ending an attempt must see of its job beyond its lease.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,6 +134,14 @@ const TAKEN_OUTCOME: &str = "CASE j.state WHEN 'cancelled' THEN i.cancel_outcome
 #[derive(sqlx::FromRow)]
 struct EndedRow {
     applied_state: Option<JobState>,
+    /// The job's queue and type, when the end applied: the labels of its metrics.
+    queue: Option<String>,
+    job_type: Option<String>,
+    /// How long the attempt ran, when the end applied and counted it as run.
+    ran_s: Option<f64>,
+    /// The job's trace context, when the end applied (see `telemetry`).
+    traceparent: Option<String>,
+    tracestate: Option<String>,
     prior_outcome: Option<AttemptOutcome>,
     late: Option<bool>,
 }
@@ -178,7 +191,8 @@ impl Store {
                             OR j.attempt_started_at + j.timeout_ms * interval '1 millisecond' \
                                > now() \
                        ELSE true END \
-                 RETURNING j.id, j.tenant_id, j.attempt, j.state, j.queue, j.last_error, \
+                 RETURNING j.id, j.tenant_id, j.attempt, j.state, j.queue, j.job_type, \
+                           j.last_error, j.traceparent, j.tracestate, \
                            j.cancel_reason, j.pause_reason, j.lease_owner, \
                            j.attempt_started_at, {TAKEN_OUTCOME} AS outcome, \
                            i.error AS attempt_error, i.reason \
@@ -209,6 +223,9 @@ impl Store {
                  FROM (SELECT 1 FROM upd WHERE state = 'retrying' LIMIT 1) d \
              ) \
              SELECT upd.state AS applied_state, {PRIOR_OUTCOME} AS prior_outcome, \
+                    upd.queue, upd.job_type, upd.traceparent, upd.tracestate, \
+                    CASE WHEN upd.outcome IS NOT NULL THEN extract(epoch FROM \
+                        now() - upd.attempt_started_at)::float8 END AS ran_s, \
                     CASE WHEN upd.id IS NULL AND i.guard = 'in_time' THEN EXISTS ( \
                         SELECT 1 FROM jobs k WHERE k.tenant_id = i.tenant_id AND k.id = i.id \
                           AND k.attempt = i.attempt AND k.state = 'running') END AS late \
@@ -279,6 +296,39 @@ impl Store {
             .bind(ends.iter().map(|e| e.decision.reason).collect::<Vec<_>>())
             .bind(ends.iter().map(|e| e.guard.as_str()).collect::<Vec<_>>());
         let rows: Vec<EndedRow> = self.hot(async |c| Ok(query.fetch_all(c).await?)).await?;
+        metrics::ended(rows.iter().zip(ends).filter_map(|(row, end)| {
+            let state = row.applied_state?;
+            let how = match state {
+                JobState::Succeeded => Ended::Succeeded,
+                JobState::Failed => Ended::Failed,
+                JobState::Retrying => Ended::Retried,
+                JobState::Cancelled => Ended::Cancelled,
+                _ => Ended::Other,
+            };
+            let series = (
+                end.tenant.as_str(),
+                row.queue.as_deref()?,
+                row.job_type.as_deref()?,
+            );
+            Some((series, how, row.ran_s))
+        }));
+        telemetry::steps(
+            Step::Settle,
+            rows.iter().zip(ends).filter_map(|(row, end)| {
+                Some(JobStep {
+                    trace: row.traceparent.clone().map(|traceparent| TraceContext {
+                        traceparent,
+                        tracestate: row.tracestate.clone(),
+                    }),
+                    job_id: end.lease.job_id.to_string(),
+                    tenant: end.tenant.as_str(),
+                    queue: row.queue.as_deref()?,
+                    job_type: row.job_type.as_deref()?,
+                    attempt: end.lease.attempt,
+                    state: row.applied_state?.as_str(),
+                })
+            }),
+        );
         Ok(rows
             .into_iter()
             .zip(ends)

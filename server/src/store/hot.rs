@@ -94,6 +94,11 @@ impl HotConnections {
         Ok((pool.acquire().await?, Instant::now()))
     }
 
+    /// How many connections wait here for the next statement.
+    pub(super) fn idle_len(&self) -> usize {
+        self.idle.lock().map(|idle| idle.len()).unwrap_or(0)
+    }
+
     /// Hands every idle connection back to the pool, which waits for them as it closes.
     pub(super) fn clear(&self) {
         self.closed.store(true, Ordering::SeqCst);

@@ -11,7 +11,11 @@ use super::{
     notify::send,
     rows::{AttemptRow, JOB_COLUMNS, JobRow},
 };
-use crate::domain::{Actor, JobId, JobState, QueueName, TenantId, ending::KindRule};
+use crate::{
+    domain::{Actor, JobId, JobState, QueueName, TenantId, ending::KindRule, trace::TraceContext},
+    metrics,
+    telemetry::{self, JobStep, Step},
+};
 
 /// A validated job to insert.
 #[derive(Debug, Clone)]
@@ -55,6 +59,8 @@ pub struct NewJob {
     /// queue is neither paused nor limited, it starts RUNNING under a lease to that worker in
     /// the enqueue statement itself, with no claim after it.
     pub handoff: Option<Handoff>,
+    /// The W3C trace context of the producer's span, kept with the job for its worker.
+    pub trace: Option<TraceContext>,
 }
 
 /// Who a job is leased to at its enqueue, and for how long.
@@ -144,6 +150,31 @@ pub struct ListFilter {
     pub before: Option<JobId>,
 }
 
+/// A job's metric series: its tenant, queue and type.
+pub(super) fn series(job: &JobRow) -> metrics::Series<'_> {
+    (&job.tenant_id, &job.queue, &job.job_type)
+}
+
+/// A job's span about the statement that just changed it (see `telemetry`).
+pub(super) fn job_step(job: &JobRow) -> JobStep<'_> {
+    JobStep {
+        trace: job.trace(),
+        job_id: job.id.to_string(),
+        tenant: &job.tenant_id,
+        queue: &job.queue,
+        job_type: &job.job_type,
+        attempt: job.attempt,
+        state: job.state.as_str(),
+    }
+}
+
+/// How long a job that just started had been due, in seconds: from its run_at (its enqueue,
+/// or the time it was scheduled or retried for) to its attempt's start.
+pub(super) fn start_delay(job: &JobRow) -> f64 {
+    job.attempt_started_at
+        .map_or(0.0, |started| (started - job.run_at).as_seconds_f64())
+}
+
 impl Store {
     /// Inserts jobs in one statement, with their first event rows and a NOTIFY per queue that
     /// received available work. Jobs whose idempotency key the tenant already used are not
@@ -156,6 +187,12 @@ impl Store {
         let outcomes = self
             .hot_as_tenant(tenant, async |c| enqueue_statement(c, tenant, jobs).await)
             .await?;
+        metrics::enqueue_batch(jobs.len());
+        let created = || outcomes.iter().flatten().filter(|o| o.created);
+        metrics::enqueued(created().map(|o| series(&o.job)));
+        let leased = || created().filter(|o| o.job.state == JobState::Running);
+        metrics::started(leased().map(|o| (series(&o.job), start_delay(&o.job))));
+        telemetry::steps(Step::Claim, leased().map(|o| job_step(&o.job)));
         self.settle_conflicts(tenant, jobs, outcomes, |job, row| EnqueueOutcome {
             job: row.clone(),
             created: false,
@@ -191,6 +228,11 @@ impl Store {
                 }
             })
             .await?;
+        metrics::enqueue_batch(jobs.len());
+        metrics::enqueued(rows.iter().filter(|r| r.row.created).filter_map(|r| {
+            let job = jobs.get(usize::try_from(r.ord - 1).ok()?)?;
+            Some((tenant.as_str(), job.queue.as_str(), job.job_type.as_str()))
+        }));
         self.settle_conflicts(tenant, jobs, in_order(jobs.len(), rows), |job, row| {
             Enqueued {
                 id: row.id,
@@ -448,6 +490,9 @@ impl Store {
             .fetch_optional(&mut *tx)
             .await?;
         tx.commit().await?;
+        if let Some(job) = &out {
+            metrics::cancelled(series(job));
+        }
         Ok(out)
     }
 
@@ -652,6 +697,9 @@ impl Store {
             .fetch_optional(&mut *tx)
             .await?;
         tx.commit().await?;
+        if let Some(job) = &out {
+            metrics::cancelled(series(job));
+        }
         Ok(out)
     }
 
@@ -770,13 +818,13 @@ fn enqueue_sql(keyed: bool, returning: &[&str], inserted: &str) -> String {
                 $13::timestamptz[], $14::text[], $15::jsonb[], $16::int8[], $17::uuid[], \
                 $18::timestamptz[], $19::int4[], $20::bool[], $21::text[], $22::int8[], \
                 $23::bool[], $24::text[], $25::bool[], $26::int8[], $27::bool[], \
-                $28::jsonb[]) WITH ORDINALITY \
+                $28::jsonb[], $29::text[], $30::text[]) WITH ORDINALITY \
             AS t(id, queue, job_type, payload_type, payload, priority, max_attempts, \
                  retry_initial_ms, retry_max_ms, retry_multiplier, retry_jitter, run_at, \
                  idempotency_key, labels, timeout_ms, schedule_id, schedule_tick, \
                  job_type_version, needs_approval, lease_owner, lease_ms, reports_started, \
                  depends_on, run_regardless, approval_timeout_ms, approval_timeout_fails, \
-                 retry_rules, ord) \
+                 retry_rules, traceparent, tracestate, ord) \
         ), planned AS MATERIALIZED ( \
             SELECT input.*, \
                 CASE WHEN needs_approval THEN 'awaiting_approval'::job_state \
@@ -795,7 +843,8 @@ fn enqueue_sql(keyed: bool, returning: &[&str], inserted: &str) -> String {
                 retry_jitter, run_at, idempotency_key, labels, timeout_ms, schedule_id, \
                 schedule_tick, job_type_version, attempt, lease_owner, lease_expires_at, \
                 started_at, attempt_started_at, handler_started_at, depends_on, \
-                run_regardless, approval_deadline, approval_timeout_fails, retry_rules) \
+                run_regardless, approval_deadline, approval_timeout_fails, retry_rules, \
+                traceparent, tracestate) \
             SELECT id, $1, queue, job_type, payload_type, payload, priority, state, \
                 max_attempts, retry_initial_ms, retry_max_ms, retry_multiplier, retry_jitter, \
                 coalesce(run_at, now()), idempotency_key, coalesce(labels, '{{}}'), timeout_ms, \
@@ -810,7 +859,7 @@ fn enqueue_sql(keyed: bool, returning: &[&str], inserted: &str) -> String {
                 depends_on::uuid[], coalesce(run_regardless, false), \
                 CASE WHEN state = 'awaiting_approval' \
                      THEN now() + approval_timeout_ms * interval '1 millisecond' END, \
-                coalesce(approval_timeout_fails, false), retry_rules \
+                coalesce(approval_timeout_fails, false), retry_rules, traceparent, tracestate \
             FROM planned ORDER BY ord \
             {conflict} \
             RETURNING {inserted} \
@@ -965,7 +1014,15 @@ where
         ))
         .bind(nullable(jobs.iter().map(|j| {
             (!j.retry_rules.is_empty()).then(|| Json(j.retry_rules.clone()))
-        })));
+        })))
+        .bind(nullable(
+            jobs.iter()
+                .map(|j| j.trace.as_ref().map(|t| t.traceparent.clone())),
+        ))
+        .bind(nullable(
+            jobs.iter()
+                .map(|j| j.trace.as_ref().and_then(|t| t.tracestate.clone())),
+        ));
     Ok(q.fetch_all(db).await?)
 }
 

@@ -9,10 +9,14 @@ use sqlx::{PgExecutor, Postgres, postgres::PgArguments, query::QueryAs};
 use uuid::Uuid;
 
 use super::{
-    Result, Store,
+    Result, Store, jobs,
     rows::{JOB_COLUMNS, LeasedRow},
 };
-use crate::domain::{JobId, JobState, LeaseRef, QueueName, TenantId};
+use crate::{
+    domain::{JobId, JobState, LeaseRef, QueueName, TenantId},
+    metrics,
+    telemetry::{self, Step},
+};
 
 /// The end of an attempt is its row's insert: a running attempt lives in its job's row
 /// (`attempt`, `lease_owner`, `attempt_started_at`), so a job costs one attempt write, not an
@@ -156,6 +160,16 @@ pub struct Checkpoint {
     pub data: Vec<u8>,
 }
 
+/// Records a committed claim's leases in the metrics.
+pub(super) fn claimed(rows: &[LeasedRow]) {
+    metrics::claim_batch(rows.len());
+    metrics::started(
+        rows.iter()
+            .map(|r| (jobs::series(&r.job), jobs::start_delay(&r.job))),
+    );
+    telemetry::steps(Step::Claim, rows.iter().map(|r| jobs::job_step(&r.job)));
+}
+
 impl Store {
     /// Leases up to `limit` available jobs of the tenant's `queues` and `job_types` to `worker`,
     /// highest priority first, oldest first among equals. Queues that are paused or limited are
@@ -168,10 +182,13 @@ impl Store {
         limit: i64,
         worker: &Worker<'_>,
     ) -> Result<Vec<LeasedRow>> {
-        self.hot_as_tenant(tenant, async |c| {
-            claim_statement(c, tenant, queues, job_types, limit, worker, false).await
-        })
-        .await
+        let rows = self
+            .hot_as_tenant(tenant, async |c| {
+                claim_statement(c, tenant, queues, job_types, limit, worker, false).await
+            })
+            .await?;
+        claimed(&rows);
+        Ok(rows)
     }
 
     /// Extends the listed leases, and names `worker` their owner (a reconnected worker adopts

@@ -71,6 +71,7 @@ pub use leases::Worker;
 pub use leases::{Checkpoint, LogBatch, ProgressUpdate, Renewed, SettleResult, StopKind};
 pub use maintenance::{Held, Term};
 pub use notify::{Heard, Listener, Notification};
+pub use queues::QueueDepthRow;
 pub use queues::{HeldBack, LimitedClaim, QueueRow, QueueUpdate, QueueView};
 pub use replays::{Replay, ReplayFilter, Replayable, Replayed};
 pub use rows::{AttemptRow, ErrorRecord, EventRow, JobRow, LeasedRow, ProgressOrigin};
@@ -216,6 +217,14 @@ impl Store {
         statement: impl AsyncFnOnce(&mut PgConnection) -> Result<T>,
     ) -> Result<T> {
         self.hot.run(&self.pool, statement).await
+    }
+
+    /// The pool's connections idle and in use; those waiting for the engine's next statement
+    /// (see [`hot`]) count as idle.
+    pub fn pool_use(&self) -> (usize, usize) {
+        let open = usize::try_from(self.pool.size()).unwrap_or(usize::MAX);
+        let idle = (self.pool.num_idle() + self.hot.idle_len()).min(open);
+        (idle, open - idle)
     }
 
     /// A cheap round trip, for health checks.

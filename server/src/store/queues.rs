@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 
 use super::{
     Error, Result, Store,
-    leases::{Worker, claim_statement},
+    leases::{self, Worker, claim_statement},
     notify::send,
     rows::LeasedRow,
 };
@@ -115,7 +115,52 @@ struct LimitRow {
 /// The longest a claim held back by a rate limit asks to wait before the next try.
 const MAX_RATE_WAIT: Duration = Duration::from_secs(3600);
 
+/// One queue's non-terminal jobs per state and its oldest available job, for the metrics.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct QueueDepthRow {
+    pub tenant_id: String,
+    pub queue: String,
+    /// Non-terminal states holding jobs, beside [`counts`](Self::counts); empty when none do.
+    pub states: Vec<JobState>,
+    pub counts: Vec<i64>,
+    /// Seconds the oldest AVAILABLE job has been due; 0 when none is.
+    pub oldest_available_s: f64,
+}
+
 impl Store {
+    /// Every queue's non-terminal jobs per state, of every tenant, for the metrics sampler.
+    /// Terminal jobs are left out: they only grow until pruned, and counting them would scan
+    /// them all each time; the counters tell how many ended. Each state's count is a range of
+    /// `jobs_queue_state` (or of `jobs_claim`, for AVAILABLE jobs), so the read costs what the
+    /// queues hold, not what they have ever held.
+    pub async fn queue_depths(&self) -> Result<Vec<QueueDepthRow>> {
+        Ok(sqlx::query_as::<_, QueueDepthRow>(
+            "SELECT q.tenant_id, q.name AS queue, \
+                 coalesce(st.states, '{}') AS states, coalesce(st.counts, '{}') AS counts, \
+                 coalesce(extract(epoch FROM greatest(interval '0', now() - ( \
+                     SELECT min(run_at) FROM jobs \
+                     WHERE tenant_id = q.tenant_id AND queue = q.name AND state = 'available' \
+                 ))), 0)::float8 AS oldest_available_s \
+             FROM queues q \
+             CROSS JOIN LATERAL ( \
+                 SELECT array_agg(state) AS states, array_agg(n) AS counts \
+                 FROM ( \
+                     SELECT state, count(*) AS n FROM jobs \
+                     WHERE tenant_id = q.tenant_id AND queue = q.name \
+                       AND state IN ('awaiting_approval', 'pending', 'scheduled', 'running', \
+                                     'retrying', 'paused') \
+                     GROUP BY state \
+                     UNION ALL \
+                     SELECT 'available', count(*) FROM jobs \
+                     WHERE tenant_id = q.tenant_id AND queue = q.name AND state = 'available' \
+                     HAVING count(*) > 0 \
+                 ) c \
+             ) st",
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     /// One queue with its figures.
     pub async fn get_queue(&self, tenant: &TenantId, name: &QueueName) -> Result<QueueView> {
         self.queue_views(tenant, Some(name), None, 1)
@@ -434,6 +479,7 @@ impl Store {
             .await?;
         }
         tx.commit().await?;
+        leases::claimed(&rows);
         // Fewer rows than allowed means the queue ran dry: only new work can help. A full claim
         // needs nothing. Otherwise a limit stopped the claim short.
         let held_back = if claimed < allowed || claimed >= limit {

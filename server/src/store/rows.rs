@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::types::Json;
 use uuid::Uuid;
 
-use crate::domain::{AttemptOutcome, EventKind, JobState};
+use crate::domain::{AttemptOutcome, EventKind, JobState, trace::TraceContext};
 
 /// The columns of `jobs`, in the order [`JobRow`] reads them; every statement returning jobs
 /// selects exactly these.
@@ -18,7 +18,7 @@ pub(crate) const JOB_COLUMNS: &str = "id, tenant_id, queue, job_type, payload_ty
     attempt_base, progress, progress_origin, checkpoint IS NOT NULL AS has_checkpoint, \
     timeout_ms, attempt_started_at, cancel_requested_at, pause_requested_at, pause_reason, \
     schedule_id, schedule_tick, job_type_version, depends_on, run_regardless, approval_deadline, \
-    approval_timeout_fails, retry_rules";
+    approval_timeout_fails, retry_rules, traceparent, tracestate";
 
 /// One row of `jobs`.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -74,6 +74,19 @@ pub struct JobRow {
     pub approval_timeout_fails: bool,
     /// Retry rules by failure kind.
     pub retry_rules: Option<Json<Vec<crate::domain::ending::KindRule>>>,
+    /// The W3C trace context the job was enqueued with (`domain::trace`), if any.
+    pub traceparent: Option<String>,
+    pub tracestate: Option<String>,
+}
+
+impl JobRow {
+    /// The trace context the job was enqueued with, checked then.
+    pub fn trace(&self) -> Option<TraceContext> {
+        self.traceparent.clone().map(|traceparent| TraceContext {
+            traceparent,
+            tracestate: self.tracestate.clone(),
+        })
+    }
 }
 
 /// A job freshly leased: the row plus what only its worker needs.

@@ -13,11 +13,14 @@ use uuid::Uuid;
 
 use super::{
     Error, Listed, Result, Store, Term,
-    jobs::{NewJob, enqueue_statement},
+    jobs::{self, NewJob, enqueue_statement},
     notify::send,
     rows::JobRow,
 };
-use crate::domain::{JobId, QueueName, TenantId};
+use crate::{
+    domain::{JobId, QueueName, TenantId},
+    metrics,
+};
 
 /// What a tick does while the previous tick's job has not finished; the column type
 /// `overlap_policy`.
@@ -85,6 +88,7 @@ impl JobTemplate {
             retry_rules: Vec::new(),
             accept_existing: false,
             handoff: None,
+            trace: None,
         }
     }
 }
@@ -178,6 +182,8 @@ const SCHEDULE_COLUMNS: &str = "s.id, s.tenant_id, s.name, s.description, s.cron
 /// An open firing: due schedules locked until [`commit`](Self::commit).
 pub struct Firing {
     tx: Transaction<'static, Postgres>,
+    /// The series (tenant, queue, job type) of the jobs created, counted once committed.
+    created: Vec<(String, String, String)>,
 }
 
 impl Store {
@@ -339,6 +345,7 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
+        metrics::enqueued([jobs::series(&created.job)]);
         Ok(created.job)
     }
 
@@ -359,7 +366,13 @@ impl Store {
             .bind(term.0)
             .fetch_all(&mut *tx)
             .await?;
-        Ok((Firing { tx }, due))
+        Ok((
+            Firing {
+                tx,
+                created: Vec::new(),
+            },
+            due,
+        ))
     }
 
     /// The earliest next tick of any unpaused schedule.
@@ -444,6 +457,13 @@ impl Firing {
                 .map(|outcome| outcome.job)
                 .collect()
         };
+        self.created.extend(created.iter().map(|job| {
+            (
+                job.tenant_id.clone(),
+                job.queue.clone(),
+                job.job_type.clone(),
+            )
+        }));
         let last = created.last();
         sqlx::query(
             "UPDATE schedules SET next_run_at = $2, paused = $2 IS NULL, \
@@ -462,6 +482,11 @@ impl Firing {
 
     pub async fn commit(self) -> Result<()> {
         self.tx.commit().await?;
+        metrics::enqueued(
+            self.created.iter().map(|(tenant, queue, job_type)| {
+                (tenant.as_str(), queue.as_str(), job_type.as_str())
+            }),
+        );
         Ok(())
     }
 }
