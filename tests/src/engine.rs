@@ -307,6 +307,7 @@ impl Setup {
             stops: broadcast::channel(16).0,
             queue_holds: broadcast::channel(16).0,
             drains: broadcast::channel(16).0,
+            pruned: Default::default(),
         }
     }
 

@@ -14,6 +14,7 @@
 //! | [`reaper`] | leader | retries or fails jobs whose lease lapsed |
 //! | [`scheduler`] | leader | makes due SCHEDULED / RETRYING jobs AVAILABLE |
 //! | [`cron`] | leader | creates the jobs of due cron schedule ticks |
+//! | [`pruner`] | leader | prunes finished jobs past retention, drops old event partitions |
 //! | [`statistics`] | leader | analyzes busy tables as they outgrow their statistics |
 //! | [`signals`] | (tests) | announces what the loops did, for a test to await (off here) |
 //!
@@ -31,6 +32,7 @@ pub mod error;
 pub mod fanout;
 pub mod leader;
 pub mod notifier;
+pub mod pruner;
 pub mod reaper;
 pub mod scheduler;
 pub mod session;
@@ -38,6 +40,8 @@ pub mod signals;
 pub mod statistics;
 
 pub use error::Error;
+
+use std::sync::Arc;
 
 use tokio::sync::broadcast;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -50,6 +54,7 @@ use enqueuer::{Enqueuer, EnqueuerHandle};
 use fanout::{Fanout, FanoutConfig, FanoutHandle};
 use leader::{Elector, Leadership};
 use notifier::{DrainSignal, DueSignal, Notifier, QueueHold, StopSignal};
+use pruner::{Pruner, PrunerProgress};
 use reaper::Reaper;
 use scheduler::Scheduler;
 use statistics::Statistics;
@@ -78,6 +83,8 @@ pub struct Engine {
     pub queue_holds: broadcast::Sender<QueueHold>,
     /// Drains asked of workers (DrainWorker), for the worker streams to pick up.
     pub drains: broadcast::Sender<DrainSignal>,
+    /// What the pruner has removed, for metrics.
+    pub pruned: Arc<PrunerProgress>,
 }
 
 impl Engine {
@@ -121,6 +128,7 @@ impl Engine {
         );
         let cron = Cron::new(store.clone(), config.poll_interval, leadership.clone(), due);
         let statistics = Statistics::new(store.clone(), leadership.clone());
+        let (pruner, pruned) = Pruner::new(store.clone(), config.pruner(), leadership.clone());
 
         tasks.spawn(dispatcher.run(shutdown.clone()));
         tasks.spawn(completer.run());
@@ -131,6 +139,7 @@ impl Engine {
         tasks.spawn(scheduler.run(shutdown.clone()));
         tasks.spawn(cron.run(shutdown.clone()));
         tasks.spawn(statistics.run(shutdown.clone()));
+        tasks.spawn(pruner.run(shutdown.clone()));
         tasks.spawn(fanout.run(shutdown.clone()));
 
         Self {
@@ -142,6 +151,7 @@ impl Engine {
             stops,
             queue_holds,
             drains,
+            pruned,
         }
     }
 }

@@ -45,6 +45,7 @@ mod leases;
 mod maintenance;
 mod notify;
 mod queues;
+mod retention;
 mod rows;
 mod schedules;
 mod tenancy;
@@ -70,6 +71,7 @@ pub use leases::{Checkpoint, LogBatch, ProgressUpdate, Renewed, SettleResult, St
 pub use maintenance::{Held, Term};
 pub use notify::{Heard, Listener, Notification};
 pub use queues::{HeldBack, LimitedClaim, QueueRow, QueueUpdate, QueueView};
+pub use retention::{Archive, EventPartition, Pruned, QueueRetention};
 pub use rows::{AttemptRow, ErrorRecord, EventRow, JobRow, LeasedRow, ProgressOrigin};
 pub use schedules::{
     CatchUpPolicy, DueSchedule, Firing, JobTemplate, NewSchedule, OverlapPolicy, ScheduleRow,
