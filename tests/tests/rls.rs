@@ -156,6 +156,13 @@ fn code(err: &sqlx::Error) -> Option<String> {
 async fn a_statement_without_a_tenant_filter_reaches_only_its_own_tenant() {
     let db = test_db().await;
     let store = Store::connect(db.url(), 4).await.expect("store");
+    store
+        .ensure_event_partitions(
+            std::time::Duration::from_secs(24 * 3600),
+            std::time::Duration::from_secs(3 * 24 * 3600),
+        )
+        .await
+        .expect("event partitions");
     let pool = db.pool().await;
     seed(&pool).await;
     let globex = TenantId::new_unchecked("globex");
@@ -278,7 +285,14 @@ async fn a_statement_without_a_tenant_filter_reaches_only_its_own_tenant() {
 #[tokio::test]
 async fn the_tenant_role_bypasses_nothing_and_fails_closed() {
     let db = test_db().await;
-    let _store = Store::connect(db.url(), 2).await.expect("store");
+    let store = Store::connect(db.url(), 2).await.expect("store");
+    store
+        .ensure_event_partitions(
+            std::time::Duration::from_secs(24 * 3600),
+            std::time::Duration::from_secs(3 * 24 * 3600),
+        )
+        .await
+        .expect("event partitions");
     let pool = db.pool().await;
     seed(&pool).await;
     let row = sqlx::query("SELECT rolsuper, rolbypassrls FROM pg_roles WHERE rolname = $1")

@@ -149,7 +149,10 @@ pub struct Store {
 }
 
 impl Store {
-    /// Connects and applies pending migrations, so a fresh database is ready to serve.
+    /// Connects and applies pending migrations, so a fresh database is ready to serve. A store
+    /// that writes events then makes the event log's partitions ahead
+    /// ([`Store::ensure_event_partitions`], as the server does at start): the migration's own
+    /// cover only its first seconds.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self> {
         let options: PgConnectOptions = url.parse()?;
         let pool = PgPoolOptions::new()
