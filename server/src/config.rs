@@ -150,9 +150,11 @@ pub struct Config {
     /// The span of time each partition of the event log covers.
     ///
     /// Old events go by dropping whole partitions once every event in one is older than the
-    /// longest retention, so events outlive that retention by up to one span. Partitions are
-    /// made ahead of time (three spans, and at least three prune intervals).
-    #[arg(long, env = "JOBWIRE_EVENT_PARTITION_INTERVAL", value_parser = humantime::parse_duration, default_value = "1day")]
+    /// longest retention, so events outlive that retention by up to one span. Every read of
+    /// the log visits each partition's index, so fewer, longer spans keep the watchers' reads
+    /// cheap (a week: five or six partitions at the default retention). Partitions are made
+    /// ahead of time (three spans, and at least three prune intervals).
+    #[arg(long, env = "JOBWIRE_EVENT_PARTITION_INTERVAL", value_parser = humantime::parse_duration, default_value = "7days")]
     pub event_partition_interval: Duration,
 
     /// Largest payload, result or checkpoint accepted, in bytes.
