@@ -71,8 +71,8 @@ impl Ledger {
     }
 
     /// For each stored progress event, the time from the report (the `unix_nanos` under `key` in
-    /// its data) to the start of the statement that stored it (its `created_at`, the statement's
-    /// `now()`): how long a report took to reach the database, batching included.
+    /// its data) to the statement that stored it (its `created_at`, the moment its row was
+    /// written): how long a report took to reach the database, batching included.
     pub async fn progress_to_statement(&mut self, key: &str) -> anyhow::Result<Vec<Duration>> {
         let rows: Vec<(i64, i64)> = sqlx::query_as(
             "SELECT (data->'data'->>$1)::float8::int8, \
@@ -88,6 +88,46 @@ impl Ledger {
             .collect())
     }
 
+    /// The sizes of the tables a job leaves rows in, with their indexes, dead tuples and
+    /// autovacuum runs; the event log summed over its partitions.
+    pub async fn sizes(&mut self) -> anyhow::Result<Sizes> {
+        let rows: Vec<(String, i64, i64, i64, i64)> = sqlx::query_as(
+            "WITH rels AS ( \
+                 SELECT 'jobs' AS name, 'jobs'::regclass AS rel \
+                 UNION ALL SELECT 'job_attempts', 'job_attempts'::regclass \
+                 UNION ALL SELECT 'job_events', inhrelid::regclass FROM pg_inherits \
+                     WHERE inhparent = 'job_events'::regclass \
+             ) \
+             SELECT r.name, sum(pg_relation_size(r.rel))::int8, sum(pg_indexes_size(r.rel))::int8, \
+                    coalesce(sum(s.n_dead_tup), 0)::int8, \
+                    coalesce(sum(s.autovacuum_count), 0)::int8 \
+             FROM rels r LEFT JOIN pg_stat_user_tables s ON s.relid = r.rel \
+             GROUP BY r.name",
+        )
+        .fetch_all(&mut self.conn)
+        .await?;
+        let mut sizes = Sizes::default();
+        for (name, table, indexes, dead_tuples, autovacuums) in rows {
+            let size = TableSize {
+                table,
+                indexes,
+                dead_tuples,
+                autovacuums,
+            };
+            match name.as_str() {
+                "jobs" => sizes.jobs = size,
+                "job_attempts" => sizes.attempts = size,
+                _ => sizes.events = size,
+            }
+        }
+        sizes.event_partitions = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_inherits WHERE inhparent = 'job_events'::regclass",
+        )
+        .fetch_one(&mut self.conn)
+        .await?;
+        Ok(sizes)
+    }
+
     /// Progress events stored, per job id.
     pub async fn progress_events(&mut self) -> anyhow::Result<HashMap<String, i64>> {
         let rows: Vec<(String, i64)> = sqlx::query_as(
@@ -97,5 +137,49 @@ impl Ledger {
         .fetch_all(&mut self.conn)
         .await?;
         Ok(rows.into_iter().collect())
+    }
+}
+
+/// One table's size and upkeep, in bytes and counts.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TableSize {
+    pub table: i64,
+    pub indexes: i64,
+    pub dead_tuples: i64,
+    /// Autovacuum runs since the statistics were reset (the database's creation).
+    pub autovacuums: i64,
+}
+
+/// The tables a job leaves rows in, as [`Ledger::sizes`] reads them.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Sizes {
+    pub jobs: TableSize,
+    pub events: TableSize,
+    pub attempts: TableSize,
+    pub event_partitions: i64,
+}
+
+impl Sizes {
+    /// Tables and indexes together, in bytes.
+    pub fn total(&self) -> i64 {
+        [self.jobs, self.events, self.attempts]
+            .iter()
+            .map(|t| t.table + t.indexes)
+            .sum()
+    }
+
+    /// Adds each figure to a JSON object, sizes in bytes.
+    pub fn write_to(&self, object: &mut serde_json::Map<String, serde_json::Value>) {
+        for (name, size) in [
+            ("jobs", self.jobs),
+            ("events", self.events),
+            ("attempts", self.attempts),
+        ] {
+            object.insert(format!("{name}_table_bytes"), size.table.into());
+            object.insert(format!("{name}_index_bytes"), size.indexes.into());
+            object.insert(format!("{name}_dead_tuples"), size.dead_tuples.into());
+            object.insert(format!("{name}_autovacuums"), size.autovacuums.into());
+        }
+        object.insert("event_partitions".into(), self.event_partitions.into());
     }
 }

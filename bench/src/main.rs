@@ -29,7 +29,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-/// The longest a workload may run; one that runs over is reported as failed and the rest run.
+/// The longest a workload may run (SOAK: beyond its duration); one that runs over is reported as
+/// failed and the rest run.
 const WORKLOAD_TIMEOUT: Duration = Duration::from_secs(900);
 
 /// Benchmarks of jobwire.
@@ -58,6 +59,15 @@ struct Args {
     /// (a Node.js process).
     #[arg(long, global = true, default_value_t = 1)]
     client_threads: usize,
+    /// How long SOAK offers its load.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "20m")]
+    soak_duration: Duration,
+    /// How often SOAK prints its figures (each over the window before).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1m")]
+    soak_window: Duration,
+    /// The retention of finished jobs SOAK's server runs with (and its event partitions' span).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1m")]
+    soak_retention: Duration,
     /// Servers require API keys: each gets an admin key before it starts, which the
     /// producers, watchers and workers send (the cost of authentication on the hot path).
     #[arg(long)]
@@ -97,6 +107,10 @@ enum Workload {
     /// Four watchers against the event log over 1,020,000 events while replicas are killed
     #[value(name = "WK")]
     WatchKills,
+    /// Half of W3's rate for --soak-duration with a short retention; latency and table sizes
+    /// each --soak-window
+    #[value(name = "SOAK")]
+    Soak,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -141,11 +155,24 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 Workload::CrossReplica => workloads::cross_replica::run(&pg).await,
                 Workload::WatchAbandon => workloads::watch_abandon::run(&pg).await,
                 Workload::WatchKills => workloads::watch_kills::run(&pg, args.prefetch).await,
+                Workload::Soak => {
+                    let config = workloads::soak::SoakConfig {
+                        duration: args.soak_duration,
+                        window: args.soak_window,
+                        retention: args.soak_retention,
+                    };
+                    workloads::soak::run(&pg, args.prefetch, config).await
+                }
             }
         };
-        let report = match tokio::time::timeout(WORKLOAD_TIMEOUT, run).await {
+        // SOAK runs as long as it is told to, and is then given as long as any other.
+        let timeout = match workload {
+            Workload::Soak => args.soak_duration + WORKLOAD_TIMEOUT,
+            _ => WORKLOAD_TIMEOUT,
+        };
+        let report = match tokio::time::timeout(timeout, run).await {
             Ok(report) => report,
-            Err(_) => Err(anyhow::anyhow!("timed out after {WORKLOAD_TIMEOUT:?}")),
+            Err(_) => Err(anyhow::anyhow!("timed out after {timeout:?}")),
         };
         let name = workload
             .to_possible_value()

@@ -271,7 +271,8 @@ Examples:
   jobwire queues pause media --reason 'renderer upgrade'
   jobwire queues set media --concurrency 4 --rate 10/s --burst 20
   jobwire queues set media --concurrency none --rate none   # removes both limits
-  jobwire queues set media --warn-after 5m --critical-after 30m   # health thresholds")]
+  jobwire queues set media --warn-after 5m --critical-after 30m   # health thresholds
+  jobwire queues set media --retention 7d   # finished jobs kept a week (none: the server's)")]
 pub enum QueuesCommand {
     /// Lists the queues with their figures.
     List,
@@ -286,7 +287,7 @@ pub enum QueuesCommand {
     },
     /// Lets a paused queue's jobs start again.
     Resume { name: String },
-    /// Sets or removes the queue's limits and health thresholds.
+    /// Sets or removes the queue's limits, health thresholds and retention.
     Set(SetQueueArgs),
 }
 
@@ -313,6 +314,10 @@ pub struct SetQueueArgs {
     /// `none` removes the threshold.
     #[arg(long, group = "limits", value_parser = parse_threshold)]
     pub critical_after: Option<Limit<Duration>>,
+    /// How long the queue's finished jobs are kept before they are pruned (such as 7d; 1s to
+    /// 3650d); `none` returns to the server's default (--retention, 30 days unless set).
+    #[arg(long, group = "limits", value_parser = parse_threshold)]
+    pub retention: Option<Limit<Duration>>,
     /// Create the queue if no job used it yet.
     #[arg(long)]
     pub create: bool,

@@ -70,6 +70,12 @@ async fn set(client: &Client, args: SetQueueArgs) -> Result<jobwire::QueueInfo, 
             Limit::Remove => None,
         });
     }
+    if let Some(retention) = args.retention {
+        update = update.retention(match retention {
+            Limit::Set(kept) => Some(kept),
+            Limit::Remove => None,
+        });
+    }
     if args.create {
         update = update.create_if_missing();
     }
@@ -137,6 +143,13 @@ fn describe(queue: &pb::Queue) -> String {
         ("backlog", stats.backlog.to_string()),
         ("warn after", threshold(queue.warn_after.as_ref())),
         ("critical after", threshold(queue.critical_after.as_ref())),
+        (
+            "retention",
+            match &queue.retention {
+                Some(kept) => render::proto_duration(Some(kept)),
+                None => "the server's default".into(),
+            },
+        ),
         (
             "oldest waiting",
             render::proto_duration(stats.oldest_available_age.as_ref()),

@@ -6,7 +6,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::api::auth::Role;
+use crate::{api::auth::Role, engine::pruner::PrunerConfig, store::Archive};
 use jobwire_proto::limits::MAX_PAYLOAD_BYTES;
 
 /// How log lines are written to stderr.
@@ -142,6 +142,36 @@ pub struct Config {
     #[arg(long, env = "JOBWIRE_REAP_INTERVAL", value_parser = humantime::parse_duration, default_value = "1s")]
     pub reap_interval: Duration,
 
+    /// How long finished jobs are kept, in queues that set no retention of their own.
+    ///
+    /// A job that SUCCEEDED, FAILED or was CANCELLED this long ago is pruned by the leader,
+    /// with its attempts; its idempotency key is free again. Queues set their own with
+    /// UpdateQueue (`jobwire queues set NAME --retention 7d`). Events are kept as long as the
+    /// longest retention of any queue. See docs/operations.md, retention.
+    #[arg(long, env = "JOBWIRE_RETENTION", value_parser = humantime::parse_duration, default_value = "30days")]
+    pub retention: Duration,
+
+    /// Copy pruned jobs, attempts and events to the archive tables first.
+    ///
+    /// `jobs_archive`, `job_attempts_archive` and `job_events_archive`, in the same
+    /// transaction as the pruning; nothing prunes the archive itself.
+    #[arg(long, env = "JOBWIRE_ARCHIVE")]
+    pub archive: bool,
+
+    /// How often the leader prunes finished jobs past their retention.
+    #[arg(long, env = "JOBWIRE_PRUNE_INTERVAL", value_parser = humantime::parse_duration, default_value = "1m")]
+    pub prune_interval: Duration,
+
+    /// The span of time each partition of the event log covers.
+    ///
+    /// Old events go by dropping whole partitions once every event in one is older than the
+    /// longest retention, so events outlive that retention by up to one span. Every read of
+    /// the log visits each partition's index, so fewer, longer spans keep the watchers' reads
+    /// cheap (a week: five or six partitions at the default retention). Partitions are made
+    /// ahead of time (three spans, and at least three prune intervals).
+    #[arg(long, env = "JOBWIRE_EVENT_PARTITION_INTERVAL", value_parser = humantime::parse_duration, default_value = "7days")]
+    pub event_partition_interval: Duration,
+
     /// Largest payload, result or checkpoint accepted, in bytes.
     ///
     /// At most 1 MiB, the protocol's own limit.
@@ -256,6 +286,11 @@ pub enum KeysCommand {
 /// waiting for a free stream.
 pub const MAX_STREAMS_PER_CONNECTION: usize = 2048;
 
+/// The shortest and longest retention of finished jobs, for the server's default and each
+/// queue's own: under a second is no retention at all, and beyond ten years is forever.
+pub const MIN_RETENTION: Duration = Duration::from_secs(1);
+pub const MAX_RETENTION: Duration = Duration::from_secs(3650 * 24 * 3600);
+
 /// More runtime threads than this is a typo, not a tuning.
 const MAX_WORKER_THREADS: usize = 1024;
 
@@ -268,6 +303,20 @@ pub struct ConfigError {
 }
 
 impl Config {
+    /// The pruner's settings.
+    pub fn pruner(&self) -> PrunerConfig {
+        PrunerConfig {
+            default_retention: self.retention,
+            archive: if self.archive {
+                Archive::Keep
+            } else {
+                Archive::Discard
+            },
+            interval: self.prune_interval,
+            partition_interval: self.event_partition_interval,
+        }
+    }
+
     /// Checks the relations between settings that clap cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let fail = |flag, message: &str| {
@@ -319,6 +368,17 @@ impl Config {
         }
         if self.reap_interval < Duration::from_millis(10) {
             return fail("reap-interval", "must be at least 10ms");
+        }
+        if !(MIN_RETENTION..=MAX_RETENTION).contains(&self.retention) {
+            return fail("retention", "must be between 1s and 3650days");
+        }
+        if self.prune_interval < Duration::from_millis(100) {
+            return fail("prune-interval", "must be at least 100ms");
+        }
+        if !(Duration::from_secs(1)..=Duration::from_secs(31 * 24 * 3600))
+            .contains(&self.event_partition_interval)
+        {
+            return fail("event-partition-interval", "must be between 1s and 31days");
         }
         if self.max_streams_per_key == 0 {
             return fail("max-streams-per-key", "must be at least 1");

@@ -101,6 +101,15 @@ pub async fn run(
     // Read before anything starts: a wrong certificate file stops the server at once.
     let tls = crate::tls::load(config)?;
     let store = Store::connect(database_url, config.db_max_connections).await?;
+    // The event log's partitions for the next while, before any event is written: after a
+    // long stop the leader's would come only once it is elected.
+    let pruner = config.pruner();
+    if let Err(error) = store
+        .ensure_event_partitions(pruner.partition_interval, pruner.partitions_ahead())
+        .await
+    {
+        tracing::warn!(%error, "making the event log's partitions failed; the leader tries again");
+    }
     let mode = auth_mode(config, &store).await?;
     let auth = Arc::new(Authenticator::new(
         store.clone(),

@@ -38,6 +38,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{TestDb, test_db};
 
+/// The event log's partitions the in-process engines write to: a day each.
+const DAY: Duration = Duration::from_secs(24 * 3600);
+
 /// How long a test waits for a signal before it fails: far longer than any loop needs on a
 /// loaded machine, and a passing test never waits it out.
 pub const WAIT: Duration = Duration::from_secs(10);
@@ -68,6 +71,12 @@ pub async fn setup() -> Setup {
     let store = Store::connect(db.url(), 8)
         .await
         .unwrap_or_else(|e| panic!("connecting a store to {}: {e}", db.url()));
+    // As a server does at start: the migration's partition of the event log covers only its
+    // first seconds.
+    store
+        .ensure_event_partitions(DAY, 3 * DAY)
+        .await
+        .expect("event partitions");
     Setup {
         store,
         tenant: TenantId::new_unchecked("default"),
@@ -307,6 +316,7 @@ impl Setup {
             stops: broadcast::channel(16).0,
             queue_holds: broadcast::channel(16).0,
             drains: broadcast::channel(16).0,
+            pruned: Default::default(),
         }
     }
 

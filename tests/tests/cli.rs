@@ -832,6 +832,25 @@ async fn queues_with_api_keys() {
     as_admin(&["queues", "set", "media", "--warn-after", "soon"])
         .await
         .expect(INVALID_INPUT);
+
+    // Retention of finished jobs: set and shown, then back to the server's default; refused
+    // out of range.
+    let queue = as_admin(&["queues", "set", "media", "--retention", "7d", "--json"])
+        .await
+        .expect(0)
+        .json();
+    assert_eq!(queue["retention"], "604800s", "{queue}");
+    let run = as_admin(&["queues", "get", "media"]).await.expect(0);
+    assert!(run.stdout.contains("retention"), "{run:?}");
+    let queue = as_admin(&["queues", "set", "media", "--retention", "none", "--json"])
+        .await
+        .expect(0)
+        .json();
+    assert!(queue.get("retention").is_none(), "{queue}");
+    let run = as_admin(&["queues", "set", "media", "--retention", "100ms"])
+        .await
+        .expect(INVALID_INPUT);
+    assert!(run.stderr.contains("retention"), "{run:?}");
 }
 
 #[tokio::test]

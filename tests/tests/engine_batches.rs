@@ -35,6 +35,13 @@ fn job_spec() -> pb::JobSpec {
 async fn a_report_the_database_refuses_fails_only_its_own_caller() {
     let db = test_db().await;
     let store = Store::connect(db.url(), 8).await.expect("store");
+    store
+        .ensure_event_partitions(
+            std::time::Duration::from_secs(24 * 3600),
+            std::time::Duration::from_secs(3 * 24 * 3600),
+        )
+        .await
+        .expect("event partitions");
     let tenant = TenantId::new_unchecked("default");
     let jobs: Vec<_> = (0..JOBS)
         .map(|_| validate::job_spec(&job_spec(), 1024).expect("valid spec"))

@@ -86,6 +86,26 @@ async fn seed(pool: &PgPool) {
             .execute(pool)
             .await
             .expect("audit entry");
+            // The archives, as the pruner writes them: copies of the rows above.
+            for archive in [
+                "INSERT INTO jobs_archive SELECT (jsonb_populate_record(NULL::jobs_archive, \
+                     to_jsonb(j) || '{\"archived_at\": \"2026-01-01T00:00:00Z\"}')).* \
+                 FROM jobs j WHERE id = $1",
+                "INSERT INTO job_attempts_archive SELECT (jsonb_populate_record( \
+                     NULL::job_attempts_archive, \
+                     to_jsonb(a) || '{\"archived_at\": \"2026-01-01T00:00:00Z\"}')).* \
+                 FROM job_attempts a WHERE job_id = $1",
+                "INSERT INTO job_events_archive SELECT (jsonb_populate_record( \
+                     NULL::job_events_archive, \
+                     to_jsonb(e) || '{\"archived_at\": \"2026-01-01T00:00:00Z\"}')).* \
+                 FROM job_events e WHERE job_id = $1",
+            ] {
+                sqlx::query(archive)
+                    .bind(job)
+                    .execute(pool)
+                    .await
+                    .expect("archive row");
+            }
             sqlx::query(
                 "INSERT INTO workers (id, tenant_id, worker_id, replica, queues, job_types, \
                      slots, prefetch) \
@@ -108,14 +128,17 @@ async fn seed(pool: &PgPool) {
     }
 }
 
-/// Every table of the schema with a `tenant_id` column.
-async fn tenant_tables(pool: &PgPool) -> Vec<String> {
+/// Every table of the schema with a `tenant_id` column; with `partitions`, the partitions of
+/// partitioned tables too (the event log's), which are otherwise reached through their parent.
+async fn tenant_tables(pool: &PgPool, partitions: bool) -> Vec<String> {
     sqlx::query_scalar(
         "SELECT c.relname::text FROM pg_class c \
          JOIN pg_namespace n ON n.oid = c.relnamespace \
          JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = 'tenant_id' \
-         WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p') ORDER BY 1",
+         WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p') \
+           AND ($1 OR NOT c.relispartition) ORDER BY 1",
     )
+    .bind(partitions)
     .fetch_all(pool)
     .await
     .expect("tables")
@@ -141,12 +164,35 @@ fn code(err: &sqlx::Error) -> Option<String> {
 async fn a_statement_without_a_tenant_filter_reaches_only_its_own_tenant() {
     let db = test_db().await;
     let store = Store::connect(db.url(), 4).await.expect("store");
+    store
+        .ensure_event_partitions(
+            std::time::Duration::from_secs(24 * 3600),
+            std::time::Duration::from_secs(3 * 24 * 3600),
+        )
+        .await
+        .expect("event partitions");
     let pool = db.pool().await;
     seed(&pool).await;
     let globex = TenantId::new_unchecked("globex");
 
-    let tables = tenant_tables(&pool).await;
+    let tables = tenant_tables(&pool, false).await;
     assert!(tables.len() >= 8, "tenant tables: {tables:?}");
+    // Partitions (the event log's) are reached only through their parent, whose policy holds
+    // for them: the tenant role has no right on any of them.
+    let partitions: Vec<(String, bool)> = sqlx::query_as(
+        "SELECT c.relname::text, \
+             has_table_privilege($1, c.oid, 'SELECT, INSERT, UPDATE, DELETE') \
+         FROM pg_class c WHERE c.relispartition AND c.relkind = 'r' \
+           AND c.relnamespace = current_schema()::regnamespace",
+    )
+    .bind(jobwire_server::store::TENANT_ROLE)
+    .fetch_all(&pool)
+    .await
+    .expect("partitions");
+    assert!(!partitions.is_empty(), "the event log is partitioned");
+    for (partition, granted) in &partitions {
+        assert!(!granted, "{partition}: the tenant role may use it directly");
+    }
     for table in &tables {
         let acme_rows = count(&pool, table, "acme").await;
         let globex_rows = count(&pool, table, "globex").await;
@@ -247,7 +293,14 @@ async fn a_statement_without_a_tenant_filter_reaches_only_its_own_tenant() {
 #[tokio::test]
 async fn the_tenant_role_bypasses_nothing_and_fails_closed() {
     let db = test_db().await;
-    let _store = Store::connect(db.url(), 2).await.expect("store");
+    let store = Store::connect(db.url(), 2).await.expect("store");
+    store
+        .ensure_event_partitions(
+            std::time::Duration::from_secs(24 * 3600),
+            std::time::Duration::from_secs(3 * 24 * 3600),
+        )
+        .await
+        .expect("event partitions");
     let pool = db.pool().await;
     seed(&pool).await;
     let row = sqlx::query("SELECT rolsuper, rolbypassrls FROM pg_roles WHERE rolname = $1")
@@ -260,7 +313,7 @@ async fn the_tenant_role_bypasses_nothing_and_fails_closed() {
         "superuser or BYPASSRLS"
     );
 
-    for table in tenant_tables(&pool).await {
+    for table in tenant_tables(&pool, true).await {
         let forced: (bool, i64) = sqlx::query_as(
             "SELECT c.relrowsecurity, (SELECT count(*) FROM pg_policies p \
                  WHERE p.tablename = c.relname AND $2::name = ANY(p.roles)) \

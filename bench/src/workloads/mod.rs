@@ -9,11 +9,14 @@
 //! - `watch_abandon` (WA): watch streams opened and abandoned; server memory per round.
 //! - `watch_kills` (WK): every watcher's events against the log over 1,000,000 events, with
 //!   replicas killed and restarted.
+//! - `soak` (SOAK): half of W3's rate for a long while with a short retention; latency, table
+//!   sizes, dead tuples and autovacuums per window.
 
 pub mod bulk_drain;
 pub mod concurrent_enqueue;
 pub mod cross_replica;
 pub mod pickup_latency;
+pub mod soak;
 pub mod watch_abandon;
 pub mod watch_fanout;
 pub mod watch_kills;

@@ -110,7 +110,7 @@ async fn collect_starts(
 }
 
 /// `start <seq> <enqueued_unix_nanos> <started_unix_nanos>` → the job and its latency.
-fn parse_start(line: &str) -> anyhow::Result<(u64, Duration)> {
+pub(super) fn parse_start(line: &str) -> anyhow::Result<(u64, Duration)> {
     let fields: Vec<&str> = line.split_whitespace().collect();
     let ["start", seq, enqueued, started] = fields[..] else {
         bail!("unexpected line from the worker: {line:?}");

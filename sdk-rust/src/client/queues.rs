@@ -190,6 +190,13 @@ impl QueueInfo {
             .and_then(|d| Duration::try_from(d).ok())
     }
 
+    /// How long the queue's finished jobs are kept; `None`: the server's default.
+    pub fn retention(&self) -> Option<Duration> {
+        self.queue
+            .retention
+            .and_then(|d| Duration::try_from(d).ok())
+    }
+
     /// Jobs that finished (succeeded or failed) in the last 60 seconds.
     pub fn finished_last_minute(&self) -> i64 {
         self.stats().map_or(0, |stats| stats.finished_last_minute)
@@ -382,6 +389,15 @@ impl UpdateQueue {
     pub fn critical_after(mut self, wait: Option<Duration>) -> Self {
         self.queue.critical_after = wait.map(proto_duration);
         super::mask_path(&mut self.update_mask, "critical_after");
+        self
+    }
+
+    /// The queue's finished jobs are pruned this long after they finish (1 second to 3650
+    /// days), with their attempts, and their idempotency keys released; `None` leaves it to the
+    /// server's default (30 days unless the server sets another).
+    pub fn retention(mut self, kept: Option<Duration>) -> Self {
+        self.queue.retention = kept.map(proto_duration);
+        super::mask_path(&mut self.update_mask, "retention");
         self
     }
 

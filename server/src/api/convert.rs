@@ -406,6 +406,7 @@ pub fn queue(view: QueueView) -> pb::Queue {
         }),
         warn_after: thresholds.warn_after.map(duration),
         critical_after: thresholds.critical_after.map(duration),
+        retention: q.retention_ms.map(millis),
     }
 }
 

@@ -33,6 +33,10 @@ pub enum ApiError {
     /// The database cannot be reached right now; retrying later may succeed.
     #[error("{0}")]
     Unavailable(String),
+    /// A watch resumes after a sequence whose successors, up to `through`, were pruned with
+    /// their partition of the event log; `field` names the request's sequence.
+    #[error("{field}: events up to sequence {through} were pruned")]
+    EventsPruned { field: String, through: i64 },
     /// A bug or a corrupt row: logged in full, reported vaguely.
     #[error("internal error")]
     Internal(String),
@@ -74,6 +78,7 @@ impl ApiError {
             Self::Aborted(_) => Code::Aborted,
             Self::ResourceExhausted(_) => Code::ResourceExhausted,
             Self::Unavailable(_) => Code::Unavailable,
+            Self::EventsPruned { .. } => Code::OutOfRange,
             Self::Internal(_) => Code::Internal,
         }
     }
@@ -147,6 +152,26 @@ impl From<ApiError> for Status {
                     .set_resource_info("jobwire.v1.Job", existing, "", "")
                     .add_bad_request_violation(field, "reuses the key of another job");
                 Status::with_error_details(Code::AlreadyExists, message, details)
+            }
+            ApiError::EventsPruned { field, through } => {
+                let oldest = through.saturating_add(1);
+                let message = format!(
+                    "{field}: events up to sequence {through} were pruned (retention); the oldest \
+                     retained sequence is {oldest}: resume after {through} or later, or from 0 \
+                     for the whole retained history"
+                );
+                let mut details = ErrorDetails::new();
+                details
+                    .set_error_info(
+                        "EVENTS_PRUNED",
+                        "jobwire.v1",
+                        [("oldest_retained_sequence".to_owned(), oldest.to_string())],
+                    )
+                    .add_bad_request_violation(
+                        field,
+                        format!("the oldest retained sequence is {oldest}"),
+                    );
+                Status::with_error_details(Code::OutOfRange, message, details)
             }
             ApiError::Internal(detail) => {
                 tracing::error!(%detail, "internal error");

@@ -1,5 +1,5 @@
 //! `jobwire.v1.QueueService`: inspect queues (with their health against the thresholds set on
-//! them), pause them, limit them.
+//! them), pause them, limit them, set how long their finished jobs are kept.
 
 use std::time::Duration;
 
@@ -8,6 +8,7 @@ use tonic::{Request, Response, Status};
 
 use super::{ApiError, convert, paging::PageRequest, tenant_of, validate};
 use crate::{
+    config::{MAX_RETENTION, MIN_RETENTION},
     domain::{QueueName, TenantId},
     store::{QueueUpdate, QueueView, Store},
 };
@@ -72,6 +73,27 @@ fn threshold(field: &str, value: Option<&prost_types::Duration>) -> Result<Optio
     Ok(Some(i64::try_from(wait.as_millis()).unwrap_or(i64::MAX)))
 }
 
+/// A queue's retention of finished jobs, in milliseconds: [`MIN_RETENTION`] to
+/// [`MAX_RETENTION`], or `None` for the server's default.
+fn retention(value: Option<&prost_types::Duration>) -> Result<Option<i64>, ApiError> {
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    let kept = validate::duration("queue.retention", value)?;
+    if !(MIN_RETENTION..=MAX_RETENTION).contains(&kept) {
+        return Err(ApiError::invalid(
+            "queue.retention",
+            format!(
+                "must be between {}s and {} days, got {:?}",
+                MIN_RETENTION.as_secs(),
+                MAX_RETENTION.as_secs() / (24 * 3600),
+                kept
+            ),
+        ));
+    }
+    Ok(Some(i64::try_from(kept.as_millis()).unwrap_or(i64::MAX)))
+}
+
 /// The settings an UpdateQueue request changes, for the paths its mask names.
 fn queue_update(queue: &pb::Queue, paths: &[&str]) -> Result<QueueUpdate, ApiError> {
     let mut update = QueueUpdate::default();
@@ -122,6 +144,9 @@ fn queue_update(queue: &pb::Queue, paths: &[&str]) -> Result<QueueUpdate, ApiErr
             "warn_after" => {
                 update.warn_after_ms =
                     Some(threshold("queue.warn_after", queue.warn_after.as_ref())?);
+            }
+            "retention" => {
+                update.retention_ms = Some(retention(queue.retention.as_ref())?);
             }
             "critical_after" => {
                 update.critical_after_ms = Some(threshold(
@@ -196,6 +221,7 @@ impl QueueService for QueueApi {
                 "rate_limit",
                 "warn_after",
                 "critical_after",
+                "retention",
             ],
         )?;
         let update = queue_update(queue, &paths)?;

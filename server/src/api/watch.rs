@@ -5,7 +5,9 @@
 //! then forwards live events after it, skipping any it has already sent: so every event after the
 //! client's `after_sequence` arrives once, in order (invariant 5). When the fanout drops the
 //! subscription for falling behind, the stream ends with RESOURCE_EXHAUSTED naming the sequence
-//! to resume after.
+//! to resume after. A client resuming from a sequence whose successors were pruned (their
+//! partition of the log dropped) gets OUT_OF_RANGE naming the oldest retained sequence, never a
+//! history with a hole in it.
 //!
 //! What bounds them: a stream ends as soon as its client has gone (it holds nothing after), one
 //! client connection may hold [`Watches`]' limit of streams open, and the database reads of
@@ -264,11 +266,23 @@ impl<S: Sink> Watch<S> {
         let horizon = subscription.horizon;
         // Replay what is stored up to where live delivery starts.
         let mut last_state = None;
+        // A client resuming (after > 0) needs every event after its sequence; one starting
+        // from 0 asked for the retained history, and its first page, read in one snapshot, is
+        // that history's start whatever was pruned before.
+        let mut continuing = self.after > 0;
         while self.after < horizon {
-            let rows = match self.replay(horizon).await {
-                Ok(rows) => rows,
+            let (rows, pruned_through) = match self.replay(horizon).await {
+                Ok(read) => read,
                 Err(error) => return End::Failed(error),
             };
+            // Events after `after` pruned before this page was read would be missing from it.
+            if continuing && self.after < pruned_through {
+                return End::Failed(ApiError::EventsPruned {
+                    field: "after_sequence".into(),
+                    through: pruned_through,
+                });
+            }
+            continuing = true;
             if rows.is_empty() {
                 break;
             }
@@ -342,9 +356,11 @@ impl<S: Sink> Watch<S> {
         self.reads.store.get_job(&self.tenant, id).await
     }
 
-    async fn replay(&self, horizon: i64) -> Result<Vec<EventRow>, ApiError> {
+    /// The next page of stored events, and then the number through which events may have been
+    /// pruned, read after the page.
+    async fn replay(&self, horizon: i64) -> Result<(Vec<EventRow>, i64), ApiError> {
         let _turn = self.reads.turn().await;
-        Ok(match &self.target {
+        let rows = match &self.target {
             Target::Job(id) => {
                 self.reads
                     .store
@@ -357,7 +373,9 @@ impl<S: Sink> Watch<S> {
                     .filtered_events(&self.tenant, filter, self.after, horizon, REPLAY_PAGE)
                     .await?
             }
-        })
+        };
+        let pruned_through = self.reads.store.events_pruned_through().await?;
+        Ok((rows, pruned_through))
     }
 
     /// For a single job's replay, its current row, so state events carry a snapshot. (Replays

@@ -14,6 +14,7 @@
 //! | [`reaper`] | leader | retries or fails jobs whose lease lapsed |
 //! | [`scheduler`] | leader | makes due SCHEDULED / RETRYING jobs AVAILABLE |
 //! | [`cron`] | leader | creates the jobs of due cron schedule ticks |
+//! | [`pruner`] | leader | prunes finished jobs past retention, drops old event partitions |
 //! | [`statistics`] | leader | analyzes busy tables as they outgrow their statistics |
 //! | [`sampler`] | every replica serving metrics | reads queue depths and pool use for the gauges |
 //! | [`signals`] | (tests) | announces what the loops did, for a test to await (off here) |
@@ -32,6 +33,7 @@ pub mod error;
 pub mod fanout;
 pub mod leader;
 pub mod notifier;
+pub mod pruner;
 pub mod reaper;
 pub mod sampler;
 pub mod scheduler;
@@ -40,6 +42,8 @@ pub mod signals;
 pub mod statistics;
 
 pub use error::Error;
+
+use std::sync::Arc;
 
 use tokio::sync::broadcast;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -52,6 +56,7 @@ use enqueuer::{Enqueuer, EnqueuerHandle};
 use fanout::{Fanout, FanoutConfig, FanoutHandle};
 use leader::{Elector, Leadership};
 use notifier::{DrainSignal, DueSignal, Notifier, QueueHold, StopSignal};
+use pruner::{Pruner, PrunerProgress};
 use reaper::Reaper;
 use scheduler::Scheduler;
 use statistics::Statistics;
@@ -80,6 +85,8 @@ pub struct Engine {
     pub queue_holds: broadcast::Sender<QueueHold>,
     /// Drains asked of workers (DrainWorker), for the worker streams to pick up.
     pub drains: broadcast::Sender<DrainSignal>,
+    /// What the pruner has removed, for metrics.
+    pub pruned: Arc<PrunerProgress>,
 }
 
 impl Engine {
@@ -123,6 +130,7 @@ impl Engine {
         );
         let cron = Cron::new(store.clone(), config.poll_interval, leadership.clone(), due);
         let statistics = Statistics::new(store.clone(), leadership.clone());
+        let (pruner, pruned) = Pruner::new(store.clone(), config.pruner(), leadership.clone());
 
         tasks.spawn(dispatcher.run(shutdown.clone()));
         tasks.spawn(completer.run());
@@ -133,6 +141,7 @@ impl Engine {
         tasks.spawn(scheduler.run(shutdown.clone()));
         tasks.spawn(cron.run(shutdown.clone()));
         tasks.spawn(statistics.run(shutdown.clone()));
+        tasks.spawn(pruner.run(shutdown.clone()));
         tasks.spawn(fanout.run(shutdown.clone()));
 
         Self {
@@ -144,6 +153,7 @@ impl Engine {
             stops,
             queue_holds,
             drains,
+            pruned,
         }
     }
 }

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use sqlx::AssertSqlSafe;
 
 use super::{Result, Store, notify::send};
 
@@ -188,13 +189,6 @@ impl Store {
     }
 }
 
-/// The tables the hot statements read by key, each with its ANALYZE statement.
-const ANALYZED: [(&str, &str); 3] = [
-    ("jobs", "ANALYZE (SKIP_LOCKED) jobs"),
-    ("job_events", "ANALYZE (SKIP_LOCKED) job_events"),
-    ("job_attempts", "ANALYZE (SKIP_LOCKED) job_attempts"),
-];
-
 /// A tenth of the default sample: the plans at stake turn on the table's size and rough
 /// selectivities, not fine histograms, and the full sample costs many times the CPU of this one
 /// on a table being filled. Autovacuum's own analyze later takes the full sample.
@@ -213,25 +207,32 @@ impl Store {
     /// enqueued. An ANALYZE invalidates those plans on every connection, so they are made again
     /// from the table's real size. SKIP_LOCKED: a table autovacuum is working on is skipped, and
     /// tried again on the next pass. Returns the tables analyzed.
-    pub async fn analyze_outgrown(&self) -> Result<Vec<&'static str>> {
-        let outgrown: Vec<(String,)> = sqlx::query_as(
-            "SELECT relname::text FROM pg_class \
-             WHERE oid IN ('jobs'::regclass, 'job_events'::regclass, 'job_attempts'::regclass) \
-               AND pg_relation_size(oid) / current_setting('block_size')::int8 \
-                   >= greatest(2 * relpages::int8, $1)",
+    pub async fn analyze_outgrown(&self) -> Result<Vec<String>> {
+        // The event log's partitions are analyzed each on its own (the partitioned table has no
+        // rows of its own to measure): the one being written is the one that outgrows its
+        // statistics, and the planner reads each partition's. Each statement is built by
+        // format('%I') from a name in the catalog.
+        let outgrown: Vec<(String, String)> = sqlx::query_as(
+            "SELECT c.relname::text, format('ANALYZE (SKIP_LOCKED) %I', c.relname) \
+             FROM pg_class c \
+             WHERE (c.oid IN ('jobs'::regclass, 'job_attempts'::regclass) \
+                    OR c.oid IN (SELECT inhrelid FROM pg_inherits \
+                                 WHERE inhparent = 'job_events'::regclass)) \
+               AND pg_relation_size(c.oid) / current_setting('block_size')::int8 \
+                   >= greatest(2 * c.relpages::int8, $1)",
         )
         .bind(ANALYZE_MIN_PAGES)
         .fetch_all(&self.pool)
         .await?;
         let mut analyzed = Vec::new();
-        for (table, analyze) in ANALYZED {
-            if outgrown.iter().any(|(name,)| name == table) {
-                let mut tx = self.pool.begin().await?;
-                sqlx::query(ANALYZE_TARGET).execute(&mut *tx).await?;
-                sqlx::query(analyze).execute(&mut *tx).await?;
-                tx.commit().await?;
-                analyzed.push(table);
-            }
+        for (table, analyze) in outgrown {
+            let mut tx = self.pool.begin().await?;
+            sqlx::query(ANALYZE_TARGET).execute(&mut *tx).await?;
+            sqlx::query(AssertSqlSafe(analyze))
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            analyzed.push(table);
         }
         Ok(analyzed)
     }

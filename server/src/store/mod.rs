@@ -46,6 +46,7 @@ mod maintenance;
 mod notify;
 mod queues;
 mod replays;
+mod retention;
 mod rows;
 mod schedules;
 mod tenancy;
@@ -74,6 +75,7 @@ pub use notify::{Heard, Listener, Notification};
 pub use queues::QueueDepthRow;
 pub use queues::{HeldBack, LimitedClaim, QueueRow, QueueUpdate, QueueView};
 pub use replays::{Replay, ReplayFilter, Replayable, Replayed};
+pub use retention::{Archive, EventPartition, Pruned, QueueRetention};
 pub use rows::{AttemptRow, ErrorRecord, EventRow, JobRow, LeasedRow, ProgressOrigin};
 pub use schedules::{
     CatchUpPolicy, DueSchedule, Firing, JobTemplate, NewSchedule, OverlapPolicy, ScheduleRow,
@@ -165,7 +167,10 @@ pub struct Store {
 }
 
 impl Store {
-    /// Connects and applies pending migrations, so a fresh database is ready to serve.
+    /// Connects and applies pending migrations, so a fresh database is ready to serve. A store
+    /// that writes events then makes the event log's partitions ahead
+    /// ([`Store::ensure_event_partitions`], as the server does at start): the migration's own
+    /// cover only its first seconds.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self> {
         let options: PgConnectOptions = url.parse()?;
         let pool = PgPoolOptions::new()

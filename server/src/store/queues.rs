@@ -20,8 +20,8 @@ use crate::domain::{JobState, QueueName, TenantId, health::HealthThresholds};
 
 /// The columns of [`QueueRow`].
 const QUEUE_COLUMNS: &str = "q.name, q.paused_at, q.pause_reason, q.concurrency_limit, \
-    q.rate_per_second, q.rate_burst, q.warn_after_ms, q.critical_after_ms, q.created_at, \
-    q.updated_at";
+    q.rate_per_second, q.rate_burst, q.warn_after_ms, q.critical_after_ms, q.retention_ms, \
+    q.created_at, q.updated_at";
 
 /// A queue's settings.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -36,6 +36,8 @@ pub struct QueueRow {
     /// and CRITICAL.
     pub warn_after_ms: Option<i64>,
     pub critical_after_ms: Option<i64>,
+    /// How long finished jobs are kept; `None`: the server's default.
+    pub retention_ms: Option<i64>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -78,6 +80,8 @@ pub struct QueueUpdate {
     /// Health thresholds, in milliseconds.
     pub warn_after_ms: Option<Option<i64>>,
     pub critical_after_ms: Option<Option<i64>>,
+    /// Retention of finished jobs, in milliseconds.
+    pub retention_ms: Option<Option<i64>>,
 }
 
 /// Why a limited claim came back with fewer jobs than asked, though more may be waiting.
@@ -226,7 +230,7 @@ impl Store {
         Ok(out)
     }
 
-    /// Changes a queue's limits and health thresholds, creating the queue first when `create` is set. A new rate
+    /// Changes a queue's limits, health thresholds and retention, creating the queue first when `create` is set. A new rate
     /// limit starts with a full bucket. Every replica is told to re-read which queues are
     /// limited; prefetching workers are asked for their queued leases of the queue only when a
     /// limit is tightened (set where there was none, or lowered): under a raised limit the
@@ -254,6 +258,7 @@ impl Store {
                      rate_refilled_at = CASE WHEN $6 THEN now() ELSE q.rate_refilled_at END, \
                      warn_after_ms = CASE WHEN $9 THEN $10 ELSE q.warn_after_ms END, \
                      critical_after_ms = CASE WHEN $11 THEN $12 ELSE q.critical_after_ms END, \
+                     retention_ms = CASE WHEN $13 THEN $14 ELSE q.retention_ms END, \
                      updated_at = now() \
                  FROM old WHERE q.tenant_id = $1 AND q.name = $2 \
                  RETURNING {QUEUE_COLUMNS}, old.was_limit, old.was_rate \
@@ -289,6 +294,8 @@ impl Store {
                 .bind(update.warn_after_ms.flatten())
                 .bind(update.critical_after_ms.is_some())
                 .bind(update.critical_after_ms.flatten())
+                .bind(update.retention_ms.is_some())
+                .bind(update.retention_ms.flatten())
                 .fetch_optional(&mut *tx)
                 .await?;
             if let Some(row) = row {
