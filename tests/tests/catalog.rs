@@ -459,21 +459,25 @@ async fn the_stand_ins_plan_and_change_nothing() {
         "the job's log: {lines:?}"
     );
 
-    // The seed's gate: HIGH risk without an approval ticket is refused for good.
-    let refused = failure(
-        client
-            .enqueue(pb::UpdateApplyPackage {
-                package_id: "Git.Git".into(),
-                requested_mode: pb::RequestedMode::Confirm.into(),
-                risk_level: pb::RiskLevel::High.into(),
-                ticket_id: String::new(),
-                confirm: true,
-            })
-            .await
-            .expect("update enqueued")
-            .wait()
-            .await,
-    );
+    // A HIGH risk update waits for an operator's approval (the type's approval rule); once
+    // approved, the seed's gate still refuses it for good without an approval ticket.
+    let high = client
+        .enqueue(pb::UpdateApplyPackage {
+            package_id: "Git.Git".into(),
+            requested_mode: pb::RequestedMode::Confirm.into(),
+            risk_level: pb::RiskLevel::High.into(),
+            ticket_id: String::new(),
+            confirm: true,
+        })
+        .await
+        .expect("update enqueued");
+    let waiting = client.get_job(high.id().as_str()).await.expect("get");
+    assert_eq!(waiting.state(), JobState::AwaitingApproval);
+    client
+        .approve_job(high.id().as_str(), "reviewed")
+        .await
+        .expect("approve");
+    let refused = failure(high.wait().await);
     let error = refused.last_error().expect("the refusal is recorded");
     assert!(!error.is_retryable());
     assert_eq!(error.kind(), Some("gate_refused"));

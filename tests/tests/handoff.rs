@@ -20,12 +20,11 @@ async fn state_of(pool: &PgPool, id: &str) -> String {
 }
 
 /// The job's state events: (state, attempt, worker, the transaction's start).
-async fn state_events(
-    pool: &PgPool,
-    id: &str,
-) -> Vec<(String, i32, Option<String>, chrono::DateTime<chrono::Utc>)> {
+/// Each state event of a job: its state, attempt, worker, and the transaction that wrote it
+/// (`xmin`; event times are each row's own clock, so they differ within a transaction).
+async fn state_events(pool: &PgPool, id: &str) -> Vec<(String, i32, Option<String>, String)> {
     sqlx::query_as(
-        "SELECT state::text, attempt, data->>'worker', created_at FROM job_events \
+        "SELECT state::text, attempt, data->>'worker', xmin::text FROM job_events \
          WHERE job_id = $1::uuid AND kind = 'state' ORDER BY seq",
     )
     .bind(id)

@@ -112,3 +112,41 @@ async fn the_readme_walkthroughs_run_verbatim() {
         );
     }
 }
+
+#[tokio::test]
+async fn the_readme_composition_walkthrough_runs_verbatim() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let readme = std::fs::read_to_string(root.join("README.md")).expect("README.md");
+    let db = test_db().await;
+    let server = ServerProcess::start(&db, &[]).await;
+    let addr = server.addr().to_string();
+    let scratch = tempfile::tempdir().expect("scratch dir");
+    let (output, stdout, stderr) =
+        run(&root, scratch.path(), &addr, &block(&readme, "composition"));
+    assert!(
+        output.status.success(),
+        "the composition walkthrough failed:\n{stdout}\n{stderr}"
+    );
+    for expected in [
+        // the verify waits for the fetch
+        "\"state\": \"JOB_STATE_PENDING\"",
+        // and is cancelled with it, naming it
+        "ended CANCELLED: mirror down",
+        // the dry run and the replay count the same two, the repeat replays nothing more
+        "\"count\": \"2\"",
+        "\"repeated\": true",
+        // held for approval with a deadline, then approved
+        "\"state\": \"JOB_STATE_AWAITING_APPROVAL\"",
+        "\"approvalDeadline\"",
+        "\"state\": \"JOB_STATE_AVAILABLE\"",
+    ] {
+        assert!(
+            stdout.contains(expected),
+            "{expected:?} missing from the composition walkthrough's output:\n{stdout}"
+        );
+    }
+    assert!(
+        stderr.contains("job.depends_on[0]"),
+        "the unknown dependency is refused, naming the field:\n{stderr}"
+    );
+}

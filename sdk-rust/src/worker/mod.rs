@@ -155,6 +155,12 @@ impl Worker {
             reporter,
         } = self;
         let mut client = WorkerServiceClient::new(config.endpoint.connect_lazy());
+        // Handlers read other jobs (their dependencies) through a client of their own on the
+        // same endpoint, made here because a channel needs the runtime.
+        let executor = executor.with_client(Client::with_headers(
+            config.endpoint.connect_lazy(),
+            config.headers.clone(),
+        ));
         let mut lifecycle = Lifecycle::new(shutdown, config.drain_timeout, ABORT_GRACE);
         let mut work = Work {
             executor,
@@ -658,11 +664,9 @@ impl WorkerBuilder {
         };
         let worker_id: Arc<str> = Arc::from(worker_id);
         let reporter = Reporter::new(self.progress_interval);
-        let endpoint = transport::endpoint(self.url, self.tls.as_ref())?;
-        let client = Client::with_headers(endpoint.connect_lazy(), headers.clone());
         Ok(Worker {
             config: Config {
-                endpoint,
+                endpoint: transport::endpoint(self.url, self.tls.as_ref())?,
                 headers,
                 worker_id: Arc::clone(&worker_id),
                 host: Arc::from(host_name()),
@@ -674,8 +678,7 @@ impl WorkerBuilder {
                 worker_id,
                 (self.concurrency, self.prefetch),
                 reporter.links(),
-            )
-            .with_client(client),
+            ),
             reporter,
         })
     }

@@ -714,7 +714,9 @@ impl Store {
     ) -> Result<Option<JobRow>> {
         let sql = static_sql!(
             "WITH upd AS ( \
-                 UPDATE jobs SET state = 'available', attempt_base = attempt, \
+                 UPDATE jobs SET attempt_base = attempt, \
+                        state = CASE WHEN depends_on IS NULL THEN 'available'::job_state \
+                                     ELSE 'pending'::job_state END, \
                         run_at = now(), finished_at = NULL, cancel_reason = NULL, \
                         cancel_requested_at = NULL, pause_requested_at = NULL, \
                         result = NULL, result_type = NULL, updated_at = now() \
@@ -725,10 +727,13 @@ impl Store {
                  SELECT tenant_id, id, 'state', state, attempt, jsonb_build_object('reason', 'retried', 'actor', $3::jsonb) \
                  FROM upd \
              ), wake AS ( \
-                 SELECT {work} FROM upd \
+                 SELECT {work} FROM upd WHERE state = 'available' \
+                 UNION ALL \
+                 SELECT {due} FROM upd WHERE state = 'pending' \
              ) \
              SELECT {JOB_COLUMNS} FROM upd, (SELECT count(*) FROM wake) w",
             work = send::work("tenant_id", "queue"),
+            due = send::due(),
         );
         let mut tx = self.tenant_transaction(tenant).await?;
         let out = sqlx::query_as::<_, JobRow>(sql)

@@ -153,7 +153,9 @@ impl Store {
             "WITH r AS ( \
                  SELECT * FROM unnest($2::uuid[], $3::bytea[]) AS r(id, payload) \
              ), upd AS ( \
-                 UPDATE jobs j SET state = 'available', attempt_base = attempt, \
+                 UPDATE jobs j SET attempt_base = attempt, \
+                        state = CASE WHEN j.depends_on IS NULL THEN 'available'::job_state \
+                                     ELSE 'pending'::job_state END, \
                         run_at = now(), finished_at = NULL, cancel_reason = NULL, \
                         cancel_requested_at = NULL, pause_requested_at = NULL, \
                         result = NULL, result_type = NULL, \
@@ -167,10 +169,14 @@ impl Store {
                                            'actor', $5::jsonb) \
                  FROM upd \
              ), wake AS ( \
-                 SELECT {work} FROM (SELECT DISTINCT tenant_id, queue FROM upd) q \
+                 SELECT {work} FROM (SELECT DISTINCT tenant_id, queue FROM upd \
+                                     WHERE state = 'available') q \
+                 UNION ALL \
+                 SELECT {due} FROM (SELECT 1 FROM upd WHERE state = 'pending' LIMIT 1) p \
              ) \
              SELECT (SELECT count(*) FROM upd), (SELECT count(*) FROM wake)",
             work = send::work("tenant_id", "queue"),
+            due = send::due(),
         );
         let (replayed, _woken): (i64, i64) = sqlx::query_as(sql)
             .bind(tenant.as_str())
