@@ -9,6 +9,7 @@ use uuid::Uuid;
 use super::{
     Error, Result, StopKind, Store,
     notify::send,
+    query_as,
     rows::{AttemptRow, JOB_COLUMNS, JobRow},
 };
 use crate::domain::{Actor, JobId, JobState, QueueName, TenantId};
@@ -262,7 +263,7 @@ impl Store {
         }
         let ids: Vec<Uuid> = ids.iter().map(|id| id.0).collect();
         let mut tx = self.tenant_transaction(tenant).await?;
-        let rows: Vec<JobAttempt> = sqlx::query_as(
+        let rows: Vec<JobAttempt> = query_as(
             "SELECT job_id, attempt, worker_id, started_at, finished_at, outcome, error \
              FROM job_attempt_history WHERE tenant_id = $1 AND job_id = ANY($2) \
              ORDER BY job_id, attempt",
@@ -316,7 +317,7 @@ impl Store {
              ORDER BY id DESC"
         );
         let mut tx = self.tenant_transaction(tenant).await?;
-        let rows: Vec<ListedRow<JobRow>> = sqlx::query_as(sql)
+        let rows: Vec<ListedRow<JobRow>> = query_as(sql)
             .bind(tenant.as_str())
             .bind(&filter.states)
             .bind(filter.queue.as_ref().map(QueueName::as_str))
@@ -358,7 +359,7 @@ impl Store {
              SELECT {JOB_COLUMNS} FROM upd"
         );
         let mut tx = self.tenant_transaction(tenant).await?;
-        let out = sqlx::query_as::<_, JobRow>(sql)
+        let out = query_as::<JobRow>(sql)
             .bind(tenant.as_str())
             .bind(id.0)
             .bind(reason)
@@ -412,7 +413,7 @@ impl Store {
             StopKind::Pause => "pause",
         };
         let mut tx = self.tenant_transaction(tenant).await?;
-        let out = sqlx::query_as::<_, JobRow>(sql)
+        let out = query_as::<JobRow>(sql)
             .bind(tenant.as_str())
             .bind(id.0)
             .bind(kind)
@@ -447,7 +448,7 @@ impl Store {
              SELECT {JOB_COLUMNS} FROM upd"
         );
         let mut tx = self.tenant_transaction(tenant).await?;
-        let out = sqlx::query_as::<_, JobRow>(sql)
+        let out = query_as::<JobRow>(sql)
             .bind(tenant.as_str())
             .bind(id.0)
             .bind(reason)
@@ -483,7 +484,7 @@ impl Store {
             work = send::work("tenant_id", "queue"),
         );
         let mut tx = self.tenant_transaction(tenant).await?;
-        let out = sqlx::query_as::<_, JobRow>(sql)
+        let out = query_as::<JobRow>(sql)
             .bind(tenant.as_str())
             .bind(id.0)
             .bind(actor.map(Json))
@@ -525,7 +526,7 @@ impl Store {
             due = send::due(),
         );
         let mut tx = self.tenant_transaction(tenant).await?;
-        let out = sqlx::query_as::<_, JobRow>(sql)
+        let out = query_as::<JobRow>(sql)
             .bind(tenant.as_str())
             .bind(id.0)
             .bind(reason)
@@ -560,7 +561,7 @@ impl Store {
              SELECT {JOB_COLUMNS} FROM upd"
         );
         let mut tx = self.tenant_transaction(tenant).await?;
-        let out = sqlx::query_as::<_, JobRow>(sql)
+        let out = query_as::<JobRow>(sql)
             .bind(tenant.as_str())
             .bind(id.0)
             .bind(reason)
@@ -599,7 +600,7 @@ impl Store {
             work = send::work("tenant_id", "queue"),
         );
         let mut tx = self.tenant_transaction(tenant).await?;
-        let out = sqlx::query_as::<_, JobRow>(sql)
+        let out = query_as::<JobRow>(sql)
             .bind(tenant.as_str())
             .bind(id.0)
             .bind(actor.map(Json))
@@ -612,7 +613,7 @@ impl Store {
 
 async fn get_job(db: impl PgExecutor<'_>, tenant: &TenantId, id: JobId) -> Result<JobRow> {
     let sql = static_sql!("SELECT {JOB_COLUMNS} FROM jobs WHERE tenant_id = $1 AND id = $2");
-    sqlx::query_as::<_, JobRow>(sql)
+    query_as::<JobRow>(sql)
         .bind(tenant.as_str())
         .bind(id.0)
         .fetch_optional(db)
@@ -628,7 +629,7 @@ async fn jobs_by_keys(
     let sql = static_sql!(
         "SELECT {JOB_COLUMNS} FROM jobs WHERE tenant_id = $1 AND idempotency_key = ANY($2)"
     );
-    Ok(sqlx::query_as::<_, JobRow>(sql)
+    Ok(query_as::<JobRow>(sql)
         .bind(tenant.as_str())
         .bind(keys)
         .fetch_all(db)
@@ -815,7 +816,7 @@ async fn enqueue_rows<T>(
 where
     T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
 {
-    let mut q = sqlx::query_as::<_, Ordered<T>>(sql).bind(tenant.as_str());
+    let mut q = query_as::<Ordered<T>>(sql).bind(tenant.as_str());
     q = q
         .bind(jobs.iter().map(|j| j.id.0).collect::<Vec<Uuid>>())
         .bind(

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use super::{Result, Store, notify::send};
+use super::{Result, Store, notify::send, query, query_as};
 
 impl Store {
     /// Makes up to `limit` SCHEDULED or RETRYING jobs whose time has come AVAILABLE, and wakes
@@ -33,10 +33,8 @@ impl Store {
             work = send::work("tenant_id", "queue"),
             fence = leader_fence!("$2"),
         );
-        let (n, _woken): (i64, i64) = sqlx::query_as(sql)
-            .bind(limit)
-            .bind(term.0)
-            .fetch_one(&self.pool)
+        let (n, _woken): (i64, i64) = self
+            .pooled(async |c| Ok(query_as(sql).bind(limit).bind(term.0).fetch_one(c).await?))
             .await?;
         Ok(u64::try_from(n).unwrap_or(0))
     }
@@ -44,10 +42,15 @@ impl Store {
     /// The earliest run_at among SCHEDULED and RETRYING jobs, so the scheduler can sleep until
     /// exactly then.
     pub async fn next_due(&self) -> Result<Option<DateTime<Utc>>> {
-        let (at,): (Option<DateTime<Utc>>,) =
-            sqlx::query_as("SELECT min(run_at) FROM jobs WHERE state IN ('scheduled', 'retrying')")
-                .fetch_one(&self.pool)
-                .await?;
+        let (at,): (Option<DateTime<Utc>>,) = self
+            .pooled(async |c| {
+                Ok(query_as(
+                    "SELECT min(run_at) FROM jobs WHERE state IN ('scheduled', 'retrying')",
+                )
+                .fetch_one(c)
+                .await?)
+            })
+            .await?;
         Ok(at)
     }
 }
@@ -75,8 +78,10 @@ impl Store {
         term: Option<Term>,
         ttl: Duration,
     ) -> Result<Option<Held>> {
-        let row: Option<(i64, Option<String>)> = sqlx::query_as(
-            "WITH prev AS (SELECT holder, holder_app FROM leader) \
+        let row: Option<(i64, Option<String>)> = self
+            .pooled(async |c| {
+                Ok(query_as(
+                    "WITH prev AS (SELECT holder, holder_app FROM leader) \
              INSERT INTO leader AS l (id, holder, holder_app, term, expires_at) \
              VALUES (true, $1, $2, 1, clock_timestamp() + $4 * interval '1 millisecond') \
              ON CONFLICT (id) DO UPDATE SET \
@@ -87,13 +92,15 @@ impl Store {
              WHERE (l.holder = EXCLUDED.holder AND l.term = $3) OR l.expires_at < now() \
              RETURNING l.term, \
                  (SELECT holder_app FROM prev WHERE prev.holder IS DISTINCT FROM $1) AS taken_from",
-        )
-        .bind(holder)
-        .bind(app)
-        .bind(term.map_or(0, |t| t.0))
-        .bind(super::leases::millis(ttl))
-        .fetch_optional(&self.pool)
-        .await?;
+                )
+                .bind(holder)
+                .bind(app)
+                .bind(term.map_or(0, |t| t.0))
+                .bind(super::leases::millis(ttl))
+                .fetch_optional(c)
+                .await?)
+            })
+            .await?;
         Ok(row.map(|(term, taken_from)| Held {
             term: Term(term),
             taken_from,
@@ -103,25 +110,34 @@ impl Store {
     /// Gives leadership up at once (on shutdown), so a successor need not wait for it to
     /// expire.
     pub async fn release_leadership(&self, holder: &str, term: Term) -> Result<()> {
-        sqlx::query("UPDATE leader SET expires_at = now() WHERE holder = $1 AND term = $2")
-            .bind(holder)
-            .bind(term.0)
-            .execute(&self.pool)
-            .await?;
+        self.pooled(async |c| {
+            Ok(
+                query("UPDATE leader SET expires_at = now() WHERE holder = $1 AND term = $2")
+                    .bind(holder)
+                    .bind(term.0)
+                    .execute(c)
+                    .await?,
+            )
+        })
+        .await?;
         Ok(())
     }
 
     /// Ends the sessions of `app` left idle in a transaction: a stalled replica's, holding the
     /// locks of a transaction it cannot finish. Returns how many.
     pub async fn end_stalled_sessions(&self, app: &str) -> Result<i64> {
-        let (ended,): (i64,) = sqlx::query_as(
-            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+        let (ended,): (i64,) = self
+            .pooled(async |c| {
+                Ok(query_as(
+                    "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
              WHERE application_name = $1 AND datname = current_database() \
                AND state LIKE 'idle in transaction%' AND pid <> pg_backend_pid()) t",
-        )
-        .bind(app)
-        .fetch_one(&self.pool)
-        .await?;
+                )
+                .bind(app)
+                .fetch_one(c)
+                .await?)
+            })
+            .await?;
         Ok(ended)
     }
 
@@ -161,21 +177,25 @@ impl Store {
     /// from the table's real size. SKIP_LOCKED: a table autovacuum is working on is skipped, and
     /// tried again on the next pass. Returns the tables analyzed.
     pub async fn analyze_outgrown(&self) -> Result<Vec<&'static str>> {
-        let outgrown: Vec<(String,)> = sqlx::query_as(
-            "SELECT relname::text FROM pg_class \
+        let outgrown: Vec<(String,)> = self
+            .pooled(async |c| {
+                Ok(query_as(
+                    "SELECT relname::text FROM pg_class \
              WHERE oid IN ('jobs'::regclass, 'job_events'::regclass, 'job_attempts'::regclass) \
                AND pg_relation_size(oid) / current_setting('block_size')::int8 \
                    >= greatest(2 * relpages::int8, $1)",
-        )
-        .bind(ANALYZE_MIN_PAGES)
-        .fetch_all(&self.pool)
-        .await?;
+                )
+                .bind(ANALYZE_MIN_PAGES)
+                .fetch_all(c)
+                .await?)
+            })
+            .await?;
         let mut analyzed = Vec::new();
         for (table, analyze) in ANALYZED {
             if outgrown.iter().any(|(name,)| name == table) {
                 let mut tx = self.pool.begin().await?;
-                sqlx::query(ANALYZE_TARGET).execute(&mut *tx).await?;
-                sqlx::query(analyze).execute(&mut *tx).await?;
+                query(ANALYZE_TARGET).execute(&mut *tx).await?;
+                query(analyze).execute(&mut *tx).await?;
                 tx.commit().await?;
                 analyzed.push(table);
             }
