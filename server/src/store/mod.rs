@@ -115,7 +115,8 @@ pub enum Error {
 
 impl Error {
     /// True when the same statement may succeed if tried again: the connection dropped, the pool
-    /// was momentarily exhausted, the database is restarting, or a serialization conflict.
+    /// was momentarily exhausted, the database is restarting or failing over to a standby, or a
+    /// serialization conflict.
     pub fn is_transient(&self) -> bool {
         match self {
             Error::Database(sqlx::Error::Io(_))
@@ -127,6 +128,9 @@ impl Error {
                     || code == "40001"
                     || code == "40P01"
                     || code == "53300"
+                    // A standby that is not promoted yet: during a failover a proxy may send
+                    // connections to it moments before it takes writes.
+                    || code == "25006"
             }),
             _ => false,
         }
