@@ -64,6 +64,17 @@ impl PgBouncer {
     /// database of that server is reachable through it), and waits until it accepts
     /// connections.
     pub async fn start(database_url: &str) -> Self {
+        Self::start_with(database_url, POOL_SIZE, "").await
+    }
+
+    /// As [`PgBouncer::start`], lending `pool_size` server connections per database and
+    /// ignoring the startup parameters listed in `ignore_startup_parameters` (comma-separated;
+    /// PgBouncer refuses a connection that sends one it neither tracks nor ignores).
+    pub async fn start_with(
+        database_url: &str,
+        pool_size: u32,
+        ignore_startup_parameters: &str,
+    ) -> Self {
         let upstream = Upstream::parse(database_url);
         let dir = tempfile::Builder::new()
             .prefix("jobwire-test-pgbouncer-")
@@ -93,7 +104,8 @@ impl PgBouncer {
              auth_file = {auth}\n\
              pool_mode = transaction\n\
              max_client_conn = 1000\n\
-             default_pool_size = {POOL_SIZE}\n\
+             default_pool_size = {pool_size}\n\
+             ignore_startup_parameters = {ignore_startup_parameters}\n\
              logfile = {log}\n\
              admin_users = {user}\n",
             host = upstream.host,

@@ -7,7 +7,8 @@
 //! (see `jobwire_tests::pgbouncer`), and with a direct connection for LISTEN and migrations:
 //! enqueue, run, retry with backoff, exhausted and fatal failures, cancel; watch, resume,
 //! delivery across replicas; cron ticks through the kill of the leading replica. The tests
-//! below run the server with no direct connection at all: notifications off, polling only.
+//! below run the server with no direct connection at all (notifications off, polling only),
+//! and with a "direct" connection that is a pooler too, which the server reports and survives.
 
 // The included test files each load `support` as they do in their own binaries.
 #![allow(clippy::duplicate_mod)]
@@ -178,5 +179,46 @@ async fn without_a_direct_connection_two_replicas_elect_a_leader_that_fires_sche
         .count();
     assert_eq!(leaders, 1, "one replica leads");
 
+    worker.stop().await.expect("worker ran");
+}
+
+#[tokio::test]
+async fn a_listener_behind_a_transaction_pooler_is_reported_and_the_server_polls() {
+    let db = test_db().await;
+    let mut migrating = ServerProcess::start_with_args(&["--database-url", db.url()]).await;
+    assert!(migrating.terminate().await.success());
+    let pooler = PgBouncer::start(db.url()).await;
+    // The "direct" connection is a pooler too, one that lets sqlx's session settings through
+    // (a strict one refuses them, and the server with them, at start): one server connection,
+    // so that the migrations' advisory lock and unlock meet it, but a LISTEN there hears
+    // nothing once its server connection goes back.
+    let wrong = PgBouncer::start_with(db.url(), 1, "extra_float_digits, options").await;
+    let server = ServerProcess::start_with_args(&[
+        "--database-url",
+        &pooler.url(db.name()),
+        "--database-pooling",
+        "transaction",
+        "--direct-database-url",
+        &wrong.url(db.name()),
+        "--poll-interval",
+        "100ms",
+    ])
+    .await;
+    let client = Client::connect(server.url()).await.expect("client");
+    let worker = SleepWorker::new(server.url(), "w1").spawn();
+    let handle = client
+        .enqueue(Sleep::succeeding(0, 1))
+        .await
+        .expect("enqueue");
+    assert_eq!(handle.wait().await.expect("runs by polling").seq, 1);
+    let reported = eventually("the listener's failure in the log", WAIT, || {
+        let log = server.stderr_tail(10_000);
+        async move {
+            log.contains("did not reach the listening connection")
+                .then_some(log)
+        }
+    })
+    .await;
+    assert!(reported.contains("ERROR"), "{reported}");
     worker.stop().await.expect("worker ran");
 }
