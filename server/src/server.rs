@@ -37,7 +37,7 @@ use crate::{
     engine::{Engine, sampler::Sampler, session::SessionConfig},
     memory::Trimmer,
     registry::Registry,
-    store::Store,
+    store::{Database, Store},
 };
 
 /// The most of a replica's name shown with its workers.
@@ -100,7 +100,15 @@ pub async fn run(
 ) -> Result<(), ServeError> {
     // Read before anything starts: a wrong certificate file stops the server at once.
     let tls = crate::tls::load(config)?;
-    let store = Store::connect(database_url, config.db_max_connections).await?;
+    let store = Store::connect_to(
+        &Database {
+            url: database_url.to_owned(),
+            pooling: config.database_pooling,
+            direct_url: config.direct_database_url.clone(),
+        },
+        config.db_max_connections,
+    )
+    .await?;
     // The event log's partitions for the next while, before any event is written: after a
     // long stop the leader's would come only once it is elected.
     let pruner = config.pruner();

@@ -19,6 +19,9 @@
 //!   to files in a temporary directory; a process dropped while its test panics prints its
 //!   stderr tail.
 //!
+//! - `JOBWIRE_TEST_POOLER=pgbouncer` puts a real PgBouncer in transaction pooling mode between
+//!   every server [`ServerProcess::start`] starts and its database ([`pgbouncer`]).
+//!
 //! [`jobs`] holds the job types that the tests and the test worker binary share; [`items`] the
 //! item-based one of the `item-worker` binary.
 
@@ -26,6 +29,7 @@ pub mod engine;
 pub mod grpcurl;
 pub mod items;
 pub mod jobs;
+pub mod pgbouncer;
 pub mod raw;
 pub mod workers;
 
@@ -246,6 +250,9 @@ async fn admin_execute(admin_url: &str, sql: &str) -> Result<(), String> {
 #[derive(Debug)]
 pub struct ServerProcess {
     process: ChildProcess,
+    /// The PgBouncer between the server and its database, when servers are routed through one
+    /// (see [`pgbouncer`]); it lives as long as the server, across restarts.
+    pooler: Option<pgbouncer::PgBouncer>,
     addr: SocketAddr,
     /// Every argument but `--listen`, kept for [`ServerProcess::restart`].
     args: Vec<String>,
@@ -256,8 +263,38 @@ pub struct ServerProcess {
 impl ServerProcess {
     /// Starts the server on `db` with a free port, and waits until it accepts connections.
     /// `extra_args` follow the harness's own `--listen` and `--database-url`.
+    ///
+    /// When servers are routed through PgBouncer ([`pgbouncer::servers_routed_through_pgbouncer`]),
+    /// the server reaches `db` through a PgBouncer of its own in transaction pooling mode, with
+    /// `db`'s own URL as its direct connection.
     pub async fn start(db: &TestDb, extra_args: &[&str]) -> Self {
+        if pgbouncer::servers_routed_through_pgbouncer() {
+            let pooler = pgbouncer::PgBouncer::start(db.url()).await;
+            let mut server = Self::start_through(&pooler, db, extra_args).await;
+            server.pooler = Some(pooler);
+            return server;
+        }
         let mut args = vec!["--database-url", db.url()];
+        args.extend_from_slice(extra_args);
+        Self::start_with_args(&args).await
+    }
+
+    /// Starts the server on `db` through `pooler` (`--database-pooling transaction`), with
+    /// `db`'s own URL as its direct connection. `extra_args` follow.
+    pub async fn start_through(
+        pooler: &pgbouncer::PgBouncer,
+        db: &TestDb,
+        extra_args: &[&str],
+    ) -> Self {
+        let pooled = pooler.url(db.name());
+        let mut args = vec![
+            "--database-url",
+            &pooled,
+            "--database-pooling",
+            "transaction",
+            "--direct-database-url",
+            db.url(),
+        ];
         args.extend_from_slice(extra_args);
         Self::start_with_args(&args).await
     }
@@ -305,6 +342,7 @@ impl ServerProcess {
         };
         Self {
             process,
+            pooler: None,
             addr,
             args,
             earlier_stderr: String::new(),

@@ -136,7 +136,16 @@ impl Engine {
         tasks.spawn(completer.run());
         tasks.spawn(enqueuer.run());
         tasks.spawn(elector.run(shutdown.clone()));
-        tasks.spawn(notifier.run(shutdown.clone()));
+        if store.can_listen() {
+            tasks.spawn(notifier.run(shutdown.clone()));
+        } else {
+            tracing::warn!(
+                poll_interval = ?config.poll_interval,
+                "notifications are off (--database-pooling transaction without \
+                 --direct-database-url): workers find new work within --poll-interval, and \
+                 cancels, pauses and drains reach running jobs at their next heartbeat"
+            );
+        }
         tasks.spawn(reaper.run(shutdown.clone()));
         tasks.spawn(scheduler.run(shutdown.clone()));
         tasks.spawn(cron.run(shutdown.clone()));

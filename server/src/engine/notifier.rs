@@ -15,8 +15,15 @@ use tokio_util::sync::CancellationToken;
 use super::dispatcher::DispatcherHandle;
 use crate::{
     domain::{LeaseRef, QueueName, TenantId},
-    store::{Heard, Notification, StopKind, Store},
+    store::{Error as StoreError, Heard, Notification, StopKind, Store},
 };
+
+/// The longest wait between attempts to listen after a failure.
+const RETRY: Duration = Duration::from_secs(5);
+
+/// The longest wait between attempts to listen on a connection that does not hear what is
+/// sent (a pooler in the way): each attempt costs its probe's wait, and an error in the log.
+const MISCONFIGURED_RETRY: Duration = Duration::from_secs(60);
 
 /// A stop requested for a running lease, for whichever stream holds it.
 #[derive(Debug, Clone)]
@@ -106,12 +113,20 @@ impl Notifier {
             let mut listener = match listener {
                 Ok(listener) => listener,
                 Err(error) => {
-                    tracing::warn!(%error, "cannot listen for notifications; retrying");
+                    // Until then the engine finds work by polling, and stops and drains at
+                    // heartbeats: slower, never stalled.
+                    let max = if matches!(error, StoreError::Misconfigured(_)) {
+                        tracing::error!(%error, "notifications are not heard; polling meanwhile");
+                        MISCONFIGURED_RETRY
+                    } else {
+                        tracing::warn!(%error, "cannot listen for notifications; retrying");
+                        RETRY
+                    };
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
                         _ = tokio::time::sleep(backoff) => {}
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    backoff = (backoff * 2).min(max);
                     continue;
                 }
             };

@@ -3,7 +3,7 @@
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use super::{Error, Result, Store};
+use super::{Error, Result, Store, query_as, query_scalar};
 use crate::domain::TenantId;
 
 /// A key as stored: everything but its secret, of which only the digest is kept.
@@ -48,7 +48,7 @@ impl Store {
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING {COLUMNS}"
         );
         let mut tx = self.tenant_transaction(&key.tenant).await?;
-        let out = sqlx::query_as(sql)
+        let out = query_as(sql)
             .bind(key.id)
             .bind(key.tenant.as_str())
             .bind(&key.name)
@@ -67,17 +67,18 @@ impl Store {
     /// Any tenant's key by its id, for authenticating a request.
     pub async fn api_key(&self, id: Uuid) -> Result<Option<ApiKeyRow>> {
         let sql = static_sql!("SELECT {COLUMNS} FROM api_keys WHERE id = $1");
-        Ok(sqlx::query_as(sql)
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?)
+        self.pooled(async |c| Ok(query_as(sql).bind(id).fetch_optional(c).await?))
+            .await
     }
 
     /// Whether any key exists: with none, a server on a loopback address may run open.
     pub async fn any_api_keys(&self) -> Result<bool> {
-        Ok(sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM api_keys)")
-            .fetch_one(&self.pool)
-            .await?)
+        self.pooled(async |c| {
+            Ok(query_scalar("SELECT EXISTS (SELECT 1 FROM api_keys)")
+                .fetch_one(c)
+                .await?)
+        })
+        .await
     }
 
     /// A tenant's keys, oldest first, after `after` (the paging cursor), at most `limit`.
@@ -93,7 +94,7 @@ impl Store {
              ORDER BY id LIMIT $3"
         );
         let mut tx = self.tenant_transaction(tenant).await?;
-        let out = sqlx::query_as(sql)
+        let out = query_as(sql)
             .bind(tenant.as_str())
             .bind(after)
             .bind(limit)
@@ -111,7 +112,7 @@ impl Store {
              WHERE tenant_id = $1 AND id = $2 RETURNING {COLUMNS}"
         );
         let mut tx = self.tenant_transaction(tenant).await?;
-        let revoked = sqlx::query_as(sql)
+        let revoked = query_as(sql)
             .bind(tenant.as_str())
             .bind(id)
             .fetch_optional(&mut *tx)

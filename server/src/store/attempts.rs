@@ -14,6 +14,7 @@ use super::{
     Result, Store, Term,
     leases::{ATTEMPT_UPSERT, LEASE_MATCH, PRIOR_OUTCOME, RUNNING, SettleResult},
     notify::send,
+    query_as, query_scalar,
 };
 use crate::domain::{
     AttemptOutcome, JobId, JobState, LeaseRef, TenantId,
@@ -252,7 +253,7 @@ impl Store {
         let otherwise = column(|d| d.otherwise);
         let on_cancel = column(|d| d.on_cancel);
         let on_pause = column(|d| d.on_pause);
-        let query = sqlx::query_as::<_, EndedRow>(sql)
+        let query = query_as::<EndedRow>(sql)
             .bind(
                 ends.iter()
                     .map(|e| e.tenant.as_str().to_owned())
@@ -362,16 +363,20 @@ impl Store {
                         + j.timeout_ms * interval '1 millisecond' <= now() AS past_deadline \
              FROM input i JOIN jobs j ON {LEASE_MATCH}"
         );
-        let rows: Vec<RunningRow> = sqlx::query_as(sql)
-            .bind(
-                leases
-                    .iter()
-                    .map(|(t, _)| t.as_str().to_owned())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(leases.iter().map(|(_, l)| l.job_id.0).collect::<Vec<_>>())
-            .bind(leases.iter().map(|(_, l)| l.attempt).collect::<Vec<_>>())
-            .fetch_all(&self.pool)
+        let rows: Vec<RunningRow> = self
+            .pooled(async |c| {
+                Ok(query_as(sql)
+                    .bind(
+                        leases
+                            .iter()
+                            .map(|(t, _)| t.as_str().to_owned())
+                            .collect::<Vec<_>>(),
+                    )
+                    .bind(leases.iter().map(|(_, l)| l.job_id.0).collect::<Vec<_>>())
+                    .bind(leases.iter().map(|(_, l)| l.attempt).collect::<Vec<_>>())
+                    .fetch_all(c)
+                    .await?)
+            })
             .await?;
         let mut out = vec![None; leases.len()];
         for row in rows {
@@ -401,10 +406,8 @@ impl Store {
              ORDER BY j.lease_expires_at LIMIT $1",
             fence = leader_fence!("$2"),
         );
-        let rows: Vec<LapsedRow> = sqlx::query_as(sql)
-            .bind(limit)
-            .bind(term.0)
-            .fetch_all(&self.pool)
+        let rows: Vec<LapsedRow> = self
+            .pooled(async |c| Ok(query_as(sql).bind(limit).bind(term.0).fetch_all(c).await?))
             .await?;
         Ok(rows
             .into_iter()
@@ -442,7 +445,7 @@ impl Store {
              SELECT upd.id IS NOT NULL AS matched FROM input i \
              LEFT JOIN upd ON upd.id = i.id AND upd.attempt = i.attempt ORDER BY i.ord"
         );
-        let query = sqlx::query_scalar(sql)
+        let query = query_scalar(sql)
             .bind(
                 leases
                     .iter()

@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 use sqlx::types::Json;
 use uuid::Uuid;
 
-use super::{Result, Store};
+use super::{Result, Store, query, query_as};
 use crate::domain::TenantId;
 
 /// One audited call.
@@ -30,7 +30,7 @@ pub struct AuditRow {
 impl Store {
     pub async fn record_audit(&self, entry: &NewAuditEntry) -> Result<()> {
         let mut tx = self.tenant_transaction(&entry.tenant).await?;
-        sqlx::query(
+        query(
             "INSERT INTO audit_log (tenant_id, key_id, key_name, method, request) \
              VALUES ($1, $2, $3, $4, $5)",
         )
@@ -53,7 +53,7 @@ impl Store {
         limit: i64,
     ) -> Result<Vec<AuditRow>> {
         let mut tx = self.tenant_transaction(tenant).await?;
-        let out = sqlx::query_as(
+        let out = query_as(
             "SELECT id, at, key_id, key_name, method, request FROM audit_log \
              WHERE tenant_id = $1 AND ($2::bigint IS NULL OR id < $2) \
              ORDER BY id DESC LIMIT $3",

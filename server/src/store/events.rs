@@ -23,11 +23,11 @@
 
 use std::collections::HashMap;
 
-use sqlx::{PgPool, types::Json};
+use sqlx::types::Json;
 use uuid::Uuid;
 
 use super::{
-    Error, Result, Store,
+    Error, Result, Store, query_as,
     rows::{EventRow, JOB_COLUMNS, JobRow},
 };
 use crate::domain::{JobId, JobState, QueueName, TenantId};
@@ -79,12 +79,12 @@ const NO_JOB_COLUMNS: &str = "NULL::text AS queue, NULL::text AS job_type, NULL:
 /// Refuses a database whose event sequence hands out numbers in blocks: with a cached block per
 /// session, numbers are taken out of the order they are handed out, and watchers could miss or
 /// reorder events. Migrations create it uncached; this catches a later change to it.
-pub(super) async fn check_event_numbering(pool: &PgPool) -> Result<()> {
-    let (cache,): (i64,) = sqlx::query_as(
+pub(super) async fn check_event_numbering(conn: &mut sqlx::PgConnection) -> Result<()> {
+    let (cache,): (i64,) = query_as(
         "SELECT seqcache FROM pg_sequence \
          WHERE seqrelid = pg_get_serial_sequence('job_events', 'seq')::regclass",
     )
-    .fetch_one(pool)
+    .fetch_one(conn)
     .await?;
     if cache == 1 {
         Ok(())
@@ -117,15 +117,16 @@ impl Store {
                  WHERE backend_xid IS NOT NULL AND datname = current_database()) END \
              FROM (SELECT {LAST_EVENT_NUMBER} AS last) s"
         );
-        let query = sqlx::query_as(sql).bind(unless_still);
+        let query = query_as(sql).bind(unless_still);
         self.hot(async |c| Ok(query.fetch_one(c).await?)).await
     }
 
     /// The transactions of this database that still hold any of `xids`, oldest first, for an
     /// operator to find what holds back the horizon.
     pub async fn open_transactions(&self, xids: &[i64]) -> Result<Vec<OpenTransaction>> {
-        Ok(sqlx::query_as(
-            "SELECT pid, coalesce(usename::text, '') AS user_name, application_name, \
+        self.pooled(async |c| {
+            Ok(query_as(
+                "SELECT pid, coalesce(usename::text, '') AS user_name, application_name, \
                  coalesce(host(client_addr), 'local') AS client, coalesce(state, '') AS state, \
                  extract(epoch FROM now() - xact_start)::float8 AS open_secs, \
                  left(query, 200) AS query \
@@ -133,10 +134,12 @@ impl Store {
              WHERE backend_xid IS NOT NULL AND datname = current_database() \
                AND backend_xid::text::int8 = ANY($1) \
              ORDER BY xact_start",
-        )
-        .bind(xids)
-        .fetch_all(&self.pool)
-        .await?)
+            )
+            .bind(xids)
+            .fetch_all(c)
+            .await?)
+        })
+        .await
     }
 
     /// Events in `(after, upto]`, in order, at most `limit`; `with_job` reads their jobs'
@@ -160,10 +163,7 @@ impl Store {
                  WHERE e.seq > $1 AND e.seq <= $2 ORDER BY e.seq LIMIT $3"
             )
         };
-        let query = sqlx::query_as::<_, EventRow>(sql)
-            .bind(after)
-            .bind(upto)
-            .bind(limit);
+        let query = query_as::<EventRow>(sql).bind(after).bind(upto).bind(limit);
         self.hot(async |c| Ok(query.fetch_all(c).await?)).await
     }
 
@@ -182,7 +182,7 @@ impl Store {
              ORDER BY e.seq LIMIT $5"
         );
         let mut tx = self.tenant_transaction(tenant).await?;
-        let out = sqlx::query_as::<_, EventRow>(sql)
+        let out = query_as::<EventRow>(sql)
             .bind(id.0)
             .bind(tenant.as_str())
             .bind(after)
@@ -215,7 +215,7 @@ impl Store {
              ORDER BY e.seq LIMIT $8"
         );
         let mut tx = self.tenant_transaction(tenant).await?;
-        let out = sqlx::query_as::<_, EventRow>(sql)
+        let out = query_as::<EventRow>(sql)
             .bind(tenant.as_str())
             .bind(after)
             .bind(upto)
@@ -234,7 +234,7 @@ impl Store {
     pub async fn last_job_event(&self, tenant: &TenantId, id: JobId) -> Result<i64> {
         let mut tx = self.tenant_transaction(tenant).await?;
         let (last,): (Option<i64>,) =
-            sqlx::query_as("SELECT max(seq) FROM job_events WHERE job_id = $1 AND tenant_id = $2")
+            query_as("SELECT max(seq) FROM job_events WHERE job_id = $1 AND tenant_id = $2")
                 .bind(id.0)
                 .bind(tenant.as_str())
                 .fetch_one(&mut *tx)
@@ -249,7 +249,7 @@ impl Store {
             "SELECT {JOB_COLUMNS} FROM UNNEST($1::text[], $2::uuid[]) AS k(tenant, job) \
              JOIN jobs ON tenant_id = k.tenant AND id = k.job"
         );
-        let query = sqlx::query_as::<_, JobRow>(sql)
+        let query = query_as::<JobRow>(sql)
             .bind(keys.iter().map(|(tenant, _)| *tenant).collect::<Vec<_>>())
             .bind(keys.iter().map(|(_, id)| *id).collect::<Vec<_>>());
         self.hot(async |c| Ok(query.fetch_all(c).await?)).await

@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::types::Json;
 
-use super::{Error, Listed, Result, Store};
+use super::{Error, Listed, Result, Store, query_as};
 use crate::domain::{TenantId, approval::Condition, ending::KindRule};
 
 /// What a job of a type gets when its enqueue leaves a field unset.
@@ -120,7 +120,7 @@ impl Store {
                     t.descriptor_set, t.defaults, t.examples, t.created_at FROM t"
         );
         retry_on_conflict(|| {
-            let query = sqlx::query_as::<_, JobTypeRow>(sql)
+            let query = query_as::<JobTypeRow>(sql)
                 .bind(tenant.as_str())
                 .bind(&new.name)
                 .bind(&new.payload_type)
@@ -160,7 +160,7 @@ impl Store {
         );
         // Another worker may register the same version first; the retry compares with it.
         retry_on_conflict(|| {
-            let query = sqlx::query_as::<_, JobTypeRow>(sql)
+            let query = query_as::<JobTypeRow>(sql)
                 .bind(tenant.as_str())
                 .bind(&new.name)
                 .bind(&new.payload_type)
@@ -184,7 +184,7 @@ impl Store {
              WHERE t.tenant_id = $1 AND t.name = $2 AND ($3::int4 IS NULL OR t.version = $3) \
              ORDER BY t.version DESC LIMIT 1"
         );
-        let query = sqlx::query_as::<_, JobTypeRow>(sql)
+        let query = query_as::<JobTypeRow>(sql)
             .bind(tenant.as_str())
             .bind(name)
             .bind(version);
@@ -224,7 +224,7 @@ impl Store {
              ORDER BY l.name"
         );
         let mut tx = self.tenant_transaction(tenant).await?;
-        let rows = sqlx::query_as(sql)
+        let rows = query_as(sql)
             .bind(tenant.as_str())
             .bind(after)
             .bind(limit)

@@ -9,6 +9,7 @@ use uuid::Uuid;
 use super::{
     Error, Result, StopKind, Store,
     notify::send,
+    query, query_as, query_scalar,
     rows::{AttemptRow, JOB_COLUMNS, JobRow},
 };
 use crate::{
@@ -263,7 +264,7 @@ impl Store {
         let (inside, outside): (Vec<Uuid>, Vec<Uuid>) =
             targets.into_iter().partition(|t| batch.contains(t));
         let mut tx = self.tenant_transaction(tenant).await?;
-        let found: Vec<Uuid> = sqlx::query_scalar(
+        let found: Vec<Uuid> = query_scalar(
             "UPDATE jobs SET waited_on = true WHERE tenant_id = $1 AND id = ANY($2) RETURNING id",
         )
         .bind(tenant.as_str())
@@ -301,7 +302,7 @@ impl Store {
             });
         }
         if !inside.is_empty() {
-            sqlx::query("UPDATE jobs SET waited_on = true WHERE tenant_id = $1 AND id = ANY($2)")
+            query("UPDATE jobs SET waited_on = true WHERE tenant_id = $1 AND id = ANY($2)")
                 .bind(tenant.as_str())
                 .bind(&inside)
                 .execute(&mut *tx)
@@ -386,7 +387,7 @@ impl Store {
         }
         let ids: Vec<Uuid> = ids.iter().map(|id| id.0).collect();
         let mut tx = self.tenant_transaction(tenant).await?;
-        let rows: Vec<JobAttempt> = sqlx::query_as(
+        let rows: Vec<JobAttempt> = query_as(
             "SELECT job_id, attempt, worker_id, started_at, finished_at, outcome, error \
              FROM job_attempt_history WHERE tenant_id = $1 AND job_id = ANY($2) \
              ORDER BY job_id, attempt",
@@ -440,7 +441,7 @@ impl Store {
              ORDER BY id DESC"
         );
         let mut tx = self.tenant_transaction(tenant).await?;
-        let rows: Vec<ListedRow<JobRow>> = sqlx::query_as(sql)
+        let rows: Vec<ListedRow<JobRow>> = query_as(sql)
             .bind(tenant.as_str())
             .bind(&filter.states)
             .bind(filter.queue.as_ref().map(QueueName::as_str))
@@ -482,7 +483,7 @@ impl Store {
              SELECT {JOB_COLUMNS} FROM upd"
         );
         let mut tx = self.tenant_transaction(tenant).await?;
-        let out = sqlx::query_as::<_, JobRow>(sql)
+        let out = query_as::<JobRow>(sql)
             .bind(tenant.as_str())
             .bind(id.0)
             .bind(reason)
@@ -539,7 +540,7 @@ impl Store {
             StopKind::Pause => "pause",
         };
         let mut tx = self.tenant_transaction(tenant).await?;
-        let out = sqlx::query_as::<_, JobRow>(sql)
+        let out = query_as::<JobRow>(sql)
             .bind(tenant.as_str())
             .bind(id.0)
             .bind(kind)
@@ -574,7 +575,7 @@ impl Store {
              SELECT {JOB_COLUMNS} FROM upd"
         );
         let mut tx = self.tenant_transaction(tenant).await?;
-        let out = sqlx::query_as::<_, JobRow>(sql)
+        let out = query_as::<JobRow>(sql)
             .bind(tenant.as_str())
             .bind(id.0)
             .bind(reason)
@@ -610,7 +611,7 @@ impl Store {
             work = send::work("tenant_id", "queue"),
         );
         let mut tx = self.tenant_transaction(tenant).await?;
-        let out = sqlx::query_as::<_, JobRow>(sql)
+        let out = query_as::<JobRow>(sql)
             .bind(tenant.as_str())
             .bind(id.0)
             .bind(actor.map(Json))
@@ -654,7 +655,7 @@ impl Store {
             due = send::due(),
         );
         let mut tx = self.tenant_transaction(tenant).await?;
-        let out = sqlx::query_as::<_, JobRow>(sql)
+        let out = query_as::<JobRow>(sql)
             .bind(tenant.as_str())
             .bind(id.0)
             .bind(reason)
@@ -689,7 +690,7 @@ impl Store {
              SELECT {JOB_COLUMNS} FROM upd"
         );
         let mut tx = self.tenant_transaction(tenant).await?;
-        let out = sqlx::query_as::<_, JobRow>(sql)
+        let out = query_as::<JobRow>(sql)
             .bind(tenant.as_str())
             .bind(id.0)
             .bind(reason)
@@ -736,7 +737,7 @@ impl Store {
             due = send::due(),
         );
         let mut tx = self.tenant_transaction(tenant).await?;
-        let out = sqlx::query_as::<_, JobRow>(sql)
+        let out = query_as::<JobRow>(sql)
             .bind(tenant.as_str())
             .bind(id.0)
             .bind(actor.map(Json))
@@ -749,7 +750,7 @@ impl Store {
 
 async fn get_job(db: impl PgExecutor<'_>, tenant: &TenantId, id: JobId) -> Result<JobRow> {
     let sql = static_sql!("SELECT {JOB_COLUMNS} FROM jobs WHERE tenant_id = $1 AND id = $2");
-    sqlx::query_as::<_, JobRow>(sql)
+    query_as::<JobRow>(sql)
         .bind(tenant.as_str())
         .bind(id.0)
         .fetch_optional(db)
@@ -765,7 +766,7 @@ async fn jobs_by_keys(
     let sql = static_sql!(
         "SELECT {JOB_COLUMNS} FROM jobs WHERE tenant_id = $1 AND idempotency_key = ANY($2)"
     );
-    Ok(sqlx::query_as::<_, JobRow>(sql)
+    Ok(query_as::<JobRow>(sql)
         .bind(tenant.as_str())
         .bind(keys)
         .fetch_all(db)
@@ -962,7 +963,7 @@ async fn enqueue_rows<T>(
 where
     T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
 {
-    let mut q = sqlx::query_as::<_, Ordered<T>>(sql).bind(tenant.as_str());
+    let mut q = query_as::<Ordered<T>>(sql).bind(tenant.as_str());
     q = q
         .bind(jobs.iter().map(|j| j.id.0).collect::<Vec<Uuid>>())
         .bind(

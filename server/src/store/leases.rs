@@ -9,7 +9,7 @@ use sqlx::{PgExecutor, Postgres, postgres::PgArguments, query::QueryAs};
 use uuid::Uuid;
 
 use super::{
-    Result, Store, jobs,
+    Result, Store, jobs, query_as,
     rows::{JOB_COLUMNS, LeasedRow},
 };
 use crate::{
@@ -226,7 +226,7 @@ impl Store {
                  greatest(0, (extract(epoch FROM j.attempt_started_at - now()) * 1000)::int8 \
                      + j.timeout_ms)"
         );
-        let query = sqlx::query_as(sql)
+        let query = query_as(sql)
             .bind(tenant.as_str())
             .bind(leases.iter().map(|l| l.job_id.0).collect::<Vec<_>>())
             .bind(leases.iter().map(|l| l.attempt).collect::<Vec<_>>())
@@ -303,7 +303,7 @@ impl Store {
              LEFT JOIN upd ON upd.id = i.id AND upd.attempt = i.attempt \
              ORDER BY i.ord"
         );
-        let query = bind_leases(sqlx::query_as(sql), updates)
+        let query = bind_leases(query_as(sql), updates)
             .bind(
                 updates
                     .iter()
@@ -348,7 +348,7 @@ impl Store {
              SELECT EXISTS (SELECT 1 FROM locked k WHERE k.ord = i.ord) AS matched \
              FROM input i ORDER BY i.ord"
         );
-        let query = bind_leases(sqlx::query_as(sql), batches)
+        let query = bind_leases(query_as(sql), batches)
             .bind(batch_index)
             .bind(lines);
         let rows: Vec<MatchedRow> = self.hot(async |c| Ok(query.fetch_all(c).await?)).await?;
@@ -373,7 +373,7 @@ impl Store {
              LEFT JOIN upd ON upd.id = i.id AND upd.attempt = i.attempt \
              ORDER BY i.ord"
         );
-        let query = bind_leases(sqlx::query_as(sql), checkpoints).bind(
+        let query = bind_leases(query_as(sql), checkpoints).bind(
             checkpoints
                 .iter()
                 .map(|c| c.data.clone())
@@ -443,7 +443,7 @@ pub(super) async fn claim_statement(
          SELECT {JOB_COLUMNS}, checkpoint FROM upd ORDER BY priority DESC, run_at, id"
     );
     let queues: Vec<&str> = queues.iter().map(QueueName::as_str).collect();
-    Ok(sqlx::query_as::<_, LeasedRow>(sql)
+    Ok(query_as::<LeasedRow>(sql)
         .bind(tenant.as_str())
         .bind(&queues)
         .bind(job_types)

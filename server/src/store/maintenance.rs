@@ -6,7 +6,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use sqlx::AssertSqlSafe;
 
-use super::{Result, Store, notify::send};
+use super::{Result, Store, notify::send, query, query_as};
 
 /// The failure kind of a job failed by its approval timeout.
 pub const APPROVAL_TIMEOUT_KIND: &str = "approval_timeout";
@@ -37,10 +37,8 @@ impl Store {
             work = send::work("tenant_id", "queue"),
             fence = leader_fence!("$2"),
         );
-        let (n, _woken): (i64, i64) = sqlx::query_as(sql)
-            .bind(limit)
-            .bind(term.0)
-            .fetch_one(&self.pool)
+        let (n, _woken): (i64, i64) = self
+            .pooled(async |c| Ok(query_as(sql).bind(limit).bind(term.0).fetch_one(c).await?))
             .await?;
         Ok(u64::try_from(n).unwrap_or(0))
     }
@@ -83,10 +81,8 @@ impl Store {
             reason = "'approval timed out after ' || \
                       (date_trunc('second', now() - j.created_at))::text",
         );
-        let (n,): (i64,) = sqlx::query_as(sql)
-            .bind(limit)
-            .bind(term.0)
-            .fetch_one(&self.pool)
+        let (n,): (i64,) = self
+            .pooled(async |c| Ok(query_as(sql).bind(limit).bind(term.0).fetch_one(c).await?))
             .await?;
         Ok(u64::try_from(n).unwrap_or(0))
     }
@@ -94,14 +90,18 @@ impl Store {
     /// The earliest time the scheduler has work: a run_at among SCHEDULED and RETRYING jobs, or
     /// an approval deadline, so it can sleep until exactly then.
     pub async fn next_due(&self) -> Result<Option<DateTime<Utc>>> {
-        let (at,): (Option<DateTime<Utc>>,) = sqlx::query_as(
-            "SELECT least( \
-                 (SELECT min(run_at) FROM jobs WHERE state IN ('scheduled', 'retrying')), \
-                 (SELECT min(approval_deadline) FROM jobs WHERE state = 'awaiting_approval' \
-                    AND approval_deadline IS NOT NULL))",
-        )
-        .fetch_one(&self.pool)
-        .await?;
+        let (at,): (Option<DateTime<Utc>>,) = self
+            .pooled(async |c| {
+                Ok(query_as(
+                    "SELECT least( \
+                         (SELECT min(run_at) FROM jobs WHERE state IN ('scheduled', 'retrying')), \
+                         (SELECT min(approval_deadline) FROM jobs \
+                          WHERE state = 'awaiting_approval' AND approval_deadline IS NOT NULL))",
+                )
+                .fetch_one(c)
+                .await?)
+            })
+            .await?;
         Ok(at)
     }
 }
@@ -129,8 +129,10 @@ impl Store {
         term: Option<Term>,
         ttl: Duration,
     ) -> Result<Option<Held>> {
-        let row: Option<(i64, Option<String>)> = sqlx::query_as(
-            "WITH prev AS (SELECT holder, holder_app FROM leader) \
+        let row: Option<(i64, Option<String>)> = self
+            .pooled(async |c| {
+                Ok(query_as(
+                    "WITH prev AS (SELECT holder, holder_app FROM leader) \
              INSERT INTO leader AS l (id, holder, holder_app, term, expires_at) \
              VALUES (true, $1, $2, 1, clock_timestamp() + $4 * interval '1 millisecond') \
              ON CONFLICT (id) DO UPDATE SET \
@@ -141,13 +143,15 @@ impl Store {
              WHERE (l.holder = EXCLUDED.holder AND l.term = $3) OR l.expires_at < now() \
              RETURNING l.term, \
                  (SELECT holder_app FROM prev WHERE prev.holder IS DISTINCT FROM $1) AS taken_from",
-        )
-        .bind(holder)
-        .bind(app)
-        .bind(term.map_or(0, |t| t.0))
-        .bind(super::leases::millis(ttl))
-        .fetch_optional(&self.pool)
-        .await?;
+                )
+                .bind(holder)
+                .bind(app)
+                .bind(term.map_or(0, |t| t.0))
+                .bind(super::leases::millis(ttl))
+                .fetch_optional(c)
+                .await?)
+            })
+            .await?;
         Ok(row.map(|(term, taken_from)| Held {
             term: Term(term),
             taken_from,
@@ -157,25 +161,34 @@ impl Store {
     /// Gives leadership up at once (on shutdown), so a successor need not wait for it to
     /// expire.
     pub async fn release_leadership(&self, holder: &str, term: Term) -> Result<()> {
-        sqlx::query("UPDATE leader SET expires_at = now() WHERE holder = $1 AND term = $2")
-            .bind(holder)
-            .bind(term.0)
-            .execute(&self.pool)
-            .await?;
+        self.pooled(async |c| {
+            Ok(
+                query("UPDATE leader SET expires_at = now() WHERE holder = $1 AND term = $2")
+                    .bind(holder)
+                    .bind(term.0)
+                    .execute(c)
+                    .await?,
+            )
+        })
+        .await?;
         Ok(())
     }
 
     /// Ends the sessions of `app` left idle in a transaction: a stalled replica's, holding the
     /// locks of a transaction it cannot finish. Returns how many.
     pub async fn end_stalled_sessions(&self, app: &str) -> Result<i64> {
-        let (ended,): (i64,) = sqlx::query_as(
-            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+        let (ended,): (i64,) = self
+            .pooled(async |c| {
+                Ok(query_as(
+                    "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
              WHERE application_name = $1 AND datname = current_database() \
                AND state LIKE 'idle in transaction%' AND pid <> pg_backend_pid()) t",
-        )
-        .bind(app)
-        .fetch_one(&self.pool)
-        .await?;
+                )
+                .bind(app)
+                .fetch_one(c)
+                .await?)
+            })
+            .await?;
         Ok(ended)
     }
 
@@ -212,25 +225,27 @@ impl Store {
         // rows of its own to measure): the one being written is the one that outgrows its
         // statistics, and the planner reads each partition's. Each statement is built by
         // format('%I') from a name in the catalog.
-        let outgrown: Vec<(String, String)> = sqlx::query_as(
-            "SELECT c.relname::text, format('ANALYZE (SKIP_LOCKED) %I', c.relname) \
+        let outgrown: Vec<(String, String)> = self
+            .pooled(async |c| {
+                Ok(query_as(
+                    "SELECT c.relname::text, format('ANALYZE (SKIP_LOCKED) %I', c.relname) \
              FROM pg_class c \
              WHERE (c.oid IN ('jobs'::regclass, 'job_attempts'::regclass) \
                     OR c.oid IN (SELECT inhrelid FROM pg_inherits \
                                  WHERE inhparent = 'job_events'::regclass)) \
                AND pg_relation_size(c.oid) / current_setting('block_size')::int8 \
                    >= greatest(2 * c.relpages::int8, $1)",
-        )
-        .bind(ANALYZE_MIN_PAGES)
-        .fetch_all(&self.pool)
-        .await?;
+                )
+                .bind(ANALYZE_MIN_PAGES)
+                .fetch_all(c)
+                .await?)
+            })
+            .await?;
         let mut analyzed = Vec::new();
         for (table, analyze) in outgrown {
             let mut tx = self.pool.begin().await?;
-            sqlx::query(ANALYZE_TARGET).execute(&mut *tx).await?;
-            sqlx::query(AssertSqlSafe(analyze))
-                .execute(&mut *tx)
-                .await?;
+            query(ANALYZE_TARGET).execute(&mut *tx).await?;
+            query(AssertSqlSafe(analyze)).execute(&mut *tx).await?;
             tx.commit().await?;
             analyzed.push(table);
         }

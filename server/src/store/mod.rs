@@ -53,13 +53,22 @@ mod tenancy;
 mod waits;
 mod workers;
 
-use std::{sync::Arc, time::Duration};
-
-use sqlx::{
-    Connection, PgConnection, PgPool,
-    postgres::{PgConnectOptions, PgPoolOptions},
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
 };
 
+use sqlx::{
+    Connection, FromRow, PgConnection, PgPool, Postgres, SqlSafeStr,
+    migrate::Migrator,
+    postgres::{PgArguments, PgConnectOptions, PgPoolOptions, PgRow},
+    query::{Query, QueryAs, QueryScalar},
+};
+
+use crate::config::Pooling;
 use hot::HotConnections;
 
 pub use api_keys::{ApiKeyRow, NewApiKey};
@@ -126,7 +135,8 @@ pub enum Error {
 
 impl Error {
     /// True when the same statement may succeed if tried again: the connection dropped, the pool
-    /// was momentarily exhausted, the database is restarting, or a serialization conflict.
+    /// was momentarily exhausted, the database is restarting or failing over to a standby, or a
+    /// serialization conflict.
     pub fn is_transient(&self) -> bool {
         match self {
             Error::Database(sqlx::Error::Io(_))
@@ -138,6 +148,9 @@ impl Error {
                     || code == "40001"
                     || code == "40P01"
                     || code == "53300"
+                    // A standby that is not promoted yet: during a failover a proxy may send
+                    // connections to it moments before it takes writes.
+                    || code == "25006"
             }),
             _ => false,
         }
@@ -158,22 +171,199 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// `aliveBypassWindowMs` makes the same trade at 500 ms).
 const IDLE_BEFORE_PING: Duration = Duration::from_millis(500);
 
+/// The schema this server needs, applied at start-up.
+static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
+
+/// Set once any store of this process connects through a transaction pooler; from then on every
+/// statement of the process is prepared unnamed (see [`query`]). Process-wide because sqlx
+/// decides a statement's name from the query value, built before it meets a connection; a
+/// store connected directly in the same process then also prepares unnamed, which costs it a
+/// parse per statement, never correctness.
+static UNNAMED_STATEMENTS: AtomicBool = AtomicBool::new(false);
+
+/// sqlx names and caches a statement it prepares unless told the statement is not
+/// `persistent`; lowering `statement_cache_capacity` to 0 still names each statement
+/// (`sqlx_s_<n>`, counted per client connection) and never closes it. Behind a transaction
+/// pooler the next transaction of this connection may run on another server connection, where
+/// that name is missing, or already taken by another client's statement of the same number.
+/// An unnamed statement lives until the next Parse of its server connection, which is always
+/// this statement's own Bind because every statement runs in a transaction (see
+/// [`Store::pinned`]).
+fn persistent() -> bool {
+    !UNNAMED_STATEMENTS.load(Ordering::Relaxed)
+}
+
+/// `sqlx::query`, prepared as [`persistent`] says.
+pub(crate) fn query<'q>(sql: impl SqlSafeStr) -> Query<'q, Postgres, PgArguments> {
+    sqlx::query(sql).persistent(persistent())
+}
+
+/// `sqlx::query_as`, prepared as [`persistent`] says.
+pub(crate) fn query_as<'q, O>(sql: impl SqlSafeStr) -> QueryAs<'q, Postgres, O, PgArguments>
+where
+    O: for<'r> FromRow<'r, PgRow>,
+{
+    sqlx::query_as(sql).persistent(persistent())
+}
+
+/// `sqlx::query_scalar`, prepared as [`persistent`] says.
+pub(crate) fn query_scalar<'q, O>(sql: impl SqlSafeStr) -> QueryScalar<'q, Postgres, O, PgArguments>
+where
+    (O,): for<'r> FromRow<'r, PgRow>,
+{
+    sqlx::query_scalar(sql).persistent(persistent())
+}
+
+/// The schema's own types, which sqlx looks up by oid the first time a statement of a
+/// connection uses them.
+const ENUM_TYPES: [&str; 4] = [
+    "job_state",
+    "attempt_outcome",
+    "overlap_policy",
+    "catch_up_policy",
+];
+
+/// Teaches a new connection the schema's own types (and their arrays) before any statement
+/// uses them. sqlx 0.9 looks an unknown type up with a simple-protocol query between the Parse
+/// of a statement and its Bind, and a simple query ends the unnamed statement: the first
+/// unnamed statement of a connection to meet a type fails ("unnamed prepared statement does
+/// not exist"). Prepared here once as a named statement, deallocated in the same transaction
+/// so that no other client of the pooler's server connection meets its name. Types the
+/// database does not have yet (a schema still to migrate) are skipped.
+async fn learn_enum_types(conn: &mut PgConnection) -> sqlx::Result<()> {
+    let mut tx = conn.begin().await?;
+    let present: Vec<String> =
+        sqlx::query_scalar("SELECT typname::text FROM pg_type WHERE typname = ANY($1)")
+            .bind(ENUM_TYPES)
+            .persistent(false)
+            .fetch_all(&mut *tx)
+            .await?;
+    if !present.is_empty() {
+        let columns: Vec<String> = present
+            .iter()
+            .map(|t| format!("NULL::{t}, NULL::{t}[]"))
+            .collect();
+        let sql = format!("SELECT {}", columns.join(", "));
+        // Built from the fixed names above, never from input.
+        use sqlx::Executor as _;
+        (&mut *tx)
+            .prepare(sqlx::SqlSafeStr::into_sql_str(sqlx::AssertSqlSafe(sql)))
+            .await?;
+        (&mut *tx).execute("DEALLOCATE ALL").await?;
+    }
+    tx.commit().await
+}
+
+/// Whether `conn`, handed back to the pool, is still inside a transaction, which it then must
+/// not take to its next user. sqlx 0.9 leaves one so when a `begin` is dropped between sending
+/// its `BEGIN` and reading the answer (a caller gone, a `select!` that chose another branch):
+/// it queues no rollback, and the next user's statements would run in that transaction, under
+/// its `SET LOCAL ROLE` and holding its locks. Behind a pooler the transaction also pins a
+/// server connection. In a transaction begun by an earlier statement, `now()` (the
+/// transaction's start) is earlier than this statement's start; in the implicit transaction
+/// of a lone statement the two are equal. Sent as a simple query, which needs no prepared
+/// statement.
+async fn in_stale_transaction(conn: &mut PgConnection) -> sqlx::Result<bool> {
+    use sqlx::Row as _;
+    sqlx::raw_sql("SELECT now() <> statement_timestamp()")
+        .fetch_one(conn)
+        .await?
+        .try_get(0)
+}
+
+/// Where and how the store reaches PostgreSQL.
+#[derive(Debug, Clone)]
+pub struct Database {
+    /// The connections of the pool: PostgreSQL itself, or a pooler in front of it.
+    pub url: String,
+    /// How `url`'s connections keep their session.
+    pub pooling: Pooling,
+    /// A connection to PostgreSQL itself, for what needs one session throughout: LISTEN and
+    /// the migrations' advisory lock.
+    pub direct_url: Option<String>,
+}
+
+impl Database {
+    /// PostgreSQL at `url`, directly.
+    pub fn direct(url: &str) -> Self {
+        Self {
+            url: url.to_owned(),
+            pooling: Pooling::Session,
+            direct_url: None,
+        }
+    }
+}
+
 /// A handle on the database: a connection pool plus the statements of the submodules.
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: PgPool,
     /// Up to half the pool, kept warm for the engine's statements.
     hot: Arc<HotConnections>,
+    /// How the pool's connections keep their session: behind a transaction pooler each
+    /// statement runs in a transaction, so that its Parse and its Bind meet one server
+    /// connection.
+    pooling: Pooling,
+    /// Where the notification listener connects; `None` when only a transaction pooler is
+    /// known, and notifications are off.
+    listen: Option<PgPool>,
 }
 
 impl Store {
-    /// Connects and applies pending migrations, so a fresh database is ready to serve. A store
-    /// that writes events then makes the event log's partitions ahead
-    /// ([`Store::ensure_event_partitions`], as the server does at start): the migration's own
-    /// cover only its first seconds.
+    /// Connects to PostgreSQL at `url` directly and applies pending migrations, so a fresh
+    /// database is ready to serve. A store that writes events then makes the event log's
+    /// partitions ahead ([`Store::ensure_event_partitions`], as the server does at start): the
+    /// migration's own cover only its first seconds.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self> {
-        let options: PgConnectOptions = url.parse()?;
+        Self::connect_to(&Database::direct(url), max_connections).await
+    }
+
+    /// Connects to `database` and applies pending migrations over a session; behind a
+    /// transaction pooler with no direct connection, checks instead that none is pending.
+    pub async fn connect_to(database: &Database, max_connections: u32) -> Result<Self> {
+        let database_pooling = database.pooling;
+        let options: PgConnectOptions = database.url.parse()?;
+        let options = options.application_name(&format!("jobwire-server/{}", std::process::id()));
+        let options = match database.pooling {
+            // The connections use generic plans (see the module's opening).
+            Pooling::Session => options.options([("plan_cache_mode", "force_generic_plan")]),
+            // A transaction pooler forwards only the startup parameters it tracks (PgBouncer
+            // refuses the rest unless told to ignore them), and a session setting would
+            // reach whichever server connection it lands on. Unnamed statements are planned
+            // for their parameters, each time.
+            Pooling::Transaction => {
+                UNNAMED_STATEMENTS.store(true, Ordering::Relaxed);
+                options.extra_float_digits(None).statement_cache_capacity(0)
+            }
+        };
+        // Migrated before the pool connects: its connections learn the schema's types as
+        // they connect.
+        let direct = match &database.direct_url {
+            Some(url) => {
+                let options: PgConnectOptions = url.parse()?;
+                let options =
+                    options.application_name(&format!("jobwire-server/{}", std::process::id()));
+                let direct = PgPoolOptions::new()
+                    .max_connections(2)
+                    .connect_with(options)
+                    .await?;
+                MIGRATOR.run(&direct).await?;
+                Some(direct)
+            }
+            None => None,
+        };
         let pool = PgPoolOptions::new()
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if database_pooling == Pooling::Transaction {
+                        learn_enum_types(conn).await?;
+                    }
+                    Ok(())
+                })
+            })
+            .after_release(|conn, _| {
+                Box::pin(async move { Ok(!in_stale_transaction(conn).await?) })
+            })
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(10))
             // sqlx tests a connection (a Sync and its ReadyForQuery, one round trip to the
@@ -193,27 +383,109 @@ impl Store {
             })
             // The pid tells an operator (and the failover tests) which replica holds which
             // session, such as the one holding the leader lock.
-            .connect_with(
-                options
-                    .application_name(&format!("jobwire-server/{}", std::process::id()))
-                    .options([("plan_cache_mode", "force_generic_plan")]),
-            )
+            .connect_with(options)
             .await?;
-        sqlx::migrate!("../migrations").run(&pool).await?;
-        events::check_event_numbering(&pool).await?;
+        let listen = match direct {
+            Some(direct) => Some(direct),
+            None if database.pooling == Pooling::Session => Some(pool.clone()),
+            None => None,
+        };
         let hot = HotConnections::new(usize::try_from(max_connections / 2).unwrap_or(1).max(1));
         let store = Self {
             pool,
             hot: Arc::new(hot),
+            pooling: database.pooling,
+            listen,
         };
+        if database.direct_url.is_none() {
+            store.migrate().await?;
+        }
+        store
+            .pooled(async |c| events::check_event_numbering(c).await)
+            .await?;
         store.check_tenant_role().await?;
         Ok(store)
+    }
+
+    /// Applies pending migrations over a session (sqlx holds an advisory lock across them, so
+    /// replicas starting together apply each once). With only a transaction pooler there is
+    /// no session to hold the lock: the schema must be current already, or start-up fails
+    /// naming what is missing and how to apply it.
+    async fn migrate(&self) -> Result<()> {
+        if let Some(session) = &self.listen {
+            MIGRATOR.run(session).await?;
+            return Ok(());
+        }
+        let applied: Vec<i64> = self
+            .pooled(async |c| {
+                Ok(query_scalar(
+                    "SELECT version FROM _sqlx_migrations WHERE success ORDER BY version",
+                )
+                .fetch_all(c)
+                .await
+                .or_else(|error| match &error {
+                    // No table yet: nothing applied.
+                    sqlx::Error::Database(db) if db.code().as_deref() == Some("42P01") => {
+                        Ok(Vec::new())
+                    }
+                    _ => Err(error),
+                })?)
+            })
+            .await?;
+        let missing: Vec<String> = MIGRATOR
+            .iter()
+            .filter(|m| !m.migration_type.is_down_migration() && !applied.contains(&m.version))
+            .map(|m| format!("{:04}_{}", m.version, m.description))
+            .collect();
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Misconfigured(format!(
+                "the schema lacks migrations {}, which need a direct connection to apply (with \
+                 --database-pooling transaction, DATABASE_URL is a pooler): give \
+                 --direct-database-url (JOBWIRE_DIRECT_DATABASE_URL), or start once with \
+                 DATABASE_URL pointing at PostgreSQL itself",
+                missing.join(", ")
+            )))
+        }
     }
 
     /// Closes every connection, once the statements running have finished.
     pub async fn close(&self) {
         self.hot.clear();
         self.pool.close().await;
+        if let Some(listen) = &self.listen {
+            listen.close().await;
+        }
+    }
+
+    /// Runs `statement` on `conn` so that all of it meets one server connection: as it is
+    /// when a connection is a session, in a transaction of its own behind a transaction
+    /// pooler (which lends a server connection from `BEGIN` to `COMMIT`). Statements that
+    /// open their own transaction then open a savepoint in this one.
+    async fn pinned<T>(
+        &self,
+        conn: &mut PgConnection,
+        statement: impl AsyncFnOnce(&mut PgConnection) -> Result<T>,
+    ) -> Result<T> {
+        match self.pooling {
+            Pooling::Session => statement(conn).await,
+            Pooling::Transaction => {
+                let mut tx = conn.begin().await?;
+                let out = statement(&mut tx).await?;
+                tx.commit().await?;
+                Ok(out)
+            }
+        }
+    }
+
+    /// Runs one statement on a pooled connection (see [`Store::pinned`]).
+    async fn pooled<T>(
+        &self,
+        statement: impl AsyncFnOnce(&mut PgConnection) -> Result<T>,
+    ) -> Result<T> {
+        let mut conn = self.pool.acquire().await?;
+        self.pinned(&mut conn, statement).await
     }
 
     /// Runs one of the engine's statements on a warm connection (see [`hot`]).
@@ -221,7 +493,9 @@ impl Store {
         &self,
         statement: impl AsyncFnOnce(&mut PgConnection) -> Result<T>,
     ) -> Result<T> {
-        self.hot.run(&self.pool, statement).await
+        self.hot
+            .run(&self.pool, async |c| self.pinned(c, statement).await)
+            .await
     }
 
     /// The pool's connections idle and in use; those waiting for the engine's next statement
@@ -234,7 +508,10 @@ impl Store {
 
     /// A cheap round trip, for health checks.
     pub async fn ping(&self) -> Result<()> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
-        Ok(())
+        self.pooled(async |c| {
+            query("SELECT 1").execute(c).await?;
+            Ok(())
+        })
+        .await
     }
 }

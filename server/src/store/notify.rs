@@ -2,10 +2,12 @@
 //! statements here, read back by [`Listener`]), and what they mean. A notification is only a
 //! wake-up: whoever hears one re-reads the table.
 
+use std::time::Duration;
+
 use sqlx::postgres::PgListener;
 use uuid::Uuid;
 
-use super::{Result, StopKind, Store};
+use super::{Error, Result, StopKind, Store, query};
 use crate::domain::{JobId, LeaseRef, QueueName, TenantId};
 
 /// Enqueues and promotions announce available work; payload: `tenant/queue` (tenant names hold no `/`).
@@ -179,10 +181,33 @@ impl Listener {
     }
 }
 
+/// Where a listener's probe goes: a notification the listener sends itself through the pool
+/// before it is trusted, which also shows that DATABASE_URL's notifications reach it.
+const PROBE_CHANNEL: &str = "jobwire_probe";
+
+/// How long a listener waits for its probe. A NOTIFY reaches the listeners of its database when
+/// its transaction commits; only a listening connection that is no session of its own (a
+/// transaction pooler lent it a server connection for the LISTEN, then took it back) never
+/// hears it.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
 impl Store {
-    /// A listener on every channel.
+    /// Whether this store has a session to listen on: not behind a transaction pooler without
+    /// a direct connection, where notifications are off and the engine polls.
+    pub fn can_listen(&self) -> bool {
+        self.listen.is_some()
+    }
+
+    /// A listener on every channel, trusted only once a notification sent through the pool
+    /// has reached it: a listener whose connection goes through a transaction pooler would
+    /// otherwise hear nothing, and say nothing of it.
     pub async fn listener(&self) -> Result<Listener> {
-        let mut listener = PgListener::connect_with(&self.pool).await?;
+        let Some(pool) = &self.listen else {
+            return Err(Error::Misconfigured(
+                "no direct connection to listen on (--direct-database-url)".to_owned(),
+            ));
+        };
+        let mut listener = PgListener::connect_with(pool).await?;
         listener
             .listen_all([
                 JOBS_CHANNEL,
@@ -191,9 +216,50 @@ impl Store {
                 QUEUE_HOLDS_CHANNEL,
                 DUE_CHANNEL,
                 DRAINS_CHANNEL,
+                PROBE_CHANNEL,
             ])
             .await?;
-        Ok(Listener(listener))
+        let token = Uuid::now_v7().to_string();
+        self.pooled(async |c| {
+            query("SELECT pg_notify($1, $2)")
+                .bind(PROBE_CHANNEL)
+                .bind(&token)
+                .execute(c)
+                .await?;
+            Ok(())
+        })
+        .await?;
+        // Whatever else arrives first is dropped: a new listener's owner re-reads everything
+        // anyway, for what was announced before it listened.
+        let heard = tokio::time::timeout(PROBE_TIMEOUT, async {
+            loop {
+                match listener.try_recv().await? {
+                    Some(n) if n.channel() == PROBE_CHANNEL && n.payload() == token => {
+                        return Ok::<_, sqlx::Error>(true);
+                    }
+                    Some(_) => {}
+                    None => return Ok(false),
+                }
+            }
+        })
+        .await;
+        match heard {
+            Ok(Ok(true)) => {
+                listener.unlisten(PROBE_CHANNEL).await?;
+                Ok(Listener(listener))
+            }
+            Ok(Ok(false)) => Err(Error::Database(sqlx::Error::Protocol(
+                "the listening connection was lost before its probe arrived".to_owned(),
+            ))),
+            Ok(Err(error)) => Err(error.into()),
+            Err(_) => Err(Error::Misconfigured(format!(
+                "a notification sent through DATABASE_URL did not reach the listening \
+                 connection within {PROBE_TIMEOUT:?}: that connection is no session of its own \
+                 (a transaction pooler?). Give --direct-database-url a connection to PostgreSQL \
+                 itself, or run with --database-pooling transaction and no direct URL to poll \
+                 instead"
+            ))),
+        }
     }
 }
 

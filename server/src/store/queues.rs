@@ -14,6 +14,7 @@ use super::{
     Error, Result, Store,
     leases::{self, Worker, claim_statement},
     notify::send,
+    query, query_as,
     rows::LeasedRow,
 };
 use crate::domain::{JobState, QueueName, TenantId, health::HealthThresholds};
@@ -138,8 +139,9 @@ impl Store {
     /// `jobs_queue_state` (or of `jobs_claim`, for AVAILABLE jobs), so the read costs what the
     /// queues hold, not what they have ever held.
     pub async fn queue_depths(&self) -> Result<Vec<QueueDepthRow>> {
-        Ok(sqlx::query_as::<_, QueueDepthRow>(
-            "SELECT q.tenant_id, q.name AS queue, \
+        self.pooled(async |c| {
+            Ok(query_as::<QueueDepthRow>(
+                "SELECT q.tenant_id, q.name AS queue, \
                  coalesce(st.states, '{}') AS states, coalesce(st.counts, '{}') AS counts, \
                  coalesce(extract(epoch FROM greatest(interval '0', now() - ( \
                      SELECT min(run_at) FROM jobs \
@@ -160,9 +162,11 @@ impl Store {
                      HAVING count(*) > 0 \
                  ) c \
              ) st",
-        )
-        .fetch_all(&self.pool)
-        .await?)
+            )
+            .fetch_all(c)
+            .await?)
+        })
+        .await
     }
 
     /// One queue with its figures.
@@ -219,7 +223,7 @@ impl Store {
              ORDER BY q.name LIMIT $4"
         );
         let mut tx = self.tenant_transaction(tenant).await?;
-        let out = sqlx::query_as::<_, QueueView>(sql)
+        let out = query_as::<QueueView>(sql)
             .bind(tenant.as_str())
             .bind(name.map(QueueName::as_str))
             .bind(after)
@@ -281,7 +285,7 @@ impl Store {
         // change is waited for and compared against.
         let mut tx = self.tenant_transaction(tenant).await?;
         for _ in 0..2 {
-            let row = sqlx::query_as::<_, QueueRow>(sql)
+            let row = query_as::<QueueRow>(sql)
                 .bind(tenant.as_str())
                 .bind(name.as_str())
                 .bind(create)
@@ -334,7 +338,7 @@ impl Store {
             hold = send::queue_hold("$1", "$2"),
         );
         let mut tx = self.tenant_transaction(tenant).await?;
-        let row = sqlx::query_as::<_, QueueRow>(sql)
+        let row = query_as::<QueueRow>(sql)
             .bind(tenant.as_str())
             .bind(name.as_str())
             .bind(reason)
@@ -362,7 +366,7 @@ impl Store {
             changed = send::queue_changed("$1", "$2"),
         );
         let mut tx = self.tenant_transaction(tenant).await?;
-        let row = sqlx::query_as::<_, QueueRow>(sql)
+        let row = query_as::<QueueRow>(sql)
             .bind(tenant.as_str())
             .bind(name.as_str())
             .fetch_optional(&mut *tx)
@@ -377,7 +381,7 @@ impl Store {
     pub async fn ensure_queues(&self, tenant: &TenantId, names: &[QueueName]) -> Result<()> {
         let names: Vec<&str> = names.iter().map(QueueName::as_str).collect();
         let mut tx = self.tenant_transaction(tenant).await?;
-        sqlx::query(
+        query(
             "INSERT INTO queues (tenant_id, name) \
              SELECT $1, n FROM unnest($2::text[]) AS n ORDER BY n \
              ON CONFLICT DO NOTHING",
@@ -393,12 +397,16 @@ impl Store {
     /// Every queue with a concurrency or rate limit, of every tenant: the dispatcher claims
     /// these through [`claim_limited`](Self::claim_limited).
     pub async fn limited_queues(&self) -> Result<Vec<(TenantId, QueueName)>> {
-        let rows: Vec<(String, String)> = sqlx::query_as(
-            "SELECT tenant_id, name FROM queues \
+        let rows: Vec<(String, String)> = self
+            .pooled(async |c| {
+                Ok(query_as(
+                    "SELECT tenant_id, name FROM queues \
              WHERE concurrency_limit IS NOT NULL OR rate_per_second IS NOT NULL",
-        )
-        .fetch_all(&self.pool)
-        .await?;
+                )
+                .fetch_all(c)
+                .await?)
+            })
+            .await?;
         Ok(rows
             .into_iter()
             .map(|(t, q)| (TenantId::new_unchecked(&t), QueueName::new_unchecked(&q)))
@@ -418,7 +426,7 @@ impl Store {
         worker: &Worker<'_>,
     ) -> Result<LimitedClaim> {
         let mut tx = self.tenant_transaction(tenant).await?;
-        let row: Option<LimitRow> = sqlx::query_as(
+        let row: Option<LimitRow> = query_as(
             "SELECT paused_at IS NOT NULL AS paused, concurrency_limit, rate_per_second, \
                     rate_burst, rate_tokens, clock_timestamp() AS read_at, \
                     greatest(0, extract(epoch FROM clock_timestamp() \
@@ -443,7 +451,7 @@ impl Store {
         }
         let mut allowed = limit;
         if let Some(max) = row.concurrency_limit {
-            let (running,): (i64,) = sqlx::query_as(
+            let (running,): (i64,) = query_as(
                 "SELECT count(*) FROM jobs \
                  WHERE tenant_id = $1 AND queue = $2 AND state = 'running'",
             )
@@ -474,7 +482,7 @@ impl Store {
         };
         let claimed = rows.len() as i64;
         if let Some((_, tokens)) = bucket {
-            sqlx::query(
+            query(
                 "UPDATE queues SET rate_tokens = $3, rate_refilled_at = $4 \
                  WHERE tenant_id = $1 AND name = $2",
             )

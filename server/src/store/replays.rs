@@ -8,7 +8,7 @@ use futures::future::BoxFuture;
 use sqlx::types::Json;
 use uuid::Uuid;
 
-use super::{Error, Result, Store, notify::send};
+use super::{Error, Result, Store, notify::send, query, query_as, query_scalar};
 use crate::domain::{Actor, JobId, JobState, QueueName, TenantId};
 
 /// How many ids an answer shows.
@@ -70,7 +70,7 @@ impl Store {
         if let Some(request) = replay.request {
             // A concurrent call with the same id waits here until the first commits, then
             // reads its answer.
-            let fresh: Option<i32> = sqlx::query_scalar(
+            let fresh: Option<i32> = query_scalar(
                 "INSERT INTO replay_requests (tenant_id, request_id) VALUES ($1, $2) \
                  ON CONFLICT DO NOTHING RETURNING 1",
             )
@@ -79,7 +79,7 @@ impl Store {
             .fetch_optional(&mut *tx)
             .await?;
             if fresh.is_none() {
-                let (count, sample, truncated): (i64, Vec<Uuid>, bool) = sqlx::query_as(
+                let (count, sample, truncated): (i64, Vec<Uuid>, bool) = query_as(
                     "SELECT replayed, sample_ids, truncated FROM replay_requests \
                      WHERE tenant_id = $1 AND request_id = $2",
                 )
@@ -115,7 +115,7 @@ impl Store {
              ORDER BY id LIMIT $10 \
              FOR UPDATE"
         );
-        let mut rows: Vec<Replayable> = sqlx::query_as(sql)
+        let mut rows: Vec<Replayable> = query_as(sql)
             .bind(tenant.as_str())
             .bind(&states)
             .bind(f.queue.as_ref().map(QueueName::as_str))
@@ -178,7 +178,7 @@ impl Store {
             work = send::work("tenant_id", "queue"),
             due = send::due(),
         );
-        let (replayed, _woken): (i64, i64) = sqlx::query_as(sql)
+        let (replayed, _woken): (i64, i64) = query_as(sql)
             .bind(tenant.as_str())
             .bind(&ids)
             .bind(&payloads)
@@ -186,7 +186,7 @@ impl Store {
             .bind(replay.actor.map(Json))
             .fetch_one(&mut *tx)
             .await?;
-        sqlx::query(
+        query(
             "UPDATE replay_requests SET replayed = $3, sample_ids = $4, truncated = $5 \
              WHERE tenant_id = $1 AND request_id = $2",
         )

@@ -12,7 +12,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use sqlx::AssertSqlSafe;
 
-use super::{Result, Store, Term, leases::millis};
+use super::{Result, Store, Term, leases::millis, query, query_as};
 
 /// The advisory lock that serializes the making of event partitions across replicas (each
 /// makes them at start, and the leader after).
@@ -62,12 +62,12 @@ impl Store {
     /// lock, and a partition already there is not made again. Returns how many were made.
     pub async fn ensure_event_partitions(&self, step: Duration, ahead: Duration) -> Result<i32> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query(DDL_LOCK_TIMEOUT).execute(&mut *tx).await?;
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        query(DDL_LOCK_TIMEOUT).execute(&mut *tx).await?;
+        query("SELECT pg_advisory_xact_lock($1)")
             .bind(PARTITION_LOCK)
             .execute(&mut *tx)
             .await?;
-        let (made,): (i32,) = sqlx::query_as(
+        let (made,): (i32,) = query_as(
             "SELECT jobwire_ensure_event_partitions($1 * interval '1 millisecond', \
                  clock_timestamp() + $2 * interval '1 millisecond')",
         )
@@ -81,13 +81,16 @@ impl Store {
 
     /// Every queue with its retention: its own, or `default` when it sets none.
     pub async fn queue_retentions(&self, default: Duration) -> Result<Vec<QueueRetention>> {
-        Ok(sqlx::query_as(
-            "SELECT tenant_id, name AS queue, coalesce(retention_ms, $1) AS retention_ms \
+        self.pooled(async |c| {
+            Ok(query_as(
+                "SELECT tenant_id, name AS queue, coalesce(retention_ms, $1) AS retention_ms \
              FROM queues ORDER BY tenant_id, name",
-        )
-        .bind(millis(default))
-        .fetch_all(&self.pool)
-        .await?)
+            )
+            .bind(millis(default))
+            .fetch_all(c)
+            .await?)
+        })
+        .await
     }
 
     /// Deletes up to `limit` of a queue's finished jobs (SUCCEEDED, FAILED, CANCELLED) that
@@ -141,14 +144,18 @@ impl Store {
                     (SELECT count(*) FROM archived_events)",
             fence = leader_fence!("$5"),
         );
-        let (jobs, attempts, events): (i64, i64, i64) = sqlx::query_as(sql)
-            .bind(&queue.tenant_id)
-            .bind(&queue.queue)
-            .bind(queue.retention_ms)
-            .bind(limit)
-            .bind(term.0)
-            .bind(archive == Archive::Keep)
-            .fetch_one(&self.pool)
+        let (jobs, attempts, events): (i64, i64, i64) = self
+            .pooled(async |c| {
+                Ok(query_as(sql)
+                    .bind(&queue.tenant_id)
+                    .bind(&queue.queue)
+                    .bind(queue.retention_ms)
+                    .bind(limit)
+                    .bind(term.0)
+                    .bind(archive == Archive::Keep)
+                    .fetch_one(c)
+                    .await?)
+            })
             .await?;
         let count = |n: i64| u64::try_from(n).unwrap_or(0);
         Ok(Pruned {
@@ -164,13 +171,16 @@ impl Store {
         &self,
         retention: Duration,
     ) -> Result<Vec<EventPartition>> {
-        Ok(sqlx::query_as(
-            "SELECT name, upper_bound, detach_pending FROM jobwire_event_partitions() \
+        self.pooled(async |c| {
+            Ok(query_as(
+                "SELECT name, upper_bound, detach_pending FROM jobwire_event_partitions() \
              WHERE upper_bound < now() - $1 * interval '1 millisecond' ORDER BY upper_bound",
-        )
-        .bind(millis(retention))
-        .fetch_all(&self.pool)
-        .await?)
+            )
+            .bind(millis(retention))
+            .fetch_all(c)
+            .await?)
+        })
+        .await
     }
 
     /// Drops one expired partition of the event log. First the log's horizon is raised past
@@ -184,29 +194,37 @@ impl Store {
         term: Term,
         partition: &EventPartition,
     ) -> Result<bool> {
-        let raised = sqlx::query(static_sql!(
-            "UPDATE event_log SET pruned_through = greatest(pruned_through, \
+        let raised = self
+            .pooled(async |c| {
+                Ok(query(static_sql!(
+                    "UPDATE event_log SET pruned_through = greatest(pruned_through, \
                  coalesce((SELECT max(seq) FROM job_events WHERE created_at < $1), 0)) \
              WHERE {fence}",
-            fence = leader_fence!("$2"),
-        ))
-        .bind(partition.upper_bound)
-        .bind(term.0)
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
+                    fence = leader_fence!("$2"),
+                ))
+                .bind(partition.upper_bound)
+                .bind(term.0)
+                .execute(c)
+                .await?)
+            })
+            .await?
+            .rows_affected();
         if raised == 0 {
             return Ok(false);
         }
-        let (detach, drop): (String, String) = sqlx::query_as(
-            "SELECT format('ALTER TABLE job_events DETACH PARTITION %I ' \
+        let (detach, drop): (String, String) = self
+            .pooled(async |c| {
+                Ok(query_as(
+                    "SELECT format('ALTER TABLE job_events DETACH PARTITION %I ' \
                      || CASE WHEN $2 THEN 'FINALIZE' ELSE 'CONCURRENTLY' END, $1::text), \
                     format('DROP TABLE IF EXISTS %I', $1::text)",
-        )
-        .bind(&partition.name)
-        .bind(partition.detach_pending)
-        .fetch_one(&self.pool)
-        .await?;
+                )
+                .bind(&partition.name)
+                .bind(partition.detach_pending)
+                .fetch_one(c)
+                .await?)
+            })
+            .await?;
         // Both built by format('%I') from a name read from the catalog. A concurrent detach
         // cannot run in a transaction, so it goes alone, by the simple protocol.
         sqlx::raw_sql(AssertSqlSafe(detach))
@@ -222,13 +240,17 @@ impl Store {
     /// and dropping one): the horizon was raised past their events before they were detached.
     /// Returns how many.
     pub async fn drop_detached_event_partitions(&self) -> Result<usize> {
-        let drops: Vec<(String,)> = sqlx::query_as(
-            "SELECT format('DROP TABLE IF EXISTS %I', c.relname) FROM pg_class c \
+        let drops: Vec<(String,)> = self
+            .pooled(async |c| {
+                Ok(query_as(
+                    "SELECT format('DROP TABLE IF EXISTS %I', c.relname) FROM pg_class c \
              WHERE c.relnamespace = current_schema()::regnamespace AND c.relkind = 'r' \
                AND c.relname LIKE 'job\\_events\\_p%' AND NOT c.relispartition",
-        )
-        .fetch_all(&self.pool)
-        .await?;
+                )
+                .fetch_all(c)
+                .await?)
+            })
+            .await?;
         for (drop,) in &drops {
             sqlx::raw_sql(AssertSqlSafe(drop.clone()))
                 .execute(&self.pool)
@@ -239,8 +261,12 @@ impl Store {
 
     /// The number through which events may have been pruned: every event after it is kept.
     pub async fn events_pruned_through(&self) -> Result<i64> {
-        let (through,): (i64,) = sqlx::query_as("SELECT pruned_through FROM event_log")
-            .fetch_one(&self.pool)
+        let (through,): (i64,) = self
+            .pooled(async |c| {
+                Ok(query_as("SELECT pruned_through FROM event_log")
+                    .fetch_one(c)
+                    .await?)
+            })
             .await?;
         Ok(through)
     }

@@ -15,6 +15,7 @@ use super::{
     Error, Listed, Result, Store, Term,
     jobs::{self, NewJob, enqueue_statement},
     notify::send,
+    query, query_as,
     rows::JobRow,
 };
 use crate::{
@@ -209,7 +210,7 @@ impl Store {
              SELECT {SCHEDULE_COLUMNS} FROM s, (SELECT count(*) FROM wake) w",
             due = send::due(),
         );
-        let query = sqlx::query_as::<_, ScheduleRow>(sql)
+        let query = query_as::<ScheduleRow>(sql)
             .bind(new.id)
             .bind(tenant.as_str())
             .bind(&new.name);
@@ -228,7 +229,7 @@ impl Store {
             "SELECT {SCHEDULE_COLUMNS} FROM schedules s WHERE s.tenant_id = $1 AND s.name = $2"
         );
         let mut tx = self.tenant_transaction(tenant).await?;
-        let row = sqlx::query_as::<_, ScheduleRow>(sql)
+        let row = query_as::<ScheduleRow>(sql)
             .bind(tenant.as_str())
             .bind(name)
             .fetch_optional(&mut *tx)
@@ -261,7 +262,7 @@ impl Store {
              ORDER BY s.name"
         );
         let mut tx = self.tenant_transaction(tenant).await?;
-        let rows = sqlx::query_as(sql)
+        let rows = query_as(sql)
             .bind(tenant.as_str())
             .bind(after)
             .bind(limit)
@@ -301,7 +302,7 @@ impl Store {
              SELECT {SCHEDULE_COLUMNS} FROM s, (SELECT count(*) FROM wake) w",
             due = send::due(),
         );
-        let query = sqlx::query_as::<_, ScheduleRow>(sql).bind(current.id);
+        let query = query_as::<ScheduleRow>(sql).bind(current.id);
         let row = bind_spec(query, &update.spec)
             .bind(update.next_run_at)
             .fetch_one(&mut *tx)
@@ -313,7 +314,7 @@ impl Store {
 
     pub async fn delete_schedule(&self, tenant: &TenantId, name: &str) -> Result<()> {
         let mut tx = self.tenant_transaction(tenant).await?;
-        let done = sqlx::query("DELETE FROM schedules WHERE tenant_id = $1 AND name = $2")
+        let done = query("DELETE FROM schedules WHERE tenant_id = $1 AND name = $2")
             .bind(tenant.as_str())
             .bind(name)
             .execute(&mut *tx)
@@ -336,7 +337,7 @@ impl Store {
             .pop()
             .flatten()
             .ok_or_else(|| Error::Corrupt("a triggered job was not inserted".into()))?;
-        sqlx::query(
+        query(
             "UPDATE schedules SET last_run_at = now(), last_job_id = $2, updated_at = now() \
              WHERE id = $1",
         )
@@ -361,7 +362,7 @@ impl Store {
              FOR UPDATE OF s SKIP LOCKED",
             fence = leader_fence!("$2"),
         );
-        let due = sqlx::query_as::<_, DueSchedule>(sql)
+        let due = query_as::<DueSchedule>(sql)
             .bind(limit)
             .bind(term.0)
             .fetch_all(&mut *tx)
@@ -377,10 +378,13 @@ impl Store {
 
     /// The earliest next tick of any unpaused schedule.
     pub async fn next_schedule_tick(&self) -> Result<Option<DateTime<Utc>>> {
-        let (at,): (Option<DateTime<Utc>>,) =
-            sqlx::query_as("SELECT min(next_run_at) FROM schedules")
-                .fetch_one(&self.pool)
-                .await?;
+        let (at,): (Option<DateTime<Utc>>,) = self
+            .pooled(async |c| {
+                Ok(query_as("SELECT min(next_run_at) FROM schedules")
+                    .fetch_one(c)
+                    .await?)
+            })
+            .await?;
         Ok(at)
     }
 }
@@ -424,7 +428,7 @@ async fn lock_schedule(
         "SELECT {SCHEDULE_COLUMNS} FROM schedules s \
          WHERE s.tenant_id = $1 AND s.name = $2 FOR UPDATE"
     );
-    sqlx::query_as::<_, ScheduleRow>(sql)
+    query_as::<ScheduleRow>(sql)
         .bind(tenant.as_str())
         .bind(name)
         .fetch_optional(&mut **tx)
@@ -465,7 +469,7 @@ impl Firing {
             )
         }));
         let last = created.last();
-        sqlx::query(
+        query(
             "UPDATE schedules SET next_run_at = $2, paused = $2 IS NULL, \
                  last_run_at = coalesce($3, last_run_at), \
                  last_job_id = coalesce($4, last_job_id), updated_at = now() \

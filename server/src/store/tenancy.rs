@@ -16,7 +16,7 @@ use sqlx::{AssertSqlSafe, Connection, PgConnection, Postgres, Transaction};
 
 use crate::domain::TenantId;
 
-use super::{Result, Store};
+use super::{Result, Store, query_as};
 
 /// The role tenant statements act as; created by migration 0013.
 pub const TENANT_ROLE: &str = "jobwire_tenant";
@@ -70,15 +70,22 @@ impl Store {
         tenant: &TenantId,
         statement: impl AsyncFnOnce(&mut PgConnection) -> Result<T>,
     ) -> Result<T> {
-        self.hot(async |c| scoped(c, tenant, statement).await).await
+        // Scoped statements run in a transaction already, which pins them behind a pooler.
+        self.hot
+            .run(&self.pool, async |c| scoped(c, tenant, statement).await)
+            .await
     }
 
     /// Fails start-up when this server's role cannot act as [`TENANT_ROLE`] (it was created
     /// by someone else and not granted), rather than failing every request later.
     pub(super) async fn check_tenant_role(&self) -> Result<()> {
-        let (member,): (bool,) = sqlx::query_as("SELECT pg_has_role($1, 'MEMBER')")
-            .bind(TENANT_ROLE)
-            .fetch_one(&self.pool)
+        let (member,): (bool,) = self
+            .pooled(async |c| {
+                Ok(query_as("SELECT pg_has_role($1, 'MEMBER')")
+                    .bind(TENANT_ROLE)
+                    .fetch_one(c)
+                    .await?)
+            })
             .await?;
         if member {
             Ok(())

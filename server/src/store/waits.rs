@@ -4,7 +4,7 @@
 
 use uuid::Uuid;
 
-use super::{Result, Store, Term, notify::send};
+use super::{Result, Store, Term, notify::send, query_as};
 use crate::domain::{
     JobState,
     waits::{Broken, WaitEnd, Waiting},
@@ -58,10 +58,8 @@ impl Store {
              LIMIT $2",
             fence = leader_fence!("$1"),
         );
-        let rows: Vec<WaitingRow> = sqlx::query_as(sql)
-            .bind(term.0)
-            .bind(limit)
-            .fetch_all(&self.pool)
+        let rows: Vec<WaitingRow> = self
+            .pooled(async |c| Ok(query_as(sql).bind(term.0).bind(limit).fetch_all(c).await?))
             .await?;
         Ok(rows
             .into_iter()
@@ -127,11 +125,15 @@ impl Store {
         if ids.is_empty() {
             return Ok(0);
         }
-        let (changed, _woken): (i64, i64) = sqlx::query_as(sql)
-            .bind(term.0)
-            .bind(&ids)
-            .bind(&cancels)
-            .fetch_one(&self.pool)
+        let (changed, _woken): (i64, i64) = self
+            .pooled(async |c| {
+                Ok(query_as(sql)
+                    .bind(term.0)
+                    .bind(&ids)
+                    .bind(&cancels)
+                    .fetch_one(c)
+                    .await?)
+            })
             .await?;
         Ok(u64::try_from(changed).unwrap_or(0))
     }

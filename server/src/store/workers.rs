@@ -14,7 +14,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use super::{Error, Result, Store, notify::send};
+use super::{Error, Result, Store, notify::send, query, query_as};
 use crate::domain::TenantId;
 
 /// What a stream's row says of it.
@@ -86,7 +86,7 @@ impl Store {
     ) -> Result<bool> {
         let mut tx = self.tenant_transaction(&worker.tenant).await?;
         if let Some(within) = prune_within {
-            sqlx::query(
+            query(
                 "DELETE FROM workers WHERE tenant_id = $1 \
                    AND heartbeat_at < now() - $2 * interval '1 millisecond'",
             )
@@ -95,7 +95,7 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         }
-        let (drain,): (bool,) = sqlx::query_as(
+        let (drain,): (bool,) = query_as(
             "INSERT INTO workers (id, tenant_id, worker_id, version, host, replica, queues, \
                  job_types, slots, prefetch) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
@@ -121,7 +121,7 @@ impl Store {
     /// Forgets a stream that ended.
     pub async fn forget_worker(&self, tenant: &TenantId, id: Uuid) -> Result<()> {
         self.as_tenant(tenant, async |conn| {
-            sqlx::query("DELETE FROM workers WHERE tenant_id = $1 AND id = $2")
+            query("DELETE FROM workers WHERE tenant_id = $1 AND id = $2")
                 .bind(tenant.as_str())
                 .bind(id)
                 .execute(conn)
@@ -141,7 +141,7 @@ impl Store {
         limit: i64,
     ) -> Result<Vec<WorkerView>> {
         self.as_tenant(tenant, async |conn| {
-            Ok(sqlx::query_as::<_, WorkerView>(VIEW_SQL)
+            Ok(query_as::<WorkerView>(VIEW_SQL)
                 .bind(tenant.as_str())
                 .bind(millis(live_within))
                 .bind(after)
@@ -176,14 +176,14 @@ impl Store {
             drain = send::drain("$1", "$2"),
         );
         let mut tx = self.tenant_transaction(tenant).await?;
-        let (ids,): (Option<Vec<Uuid>>,) = sqlx::query_as(sql)
+        let (ids,): (Option<Vec<Uuid>>,) = query_as(sql)
             .bind(tenant.as_str())
             .bind(worker_id)
             .bind(millis(live_within))
             .fetch_one(&mut *tx)
             .await?;
         let ids = ids.filter(|ids| !ids.is_empty()).ok_or(Error::NotFound)?;
-        let views = sqlx::query_as::<_, WorkerView>(VIEW_SQL)
+        let views = query_as::<WorkerView>(VIEW_SQL)
             .bind(tenant.as_str())
             .bind(millis(live_within))
             .bind(None::<Uuid>)
