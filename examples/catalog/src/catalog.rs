@@ -144,11 +144,17 @@ mod tests {
             let payload = e.payload();
             let output = e.schema.output_type();
             assert_eq!(output, format!("{payload}Output"), "{name}");
+            let mut expected = JobSchema::new(payload, output, pb::JOBWIRE_DESCRIPTOR_SET)
+                .queue(queue)
+                .priority(priority);
+            if name == "update.apply.package" {
+                // A HIGH risk update waits for approval, a day at most.
+                expected = expected
+                    .approval_when(&[("risk_level", &["RISK_LEVEL_HIGH"])])
+                    .approval_timeout_ms(86_400_000);
+            }
             assert_eq!(
-                e.schema,
-                JobSchema::new(payload, output, pb::JOBWIRE_DESCRIPTOR_SET)
-                    .queue(queue)
-                    .priority(priority),
+                e.schema, expected,
                 "{name}: the generated schema carries the option's defaults"
             );
         }
