@@ -83,29 +83,10 @@ fn defaults(
         needs_approval: d.needs_approval,
         retry_rules: rules,
         approval_when: conditions(&d.approval_when, payload).map_err(within)?,
-        approval_timeout_ms: match &d.approval_timeout {
-            None => None,
-            Some(t) => {
-                let t = validate::duration("approval_timeout", t).map_err(within)?;
-                if t < std::time::Duration::from_secs(1) {
-                    return Err(within(ApiError::invalid(
-                        "approval_timeout",
-                        "must be at least 1s",
-                    )));
-                }
-                Some(i64::try_from(t.as_millis()).unwrap_or(i64::MAX))
-            }
-        },
-        approval_timeout_fails: match pb::ApprovalTimeoutAction::try_from(d.on_approval_timeout) {
-            Ok(pb::ApprovalTimeoutAction::Fail) => true,
-            Ok(_) => false,
-            Err(_) => {
-                return Err(within(ApiError::invalid(
-                    "on_approval_timeout",
-                    format!("{} is not an ApprovalTimeoutAction", d.on_approval_timeout),
-                )));
-            }
-        },
+        approval_timeout_ms: validate::approval_timeout(d.approval_timeout.as_ref())
+            .map_err(within)?,
+        approval_timeout_fails: validate::approval_timeout_fails(d.on_approval_timeout)
+            .map_err(within)?,
     })
 }
 

@@ -381,30 +381,8 @@ pub fn job_spec(spec: &pb::JobSpec, max_payload: usize) -> Result<NewJob, ApiErr
             ));
         }
     };
-    let approval_timeout_ms = match &spec.approval_timeout {
-        None => None,
-        Some(d) => {
-            let d = duration("approval_timeout", d)?;
-            if d < MIN_APPROVAL_TIMEOUT {
-                return Err(ApiError::invalid("approval_timeout", "must be at least 1s"));
-            }
-            Some(millis(d))
-        }
-    };
-    let approval_timeout_fails = match pb::ApprovalTimeoutAction::try_from(spec.on_approval_timeout)
-    {
-        Ok(pb::ApprovalTimeoutAction::Unspecified | pb::ApprovalTimeoutAction::Reject) => false,
-        Ok(pb::ApprovalTimeoutAction::Fail) => true,
-        Err(_) => {
-            return Err(ApiError::invalid(
-                "on_approval_timeout",
-                format!(
-                    "{} is not an ApprovalTimeoutAction",
-                    spec.on_approval_timeout
-                ),
-            ));
-        }
-    };
+    let approval_timeout_ms = approval_timeout(spec.approval_timeout.as_ref())?;
+    let approval_timeout_fails = approval_timeout_fails(spec.on_approval_timeout)?;
     Ok(NewJob {
         id: JobId::new(),
         approval_timeout_ms,
@@ -444,6 +422,29 @@ pub fn batch_len(len: usize) -> Result<(), ApiError> {
         ));
     }
     Ok(())
+}
+
+/// An approval timeout, in milliseconds (1 s to 10 years), for a job or a job type.
+pub fn approval_timeout(value: Option<&prost_types::Duration>) -> Result<Option<i64>, ApiError> {
+    let Some(d) = value else { return Ok(None) };
+    let d = duration("approval_timeout", d)?;
+    if d < MIN_APPROVAL_TIMEOUT {
+        return Err(ApiError::invalid("approval_timeout", "must be at least 1s"));
+    }
+    Ok(Some(millis(d)))
+}
+
+/// Whether an approval timeout fails the job (FAIL) rather than reject it (REJECT, the
+/// default).
+pub fn approval_timeout_fails(value: i32) -> Result<bool, ApiError> {
+    match pb::ApprovalTimeoutAction::try_from(value) {
+        Ok(pb::ApprovalTimeoutAction::Unspecified | pb::ApprovalTimeoutAction::Reject) => Ok(false),
+        Ok(pb::ApprovalTimeoutAction::Fail) => Ok(true),
+        Err(_) => Err(ApiError::invalid(
+            "on_approval_timeout",
+            format!("{value} is not an ApprovalTimeoutAction"),
+        )),
+    }
 }
 
 /// A single job: [`job_spec`], refusing what only a batch can hold.
