@@ -100,6 +100,7 @@ pub async fn with_types<'a>(
 /// `jobs list`: one page, filtered.
 async fn list(client: &Client, pool: &Pool, json: bool, args: ListJobsArgs) -> Result<(), Failure> {
     let request = pb::ListJobsRequest {
+        parent_id: Default::default(),
         page_size: args
             .page_size
             .map_or(0, |size| i32::try_from(size).unwrap_or(i32::MAX)),
@@ -187,7 +188,10 @@ async fn enqueue(
         ..Default::default()
     };
     let response = JobServiceClient::new(client.channel())
-        .enqueue_job(client.request(pb::EnqueueJobRequest { job: Some(spec) }))
+        .enqueue_job(client.request(pb::EnqueueJobRequest {
+            parent: Default::default(),
+            job: Some(spec),
+        }))
         .await?
         .into_inner();
     if json {

@@ -17,6 +17,15 @@
 //! stream before the attempt's result. A [`checkpoint`](JobContext::checkpoint) waits for the
 //! server to store it; the next attempt (after a pause, a crash or a retry) starts with it in
 //! [`last_checkpoint`](JobContext::last_checkpoint).
+//!
+//! A handler fans out through its context: [`enqueue_children`](JobContext::enqueue_children)
+//! stores jobs as its children, and returning
+//! [`wait_for_children`](JobContext::wait_for_children) hands back its slot while they run. The
+//! job then waits on the server, holding no worker, and runs again (an attempt that does not
+//! count against its retries) once every child has ended, with
+//! [`children_ended`](JobContext::children_ended) set, to aggregate
+//! [`children`](JobContext::children). The handler runs from its start each time, so it tells
+//! the two apart by `children_ended` (or its checkpoint).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -26,6 +35,8 @@ use std::time::SystemTime;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::client::{Enqueued, NewJob};
+use crate::error::HandlerError;
 use crate::job::{self, JobId, JobInfo};
 use crate::proto::v1 as pb;
 use crate::report::{LogLevel, Progress};
@@ -102,6 +113,13 @@ struct Inner {
     depends_on: Vec<JobId>,
     /// The worker's connection, for reading other jobs (none in unit tests).
     client: Option<Client>,
+    /// The attempt resumes the job after its children ended.
+    children_ended: bool,
+    /// Children this attempt enqueued so far: the next one's position, for its default key.
+    /// Held across each enqueue, so that calls number their children one after the other, and
+    /// moved on only once the server has stored them: a call that failed is numbered the same
+    /// when made again, and so finds what it stored if it did.
+    children_enqueued: tokio::sync::Mutex<u32>,
 }
 
 impl JobContext {
@@ -129,6 +147,8 @@ impl JobContext {
                 reports,
                 depends_on: lease.depends_on.iter().cloned().map(JobId::from).collect(),
                 client: None,
+                children_ended: lease.children_ended,
+                children_enqueued: tokio::sync::Mutex::new(0),
             }),
         }
     }
@@ -162,10 +182,81 @@ impl JobContext {
                 self.inner.job_id
             )));
         }
-        let client = self.inner.client.as_ref().ok_or_else(|| {
-            Error::Config("this context has no connection to read other jobs".into())
-        })?;
-        client.get_job(id.as_str()).await
+        self.client()?.get_job(id.as_str()).await
+    }
+
+    fn client(&self) -> Result<&Client, Error> {
+        self.inner.client.as_ref().ok_or_else(|| {
+            Error::Config("this context has no connection to the server's JobService".into())
+        })
+    }
+
+    /// Enqueues jobs as children of this job, in one transaction, all or none. The server
+    /// takes them only while this attempt holds its lease (a stale one is refused with
+    /// [`Error::Rpc`] ABORTED), and cancels those not yet ended if this job ends CANCELLED or
+    /// FAILED.
+    ///
+    /// A child enqueued without an idempotency key gets one naming this job and the child's
+    /// position among those this attempt enqueued (`<job id>/child/<n>`): a call that failed
+    /// (the server unreachable, its answer lost) may be made again and finds what it stored,
+    /// and a handler that runs again after a crash or a retry and enqueues the same children
+    /// in the same order gets the existing ones back rather than twins.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::BadRequest`] when a job is invalid (none was stored), [`Error::Rpc`] or
+    /// [`Error::Transport`] when the server cannot be reached or the lease is stale,
+    /// [`Error::Config`] on a context with no connection.
+    pub async fn enqueue_children<I>(
+        &self,
+        jobs: I,
+    ) -> Result<Vec<Enqueued<<I::Item as NewJob>::Job>>, Error>
+    where
+        I: IntoIterator,
+        I::Item: NewJob,
+    {
+        let client = self.client()?;
+        let mut specs = crate::client::specs(jobs)?;
+        let mut enqueued = self.inner.children_enqueued.lock().await;
+        let count = u32::try_from(specs.len()).unwrap_or(u32::MAX);
+        for (n, spec) in (*enqueued..).zip(specs.iter_mut()) {
+            if spec.idempotency_key.is_empty() {
+                spec.idempotency_key = format!("{}/child/{n}", self.inner.job_id);
+            }
+        }
+        let parent = pb::LeaseRef {
+            job_id: self.inner.job_id.as_str().to_owned(),
+            attempt: i32::try_from(self.inner.attempt).unwrap_or(i32::MAX),
+        };
+        let stored = client.enqueue_specs(specs, Some(parent)).await?;
+        *enqueued = enqueued.saturating_add(count);
+        Ok(stored)
+    }
+
+    /// What the handler returns to wait for its children rather than finish:
+    /// `return Err(ctx.wait_for_children())`. The attempt ends without counting against the
+    /// job's retries, the job waits on the server without holding a slot, and it runs again
+    /// once every child has ended, with [`children_ended`](Self::children_ended) set. A job
+    /// with no unfinished child runs again at once.
+    pub fn wait_for_children(&self) -> HandlerError {
+        HandlerError::waiting_for_children()
+    }
+
+    /// Whether this attempt resumes the job after its children ended (it returned
+    /// [`wait_for_children`](Self::wait_for_children) before): time to aggregate
+    /// [`children`](Self::children).
+    pub fn children_ended(&self) -> bool {
+        self.inner.children_ended
+    }
+
+    /// Every child of this job as the server has it now, oldest first, with their states and
+    /// results: read once [`children_ended`](Self::children_ended), every one has ended.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Status`] when the server cannot be reached or refuses the read.
+    pub async fn children(&self) -> Result<Vec<JobInfo>, Error> {
+        self.client()?.children(&self.inner.job_id).await
     }
 
     /// The job's id.

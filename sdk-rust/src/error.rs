@@ -337,6 +337,9 @@ pub struct HandlerError {
     /// The error the handler failed with, when it converted one: what retry predicates look
     /// at. Shared, so the report stays cheap to clone.
     source: Option<Arc<dyn std::error::Error + Send + Sync + 'static>>,
+    /// Not a failure: the handler returned to wait for its children
+    /// ([`JobContext::wait_for_children`](crate::JobContext::wait_for_children)).
+    waits_for_children: bool,
 }
 
 impl HandlerError {
@@ -349,7 +352,22 @@ impl HandlerError {
             retryable: true,
             retry_after: None,
             source: None,
+            waits_for_children: false,
         }
+    }
+
+    /// The handler's wait for its children, returned as an error so that `?` and early
+    /// returns carry it out of the handler.
+    pub(crate) fn waiting_for_children() -> Self {
+        Self {
+            waits_for_children: true,
+            ..Self::retryable("waiting for children")
+        }
+    }
+
+    /// Whether this is not a failure but the handler's wait for its children.
+    pub fn waits_for_children(&self) -> bool {
+        self.waits_for_children
     }
 
     /// A failure that no retry can fix, such as an invalid payload: the job fails at once,
@@ -466,6 +484,7 @@ impl PartialEq for HandlerError {
             && self.kind == other.kind
             && self.retryable == other.retryable
             && self.retry_after == other.retry_after
+            && self.waits_for_children == other.waits_for_children
     }
 }
 

@@ -128,6 +128,9 @@ pub(crate) type SharedPredicate = Arc<dyn RetryPredicate>;
 
 /// `error` as `predicate` decides it.
 pub(crate) fn apply(predicate: Option<&SharedPredicate>, error: HandlerError) -> HandlerError {
+    if error.waits_for_children() {
+        return error;
+    }
     match predicate.and_then(|predicate| predicate.decide(&error)) {
         Some(decision) => error.decided(decision),
         None => error,

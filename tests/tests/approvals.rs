@@ -204,6 +204,7 @@ async fn approval_is_needed_only_when_the_risk_is_high_and_the_approver_is_in_th
     high.wait().await.expect("the approved update runs");
 
     let mut watch = tonic::Request::new(pb::WatchJobRequest {
+        include_children: Default::default(),
         id: high.id().as_str().into(),
         after_sequence: 0,
     });
@@ -251,6 +252,7 @@ async fn the_approval_timeout_rejects_or_fails_the_job_as_it_was_told() {
         let admin = admin.clone();
         async move {
             let mut request = tonic::Request::new(pb::EnqueueJobRequest {
+                parent: Default::default(),
                 job: Some(pb::JobSpec {
                     job_type: "update.apply.package".into(),
                     payload_json: Some(jobwire_tests_struct(&[

@@ -171,6 +171,7 @@ async fn the_key_decides_the_tenant_whatever_the_header_says() {
     let mut raw = RawClient::new(channel(&server.url()).await);
 
     let spec = pb::EnqueueJobRequest {
+        parent: Default::default(),
         job: Some(pb::JobSpec {
             job_type: "auth.job".into(),
             payload: Some(prost_types::Any {
@@ -261,6 +262,7 @@ async fn a_worker_key_of_another_tenant_never_receives_a_lease() {
     let server = ServerProcess::start(&db, &[]).await;
     let mut raw = RawClient::new(channel(&server.url()).await);
     let spec = pb::EnqueueJobRequest {
+        parent: Default::default(),
         job: Some(pb::JobSpec {
             job_type: "auth.work".into(),
             payload: Some(prost_types::Any {
@@ -572,6 +574,7 @@ async fn job_events_name_the_key_that_approved_rejected_cancelled_or_retried() {
             .unary(
                 "/jobwire.v1.JobService/EnqueueJob",
                 pb::EnqueueJobRequest {
+                    parent: Default::default(),
                     job: Some(pb::JobSpec {
                         job_type: "risky.job".into(),
                         payload: Some(prost_types::Any {
@@ -655,6 +658,7 @@ async fn job_events_name_the_key_that_approved_rejected_cancelled_or_retried() {
             .server_streaming(
                 "/jobwire.v1.JobService/WatchJob",
                 pb::WatchJobRequest {
+                    include_children: Default::default(),
                     id: id.to_owned(),
                     after_sequence: 0,
                 }
@@ -757,6 +761,7 @@ async fn another_tenants_admin_reaches_nothing_of_a_tenant_through_any_rpc() {
         .unary(
             "/jobwire.v1.JobService/EnqueueJob",
             pb::EnqueueJobRequest {
+                parent: Default::default(),
                 job: Some(pb::JobSpec {
                     job_type: "ta.job".into(),
                     queue: "qa".into(),
@@ -906,6 +911,7 @@ async fn the_audit_log_lists_administrative_actions_with_their_actor() {
     let server = ServerProcess::start(&db, &[]).await;
     let mut raw = RawClient::new(channel(&server.url()).await);
     let enqueue = pb::EnqueueJobRequest {
+        parent: Default::default(),
         job: Some(pb::JobSpec {
             job_type: "audit.job".into(),
             queue: "audited".into(),

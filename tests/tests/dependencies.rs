@@ -276,6 +276,7 @@ async fn a_batch_orders_its_own_jobs_and_a_dependency_already_done_releases_at_o
     // Listed last-first: only the indexes order them.
     let batch = raw
         .enqueue_jobs(pb::EnqueueJobsRequest {
+            parent: Default::default(),
             jobs: vec![
                 pb::JobSpec {
                     depends_on_index: vec![1],
@@ -314,6 +315,7 @@ async fn unknown_dependencies_cycles_and_other_tenants_jobs_are_refused_whole() 
     let unknown = uuid::Uuid::now_v7().to_string();
     let refused = raw
         .enqueue_job(pb::EnqueueJobRequest {
+            parent: Default::default(),
             job: Some(pb::JobSpec {
                 depends_on: vec![unknown.clone()],
                 ..spec()
@@ -324,6 +326,7 @@ async fn unknown_dependencies_cycles_and_other_tenants_jobs_are_refused_whole() 
 
     let refused = raw
         .enqueue_job(pb::EnqueueJobRequest {
+            parent: Default::default(),
             job: Some(pb::JobSpec {
                 depends_on: vec!["not-a-uuid".into()],
                 ..spec()
@@ -334,6 +337,7 @@ async fn unknown_dependencies_cycles_and_other_tenants_jobs_are_refused_whole() 
 
     let refused = raw
         .enqueue_job(pb::EnqueueJobRequest {
+            parent: Default::default(),
             job: Some(pb::JobSpec {
                 depends_on_index: vec![0],
                 ..spec()
@@ -345,6 +349,7 @@ async fn unknown_dependencies_cycles_and_other_tenants_jobs_are_refused_whole() 
     // A cycle of three, and a job waiting on itself.
     let refused = raw
         .enqueue_jobs(pb::EnqueueJobsRequest {
+            parent: Default::default(),
             jobs: vec![
                 pb::JobSpec {
                     depends_on_index: vec![2],
@@ -364,6 +369,7 @@ async fn unknown_dependencies_cycles_and_other_tenants_jobs_are_refused_whole() 
     support::assert_status(refused, Code::InvalidArgument, "depends_on_index");
     let refused = raw
         .enqueue_jobs(pb::EnqueueJobsRequest {
+            parent: Default::default(),
             jobs: vec![
                 spec(),
                 pb::JobSpec {
@@ -381,7 +387,10 @@ async fn unknown_dependencies_cycles_and_other_tenants_jobs_are_refused_whole() 
 
     // A job of another tenant is no dependency: refused as unknown, and the batch holding it
     // is written not at all.
-    let mut request = tonic::Request::new(pb::EnqueueJobRequest { job: Some(spec()) });
+    let mut request = tonic::Request::new(pb::EnqueueJobRequest {
+        parent: Default::default(),
+        job: Some(spec()),
+    });
     request
         .metadata_mut()
         .insert("jobwire-tenant", "other".parse().expect("header"));
@@ -394,6 +403,7 @@ async fn unknown_dependencies_cycles_and_other_tenants_jobs_are_refused_whole() 
         .expect("job");
     let refused = raw
         .enqueue_jobs(pb::EnqueueJobsRequest {
+            parent: Default::default(),
             jobs: vec![
                 spec(),
                 pb::JobSpec {

@@ -133,7 +133,10 @@ async fn timestamps_outside_their_range_are_refused_by_name() {
         }));
         assert_status(
             client
-                .enqueue_job(pb::EnqueueJobRequest { job: Some(job) })
+                .enqueue_job(pb::EnqueueJobRequest {
+                    parent: Default::default(),
+                    job: Some(job),
+                })
                 .await,
             Code::InvalidArgument,
             "run_at",
@@ -336,6 +339,7 @@ async fn batches_fit_the_request_budget_and_larger_requests_are_refused() {
     let mut client = jobs(&server.url()).await;
     // About 2.3 MB: small jobs, but more than a payload's worth in all.
     let batch = pb::EnqueueJobsRequest {
+        parent: Default::default(),
         jobs: (0..5000).map(|_| big_spec("bulk", 400)).collect(),
     };
     let enqueued = client
@@ -346,6 +350,7 @@ async fn batches_fit_the_request_budget_and_larger_requests_are_refused() {
     assert_eq!(enqueued.jobs.len(), 5000);
 
     let oversized = pb::EnqueueJobsRequest {
+        parent: Default::default(),
         jobs: (0..5).map(|_| big_spec("huge", MIB)).collect(),
     };
     let status = client
@@ -474,7 +479,10 @@ async fn malformed_requests_are_refused_by_name_never_internal() {
     job.payload_json = Some(json_struct(serde_json::json!({"time": "yesterday"})));
     assert_status(
         client
-            .enqueue_job(pb::EnqueueJobRequest { job: Some(job) })
+            .enqueue_job(pb::EnqueueJobRequest {
+                parent: Default::default(),
+                job: Some(job),
+            })
             .await,
         Code::InvalidArgument,
         "job.payload_json.time",
@@ -489,7 +497,10 @@ async fn malformed_requests_are_refused_by_name_never_internal() {
     job.payload = None;
     job.payload_json = Some(json_struct(nested));
     let status = client
-        .enqueue_job(pb::EnqueueJobRequest { job: Some(job) })
+        .enqueue_job(pb::EnqueueJobRequest {
+            parent: Default::default(),
+            job: Some(job),
+        })
         .await
         .expect_err("too deep");
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
@@ -524,7 +535,10 @@ async fn malformed_requests_are_refused_by_name_never_internal() {
     });
     assert_status(
         client
-            .enqueue_job(pb::EnqueueJobRequest { job: Some(job) })
+            .enqueue_job(pb::EnqueueJobRequest {
+                parent: Default::default(),
+                job: Some(job),
+            })
             .await,
         Code::InvalidArgument,
         "job.payload.type_url",

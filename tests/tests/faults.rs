@@ -289,6 +289,7 @@ async fn a_server_whose_database_connections_drop_serves_again() {
         async move {
             client
                 .enqueue_job(pb::EnqueueJobRequest {
+                    parent: Default::default(),
                     job: Some(spec("type.reconnect", "default")),
                 })
                 .await

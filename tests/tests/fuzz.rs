@@ -498,6 +498,7 @@ async fn hostile_worker(url: String, seed: u64, seconds: u64) -> Vec<String> {
         for _ in 0..20 {
             let _ = jobs
                 .enqueue_job(pb::EnqueueJobRequest {
+                    parent: Default::default(),
                     job: Some(support::spec(JOB_TYPES[0], "default")),
                 })
                 .await;

@@ -22,7 +22,10 @@ fn spec(job_type: &str, payload: &[u8], key: &str) -> pb::JobSpec {
 }
 
 fn single(job: pb::JobSpec) -> pb::EnqueueJobRequest {
-    pb::EnqueueJobRequest { job: Some(job) }
+    pb::EnqueueJobRequest {
+        parent: Default::default(),
+        job: Some(job),
+    }
 }
 
 /// The existing job's id as the refusal's details carry it (ErrorInfo and ResourceInfo).
@@ -91,6 +94,7 @@ async fn a_key_reused_for_another_payload_or_type_is_refused_with_the_first_jobs
     // A batch with one reused key is refused whole: its other job is not written either.
     let refused = jobs
         .enqueue_jobs(pb::EnqueueJobsRequest {
+            parent: Default::default(),
             jobs: vec![spec("idem.job", b"C", "k2"), spec("idem.job", b"B", "k1")],
         })
         .await

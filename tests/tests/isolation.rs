@@ -77,7 +77,10 @@ async fn a_nul_byte_in_an_enqueue_fails_only_its_own_caller() {
                 let result = client
                     .enqueue_job(tenant_request(
                         "shared",
-                        pb::EnqueueJobRequest { job: Some(job) },
+                        pb::EnqueueJobRequest {
+                            parent: Default::default(),
+                            job: Some(job),
+                        },
                     ))
                     .await;
                 answers.push((result, field));
@@ -98,7 +101,10 @@ async fn a_nul_byte_in_an_enqueue_fails_only_its_own_caller() {
                 if let Err(status) = client
                     .enqueue_job(tenant_request(
                         "shared",
-                        pb::EnqueueJobRequest { job: Some(job) },
+                        pb::EnqueueJobRequest {
+                            parent: Default::default(),
+                            job: Some(job),
+                        },
                     ))
                     .await
                 {
@@ -204,6 +210,7 @@ fn report(lease: &pb::Lease, request_id: u64, n: usize, poisoned: bool) -> (In, 
         ),
         _ => (
             In::Complete(pb::CompleteJob {
+                wait_for_children: Default::default(),
                 request_id,
                 lease: lease_ref,
                 result: Some(prost_types::Any {
@@ -222,6 +229,7 @@ async fn enqueue_for(channel: &Channel, tenant: &str, jobs: usize) {
         .enqueue_jobs(tenant_request(
             tenant,
             pb::EnqueueJobsRequest {
+                parent: Default::default(),
                 jobs: (0..jobs).map(|_| spec(JOB_TYPE, "default")).collect(),
             },
         ))

@@ -157,13 +157,17 @@ async fn cancel_retry_and_idempotency() {
     keyed.idempotency_key = "order-42".into();
     let first = client
         .enqueue_job(pb::EnqueueJobRequest {
+            parent: Default::default(),
             job: Some(keyed.clone()),
         })
         .await
         .expect("first enqueue")
         .into_inner();
     let second = client
-        .enqueue_job(pb::EnqueueJobRequest { job: Some(keyed) })
+        .enqueue_job(pb::EnqueueJobRequest {
+            parent: Default::default(),
+            job: Some(keyed),
+        })
         .await
         .expect("second enqueue")
         .into_inner();
@@ -187,6 +191,7 @@ async fn cancel_retry_and_idempotency() {
     };
     let batch = client
         .enqueue_jobs(pb::EnqueueJobsRequest {
+            parent: Default::default(),
             jobs: vec![keyed("batch-1"), keyed("order-42"), later],
         })
         .await
@@ -210,6 +215,7 @@ async fn cancel_retry_and_idempotency() {
     assert_eq!(get(&mut client, &batch[2].id).await.job_type, "type.later");
     let again = client
         .enqueue_jobs(pb::EnqueueJobsRequest {
+            parent: Default::default(),
             jobs: vec![spec("type.plain", "default"), keyed("batch-1")],
         })
         .await
@@ -346,7 +352,10 @@ async fn bad_input_is_refused_with_the_field_named() {
     high.priority = Some(101);
     assert_status(
         client
-            .enqueue_job(pb::EnqueueJobRequest { job: Some(high) })
+            .enqueue_job(pb::EnqueueJobRequest {
+                parent: Default::default(),
+                job: Some(high),
+            })
             .await,
         Code::InvalidArgument,
         "job.priority",
@@ -356,6 +365,7 @@ async fn bad_input_is_refused_with_the_field_named() {
     assert_status(
         client
             .enqueue_job(pb::EnqueueJobRequest {
+                parent: Default::default(),
                 job: Some(negative),
             })
             .await,
@@ -365,6 +375,7 @@ async fn bad_input_is_refused_with_the_field_named() {
     assert_status(
         client
             .enqueue_job(pb::EnqueueJobRequest {
+                parent: Default::default(),
                 job: Some(spec("", "default")),
             })
             .await,
@@ -374,6 +385,7 @@ async fn bad_input_is_refused_with_the_field_named() {
     assert_status(
         client
             .enqueue_job(pb::EnqueueJobRequest {
+                parent: Default::default(),
                 job: Some(spec("bad type!", "default")),
             })
             .await,
@@ -382,7 +394,10 @@ async fn bad_input_is_refused_with_the_field_named() {
     );
     assert_status(
         client
-            .enqueue_job(pb::EnqueueJobRequest { job: None })
+            .enqueue_job(pb::EnqueueJobRequest {
+                parent: Default::default(),
+                job: None,
+            })
             .await,
         Code::InvalidArgument,
         "job",
@@ -392,6 +407,7 @@ async fn bad_input_is_refused_with_the_field_named() {
     assert_status(
         client
             .enqueue_job(pb::EnqueueJobRequest {
+                parent: Default::default(),
                 job: Some(no_payload),
             })
             .await,
@@ -402,7 +418,10 @@ async fn bad_input_is_refused_with_the_field_named() {
     big.payload = Some(support::any_bytes("test.Big", vec![7; 1024 * 1024 + 1]));
     assert_status(
         client
-            .enqueue_job(pb::EnqueueJobRequest { job: Some(big) })
+            .enqueue_job(pb::EnqueueJobRequest {
+                parent: Default::default(),
+                job: Some(big),
+            })
             .await,
         Code::InvalidArgument,
         "job.payload",
@@ -414,7 +433,10 @@ async fn bad_input_is_refused_with_the_field_named() {
     });
     assert_status(
         client
-            .enqueue_job(pb::EnqueueJobRequest { job: Some(policy) })
+            .enqueue_job(pb::EnqueueJobRequest {
+                parent: Default::default(),
+                job: Some(policy),
+            })
             .await,
         Code::InvalidArgument,
         "job.retry_policy.max_attempts",
@@ -435,6 +457,7 @@ async fn bad_input_is_refused_with_the_field_named() {
     assert_status(
         client
             .enqueue_jobs(pb::EnqueueJobsRequest {
+                parent: Default::default(),
                 jobs: vec![spec("type.a", "default"), bad, spec("type.a", "default")],
             })
             .await,
@@ -471,6 +494,7 @@ async fn bad_input_is_refused_with_the_field_named() {
     // The server is still serving, and the valid batch goes through.
     let batch = client
         .enqueue_jobs(pb::EnqueueJobsRequest {
+            parent: Default::default(),
             jobs: vec![spec("type.a", "default"), spec("type.b", "default")],
         })
         .await
@@ -646,7 +670,10 @@ async fn an_enqueue_racing_an_uncommitted_key_is_answered_with_the_winner() {
         let (mut client, job) = (client.clone(), keyed.clone());
         tokio::spawn(async move {
             client
-                .enqueue_job(pb::EnqueueJobRequest { job: Some(job) })
+                .enqueue_job(pb::EnqueueJobRequest {
+                    parent: Default::default(),
+                    job: Some(job),
+                })
                 .await
         })
     };
@@ -655,6 +682,7 @@ async fn an_enqueue_racing_an_uncommitted_key_is_answered_with_the_winner() {
         tokio::spawn(async move {
             client
                 .enqueue_jobs(pb::EnqueueJobsRequest {
+                    parent: Default::default(),
                     jobs: vec![spec("type.plain", "default"), job],
                 })
                 .await
@@ -727,7 +755,10 @@ async fn concurrent_enqueues_share_commits_but_not_failures() {
                 job.idempotency_key = "shared-key".into();
             }
             let result = client
-                .enqueue_job(pb::EnqueueJobRequest { job: Some(job) })
+                .enqueue_job(pb::EnqueueJobRequest {
+                    parent: Default::default(),
+                    job: Some(job),
+                })
                 .await
                 .map(|r| r.into_inner());
             if let Ok(response) = &result {
@@ -792,6 +823,7 @@ async fn concurrent_enqueues_are_written_by_few_transactions() {
             start.wait().await;
             client
                 .enqueue_job(pb::EnqueueJobRequest {
+                    parent: Default::default(),
                     job: Some(spec("type.grouped", "default")),
                 })
                 .await
@@ -826,6 +858,7 @@ async fn a_burst_of_progress_reports_is_answered_report_by_report() {
     let mut client = jobs(&url).await;
     client
         .enqueue_jobs(pb::EnqueueJobsRequest {
+            parent: Default::default(),
             jobs: (0..JOBS).map(|_| spec("type.burst", "default")).collect(),
         })
         .await
@@ -1105,6 +1138,7 @@ async fn a_prefetching_worker_holds_its_slots_and_prefetch_and_hands_back_what_i
 
     client
         .enqueue_jobs(pb::EnqueueJobsRequest {
+            parent: Default::default(),
             jobs: (0..400).map(|_| spec("type.prefetch", "default")).collect(),
         })
         .await
@@ -1230,6 +1264,7 @@ async fn a_cancel_asked_while_the_lease_waits_on_the_server_reaches_the_worker_w
     let mut client = jobs(&url).await;
     client
         .enqueue_jobs(pb::EnqueueJobsRequest {
+            parent: Default::default(),
             jobs: (0..400).map(|_| spec("type.ahead", "default")).collect(),
         })
         .await

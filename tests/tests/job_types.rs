@@ -306,6 +306,7 @@ async fn a_registered_type_takes_checked_json_examples_and_defaults() {
     // An example by its slug.
     let by_example = jobs
         .enqueue_job(pb::EnqueueJobRequest {
+            parent: Default::default(),
             job: Some(pb::JobSpec {
                 job_type: "demo.resize".into(),
                 example: "small".into(),
@@ -371,7 +372,10 @@ async fn a_registered_type_takes_checked_json_examples_and_defaults() {
         ),
     ] {
         let status = jobs
-            .enqueue_job(pb::EnqueueJobRequest { job: Some(spec) })
+            .enqueue_job(pb::EnqueueJobRequest {
+                parent: Default::default(),
+                job: Some(spec),
+            })
             .await
             .expect_err("refused");
         assert_eq!(status.code(), Code::InvalidArgument, "{field}: {status:?}");
@@ -443,6 +447,7 @@ async fn a_registered_type_takes_checked_json_examples_and_defaults() {
     assert_eq!(latest.version, 2);
     let newer = jobs
         .enqueue_job(pb::EnqueueJobRequest {
+            parent: Default::default(),
             job: Some(pb::JobSpec {
                 job_type: "demo.resize".into(),
                 payload_json: Some(json_struct(serde_json::json!({"width": 3, "quality": 3}))),

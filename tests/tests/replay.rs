@@ -98,9 +98,12 @@ async fn a_dry_run_counts_what_a_replay_then_requeues_and_a_repeat_replays_nothi
     let batch: Vec<pb::JobSpec> = (0..600)
         .map(|n| spec(n, if n < 500 { "a" } else { "b" }))
         .collect();
-    raw.enqueue_jobs(pb::EnqueueJobsRequest { jobs: batch })
-        .await
-        .expect("enqueue");
+    raw.enqueue_jobs(pb::EnqueueJobsRequest {
+        parent: Default::default(),
+        jobs: batch,
+    })
+    .await
+    .expect("enqueue");
     until_count(&pool, Fetch::JOB_TYPE, "failed", 600).await;
 
     let filter = pb::ReplayJobsRequest {

@@ -400,6 +400,7 @@ async fn a_watcher_resuming_below_the_pruned_events_gets_out_of_range_naming_the
     assert_eq!(info.metadata.get("oldest_retained_sequence"), Some(&oldest));
     let mut stream = jobs
         .watch_job(pb::WatchJobRequest {
+            include_children: Default::default(),
             id: new.id.clone(),
             after_sequence: first,
         })
@@ -451,7 +452,10 @@ async fn a_pruned_jobs_idempotency_key_makes_a_new_job() {
     cancel(&mut jobs, &first.id).await;
     await_pruned(&mut jobs, &first.id).await;
     let response = jobs
-        .enqueue_job(pb::EnqueueJobRequest { job: Some(keyed()) })
+        .enqueue_job(pb::EnqueueJobRequest {
+            parent: Default::default(),
+            job: Some(keyed()),
+        })
         .await
         .expect("enqueue")
         .into_inner();

@@ -146,6 +146,7 @@ async fn the_producers_trace_reaches_the_server_spans_and_the_worker_span() {
     // The producer: a raw EnqueueJob carrying its span as `traceparent`.
     let mut jobs = support::jobs(&server.url()).await;
     let mut request = Request::new(pb::EnqueueJobRequest {
+        parent: Default::default(),
         job: Some(pb::JobSpec {
             job_type: "test.sleep".into(),
             payload: Some(support::any_bytes(

@@ -99,6 +99,7 @@ async fn watcher_connecting_after_the_end_receives_the_whole_history() {
     assert!(after_end.is_empty());
     let status = client
         .watch_job(pb::WatchJobRequest {
+            include_children: Default::default(),
             id: "0190b2c4-5e6f-7a8b-9c0d-1e2f3a4b5c6d".into(),
             after_sequence: 0,
         })
@@ -588,6 +589,7 @@ async fn concurrent_watch_jobs_streams_miss_nothing() {
     for chunk in (0..JOBS).collect::<Vec<_>>().chunks(1000) {
         producer
             .enqueue_jobs(pb::EnqueueJobsRequest {
+                parent: Default::default(),
                 jobs: chunk.iter().map(|_| spec("type.busy", "default")).collect(),
             })
             .await

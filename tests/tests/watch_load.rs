@@ -22,6 +22,7 @@ async fn enqueue_batch(client: &mut JobServiceClient<Channel>, queue: &str, n: u
     };
     client
         .enqueue_jobs(pb::EnqueueJobsRequest {
+            parent: Default::default(),
             jobs: (0..n).map(|_| job.clone()).collect(),
         })
         .await

@@ -40,6 +40,7 @@ pub async fn run(pg: &Postgres) -> anyhow::Result<Report> {
     let mut jobs_a = JobServiceClient::new(channel(&a.url).await?);
     let job = jobs_a
         .enqueue_job(pb::EnqueueJobRequest {
+            parent: Default::default(),
             job: Some(pb::JobSpec {
                 job_type: JOB_TYPE.into(),
                 payload: Some(prost_types::Any {
@@ -57,6 +58,7 @@ pub async fn run(pg: &Postgres) -> anyhow::Result<Report> {
     let mut jobs_b = JobServiceClient::new(channel(&b.url).await?);
     let mut watch = jobs_b
         .watch_job(pb::WatchJobRequest {
+            include_children: Default::default(),
             id: job.id.clone(),
             after_sequence: 0,
         })
@@ -142,6 +144,7 @@ pub async fn run(pg: &Postgres) -> anyhow::Result<Report> {
         tokio::time::sleep(SPACING).await;
     }
     tx.send(send(In::Complete(pb::CompleteJob {
+        wait_for_children: Default::default(),
         request_id: 0,
         lease: Some(lease_ref),
         result: None,

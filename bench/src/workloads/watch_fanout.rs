@@ -171,6 +171,7 @@ async fn watch(
     let mut after = 0;
     loop {
         let request = pb::WatchJobRequest {
+            include_children: Default::default(),
             id: watched.job_id.clone(),
             after_sequence: after,
         };

@@ -170,6 +170,7 @@ async fn produce(urls: Vec<String>) -> anyhow::Result<()> {
                 let mut client = JobServiceClient::new(channel(url).await?);
                 client
                     .enqueue_jobs(pb::EnqueueJobsRequest {
+                        parent: Default::default(),
                         jobs: vec![spec.clone(); CHUNK],
                     })
                     .await?;

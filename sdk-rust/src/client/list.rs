@@ -63,6 +63,13 @@ impl ListJobs {
         self
     }
 
+    /// Only the children of this job (those it enqueued from its handler with
+    /// [`JobContext::enqueue_children`](crate::JobContext::enqueue_children)).
+    pub fn parent(mut self, id: &crate::JobId) -> Self {
+        self.request.parent_id = id.as_str().to_owned();
+        self
+    }
+
     /// Jobs per page, 1 to 1000 (default 50).
     pub fn page_size(mut self, size: u32) -> Self {
         self.request.page_size = i32::try_from(size).unwrap_or(i32::MAX);

@@ -161,6 +161,13 @@ impl Client {
         watch::job_events(self.clone(), id.into(), after_sequence)
     }
 
+    /// The events of a job and of its children (the jobs it enqueued with
+    /// [`JobContext::enqueue_children`](crate::JobContext::enqueue_children)), interleaved in
+    /// order, ending after the job's own terminal state change.
+    pub fn watch_job_and_children(&self, id: impl Into<JobId>, after_sequence: i64) -> JobEvents {
+        watch::family_events(self.clone(), id.into(), after_sequence)
+    }
+
     /// Starts an enqueue of `payload`; set options on the builder, then await it (or call
     /// [`Enqueue::send`]).
     pub fn enqueue<J: JobType>(&self, payload: J) -> Enqueue<J> {
@@ -199,11 +206,41 @@ impl Client {
         I: IntoIterator,
         I::Item: NewJob,
     {
-        let jobs = jobs
-            .into_iter()
-            .map(|job| job.into_spec())
-            .collect::<Result<Vec<_>, _>>()?;
-        let mut request = self.headers.request(pb::EnqueueJobsRequest { jobs });
+        self.enqueue_specs(specs(jobs)?, None).await
+    }
+
+    /// Reads every child of `parent`, oldest first, a page of the most a page holds at a time.
+    pub(crate) async fn children(&self, parent: &JobId) -> Result<Vec<JobInfo>, Error> {
+        let mut children = Vec::new();
+        let mut token = None;
+        loop {
+            let mut list = self.list_jobs().parent(parent).page_size(1000);
+            if let Some(token) = token.take() {
+                list = list.page_token(token);
+            }
+            let page = list.send().await?;
+            let next = page.next_page_token().map(str::to_owned);
+            children.extend(page.into_jobs());
+            match next {
+                Some(next) => token = Some(next),
+                None => break,
+            }
+        }
+        // Ids are version 7 UUIDs: in creation order once sorted (listings are newest first).
+        children.sort_by(|a, b| a.id().as_str().cmp(b.id().as_str()));
+        Ok(children)
+    }
+
+    /// Stores jobs already in their request form, as children of `parent` when it is given
+    /// (the lease of the running attempt enqueuing them).
+    pub(crate) async fn enqueue_specs<J: JobType>(
+        &self,
+        jobs: Vec<pb::JobSpec>,
+        parent: Option<pb::LeaseRef>,
+    ) -> Result<Vec<Enqueued<J>>, Error> {
+        let mut request = self
+            .headers
+            .request(pb::EnqueueJobsRequest { jobs, parent });
         crate::trace::inject(&mut request);
         let response = self.jobs.clone().enqueue_jobs(request).await?.into_inner();
         response
@@ -490,9 +527,10 @@ impl Client {
 
     /// One `EnqueueJob` call.
     async fn enqueue_one(&self, spec: pb::JobSpec) -> Result<pb::EnqueueJobResponse, Error> {
-        let mut request = self
-            .headers
-            .request(pb::EnqueueJobRequest { job: Some(spec) });
+        let mut request = self.headers.request(pb::EnqueueJobRequest {
+            job: Some(spec),
+            parent: None,
+        });
         crate::trace::inject(&mut request);
         Ok(self.jobs.clone().enqueue_job(request).await?.into_inner())
     }
@@ -528,4 +566,13 @@ fn saturating_int32(value: u32) -> i32 {
 /// The job every single-job response carries.
 fn job_info(job: Option<pb::Job>) -> Result<JobInfo, Error> {
     JobInfo::from_proto(job.ok_or_else(|| Error::Protocol("the response has no job".into()))?)
+}
+
+/// Jobs for an enqueue in their request form.
+pub(crate) fn specs<I>(jobs: I) -> Result<Vec<pb::JobSpec>, Error>
+where
+    I: IntoIterator,
+    I::Item: NewJob,
+{
+    jobs.into_iter().map(|job| job.into_spec()).collect()
 }

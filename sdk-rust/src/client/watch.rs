@@ -240,13 +240,37 @@ impl WatchJobs {
 
 /// The stream of one job's events after `after_sequence`.
 pub(super) fn job_events(client: Client, id: JobId, after_sequence: i64) -> JobEvents {
-    JobEvents::new(Source::Job { client, id }, after_sequence)
+    JobEvents::new(
+        Source::Job {
+            client,
+            id,
+            include_children: false,
+        },
+        after_sequence,
+    )
+}
+
+/// The stream of one job's events and its children's after `after_sequence`.
+pub(super) fn family_events(client: Client, id: JobId, after_sequence: i64) -> JobEvents {
+    JobEvents::new(
+        Source::Job {
+            client,
+            id,
+            include_children: true,
+        },
+        after_sequence,
+    )
 }
 
 /// What a watcher (re)opens.
 enum Source {
-    /// One job: `WatchJob`, which ends after the terminal state change.
-    Job { client: Client, id: JobId },
+    /// One job (and its children, when asked): `WatchJob`, which ends after the job's terminal
+    /// state change.
+    Job {
+        client: Client,
+        id: JobId,
+        include_children: bool,
+    },
     /// A filter: `WatchJobs`, which never ends.
     Filter {
         client: Client,
@@ -260,10 +284,15 @@ type Opened = BoxStream<'static, Result<Option<pb::JobEvent>, tonic::Status>>;
 impl Source {
     async fn open(&self, after_sequence: i64) -> Result<Opened, tonic::Status> {
         match self {
-            Self::Job { client, id } => {
+            Self::Job {
+                client,
+                id,
+                include_children,
+            } => {
                 let request = pb::WatchJobRequest {
                     id: id.as_str().to_owned(),
                     after_sequence,
+                    include_children: *include_children,
                 };
                 let stream = client
                     .jobs
@@ -289,15 +318,19 @@ impl Source {
         }
     }
 
-    /// Whether the stream ends after a terminal state change.
-    fn ends_with_job(&self) -> bool {
-        matches!(self, Self::Job { .. })
+    /// Whether the stream ends after this event: the watched job's own terminal state change
+    /// (a child's does not end it).
+    fn ends_with(&self, event: &JobEvent) -> bool {
+        match self {
+            Self::Job { id, .. } => event.job_id() == id && event.is_terminal(),
+            Self::Filter { .. } => false,
+        }
     }
 
     /// Whether the watched job has finished, read directly; `false` for a filter.
     async fn job_finished(&self) -> Result<bool, tonic::Status> {
         match self {
-            Self::Job { client, id } => {
+            Self::Job { client, id, .. } => {
                 let response = client.fetch_raw(id.as_str(), pb::JobView::Basic).await?;
                 Ok(response
                     .job
@@ -436,7 +469,7 @@ impl Watcher {
             tracing::warn!(sequence, "skipping an event this SDK cannot read");
             return None;
         };
-        if self.source.ends_with_job() && event.is_terminal() {
+        if self.source.ends_with(&event) {
             self.finished = true;
             self.stream = None;
         }
@@ -528,6 +561,7 @@ mod tests {
             Source::Job {
                 client,
                 id: JobId::from("j1"),
+                include_children: false,
             }
         } else {
             Source::Filter {

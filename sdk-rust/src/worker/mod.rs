@@ -290,6 +290,16 @@ impl Work {
                 self.outbox
                     .complete(request_id, lease, job_type, result, left);
             }
+            Err(error) if error.waits_for_children() => {
+                tracing::info!(
+                    job_id = %lease.job_id,
+                    attempt = lease.attempt,
+                    %job_type,
+                    "job waits for its children"
+                );
+                self.outbox
+                    .wait_for_children(request_id, lease, job_type, left);
+            }
             Err(error) => {
                 tracing::warn!(
                     job_id = %lease.job_id,

@@ -87,6 +87,25 @@ impl Outbox {
             request_id,
             lease: Some(lease.clone()),
             result: Some(result),
+            wait_for_children: false,
+        });
+        self.push(request_id, lease, job_type, message, left);
+    }
+
+    /// Records an attempt whose handler returned to wait for its children, to be sent by
+    /// [`unsent`](Self::unsent): a completion without a result.
+    pub(super) fn wait_for_children(
+        &mut self,
+        request_id: u64,
+        lease: pb::LeaseRef,
+        job_type: String,
+        left: Final,
+    ) {
+        let message = Message::Complete(pb::CompleteJob {
+            request_id,
+            lease: Some(lease.clone()),
+            result: None,
+            wait_for_children: true,
         });
         self.push(request_id, lease, job_type, message, left);
     }

@@ -122,6 +122,9 @@ const READ_JOBS: &[Role] = &[Admin, Producer, Viewer, Approver];
 /// Workers read the jobs a handler depends on, and a parent's children.
 const READ_JOBS_AND_WORK: &[Role] = &[Admin, Producer, Viewer, Approver, Worker];
 const WRITE_JOBS: &[Role] = &[Admin, Producer];
+/// Workers enqueue the children of the jobs they run (and only those: see
+/// [`Identity::enqueues_only_children`]).
+const ENQUEUE: &[Role] = &[Admin, Producer, Worker];
 const APPROVE: &[Role] = &[Admin, Approver];
 const READ: &[Role] = &[Admin, Producer, Viewer];
 const READ_TYPES: &[Role] = &[Admin, Producer, Viewer, Worker, Approver];
@@ -137,9 +140,8 @@ pub fn access(path: &str) -> Access {
     }
     let method = path.strip_prefix("/jobwire.v1.").unwrap_or(path);
     Access::Roles(match method {
-        "JobService/EnqueueJob"
-        | "JobService/EnqueueJobs"
-        | "JobService/CancelJob"
+        "JobService/EnqueueJob" | "JobService/EnqueueJobs" => ENQUEUE,
+        "JobService/CancelJob"
         | "JobService/RetryJob"
         | "JobService/PauseJob"
         | "JobService/ResumeJob"
@@ -202,6 +204,12 @@ pub struct Identity {
 }
 
 impl Identity {
+    /// Whether the key may enqueue only children of a running job: its one right to enqueue
+    /// is the worker's.
+    pub fn enqueues_only_children(&self) -> bool {
+        !self.roles.iter().any(|r| matches!(r, Admin | Producer))
+    }
+
     pub fn actor(&self) -> Actor {
         Actor {
             key_id: Some(self.key_id),

@@ -133,9 +133,31 @@ pub fn job(row: JobRow, attempts: &[AttemptRow]) -> pb::Job {
             (Some(_), true) => pb::ApprovalTimeoutAction::Fail,
         }
         .into(),
+        parent_id: row.parent_id.map(|id| id.to_string()).unwrap_or_default(),
+        // Filled in by GetJob.
+        children: None,
+        awaiting_children: row.awaiting_children && row.state == crate::domain::JobState::Pending,
     };
     super::budget::trim_attempts(&mut job);
     job
+}
+
+/// A job's children by state, as GetJob shows them (`None` for a job without children).
+pub fn child_counts(counts: &[(crate::domain::JobState, i64)]) -> Option<pb::ChildCounts> {
+    use crate::domain::JobState;
+    let count = |n: i64| i32::try_from(n).unwrap_or(i32::MAX);
+    let mut children = pb::ChildCounts::default();
+    for &(state, n) in counts {
+        let n = count(n);
+        children.total = children.total.saturating_add(n);
+        match state {
+            JobState::Succeeded => children.succeeded = n,
+            JobState::Failed => children.failed = n,
+            JobState::Cancelled => children.cancelled = n,
+            _ => children.unfinished = children.unfinished.saturating_add(n),
+        }
+    }
+    (children.total > 0).then_some(children)
 }
 
 /// A retry rule by failure kind as the API shows it.
@@ -188,6 +210,7 @@ pub fn lease(leased: LeasedRow, held: std::time::Duration) -> pb::Lease {
         depends_on: ids(row.depends_on.as_deref()),
         traceparent,
         tracestate,
+        children_ended: row.children_ended,
     }
 }
 

@@ -112,6 +112,15 @@ impl From<store::Error> for ApiError {
                 format!("jobs[{index}].depends_on[{position}]"),
                 format!("names {id}, which is no job of this tenant"),
             ),
+            store::Error::UnknownParent(id) => Self::invalid(
+                "parent.job_id",
+                format!("names {id}, which is no job of this tenant"),
+            ),
+            store::Error::StaleParent(lease) => Self::Aborted(format!(
+                "parent: job {} is not running attempt {} (the lease is stale); no child was \
+                 enqueued",
+                lease.job_id, lease.attempt
+            )),
             other => Self::Internal(other.to_string()),
         }
     }

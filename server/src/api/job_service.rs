@@ -11,13 +11,13 @@ use tokio_stream::wrappers::ReceiverStream;
 use jobwire_proto::limits::MAX_PAGE_BYTES;
 
 use super::{
-    ApiError, actor_of, convert,
+    ApiError, actor_of, auth, convert,
     paging::PageRequest,
     payloads, tenant_of, validate,
     watch::{JobSink, JobsSink, Watches},
 };
 use crate::{
-    domain::{Actor, JobId, JobState, TenantId, trace::TraceContext},
+    domain::{Actor, JobId, JobState, LeaseRef, TenantId, trace::TraceContext},
     engine::{enqueuer::EnqueuerHandle, fanout::Target},
     registry::Registry,
     store::{self, EventFilter, ListFilter, ReplayFilter, StopKind, Store},
@@ -139,6 +139,28 @@ struct JobsFilter {
     error_text: String,
     #[serde(default)]
     labels: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    parent_id: String,
+}
+
+/// The running job an enqueue names as the parent of its jobs, checked. A key whose only right
+/// to enqueue is the worker's must name one: a worker enqueues the children of the jobs it runs
+/// and nothing else.
+fn parent_of<T>(
+    request: &Request<T>,
+    parent: Option<&pb::LeaseRef>,
+) -> Result<Option<LeaseRef>, Status> {
+    let parent = parent
+        .map(|p| validate::lease_ref("parent", Some(p)))
+        .transpose()?;
+    let identity = request.extensions().get::<auth::Identity>();
+    if parent.is_none() && identity.is_some_and(auth::Identity::enqueues_only_children) {
+        return Err(Status::permission_denied(
+            "a key with the worker role enqueues only children of a job it runs: set `parent` \
+             to the running job's lease (a producer or admin key enqueues any job)",
+        ));
+    }
+    Ok(parent)
 }
 
 #[tonic::async_trait]
@@ -148,6 +170,7 @@ impl JobService for JobApi {
         request: Request<pb::EnqueueJobRequest>,
     ) -> Result<Response<pb::EnqueueJobResponse>, Status> {
         let tenant = tenant_of(&request)?;
+        let parent = parent_of(&request, request.get_ref().parent.as_ref())?;
         let spec = request
             .get_ref()
             .job
@@ -170,18 +193,18 @@ impl JobService for JobApi {
         telemetry::adopt(&span, job.trace.as_ref());
         let queue = job.queue.clone();
         let accept_existing = job.accept_existing;
-        let outcome = if job.depends_on.is_empty() {
+        let outcome = if job.depends_on.is_empty() && parent.is_none() {
             self.enqueuer
                 .enqueue(tenant.clone(), job)
                 .instrument(span)
                 .await
                 .map_err(ApiError::from)?
         } else {
-            // Not group-committed: its dependencies are checked and marked in its own
-            // transaction.
+            // Not group-committed: its dependencies and its parent are checked and marked in
+            // its own transaction.
             let mut outcomes = self
                 .store
-                .enqueue_dependent(&tenant, std::slice::from_ref(&job))
+                .enqueue_dependent(&tenant, std::slice::from_ref(&job), parent)
                 .instrument(span)
                 .await
                 .map_err(|e| match e {
@@ -222,6 +245,7 @@ impl JobService for JobApi {
         request: Request<pb::EnqueueJobsRequest>,
     ) -> Result<Response<pb::EnqueueJobsResponse>, Status> {
         let tenant = tenant_of(&request)?;
+        let parent = parent_of(&request, request.get_ref().parent.as_ref())?;
         let requested = &request.get_ref().jobs;
         // Before the registry lookups, so an oversized batch costs none.
         validate::batch_len(requested.len())?;
@@ -242,7 +266,7 @@ impl JobService for JobApi {
         }
         let span = tracing::info_span!("jobwire.enqueue", %tenant, jobs = jobs.len());
         telemetry::adopt(&span, trace.as_ref());
-        let outcomes = if jobs.iter().all(|j| j.depends_on.is_empty()) {
+        let outcomes = if jobs.iter().all(|j| j.depends_on.is_empty()) && parent.is_none() {
             self.store
                 .enqueue_batch(&tenant, &jobs)
                 .instrument(span)
@@ -250,7 +274,7 @@ impl JobService for JobApi {
                 .map_err(ApiError::from)?
         } else {
             self.store
-                .enqueue_dependent(&tenant, &jobs)
+                .enqueue_dependent(&tenant, &jobs, parent)
                 .instrument(span)
                 .await
                 .map_err(ApiError::from)?
@@ -283,7 +307,13 @@ impl JobService for JobApi {
         let req = request.get_ref();
         let id = validate::job_id("id", &req.id)?;
         let view = validate::view(req.view, pb::JobView::Full)?;
-        let job = self.full_job(&tenant, id, view).await?;
+        let mut job = self.full_job(&tenant, id, view).await?;
+        let counts = self
+            .store
+            .child_counts(&tenant, id)
+            .await
+            .map_err(ApiError::from)?;
+        job.children = convert::child_counts(&counts);
         Ok(Response::new(pb::GetJobResponse { job: Some(job) }))
     }
 
@@ -303,6 +333,7 @@ impl JobService for JobApi {
                 error_kind: req.error_kind.clone(),
                 error_text: req.error_text.clone(),
                 labels: req.labels.clone().into_iter().collect(),
+                parent_id: req.parent_id.clone(),
             },
             (DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE),
         )?;
@@ -327,6 +358,9 @@ impl JobService for JobApi {
                 })
                 .transpose()?,
             labels: validate::labels(&req.labels)?,
+            parent: (!req.parent_id.is_empty())
+                .then(|| validate::job_id("parent_id", &req.parent_id))
+                .transpose()?,
             before: paging.after.map(JobId),
         };
         let full = validate::view(req.view, pb::JobView::Basic)? == pb::JobView::Full;
@@ -675,9 +709,14 @@ impl JobService for JobApi {
                 .await
                 .map_err(|e| ApiError::from_store(e, || format!("job {id} not found")))?;
         }
-        let rx =
-            self.watches
-                .start::<JobSink>(request.remote_addr(), tenant, Target::Job(id), after)?;
+        let target = if req.include_children {
+            Target::Family(id)
+        } else {
+            Target::Job(id)
+        };
+        let rx = self
+            .watches
+            .start::<JobSink>(request.remote_addr(), tenant, target, after)?;
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 

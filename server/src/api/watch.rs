@@ -290,8 +290,9 @@ impl<S: Sink> Watch<S> {
                 Ok(snapshot) => snapshot,
                 Err(error) => return End::Failed(error),
             };
+            let watched = self.target.job();
             for row in &rows {
-                if row.kind == EventKind::State {
+                if row.kind == EventKind::State && watched.is_some_and(|id| id.0 == row.job_id) {
                     last_state = row.state;
                 }
                 if !self.send(convert::event(row, snapshot.as_ref())).await {
@@ -302,7 +303,7 @@ impl<S: Sink> Watch<S> {
                 self.after = row.seq;
             }
         }
-        if let Target::Job(id) = &self.target {
+        if let Some(id) = &self.target.job() {
             // A finished job whose last event the client already has ends the stream now. The
             // row alone is not enough: it can turn terminal before the fanout's horizon reaches
             // the terminal event, which then arrives live.
@@ -332,7 +333,7 @@ impl<S: Sink> Watch<S> {
             if !self.forward(&event).await {
                 return End::Done;
             }
-            if matches!(self.target, Target::Job(_))
+            if self.target.job().is_some_and(|id| id.0 == event.row.job_id)
                 && event.state().is_some_and(|s| s.is_terminal())
             {
                 return End::Done;
@@ -365,6 +366,12 @@ impl<S: Sink> Watch<S> {
                 self.reads
                     .store
                     .job_events(&self.tenant, *id, self.after, horizon, REPLAY_PAGE)
+                    .await?
+            }
+            Target::Family(id) => {
+                self.reads
+                    .store
+                    .family_events(&self.tenant, *id, self.after, horizon, REPLAY_PAGE)
                     .await?
             }
             Target::Filter(filter) => {

@@ -266,6 +266,13 @@ pub fn completion(
 ) -> Result<Completion, ApiError> {
     let lease = validate::lease_ref("complete.lease", complete.lease.as_ref())?;
     if let Some(result) = &complete.result {
+        if complete.wait_for_children {
+            return Err(ApiError::invalid(
+                "complete.result",
+                "must be unset with wait_for_children: the job's result comes from the \
+                 attempt that runs once its children have ended",
+            ));
+        }
         validate::any_size("complete.result", result, max_payload)?;
     }
     let (result_type, result) = match complete.result {
@@ -277,6 +284,7 @@ pub fn completion(
         lease,
         result_type,
         result,
+        waits_for_children: complete.wait_for_children,
     })
 }
 

@@ -79,6 +79,8 @@ impl Backoff {
 pub enum Report {
     /// The handler returned a result.
     Completed,
+    /// The handler returned to wait for the children it enqueued.
+    WaitsForChildren,
     /// The handler failed.
     Failed(Failure),
     /// The lease lapsed: the worker stopped heartbeating, or would not stop.
@@ -150,6 +152,9 @@ pub struct Decision {
     pub reason: Option<&'static str>,
 }
 
+/// Why a job waits PENDING after its attempt, in its event.
+pub const WAITING_FOR_CHILDREN: &str = "waiting for its children";
+
 /// The failure kind of an attempt that ran past its timeout.
 pub const TIMEOUT_KIND: &str = "timeout";
 /// The failure kind of an attempt whose lease lapsed.
@@ -160,6 +165,7 @@ pub const LAPSED_KIND: &str = "lease_expired";
 pub fn decide(attempt: &Attempt, report: &Report, now: DateTime<Utc>, draw: f64) -> Decision {
     match report {
         Report::Completed => Decision::completed(),
+        Report::WaitsForChildren => Decision::waits_for_children(),
         Report::Failed(failure) => failed(attempt, failure, now, draw),
         Report::Lapsed(lapse) if lapse.started => {
             let message = match (lapse.timed_out, lapse.timeout) {
@@ -212,6 +218,33 @@ impl Decision {
             retry_in: None,
             error: None,
             reason: None,
+        }
+    }
+
+    /// A handler that returned to wait for its children: the job waits PENDING until every
+    /// child has ended, and its next attempt aggregates them. The attempt does not count: the
+    /// job runs again to finish its work, not because it failed. A cancel asked meanwhile ends
+    /// it cancelled (its children then too), a pause pauses it.
+    pub fn waits_for_children() -> Self {
+        Self {
+            otherwise: End {
+                state: JobState::Pending,
+                counts: false,
+                outcome: Some(AttemptOutcome::Suspended),
+            },
+            on_cancel: End {
+                state: JobState::Cancelled,
+                counts: true,
+                outcome: Some(AttemptOutcome::Cancelled),
+            },
+            on_pause: End {
+                state: JobState::Paused,
+                counts: false,
+                outcome: Some(AttemptOutcome::Paused),
+            },
+            retry_in: None,
+            error: None,
+            reason: Some(WAITING_FOR_CHILDREN),
         }
     }
 
@@ -521,5 +554,19 @@ mod tests {
                 .any(|e| e.counts)
         );
         assert!(d.reason.is_some());
+    }
+
+    #[test]
+    fn a_wait_for_children_does_not_count_unless_a_cancel_was_asked() {
+        let d = decide(&attempt(1, 0, 1), &Report::WaitsForChildren, now(), 0.0);
+        assert_eq!(d.otherwise.state, JobState::Pending);
+        assert!(!d.otherwise.counts);
+        assert_eq!(d.otherwise.outcome, Some(AttemptOutcome::Suspended));
+        assert_eq!(d.reason, Some(WAITING_FOR_CHILDREN));
+        assert_eq!(d.on_cancel.state, JobState::Cancelled);
+        assert!(d.on_cancel.counts);
+        assert_eq!(d.on_pause.state, JobState::Paused);
+        assert!(!d.on_pause.counts);
+        assert!(d.error.is_none() && d.retry_in.is_none());
     }
 }

@@ -113,6 +113,8 @@ pub enum AttemptOutcome {
     Cancelled,
     Paused,
     TimedOut,
+    /// The handler returned to wait for its children; the job runs again once they end.
+    Suspended,
 }
 
 impl AttemptOutcome {
@@ -125,6 +127,7 @@ impl AttemptOutcome {
             Self::Cancelled => pb::AttemptOutcome::Cancelled,
             Self::Paused => pb::AttemptOutcome::Paused,
             Self::TimedOut => pb::AttemptOutcome::TimedOut,
+            Self::Suspended => pb::AttemptOutcome::Suspended,
         }
     }
 }

@@ -1,7 +1,10 @@
 //! What a job waiting PENDING for its dependencies does once they have moved on: wait on, run,
 //! or be cancelled naming the dependency that failed. Decided here, applied by the store
 //! (`Store::end_waits`), so every way a dependency can end (a settle, a cancel, the reaper, a
-//! rejection) leads to the same answer.
+//! rejection) leads to the same answer. A parent waiting for its children is a job that runs
+//! regardless: it waits while one is open, then runs to aggregate them however they ended.
+//! And the other way round: a child whose parent ended CANCELLED or FAILED is cancelled,
+//! naming its parent ([`orphan_reason`]).
 
 use uuid::Uuid;
 
@@ -44,22 +47,30 @@ pub enum WaitEnd {
 
 pub fn decide(waiting: &Waiting) -> WaitEnd {
     match &waiting.broken {
-        Some(broken) if !waiting.run_regardless => WaitEnd::Cancel(reason(broken)),
+        Some(broken) if !waiting.run_regardless => WaitEnd::Cancel(reason("dependency", broken)),
         _ if waiting.open > 0 => WaitEnd::Wait,
         _ => WaitEnd::Release,
     }
 }
 
-/// Names the dependency and why it ended. A dependency cancelled for its own dependency carries
-/// that reason, so down a chain every reason names the job that failed first.
-fn reason(broken: &Broken) -> String {
+/// Why a child not yet ended is cancelled: its parent ended without succeeding. A parent
+/// cancelled for its own parent carries that reason, so down a tree every reason names the job
+/// that was cancelled (or failed) first.
+pub fn orphan_reason(parent: &Broken) -> String {
+    reason("parent", parent)
+}
+
+/// Names the related job (a `dependency`, a `parent`) and why it ended. A job cancelled for its
+/// own relation carries that reason, so down a chain every reason names the job that failed
+/// first.
+fn reason(relation: &str, broken: &Broken) -> String {
     let state = match broken.state {
         JobState::Failed => "FAILED",
         JobState::Cancelled => "CANCELLED",
         _ => "without succeeding",
     };
     let mut reason = format!(
-        "dependency {} ({}) ended {state}",
+        "{relation} {} ({}) ended {state}",
         broken.id, broken.job_type
     );
     if !broken.why.is_empty() {
@@ -126,6 +137,18 @@ mod tests {
             state,
             why: why.into(),
         }
+    }
+
+    #[test]
+    fn an_orphan_is_cancelled_naming_its_parent_and_why_it_ended() {
+        let reason = orphan_reason(&broken(JobState::Cancelled, "operator stopped the batch"));
+        assert_eq!(
+            reason,
+            format!(
+                "parent {} (download.verify) ended CANCELLED: operator stopped the batch",
+                Uuid::nil()
+            )
+        );
     }
 
     #[test]

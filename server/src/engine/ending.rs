@@ -22,6 +22,8 @@ pub struct Completion {
     pub lease: LeaseRef,
     pub result_type: Option<String>,
     pub result: Option<Vec<u8>>,
+    /// The handler returned to wait for its children rather than with a result.
+    pub waits_for_children: bool,
 }
 
 /// A failed attempt to record.
@@ -46,8 +48,8 @@ fn draw() -> f64 {
     rand::rng().random_range(-1.0..=1.0)
 }
 
-/// The end of a completion: it needs nothing of its job to be decided. A result after the
-/// attempt's deadline is refused (the attempt timed out).
+/// The end of a completion (or of a wait for children): it needs nothing of its job to be
+/// decided. A result after the attempt's deadline is refused (the attempt timed out).
 pub fn completion(completion: &Completion) -> AttemptEnd {
     let result = completion
         .result_type
@@ -56,7 +58,11 @@ pub fn completion(completion: &Completion) -> AttemptEnd {
     AttemptEnd {
         tenant: completion.tenant.clone(),
         lease: completion.lease,
-        decision: Decision::completed(),
+        decision: if completion.waits_for_children {
+            Decision::waits_for_children()
+        } else {
+            Decision::completed()
+        },
         result,
         guard: Guard::InTime,
         resend: Resend::Completion,

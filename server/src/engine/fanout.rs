@@ -102,13 +102,25 @@ impl FanoutEvent {
 #[derive(Debug, Clone)]
 pub enum Target {
     Job(JobId),
+    /// A job and its children. Matched on each event's job's parent, so it is offered every
+    /// event, read with its job, as a filter is.
+    Family(JobId),
     Filter(EventFilter),
 }
 
 impl Target {
+    /// The job a subscription to one job (and maybe its children) watches.
+    pub fn job(&self) -> Option<JobId> {
+        match self {
+            Target::Job(id) | Target::Family(id) => Some(*id),
+            Target::Filter(_) => None,
+        }
+    }
+
     fn matches(&self, row: &EventRow) -> bool {
         match self {
             Target::Job(id) => id.0 == row.job_id,
+            Target::Family(id) => id.0 == row.job_id || row.parent_id == Some(id.0),
             Target::Filter(f) => {
                 f.queue
                     .as_ref()
@@ -230,7 +242,7 @@ impl State {
         self.next_id += 1;
         match &subscriber.target {
             Target::Job(job) => self.by_job.entry(job.0).or_default().push(id),
-            Target::Filter(_) => {
+            Target::Family(_) | Target::Filter(_) => {
                 self.filtered.insert(id);
             }
         }
@@ -251,7 +263,7 @@ impl State {
                     }
                 }
             }
-            Target::Filter(_) => {
+            Target::Family(_) | Target::Filter(_) => {
                 self.filtered.remove(&id);
             }
         }
@@ -877,9 +889,16 @@ mod tests {
                 queue: Some(queue.into()),
                 job_type: Some("noop".into()),
                 labels: Some(Json(HashMap::new())),
+                parent_id: None,
             },
             job: None,
         })
+    }
+
+    fn child_row(seq: i64, job: Uuid, parent: Uuid) -> Arc<FanoutEvent> {
+        let mut row = row(seq, "t", job, "default").row.clone();
+        row.parent_id = Some(parent);
+        Arc::new(FanoutEvent { row, job: None })
     }
 
     const LAG: Duration = Duration::from_secs(10);
@@ -902,6 +921,23 @@ mod tests {
 
     fn closed(queue: &Queue) -> bool {
         queue.state.lock().expect("lock").closed
+    }
+
+    #[test]
+    fn a_family_watch_gets_the_job_and_its_children_only() {
+        let (parent, child, other) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+        let mut state = State::new();
+        let (_, family) = subscribe(&mut state, "t", Target::Family(JobId(parent)));
+        let (_, job_only) = subscribe(&mut state, "t", Target::Job(JobId(parent)));
+
+        let now = Instant::now();
+        state.offer(&row(1, "t", parent, "default"), now, LAG);
+        state.offer(&child_row(2, child, parent), now, LAG);
+        state.offer(&child_row(3, other, child), now, LAG);
+        state.offer(&row(4, "t", other, "default"), now, LAG);
+
+        assert_eq!(received(&family), [1, 2]);
+        assert_eq!(received(&job_only), [1]);
     }
 
     #[test]

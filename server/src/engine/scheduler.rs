@@ -1,9 +1,11 @@
 //! The scheduler: makes SCHEDULED and RETRYING jobs AVAILABLE when their time comes, and
-//! PENDING jobs whose dependencies have ended AVAILABLE (or CANCELLED, when one failed), and
-//! ends approvals whose timeout has passed.
+//! PENDING jobs whose dependencies (or children) have ended AVAILABLE (or CANCELLED, when a
+//! dependency failed), cancels the unfinished children of parents that ended CANCELLED or
+//! FAILED, and ends approvals whose timeout has passed.
 //!
-//! The ending of a job another waits for notifies the due channel (a trigger, so that no path
-//! to an ending can forget it), which wakes this loop like a new due time does.
+//! The ending of a job another waits for (a dependency, a child, a parent) notifies the due
+//! channel (a trigger, so that no path to an ending can forget it), which wakes this loop like
+//! a new due time does.
 //!
 //! Runs on the leader only. After promoting what is due it sleeps until the next run_at it knows
 //! of, but never longer than the poll interval. A job enqueued meanwhile for an earlier time, on
@@ -91,8 +93,36 @@ impl Scheduler {
         }
     }
 
+    /// Cancels the unfinished children of parents that ended CANCELLED or FAILED, again while
+    /// cancelling some leaves their own children orphaned, within [`MAX_WAIT_ROUNDS`].
+    async fn cancel_orphans(&self, term: Term) {
+        for _ in 0..MAX_WAIT_ROUNDS {
+            let orphans = match self.store.orphaned_children(term, BATCH).await {
+                Ok(orphans) if orphans.is_empty() => return,
+                Ok(orphans) => orphans,
+                Err(error) => {
+                    tracing::warn!(%error, "reading orphaned children failed");
+                    return;
+                }
+            };
+            let cancels: Vec<_> = orphans
+                .into_iter()
+                .map(|o| (o.tenant, o.id, waits::orphan_reason(&o.parent)))
+                .collect();
+            match self.store.cancel_orphans(term, &cancels).await {
+                Ok(0) => return,
+                Ok(n) => tracing::debug!(jobs = n, "children of ended parents cancelled"),
+                Err(error) => {
+                    tracing::warn!(%error, "cancelling orphaned children failed");
+                    return;
+                }
+            }
+        }
+    }
+
     /// Promotes what is due and returns how long to sleep.
     async fn tick(&self, term: Term) -> Duration {
+        self.cancel_orphans(term).await;
         self.end_waits(term).await;
         match self.store.expire_approvals(term, BATCH).await {
             Ok(0) => {}

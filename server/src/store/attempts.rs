@@ -53,7 +53,7 @@ impl Guard {
 /// What a resend of the same report would find in the attempt's history.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Resend {
-    /// A resent completion: the attempt succeeded.
+    /// A resent completion: the attempt succeeded (or waits for its children).
     Completion,
     /// A resent failure: the attempt failed, timed out, or was cancelled or paused.
     Failure,
@@ -64,7 +64,10 @@ pub enum Resend {
 impl Resend {
     fn settled_by(self, outcome: AttemptOutcome) -> bool {
         match self {
-            Self::Completion => outcome == AttemptOutcome::Succeeded,
+            Self::Completion => matches!(
+                outcome,
+                AttemptOutcome::Succeeded | AttemptOutcome::Suspended
+            ),
             Self::Failure => matches!(
                 outcome,
                 AttemptOutcome::Failed
@@ -182,6 +185,8 @@ impl Store {
                      lease_owner = CASE WHEN {outcome} IS NULL THEN NULL ELSE j.lease_owner END, \
                      finished_at = CASE WHEN {state} IN ('succeeded', 'failed', 'cancelled') \
                                         THEN now() END, \
+                     awaiting_children = {state} = 'pending', \
+                     children_ended = j.children_ended AND {outcome} IS NULL, \
                      lease_expires_at = NULL, pause_requested_at = NULL, updated_at = now() \
                  FROM input i \
                  WHERE {LEASE_MATCH} \
@@ -214,6 +219,7 @@ impl Store {
                             WHEN 'cancelled' THEN jsonb_build_object('reason', cancel_reason) \
                             WHEN 'paused' THEN jsonb_build_object('reason', pause_reason) \
                             WHEN 'available' THEN jsonb_build_object('reason', reason) \
+                            WHEN 'pending' THEN jsonb_build_object('reason', reason) \
                             ELSE jsonb_build_object('error', last_error) END \
                  FROM upd \
              ), wake AS ( \
@@ -221,7 +227,7 @@ impl Store {
                  FROM (SELECT DISTINCT tenant_id, queue FROM upd WHERE state = 'available') q \
                  UNION ALL \
                  SELECT {due} \
-                 FROM (SELECT 1 FROM upd WHERE state = 'retrying' LIMIT 1) d \
+                 FROM (SELECT 1 FROM upd WHERE state IN ('retrying', 'pending') LIMIT 1) d \
              ) \
              SELECT upd.state AS applied_state, {PRIOR_OUTCOME} AS prior_outcome, \
                     upd.queue, upd.job_type, upd.traceparent, upd.tracestate, \

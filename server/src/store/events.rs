@@ -73,8 +73,9 @@ pub const LAST_EVENT_NUMBER: &str =
 const EVENT_COLUMNS: &str = "e.seq, e.tenant_id, e.job_id, e.kind, e.state, e.attempt, e.data, \
     e.created_at";
 /// The job's columns of an [`EventRow`], from `jobs j`, and in their place when it is not read.
-const JOB_COLUMNS_OF_EVENT: &str = "j.queue, j.job_type, j.labels";
-const NO_JOB_COLUMNS: &str = "NULL::text AS queue, NULL::text AS job_type, NULL::jsonb AS labels";
+const JOB_COLUMNS_OF_EVENT: &str = "j.queue, j.job_type, j.labels, j.parent_id";
+const NO_JOB_COLUMNS: &str =
+    "NULL::text AS queue, NULL::text AS job_type, NULL::jsonb AS labels, NULL::uuid AS parent_id";
 
 /// Refuses a database whose event sequence hands out numbers in blocks: with a cached block per
 /// session, numbers are taken out of the order they are handed out, and watchers could miss or
@@ -179,6 +180,36 @@ impl Store {
         let sql = static_sql!(
             "SELECT {EVENT_COLUMNS}, {NO_JOB_COLUMNS} FROM job_events e \
              WHERE e.job_id = $1 AND e.tenant_id = $2 AND e.seq > $3 AND e.seq <= $4 \
+             ORDER BY e.seq LIMIT $5"
+        );
+        let mut tx = self.tenant_transaction(tenant).await?;
+        let out = query_as::<EventRow>(sql)
+            .bind(id.0)
+            .bind(tenant.as_str())
+            .bind(after)
+            .bind(upto)
+            .bind(limit)
+            .fetch_all(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    /// The events of a job and of its children in `(after, upto]`, in order, at most `limit`.
+    pub async fn family_events(
+        &self,
+        tenant: &TenantId,
+        id: JobId,
+        after: i64,
+        upto: i64,
+        limit: i64,
+    ) -> Result<Vec<EventRow>> {
+        let sql = static_sql!(
+            "SELECT {EVENT_COLUMNS}, {JOB_COLUMNS_OF_EVENT} FROM job_events e \
+             JOIN jobs j ON j.tenant_id = e.tenant_id AND j.id = e.job_id \
+             WHERE e.tenant_id = $2 AND e.seq > $3 AND e.seq <= $4 \
+               AND e.job_id = ANY(ARRAY[$1::uuid] || ARRAY( \
+                   SELECT c.id FROM jobs c WHERE c.tenant_id = $2 AND c.parent_id = $1)) \
              ORDER BY e.seq LIMIT $5"
         );
         let mut tx = self.tenant_transaction(tenant).await?;

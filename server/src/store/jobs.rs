@@ -13,7 +13,10 @@ use super::{
     rows::{AttemptRow, JOB_COLUMNS, JobRow},
 };
 use crate::{
-    domain::{Actor, JobId, JobState, QueueName, TenantId, ending::KindRule, trace::TraceContext},
+    domain::{
+        Actor, JobId, JobState, LeaseRef, QueueName, TenantId, ending::KindRule,
+        trace::TraceContext,
+    },
     metrics,
     telemetry::{self, JobStep, Step},
 };
@@ -147,6 +150,8 @@ pub struct ListFilter {
     pub error_text: Option<String>,
     /// Only jobs carrying every one of these labels.
     pub labels: HashMap<String, String>,
+    /// Only the children of this job.
+    pub parent: Option<JobId>,
     /// Only jobs older (smaller id) than this one: the page cursor.
     pub before: Option<JobId>,
 }
@@ -186,7 +191,9 @@ impl Store {
         jobs: &[NewJob],
     ) -> Result<Vec<EnqueueOutcome>> {
         let outcomes = self
-            .hot_as_tenant(tenant, async |c| enqueue_statement(c, tenant, jobs).await)
+            .hot_as_tenant(tenant, async |c| {
+                enqueue_statement(c, tenant, jobs, None).await
+            })
             .await?;
         metrics::enqueue_batch(jobs.len());
         let created = || outcomes.iter().flatten().filter(|o| o.created);
@@ -213,7 +220,7 @@ impl Store {
         // inside the statement's transaction, which it then leaves uncommitted.
         let rows: Vec<Ordered<Enqueued>> = self
             .hot_as_tenant(tenant, async |c| {
-                let rows: Vec<Ordered<Enqueued>> = enqueue_rows(c, sql, tenant, jobs).await?;
+                let rows: Vec<Ordered<Enqueued>> = enqueue_rows(c, sql, tenant, jobs, None).await?;
                 match rows.iter().find(|r| {
                     !r.row.same
                         && usize::try_from(r.ord - 1)
@@ -245,14 +252,18 @@ impl Store {
         .await
     }
 
-    /// Enqueues jobs of which some depend on others, in one transaction: the dependencies
-    /// outside the batch must be jobs of the tenant (each is marked waited on, so that its
-    /// ending wakes the scheduler), and the dependent jobs start PENDING. Outside the group
-    /// commit, so that one caller's unknown dependency fails no one else.
+    /// Enqueues jobs of which some depend on others, or children of a running job, in one
+    /// transaction: the dependencies outside the batch must be jobs of the tenant (each is
+    /// marked waited on, so that its ending wakes the scheduler), and the dependent jobs start
+    /// PENDING. A `parent` must be running the attempt named: its row is locked until the
+    /// commit, so a parent's wait for its children, which ends that attempt, sees every child
+    /// enqueued before it and none after. Outside the group commit, so that one caller's
+    /// unknown dependency or stale parent fails no one else.
     pub async fn enqueue_dependent(
         &self,
         tenant: &TenantId,
         jobs: &[NewJob],
+        parent: Option<LeaseRef>,
     ) -> Result<Vec<EnqueueOutcome>> {
         let batch: Vec<Uuid> = jobs.iter().map(|j| j.id.0).collect();
         let mut targets: Vec<Uuid> = jobs
@@ -264,6 +275,32 @@ impl Store {
         let (inside, outside): (Vec<Uuid>, Vec<Uuid>) =
             targets.into_iter().partition(|t| batch.contains(t));
         let mut tx = self.tenant_transaction(tenant).await?;
+        if let Some(parent) = parent {
+            // Marked waited on: its ending (CANCELLED, FAILED) wakes the scheduler, which
+            // cancels the children it left unfinished.
+            let running: Option<Uuid> = query_scalar(
+                "UPDATE jobs SET waited_on = true \
+                 WHERE tenant_id = $1 AND id = $2 AND state = 'running' AND attempt = $3 \
+                 RETURNING id",
+            )
+            .bind(tenant.as_str())
+            .bind(parent.job_id.0)
+            .bind(parent.attempt)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if running.is_none() {
+                let exists: Option<Uuid> =
+                    query_scalar("SELECT id FROM jobs WHERE tenant_id = $1 AND id = $2")
+                        .bind(tenant.as_str())
+                        .bind(parent.job_id.0)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                return Err(match exists {
+                    Some(_) => Error::StaleParent(parent),
+                    None => Error::UnknownParent(parent.job_id),
+                });
+            }
+        }
         let found: Vec<Uuid> = query_scalar(
             "UPDATE jobs SET waited_on = true WHERE tenant_id = $1 AND id = ANY($2) RETURNING id",
         )
@@ -288,7 +325,8 @@ impl Store {
                 id: JobId(*missing),
             });
         }
-        let outcomes = enqueue_statement(&mut *tx, tenant, jobs).await?;
+        let outcomes =
+            enqueue_statement(&mut *tx, tenant, jobs, parent.map(|p| p.job_id.0)).await?;
         // As in enqueue_batch: a key reused for another job type or payload refuses the whole
         // batch, left uncommitted.
         if let Some((index, reused)) = outcomes.iter().enumerate().find_map(|(i, o)| {
@@ -433,6 +471,7 @@ impl Store {
                    AND ($9::text IS NULL \
                         OR strpos(lower(last_error->>'message'), lower($9)) > 0) \
                    AND labels @> $10 \
+                   AND ($11::uuid IS NULL OR parent_id = $11) \
                  ORDER BY id DESC LIMIT $6 \
              ) \
              SELECT {JOB_COLUMNS}, (SELECT count(*) FROM candidate) AS candidates FROM jobs \
@@ -452,10 +491,26 @@ impl Store {
             .bind(filter.error_kind.as_deref())
             .bind(filter.error_text.as_deref())
             .bind(Json(&filter.labels))
+            .bind(filter.parent.map(|id| id.0))
             .fetch_all(&mut *tx)
             .await?;
         tx.commit().await?;
         Ok(Listed::from_rows(rows))
+    }
+
+    /// How many children `id` has in each state (none when it has no children).
+    pub async fn child_counts(&self, tenant: &TenantId, id: JobId) -> Result<Vec<(JobState, i64)>> {
+        let mut tx = self.tenant_transaction(tenant).await?;
+        let counts = query_as(
+            "SELECT state, count(*) FROM jobs WHERE tenant_id = $1 AND parent_id = $2 \
+             GROUP BY state",
+        )
+        .bind(tenant.as_str())
+        .bind(id.0)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(counts)
     }
 
     /// Cancels a job that no worker runs yet. Returns `None` when the job exists but is not in
@@ -850,7 +905,7 @@ fn enqueue_sql(keyed: bool, returning: &[&str], inserted: &str) -> String {
                 schedule_tick, job_type_version, attempt, lease_owner, lease_expires_at, \
                 started_at, attempt_started_at, handler_started_at, depends_on, \
                 run_regardless, approval_deadline, approval_timeout_fails, retry_rules, \
-                traceparent, tracestate) \
+                traceparent, tracestate, parent_id, waited_on) \
             SELECT id, $1, queue, job_type, payload_type, payload, priority, state, \
                 max_attempts, retry_initial_ms, retry_max_ms, retry_multiplier, retry_jitter, \
                 coalesce(run_at, now()), idempotency_key, coalesce(labels, '{{}}'), timeout_ms, \
@@ -865,7 +920,8 @@ fn enqueue_sql(keyed: bool, returning: &[&str], inserted: &str) -> String {
                 depends_on::uuid[], coalesce(run_regardless, false), \
                 CASE WHEN state = 'awaiting_approval' \
                      THEN now() + approval_timeout_ms * interval '1 millisecond' END, \
-                coalesce(approval_timeout_fails, false), retry_rules, traceparent, tracestate \
+                coalesce(approval_timeout_fails, false), retry_rules, traceparent, tracestate, \
+                $31::uuid, $31::uuid IS NOT NULL \
             FROM planned ORDER BY ord \
             {conflict} \
             RETURNING {inserted} \
@@ -928,19 +984,22 @@ fn keyed(jobs: &[NewJob]) -> bool {
         .any(|j| j.idempotency_key.is_some() || j.schedule.is_some_and(|(_, tick)| tick.is_some()))
 }
 
-/// The single enqueue statement, returning whole jobs. Rows skipped by an idempotency conflict
-/// whose winner is not visible yet come back as `None`.
+/// The single enqueue statement, returning whole jobs; `parent` is the job enqueuing them as
+/// its children, if one is (each child's ending then wakes the scheduler, for the parent's
+/// wait). Rows skipped by an idempotency conflict whose winner is not visible yet come back as
+/// `None`.
 pub(super) async fn enqueue_statement(
     db: impl PgExecutor<'_>,
     tenant: &TenantId,
     jobs: &[NewJob],
+    parent: Option<Uuid>,
 ) -> Result<Vec<Option<EnqueueOutcome>>> {
     let sql = if keyed(jobs) {
         ENQUEUE_KEYED.as_str()
     } else {
         ENQUEUE_UNKEYED.as_str()
     };
-    let rows: Vec<Ordered<EnqueuedJob>> = enqueue_rows(db, sql, tenant, jobs).await?;
+    let rows: Vec<Ordered<EnqueuedJob>> = enqueue_rows(db, sql, tenant, jobs, parent).await?;
     Ok(in_order(jobs.len(), rows)
         .into_iter()
         .map(|row| {
@@ -959,6 +1018,7 @@ async fn enqueue_rows<T>(
     sql: &'static str,
     tenant: &TenantId,
     jobs: &[NewJob],
+    parent: Option<Uuid>,
 ) -> Result<Vec<Ordered<T>>>
 where
     T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
@@ -1028,7 +1088,8 @@ where
         .bind(nullable(
             jobs.iter()
                 .map(|j| j.trace.as_ref().and_then(|t| t.tracestate.clone())),
-        ));
+        ))
+        .bind(parent);
     Ok(q.fetch_all(db).await?)
 }
 

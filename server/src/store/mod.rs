@@ -131,6 +131,13 @@ pub enum Error {
         position: usize,
         id: crate::domain::JobId,
     },
+    /// The parent named for children is a job of the tenant, but not running that attempt;
+    /// nothing was written.
+    #[error("job {} is not running attempt {}", .0.job_id, .0.attempt)]
+    StaleParent(crate::domain::LeaseRef),
+    /// The parent named for children is no job of the tenant; nothing was written.
+    #[error("job {0} is no job of this tenant")]
+    UnknownParent(crate::domain::JobId),
 }
 
 impl Error {

@@ -18,7 +18,8 @@ pub(crate) const JOB_COLUMNS: &str = "id, tenant_id, queue, job_type, payload_ty
     attempt_base, progress, progress_origin, checkpoint IS NOT NULL AS has_checkpoint, \
     timeout_ms, attempt_started_at, cancel_requested_at, pause_requested_at, pause_reason, \
     schedule_id, schedule_tick, job_type_version, depends_on, run_regardless, approval_deadline, \
-    approval_timeout_fails, retry_rules, traceparent, tracestate";
+    approval_timeout_fails, retry_rules, traceparent, tracestate, parent_id, awaiting_children, \
+    children_ended";
 
 /// One row of `jobs`.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -77,6 +78,12 @@ pub struct JobRow {
     /// The W3C trace context the job was enqueued with (`domain::trace`), if any.
     pub traceparent: Option<String>,
     pub tracestate: Option<String>,
+    /// The job whose running attempt enqueued this one.
+    pub parent_id: Option<Uuid>,
+    /// PENDING until every child has ended.
+    pub awaiting_children: bool,
+    /// The next attempt resumes the job after its children ended.
+    pub children_ended: bool,
 }
 
 impl JobRow {
@@ -122,6 +129,8 @@ pub struct EventRow {
     pub queue: Option<String>,
     pub job_type: Option<String>,
     pub labels: Option<Json<HashMap<String, String>>>,
+    /// The job's parent, read with the columns above (for WatchJob's `include_children`).
+    pub parent_id: Option<Uuid>,
 }
 
 /// One row of `job_attempts`.

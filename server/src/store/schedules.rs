@@ -332,7 +332,7 @@ impl Store {
         let mut tx = self.tenant_transaction(tenant).await?;
         let schedule = lock_schedule(&mut tx, tenant, name).await?;
         let job = schedule.job.to_job(schedule.id, None);
-        let created = enqueue_statement(&mut *tx, tenant, std::slice::from_ref(&job))
+        let created = enqueue_statement(&mut *tx, tenant, std::slice::from_ref(&job), None)
             .await?
             .pop()
             .flatten()
@@ -454,7 +454,7 @@ impl Firing {
         let created: Vec<JobRow> = if jobs.is_empty() {
             Vec::new()
         } else {
-            enqueue_statement(&mut *self.tx, &tenant, &jobs)
+            enqueue_statement(&mut *self.tx, &tenant, &jobs, None)
                 .await?
                 .into_iter()
                 .flatten()

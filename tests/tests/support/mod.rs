@@ -48,7 +48,10 @@ pub fn spec(job_type: &str, queue: &str) -> pb::JobSpec {
 
 pub async fn enqueue(client: &mut JobServiceClient<Channel>, spec: pb::JobSpec) -> pb::Job {
     client
-        .enqueue_job(pb::EnqueueJobRequest { job: Some(spec) })
+        .enqueue_job(pb::EnqueueJobRequest {
+            parent: Default::default(),
+            job: Some(spec),
+        })
         .await
         .expect("enqueue")
         .into_inner()
@@ -269,6 +272,7 @@ impl RawWorker {
         let request_id = self.next_request;
         self.next_request += 1;
         self.send(In::Complete(pb::CompleteJob {
+            wait_for_children: Default::default(),
             request_id,
             lease: Some(pb::LeaseRef {
                 job_id: job_id.into(),
@@ -285,6 +289,7 @@ impl RawWorker {
         let request_id = self.next_request;
         self.next_request += 1;
         self.send(In::Complete(pb::CompleteJob {
+            wait_for_children: Default::default(),
             request_id,
             lease: Some(pb::LeaseRef {
                 job_id: job_id.into(),
@@ -450,6 +455,7 @@ pub async fn watch_job(url: &str, id: &str, after: i64) -> Streaming<pb::WatchJo
     jobs(url)
         .await
         .watch_job(pb::WatchJobRequest {
+            include_children: Default::default(),
             id: id.into(),
             after_sequence: after,
         })
