@@ -170,7 +170,9 @@ impl Bar {
                     self.bar.set_message(render::state(change.state));
                 }
             }
-            Some(Event::StopRequested(_)) | None => self.bar.println(event_line(pool, event)),
+            Some(Event::StopRequested(_) | Event::SignalReceived(_)) | None => {
+                self.bar.println(event_line(pool, event))
+            }
         }
         Ok(())
     }
@@ -228,6 +230,13 @@ fn event_line(pool: &Pool, event: &pb::JobEvent) -> String {
             }
             text.push_str(&actor_text(stop.actor.as_ref()));
             text
+        }
+        Some(Event::SignalReceived(signal)) => {
+            format!(
+                "signal {}{}",
+                signal.name,
+                actor_text(signal.actor.as_ref())
+            )
         }
         None => "an event this tool does not know".into(),
     };

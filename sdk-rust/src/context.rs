@@ -26,6 +26,13 @@
 //! [`children_ended`](JobContext::children_ended) set, to aggregate
 //! [`children`](JobContext::children). The handler runs from its start each time, so it tells
 //! the two apart by `children_ended` (or its checkpoint).
+//!
+//! A handler waits for a signal ([`Client::signal_job`]) the same way:
+//! [`wait_signal`](JobContext::wait_signal) answers at once with a signal the job holds, and
+//! otherwise returns the wait for the handler to return; the job runs again once the signal
+//! arrives, and the same call then answers with it. A handler's n-th wait for a name is answered
+//! by the n-th signal of that name, so a handler that runs from its start again finds each of
+//! its waits answered as before.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -36,7 +43,7 @@ use std::time::SystemTime;
 use tokio_util::sync::CancellationToken;
 
 use crate::client::{Enqueued, NewJob};
-use crate::error::HandlerError;
+use crate::error::{HandlerError, Wait};
 use crate::job::{self, JobId, JobInfo};
 use crate::proto::v1 as pb;
 use crate::report::{LogLevel, Progress};
@@ -115,6 +122,12 @@ struct Inner {
     client: Option<Client>,
     /// The attempt resumes the job after its children ended.
     children_ended: bool,
+    /// The signals the job received, oldest first.
+    signals: Vec<pb::JobSignal>,
+    /// The wait (name, count) this attempt resumes from timed out.
+    signal_timed_out: Option<(String, i32)>,
+    /// Waits for signals made so far, by name: the next one's count.
+    signal_waits: std::sync::Mutex<HashMap<String, i32>>,
     /// Children this attempt enqueued so far: the next one's position, for its default key.
     /// Held across each enqueue, so that calls number their children one after the other, and
     /// moved on only once the server has stored them: a call that failed is numbered the same
@@ -149,6 +162,12 @@ impl JobContext {
                 client: None,
                 children_ended: lease.children_ended,
                 children_enqueued: tokio::sync::Mutex::new(0),
+                signals: lease.signals.clone(),
+                signal_timed_out: lease
+                    .signal_timed_out
+                    .as_ref()
+                    .map(|w| (w.name.clone(), w.count)),
+                signal_waits: std::sync::Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -239,7 +258,68 @@ impl JobContext {
     /// once every child has ended, with [`children_ended`](Self::children_ended) set. A job
     /// with no unfinished child runs again at once.
     pub fn wait_for_children(&self) -> HandlerError {
-        HandlerError::waiting_for_children()
+        HandlerError::waiting(Wait::Children)
+    }
+
+    /// Waits for a signal named `name` (sent with [`Client::signal_job`]), for at most
+    /// `timeout` (`None`: no limit). When the job holds it, it is returned at once. Otherwise
+    /// the error returned is the wait itself, for the handler to return (`?` does):
+    /// `let go = ctx.wait_signal("go", None)?;`. The job then waits on the server, holding no
+    /// worker, and runs again once the signal arrives (or the timeout passes), an attempt that
+    /// does not count against its retries; the same call then answers with the signal.
+    ///
+    /// Each call for a name waits for the next signal of that name: the n-th call for the n-th.
+    ///
+    /// # Errors
+    ///
+    /// The wait, as above, or, when this wait timed out, a retryable failure of kind
+    /// `signal_timeout` (return it to retry the job, or handle it).
+    pub fn wait_signal(
+        &self,
+        name: &str,
+        timeout: Option<std::time::Duration>,
+    ) -> Result<Signal, HandlerError> {
+        let count = {
+            let mut waits = self
+                .inner
+                .signal_waits
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let next = waits.entry(name.to_owned()).or_insert(0);
+            *next += 1;
+            *next
+        };
+        let index = usize::try_from(count - 1).unwrap_or(usize::MAX);
+        if let Some(signal) = self
+            .inner
+            .signals
+            .iter()
+            .filter(|s| s.name == name)
+            .nth(index)
+        {
+            return Ok(Signal::from_proto(signal));
+        }
+        if self
+            .inner
+            .signal_timed_out
+            .as_ref()
+            .is_some_and(|(n, c)| n == name && *c == count)
+        {
+            return Err(
+                HandlerError::retryable(format!("waiting for signal {name} timed out"))
+                    .with_kind("signal_timeout"),
+            );
+        }
+        Err(HandlerError::waiting(Wait::Signal {
+            name: name.to_owned(),
+            count,
+            timeout,
+        }))
+    }
+
+    /// Every signal the job has received, oldest first (as its lease carried them).
+    pub fn signals(&self) -> Vec<Signal> {
+        self.inner.signals.iter().map(Signal::from_proto).collect()
     }
 
     /// Whether this attempt resumes the job after its children ended (it returned
@@ -440,6 +520,56 @@ impl fmt::Debug for JobContext {
             .field("queue", &self.inner.queue)
             .field("stop_reason", &self.stop_reason())
             .finish_non_exhaustive()
+    }
+}
+
+/// A signal a job received ([`Client::signal_job`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Signal {
+    name: String,
+    payload: Option<prost_types::Any>,
+    received_at: Option<SystemTime>,
+}
+
+impl Signal {
+    fn from_proto(signal: &pb::JobSignal) -> Self {
+        Self {
+            name: signal.name.clone(),
+            payload: signal.payload.clone(),
+            received_at: job::system_time(signal.received_at.as_ref()),
+        }
+    }
+
+    /// The signal's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// When the server received it.
+    pub fn received_at(&self) -> Option<SystemTime> {
+        self.received_at
+    }
+
+    /// The payload as sent, if any.
+    pub fn payload_any(&self) -> Option<&prost_types::Any> {
+        self.payload.as_ref()
+    }
+
+    /// The payload as a `M` (`None` when the signal carries none).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Decode`] when it carries another message.
+    pub fn payload<M: prost::Message + prost::Name + Default>(&self) -> Result<Option<M>, Error> {
+        self.payload
+            .as_ref()
+            .map(|any| {
+                any.to_msg::<M>().map_err(|source| Error::Decode {
+                    what: "signal payload",
+                    source,
+                })
+            })
+            .transpose()
     }
 }
 

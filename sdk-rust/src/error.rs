@@ -337,9 +337,23 @@ pub struct HandlerError {
     /// The error the handler failed with, when it converted one: what retry predicates look
     /// at. Shared, so the report stays cheap to clone.
     source: Option<Arc<dyn std::error::Error + Send + Sync + 'static>>,
-    /// Not a failure: the handler returned to wait for its children
-    /// ([`JobContext::wait_for_children`](crate::JobContext::wait_for_children)).
-    waits_for_children: bool,
+    /// Not a failure: the handler returned to wait
+    /// ([`JobContext::wait_for_children`](crate::JobContext::wait_for_children),
+    /// [`JobContext::wait_signal`](crate::JobContext::wait_signal)). Boxed: failures, the
+    /// common case, stay small.
+    wait: Option<Box<Wait>>,
+}
+
+/// What a handler that returned without a result waits for.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Wait {
+    Children,
+    /// The `count`-th signal named `name`, for at most `timeout`.
+    Signal {
+        name: String,
+        count: i32,
+        timeout: Option<Duration>,
+    },
 }
 
 impl HandlerError {
@@ -352,22 +366,31 @@ impl HandlerError {
             retryable: true,
             retry_after: None,
             source: None,
-            waits_for_children: false,
+            wait: None,
         }
     }
 
     /// The handler's wait for its children, returned as an error so that `?` and early
     /// returns carry it out of the handler.
-    pub(crate) fn waiting_for_children() -> Self {
+    pub(crate) fn waiting(wait: Wait) -> Self {
+        let message = match &wait {
+            Wait::Children => "waiting for its children".to_owned(),
+            Wait::Signal { name, .. } => format!("waiting for signal {name}"),
+        };
         Self {
-            waits_for_children: true,
-            ..Self::retryable("waiting for children")
+            wait: Some(Box::new(wait)),
+            ..Self::retryable(message)
         }
     }
 
-    /// Whether this is not a failure but the handler's wait for its children.
-    pub fn waits_for_children(&self) -> bool {
-        self.waits_for_children
+    /// Whether this is not a failure but the handler's wait, for its children or a signal.
+    pub fn is_wait(&self) -> bool {
+        self.wait.is_some()
+    }
+
+    /// What the handler waits for, when this is a wait.
+    pub(crate) fn wait(&self) -> Option<&Wait> {
+        self.wait.as_deref()
     }
 
     /// A failure that no retry can fix, such as an invalid payload: the job fails at once,
@@ -484,7 +507,7 @@ impl PartialEq for HandlerError {
             && self.kind == other.kind
             && self.retryable == other.retryable
             && self.retry_after == other.retry_after
-            && self.waits_for_children == other.waits_for_children
+            && self.wait == other.wait
     }
 }
 

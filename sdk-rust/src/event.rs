@@ -67,6 +67,14 @@ pub enum JobEventKind {
         /// Who asked for the stop.
         actor: Option<Actor>,
     },
+    /// A signal was delivered to the job ([`Client::signal_job`](crate::Client::signal_job)).
+    #[non_exhaustive]
+    SignalReceived {
+        /// The signal's name.
+        name: String,
+        /// Who sent it.
+        actor: Option<Actor>,
+    },
 }
 
 /// The caller behind a change: the API key it used.
@@ -118,6 +126,10 @@ impl JobEvent {
                 target: JobState::from_proto(stop.target_state).ok()?,
                 reason: owned(&stop.reason),
                 actor: stop.actor.as_ref().map(Actor::from_proto),
+            },
+            Event::SignalReceived(signal) => JobEventKind::SignalReceived {
+                name: signal.name.clone(),
+                actor: signal.actor.as_ref().map(Actor::from_proto),
             },
         };
         Some(Self {

@@ -121,7 +121,7 @@ pub use client::{
     JobPage, ListJobs, NewJob, OverlapPolicy, QueueHealth, QueueInfo, QueueRef, RateLimit, Recipe,
     ScheduleInfo, ScheduleRef, UpdateQueue, UpdateSchedule, WatchJobs,
 };
-pub use context::{JobContext, StopReason};
+pub use context::{JobContext, Signal, StopReason};
 pub use error::{Error, HandlerError, JobFailure};
 pub use event::{Actor, JobEvent, JobEventKind};
 pub use items::{ItemJob, ItemOptions, ItemResults, OnItemFailure};

@@ -128,7 +128,7 @@ pub(crate) type SharedPredicate = Arc<dyn RetryPredicate>;
 
 /// `error` as `predicate` decides it.
 pub(crate) fn apply(predicate: Option<&SharedPredicate>, error: HandlerError) -> HandlerError {
-    if error.waits_for_children() {
+    if error.is_wait() {
         return error;
     }
     match predicate.and_then(|predicate| predicate.decide(&error)) {

@@ -91,7 +91,7 @@ async fn a_report_the_database_refuses_fails_only_its_own_caller() {
             lines: vec![serde_json::json!({"level": "INFO", "message": text})],
         });
         let done = Settle::Complete(Completion {
-            waits_for_children: Default::default(),
+            wait: Default::default(),
             tenant: tenant.clone(),
             lease,
             result_type: Some(format!("type.googleapis.com/{text}")),

@@ -294,7 +294,7 @@ mod completer {
 
     fn completion(s: &Setup, lease: LeaseRef) -> Settle {
         Settle::Complete(Completion {
-            waits_for_children: Default::default(),
+            wait: Default::default(),
             tenant: s.tenant.clone(),
             lease,
             result_type: Some("type.googleapis.com/test.Result".into()),
@@ -372,7 +372,7 @@ mod completer {
             assert_eq!(result.expect("answered"), SettleResult::Stale, "{stale:?}");
         }
         let foreign = Settle::Complete(Completion {
-            waits_for_children: Default::default(),
+            wait: Default::default(),
             tenant: TenantId::new_unchecked("elsewhere"),
             lease: held,
             result_type: None,
@@ -814,7 +814,7 @@ mod session {
 
     fn completion(s: &Setup, lease: LeaseRef) -> Completion {
         Completion {
-            waits_for_children: Default::default(),
+            wait: Default::default(),
             tenant: s.tenant.clone(),
             lease,
             result_type: None,

@@ -210,6 +210,7 @@ fn report(lease: &pb::Lease, request_id: u64, n: usize, poisoned: bool) -> (In, 
         ),
         _ => (
             In::Complete(pb::CompleteJob {
+                wait_signal: Default::default(),
                 wait_for_children: Default::default(),
                 request_id,
                 lease: lease_ref,

@@ -144,6 +144,7 @@ pub async fn run(pg: &Postgres) -> anyhow::Result<Report> {
         tokio::time::sleep(SPACING).await;
     }
     tx.send(send(In::Complete(pb::CompleteJob {
+        wait_signal: Default::default(),
         wait_for_children: Default::default(),
         request_id: 0,
         lease: Some(lease_ref),

@@ -390,6 +390,37 @@ impl Client {
         job_info(response.job)
     }
 
+    /// Delivers a signal named `name`, with `payload` if given, to a job that has not ended; a
+    /// handler waiting for it ([`JobContext::wait_signal`](crate::JobContext::wait_signal))
+    /// runs again with it. With a `request_id`, a repeat of the call stores nothing more.
+    /// Returns the signal's place among the job's signals of its name (1 for the first).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Rpc`] with `FailedPrecondition` when the job has ended, `NotFound` when there
+    /// is no such job; [`Error::BadRequest`] for a bad name or an oversized payload.
+    pub async fn signal_job(
+        &self,
+        id: impl AsRef<str>,
+        name: impl Into<String>,
+        payload: Option<prost_types::Any>,
+        request_id: Option<&str>,
+    ) -> Result<u32, Error> {
+        let request = pb::SignalJobRequest {
+            id: id.as_ref().to_owned(),
+            name: name.into(),
+            payload,
+            request_id: request_id.unwrap_or_default().to_owned(),
+        };
+        let response = self
+            .jobs
+            .clone()
+            .signal_job(self.headers.request(request))
+            .await?
+            .into_inner();
+        Ok(u32::try_from(response.number).unwrap_or(0))
+    }
+
     /// Refuses a job AWAITING_APPROVAL: it ends CANCELLED and never runs. Returns the job
     /// after the change.
     ///

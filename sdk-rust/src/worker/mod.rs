@@ -290,15 +290,15 @@ impl Work {
                 self.outbox
                     .complete(request_id, lease, job_type, result, left);
             }
-            Err(error) if error.waits_for_children() => {
+            Err(error) if error.is_wait() => {
                 tracing::info!(
                     job_id = %lease.job_id,
                     attempt = lease.attempt,
                     %job_type,
-                    "job waits for its children"
+                    %error,
+                    "job waits"
                 );
-                self.outbox
-                    .wait_for_children(request_id, lease, job_type, left);
+                self.outbox.wait(request_id, lease, job_type, &error, left);
             }
             Err(error) => {
                 tracing::warn!(

@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use prost_types::Any;
 
-use crate::error::HandlerError;
+use crate::error::{HandlerError, Wait};
 use crate::job;
 use crate::proto::v1 as pb;
 use crate::proto::v1::connect_request::Message;
@@ -88,24 +88,42 @@ impl Outbox {
             lease: Some(lease.clone()),
             result: Some(result),
             wait_for_children: false,
+            wait_signal: None,
         });
         self.push(request_id, lease, job_type, message, left);
     }
 
-    /// Records an attempt whose handler returned to wait for its children, to be sent by
-    /// [`unsent`](Self::unsent): a completion without a result.
-    pub(super) fn wait_for_children(
+    /// Records an attempt whose handler returned to wait (`error` says for what), to be sent
+    /// by [`unsent`](Self::unsent): a completion without a result.
+    pub(super) fn wait(
         &mut self,
         request_id: u64,
         lease: pb::LeaseRef,
         job_type: String,
+        error: &HandlerError,
         left: Final,
     ) {
+        let (wait_for_children, wait_signal) = match error.wait() {
+            Some(Wait::Children) | None => (true, None),
+            Some(Wait::Signal {
+                name,
+                count,
+                timeout,
+            }) => (
+                false,
+                Some(pb::WaitSignal {
+                    name: name.clone(),
+                    count: *count,
+                    timeout: timeout.map(job::duration_to_proto),
+                }),
+            ),
+        };
         let message = Message::Complete(pb::CompleteJob {
             request_id,
             lease: Some(lease.clone()),
             result: None,
-            wait_for_children: true,
+            wait_for_children,
+            wait_signal,
         });
         self.push(request_id, lease, job_type, message, left);
     }

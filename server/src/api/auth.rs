@@ -126,6 +126,7 @@ const WRITE_JOBS: &[Role] = &[Admin, Producer];
 /// [`Identity::enqueues_only_children`]).
 const ENQUEUE: &[Role] = &[Admin, Producer, Worker];
 const APPROVE: &[Role] = &[Admin, Approver];
+const SIGNAL: &[Role] = &[Admin, Producer, Approver];
 const READ: &[Role] = &[Admin, Producer, Viewer];
 const READ_TYPES: &[Role] = &[Admin, Producer, Viewer, Worker, Approver];
 const WORK: &[Role] = &[Admin, Worker];
@@ -149,6 +150,8 @@ pub fn access(path: &str) -> Access {
         "JobService/GetJob" | "JobService/ListJobs" => READ_JOBS_AND_WORK,
         "JobService/WatchJob" | "JobService/WatchJobs" => READ_JOBS,
         "JobService/ApproveJob" | "JobService/RejectJob" => APPROVE,
+        // A signal is an approval generalised: producers send them, and approvers.
+        "JobService/SignalJob" => SIGNAL,
         "JobTypeService/GetJobType" | "JobTypeService/ListJobTypes" => READ_TYPES,
         "QueueService/ListQueues"
         | "QueueService/GetQueue"
@@ -174,6 +177,7 @@ pub fn audited(path: &str) -> bool {
             | "JobService/ReplayJobs"
             | "JobService/ApproveJob"
             | "JobService/RejectJob"
+            | "JobService/SignalJob"
             | "JobTypeService/RegisterJobType"
             | "QueueService/UpdateQueue"
             | "QueueService/PauseQueue"

@@ -137,6 +137,15 @@ pub fn job(row: JobRow, attempts: &[AttemptRow]) -> pb::Job {
         // Filled in by GetJob.
         children: None,
         awaiting_children: row.awaiting_children && row.state == crate::domain::JobState::Pending,
+        awaiting_signal: row
+            .awaiting_signal
+            .clone()
+            .filter(|_| row.state == crate::domain::JobState::Pending)
+            .unwrap_or_default(),
+        signal_deadline: row
+            .signal_deadline
+            .filter(|_| row.state == crate::domain::JobState::Pending)
+            .map(timestamp),
     };
     super::budget::trim_attempts(&mut job);
     job
@@ -211,7 +220,32 @@ pub fn lease(leased: LeasedRow, held: std::time::Duration) -> pb::Lease {
         traceparent,
         tracestate,
         children_ended: row.children_ended,
+        signals: lease_signals(leased.signals),
+        signal_timed_out: row.signal_timed_out.map(|t| pb::WaitSignal {
+            name: t.0.name,
+            count: t.0.count,
+            timeout: None,
+        }),
     }
+}
+
+/// A job's signals as a lease carries them.
+fn lease_signals(signals: crate::store::LeaseSignals) -> Vec<pb::JobSignal> {
+    let names = signals.signal_names.unwrap_or_default();
+    let types = signals.signal_types.unwrap_or_default();
+    let payloads = signals.signal_payloads.unwrap_or_default();
+    let times = signals.signal_times.unwrap_or_default();
+    names
+        .into_iter()
+        .zip(types)
+        .zip(payloads)
+        .zip(times)
+        .map(|(((name, type_url), value), at)| pb::JobSignal {
+            name,
+            payload: (!type_url.is_empty()).then_some(prost_types::Any { type_url, value }),
+            received_at: Some(timestamp(at)),
+        })
+        .collect()
 }
 
 /// The completed fraction a progress report implies: its fraction, or items done of total.
@@ -347,6 +381,10 @@ pub fn event(row: &EventRow, job: Option<&JobRow>) -> pb::JobEvent {
             level: log_level(&text("level")).into(),
             message: text("message"),
             time: data.get("time").and_then(parse_time),
+        })),
+        EventKind::Signal => Some(Event::SignalReceived(pb::SignalReceived {
+            name: text("name"),
+            actor: actor(data),
         })),
         EventKind::StopRequested => Some(Event::StopRequested(pb::StopRequested {
             target_state: match text("target").as_str() {

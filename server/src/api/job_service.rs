@@ -31,6 +31,8 @@ const DEFAULT_REPLAY_LIMIT: i32 = 1000;
 const MAX_REPLAY_LIMIT: i32 = 10_000;
 const MAX_REQUEST_ID_LEN: usize = 128;
 const MAX_PATCH_BYTES: usize = 64 * 1024;
+/// Every signal of a job travels in each of its leases, beside its payload and checkpoint.
+const MAX_SIGNAL_PAYLOAD_BYTES: usize = 16 * 1024;
 
 pub struct JobApi {
     store: Store,
@@ -665,6 +667,53 @@ impl JobService for JobApi {
         tracing::info!(job_id = %id, %tenant, %reason, "job approved");
         Ok(Response::new(pb::ApproveJobResponse {
             job: Some(convert::job(row, &[])),
+        }))
+    }
+
+    async fn signal_job(
+        &self,
+        request: Request<pb::SignalJobRequest>,
+    ) -> Result<Response<pb::SignalJobResponse>, Status> {
+        let tenant = tenant_of(&request)?;
+        let req = request.get_ref();
+        let id = validate::job_id("id", &req.id)?;
+        let name = validate::signal_name("name", &req.name)?;
+        if let Some(payload) = &req.payload {
+            validate::any_size("payload", payload, MAX_SIGNAL_PAYLOAD_BYTES)?;
+        }
+        let request_id = (!req.request_id.is_empty())
+            .then(|| {
+                validate::text("request_id", &req.request_id, MAX_REQUEST_ID_LEN)
+                    .map(|()| req.request_id.clone())
+            })
+            .transpose()?;
+        let signal = store::NewSignal {
+            name,
+            payload: req
+                .payload
+                .as_ref()
+                .map(|p| (p.type_url.clone(), p.value.clone())),
+            request_id,
+        };
+        let signalled = self
+            .store
+            .signal_job(&tenant, id, &signal, Some(&actor_of(&request)))
+            .await
+            .map_err(|e| match e {
+                store::Error::Ended(state) => ApiError::FailedPrecondition(format!(
+                    "job {id} is {}; a finished job takes no signal",
+                    state_name(state)
+                )),
+                store::Error::TooManySignals(max) => ApiError::ResourceExhausted(format!(
+                    "job {id} holds {max} signals, the most a job may"
+                )),
+                other => ApiError::from_store(other, || format!("job {id} not found")),
+            })?;
+        tracing::info!(job_id = %id, %tenant, signal = %signal.name, "job signalled");
+        Ok(Response::new(pb::SignalJobResponse {
+            job: Some(convert::job(signalled.job, &[])),
+            number: i32::try_from(signalled.number).unwrap_or(i32::MAX),
+            repeated: signalled.repeated,
         }))
     }
 

@@ -137,6 +137,11 @@ pub fn job_type(field: &str, value: &str) -> Result<String, ApiError> {
     Ok(value.to_owned())
 }
 
+/// A signal's name: the characters and length of a job type's.
+pub fn signal_name(field: &str, value: &str) -> Result<String, ApiError> {
+    job_type(field, value)
+}
+
 /// An empty queue name means the default queue.
 pub fn queue(field: &str, value: &str) -> Result<QueueName, ApiError> {
     if value.is_empty() {

@@ -8,10 +8,10 @@ use super::{ApiError, convert, job_type_service, validate};
 use crate::{
     domain::{LeaseRef, QueueName, TenantId},
     engine::{
-        ending::{Completion, Failure},
+        ending::{Completion, Failure, Wait},
         session::SessionSpec,
     },
-    store::{Checkpoint, LogBatch, NewJobType, ProgressUpdate},
+    store::{Checkpoint, LogBatch, NewJobType, ProgressUpdate, SignalWait},
 };
 
 const MAX_SLOTS: i32 = 10_000;
@@ -265,12 +265,23 @@ pub fn completion(
     complete: pb::CompleteJob,
 ) -> Result<Completion, ApiError> {
     let lease = validate::lease_ref("complete.lease", complete.lease.as_ref())?;
+    let wait = match (complete.wait_for_children, &complete.wait_signal) {
+        (false, None) => None,
+        (true, None) => Some(Wait::Children),
+        (false, Some(signal)) => Some(signal_wait(signal)?),
+        (true, Some(_)) => {
+            return Err(ApiError::invalid(
+                "complete.wait_signal",
+                "must be unset with wait_for_children: an attempt waits for one thing",
+            ));
+        }
+    };
     if let Some(result) = &complete.result {
-        if complete.wait_for_children {
+        if wait.is_some() {
             return Err(ApiError::invalid(
                 "complete.result",
-                "must be unset with wait_for_children: the job's result comes from the \
-                 attempt that runs once its children have ended",
+                "must be unset when the attempt waits (wait_for_children, wait_signal): the \
+                 job's result comes from the attempt that runs once the wait is over",
             ));
         }
         validate::any_size("complete.result", result, max_payload)?;
@@ -284,7 +295,38 @@ pub fn completion(
         lease,
         result_type,
         result,
-        waits_for_children: complete.wait_for_children,
+        wait,
+    })
+}
+
+/// The most signals of one name a wait may ask for: a job holds at most this many in all.
+pub const MAX_SIGNALS: i32 = 100;
+
+fn signal_wait(signal: &pb::WaitSignal) -> Result<Wait, ApiError> {
+    let name = validate::signal_name("complete.wait_signal.name", &signal.name)?;
+    if !(1..=MAX_SIGNALS).contains(&signal.count) {
+        return Err(ApiError::invalid(
+            "complete.wait_signal.count",
+            format!("must be 1 to {MAX_SIGNALS}"),
+        ));
+    }
+    let timeout = signal
+        .timeout
+        .as_ref()
+        .map(|d| validate::duration("complete.wait_signal.timeout", d))
+        .transpose()?;
+    if timeout.is_some_and(|t| t.is_zero()) {
+        return Err(ApiError::invalid(
+            "complete.wait_signal.timeout",
+            "must be at least 1 ms (unset: no limit)",
+        ));
+    }
+    Ok(Wait::Signal {
+        wait: SignalWait {
+            name,
+            count: signal.count,
+        },
+        timeout,
     })
 }
 

@@ -81,6 +81,8 @@ pub enum Report {
     Completed,
     /// The handler returned to wait for the children it enqueued.
     WaitsForChildren,
+    /// The handler returned to wait for a signal.
+    WaitsForSignal,
     /// The handler failed.
     Failed(Failure),
     /// The lease lapsed: the worker stopped heartbeating, or would not stop.
@@ -154,6 +156,8 @@ pub struct Decision {
 
 /// Why a job waits PENDING after its attempt, in its event.
 pub const WAITING_FOR_CHILDREN: &str = "waiting for its children";
+/// Why a job waits PENDING after an attempt that waits for a signal.
+pub const WAITING_FOR_SIGNAL: &str = "waiting for a signal";
 
 /// The failure kind of an attempt that ran past its timeout.
 pub const TIMEOUT_KIND: &str = "timeout";
@@ -166,6 +170,7 @@ pub fn decide(attempt: &Attempt, report: &Report, now: DateTime<Utc>, draw: f64)
     match report {
         Report::Completed => Decision::completed(),
         Report::WaitsForChildren => Decision::waits_for_children(),
+        Report::WaitsForSignal => Decision::waits_for_signal(),
         Report::Failed(failure) => failed(attempt, failure, now, draw),
         Report::Lapsed(lapse) if lapse.started => {
             let message = match (lapse.timed_out, lapse.timeout) {
@@ -226,6 +231,19 @@ impl Decision {
     /// job runs again to finish its work, not because it failed. A cancel asked meanwhile ends
     /// it cancelled (its children then too), a pause pauses it.
     pub fn waits_for_children() -> Self {
+        Self::suspended(WAITING_FOR_CHILDREN)
+    }
+
+    /// A handler that returned to wait for a signal: as [`waits_for_children`], until the
+    /// signal arrives or the wait times out.
+    ///
+    /// [`waits_for_children`]: Self::waits_for_children
+    pub fn waits_for_signal() -> Self {
+        Self::suspended(WAITING_FOR_SIGNAL)
+    }
+
+    /// An attempt whose handler returned to wait, for `reason`.
+    fn suspended(reason: &'static str) -> Self {
         Self {
             otherwise: End {
                 state: JobState::Pending,
@@ -244,7 +262,7 @@ impl Decision {
             },
             retry_in: None,
             error: None,
-            reason: Some(WAITING_FOR_CHILDREN),
+            reason: Some(reason),
         }
     }
 
@@ -568,5 +586,9 @@ mod tests {
         assert_eq!(d.on_pause.state, JobState::Paused);
         assert!(!d.on_pause.counts);
         assert!(d.error.is_none() && d.retry_in.is_none());
+
+        let signal = decide(&attempt(1, 0, 1), &Report::WaitsForSignal, now(), 0.0);
+        assert_eq!(signal.otherwise, d.otherwise);
+        assert_eq!(signal.reason, Some(WAITING_FOR_SIGNAL));
     }
 }

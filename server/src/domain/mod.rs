@@ -100,6 +100,8 @@ pub enum EventKind {
     Log,
     /// A cancel or a pause of its running attempt was asked.
     StopRequested,
+    /// SignalJob delivered a signal.
+    Signal,
 }
 
 /// How an attempt ended; the column type `attempt_outcome`.

@@ -87,6 +87,26 @@ fn reason(relation: &str, broken: &Broken) -> String {
     reason
 }
 
+/// What becomes of a job waiting PENDING for a signal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignalWaitEnd {
+    Wait,
+    /// The signal it waits for has arrived.
+    Received,
+    /// Its wait's timeout passed first.
+    TimedOut,
+}
+
+/// A signal that has arrived ends the wait, even one that arrived after the timeout passed: the
+/// handler gets what it waited for.
+pub fn signal_wait(received: bool, past_deadline: bool) -> SignalWaitEnd {
+    match (received, past_deadline) {
+        (true, _) => SignalWaitEnd::Received,
+        (false, true) => SignalWaitEnd::TimedOut,
+        (false, false) => SignalWaitEnd::Wait,
+    }
+}
+
 /// A job of a batch that lies on a cycle of `depends_on` edges (by index), if any does.
 pub fn cycle(edges: &[Vec<usize>]) -> Option<usize> {
     #[derive(Clone, Copy, PartialEq)]
@@ -137,6 +157,14 @@ mod tests {
             state,
             why: why.into(),
         }
+    }
+
+    #[test]
+    fn a_signal_wait_ends_when_the_signal_arrives_even_past_its_timeout() {
+        assert_eq!(signal_wait(false, false), SignalWaitEnd::Wait);
+        assert_eq!(signal_wait(true, false), SignalWaitEnd::Received);
+        assert_eq!(signal_wait(true, true), SignalWaitEnd::Received);
+        assert_eq!(signal_wait(false, true), SignalWaitEnd::TimedOut);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use crate::{
         LeaseRef, TenantId,
         ending::{self, Decision, Failure as FailureReport, Lapse, Report},
     },
-    store::{self, AttemptEnd, Guard, Resend, SettleResult, Store, Term},
+    store::{self, AttemptEnd, Guard, Resend, SettleResult, SignalWait, Store, Term},
 };
 
 /// A successful attempt to record.
@@ -22,8 +22,20 @@ pub struct Completion {
     pub lease: LeaseRef,
     pub result_type: Option<String>,
     pub result: Option<Vec<u8>>,
-    /// The handler returned to wait for its children rather than with a result.
-    pub waits_for_children: bool,
+    /// The handler returned to wait rather than with a result.
+    pub wait: Option<Wait>,
+}
+
+/// What a handler that returned without a result waits for.
+#[derive(Debug, Clone)]
+pub enum Wait {
+    /// Every child it enqueued to end.
+    Children,
+    /// A signal, for at most `timeout`.
+    Signal {
+        wait: SignalWait,
+        timeout: Option<Duration>,
+    },
 }
 
 /// A failed attempt to record.
@@ -58,14 +70,18 @@ pub fn completion(completion: &Completion) -> AttemptEnd {
     AttemptEnd {
         tenant: completion.tenant.clone(),
         lease: completion.lease,
-        decision: if completion.waits_for_children {
-            Decision::waits_for_children()
-        } else {
-            Decision::completed()
+        decision: match completion.wait {
+            None => Decision::completed(),
+            Some(Wait::Children) => Decision::waits_for_children(),
+            Some(Wait::Signal { .. }) => Decision::waits_for_signal(),
         },
         result,
         guard: Guard::InTime,
         resend: Resend::Completion,
+        signal_wait: match &completion.wait {
+            Some(Wait::Signal { wait, timeout }) => Some((wait.clone(), *timeout)),
+            _ => None,
+        },
     }
 }
 
@@ -105,6 +121,7 @@ pub async fn failures(store: &Store, failures: &[Failure]) -> store::Result<Vec<
                 result: None,
                 guard: Guard::None,
                 resend: Resend::Failure,
+                signal_wait: None,
             }
         })
         .collect())
@@ -142,6 +159,7 @@ async fn end_unstarted(
             result: None,
             guard,
             resend: Resend::Never,
+            signal_wait: None,
         })
         .collect();
     let results = store.end_attempts(&ends).await?;
@@ -182,6 +200,7 @@ pub async fn reap(store: &Store, term: Term, limit: i64) -> store::Result<usize>
             result: None,
             guard: Guard::Lapsed,
             resend: Resend::Never,
+            signal_wait: None,
         })
         .collect();
     let results = store.end_attempts(&ends).await?;

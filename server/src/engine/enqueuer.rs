@@ -296,6 +296,7 @@ async fn hand_over(
         let row = LeasedRow {
             job: job.clone(),
             checkpoint: None,
+            signals: Default::default(),
         };
         if !reservation.deliver(row, started) {
             undelivered.push(LeaseRef {

@@ -1,7 +1,8 @@
 //! The scheduler: makes SCHEDULED and RETRYING jobs AVAILABLE when their time comes, and
 //! PENDING jobs whose dependencies (or children) have ended AVAILABLE (or CANCELLED, when a
 //! dependency failed), cancels the unfinished children of parents that ended CANCELLED or
-//! FAILED, and ends approvals whose timeout has passed.
+//! FAILED, makes jobs whose signal arrived (or whose wait for it timed out) AVAILABLE, and ends
+//! approvals whose timeout has passed.
 //!
 //! The ending of a job another waits for (a dependency, a child, a parent) notifies the due
 //! channel (a trigger, so that no path to an ending can forget it), which wakes this loop like
@@ -120,10 +121,31 @@ impl Scheduler {
         }
     }
 
+    /// Ends the waits for signals that arrived or timed out.
+    async fn end_signal_waits(&self, term: Term) {
+        let waiting = match self.store.decidable_signal_waits(term, BATCH).await {
+            Ok(waiting) => waiting,
+            Err(error) => {
+                tracing::warn!(%error, "reading jobs waiting for signals failed");
+                return;
+            }
+        };
+        let ends: Vec<_> = waiting
+            .iter()
+            .map(|w| (w.id, waits::signal_wait(w.received, w.past_deadline)))
+            .collect();
+        match self.store.end_signal_waits(term, &ends).await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(jobs = n, "signal waits ended"),
+            Err(error) => tracing::warn!(%error, "ending signal waits failed"),
+        }
+    }
+
     /// Promotes what is due and returns how long to sleep.
     async fn tick(&self, term: Term) -> Duration {
         self.cancel_orphans(term).await;
         self.end_waits(term).await;
+        self.end_signal_waits(term).await;
         match self.store.expire_approvals(term, BATCH).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(jobs = n, "approvals timed out"),

@@ -12,9 +12,11 @@ use uuid::Uuid;
 
 use super::{
     Result, Store, Term,
+    jobs::nullable,
     leases::{ATTEMPT_UPSERT, LEASE_MATCH, PRIOR_OUTCOME, RUNNING, SettleResult},
     notify::send,
     query_as, query_scalar,
+    rows::SignalWait,
 };
 use crate::domain::{
     AttemptOutcome, JobId, JobState, LeaseRef, TenantId,
@@ -90,6 +92,8 @@ pub struct AttemptEnd {
     pub result: Option<(String, Vec<u8>)>,
     pub guard: Guard,
     pub resend: Resend,
+    /// For an attempt whose handler waits for a signal: the wait, and its timeout.
+    pub signal_wait: Option<(SignalWait, Option<std::time::Duration>)>,
 }
 
 /// A running attempt's facts, read for the decision of how it ends.
@@ -165,11 +169,12 @@ impl Store {
                      $7::job_state[], $8::bool[], $9::attempt_outcome[], \
                      $10::job_state[], $11::bool[], $12::attempt_outcome[], \
                      $13::int8[], $14::jsonb[], $15::text[], $16::bytea[], $17::text[], \
-                     $18::text[]) WITH ORDINALITY \
+                     $18::text[], $19::text[], $20::int4[], $21::int8[]) WITH ORDINALITY \
                  AS t(tenant_id, id, attempt, end_state, end_counts, end_outcome, \
                       cancel_state, cancel_counts, cancel_outcome, \
                       pause_state, pause_counts, pause_outcome, \
-                      retry_in_us, error, result_type, result, reason, guard, ord) \
+                      retry_in_us, error, result_type, result, reason, guard, \
+                      signal_name, signal_count, signal_timeout_ms, ord) \
              ), upd AS ( \
                  UPDATE jobs j SET \
                      state = {state}, \
@@ -185,8 +190,15 @@ impl Store {
                      lease_owner = CASE WHEN {outcome} IS NULL THEN NULL ELSE j.lease_owner END, \
                      finished_at = CASE WHEN {state} IN ('succeeded', 'failed', 'cancelled') \
                                         THEN now() END, \
-                     awaiting_children = {state} = 'pending', \
+                     awaiting_children = {state} = 'pending' AND i.signal_name IS NULL, \
                      children_ended = j.children_ended AND {outcome} IS NULL, \
+                     awaiting_signal = CASE WHEN {state} = 'pending' THEN i.signal_name END, \
+                     awaiting_signal_count = CASE WHEN {state} = 'pending' \
+                                                  THEN i.signal_count END, \
+                     signal_deadline = CASE WHEN {state} = 'pending' THEN now() \
+                         + i.signal_timeout_ms * interval '1 millisecond' END, \
+                     signal_timed_out = CASE WHEN {outcome} IS NULL \
+                                             THEN j.signal_timed_out END, \
                      lease_expires_at = NULL, pause_requested_at = NULL, updated_at = now() \
                  FROM input i \
                  WHERE {LEASE_MATCH} \
@@ -301,7 +313,19 @@ impl Store {
                     .collect::<Vec<_>>(),
             )
             .bind(ends.iter().map(|e| e.decision.reason).collect::<Vec<_>>())
-            .bind(ends.iter().map(|e| e.guard.as_str()).collect::<Vec<_>>());
+            .bind(ends.iter().map(|e| e.guard.as_str()).collect::<Vec<_>>())
+            .bind(nullable(ends.iter().map(|e| {
+                e.signal_wait.as_ref().map(|(wait, _)| wait.name.clone())
+            })))
+            .bind(nullable(
+                ends.iter()
+                    .map(|e| e.signal_wait.as_ref().map(|(wait, _)| wait.count)),
+            ))
+            .bind(nullable(ends.iter().map(|e| {
+                e.signal_wait
+                    .as_ref()
+                    .and_then(|(_, timeout)| timeout.map(super::leases::millis))
+            })));
         let rows: Vec<EndedRow> = self.hot(async |c| Ok(query.fetch_all(c).await?)).await?;
         metrics::ended(rows.iter().zip(ends).filter_map(|(row, end)| {
             let state = row.applied_state?;

@@ -803,7 +803,11 @@ impl Store {
     }
 }
 
-async fn get_job(db: impl PgExecutor<'_>, tenant: &TenantId, id: JobId) -> Result<JobRow> {
+pub(super) async fn get_job(
+    db: impl PgExecutor<'_>,
+    tenant: &TenantId,
+    id: JobId,
+) -> Result<JobRow> {
     let sql = static_sql!("SELECT {JOB_COLUMNS} FROM jobs WHERE tenant_id = $1 AND id = $2");
     query_as::<JobRow>(sql)
         .bind(tenant.as_str())
@@ -1097,7 +1101,7 @@ where
 /// for labels, empty). The statement's multi-argument UNNEST pads a NULL array with NULLs, so
 /// PostgreSQL neither receives nor unnests a thousand NULLs for the options a batch leaves
 /// unset, which most batches do.
-fn nullable<T>(values: impl Iterator<Item = Option<T>>) -> Option<Vec<Option<T>>> {
+pub(super) fn nullable<T>(values: impl Iterator<Item = Option<T>>) -> Option<Vec<Option<T>>> {
     let values: Vec<Option<T>> = values.collect();
     values.iter().any(Option::is_some).then_some(values)
 }

@@ -394,6 +394,16 @@ pub struct Worker<'a> {
     pub reports_started: bool,
 }
 
+/// The signals of each claimed job `upd`, as [`LeaseSignals`](super::rows::LeaseSignals)
+/// reads them; read only for a job that holds some.
+const LEASE_SIGNALS: &str = "LEFT JOIN LATERAL ( \
+     SELECT array_agg(s.name ORDER BY s.seq) AS signal_names, \
+            array_agg(s.payload_type ORDER BY s.seq) AS signal_types, \
+            array_agg(s.payload ORDER BY s.seq) AS signal_payloads, \
+            array_agg(s.created_at ORDER BY s.seq) AS signal_times \
+     FROM job_signals s \
+     WHERE upd.has_signals AND s.tenant_id = upd.tenant_id AND s.job_id = upd.id) sg ON true";
+
 /// The claim statement. Pick with `FOR UPDATE SKIP LOCKED` (replicas never pick the same row),
 /// bump the attempt (the new fencing token), open the attempt row and write the event. Each
 /// queue is read on its own (`LATERAL`), so the `jobs_claim` index delivers rows in dispatch
@@ -440,7 +450,8 @@ pub(super) async fn claim_statement(
              SELECT tenant_id, id, 'state', state, attempt, jsonb_build_object('worker', $5) \
              FROM upd \
          ) \
-         SELECT {JOB_COLUMNS}, checkpoint FROM upd ORDER BY priority DESC, run_at, id"
+         SELECT {JOB_COLUMNS}, checkpoint, sg.* FROM upd {LEASE_SIGNALS} \
+         ORDER BY priority DESC, run_at, id"
     );
     let queues: Vec<&str> = queues.iter().map(QueueName::as_str).collect();
     Ok(query_as::<LeasedRow>(sql)

@@ -96,7 +96,9 @@ impl Store {
                     "SELECT least( \
                          (SELECT min(run_at) FROM jobs WHERE state IN ('scheduled', 'retrying')), \
                          (SELECT min(approval_deadline) FROM jobs \
-                          WHERE state = 'awaiting_approval' AND approval_deadline IS NOT NULL))",
+                          WHERE state = 'awaiting_approval' AND approval_deadline IS NOT NULL), \
+                         (SELECT min(signal_deadline) FROM jobs \
+                          WHERE state = 'pending' AND signal_deadline IS NOT NULL))",
                 )
                 .fetch_one(c)
                 .await?)

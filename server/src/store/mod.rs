@@ -49,6 +49,7 @@ mod replays;
 mod retention;
 mod rows;
 mod schedules;
+mod signals;
 mod tenancy;
 mod waits;
 mod workers;
@@ -85,11 +86,14 @@ pub use queues::QueueDepthRow;
 pub use queues::{HeldBack, LimitedClaim, QueueRow, QueueUpdate, QueueView};
 pub use replays::{Replay, ReplayFilter, Replayable, Replayed};
 pub use retention::{Archive, EventPartition, Pruned, QueueRetention};
-pub use rows::{AttemptRow, ErrorRecord, EventRow, JobRow, LeasedRow, ProgressOrigin};
+pub use rows::{
+    AttemptRow, ErrorRecord, EventRow, JobRow, LeaseSignals, LeasedRow, ProgressOrigin, SignalWait,
+};
 pub use schedules::{
     CatchUpPolicy, DueSchedule, Firing, JobTemplate, NewSchedule, OverlapPolicy, ScheduleRow,
     ScheduleSpec, ScheduleUpdate,
 };
+pub use signals::{MAX_SIGNALS_PER_JOB, NewSignal, Signalled};
 pub use tenancy::TENANT_ROLE;
 pub use workers::{WorkerRecord, WorkerView};
 
@@ -138,6 +142,12 @@ pub enum Error {
     /// The parent named for children is no job of the tenant; nothing was written.
     #[error("job {0} is no job of this tenant")]
     UnknownParent(crate::domain::JobId),
+    /// The job has ended (in this state): it takes no signal.
+    #[error("the job has ended {0:?}")]
+    Ended(crate::domain::JobState),
+    /// The job holds this many signals already, the most it may.
+    #[error("the job holds {0} signals, the most a job may")]
+    TooManySignals(i64),
 }
 
 impl Error {

@@ -19,7 +19,7 @@ pub(crate) const JOB_COLUMNS: &str = "id, tenant_id, queue, job_type, payload_ty
     timeout_ms, attempt_started_at, cancel_requested_at, pause_requested_at, pause_reason, \
     schedule_id, schedule_tick, job_type_version, depends_on, run_regardless, approval_deadline, \
     approval_timeout_fails, retry_rules, traceparent, tracestate, parent_id, awaiting_children, \
-    children_ended";
+    children_ended, has_signals, awaiting_signal, signal_deadline, signal_timed_out";
 
 /// One row of `jobs`.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -84,6 +84,30 @@ pub struct JobRow {
     pub awaiting_children: bool,
     /// The next attempt resumes the job after its children ended.
     pub children_ended: bool,
+    /// The job holds signals (SignalJob).
+    pub has_signals: bool,
+    /// While PENDING for a signal: its name, and when the wait times out.
+    pub awaiting_signal: Option<String>,
+    pub signal_deadline: Option<DateTime<Utc>>,
+    /// The wait the next attempt resumes from timed out.
+    pub signal_timed_out: Option<Json<SignalWait>>,
+}
+
+/// A wait for a job's signal: its name and how many of that name it waits for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignalWait {
+    pub name: String,
+    pub count: i32,
+}
+
+/// The signals of a leased job, oldest first, column by column (all `None` when it holds
+/// none).
+#[derive(Debug, Clone, Default, sqlx::FromRow)]
+pub struct LeaseSignals {
+    pub signal_names: Option<Vec<String>>,
+    pub signal_types: Option<Vec<String>>,
+    pub signal_payloads: Option<Vec<Vec<u8>>>,
+    pub signal_times: Option<Vec<DateTime<Utc>>>,
 }
 
 impl JobRow {
@@ -103,6 +127,8 @@ pub struct LeasedRow {
     pub job: JobRow,
     /// The last checkpoint, for the attempt to resume from.
     pub checkpoint: Option<Vec<u8>>,
+    #[sqlx(flatten)]
+    pub signals: LeaseSignals,
 }
 
 /// Where the current attempt's progress started, for the ETA.

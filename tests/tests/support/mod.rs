@@ -272,6 +272,7 @@ impl RawWorker {
         let request_id = self.next_request;
         self.next_request += 1;
         self.send(In::Complete(pb::CompleteJob {
+            wait_signal: Default::default(),
             wait_for_children: Default::default(),
             request_id,
             lease: Some(pb::LeaseRef {
@@ -289,6 +290,7 @@ impl RawWorker {
         let request_id = self.next_request;
         self.next_request += 1;
         self.send(In::Complete(pb::CompleteJob {
+            wait_signal: Default::default(),
             wait_for_children: Default::default(),
             request_id,
             lease: Some(pb::LeaseRef {
