@@ -53,7 +53,9 @@ fn bearer(secret: &str) -> Vec<(&'static str, String)> {
 }
 
 /// Who may call what: the table of docs/architecture.md, written out again here so that the
-/// server's own table is checked against it, not against itself.
+/// server's own table is checked against it, not against itself. A worker key enqueues only
+/// children of a job it runs: an enqueue without a parent, as here, is refused to it
+/// (`tests/fanout.rs` shows the rest).
 fn allowed(method: &str, role: &str) -> bool {
     let readers = ["admin", "producer", "viewer"];
     let allow: &[&str] = match method {
@@ -71,6 +73,7 @@ fn allowed(method: &str, role: &str) -> bool {
             &["admin", "producer", "viewer", "approver"]
         }
         "JobService/ApproveJob" | "JobService/RejectJob" => &["admin", "approver"],
+        "JobService/SignalJob" => &["admin", "producer", "approver"],
         "JobTypeService/GetJobType" | "JobTypeService/ListJobTypes" => {
             &["admin", "producer", "viewer", "worker", "approver"]
         }

@@ -377,16 +377,18 @@ async fn cancelling_a_waiting_parent_cancels_its_unfinished_children_naming_it()
     let id = parent.id().as_str().to_owned();
     let raw = jobs(&url).await;
     // Midway: ten children done, some running (blocked), the rest queued.
-    let job = eventually("ten children succeeded", WAIT, || {
+    let job = eventually("the parent waits and ten children succeeded", WAIT, || {
         let (mut raw, id) = (raw.clone(), id.clone());
         async move {
             let job = support::get(&mut raw, &id).await;
-            (job.children.as_ref().is_some_and(|c| c.succeeded == 10)).then_some(job)
+            (job.state == pb::JobState::Pending as i32
+                && job.children.as_ref().is_some_and(|c| c.succeeded == 10))
+            .then_some(job)
         }
     })
     .await;
-    assert_eq!(job.state, pb::JobState::Pending as i32);
     assert!(job.awaiting_children);
+    assert_eq!(job.children.map(|c| c.total), Some(100));
     eventually("blocked children running", WAIT, || {
         let (url, id) = (url.clone(), id.clone());
         async move {
@@ -502,4 +504,136 @@ async fn a_server_killed_during_a_fan_out_of_1000_children_loses_none_and_resume
     let parts = seen.parts.lock().expect("lock").clone();
     assert_eq!(parts.len(), 1000, "every child ran");
     stop_workers(workers).await;
+}
+
+/// Makes a key with `jobwire-server keys create`; returns its secret.
+async fn key(db: &jobwire_tests::TestDb, role: &str) -> String {
+    let args = [
+        "--database-url",
+        db.url(),
+        "keys",
+        "create",
+        "--tenant",
+        "acme",
+        "--role",
+        role,
+    ];
+    let (status, stdout, stderr) = ServerProcess::run_command(&args).await;
+    assert!(status.success(), "keys create failed: {stderr}");
+    stdout.trim().to_owned()
+}
+
+#[tokio::test]
+async fn a_worker_key_enqueues_children_of_the_job_it_runs_and_nothing_else() {
+    let db = test_db().await;
+    let (producer, worker_key) = (key(&db, "producer").await, key(&db, "worker").await);
+    let server = ServerProcess::start(&db, &[]).await;
+    let url = server.url();
+    let client = Client::builder(url.clone())
+        .api_key(producer.clone())
+        .connect()
+        .await
+        .expect("client");
+    let seen = Arc::new(Seen::default());
+    let (for_batch, for_part) = (seen.clone(), seen.clone());
+    let worker = Worker::builder(url.clone())
+        .worker_id("keyed")
+        .api_key(worker_key.clone())
+        .concurrency(2)
+        .register::<Batch, _, _>(move |ctx, job| run_batch(for_batch.clone(), ctx, job))
+        .register::<Part, _, _>(move |ctx, job| run_part(for_part.clone(), ctx, job))
+        .build()
+        .expect("worker");
+    let stop = CancellationToken::new();
+    let token = stop.clone();
+    let task = tokio::spawn(async move {
+        let _ = worker.run(token.cancelled_owned()).await;
+    });
+
+    let parent = client
+        .enqueue(Batch {
+            count: 3,
+            batch: 3,
+            block_from: u32::MAX,
+        })
+        .await
+        .expect("enqueue parent");
+    let total = tokio::time::timeout(WAIT, parent.wait())
+        .await
+        .expect("in time")
+        .expect("the worker key enqueued the children");
+    assert_eq!(total.children, 3);
+
+    let with_key = |secret: &str, request: pb::EnqueueJobRequest| {
+        let mut request = tonic::Request::new(request);
+        request.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {secret}").parse().expect("header"),
+        );
+        request
+    };
+    let spec = || pb::EnqueueJobRequest {
+        job: Some(support::spec("fanout.part", "default")),
+        parent: None,
+    };
+    let mut raw = jobs(&url).await;
+    let refused = raw.enqueue_job(with_key(&worker_key, spec())).await;
+    assert_eq!(
+        refused.err().map(|s| s.code()),
+        Some(tonic::Code::PermissionDenied),
+        "a worker key enqueues nothing but children"
+    );
+    // A parent that is not running the attempt named: the lease is stale.
+    let stale = raw
+        .enqueue_job(with_key(
+            &producer,
+            pb::EnqueueJobRequest {
+                parent: Some(pb::LeaseRef {
+                    job_id: parent.id().as_str().to_owned(),
+                    attempt: 1,
+                }),
+                ..spec()
+            },
+        ))
+        .await;
+    assert_eq!(stale.err().map(|s| s.code()), Some(tonic::Code::Aborted));
+    let unknown = raw
+        .enqueue_job(with_key(
+            &producer,
+            pb::EnqueueJobRequest {
+                parent: Some(pb::LeaseRef {
+                    job_id: uuid::Uuid::now_v7().to_string(),
+                    attempt: 1,
+                }),
+                ..spec()
+            },
+        ))
+        .await;
+    support::assert_status(unknown, tonic::Code::InvalidArgument, "parent.job_id");
+    let zero = raw
+        .enqueue_job(with_key(
+            &producer,
+            pb::EnqueueJobRequest {
+                parent: Some(pb::LeaseRef {
+                    job_id: parent.id().as_str().to_owned(),
+                    attempt: 0,
+                }),
+                ..spec()
+            },
+        ))
+        .await;
+    support::assert_status(zero, tonic::Code::InvalidArgument, "parent.attempt");
+    let listed = client
+        .list_jobs()
+        .parent(parent.id())
+        .send()
+        .await
+        .expect("list children");
+    assert_eq!(
+        listed.jobs().len(),
+        3,
+        "nothing was added by the refused calls"
+    );
+    stop.cancel();
+    task.await.expect("worker stopped");
 }
