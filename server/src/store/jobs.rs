@@ -770,7 +770,7 @@ impl Store {
     ) -> Result<Option<JobRow>> {
         let sql = static_sql!(
             "WITH upd AS ( \
-                 UPDATE jobs SET attempt_base = attempt, \
+                 UPDATE jobs SET attempt_base = attempt, {CLEAR_WAITS}, \
                         state = CASE WHEN depends_on IS NULL THEN 'available'::job_state \
                                      ELSE 'pending'::job_state END, \
                         run_at = now(), finished_at = NULL, cancel_reason = NULL, \
@@ -963,6 +963,11 @@ fn enqueue_sql(keyed: bool, returning: &[&str], inserted: &str) -> String {
         ins_cols = prefixed("ins", returning),
     )
 }
+
+/// Forgets what a finished job waited for when it ended (a cancel leaves them as they were), so
+/// that a retried or replayed job waits only for its dependencies again.
+pub(super) const CLEAR_WAITS: &str = "awaiting_children = false, awaiting_signal = NULL, \
+     awaiting_signal_count = NULL, signal_deadline = NULL";
 
 /// Every column of a job, for callers that answer with the whole job.
 static WHOLE: LazyLock<Vec<&'static str>> =

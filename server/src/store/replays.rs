@@ -8,7 +8,7 @@ use futures::future::BoxFuture;
 use sqlx::types::Json;
 use uuid::Uuid;
 
-use super::{Error, Result, Store, notify::send, query, query_as, query_scalar};
+use super::{Error, Result, Store, jobs::CLEAR_WAITS, notify::send, query, query_as, query_scalar};
 use crate::domain::{Actor, JobId, JobState, QueueName, TenantId};
 
 /// How many ids an answer shows.
@@ -153,7 +153,7 @@ impl Store {
             "WITH r AS ( \
                  SELECT * FROM unnest($2::uuid[], $3::bytea[]) AS r(id, payload) \
              ), upd AS ( \
-                 UPDATE jobs j SET attempt_base = attempt, \
+                 UPDATE jobs j SET attempt_base = attempt, {CLEAR_WAITS}, \
                         state = CASE WHEN j.depends_on IS NULL THEN 'available'::job_state \
                                      ELSE 'pending'::job_state END, \
                         run_at = now(), finished_at = NULL, cancel_reason = NULL, \
