@@ -65,7 +65,7 @@ pub(super) async fn guard<T>(begin: impl Future<Output = T>) -> T {
 
 /// Whether a begin was abandoned within the last [`WINDOW`].
 fn abandoned_lately() -> bool {
-    // Initialized before any begin can be abandoned, so an abandonment is never older than it.
+    // Read before the last abandonment, so that one noted meanwhile counts as just now.
     let now = now_ms();
     match LAST_ABANDONED.load(Ordering::Relaxed) {
         0 => false,
