@@ -68,6 +68,19 @@ pub const DB_POOL_CONNECTIONS: &str = "jobwire_db_pool_connections";
 pub const DB_POOL_MAX: &str = "jobwire_db_pool_max_connections";
 /// 1 while this replica holds the leader lease, else 0.
 pub const LEADER: &str = "jobwire_leader";
+/// Finished jobs the pruner removed past their queue's retention (archived first with
+/// `--archive`).
+pub const JOBS_PRUNED: &str = "jobwire_jobs_pruned_total";
+/// Attempt rows removed with their pruned jobs.
+pub const ATTEMPTS_PRUNED: &str = "jobwire_attempts_pruned_total";
+/// Events of pruned jobs copied to `job_events_archive` (`--archive` only).
+pub const EVENTS_ARCHIVED: &str = "jobwire_events_archived_total";
+/// Partitions of the event log made ahead.
+pub const EVENT_PARTITIONS_MADE: &str = "jobwire_event_partitions_made_total";
+/// Partitions of the event log dropped whole, past the longest retention.
+pub const EVENT_PARTITIONS_DROPPED: &str = "jobwire_event_partitions_dropped_total";
+/// Pruner passes completed.
+pub const PRUNE_PASSES: &str = "jobwire_prune_passes_total";
 
 /// The most (tenant, queue, job type) triples given series of their own (see the module doc).
 pub const MAX_SERIES: usize = 1000;
@@ -95,6 +108,16 @@ pub fn install() -> Result<PrometheusHandle, BuildError> {
     let handle = recorder.handle();
     metrics::set_global_recorder(recorder).map_err(BuildError::FailedToSetGlobalRecorder)?;
     describe();
+    // The pruner's unlabelled counters read 0 from the first scrape, so that an alert on
+    // their rate sees a replica that never pruned (a follower, or a leader stuck before its
+    // first pass) rather than no series at all.
+    for name in [
+        EVENT_PARTITIONS_MADE,
+        EVENT_PARTITIONS_DROPPED,
+        PRUNE_PASSES,
+    ] {
+        counter!(name).increment(0);
+    }
     RECORDING.store(true, Ordering::Relaxed);
     Ok(handle)
 }
@@ -183,6 +206,28 @@ fn describe() {
         LEADER,
         "1 while this replica holds the leader lease, else 0."
     );
+    describe_counter!(
+        JOBS_PRUNED,
+        "Finished jobs removed by the pruner past their queue's retention (archived first \
+         with --archive), by tenant and queue."
+    );
+    describe_counter!(
+        ATTEMPTS_PRUNED,
+        "Attempt rows removed with their pruned jobs, by tenant and queue."
+    );
+    describe_counter!(
+        EVENTS_ARCHIVED,
+        "Events of pruned jobs copied to the archive (--archive), by tenant and queue."
+    );
+    describe_counter!(
+        EVENT_PARTITIONS_MADE,
+        "Partitions of the event log made ahead of time."
+    );
+    describe_counter!(
+        EVENT_PARTITIONS_DROPPED,
+        "Partitions of the event log dropped whole once past the longest retention."
+    );
+    describe_counter!(PRUNE_PASSES, "Pruner passes completed on this replica.");
 }
 
 /// Serves `GET /metrics` on `listener` until `shutdown`.
@@ -340,6 +385,34 @@ pub fn ended<'a>(ends: impl IntoIterator<Item = (Series<'a>, Ended, Option<f64>)
 /// A job cancelled (or rejected) before any worker ran it.
 pub fn cancelled(series: Series<'_>) {
     count(JOBS_CANCELLED, [series]);
+}
+
+/// What one committed pruning batch removed from a queue.
+pub fn pruned(tenant: &str, queue: &str, jobs: u64, attempts: u64, events_archived: u64) {
+    if !recording() || jobs == 0 {
+        return;
+    }
+    let labels = queue_labels(tenant, queue);
+    counter!(JOBS_PRUNED, &labels).increment(jobs);
+    counter!(ATTEMPTS_PRUNED, &labels).increment(attempts);
+    if events_archived > 0 {
+        counter!(EVENTS_ARCHIVED, &labels).increment(events_archived);
+    }
+}
+
+/// Event partitions made ahead by one pass.
+pub fn event_partitions_made(made: u64) {
+    counter!(EVENT_PARTITIONS_MADE).increment(made);
+}
+
+/// One event partition dropped.
+pub fn event_partition_dropped() {
+    counter!(EVENT_PARTITIONS_DROPPED).increment(1);
+}
+
+/// One pruner pass completed.
+pub fn prune_pass() {
+    counter!(PRUNE_PASSES).increment(1);
 }
 
 /// Whether this replica leads.

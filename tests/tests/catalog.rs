@@ -6,7 +6,9 @@
 //! a watcher, that the seed's idempotency key folds a second enqueue of the same payload into
 //! the first job, that `download.verify` passes the right digest and fails the wrong one for
 //! good, that `download.cleanup` removes an old unreferenced file and keeps a referenced one,
-//! that a 404 fails a fetch without retries, and that the stand-ins only plan. Every job type
+//! that a 404 fails a fetch without retries, that a chain fetch -> verify -> apply enqueued at
+//! once with `depends_on` runs in order, and a wrong digest cancels the apply naming the
+//! verify, and that the stand-ins only plan. Every job type
 //! is declared only in `catalog.proto`: the worker registers the eleven with their schemas and
 //! defaults when it connects, and the jobs here, enqueued without a queue or priority, take
 //! them.
@@ -348,6 +350,102 @@ async fn a_fetch_streams_progress_then_verifies_against_its_digest() {
     assert!(error.message().contains("digest mismatch"), "{error}");
     assert!(error.message().contains(&wrong), "{error}");
     assert!(error.message().contains(&expected), "{error}");
+    setup.stop().await;
+}
+
+/// The update that installs what a chain downloaded: plan-only, low risk, so no approval.
+fn apply(package: &str) -> pb::UpdateApplyPackage {
+    pb::UpdateApplyPackage {
+        package_id: package.to_owned(),
+        requested_mode: pb::RequestedMode::DryRun.into(),
+        risk_level: pb::RiskLevel::Low.into(),
+        ..Default::default()
+    }
+}
+
+/// Enqueues the chain fetch -> verify -> apply at once, each waiting for the one before with
+/// the server's `depends_on`; the verify finds the fetched file by its name in the cache.
+async fn chain(
+    setup: &Setup,
+    name: &str,
+    digest: &str,
+) -> (
+    jobwire::JobHandle<pb::DownloadFetch>,
+    jobwire::JobHandle<pb::DownloadVerify>,
+    jobwire::JobHandle<pb::UpdateApplyPackage>,
+) {
+    let client = &setup.client;
+    let fetch = client
+        .enqueue(setup.fetch(FILE_PATH, name))
+        .await
+        .expect("fetch enqueued");
+    let verify = client
+        .enqueue(pb::DownloadVerify {
+            download_task_id: fetch.id().to_string(),
+            artifact_path: name.to_owned(),
+            checksum_sha256: digest.to_owned(),
+            domain: String::new(),
+        })
+        .depends_on(fetch.id())
+        .await
+        .expect("verify enqueued");
+    let apply = client
+        .enqueue(apply("Git.Git"))
+        .depends_on(verify.id())
+        .await
+        .expect("apply enqueued");
+    (fetch, verify, apply)
+}
+
+#[tokio::test]
+async fn a_chained_verify_gates_the_apply_and_a_wrong_digest_cancels_it() {
+    let setup = Setup::start().await;
+    let expected = sha256_hex(&setup.file);
+
+    // The right digest: the three run in order, each after the one it depends on.
+    let (fetch, verify, apply) = chain(&setup, "chained-good.bin", &expected).await;
+    let applied = apply.wait().await.expect("the apply runs once verified");
+    assert!(applied.plan_only);
+    assert_eq!(applied.package_id, "Git.Git");
+    let verified = verify.wait().await.expect("the verify succeeded");
+    assert!(verified.verified);
+    assert_eq!(verified.sha256, expected);
+    let fetched = fetch.wait().await.expect("the fetch succeeded");
+    assert_eq!(fetched.sha256, expected);
+    let (fetch_info, verify_info, apply_info) = (
+        fetch.get().await.expect("fetch"),
+        verify.get().await.expect("verify"),
+        apply.get().await.expect("apply"),
+    );
+    let ended = |info: &jobwire::JobInfo| info.finished_at().expect("finished");
+    let started = |info: &jobwire::JobInfo| info.started_at().expect("started");
+    assert!(
+        started(&verify_info) >= ended(&fetch_info),
+        "verify ran after the fetch"
+    );
+    assert!(
+        started(&apply_info) >= ended(&verify_info),
+        "apply ran after the verify"
+    );
+
+    // A wrong digest: the fetch succeeds, the verify fails for good, and the apply waiting for
+    // it is cancelled without running, its reason naming the verify.
+    let wrong = "0".repeat(64);
+    let (fetch, verify, apply) = chain(&setup, "chained-bad.bin", &wrong).await;
+    fetch.wait().await.expect("the fetch succeeded");
+    let mismatch = failure(verify.wait().await);
+    assert_eq!(mismatch.state(), JobState::Failed);
+    assert_eq!(
+        mismatch.last_error().and_then(|e| e.kind()),
+        Some("digest_mismatch")
+    );
+    let cancelled = failure(apply.wait().await);
+    assert_eq!(cancelled.state(), JobState::Cancelled);
+    assert_eq!(cancelled.attempt(), 0, "the apply never ran");
+    let reason = cancelled.cancel_reason().unwrap_or_default();
+    println!("the apply's cancel reason: {reason}");
+    assert!(reason.contains(verify.id().as_str()), "{reason:?}");
+    assert!(reason.contains("FAILED"), "{reason:?}");
     setup.stop().await;
 }
 

@@ -1,7 +1,8 @@
 //! Prometheus metrics (`--metrics-listen`): after a known workload run by a real worker, the
 //! counters scraped over HTTP equal the jobs that reached each state, per queue and job type;
 //! the histograms hold one observation per attempt; the stream, queue, pool and leader gauges
-//! say what the server holds.
+//! say what the server holds; the pruner's counters equal the rows it removed (counted in the
+//! archive tables).
 
 mod support;
 
@@ -328,4 +329,157 @@ async fn counts_equal_the_jobs_that_ran_and_gauges_follow_the_server() {
         value(s, "jobwire_worker_streams", &[]) == 0.0
     })
     .await;
+}
+
+/// Rows of `table` (an archive table) that belong to jobs archived from `queue`.
+async fn archived_in(pool: &sqlx::PgPool, table: &str, queue: &str) -> f64 {
+    let sql = format!(
+        "SELECT count(*) FROM {table} r JOIN jobs_archive j ON j.id = r.job_id WHERE j.queue = $1"
+    );
+    let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+        .bind(queue)
+        .fetch_one(pool)
+        .await
+        .expect("count archived rows");
+    n as f64
+}
+
+#[tokio::test]
+async fn the_pruners_counters_equal_the_rows_it_pruned() {
+    let db = test_db().await;
+    // With --archive every row pruned is first copied to its archive table, where the test
+    // counts what the pruner removed.
+    let server = ServerProcess::start(
+        &db,
+        &[
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--retention",
+            "1s",
+            "--prune-interval",
+            "100ms",
+            "--archive",
+        ],
+    )
+    .await;
+    let addr = server
+        .metrics_addr()
+        .expect("the server prints its metrics address");
+    let pool = db.pool().await;
+    let samples = scrape_until(addr, "the pruner's first pass", |s| {
+        value(s, "jobwire_prune_passes_total", &[]) >= 1.0
+    })
+    .await;
+    assert!(
+        samples
+            .iter()
+            .any(|s| s.name == "jobwire_event_partitions_dropped_total"),
+        "the unlabelled counters read from the first scrape"
+    );
+
+    let client = Client::connect(server.url()).await.expect("client");
+    let worker = Worker::builder(server.url())
+        .worker_id("pruned-worker")
+        .queues(["ran"])
+        .concurrency(4)
+        .register::<Sleep, _, _>(|ctx: JobContext, job: Sleep| {
+            run_sleep(ctx, job, "pruned-worker".into())
+        })
+        .build()
+        .expect("worker");
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(worker.run(stop.clone().cancelled_owned()));
+    // Queue `ran`: jobs that succeed and jobs that fail, one attempt each. Nothing waits for
+    // them: a job may be pruned before its handle would hear it end.
+    for seq in 0..N {
+        client
+            .enqueue(Sleep::succeeding(1, seq as u64))
+            .queue("ran")
+            .await
+            .expect("enqueue a job that succeeds");
+    }
+    for seq in 0..M {
+        client
+            .enqueue(Sleep {
+                millis: 1,
+                fail_times: 1,
+                fatal: true,
+                seq: seq as u64,
+            })
+            .queue("ran")
+            .retry(RetryPolicy::no_retries())
+            .await
+            .expect("enqueue a job that fails");
+    }
+    // Queue `dropped`: jobs cancelled before any worker ran them, without attempts.
+    for seq in 0..K {
+        client
+            .enqueue(Sleep::succeeding(1, seq as u64))
+            .queue("dropped")
+            .delay(Duration::from_secs(3600))
+            .await
+            .expect("enqueue a job for later")
+            .cancel("not needed")
+            .await
+            .expect("cancel");
+    }
+
+    let ran = [("queue", "ran")];
+    let dropped = [("queue", "dropped")];
+    let samples = scrape_until(addr, "every finished job pruned", |s| {
+        value(s, "jobwire_jobs_pruned_total", &ran) == (N + M) as f64
+            && value(s, "jobwire_jobs_pruned_total", &dropped) == K as f64
+    })
+    .await;
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs")
+        .fetch_one(&pool)
+        .await
+        .expect("count jobs");
+    assert_eq!(left, 0, "every job was pruned");
+    for (labels, queue) in [(&ran, "ran"), (&dropped, "dropped")] {
+        let jobs: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs_archive WHERE queue = $1")
+            .bind(queue)
+            .fetch_one(&pool)
+            .await
+            .expect("count archived jobs");
+        assert_eq!(
+            value(&samples, "jobwire_jobs_pruned_total", labels),
+            jobs as f64,
+            "jobs pruned from {queue}"
+        );
+        assert_eq!(
+            value(&samples, "jobwire_attempts_pruned_total", labels),
+            archived_in(&pool, "job_attempts_archive", queue).await,
+            "attempts pruned from {queue}"
+        );
+        assert_eq!(
+            value(&samples, "jobwire_events_archived_total", labels),
+            archived_in(&pool, "job_events_archive", queue).await,
+            "events archived from {queue}"
+        );
+    }
+    // An attempt row is written for each attempt that ended otherwise than in success (a
+    // success is read from its job's row): one per failed job.
+    assert_eq!(
+        value(&samples, "jobwire_attempts_pruned_total", &ran),
+        M as f64,
+        "one attempt row per failed job"
+    );
+    assert_eq!(
+        value(&samples, "jobwire_attempts_pruned_total", &dropped),
+        0.0
+    );
+    assert!(value(&samples, "jobwire_events_archived_total", &ran) >= (N + M) as f64 * 3.0);
+    assert!(
+        samples
+            .iter()
+            .filter(|s| s.name == "jobwire_jobs_pruned_total")
+            .all(|s| s.labels.get("tenant").map(String::as_str) == Some("default")),
+        "pruned jobs are counted under their tenant"
+    );
+    stop.cancel();
+    running
+        .await
+        .expect("worker task")
+        .expect("the worker stops cleanly");
 }

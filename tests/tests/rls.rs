@@ -1,11 +1,16 @@
 //! Row-level security, the second wall between tenants: inside a transaction the server scopes
 //! to one tenant, statements that name no tenant at all still cannot read, change, delete or
 //! write another tenant's rows. The tables are found in the catalog (every table with a
-//! `tenant_id` column), so a table added without a policy fails here.
+//! `tenant_id` column), so a table added without a policy fails here. A scoped begin abandoned
+//! before its answer leaves no connection inside its transaction (and its role) for the next
+//! user.
 
 use jobwire_server::{domain::TenantId, store::Store};
 use jobwire_tests::test_db;
 use sqlx::{AssertSqlSafe, PgPool, Row};
+
+/// How long a connection's return to the pool may take to be seen, on a loaded machine.
+const WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Two rows per tenant-scoped table for each of `acme` and `globex`, written as the tables'
 /// owner (which the policies do not bind).
@@ -341,4 +346,56 @@ async fn the_tenant_role_bypasses_nothing_and_fails_closed() {
         assert!(unscoped.is_err(), "{table}: read without a tenant set");
         tx.rollback().await.expect("rollback");
     }
+}
+
+/// Backends of the store under test (this process's `jobwire-server/<pid>` connections to
+/// the test's database) that sit inside a transaction with no statement running.
+async fn idle_in_transaction(pool: &PgPool) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+           AND application_name = $1 AND state = 'idle in transaction'",
+    )
+    .bind(format!("jobwire-server/{}", std::process::id()))
+    .fetch_one(pool)
+    .await
+    .expect("pg_stat_activity")
+}
+
+#[tokio::test]
+async fn a_scoped_begin_abandoned_before_its_answer_leaves_no_transaction_behind() {
+    use futures::FutureExt as _;
+
+    let db = test_db().await;
+    let store = Store::connect(db.url(), 2).await.expect("store");
+    let pool = db.pool().await;
+    let acme = TenantId::new_unchecked("acme");
+    let mut abandoned = 0;
+    for _ in 0..20 {
+        store.ping().await.expect("ping");
+        // The connection goes back to the pool in a task of its own: wait for it, so that the
+        // begin below acquires at once and gets as far as sending its BEGIN.
+        jobwire_tests::eventually("a connection idle in the pool", WAIT, || async {
+            (store.pool_use().0 > 0).then_some(())
+        })
+        .await;
+        // Polled once, then dropped: the BEGIN (with its SET LOCAL ROLE) is sent, its answer
+        // never read. sqlx counts no transaction and queues no rollback for it.
+        if store.tenant_transaction(&acme).now_or_never().is_none() {
+            abandoned += 1;
+        }
+    }
+    assert!(abandoned > 0, "no begin was left pending");
+    // The store goes on working, on connections outside any transaction: one an abandoned
+    // begin left inside its transaction is closed as it returns to the pool, not reused (its
+    // next user would run as the tenant role, in that transaction, holding its locks).
+    for _ in 0..4 {
+        store.ping().await.expect("ping after abandoned begins");
+    }
+    jobwire_tests::eventually("no connection left in a transaction", WAIT, || async {
+        (idle_in_transaction(&pool).await == 0).then_some(())
+    })
+    .await;
+    let tx = store.tenant_transaction(&acme).await.expect("scope");
+    drop(tx);
+    store.ping().await.expect("ping");
 }

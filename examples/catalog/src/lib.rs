@@ -12,6 +12,9 @@
 //!
 //! Only the three download jobs do real work: `download.fetch` streams an HTTP body into the
 //! cache directory, `download.verify` checks a SHA-256, `download.cleanup` removes stale files.
+//! A verify enqueued with `depends_on` its fetch (and naming the fetch's `target_filename`)
+//! runs once the file is there, and whatever depends on the verify (an `update.apply.package`)
+//! is cancelled, naming the verify, when the digest is wrong.
 //! The other eight are plan-only stand-ins: they read their payload, run the seed's gates, log
 //! what they would do and change nothing, and say so in their output (`plan_only = true`). A
 //! real deployment replaces them one by one; the payloads and outputs stay.

@@ -10,7 +10,8 @@
 //! until then: the log is never deleted from row by row.
 //!
 //! It stops between batches on shutdown or when leadership is lost; what it has done so far is
-//! counted in [`PrunerProgress`], for metrics.
+//! counted in [`PrunerProgress`] and in the Prometheus counters of [`crate::metrics`]
+//! (`jobwire_jobs_pruned_total` and its siblings), each batch once it has committed.
 
 use std::{
     sync::{
@@ -23,6 +24,7 @@ use std::{
 use tokio_util::sync::CancellationToken;
 
 use super::leader::Leadership;
+use crate::metrics;
 use crate::store::{Archive, Pruned, QueueRetention, Store, Term};
 
 /// Jobs deleted per transaction: small enough that each batch's locks and WAL are brief,
@@ -130,9 +132,11 @@ impl Pruner {
             Ok(0) => {}
             Ok(made) => {
                 tracing::debug!(made, "event partitions made");
+                let made = u64::try_from(made).unwrap_or(0);
                 self.progress
                     .partitions_made
-                    .fetch_add(u64::try_from(made).unwrap_or(0), Ordering::Relaxed);
+                    .fetch_add(made, Ordering::Relaxed);
+                metrics::event_partitions_made(made);
             }
             Err(error) => tracing::warn!(%error, "making event partitions failed"),
         }
@@ -164,6 +168,7 @@ impl Pruner {
             self.drop_partitions(term, longest).await;
         }
         self.progress.passes.fetch_add(1, Ordering::Relaxed);
+        metrics::prune_pass();
     }
 
     async fn prune_queue(&self, term: Term, queue: &QueueRetention, shutdown: &CancellationToken) {
@@ -176,6 +181,13 @@ impl Pruner {
             {
                 Ok(pruned) => {
                     self.progress.add(pruned);
+                    metrics::pruned(
+                        &queue.tenant_id,
+                        &queue.queue,
+                        pruned.jobs,
+                        pruned.attempts,
+                        pruned.events_archived,
+                    );
                     total.jobs += pruned.jobs;
                     total.attempts += pruned.attempts;
                     total.events_archived += pruned.events_archived;
@@ -219,6 +231,7 @@ impl Pruner {
                     self.progress
                         .partitions_dropped
                         .fetch_add(1, Ordering::Relaxed);
+                    metrics::event_partition_dropped();
                     tracing::info!(
                         partition = %partition.name,
                         until = %partition.upper_bound,

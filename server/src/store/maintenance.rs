@@ -245,7 +245,7 @@ impl Store {
             .await?;
         let mut analyzed = Vec::new();
         for (table, analyze) in outgrown {
-            let mut tx = self.pool.begin().await?;
+            let mut tx = self.begin().await?;
             query(ANALYZE_TARGET).execute(&mut *tx).await?;
             query(AssertSqlSafe(analyze)).execute(&mut *tx).await?;
             tx.commit().await?;

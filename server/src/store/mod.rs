@@ -50,6 +50,7 @@ mod retention;
 mod rows;
 mod schedules;
 mod signals;
+mod stale;
 mod tenancy;
 mod waits;
 mod workers;
@@ -63,7 +64,7 @@ use std::{
 };
 
 use sqlx::{
-    Connection, FromRow, PgConnection, PgPool, Postgres, SqlSafeStr,
+    Connection, FromRow, PgConnection, PgPool, Postgres, SqlSafeStr, Transaction,
     migrate::Migrator,
     postgres::{PgArguments, PgConnectOptions, PgPoolOptions, PgRow},
     query::{Query, QueryAs, QueryScalar},
@@ -271,23 +272,6 @@ async fn learn_enum_types(conn: &mut PgConnection) -> sqlx::Result<()> {
     tx.commit().await
 }
 
-/// Whether `conn`, handed back to the pool, is still inside a transaction, which it then must
-/// not take to its next user. sqlx 0.9 leaves one so when a `begin` is dropped between sending
-/// its `BEGIN` and reading the answer (a caller gone, a `select!` that chose another branch):
-/// it queues no rollback, and the next user's statements would run in that transaction, under
-/// its `SET LOCAL ROLE` and holding its locks. Behind a pooler the transaction also pins a
-/// server connection. In a transaction begun by an earlier statement, `now()` (the
-/// transaction's start) is earlier than this statement's start; in the implicit transaction
-/// of a lone statement the two are equal. Sent as a simple query, which needs no prepared
-/// statement.
-async fn in_stale_transaction(conn: &mut PgConnection) -> sqlx::Result<bool> {
-    use sqlx::Row as _;
-    sqlx::raw_sql("SELECT now() <> statement_timestamp()")
-        .fetch_one(conn)
-        .await?
-        .try_get(0)
-}
-
 /// Where and how the store reaches PostgreSQL.
 #[derive(Debug, Clone)]
 pub struct Database {
@@ -378,9 +362,8 @@ impl Store {
                     Ok(())
                 })
             })
-            .after_release(|conn, _| {
-                Box::pin(async move { Ok(!in_stale_transaction(conn).await?) })
-            })
+            // A connection an abandoned begin left in a transaction is closed, not reused.
+            .after_release(|conn, _| Box::pin(stale::check_on_release(conn)))
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(10))
             // sqlx tests a connection (a Sync and its ReadyForQuery, one round trip to the
@@ -488,12 +471,17 @@ impl Store {
         match self.pooling {
             Pooling::Session => statement(conn).await,
             Pooling::Transaction => {
-                let mut tx = conn.begin().await?;
+                let mut tx = stale::guard(conn.begin()).await?;
                 let out = statement(&mut tx).await?;
                 tx.commit().await?;
                 Ok(out)
             }
         }
+    }
+
+    /// A transaction on a pooled connection, begun under [`stale::guard`].
+    async fn begin(&self) -> Result<Transaction<'static, Postgres>> {
+        Ok(stale::guard(self.pool.begin()).await?)
     }
 
     /// Runs one statement on a pooled connection (see [`Store::pinned`]).

@@ -61,7 +61,7 @@ impl Store {
     /// `ahead` past now. Safe on any replica at any time: callers serialize on an advisory
     /// lock, and a partition already there is not made again. Returns how many were made.
     pub async fn ensure_event_partitions(&self, step: Duration, ahead: Duration) -> Result<i32> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         query(DDL_LOCK_TIMEOUT).execute(&mut *tx).await?;
         query("SELECT pg_advisory_xact_lock($1)")
             .bind(PARTITION_LOCK)

@@ -353,7 +353,7 @@ impl Store {
     /// Opens a firing: locks up to `limit` due, unpaused schedules (of every tenant) that no
     /// other firing holds; none unless `term` is the leader's.
     pub async fn begin_firing(&self, term: Term, limit: i64) -> Result<(Firing, Vec<DueSchedule>)> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         let sql = static_sql!(
             "SELECT {SCHEDULE_COLUMNS}, j.state AS last_job_state, now() AS db_now \
              FROM schedules s LEFT JOIN jobs j ON j.tenant_id = s.tenant_id AND j.id = s.last_job_id \

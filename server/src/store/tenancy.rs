@@ -38,7 +38,7 @@ pub(super) async fn scoped<T>(
     tenant: &TenantId,
     statement: impl AsyncFnOnce(&mut PgConnection) -> Result<T>,
 ) -> Result<T> {
-    let mut tx = conn.begin_with(begin_scoped(tenant)).await?;
+    let mut tx = super::stale::guard(conn.begin_with(begin_scoped(tenant))).await?;
     let out = statement(&mut tx).await?;
     tx.commit().await?;
     Ok(out)
@@ -51,7 +51,7 @@ impl Store {
         &self,
         tenant: &TenantId,
     ) -> Result<Transaction<'static, Postgres>> {
-        Ok(self.pool.begin_with(begin_scoped(tenant)).await?)
+        Ok(super::stale::guard(self.pool.begin_with(begin_scoped(tenant))).await?)
     }
 
     /// Runs one statement for `tenant` on a pooled connection.
