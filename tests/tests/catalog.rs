@@ -580,6 +580,39 @@ async fn the_stand_ins_plan_and_change_nothing() {
     assert!(!error.is_retryable());
     assert_eq!(error.kind(), Some("gate_refused"));
     assert!(error.message().contains("ticket"), "{error}");
+
+    // A batch of several software ids fans out into one child check each, and gathers them.
+    let batch = client
+        .enqueue(pb::UpdateCheckBatch {
+            software_ids: vec![42, 7, 19],
+            provider: "winget".into(),
+            include_prerelease: false,
+        })
+        .await
+        .expect("batch enqueued");
+    let checked = tokio::time::timeout(WAIT, batch.wait())
+        .await
+        .expect("the batch ends in time")
+        .expect("the batch succeeds");
+    assert_eq!(checked.planned_checks, vec![7, 19, 42]);
+    assert!(
+        checked.note.starts_with("3 of 3 checks with winget"),
+        "{}",
+        checked.note
+    );
+    let children = client
+        .list_jobs()
+        .parent(batch.id())
+        .send()
+        .await
+        .expect("children");
+    assert_eq!(children.jobs().len(), 3);
+    assert!(
+        children
+            .jobs()
+            .iter()
+            .all(|c| c.job_type() == "update.check.batch" && c.state() == JobState::Succeeded)
+    );
     setup.stop().await;
 }
 

@@ -15,6 +15,8 @@
 //! A verify enqueued with `depends_on` its fetch (and naming the fetch's `target_filename`)
 //! runs once the file is there, and whatever depends on the verify (an `update.apply.package`)
 //! is cancelled, naming the verify, when the digest is wrong.
+//! An `update.check.batch` of several ids fans out into one child batch per id, waits for them
+//! without holding a worker slot, and gathers what they checked.
 //! The other eight are plan-only stand-ins: they read their payload, run the seed's gates, log
 //! what they would do and change nothing, and say so in their output (`plan_only = true`). A
 //! real deployment replaces them one by one; the payloads and outputs stay.

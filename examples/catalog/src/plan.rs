@@ -177,16 +177,43 @@ pub async fn source_suggest_enrich(
     })
 }
 
-/// `update.check.batch`: lists the child checks it would fan out into.
+/// `update.check.batch`: a batch of several software ids fans out into one child batch per id
+/// and waits for them; once they have all ended it runs again and gathers the ids they
+/// checked. A batch of one id (a child) is the check itself, and an empty batch plans a check
+/// of everything known; both plan only.
 ///
 /// # Errors
 ///
-/// Fatal when no provider is named.
+/// Fatal when no provider is named; retryable when the server cannot be reached to enqueue or
+/// read the children.
 pub async fn update_check_batch(
     ctx: JobContext,
     job: pb::UpdateCheckBatch,
 ) -> Result<pb::UpdateCheckBatchOutput, HandlerError> {
     required("provider", &job.provider)?;
+    if ctx.children_ended() {
+        return gather_checks(&ctx, job).await;
+    }
+    if job.software_ids.len() > 1 {
+        let children: Vec<pb::UpdateCheckBatch> = job
+            .software_ids
+            .iter()
+            .map(|&id| pb::UpdateCheckBatch {
+                software_ids: vec![id],
+                provider: job.provider.clone(),
+                include_prerelease: job.include_prerelease,
+            })
+            .collect();
+        ctx.enqueue_children(children)
+            .await
+            .map_err(HandlerError::from_error)?;
+        ctx.info(format!(
+            "fanned out {} checks with {}",
+            job.software_ids.len(),
+            job.provider
+        ));
+        return Err(ctx.wait_for_children());
+    }
     let what = if job.software_ids.is_empty() {
         "every known piece of software".to_owned()
     } else {
@@ -208,6 +235,37 @@ pub async fn update_check_batch(
         plan_only: true,
         note,
         planned_checks: job.software_ids,
+        provider: job.provider,
+    })
+}
+
+/// The ids the children of a batch checked, in order, and how many of them failed.
+async fn gather_checks(
+    ctx: &JobContext,
+    job: pb::UpdateCheckBatch,
+) -> Result<pb::UpdateCheckBatchOutput, HandlerError> {
+    let children = ctx.children().await.map_err(HandlerError::from_error)?;
+    let mut checked = Vec::new();
+    let mut failed = 0;
+    for child in &children {
+        match child
+            .result::<pb::UpdateCheckBatch>()
+            .map_err(HandlerError::from_error)?
+        {
+            Some(output) => checked.extend(output.planned_checks),
+            None => failed += 1,
+        }
+    }
+    checked.sort_unstable();
+    Ok(pb::UpdateCheckBatchOutput {
+        plan_only: true,
+        note: format!(
+            "{} of {} checks with {} done by child jobs ({failed} failed); {PLAN_ONLY_NOTE}",
+            checked.len(),
+            children.len(),
+            job.provider
+        ),
+        planned_checks: checked,
         provider: job.provider,
     })
 }
