@@ -2,8 +2,8 @@
 //! prepared statements across transactions): the server runs with `--database-pooling
 //! transaction`, each statement in a transaction of its own with unnamed prepared statements.
 //!
-//! The lifecycle, watch and schedule tests run here again unchanged with every server they
-//! start behind a PgBouncer of its own, which lends its 20 connections 4 server connections
+//! The lifecycle, watch, schedule and composition (dependencies, fan-out, signals, replay) tests
+//! run here again unchanged with every server they start behind a PgBouncer of its own, which lends its 20 connections 4 server connections
 //! (see `jobwire_tests::pgbouncer`), and with a direct connection for LISTEN and migrations:
 //! enqueue, run, retry with backoff, exhausted and fatal failures, cancel; watch, resume,
 //! delivery across replicas; cron ticks through the kill of the leading replica. The tests
@@ -35,10 +35,18 @@ extern "C" fn route_servers_through_pgbouncer() {
     pgbouncer::route_servers_through_pgbouncer();
 }
 
+#[path = "dependencies.rs"]
+mod dependencies;
+#[path = "fanout.rs"]
+mod fanout;
 #[path = "lifecycle.rs"]
 mod lifecycle;
+#[path = "replay.rs"]
+mod replay;
 #[path = "schedules.rs"]
 mod schedules;
+#[path = "signals.rs"]
+mod signals;
 #[path = "watch.rs"]
 mod watch;
 
