@@ -1,11 +1,13 @@
 """The SDK's composition features against the real server: item-based jobs resumed from their
 first unfinished item after their worker process is SIGKILLed, retry predicates deciding from
-the handler's exception, and recipes applied to many job types."""
+the handler's exception, recipes applied to many job types, a parent fanning out to children
+and resuming once they ended, and handlers waiting for signals."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -239,6 +241,162 @@ async def test_a_recipe_gives_many_job_types_its_settings_and_a_call_overrides_i
     assert plain.queue == "default"
     assert dict(plain.labels) == {}
     assert plain.state == jobwire.v1.job_pb2.JOB_STATE_AVAILABLE
+
+
+FAN_OUT = jobwire.JobType.of(pb.FanOut, pb.FanOutResult)
+SQUARE = jobwire.JobType.of(pb.Square, pb.SquareResult)
+AWAIT_SIGNALS = jobwire.JobType.of(pb.AwaitSignals, pb.SignalTexts)
+
+
+def fan_out(
+    runs: list[tuple[int, bool]],
+) -> Callable[[jobwire.JobContext, pb.FanOut], Awaitable[pb.FanOutResult]]:
+    """The parent: records each run's (attempt, children_ended) in ``runs``."""
+
+    async def run(ctx: jobwire.JobContext, job: pb.FanOut) -> pb.FanOutResult:
+        runs.append((ctx.attempt, ctx.children_ended))
+        if not ctx.children_ended:
+            half = job.count // 2
+            # Two calls, so the default keys number the second call's children after the first's.
+            await ctx.enqueue_children([pb.Square(n=n) for n in range(half)], job_type=SQUARE)
+            await ctx.enqueue_children(
+                [pb.Square(n=n) for n in range(half, job.count)], job_type=SQUARE
+            )
+            raise ctx.wait_for_children()
+        total = 0
+        children = await ctx.children()
+        for child in children:
+            assert child.state == jobwire.v1.job_pb2.JOB_STATE_SUCCEEDED, child
+            result = pb.SquareResult()
+            assert child.result.Unpack(result)
+            total += result.squared
+        return pb.FanOutResult(sum=total, children=len(children))
+
+    return run
+
+
+def squarer(
+    seen: set[str], both: asyncio.Event
+) -> Callable[[jobwire.JobContext, pb.Square], Awaitable[pb.SquareResult]]:
+    """A child: waits until children run on two workers (the first children block until the
+    second worker takes one, so both workers provably share them), then squares."""
+
+    async def run(ctx: jobwire.JobContext, job: pb.Square) -> pb.SquareResult:
+        seen.add(ctx.worker_id)
+        if len(seen) == 2:
+            both.set()
+        await asyncio.wait_for(both.wait(), 30)
+        return pb.SquareResult(squared=job.n * job.n, worker=ctx.worker_id)
+
+    return run
+
+
+async def test_a_parent_fans_out_to_children_on_two_workers_and_aggregates_them_once(
+    server: harness.Server, client: jobwire.Client
+) -> None:
+    count = 20
+    runs: list[tuple[int, bool]] = []
+    seen: set[str] = set()
+    both = asyncio.Event()
+    workers = []
+    for worker_id in ("py-a", "py-b"):
+        worker = jobwire.Worker(
+            server.url, queues=["py", "default"], concurrency=2, worker_id=worker_id
+        )
+        worker.register(FAN_OUT, fan_out(runs))
+        worker.register(SQUARE, squarer(seen, both))
+        workers.append(worker)
+    parent = await client.enqueue(pb.FanOut(count=count), job_type=FAN_OUT)
+    async with harness.running(workers[0]), harness.running(workers[1]):
+        output = await parent.wait(timeout=60)
+
+    assert (output.sum, output.children) == (sum(n * n for n in range(count)), count)
+    assert [ended for _, ended in runs] == [False, True], "resumed once, with children_ended"
+    job = await parent.get()
+    assert job.attempts_counted == 1, "the attempt that waited does not count"
+    assert (job.children.total, job.children.succeeded, job.children.unfinished) == (
+        count,
+        count,
+        0,
+    )
+
+    children = [child async for child in client.list_jobs(parent_id=parent.id)]
+    assert len(children) == count
+    assert {child.parent_id for child in children} == {parent.id}
+    assert {child.idempotency_key for child in children} == {
+        f"{parent.id}/child/{n}" for n in range(count)
+    }
+    ran_on = set()
+    for child in children:
+        result = pb.SquareResult()
+        assert child.result.Unpack(result)
+        ran_on.add(result.worker)
+    assert ran_on == {"py-a", "py-b"}
+
+    # The family's events: every child's, and the stream ends with the parent's own end.
+    async with parent.watch(include_children=True) as events:
+        family = [event async for event in events]
+    assert {event.job_id for event in family} == {parent.id} | {child.id for child in children}
+    assert family[-1].job_id == parent.id and family[-1].is_terminal
+
+
+async def await_signals(ctx: jobwire.JobContext, job: pb.AwaitSignals) -> pb.SignalTexts:
+    timeout = job.timeout_millis / 1000 if job.timeout_millis else None
+    texts = []
+    for _ in range(job.count):
+        payload = ctx.wait_signal(job.name, timeout).payload_as(pb.Echo)
+        texts.append(payload.text if payload is not None else "")
+    return pb.SignalTexts(texts=texts, attempt=ctx.attempt)
+
+
+async def test_a_handler_waits_for_signals_the_client_sends(
+    server: harness.Server, client: jobwire.Client
+) -> None:
+    handle = await client.enqueue(pb.AwaitSignals(name="go", count=2), job_type=AWAIT_SIGNALS)
+    # A predicate that makes every failure fatal: a wait is no failure, so it never sees one.
+    worker = jobwire.Worker(server.url, queues=["py", "default"], retry_if=lambda error: False)
+    worker.register(AWAIT_SIGNALS, await_signals)
+    async with harness.running(worker):
+
+        async def waiting() -> jobwire.v1.job_pb2.Job | None:
+            job = await handle.get()
+            return job if job.awaiting_signal == "go" else None
+
+        job = await harness.eventually(waiting)
+        assert job.state == jobwire.v1.job_pb2.JOB_STATE_PENDING
+        assert await handle.signal("go", pb.Echo(text="first"), request_id="r1") == 1
+        assert await client.signal_job(handle.id, "go", pb.Echo(text="first"), request_id="r1") == 1
+        assert await client.signal_job(handle.id, "other") == 1
+        assert await client.signal_job(handle.id, "go", pb.Echo(text="second")) == 2
+        output = await handle.wait(timeout=60)
+
+    assert list(output.texts) == ["first", "second"], "a repeated request id stored nothing"
+    job = await handle.get()
+    assert job.attempts_counted == 1, "the attempts that waited do not count"
+    assert output.attempt == job.attempt
+    async with handle.watch() as events:
+        received = [e.kind.name async for e in events if isinstance(e.kind, jobwire.SignalReceived)]
+    assert received == ["go", "other", "go"]
+
+
+async def test_a_signal_wait_that_times_out_fails_the_resumed_attempt(
+    server: harness.Server, client: jobwire.Client
+) -> None:
+    handle = await client.enqueue(
+        pb.AwaitSignals(name="never", count=1, timeout_millis=1000),
+        job_type=AWAIT_SIGNALS,
+        retry=jobwire.RetryPolicy(max_attempts=1),
+    )
+    worker = jobwire.Worker(server.url, queues=["py", "default"])
+    worker.register(AWAIT_SIGNALS, await_signals)
+    async with harness.running(worker):
+        with pytest.raises(jobwire.JobFailed) as failed:
+            await handle.wait(timeout=60)
+    assert failed.value.last_error is not None
+    assert failed.value.last_error.kind == "signal_timeout"
+    assert failed.value.last_error.message == "waiting for signal never timed out"
+    assert failed.value.last_error.retryable
+    assert failed.value.job.attempts_counted == 1, "only the resumed attempt counts"
 
 
 def test_item_results_have_the_rust_sdks_bytes() -> None:

@@ -1,9 +1,10 @@
 """The executor without a server: which handler starts it reports (``Hello.reports_started``),
-and how an attempt stopped by its timeout fails."""
+how an attempt stopped by its timeout fails, and what a handler's wait reports."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 import handlers
 import harness
@@ -11,6 +12,8 @@ import pytests_pb2 as pb
 from google.protobuf import any_pb2
 
 import jobwire
+from jobwire._transport import Connection
+from jobwire.errors import ChildrenWait
 from jobwire.worker import _wire
 from jobwire.worker._executor import Executor, Finished, Registered, Stopping
 from jobwire.worker._outbox import RequestIds
@@ -36,16 +39,24 @@ def grant(job_id: str, timeout: float | None = None) -> _wire.Grant:
 
 
 def executor(
-    observed: handlers.Observed, finished: list[Finished], *, slots: int, prefetch: int
+    observed: handlers.Observed,
+    finished: list[Finished],
+    *,
+    slots: int,
+    prefetch: int,
+    handler: Callable[[jobwire.JobContext, pb.Block], Awaitable[None]] | None = None,
 ) -> Executor:
+    # Handlers' JobService calls would go to nothing: a channel connects only when used.
+    connection = Connection.parse("127.0.0.1:1", tenant=None, api_key=None, tls=None)
     return Executor(
-        {handlers.BLOCK.name: Registered(handlers.BLOCK, handlers.blocker(observed))},
+        {handlers.BLOCK.name: Registered(handlers.BLOCK, handler or handlers.blocker(observed))},
         "py-executor",
         slots,
         prefetch,
         None,
         Reporter(0.1, lambda: None, RequestIds()),
         finished.append,
+        jobwire.Client(connection.channel(), connection),
     )
 
 
@@ -99,3 +110,25 @@ async def test_a_handler_stopped_by_its_timeout_fails_timed_out() -> None:
 
 async def _at_least(finished: list[Finished], count: int) -> bool | None:
     return True if len(finished) >= count else None
+
+
+async def test_a_wait_completes_waiting_unless_a_cancel_settles_the_job() -> None:
+    async def waits(ctx: jobwire.JobContext, job: pb.Block) -> None:
+        if job.note == "cancelled":
+            await ctx.wait_cancelled()
+        raise ctx.wait_for_children()
+
+    finished: list[Finished] = []
+    run = executor(handlers.Observed(), finished, slots=2, prefetch=0, handler=waits)
+    assert run.start(grant("waiting")) is None
+    assert run.start(grant("cancelled")) is None
+    await harness.eventually(lambda: _at_least(finished, 1), timeout=5)
+    assert run.stop(("cancelled", 1), jobwire.StopReason.CANCELLED) is Stopping.ASKED
+    await harness.eventually(lambda: _at_least(finished, 2), timeout=5)
+    outcomes = {done.key[0]: done.outcome for done in finished}
+    assert outcomes["waiting"] == ChildrenWait()
+    complete = _wire.wait(1, ("waiting", 1), ChildrenWait()).complete
+    assert complete.wait_for_children and not complete.HasField("result")
+    assert outcomes["cancelled"] == _wire.Failure(
+        "waiting for its children", "cancelled", retryable=True
+    )

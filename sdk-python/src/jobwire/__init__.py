@@ -45,8 +45,17 @@ from jobwire.errors import (
     Unauthenticated,
     Unavailable,
     Unimplemented,
+    Waiting,
 )
-from jobwire.events import JobEvent, LogLevel, LogLine, Progress, StateChanged, StopRequested
+from jobwire.events import (
+    JobEvent,
+    LogLevel,
+    LogLine,
+    Progress,
+    SignalReceived,
+    StateChanged,
+    StopRequested,
+)
 from jobwire.items import (
     ITEM_RESULTS,
     ItemOptions,
@@ -57,7 +66,7 @@ from jobwire.items import (
 )
 from jobwire.jobs import JobState, JobType, Recipe, RetryPolicy
 from jobwire.retry import RetryDecision, RetryIf
-from jobwire.worker import JobContext, Stopped, StopReason, Worker
+from jobwire.worker import JobContext, Signal, Stopped, StopReason, Worker
 
 
 def proto_include() -> Path:
@@ -110,6 +119,8 @@ __all__ = [
     "Retryable",
     "RetryPolicy",
     "RpcError",
+    "Signal",
+    "SignalReceived",
     "StateChanged",
     "StopReason",
     "StopRequested",
@@ -118,6 +129,7 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "Unimplemented",
+    "Waiting",
     "Worker",
     "proto_include",
     "run_items",

@@ -11,9 +11,10 @@ Reopens wait 50 ms, doubling to 2 s, jittered. A stream gives up, raising the se
 when the server answers NOT_FOUND, INVALID_ARGUMENT, PERMISSION_DENIED, UNAUTHENTICATED or
 UNIMPLEMENTED (a retry cannot change those), or when it has failed without a break for longer
 than its outage limit (60 s by default). A watcher the server disconnects for being slow
-(RESOURCE_EXHAUSTED) simply resumes. A job's stream ends after the job's terminal state change;
-a job stream the server ended without one, and that brought nothing, reads the job so that a job
-finished beyond the resume point ends the stream instead of reopening it forever.
+(RESOURCE_EXHAUSTED) simply resumes. A job's stream ends after the job's terminal state change
+(not a child's, when it carries its children's events too); a job stream the server ended
+without one, and that brought nothing, reads the job so that a job finished beyond the resume
+point ends the stream instead of reopening it forever.
 """
 
 from __future__ import annotations
@@ -80,12 +81,13 @@ class JobEvents:
         open_stream: Callable[[int], Call],
         after_sequence: int,
         *,
-        ends_with_job: bool,
+        ends_with: str | None,
         job_finished: FinishedCheck,
         give_up_after: float = 60.0,
     ) -> None:
         self._open = open_stream
-        self._ends_with_job = ends_with_job
+        #: The job whose terminal state change ends the stream; None for a filter's.
+        self._ends_with = ends_with
         self._job_finished = job_finished
         self.give_up_after = give_up_after
         self.last_sequence = after_sequence
@@ -151,7 +153,7 @@ class JobEvents:
         if event is None:
             log.warning("skipping event %d of a kind this SDK cannot read", message.sequence)
             return None
-        if self._ends_with_job and event.is_terminal:
+        if event.job_id == self._ends_with and event.is_terminal:
             self._finished = True
             if self._call is not None:
                 self._call.cancel()

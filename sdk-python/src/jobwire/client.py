@@ -1,5 +1,5 @@
 """The producer's side: enqueue typed jobs, then inspect, watch, wait for, pause, resume,
-cancel and retry them through ``JobService``; administer queues (``client.queues``) and cron
+cancel, retry and signal them through ``JobService``; administer queues (``client.queues``) and cron
 schedules (``client.schedules``).
 
 A ``Client`` holds one multiplexed HTTP/2 channel; share it between tasks instead of connecting
@@ -30,7 +30,7 @@ from jobwire.admin import Queues, Schedules
 from jobwire.errors import JobFailed, RpcError, Unavailable, Unimplemented, from_rpc_error
 from jobwire.events import StateChanged
 from jobwire.jobs import JobState, JobType, Recipe, RetryPolicy
-from jobwire.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
+from jobwire.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc, worker_service_pb2
 
 log = logging.getLogger("jobwire.client")
 
@@ -210,17 +210,20 @@ class Client:
     ) -> list[JobHandle[O]]:
         """Stores many jobs of one type in one transaction (1 to 5000): all, or none when any
         is invalid. Handles come back in the order of ``payloads``."""
-        specs = []
-        for payload in payloads:
-            spec = job_service_pb2.JobSpec(job_type=job_type.name)
-            spec.payload.CopyFrom(_codec.pack(payload))
-            _apply(spec, queue, priority, None, None, retry, None, labels, timeout)
-            _apply_recipe(spec, recipe)
-            specs.append(spec)
-        response = await self._call(
-            self._jobs.EnqueueJobs, job_service_pb2.EnqueueJobsRequest(jobs=specs)
-        )
-        return [JobHandle(self, j.id, job_type.output, created=j.created) for j in response.jobs]
+        batch = specs(payloads, job_type, queue, priority, retry, labels, timeout, recipe)
+        return await self._enqueue_specs(batch, job_type.output, None)
+
+    async def _enqueue_specs(
+        self,
+        batch: list[job_service_pb2.JobSpec],
+        output: type[O],
+        parent: worker_service_pb2.LeaseRef | None,
+    ) -> list[JobHandle[O]]:
+        """Stores jobs already in their request form, as children of ``parent`` when it is
+        given (the lease of the running attempt enqueuing them: ``JobContext``'s only)."""
+        request = job_service_pb2.EnqueueJobsRequest(jobs=batch, parent=parent)
+        response = await self._call(self._jobs.EnqueueJobs, request)
+        return [JobHandle(self, j.id, output, created=j.created) for j in response.jobs]
 
     # Jobs by id.
 
@@ -247,15 +250,19 @@ class Client:
         states: Sequence[JobState] = (),
         queue: str = "",
         job_type: str = "",
+        parent_id: str = "",
         page_size: int = 100,
         view: job_pb2.JobView.ValueType = job_pb2.JOB_VIEW_BASIC,
     ) -> AsyncIterator[job_pb2.Job]:
-        """Every matching job, newest first, fetched a page at a time as the caller reads on."""
+        """Every matching job, newest first, fetched a page at a time (1 to 1000 jobs) as the
+        caller reads on. ``parent_id`` keeps the children of that job (those its handler
+        enqueued with ``JobContext.enqueue_children``)."""
         request = job_service_pb2.ListJobsRequest(
             page_size=page_size,
             states=[job_pb2.JobState.ValueType(s) for s in states],
             queue=queue,
             job_type=job_type,
+            parent_id=parent_id,
             view=view,
         )
         while True:
@@ -296,14 +303,41 @@ class Client:
         request = job_service_pb2.RejectJobRequest(id=job_id, reason=reason)
         return (await self._call(self._jobs.RejectJob, request)).job
 
+    async def signal_job(
+        self,
+        job_id: str,
+        name: str,
+        payload: Message | None = None,
+        *,
+        request_id: str | None = None,
+    ) -> int:
+        """Delivers a signal named ``name``, carrying ``payload`` if given (at most 16 KiB),
+        to a job that has not ended; a handler waiting for it (``JobContext.wait_signal``)
+        runs again with it. With a ``request_id``, a repeat of the call stores nothing more and
+        answers as the first did. Returns the signal's place among the job's signals of its
+        name (1 for the first). ``FailedPrecondition`` when the job has ended,
+        ``ResourceExhausted`` when it holds 100 signals already."""
+        request = job_service_pb2.SignalJobRequest(
+            id=job_id, name=name, request_id=request_id or ""
+        )
+        if payload is not None:
+            request.payload.CopyFrom(_codec.pack(payload))
+        return (await self._call(self._jobs.SignalJob, request)).number
+
     # Watching.
 
-    def watch_job(self, job_id: str, *, after_sequence: int = 0) -> JobEvents:
+    def watch_job(
+        self, job_id: str, *, after_sequence: int = 0, include_children: bool = False
+    ) -> JobEvents:
         """The job's events after ``after_sequence`` (0: its whole history), each once and in
-        order across reconnects, ending after its terminal state change."""
+        order across reconnects, ending after its terminal state change. With
+        ``include_children``, the events of its children (``JobEvent.job_id`` tells them apart)
+        come interleaved in order, and the stream still ends with the job's own end."""
 
         def open_stream(after: int) -> grpc.aio.UnaryStreamCall[Any, Any]:
-            request = job_service_pb2.WatchJobRequest(id=job_id, after_sequence=after)
+            request = job_service_pb2.WatchJobRequest(
+                id=job_id, after_sequence=after, include_children=include_children
+            )
             return self._jobs.WatchJob(request, metadata=self._metadata)
 
         async def finished() -> bool:
@@ -311,7 +345,7 @@ class Client:
             job = (await self._jobs.GetJob(request, metadata=self._metadata)).job
             return JobState.parse(job.state).is_terminal
 
-        return JobEvents(open_stream, after_sequence, ends_with_job=True, job_finished=finished)
+        return JobEvents(open_stream, after_sequence, ends_with=job_id, job_finished=finished)
 
     def watch_jobs(
         self,
@@ -338,7 +372,7 @@ class Client:
         async def never() -> bool:
             return False
 
-        return JobEvents(open_stream, after_sequence, ends_with_job=False, job_finished=never)
+        return JobEvents(open_stream, after_sequence, ends_with=None, job_finished=never)
 
     async def _call(
         self, method: grpc.aio.UnaryUnaryMultiCallable[Req, Resp], request: Req
@@ -365,8 +399,15 @@ class JobHandle(Generic[O]):
     async def get(self) -> job_pb2.Job:
         return await self.client.get_job(self.id)
 
-    def watch(self, *, after_sequence: int = 0) -> JobEvents:
-        return self.client.watch_job(self.id, after_sequence=after_sequence)
+    def watch(self, *, after_sequence: int = 0, include_children: bool = False) -> JobEvents:
+        return self.client.watch_job(
+            self.id, after_sequence=after_sequence, include_children=include_children
+        )
+
+    async def signal(
+        self, name: str, payload: Message | None = None, *, request_id: str | None = None
+    ) -> int:
+        return await self.client.signal_job(self.id, name, payload, request_id=request_id)
 
     async def wait(self, timeout: float | None = None) -> O:
         """Waits until the job finishes and returns its typed output.
@@ -437,6 +478,28 @@ def _resolve(payload: Message, job_type: JobType[Any, Any] | str | None) -> JobT
     if job_type is not None:
         return job_type
     return JobType.of(type(payload))
+
+
+def specs(
+    payloads: Iterable[P],
+    job_type: JobType[P, O],
+    queue: str | None,
+    priority: int | None,
+    retry: RetryPolicy | None,
+    labels: Mapping[str, str] | None,
+    timeout: timedelta | float | None,
+    recipe: Recipe | None,
+) -> list[job_service_pb2.JobSpec]:
+    """The specs of a batch of one type with shared options (``enqueue_many``, and a handler's
+    ``enqueue_children``)."""
+    batch = []
+    for payload in payloads:
+        spec = job_service_pb2.JobSpec(job_type=job_type.name)
+        spec.payload.CopyFrom(_codec.pack(payload))
+        _apply(spec, queue, priority, None, None, retry, None, labels, timeout)
+        _apply_recipe(spec, recipe)
+        batch.append(spec)
+    return batch
 
 
 def _apply_recipe(spec: job_service_pb2.JobSpec, recipe: Recipe | None) -> None:

@@ -8,7 +8,9 @@ name the field at fault (``job.priority``), so a caller can point at its own inp
 
 ``HandlerError`` goes the other way: a handler raises ``Retryable`` or ``NonRetryable`` to say
 how its attempt failed and whether another attempt can help. Any other exception a handler
-raises fails the attempt as retryable, its class name as the kind.
+raises fails the attempt as retryable, its class name as the kind. ``Waiting`` is the one
+``HandlerError`` that is no failure: the handler's wait for its children or for a signal,
+raised so that it leaves the handler from any depth, as the Rust SDK returns it as an error.
 """
 
 from __future__ import annotations
@@ -264,3 +266,36 @@ class NonRetryable(HandlerError):
 
 #: Another name for ``NonRetryable``, as the Rust SDK calls it.
 Fatal = NonRetryable
+
+
+@dataclass(frozen=True)
+class ChildrenWait:
+    """Wait until every child the job enqueued has ended."""
+
+
+@dataclass(frozen=True)
+class SignalWait:
+    """Wait until the job holds ``count`` signals named ``name`` (the handler's ``count``-th
+    wait for it), for at most ``timeout`` (None: no limit)."""
+
+    name: str
+    count: int
+    timeout: timedelta | None
+
+
+class Waiting(HandlerError):
+    """Not a failure: the handler ends its attempt to wait, raised by
+    ``raise ctx.wait_for_children()`` or by ``ctx.wait_signal(...)``. The worker completes the
+    attempt without a result (it does not count against the job's retries), the job waits on
+    the server holding no worker, and it runs again, from the handler's start, once what it
+    waits for happened. Retry predicates never see it; catching it (or ``HandlerError``, or
+    ``Exception``) in the handler swallows the wait, so let it propagate."""
+
+    def __init__(self, wait: ChildrenWait | SignalWait) -> None:
+        message = (
+            "waiting for its children"
+            if isinstance(wait, ChildrenWait)
+            else f"waiting for signal {wait.name}"
+        )
+        super().__init__(message)
+        self.wait = wait

@@ -2,8 +2,8 @@
 
 A ``JobEvent`` is one entry of a job's event log as ``WatchJob`` and ``WatchJobs`` stream it:
 its ``sequence`` orders every event of the tenant, which is what a watcher resumes from. The
-``kind`` is one of ``StateChanged``, ``Progress``, ``LogLine`` or ``StopRequested``, so a
-consumer matches on the class. ``Progress`` is also what a handler reports.
+``kind`` is one of ``StateChanged``, ``Progress``, ``LogLine``, ``StopRequested`` or
+``SignalReceived``, so a consumer matches on the class. ``Progress`` is also what a handler reports.
 """
 
 from __future__ import annotations
@@ -99,7 +99,14 @@ class StopRequested:
     reason: str
 
 
-EventKind = StateChanged | Progress | LogLine | StopRequested
+@dataclass(frozen=True)
+class SignalReceived:
+    """SignalJob delivered a signal to the job; its payload is in the job's next lease."""
+
+    name: str
+
+
+EventKind = StateChanged | Progress | LogLine | StopRequested | SignalReceived
 
 
 @dataclass(frozen=True)
@@ -142,6 +149,8 @@ class JobEvent:
                 target_state=JobState.parse(event.stop_requested.target_state),
                 reason=event.stop_requested.reason,
             )
+        elif which == "signal_received":
+            kind = SignalReceived(name=event.signal_received.name)
         else:
             return None
         return cls(

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
-from jobwire.errors import HandlerError, NonRetryable, Retryable
+from jobwire.errors import HandlerError, NonRetryable, Retryable, Waiting
 
 
 @dataclass(frozen=True)
@@ -42,8 +42,8 @@ RetryIf = Callable[[Exception], "RetryDecision | bool | None"]
 
 def decide(retry_if: RetryIf | None, error: Exception) -> HandlerError | None:
     """The failure to report for ``error`` as ``retry_if`` decides it; None when it keeps the
-    handler's own."""
-    if retry_if is None:
+    handler's own. A ``Waiting`` is no failure, so it is never the predicate's to decide."""
+    if retry_if is None or isinstance(error, Waiting):
         return None
     decision = retry_if(error)
     if decision is None:

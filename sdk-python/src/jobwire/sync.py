@@ -117,11 +117,26 @@ class Client:
         return self._runner.run(self.aio.get_job(job_id))
 
     def list_jobs(
-        self, *, states: tuple[JobState, ...] = (), queue: str = "", job_type: str = ""
+        self,
+        *,
+        states: tuple[JobState, ...] = (),
+        queue: str = "",
+        job_type: str = "",
+        parent_id: str = "",
     ) -> Iterator[job_pb2.Job]:
         return self._runner.iterate(
-            self.aio.list_jobs(states=states, queue=queue, job_type=job_type)
+            self.aio.list_jobs(states=states, queue=queue, job_type=job_type, parent_id=parent_id)
         )
+
+    def signal_job(
+        self,
+        job_id: str,
+        name: str,
+        payload: Message | None = None,
+        *,
+        request_id: str | None = None,
+    ) -> int:
+        return self._runner.run(self.aio.signal_job(job_id, name, payload, request_id=request_id))
 
     def watch_jobs(self, **filters: Any) -> Iterator[JobEvent]:
         return self._runner.iterate(self.aio.watch_jobs(**filters))
@@ -144,8 +159,17 @@ class JobHandle(Generic[O]):
     def wait(self, timeout: float | None = None) -> O:
         return self._client._runner.run(self.aio.wait(timeout))
 
-    def watch(self, *, after_sequence: int = 0) -> Iterator[JobEvent]:
-        return self._client._iterate(self.aio.watch(after_sequence=after_sequence))
+    def watch(
+        self, *, after_sequence: int = 0, include_children: bool = False
+    ) -> Iterator[JobEvent]:
+        return self._client._iterate(
+            self.aio.watch(after_sequence=after_sequence, include_children=include_children)
+        )
+
+    def signal(
+        self, name: str, payload: Message | None = None, *, request_id: str | None = None
+    ) -> int:
+        return self._client._runner.run(self.aio.signal(name, payload, request_id=request_id))
 
     def cancel(self, reason: str = "") -> job_pb2.Job:
         return self._client._runner.run(self.aio.cancel(reason))

@@ -7,6 +7,6 @@ and hand-backs until acknowledged), ``context`` (what a handler sees).
 """
 
 from jobwire.worker._runtime import Worker
-from jobwire.worker.context import JobContext, Stopped, StopReason
+from jobwire.worker.context import JobContext, Signal, Stopped, StopReason
 
-__all__ = ["JobContext", "StopReason", "Stopped", "Worker"]
+__all__ = ["JobContext", "Signal", "StopReason", "Stopped", "Worker"]

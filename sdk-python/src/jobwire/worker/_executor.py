@@ -20,7 +20,9 @@ cancelled after ``stop_grace``) fails with the stop's kind, retryable, so the se
 job by the stop's reason; one stopped by its timeout (the lease's deadline, a timer on the event
 loop's monotonic clock, or the server's TIMED_OUT, whichever comes first) fails retryable and
 ``timed_out``. One that returns a result completes as usual; after the deadline the server
-refuses that result, and the attempt ends timed out when its lease lapses.
+refuses that result, and the attempt ends timed out when its lease lapses. One that raises
+``Waiting`` completes without a result, waiting, unless a cancel, pause or timeout stopped it:
+that stop settles the job, as it does after a failure.
 """
 
 from __future__ import annotations
@@ -39,7 +41,15 @@ from google.protobuf import any_pb2, empty_pb2
 from google.protobuf.message import Message
 
 from jobwire import _codec, retry
-from jobwire.errors import DecodeError, HandlerError, NonRetryable
+from jobwire.client import Client
+from jobwire.errors import (
+    ChildrenWait,
+    DecodeError,
+    HandlerError,
+    NonRetryable,
+    SignalWait,
+    Waiting,
+)
 from jobwire.jobs import JobType
 from jobwire.worker._reports import Final, LeaseReports, Reporter
 from jobwire.worker._wire import Failure, Grant, LeaseKey
@@ -71,7 +81,8 @@ class Stopping(enum.Enum):
 class Finished:
     key: LeaseKey
     job_type: str
-    outcome: any_pb2.Any | Failure
+    #: The result, the failure, or what the handler waits for.
+    outcome: any_pb2.Any | Failure | ChildrenWait | SignalWait
     final: Final
 
 
@@ -102,6 +113,7 @@ class Executor:
         stop_grace: float | None,
         reporter: Reporter,
         finished: Callable[[Finished], None],
+        client: Client,
     ) -> None:
         self._registry = registry
         self._worker_id = worker_id
@@ -110,6 +122,8 @@ class Executor:
         self._stop_grace = stop_grace
         self._reporter = reporter
         self._finished = finished
+        #: The worker's connection to JobService, for handlers' children and dependencies.
+        self._client = client
         self._running: dict[LeaseKey, _Running] = {}
         self._queued: OrderedDict[LeaseKey, _Queued] = OrderedDict()
         #: Leases whose handlers started since the server was last told, in order.
@@ -161,7 +175,15 @@ class Executor:
         stop = StopSignal()
         reports = self._reporter.attach(grant.key)
         deadline = claimed + grant.timeout if grant.timeout is not None else None
-        ctx = JobContext(grant, self._worker_id, stop, reports, self._reporter.checkpoint, deadline)
+        ctx = JobContext(
+            grant,
+            self._worker_id,
+            stop,
+            reports,
+            self._reporter.checkpoint,
+            deadline,
+            self._client,
+        )
         task = loop.create_task(
             _run(registered, ctx, grant.payload), name=f"jobwire {grant.job_type} {grant.key[0]}"
         )
@@ -192,15 +214,20 @@ class Executor:
             return
         for timer in running.timers:
             timer.cancel()
-        outcome: any_pb2.Any | Failure
+        reason = running.stop.reason
+        outcome: any_pb2.Any | Failure | ChildrenWait | SignalWait
         if task.cancelled():
-            reason = running.stop.reason or StopReason.SHUTDOWN
-            outcome = Failure(f"stopped: {reason}", None, retryable=True)
+            outcome = Failure(f"stopped: {reason or StopReason.SHUTDOWN}", None, retryable=True)
+            outcome = outcome.after_stop(reason)
+        elif (error := task.exception()) is None:
+            outcome = task.result()
         else:
-            error = task.exception()
-            outcome = task.result() if error is None else _failure(error)
-        if isinstance(outcome, Failure):
-            outcome = outcome.after_stop(running.stop.reason)
+            failure = _failure(error)
+            outcome = failure.after_stop(reason)
+            if isinstance(error, Waiting) and outcome is failure:
+                # No stop that settles the job (cancel, pause, timeout) came, which would win
+                # over the wait as over a failure: the wait goes as it is.
+                outcome = error.wait
         final = running.reports.finish()
         self._start_queued()
         self._finished(Finished(key, running.grant.job_type, outcome, final))

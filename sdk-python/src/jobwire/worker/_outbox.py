@@ -1,13 +1,13 @@
 """Results and hand-backs on their way to the server, kept until acknowledged.
 
-A result (CompleteJob or FailJob) stays in the ``Outbox`` until an Ack with its request id
-arrives, so a stream that breaks in between loses nothing: each new stream rewinds the outbox
-and sends every pending result again, after what was left of its lease's reports. Re-sending is
-safe because each result carries its lease's fencing token; the server refuses (ABORTED) one
-whose attempt is no longer current, or which came after the attempt's deadline. Any ack settles
-a result for good: one refused is never sent again, since the same message would be refused
-the same way. The outbox is bounded by the worker's slots: each result frees the slot of the
-handler that produced it.
+A result (CompleteJob, with an output or a wait, or FailJob) stays in the ``Outbox`` until an
+Ack with its request id arrives, so a stream that breaks in between loses nothing: each new
+stream rewinds the outbox and sends every pending result again, after what was left of its
+lease's reports. Re-sending is safe because each result carries its lease's fencing token; the
+server refuses (ABORTED) one whose attempt is no longer current, or which came after the
+attempt's deadline. Any ack settles a result for good: one refused is never sent again, since
+the same message would be refused the same way. The outbox is bounded by the worker's slots:
+each result frees the slot of the handler that produced it.
 
 ``Releases`` does the same for leases handed back unstarted (ReleaseLeases): a hand-back lost
 with its stream, or refused as UNAVAILABLE, goes again; a repeat changes nothing on the server.
@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import grpc
 from google.protobuf import any_pb2
 
+from jobwire.errors import ChildrenWait, SignalWait
 from jobwire.v1 import job_pb2
 from jobwire.worker import _wire
 from jobwire.worker._reports import Final
@@ -64,6 +65,18 @@ class Outbox:
         self._push(
             request_id, _Pending(key, job_type, _wire.complete(request_id, key, result), final)
         )
+
+    def wait(
+        self,
+        request_id: int,
+        key: LeaseKey,
+        job_type: str,
+        waiting: ChildrenWait | SignalWait,
+        final: Final,
+    ) -> None:
+        """An attempt whose handler waits: a completion without a result, kept and re-sent
+        like any other."""
+        self._push(request_id, _Pending(key, job_type, _wire.wait(request_id, key, waiting), final))
 
     def fail(
         self, request_id: int, key: LeaseKey, job_type: str, failure: Failure, final: Final

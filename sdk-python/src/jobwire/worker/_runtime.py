@@ -44,7 +44,8 @@ from google.protobuf.message import Message
 from jobwire import items as _items
 from jobwire._transport import Connection, Tls
 from jobwire._watch import Backoff
-from jobwire.errors import ConfigError, DrainTimeout
+from jobwire.client import Client
+from jobwire.errors import ChildrenWait, ConfigError, DrainTimeout, SignalWait
 from jobwire.jobs import JobType
 from jobwire.retry import RetryIf
 from jobwire.v1 import worker_service_pb2, worker_service_pb2_grpc
@@ -283,6 +284,7 @@ class _Run:
         self.reporter = Reporter(worker._progress_interval, self.wake, self.ids)
         self.outbox = Outbox()
         self.releases = Releases(self.ids)
+        self.channel = worker._connection.channel()
         self.executor = Executor(
             worker._registry,
             worker.worker_id,
@@ -291,8 +293,9 @@ class _Run:
             worker._stop_grace,
             self.reporter,
             self.finished,
+            # Handlers' JobService calls share the stream's channel: one connection a worker.
+            Client(self.channel, worker._connection),
         )
-        self.channel = worker._connection.channel()
         self.stub = worker_service_pb2_grpc.WorkerServiceStub(self.channel)
         self.phase = _Phase.SERVING
         self.phase_deadline: float | None = None
@@ -310,6 +313,11 @@ class _Run:
         request_id = self.ids()
         if isinstance(finished.outcome, _wire.Failure):
             self.outbox.fail(
+                request_id, finished.key, finished.job_type, finished.outcome, finished.final
+            )
+        elif isinstance(finished.outcome, (ChildrenWait, SignalWait)):
+            log.info("job %s attempt %d: waits (%s)", *finished.key, finished.outcome)
+            self.outbox.wait(
                 request_id, finished.key, finished.job_type, finished.outcome, finished.final
             )
         else:

@@ -12,6 +12,10 @@ the server's ``STOP_REASON_TIMED_OUT``) carries ``FailJob.timed_out``; its ``kin
 label (the handler's, or ``timeout``). A result sent after the deadline is refused with ABORTED,
 like one for a stale lease, and never sent again.
 
+Waits: a handler that raised ``Waiting`` completes its attempt with no result and either
+``wait_for_children`` or ``wait_signal``; the lease that resumes the job says
+``children_ended``, or carries the job's signals, or the signal wait that timed out.
+
 Timing without shared clocks: a lease's deadline is a time of the server's clock, and so is its
 expiry. The attempt's timeout is their difference plus the lease duration of the welcome (both
 are set from the same claim), and the worker counts it from when the lease arrived, less
@@ -31,6 +35,7 @@ import grpc
 from google.protobuf import any_pb2, duration_pb2
 
 from jobwire import _codec
+from jobwire.errors import ChildrenWait, SignalWait
 from jobwire.v1 import job_pb2, job_type_service_pb2, worker_service_pb2
 from jobwire.worker.context import StopReason
 
@@ -81,6 +86,12 @@ class Grant:
     timeout: float | None
     #: How long ago, when it arrived, the lease was claimed.
     held: float
+    #: The attempt resumes the job after every child it waited for ended.
+    children_ended: bool = False
+    #: Every signal the job received, oldest first.
+    signals: tuple[job_pb2.JobSignal, ...] = ()
+    #: The signal wait (name, count) this attempt resumes from, which timed out.
+    signal_timed_out: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -225,6 +236,11 @@ def _grant(lease: worker_service_pb2.Lease, lease_duration: float | None) -> Gra
         checkpoint=lease.checkpoint or None,
         timeout=max(timeout, 0.0) if timeout is not None else None,
         held=_held(lease),
+        children_ended=lease.children_ended,
+        signals=tuple(lease.signals),
+        signal_timed_out=(lease.signal_timed_out.name, lease.signal_timed_out.count)
+        if lease.HasField("signal_timed_out")
+        else None,
     )
 
 
@@ -304,6 +320,19 @@ def complete(request_id: int, key: LeaseKey, result: any_pb2.Any) -> Request:
             request_id=request_id, lease=_ref(key), result=result
         )
     )
+
+
+def wait(request_id: int, key: LeaseKey, waiting: ChildrenWait | SignalWait) -> Request:
+    """The completion of an attempt whose handler waits: no result, and what it waits for."""
+    message = worker_service_pb2.CompleteJob(request_id=request_id, lease=_ref(key))
+    if isinstance(waiting, ChildrenWait):
+        message.wait_for_children = True
+    else:
+        message.wait_signal.name = waiting.name
+        message.wait_signal.count = waiting.count
+        if waiting.timeout is not None:
+            message.wait_signal.timeout.CopyFrom(_codec.to_duration(waiting.timeout))
+    return Request(complete=message)
 
 
 def fail(request_id: int, key: LeaseKey, failure: Failure) -> Request:
