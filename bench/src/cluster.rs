@@ -30,6 +30,25 @@ pub fn require_api_keys() {
     API_KEYS.store(true, Ordering::Relaxed);
 }
 
+/// The server arguments of the bench's `--prune-after`: a retention short enough that the
+/// pruner deletes finished jobs while a workload runs. Unset: the server's default retention,
+/// which no workload outlasts.
+static PRUNING: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+
+/// Makes every server started from now on prune finished jobs `after` their end, checking
+/// every `after` too (at least the server's 100 ms), with event partitions of that span.
+pub fn prune_after(after: Duration) {
+    let span = format!("{}ms", after.as_millis().max(100));
+    let _ = PRUNING.set(vec![
+        "--retention".into(),
+        span.clone(),
+        "--event-partition-interval".into(),
+        span.clone(),
+        "--prune-interval".into(),
+        span,
+    ]);
+}
+
 /// How long a worker subprocess may take to drain and exit once told to stop.
 const WORKER_STOP_GRACE: Duration = Duration::from_secs(30);
 
@@ -203,6 +222,14 @@ impl Server {
         let mut child = Command::new(server_binary()?)
             .args(["--listen", listen])
             .args(database_args(database_url)?)
+            // A workload that sets its own retention (SOAK) keeps it.
+            .args(
+                PRUNING
+                    .get()
+                    .filter(|_| !extra.contains(&"--retention"))
+                    .into_iter()
+                    .flatten(),
+            )
             .args(extra)
             .env(
                 "RUST_LOG",

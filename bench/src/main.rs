@@ -72,6 +72,10 @@ struct Args {
     /// producers, watchers and workers send (the cost of authentication on the hot path).
     #[arg(long)]
     api_keys: bool,
+    /// Servers prune finished jobs this long after they end, checking as often, so that the
+    /// pruner works throughout W1 and W3 (the cost of retention under load); SOAK sets its own.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    prune_after: Option<Duration>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -140,6 +144,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     if args.api_keys {
         cluster::require_api_keys();
+    }
+    if let Some(after) = args.prune_after {
+        cluster::prune_after(after);
     }
     let pg = cluster::Postgres::start().await?;
     let mut failed = None;

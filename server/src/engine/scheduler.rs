@@ -81,7 +81,7 @@ impl Scheduler {
             };
             let ends: Vec<_> = waiting
                 .iter()
-                .map(|w| (w.id, waits::decide(&w.waiting)))
+                .map(|w| (w.tenant.clone(), w.id, waits::decide(&w.waiting)))
                 .collect();
             match self.store.end_waits(term, &ends).await {
                 Ok(0) => return,
@@ -132,7 +132,10 @@ impl Scheduler {
         };
         let ends: Vec<_> = waiting
             .iter()
-            .map(|w| (w.id, waits::signal_wait(w.received, w.past_deadline)))
+            .map(|w| {
+                let end = waits::signal_wait(w.received, w.past_deadline);
+                (w.tenant.clone(), w.id, end)
+            })
             .collect();
         match self.store.end_signal_waits(term, &ends).await {
             Ok(0) => {}

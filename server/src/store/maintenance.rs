@@ -49,7 +49,7 @@ impl Store {
     pub async fn expire_approvals(&self, term: Term, limit: i64) -> Result<u64> {
         let sql = static_sql!(
             "WITH due AS ( \
-                 SELECT id FROM jobs \
+                 SELECT tenant_id, id FROM jobs \
                  WHERE state = 'awaiting_approval' AND approval_deadline <= now() AND {fence} \
                  ORDER BY approval_deadline LIMIT $1 \
                  FOR UPDATE SKIP LOCKED \
@@ -64,7 +64,7 @@ impl Store {
                          'retryable', false, 'attempt', attempt, 'occurred_at', now()) \
                          ELSE last_error END, \
                      finished_at = now(), updated_at = now() \
-                 FROM due d WHERE j.id = d.id \
+                 FROM due d WHERE j.tenant_id = d.tenant_id AND j.id = d.id \
                  RETURNING j.id, j.tenant_id, j.state, j.attempt, {reason} AS reason \
              ), ev AS ( \
                  INSERT INTO job_events (tenant_id, job_id, kind, state, attempt, data) \

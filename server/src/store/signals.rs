@@ -38,6 +38,7 @@ pub struct Signalled {
 /// A job waiting for a signal, as the scheduler reads it.
 #[derive(Debug, Clone)]
 pub struct SignalWaiting {
+    pub tenant: String,
     pub id: Uuid,
     pub received: bool,
     pub past_deadline: bool,
@@ -45,6 +46,7 @@ pub struct SignalWaiting {
 
 #[derive(sqlx::FromRow)]
 struct WaitingRow {
+    tenant_id: String,
     id: Uuid,
     received: bool,
     past_deadline: bool,
@@ -170,7 +172,7 @@ impl Store {
         limit: i64,
     ) -> Result<Vec<SignalWaiting>> {
         let sql = static_sql!(
-            "SELECT j.id, \
+            "SELECT j.tenant_id, j.id, \
                     (SELECT count(*) FROM job_signals s \
                      WHERE s.tenant_id = j.tenant_id AND s.job_id = j.id \
                        AND s.name = j.awaiting_signal) >= j.awaiting_signal_count AS received, \
@@ -189,6 +191,7 @@ impl Store {
         Ok(rows
             .into_iter()
             .map(|r| SignalWaiting {
+                tenant: r.tenant_id,
                 id: r.id,
                 received: r.received,
                 past_deadline: r.past_deadline,
@@ -202,31 +205,36 @@ impl Store {
     pub async fn end_signal_waits(
         &self,
         term: Term,
-        ends: &[(Uuid, SignalWaitEnd)],
+        ends: &[(String, Uuid, SignalWaitEnd)],
     ) -> Result<u64> {
-        let (ids, timed_out): (Vec<Uuid>, Vec<bool>) = ends
-            .iter()
-            .filter_map(|(id, end)| match end {
-                SignalWaitEnd::Wait => None,
-                SignalWaitEnd::Received => Some((*id, false)),
-                SignalWaitEnd::TimedOut => Some((*id, true)),
-            })
-            .unzip();
+        let mut tenants = Vec::with_capacity(ends.len());
+        let mut ids = Vec::with_capacity(ends.len());
+        let mut timed_out = Vec::with_capacity(ends.len());
+        for (tenant, id, end) in ends {
+            let late = match end {
+                SignalWaitEnd::Wait => continue,
+                SignalWaitEnd::Received => false,
+                SignalWaitEnd::TimedOut => true,
+            };
+            tenants.push(tenant.clone());
+            ids.push(*id);
+            timed_out.push(late);
+        }
         if ids.is_empty() {
             return Ok(0);
         }
         let sql = static_sql!(
             "WITH d AS ( \
-                 SELECT d.id, d.timed_out, j.awaiting_signal AS name \
-                 FROM unnest($2::uuid[], $3::bool[]) AS d(id, timed_out) \
-                 JOIN jobs j ON j.id = d.id \
+                 SELECT d.tenant_id, d.id, d.timed_out, j.awaiting_signal AS name \
+                 FROM unnest($2::text[], $3::uuid[], $4::bool[]) AS d(tenant_id, id, timed_out) \
+                 JOIN jobs j ON j.tenant_id = d.tenant_id AND j.id = d.id \
              ), upd AS ( \
                  UPDATE jobs j SET state = 'available', run_at = now(), \
                      signal_timed_out = CASE WHEN d.timed_out THEN jsonb_build_object( \
                          'name', j.awaiting_signal, 'count', j.awaiting_signal_count) END, \
                      awaiting_signal = NULL, awaiting_signal_count = NULL, \
                      signal_deadline = NULL, updated_at = now() \
-                 FROM d WHERE j.id = d.id AND j.state = 'pending' \
+                 FROM d WHERE j.tenant_id = d.tenant_id AND j.id = d.id AND j.state = 'pending' \
                    AND j.awaiting_signal IS NOT NULL AND {fence} \
                  RETURNING j.id, j.tenant_id, j.queue, j.state, j.attempt, d.timed_out, d.name \
              ), ev AS ( \
@@ -246,6 +254,7 @@ impl Store {
             .pooled(async |c| {
                 Ok(query_as(sql)
                     .bind(term.0)
+                    .bind(&tenants)
                     .bind(&ids)
                     .bind(&timed_out)
                     .fetch_one(c)

@@ -14,12 +14,14 @@ use crate::domain::{
 /// A waiting job whose dependencies may let it go, as read for the decision.
 #[derive(Debug, Clone)]
 pub struct WaitingJob {
+    pub tenant: String,
     pub id: Uuid,
     pub waiting: Waiting,
 }
 
 #[derive(sqlx::FromRow)]
 struct WaitingRow {
+    tenant_id: String,
     id: Uuid,
     run_regardless: bool,
     open: i64,
@@ -45,9 +47,10 @@ impl Store {
                  SELECT w.id AS waiter, t.id, t.job_type, t.state, t.finished_at, \
                         coalesce(t.cancel_reason, t.last_error->>'message', '') AS why \
                  FROM waiting w CROSS JOIN LATERAL unnest(w.depends_on) AS d(id) \
-                 JOIN jobs t ON t.id = d.id \
+                 JOIN jobs t ON t.tenant_id = w.tenant_id AND t.id = d.id \
              ), tally AS ( \
-                 SELECT w.id, w.run_regardless OR w.awaiting_children AS run_regardless, \
+                 SELECT w.tenant_id, w.id, \
+                        w.run_regardless OR w.awaiting_children AS run_regardless, \
                         count(d.id) FILTER (WHERE d.state NOT IN \
                             ('succeeded', 'failed', 'cancelled')) \
                         + CASE WHEN w.awaiting_children AND EXISTS ( \
@@ -60,7 +63,8 @@ impl Store {
                  FROM waiting w LEFT JOIN deps d ON d.waiter = w.id \
                  GROUP BY w.tenant_id, w.id, w.run_regardless, w.awaiting_children \
              ) \
-             SELECT t.id, t.run_regardless, t.open, t.broken_id, b.job_type AS broken_type, \
+             SELECT t.tenant_id, t.id, t.run_regardless, t.open, t.broken_id, \
+                    b.job_type AS broken_type, \
                     b.state AS broken_state, b.why AS broken_why \
              FROM tally t LEFT JOIN deps b ON b.waiter = t.id AND b.id = t.broken_id \
              WHERE t.open = 0 OR (t.broken_id IS NOT NULL AND NOT t.run_regardless) \
@@ -73,6 +77,7 @@ impl Store {
         Ok(rows
             .into_iter()
             .map(|r| WaitingJob {
+                tenant: r.tenant_id,
                 id: r.id,
                 waiting: Waiting {
                     run_regardless: r.run_regardless,
@@ -92,10 +97,11 @@ impl Store {
     /// run_at is ahead), a cancelled one CANCELLED with its reason, each with its event; jobs
     /// no longer PENDING (cancelled meanwhile) are left alone. A parent released from its wait
     /// for its children is marked so for its next lease. Returns how many changed.
-    pub async fn end_waits(&self, term: Term, ends: &[(Uuid, WaitEnd)]) -> Result<u64> {
+    pub async fn end_waits(&self, term: Term, ends: &[(String, Uuid, WaitEnd)]) -> Result<u64> {
         let sql = static_sql!(
             "WITH d AS ( \
-                 SELECT * FROM unnest($2::uuid[], $3::text[]) AS d(id, cancel) \
+                 SELECT * FROM unnest($2::text[], $3::uuid[], $4::text[]) \
+                     AS d(tenant_id, id, cancel) \
              ), upd AS ( \
                  UPDATE jobs j SET \
                      state = CASE WHEN d.cancel IS NOT NULL THEN 'cancelled'::job_state \
@@ -106,7 +112,8 @@ impl Store {
                      awaiting_children = false, \
                      children_ended = j.awaiting_children AND d.cancel IS NULL, \
                      updated_at = now() \
-                 FROM d WHERE j.id = d.id AND j.state = 'pending' AND {fence} \
+                 FROM d WHERE j.tenant_id = d.tenant_id AND j.id = d.id \
+                   AND j.state = 'pending' AND {fence} \
                  RETURNING j.id, j.tenant_id, j.queue, j.state, j.attempt, d.cancel, \
                            j.children_ended \
              ), ev AS ( \
@@ -127,14 +134,16 @@ impl Store {
             work = send::work("tenant_id", "queue"),
             due = send::due(),
         );
+        let mut tenants = Vec::with_capacity(ends.len());
         let mut ids = Vec::with_capacity(ends.len());
         let mut cancels = Vec::with_capacity(ends.len());
-        for (id, end) in ends {
+        for (tenant, id, end) in ends {
             match end {
                 WaitEnd::Wait => continue,
                 WaitEnd::Release => cancels.push(None),
                 WaitEnd::Cancel(reason) => cancels.push(Some(reason.clone())),
             }
+            tenants.push(tenant.clone());
             ids.push(*id);
         }
         if ids.is_empty() {
@@ -144,6 +153,7 @@ impl Store {
             .pooled(async |c| {
                 Ok(query_as(sql)
                     .bind(term.0)
+                    .bind(&tenants)
                     .bind(&ids)
                     .bind(&cancels)
                     .fetch_one(c)
