@@ -36,7 +36,8 @@ pub fn require_api_keys() {
 static PRUNING: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
 
 /// Makes every server started from now on prune finished jobs `after` their end, checking
-/// every `after` too (at least the server's 100 ms), with event partitions of that span.
+/// every `after` too (at least the server's 100 ms), with event partitions of that span. The
+/// jobs are archived as they go, so that a workload can still count every one it ran.
 pub fn prune_after(after: Duration) {
     let span = format!("{}ms", after.as_millis().max(100));
     let _ = PRUNING.set(vec![
@@ -46,6 +47,7 @@ pub fn prune_after(after: Duration) {
         span.clone(),
         "--prune-interval".into(),
         span,
+        "--archive".into(),
     ]);
 }
 

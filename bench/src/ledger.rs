@@ -60,9 +60,17 @@ impl Ledger {
         Ok(rows.into_iter().collect())
     }
 
-    /// Fails unless the database holds exactly `jobs` jobs, all succeeded.
+    /// Fails unless the database holds exactly `jobs` jobs, all succeeded: in `jobs`, or, once
+    /// pruned (the bench's `--prune-after`, which archives), in `jobs_archive`.
     pub async fn ensure_succeeded(&mut self, jobs: usize) -> anyhow::Result<()> {
-        let states = self.states().await?;
+        let mut states = self.states().await?;
+        let archived: Vec<(String, i64)> =
+            sqlx::query_as("SELECT state::text, count(*) FROM jobs_archive GROUP BY state")
+                .fetch_all(&mut self.conn)
+                .await?;
+        for (state, count) in archived {
+            *states.entry(state).or_default() += count;
+        }
         let succeeded = states.get("succeeded").copied().unwrap_or_default();
         if states.len() != 1 || usize::try_from(succeeded)? != jobs {
             bail!("expected {jobs} succeeded jobs, the database has {states:?}");

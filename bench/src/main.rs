@@ -72,8 +72,9 @@ struct Args {
     /// producers, watchers and workers send (the cost of authentication on the hot path).
     #[arg(long)]
     api_keys: bool,
-    /// Servers prune finished jobs this long after they end, checking as often, so that the
-    /// pruner works throughout W1 and W3 (the cost of retention under load); SOAK sets its own.
+    /// Servers prune finished jobs this long after they end, checking as often and archiving
+    /// them first (so the workloads still count every job), so that the pruner works
+    /// throughout W1 and W3: the cost of retention under load. SOAK sets its own.
     #[arg(long, value_parser = humantime::parse_duration)]
     prune_after: Option<Duration>,
     #[command(subcommand)]

@@ -47,6 +47,12 @@ async fn seed(pool: &PgPool) {
             .execute(pool)
             .await
             .expect("event");
+            sqlx::query("INSERT INTO job_signals (tenant_id, job_id, name) VALUES ($1, $2, 'go')")
+                .bind(tenant)
+                .bind(job)
+                .execute(pool)
+                .await
+                .expect("signal");
             sqlx::query("INSERT INTO queues (tenant_id, name) VALUES ($1, 'q' || $2)")
                 .bind(tenant)
                 .bind(n.to_string())

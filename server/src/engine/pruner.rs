@@ -45,12 +45,20 @@ pub struct PrunerConfig {
 }
 
 impl PrunerConfig {
-    /// How far ahead partitions are made: three partitions, and at least three passes, so that
-    /// writers never find the partition they need missing while a leader is being elected.
+    /// How far ahead partitions are made: three partitions, three passes, and at least
+    /// [`MIN_PARTITIONS_AHEAD`], so that writers never find the partition they need missing
+    /// while a leader is being elected or a pass (its pruning included) runs long under load.
     pub fn partitions_ahead(&self) -> Duration {
-        (self.partition_interval * 3).max(self.interval * 3)
+        (self.partition_interval * 3)
+            .max(self.interval * 3)
+            .max(MIN_PARTITIONS_AHEAD)
     }
 }
+
+/// The least time ahead the event log's partitions reach. With second-long partitions (a
+/// short retention) three of them ran out while a pass pruned under a running workload, and
+/// event writes failed for want of a partition.
+const MIN_PARTITIONS_AHEAD: Duration = Duration::from_secs(60);
 
 /// Running totals of what the pruner removed, since this process started.
 #[derive(Debug, Default)]
