@@ -11,7 +11,7 @@ use crate::{
         ending::{Completion, Failure, Wait},
         session::SessionSpec,
     },
-    store::{Checkpoint, LogBatch, NewJobType, ProgressUpdate, SignalWait},
+    store::{Checkpoint, LogBatch, MAX_SIGNALS_PER_JOB, NewJobType, ProgressUpdate, SignalWait},
 };
 
 const MAX_SLOTS: i32 = 10_000;
@@ -299,15 +299,13 @@ pub fn completion(
     })
 }
 
-/// The most signals of one name a wait may ask for: a job holds at most this many in all.
-pub const MAX_SIGNALS: i32 = 100;
-
 fn signal_wait(signal: &pb::WaitSignal) -> Result<Wait, ApiError> {
     let name = validate::signal_name("complete.wait_signal.name", &signal.name)?;
-    if !(1..=MAX_SIGNALS).contains(&signal.count) {
+    // A wait may ask for no more signals of one name than a job holds in all.
+    if !(1..=MAX_SIGNALS_PER_JOB).contains(&i64::from(signal.count)) {
         return Err(ApiError::invalid(
             "complete.wait_signal.count",
-            format!("must be 1 to {MAX_SIGNALS}"),
+            format!("must be 1 to {MAX_SIGNALS_PER_JOB}"),
         ));
     }
     let timeout = signal
