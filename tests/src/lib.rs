@@ -332,6 +332,25 @@ impl ServerProcess {
         (status, process.stdout(), process.stderr())
     }
 
+    /// Makes an API key of `tenant` with `roles` through `jobwire-server keys create` against
+    /// `db`, as an operator would, and returns its secret.
+    pub async fn api_key(db: &TestDb, tenant: &str, roles: &[&str]) -> String {
+        let mut args = vec![
+            "--database-url",
+            db.url(),
+            "keys",
+            "create",
+            "--tenant",
+            tenant,
+        ];
+        for role in roles {
+            args.extend(["--role", role]);
+        }
+        let (status, stdout, stderr) = Self::run_command(&args).await;
+        assert!(status.success(), "keys create failed: {stderr}");
+        stdout.trim().to_owned()
+    }
+
     /// Starts the server with exactly `args` after the harness's `--listen`, for tests that
     /// bring their own database settings (a dedicated cluster, or the embedded default).
     pub async fn start_with_args(args: &[&str]) -> Self {

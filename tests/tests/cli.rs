@@ -22,7 +22,7 @@ use std::time::Duration;
 use jobwire::{HandlerError, JobContext, LogLevel, Progress, Worker};
 use jobwire_proto::v1::{self as pb, job_type_service_client::JobTypeServiceClient};
 use jobwire_tests::{
-    ChildProcess, ServerProcess, TestDb,
+    ChildProcess, ServerProcess,
     codegen::{Ping, Purge, Thumbnail, ThumbnailResult},
     eventually, test_db,
 };
@@ -666,28 +666,11 @@ async fn jobs_watch_on_a_terminal_draws_a_progress_bar_that_moves() {
     worker.stop().await;
 }
 
-/// Makes an API key with `jobwire-server keys create`, as an operator would.
-async fn key(db: &TestDb, role: &str) -> String {
-    let args = [
-        "--database-url",
-        db.url(),
-        "keys",
-        "create",
-        "--tenant",
-        "acme",
-        "--role",
-        role,
-    ];
-    let (status, stdout, stderr) = ServerProcess::run_command(&args).await;
-    assert!(status.success(), "keys create: {stderr}");
-    stdout.trim().to_owned()
-}
-
 #[tokio::test]
 async fn queues_with_api_keys() {
     let db = test_db().await;
-    let admin = key(&db, "admin").await;
-    let viewer = key(&db, "viewer").await;
+    let admin = ServerProcess::api_key(&db, "acme", &["admin"]).await;
+    let viewer = ServerProcess::api_key(&db, "acme", &["viewer"]).await;
     let server = ServerProcess::start(&db, &[]).await;
 
     // No key: refused.

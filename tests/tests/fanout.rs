@@ -506,27 +506,13 @@ async fn a_server_killed_during_a_fan_out_of_1000_children_loses_none_and_resume
     stop_workers(workers).await;
 }
 
-/// Makes a key with `jobwire-server keys create`; returns its secret.
-async fn key(db: &jobwire_tests::TestDb, role: &str) -> String {
-    let args = [
-        "--database-url",
-        db.url(),
-        "keys",
-        "create",
-        "--tenant",
-        "acme",
-        "--role",
-        role,
-    ];
-    let (status, stdout, stderr) = ServerProcess::run_command(&args).await;
-    assert!(status.success(), "keys create failed: {stderr}");
-    stdout.trim().to_owned()
-}
-
 #[tokio::test]
 async fn a_worker_key_enqueues_children_of_the_job_it_runs_and_nothing_else() {
     let db = test_db().await;
-    let (producer, worker_key) = (key(&db, "producer").await, key(&db, "worker").await);
+    let (producer, worker_key) = (
+        ServerProcess::api_key(&db, "acme", &["producer"]).await,
+        ServerProcess::api_key(&db, "acme", &["worker"]).await,
+    );
     let server = ServerProcess::start(&db, &[]).await;
     let url = server.url();
     let client = Client::builder(url.clone())
