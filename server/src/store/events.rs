@@ -182,17 +182,7 @@ impl Store {
              WHERE e.job_id = $1 AND e.tenant_id = $2 AND e.seq > $3 AND e.seq <= $4 \
              ORDER BY e.seq LIMIT $5"
         );
-        let mut tx = self.tenant_transaction(tenant).await?;
-        let out = query_as::<EventRow>(sql)
-            .bind(id.0)
-            .bind(tenant.as_str())
-            .bind(after)
-            .bind(upto)
-            .bind(limit)
-            .fetch_all(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(out)
+        self.events_of(sql, tenant, id, (after, upto), limit).await
     }
 
     /// The events of a job and of its children in `(after, upto]`, in order, at most `limit`.
@@ -212,6 +202,19 @@ impl Store {
                    SELECT c.id FROM jobs c WHERE c.tenant_id = $2 AND c.parent_id = $1)) \
              ORDER BY e.seq LIMIT $5"
         );
+        self.events_of(sql, tenant, id, (after, upto), limit).await
+    }
+
+    /// Runs `sql`, a read of one job's events (`$1` the job, `$2` the tenant, `(after, upto]`
+    /// in `$3` and `$4`, `$5` the limit), for the tenant.
+    async fn events_of(
+        &self,
+        sql: &'static str,
+        tenant: &TenantId,
+        id: JobId,
+        (after, upto): (i64, i64),
+        limit: i64,
+    ) -> Result<Vec<EventRow>> {
         let mut tx = self.tenant_transaction(tenant).await?;
         let out = query_as::<EventRow>(sql)
             .bind(id.0)
