@@ -224,6 +224,106 @@ async fn finished_jobs_past_retention_go_with_their_attempts_into_the_archive() 
     assert!(ahead >= 2, "{ahead} partitions ahead");
 }
 
+/// The archive is written column by named column: an archived job, its attempt and its events
+/// read exactly as they did before the pruning (but for when they were archived), whatever
+/// order their columns have in the archive tables.
+#[tokio::test]
+async fn archived_rows_equal_what_was_pruned_column_for_column() {
+    let db = test_db().await;
+    let server = ServerProcess::start(&db, &with(&FAST, &["--archive"])).await;
+    let url = server.url();
+    let pool = db.pool().await;
+    let mut jobs = jobs(&url).await;
+    let mut queues = QueueServiceClient::new(channel(&url).await);
+    let retention = |retention| pb::UpdateQueueRequest {
+        queue: Some(pb::Queue {
+            name: "whole".into(),
+            retention,
+            ..Default::default()
+        }),
+        update_mask: Some(prost_types::FieldMask {
+            paths: vec!["retention".into()],
+        }),
+        allow_missing: true,
+    };
+    // Kept until its rows are read, then left to the server's retention of a second.
+    queues
+        .update_queue(retention(Some(prost_types::Duration {
+            seconds: 3600,
+            nanos: 0,
+        })))
+        .await
+        .expect("a retention of an hour");
+    let mut worker = RawWorker::try_connect(
+        &url,
+        pb::Hello {
+            queues: vec!["whole".into()],
+            ..support::hello("w1", &["ret.whole"], 1, Vec::new())
+        },
+    )
+    .await
+    .expect("a worker of the queue");
+    let job = enqueue(
+        &mut jobs,
+        pb::JobSpec {
+            idempotency_key: "whole-1".into(),
+            ..spec("ret.whole", "whole")
+        },
+    )
+    .await;
+    // A first attempt that fails (an attempt row), a second that reports progress and succeeds.
+    let lease = worker.next_lease().await;
+    let ack = worker
+        .fail_after(
+            &job.id,
+            lease.attempt,
+            "once",
+            false,
+            Duration::from_millis(1),
+        )
+        .await;
+    assert_eq!(ack.code, 0, "{ack:?}");
+    let lease = worker.next_lease().await;
+    assert_eq!(lease.attempt, 2);
+    worker.progress(&job.id, lease.attempt, 1, 2).await;
+    let ack = worker.complete(&job.id, lease.attempt, b"the result").await;
+    assert_eq!(ack.code, 0, "{ack:?}");
+
+    let rows = |table: &str, key: &str, order: &str| {
+        format!(
+            "SELECT coalesce(jsonb_agg(to_jsonb(r) - 'archived_at' ORDER BY {order}), '[]')::text \
+             FROM {table} r WHERE {key} = $1::uuid"
+        )
+    };
+    let read = async |table: &str, key: &str, order: &str| -> String {
+        sqlx::query_scalar(sqlx::AssertSqlSafe(rows(table, key, order)))
+            .bind(&job.id)
+            .fetch_one(&pool)
+            .await
+            .expect("rows")
+    };
+    let before = (
+        read("jobs", "id", "id").await,
+        read("job_attempts", "job_id", "attempt").await,
+        read("job_events", "job_id", "seq").await,
+    );
+    assert!(before.0.contains("whole-1"), "{}", before.0);
+    assert!(before.1.contains("once"), "{}", before.1);
+    assert!(before.2.contains("progress"), "{}", before.2);
+
+    queues
+        .update_queue(retention(None))
+        .await
+        .expect("the server's retention");
+    await_pruned(&mut jobs, &job.id).await;
+    let archived = (
+        read("jobs_archive", "id", "id").await,
+        read("job_attempts_archive", "job_id", "attempt").await,
+        read("job_events_archive", "job_id", "seq").await,
+    );
+    assert_eq!(archived, before);
+}
+
 #[tokio::test]
 async fn a_queues_retention_overrides_the_servers() {
     let db = test_db().await;
@@ -463,8 +563,9 @@ async fn a_pruned_jobs_idempotency_key_makes_a_new_job() {
     assert_ne!(response.job.expect("job").id, first.id);
 }
 
-/// The archive is written by column name: a column added to a source table and not to its
-/// archive would be lost there silently. This fails when a migration forgets one.
+/// The archive is written by column name, every column of the source: a column added to a
+/// source table and not to its archive would stop the archiving pruner. This fails when a
+/// migration forgets one.
 #[tokio::test]
 async fn archive_tables_hold_every_column_of_their_sources() {
     let db = test_db().await;

@@ -22,6 +22,28 @@ const PARTITION_LOCK: i64 = 0x6a77_6576_7061_7274; // "jwevpart"
 /// never queue the event log's readers and writers behind it for long.
 const DDL_LOCK_TIMEOUT: &str = "SET LOCAL lock_timeout = '2s'";
 
+/// The start of both pruning statements ($1 tenant, $2 queue, $3 retention in milliseconds,
+/// $4 batch size, $5 the leader's term): the batch of expired jobs no one else has locked,
+/// deleted with their attempts, each returned whole for the archive.
+const PRUNE: &str = concat!(
+    "WITH doomed AS ( \
+         SELECT id FROM jobs \
+         WHERE tenant_id = $1 AND queue = $2 \
+           AND state IN ('succeeded', 'failed', 'cancelled') \
+           AND finished_at < now() - $3 * interval '1 millisecond' AND ",
+    leader_fence!("$5"),
+    " LIMIT $4 \
+         FOR UPDATE SKIP LOCKED \
+     ), gone AS ( \
+         DELETE FROM jobs j \
+         WHERE j.tenant_id = $1 AND j.id = ANY(ARRAY(SELECT id FROM doomed)) \
+         RETURNING j.* \
+     ), gone_attempts AS ( \
+         DELETE FROM job_attempts a WHERE a.job_id = ANY(ARRAY(SELECT id FROM gone)) \
+         RETURNING a.* \
+     )"
+);
+
 /// A queue's finished jobs are kept this long after they finish.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct QueueRetention {
@@ -107,52 +129,22 @@ impl Store {
         limit: i64,
         archive: Archive,
     ) -> Result<Pruned> {
-        let sql = static_sql!(
-            "WITH doomed AS ( \
-                 SELECT id FROM jobs \
-                 WHERE tenant_id = $1 AND queue = $2 \
-                   AND state IN ('succeeded', 'failed', 'cancelled') \
-                   AND finished_at < now() - $3 * interval '1 millisecond' AND {fence} \
-                 LIMIT $4 \
-                 FOR UPDATE SKIP LOCKED \
-             ), gone AS ( \
-                 DELETE FROM jobs j \
-                 WHERE j.tenant_id = $1 AND j.id = ANY(ARRAY(SELECT id FROM doomed)) \
-                 RETURNING j.* \
-             ), gone_attempts AS ( \
-                 DELETE FROM job_attempts a WHERE a.job_id = ANY(ARRAY(SELECT id FROM gone)) \
-                 RETURNING a.* \
-             ), archived_jobs AS ( \
-                 INSERT INTO jobs_archive \
-                 SELECT (jsonb_populate_record(NULL::jobs_archive, \
-                     to_jsonb(g) || jsonb_build_object('archived_at', now()))).* \
-                 FROM gone g WHERE $6 \
-             ), archived_attempts AS ( \
-                 INSERT INTO job_attempts_archive \
-                 SELECT (jsonb_populate_record(NULL::job_attempts_archive, \
-                     to_jsonb(a) || jsonb_build_object('archived_at', now()))).* \
-                 FROM gone_attempts a WHERE $6 \
-             ), archived_events AS ( \
-                 INSERT INTO job_events_archive \
-                 SELECT (jsonb_populate_record(NULL::job_events_archive, \
-                     to_jsonb(e) || jsonb_build_object('archived_at', now()))).* \
-                 FROM job_events e \
-                 WHERE $6 AND e.tenant_id = $1 AND e.job_id = ANY(ARRAY(SELECT id FROM gone)) \
-                 RETURNING 1 \
-             ) \
-             SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM gone_attempts), \
-                    (SELECT count(*) FROM archived_events)",
-            fence = leader_fence!("$5"),
-        );
+        let sql = match archive {
+            Archive::Discard => static_sql!(
+                "{PRUNE} SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM gone_attempts), \
+                     0::bigint"
+            )
+            .to_owned(),
+            Archive::Keep => self.archiving_prune().await?,
+        };
         let (jobs, attempts, events): (i64, i64, i64) = self
             .pooled(async |c| {
-                Ok(query_as(sql)
+                Ok(query_as(AssertSqlSafe(sql.clone()))
                     .bind(&queue.tenant_id)
                     .bind(&queue.queue)
                     .bind(queue.retention_ms)
                     .bind(limit)
                     .bind(term.0)
-                    .bind(archive == Archive::Keep)
                     .fetch_one(c)
                     .await?)
             })
@@ -163,6 +155,46 @@ impl Store {
             attempts: count(attempts),
             events_archived: count(events),
         })
+    }
+
+    /// The pruning statement that copies what it deletes to the archive tables, column by
+    /// named column: the archives were made `LIKE` their sources and gained later columns
+    /// after `archived_at`, so their columns are not in their sources' order. The names are
+    /// read from the catalog each time, so that a leader started before a migration added a
+    /// column still archives it (the migration adds it to both).
+    async fn archiving_prune(&self) -> Result<String> {
+        let (jobs, attempts, events): (String, String, String) = self
+            .pooled(async |c| {
+                Ok(query_as(
+                    "SELECT \
+                         string_agg(quote_ident(attname), ', ' ORDER BY attnum) \
+                             FILTER (WHERE attrelid = 'jobs'::regclass), \
+                         string_agg(quote_ident(attname), ', ' ORDER BY attnum) \
+                             FILTER (WHERE attrelid = 'job_attempts'::regclass), \
+                         string_agg(quote_ident(attname), ', ' ORDER BY attnum) \
+                             FILTER (WHERE attrelid = 'job_events'::regclass) \
+                     FROM pg_attribute \
+                     WHERE attrelid IN ('jobs'::regclass, 'job_attempts'::regclass, \
+                                        'job_events'::regclass) \
+                       AND attnum > 0 AND NOT attisdropped",
+                )
+                .fetch_one(c)
+                .await?)
+            })
+            .await?;
+        Ok(format!(
+            "{PRUNE}, archived_jobs AS ( \
+                 INSERT INTO jobs_archive ({jobs}) SELECT {jobs} FROM gone \
+             ), archived_attempts AS ( \
+                 INSERT INTO job_attempts_archive ({attempts}) SELECT {attempts} FROM gone_attempts \
+             ), archived_events AS ( \
+                 INSERT INTO job_events_archive ({events}) SELECT {events} FROM job_events \
+                 WHERE tenant_id = $1 AND job_id = ANY(ARRAY(SELECT id FROM gone)) \
+                 RETURNING 1 \
+             ) \
+             SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM gone_attempts), \
+                    (SELECT count(*) FROM archived_events)",
+        ))
     }
 
     /// The partitions of the event log whose every event is older than `retention`, oldest
