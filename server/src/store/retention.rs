@@ -24,10 +24,13 @@ const DDL_LOCK_TIMEOUT: &str = "SET LOCAL lock_timeout = '2s'";
 
 /// The start of both pruning statements ($1 tenant, $2 queue, $3 retention in milliseconds,
 /// $4 batch size, $5 the leader's term): the batch of expired jobs no one else has locked,
-/// deleted with their attempts, each returned whole for the archive.
+/// deleted with their attempts, each returned whole for the archive. The jobs are deleted by
+/// the row addresses their lock returned (they cannot move while locked): a plan on the
+/// jobs' key could mistake a table grown since its statistics for a small one, and scan the
+/// tenant's every job for each batch.
 const PRUNE: &str = concat!(
     "WITH doomed AS ( \
-         SELECT id FROM jobs \
+         SELECT ctid FROM jobs \
          WHERE tenant_id = $1 AND queue = $2 \
            AND state IN ('succeeded', 'failed', 'cancelled') \
            AND finished_at < now() - $3 * interval '1 millisecond' AND ",
@@ -35,8 +38,7 @@ const PRUNE: &str = concat!(
     " LIMIT $4 \
          FOR UPDATE SKIP LOCKED \
      ), gone AS ( \
-         DELETE FROM jobs j \
-         WHERE j.tenant_id = $1 AND j.id = ANY(ARRAY(SELECT id FROM doomed)) \
+         DELETE FROM jobs j WHERE j.ctid = ANY(ARRAY(SELECT ctid FROM doomed)) \
          RETURNING j.* \
      ), gone_attempts AS ( \
          DELETE FROM job_attempts a WHERE a.job_id = ANY(ARRAY(SELECT id FROM gone)) \
