@@ -324,6 +324,78 @@ async fn archived_rows_equal_what_was_pruned_column_for_column() {
     assert_eq!(archived, before);
 }
 
+/// A backlog of expired jobs that takes the pruner longer than the event partitions made ahead
+/// of it reach (a retention first turned on over a large table) must not leave new events
+/// without a partition: enqueues, which write one each, all succeed while it is pruned, and the
+/// whole backlog goes into the archive.
+#[tokio::test]
+async fn enqueues_find_a_partition_while_a_long_backlog_is_pruned() {
+    const BACKLOG: i64 = 600_000;
+    let db = test_db().await;
+    let pool = db.pool().await;
+    let server = ServerProcess::start(
+        &db,
+        &[
+            "--retention",
+            "1s",
+            "--prune-interval",
+            "1s",
+            "--event-partition-interval",
+            "1s",
+            "--archive",
+        ],
+    )
+    .await;
+    let url = server.url();
+    let mut jobs = jobs(&url).await;
+    // The backlog: copies of one cancelled job, finished an hour ago, in one statement.
+    let seed = enqueue(&mut jobs, spec("ret.backlog", "backlog")).await;
+    cancel(&mut jobs, &seed.id).await;
+    let copies = format!(
+        "DO $$ DECLARE columns text; BEGIN \
+             SELECT string_agg(quote_ident(attname), ', ' ORDER BY attnum) INTO columns \
+             FROM pg_attribute WHERE attrelid = 'jobs'::regclass AND attnum > 0 \
+               AND NOT attisdropped AND attname NOT IN ('id', 'finished_at'); \
+             EXECUTE format('INSERT INTO jobs (id, finished_at, %s) \
+                 SELECT gen_random_uuid(), now() - interval ''1 hour'', %s \
+                 FROM jobs, generate_series(1, {BACKLOG}) WHERE id = %L', \
+                 columns, columns, '{}'); \
+         END $$",
+        seed.id
+    );
+    sqlx::raw_sql(sqlx::AssertSqlSafe(copies))
+        .execute(&pool)
+        .await
+        .expect("backlog");
+
+    let left = async || -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM jobs WHERE job_type = 'ret.backlog'")
+            .fetch_one(&pool)
+            .await
+            .expect("count")
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
+    let mut enqueued = 0;
+    while left().await > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "backlog not pruned");
+        jobs.enqueue_job(pb::EnqueueJobRequest {
+            job: Some(spec("ret.job", "")),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|status| panic!("enqueue {enqueued} while pruning: {status:?}"));
+        enqueued += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let archived: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM jobs_archive WHERE job_type = 'ret.backlog'")
+            .fetch_one(&pool)
+            .await
+            .expect("archived");
+    assert_eq!(archived, BACKLOG + 1);
+    assert!(enqueued > 0);
+}
+
 #[tokio::test]
 async fn a_queues_retention_overrides_the_servers() {
     let db = test_db().await;

@@ -3,7 +3,7 @@
 //! is reached (issue 30; DESIGN's retention pruner).
 //!
 //! Runs on the leader only, each pass under its term: it makes the event log's partitions
-//! ahead of time, prunes each queue's finished jobs past its retention in batches of
+//! ahead of time (again between batches when a backlog keeps it longer than a pass), prunes each queue's finished jobs past its retention in batches of
 //! [`BATCH`] (each its own short transaction taking only unlocked rows, so claims, enqueues
 //! and settles never wait for it), then drops the partitions of the event log whose events are
 //! all older than the longest retention of any queue. Events of pruned jobs stay in the log
@@ -21,6 +21,7 @@ use std::{
     time::Duration,
 };
 
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::leader::Leadership;
@@ -47,7 +48,8 @@ pub struct PrunerConfig {
 impl PrunerConfig {
     /// How far ahead partitions are made: three partitions, three passes, and at least
     /// [`MIN_PARTITIONS_AHEAD`], so that writers never find the partition they need missing
-    /// while a leader is being elected or a pass (its pruning included) runs long under load.
+    /// while a leader is being elected or a pruning batch runs long under load (a long pass
+    /// makes them again between its batches).
     pub fn partitions_ahead(&self) -> Duration {
         (self.partition_interval * 3)
             .max(self.interval * 3)
@@ -55,9 +57,8 @@ impl PrunerConfig {
     }
 }
 
-/// The least time ahead the event log's partitions reach. With second-long partitions (a
-/// short retention) three of them ran out while a pass pruned under a running workload, and
-/// event writes failed for want of a partition.
+/// The least time ahead the event log's partitions reach: with second-long partitions (a
+/// short retention) three of them are gone in the time a leader takes to be elected.
 const MIN_PARTITIONS_AHEAD: Duration = Duration::from_secs(60);
 
 /// Running totals of what the pruner removed, since this process started.
@@ -128,7 +129,10 @@ impl Pruner {
         !shutdown.is_cancelled() && self.leadership.current() == Some(term)
     }
 
-    async fn pass(&self, term: Term, shutdown: &CancellationToken) {
+    /// Makes the event log's partitions ahead, as far as [`PrunerConfig::partitions_ahead`]
+    /// says, and notes when in `made_at`.
+    async fn make_partitions(&self, made_at: &mut Instant) {
+        *made_at = Instant::now();
         match self
             .store
             .ensure_event_partitions(
@@ -148,6 +152,11 @@ impl Pruner {
             }
             Err(error) => tracing::warn!(%error, "making event partitions failed"),
         }
+    }
+
+    async fn pass(&self, term: Term, shutdown: &CancellationToken) {
+        let mut made_at = Instant::now();
+        self.make_partitions(&mut made_at).await;
         let queues = match self
             .store
             .queue_retentions(self.config.default_retention)
@@ -163,7 +172,7 @@ impl Pruner {
             if !self.leading(term, shutdown) {
                 return;
             }
-            self.prune_queue(term, queue, shutdown).await;
+            self.prune_queue(term, queue, shutdown, &mut made_at).await;
         }
         // Events are kept as long as the longest retention, so that the log still holds every
         // event of each finished job that is kept.
@@ -179,9 +188,22 @@ impl Pruner {
         metrics::prune_pass();
     }
 
-    async fn prune_queue(&self, term: Term, queue: &QueueRetention, shutdown: &CancellationToken) {
+    /// Prunes a queue's expired jobs batch by batch until none is left. A backlog can take
+    /// longer than the partitions made ahead reach (a retention first set over a large table),
+    /// so partitions are made between batches once a pass interval has gone by since the last
+    /// time: events never lack a partition however long this runs.
+    async fn prune_queue(
+        &self,
+        term: Term,
+        queue: &QueueRetention,
+        shutdown: &CancellationToken,
+        made_at: &mut Instant,
+    ) {
         let mut total = Pruned::default();
         loop {
+            if made_at.elapsed() >= self.config.interval {
+                self.make_partitions(made_at).await;
+            }
             match self
                 .store
                 .prune_jobs(term, queue, BATCH, self.config.archive)
