@@ -35,20 +35,30 @@ pub fn require_api_keys() {
 /// which no workload outlasts.
 static PRUNING: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
 
-/// Makes every server started from now on prune finished jobs `after` their end, checking
-/// every `after` too (at least the server's 100 ms), with event partitions of that span. The
-/// jobs are archived as they go, so that a workload can still count every one it ran.
-pub fn prune_after(after: Duration) {
-    let span = format!("{}ms", after.as_millis().max(100));
-    let _ = PRUNING.set(vec![
-        "--retention".into(),
+/// Makes every server started from now on prune finished jobs `after` their end (at least a
+/// second, the server's least retention), checking as often. Archived as they go (`archive`), with event
+/// partitions of that span; or discarded, with event partitions of an hour so that the events
+/// that count them outlast the workload.
+pub fn prune_after(after: Duration, archive: bool) {
+    let span = format!("{}ms", after.as_millis());
+    let mut args = vec![
+        "--retention".to_owned(),
         span.clone(),
-        "--event-partition-interval".into(),
+        "--prune-interval".to_owned(),
         span.clone(),
-        "--prune-interval".into(),
-        span,
-        "--archive".into(),
-    ]);
+        "--event-partition-interval".to_owned(),
+    ];
+    if archive {
+        args.extend([span, "--archive".to_owned()]);
+    } else {
+        args.push("1h".to_owned());
+    }
+    let _ = PRUNING.set(args);
+}
+
+/// Whether servers prune (`--prune-after`).
+pub fn pruning() -> bool {
+    PRUNING.get().is_some()
 }
 
 /// How long a worker subprocess may take to drain and exit once told to stop.

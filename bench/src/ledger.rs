@@ -17,6 +17,10 @@ use crate::clock;
 /// both sides see completion with the same granularity.
 const POLL: Duration = Duration::from_millis(10);
 
+/// The queue of the finished jobs [`Ledger::seed_expired`] makes, which the counts of the
+/// workload's jobs leave out.
+const EXPIRED_QUEUE: &str = "bench.expired";
+
 /// One connection to a workload's database.
 pub struct Ledger {
     conn: PgConnection,
@@ -51,31 +55,85 @@ impl Ledger {
         }
     }
 
-    /// Jobs per state.
+    /// The workload's jobs per state.
     pub async fn states(&mut self) -> anyhow::Result<BTreeMap<String, i64>> {
-        let rows: Vec<(String, i64)> =
-            sqlx::query_as("SELECT state::text, count(*) FROM jobs GROUP BY state")
-                .fetch_all(&mut self.conn)
-                .await?;
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT state::text, count(*) FROM jobs WHERE queue <> $1 GROUP BY state",
+        )
+        .bind(EXPIRED_QUEUE)
+        .fetch_all(&mut self.conn)
+        .await?;
         Ok(rows.into_iter().collect())
     }
 
+    /// Copies one of the workload's jobs `n` times into a queue of its own, each SUCCEEDED an
+    /// hour ago: a backlog the pruner works through while the workload runs, as a server
+    /// past its retention prunes old jobs while new ones run.
+    pub async fn seed_expired(&mut self, n: usize) -> anyhow::Result<()> {
+        let fixed = ["id", "queue", "state", "finished_at", "idempotency_key"];
+        let columns: String = sqlx::query_scalar(
+            "SELECT string_agg(quote_ident(attname), ', ' ORDER BY attnum) FROM pg_attribute \
+             WHERE attrelid = 'jobs'::regclass AND attnum > 0 AND NOT attisdropped \
+               AND attname <> ALL($1)",
+        )
+        .bind(&fixed[..])
+        .fetch_one(&mut self.conn)
+        .await?;
+        // Column names quoted by the catalog; the rest are constants. The pruner goes through
+        // the queues the `queues` table lists, which enqueues fill.
+        let copy = format!(
+            "INSERT INTO queues (tenant_id, name) \
+             SELECT tenant_id, '{EXPIRED_QUEUE}' FROM jobs LIMIT 1 ON CONFLICT DO NOTHING; \
+             INSERT INTO jobs ({fixed}, {columns}) \
+             SELECT gen_random_uuid(), '{EXPIRED_QUEUE}', 'succeeded', \
+                    now() - interval '1 hour', NULL, {columns} \
+             FROM (SELECT * FROM jobs LIMIT 1) one, generate_series(1, {n})",
+            fixed = fixed.join(", "),
+        );
+        sqlx::raw_sql(sqlx::AssertSqlSafe(copy))
+            .execute(&mut self.conn)
+            .await?;
+        Ok(())
+    }
+
+    /// How many of [`Ledger::seed_expired`]'s jobs are left.
+    pub async fn expired_left(&mut self) -> anyhow::Result<i64> {
+        Ok(
+            sqlx::query_scalar("SELECT count(*) FROM jobs WHERE queue = $1")
+                .bind(EXPIRED_QUEUE)
+                .fetch_one(&mut self.conn)
+                .await?,
+        )
+    }
+
     /// Fails unless the database holds exactly `jobs` jobs, all succeeded: in `jobs`, or, once
-    /// pruned (the bench's `--prune-after`, which archives), in `jobs_archive`.
-    pub async fn ensure_succeeded(&mut self, jobs: usize) -> anyhow::Result<()> {
+    /// pruned (the bench's `--prune-after`), in `jobs_archive`, or else known by the event of
+    /// their end (`--prune-discard`, whose event partitions outlast the workload). Returns how
+    /// many of them were pruned.
+    pub async fn ensure_succeeded(&mut self, jobs: usize) -> anyhow::Result<i64> {
         let mut states = self.states().await?;
-        let archived: Vec<(String, i64)> =
-            sqlx::query_as("SELECT state::text, count(*) FROM jobs_archive GROUP BY state")
-                .fetch_all(&mut self.conn)
-                .await?;
-        for (state, count) in archived {
+        let pruned: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT state::text, count(*) FROM jobs_archive WHERE queue <> $1 GROUP BY state \
+             UNION ALL \
+             SELECT e.state::text, count(DISTINCT e.job_id) FROM job_events e \
+             WHERE e.kind = 'state' AND e.state IN ('succeeded', 'failed', 'cancelled') \
+               AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = e.job_id) \
+               AND NOT EXISTS (SELECT 1 FROM jobs_archive a WHERE a.id = e.job_id) \
+             GROUP BY e.state",
+        )
+        .bind(EXPIRED_QUEUE)
+        .fetch_all(&mut self.conn)
+        .await?;
+        let mut pruned_jobs = 0;
+        for (state, count) in pruned {
+            pruned_jobs += count;
             *states.entry(state).or_default() += count;
         }
         let succeeded = states.get("succeeded").copied().unwrap_or_default();
         if states.len() != 1 || usize::try_from(succeeded)? != jobs {
             bail!("expected {jobs} succeeded jobs, the database has {states:?}");
         }
-        Ok(())
+        Ok(pruned_jobs)
     }
 
     /// For each stored progress event, the time from the report (the `unix_nanos` under `key` in

@@ -73,10 +73,15 @@ struct Args {
     #[arg(long)]
     api_keys: bool,
     /// Servers prune finished jobs this long after they end, checking as often and archiving
-    /// them first (so the workloads still count every job), so that the pruner works
-    /// throughout W1 and W3: the cost of retention under load. SOAK sets its own.
+    /// them first, so that the pruner works throughout W1 and W3: the cost of retention under
+    /// load. The workloads count pruned jobs in the archive. SOAK sets its own.
     #[arg(long, value_parser = humantime::parse_duration)]
     prune_after: Option<Duration>,
+    /// With `--prune-after`: prune without archiving (the server's default). Event partitions
+    /// then span an hour, so that none is dropped during a workload and the workloads count
+    /// pruned jobs by their events.
+    #[arg(long, requires = "prune_after")]
+    prune_discard: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -147,7 +152,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         cluster::require_api_keys();
     }
     if let Some(after) = args.prune_after {
-        cluster::prune_after(after);
+        cluster::prune_after(after, !args.prune_discard);
     }
     let pg = cluster::Postgres::start().await?;
     let mut failed = None;

@@ -16,7 +16,7 @@ use tokio::time::Instant;
 
 use super::Report;
 use crate::{
-    cluster::{Postgres, Server, WorkerProcess},
+    cluster::{self, Postgres, Server, WorkerProcess},
     cores::Window,
     jobs::Noop,
     ledger::Ledger,
@@ -47,13 +47,22 @@ pub async fn run(pg: &Postgres, prefetch: usize) -> anyhow::Result<Report> {
         anyhow::bail!("expected {JOBS} available jobs before the drain, found {states:?}");
     }
 
+    // Pruning under the drain: it is over before any of its own jobs is a second old.
+    let expired = if cluster::pruning() {
+        ledger.seed_expired(JOBS).await?;
+        JOBS
+    } else {
+        0
+    };
+
     let drain_start = Instant::now();
     let mut worker = WorkerProcess::start(&server, Handler::Noop, (SLOTS, prefetch), None)?;
     let cores = Window::open(&server, &worker);
     let drained = worker.while_running(ledger.wait_until_settled()).await? - drain_start;
     let mut report = super::report("W1", JOBS);
     cores.close(&mut report);
-    ledger.ensure_succeeded(JOBS).await?;
+    let expired_pruned = i64::try_from(expired)? - ledger.expired_left().await?;
+    let pruned = ledger.ensure_succeeded(JOBS).await?;
     worker.stop().await?;
 
     report.insert(
@@ -64,6 +73,11 @@ pub async fn run(pg: &Postgres, prefetch: usize) -> anyhow::Result<Report> {
         "drain_per_s".into(),
         super::per_second(JOBS, drained).into(),
     );
+    // Finished jobs the pruner took while the workload ran (`--prune-after`).
+    report.insert("jobs_pruned".into(), pruned.into());
+    // Of as many jobs finished an hour before the drain (`--prune-after`), those pruned by its
+    // end.
+    report.insert("expired_pruned".into(), expired_pruned.into());
     super::insert_peak_rss(&mut report, [&server]);
     Ok(report)
 }

@@ -63,7 +63,7 @@ pub async fn run(pg: &Postgres, prefetch: usize) -> anyhow::Result<Report> {
     let finished = worker.while_running(ledger.wait_until_settled()).await? - start;
     let mut report = super::report("W3", JOBS);
     cores.close(&mut report);
-    ledger.ensure_succeeded(JOBS + 1).await?;
+    let pruned = ledger.ensure_succeeded(JOBS + 1).await?;
     worker.stop().await?;
 
     report.insert(
@@ -74,6 +74,8 @@ pub async fn run(pg: &Postgres, prefetch: usize) -> anyhow::Result<Report> {
         "jobs_per_s".into(),
         super::per_second(JOBS, finished).into(),
     );
+    // Finished jobs the pruner took while the workload ran (`--prune-after`).
+    report.insert("jobs_pruned".into(), pruned.into());
     super::insert_peak_rss(&mut report, [&server]);
     Ok(report)
 }
