@@ -1,7 +1,8 @@
 //! The README's grpcurl walkthroughs, run verbatim with bash against a real server, so the
 //! documentation cannot go stale: list, describe, register from a .proto (built by buf),
 //! enqueue with JSON, a refused misspelling, an example by slug, cancel, watch; then the queue
-//! and schedule commands, the schedule's JSON template checked against the catalog's type.
+//! and schedule commands, the schedule's JSON template checked against the catalog's type; and
+//! the composition walkthrough: dependencies, replay, approval and a signal.
 
 use std::{
     path::{Path, PathBuf},
@@ -139,6 +140,8 @@ async fn the_readme_composition_walkthrough_runs_verbatim() {
         "\"state\": \"JOB_STATE_AWAITING_APPROVAL\"",
         "\"approvalDeadline\"",
         "\"state\": \"JOB_STATE_AVAILABLE\"",
+        // the first signal of its name; its repeat
+        "\"number\": 1",
     ] {
         assert!(
             stdout.contains(expected),
@@ -148,5 +151,15 @@ async fn the_readme_composition_walkthrough_runs_verbatim() {
     assert!(
         stderr.contains("job.depends_on[0]"),
         "the unknown dependency is refused, naming the field:\n{stderr}"
+    );
+    // the replay's repeat and the signal's
+    assert_eq!(
+        stdout.matches("\"repeated\": true").count(),
+        2,
+        "the signal's repeat:\n{stdout}"
+    );
+    assert!(
+        stderr.contains("a finished job takes no signal"),
+        "the cancelled job refuses the signal:\n{stderr}"
     );
 }
