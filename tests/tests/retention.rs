@@ -101,8 +101,15 @@ async fn finished_jobs_past_retention_go_with_their_attempts_into_the_archive() 
     assert_eq!(lease.job_id, failed.id);
     let ack = worker.fail(&failed.id, lease.attempt, "broken", true).await;
     assert_eq!(ack.code, 0, "{ack:?}");
-    // One cancelled before it ran.
+    // One cancelled before it ran, holding a signal sent while it waited.
     let cancelled = enqueue(&mut jobs, spec("other.job", "")).await;
+    jobs.signal_job(pb::SignalJobRequest {
+        id: cancelled.id.clone(),
+        name: "go".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("signal");
     cancel(&mut jobs, &cancelled.id).await;
     // Jobs not finished: one running (its lease held), one scheduled for later.
     let running = enqueue(&mut jobs, spec("ret.job", "")).await;
@@ -150,6 +157,16 @@ async fn finished_jobs_past_retention_go_with_their_attempts_into_the_archive() 
         .await,
         0,
         "attempts of the pruned job"
+    );
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM job_signals WHERE job_id = $1::uuid",
+            &cancelled.id
+        )
+        .await,
+        0,
+        "signals of the pruned job"
     );
 
     // The archive holds them whole.
