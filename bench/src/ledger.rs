@@ -111,11 +111,14 @@ impl Ledger {
     /// their end (`--prune-discard`, whose event partitions outlast the workload). Returns how
     /// many of them were pruned.
     pub async fn ensure_succeeded(&mut self, jobs: usize) -> anyhow::Result<i64> {
-        let mut states = self.states().await?;
-        let pruned: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT state::text, count(*) FROM jobs_archive WHERE queue <> $1 GROUP BY state \
+        // One statement, so one snapshot: the pruner moves jobs between the tables meanwhile.
+        let rows: Vec<(bool, String, i64)> = sqlx::query_as(
+            "SELECT false, state::text, count(*) FROM jobs WHERE queue <> $1 GROUP BY state \
              UNION ALL \
-             SELECT e.state::text, count(DISTINCT e.job_id) FROM job_events e \
+             SELECT true, state::text, count(*) FROM jobs_archive WHERE queue <> $1 \
+             GROUP BY state \
+             UNION ALL \
+             SELECT true, e.state::text, count(DISTINCT e.job_id) FROM job_events e \
              WHERE e.kind = 'state' AND e.state IN ('succeeded', 'failed', 'cancelled') \
                AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = e.job_id) \
                AND NOT EXISTS (SELECT 1 FROM jobs_archive a WHERE a.id = e.job_id) \
@@ -124,9 +127,12 @@ impl Ledger {
         .bind(EXPIRED_QUEUE)
         .fetch_all(&mut self.conn)
         .await?;
+        let mut states = BTreeMap::<String, i64>::new();
         let mut pruned_jobs = 0;
-        for (state, count) in pruned {
-            pruned_jobs += count;
+        for (pruned, state, count) in rows {
+            if pruned {
+                pruned_jobs += count;
+            }
             *states.entry(state).or_default() += count;
         }
         let succeeded = states.get("succeeded").copied().unwrap_or_default();
