@@ -17,6 +17,7 @@ import pytest
 import pytests_pb2 as pb
 
 import jobwire
+from jobwire.client import specs
 
 COUNT = 10
 HANG_AT = 6
@@ -257,10 +258,13 @@ def fan_out(
         runs.append((ctx.attempt, ctx.children_ended))
         if not ctx.children_ended:
             half = job.count // 2
-            # Two calls, so the default keys number the second call's children after the first's.
+            # Two calls, so the default keys number the second call's children after the first's;
+            # the second names its children's keys but for its last, which takes the default.
             await ctx.enqueue_children([pb.Square(n=n) for n in range(half)], job_type=SQUARE)
             await ctx.enqueue_children(
-                [pb.Square(n=n) for n in range(half, job.count)], job_type=SQUARE
+                [pb.Square(n=n) for n in range(half, job.count)],
+                job_type=SQUARE,
+                keys=[f"square-{n}" for n in range(half, job.count - 1)] + [""],
             )
             raise ctx.wait_for_children()
         total = 0
@@ -323,9 +327,12 @@ async def test_a_parent_fans_out_to_children_on_two_workers_and_aggregates_them_
     children = [child async for child in client.list_jobs(parent_id=parent.id)]
     assert len(children) == count
     assert {child.parent_id for child in children} == {parent.id}
-    assert {child.idempotency_key for child in children} == {
-        f"{parent.id}/child/{n}" for n in range(count)
-    }
+    half = count // 2
+    assert {child.idempotency_key for child in children} == (
+        {f"{parent.id}/child/{n}" for n in range(half)}
+        | {f"square-{n}" for n in range(half, count - 1)}
+        | {f"{parent.id}/child/{count - 1}"}
+    )
     ran_on = set()
     for child in children:
         result = pb.SquareResult()
@@ -397,6 +404,15 @@ async def test_a_signal_wait_that_times_out_fails_the_resumed_attempt(
     assert failed.value.last_error.message == "waiting for signal never timed out"
     assert failed.value.last_error.retryable
     assert failed.value.job.attempts_counted == 1, "only the resumed attempt counts"
+
+
+def test_a_batchs_keys_go_one_to_each_payload_or_are_refused() -> None:
+    payloads = [pb.Square(n=n) for n in range(3)]
+    batch = specs(payloads, SQUARE, None, None, None, None, None, None, ["a", "", "c"])
+    assert [spec.idempotency_key for spec in batch] == ["a", "", "c"]
+    for keys in (["a", "b"], "abc"):
+        with pytest.raises(ValueError, match="keys"):
+            specs(payloads, SQUARE, None, None, None, None, None, None, keys)
 
 
 def test_item_results_have_the_rust_sdks_bytes() -> None:

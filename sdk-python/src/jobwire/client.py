@@ -207,10 +207,13 @@ class Client:
         labels: Mapping[str, str] | None = None,
         timeout: timedelta | float | None = None,
         recipe: Recipe | None = None,
+        keys: Sequence[str] | None = None,
     ) -> list[JobHandle[O]]:
         """Stores many jobs of one type in one transaction (1 to 5000): all, or none when any
-        is invalid. Handles come back in the order of ``payloads``."""
-        batch = specs(payloads, job_type, queue, priority, retry, labels, timeout, recipe)
+        is invalid. Handles come back in the order of ``payloads``. ``keys``, when given, holds
+        one idempotency key per payload, in the same order (``ValueError`` otherwise); an
+        empty one leaves its job without."""
+        batch = specs(payloads, job_type, queue, priority, retry, labels, timeout, recipe, keys)
         return await self._enqueue_specs(batch, job_type.output, None)
 
     async def _enqueue_specs(
@@ -489,9 +492,10 @@ def specs(
     labels: Mapping[str, str] | None,
     timeout: timedelta | float | None,
     recipe: Recipe | None,
+    keys: Sequence[str] | None = None,
 ) -> list[job_service_pb2.JobSpec]:
     """The specs of a batch of one type with shared options (``enqueue_many``, and a handler's
-    ``enqueue_children``)."""
+    ``enqueue_children``), each with its key from ``keys`` when given."""
     batch = []
     for payload in payloads:
         spec = job_service_pb2.JobSpec(job_type=job_type.name)
@@ -499,6 +503,11 @@ def specs(
         _apply(spec, queue, priority, None, None, retry, None, labels, timeout)
         _apply_recipe(spec, recipe)
         batch.append(spec)
+    if keys is not None:
+        if isinstance(keys, str) or len(keys) != len(batch):
+            raise ValueError(f"keys: {len(batch)} payloads need as many keys, one each")
+        for spec, key in zip(batch, keys, strict=True):
+            spec.idempotency_key = key
     return batch
 
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -279,23 +279,26 @@ class JobContext:
         labels: Mapping[str, str] | None = None,
         timeout: timedelta | float | None = None,
         recipe: Recipe | None = None,
+        keys: Sequence[str] | None = None,
     ) -> list[JobHandle[O]]:
         """Enqueues jobs as children of this job, as ``Client.enqueue_many`` does (one
         transaction, all or none, handles in order). The server takes them only while this
         attempt holds its lease (``Aborted`` for a stale one), and cancels those not yet ended
         if this job ends CANCELLED or FAILED.
 
-        Each child gets the idempotency key ``<job id>/child/<n>``, ``n`` its position among
-        the children this attempt enqueued: a call that failed (the server unreachable, its
-        answer lost) may be made again and finds what it stored, and a handler that runs again
-        after a crash or a retry and enqueues the same children in the same order gets the
-        existing ones back rather than twins.
+        A child without a key of its own in ``keys`` (one per payload, in order; empty for
+        none) gets the idempotency key ``<job id>/child/<n>``, ``n`` its position among the
+        children this attempt enqueued: a call that failed (the server unreachable, its answer
+        lost) may be made again and finds what it stored, and a handler that runs again after a
+        crash or a retry and enqueues the same children in the same order gets the existing
+        ones back rather than twins. Keys of its own find them whatever the order.
         """
-        batch = specs(payloads, job_type, queue, priority, retry, labels, timeout, recipe)
+        batch = specs(payloads, job_type, queue, priority, retry, labels, timeout, recipe, keys)
         parent = worker_service_pb2.LeaseRef(job_id=self.job_id, attempt=self.attempt)
         async with self._children_lock:
             for n, spec in enumerate(batch, start=self._children_enqueued):
-                spec.idempotency_key = f"{self.job_id}/child/{n}"
+                if not spec.idempotency_key:
+                    spec.idempotency_key = f"{self.job_id}/child/{n}"
             handles = await self._client._enqueue_specs(batch, job_type.output, parent)
             self._children_enqueued += len(batch)
         return handles
