@@ -143,18 +143,24 @@ impl Store {
             .to_owned(),
             Archive::Keep => self.archiving_prune().await?,
         };
-        let (jobs, attempts, events): (i64, i64, i64) = self
-            .pooled(async |c| {
-                Ok(query_as(AssertSqlSafe(sql.clone()))
-                    .bind(&queue.tenant_id)
-                    .bind(&queue.queue)
-                    .bind(queue.retention_ms)
-                    .bind(limit)
-                    .bind(term.0)
-                    .fetch_one(c)
-                    .await?)
-            })
+        // The commit does not wait for its WAL to reach the disk, so that pruning never waits
+        // on the flushes of the hot path's commits nor adds its own. A crash may lose the last
+        // batches, never half of one: their jobs come back whole and are pruned again. Any
+        // later commit that saw them gone (an enqueue reusing a freed key) is flushed after
+        // them, in WAL order.
+        let mut tx = self.begin().await?;
+        query("SET LOCAL synchronous_commit = off")
+            .execute(&mut *tx)
             .await?;
+        let (jobs, attempts, events): (i64, i64, i64) = query_as(AssertSqlSafe(sql))
+            .bind(&queue.tenant_id)
+            .bind(&queue.queue)
+            .bind(queue.retention_ms)
+            .bind(limit)
+            .bind(term.0)
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
         let count = |n: i64| u64::try_from(n).unwrap_or(0);
         Ok(Pruned {
             jobs: count(jobs),
