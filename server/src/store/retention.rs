@@ -25,10 +25,10 @@ const DDL_LOCK_TIMEOUT: &str = "SET LOCAL lock_timeout = '2s'";
 /// The start of both pruning statements ($1 tenant, $2 queue, $3 retention in milliseconds,
 /// $4 batch size, $5 the leader's term): the batch of expired jobs no one else has locked,
 /// deleted with their attempts, each returned whole for the archive, and with their signals
-/// (migration 0033), which are not archived. The jobs are deleted by
-/// the row addresses their lock returned (they cannot move while locked): a plan on the
-/// jobs' key could mistake a table grown since its statistics for a small one, and scan the
-/// tenant's every job for each batch.
+/// (migration 0033), which are not archived. The jobs are deleted by the row addresses their
+/// lock returned (they cannot move while locked): a plan on the jobs' key could mistake a
+/// table grown since its statistics for a small one, and scan the tenant's every job for each
+/// batch.
 const PRUNE: &str = concat!(
     "WITH doomed AS ( \
          SELECT ctid FROM jobs \
