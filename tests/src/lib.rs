@@ -335,6 +335,11 @@ impl ServerProcess {
     /// Makes an API key of `tenant` with `roles` through `jobwire-server keys create` against
     /// `db`, as an operator would, and returns its secret.
     pub async fn api_key(db: &TestDb, tenant: &str, roles: &[&str]) -> String {
+        Self::api_key_with(db, tenant, roles, &[]).await
+    }
+
+    /// As [`ServerProcess::api_key`], with more flags of `keys create` (`--name`, `--ttl`).
+    pub async fn api_key_with(db: &TestDb, tenant: &str, roles: &[&str], more: &[&str]) -> String {
         let mut args = vec![
             "--database-url",
             db.url(),
@@ -346,6 +351,7 @@ impl ServerProcess {
         for role in roles {
             args.extend(["--role", role]);
         }
+        args.extend_from_slice(more);
         let (status, stdout, stderr) = Self::run_command(&args).await;
         assert!(status.success(), "keys create failed: {stderr}");
         stdout.trim().to_owned()

@@ -13,24 +13,9 @@ use support::WAIT;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-/// Makes a key with `jobwire-server keys create`; returns its secret.
+/// Makes a key of the default tenant with `jobwire-server keys create`; returns its secret.
 async fn key(db: &TestDb, name: &str, roles: &[&str]) -> String {
-    let mut args = vec![
-        "--database-url",
-        db.url(),
-        "keys",
-        "create",
-        "--tenant",
-        "default",
-        "--name",
-        name,
-    ];
-    for role in roles {
-        args.extend(["--role", role]);
-    }
-    let (status, stdout, stderr) = ServerProcess::run_command(&args).await;
-    assert!(status.success(), "keys create failed: {stderr}");
-    stdout.trim().to_owned()
+    ServerProcess::api_key_with(db, "default", roles, &["--name", name]).await
 }
 
 /// Serves `update.apply.package`: a package named `fail-4xx` fails with a client error, one

@@ -26,25 +26,10 @@ async fn key_with(
     ttl: Option<&str>,
     more: &[&str],
 ) -> String {
-    let mut args = vec![
-        "--database-url",
-        db.url(),
-        "keys",
-        "create",
-        "--tenant",
-        tenant,
-    ];
-    for role in roles {
-        args.extend(["--role", role]);
-    }
-    if let Some(ttl) = ttl {
-        args.extend(["--ttl", ttl]);
-    }
-    args.extend_from_slice(more);
-    let (status, stdout, stderr) = ServerProcess::run_command(&args).await;
-    assert!(status.success(), "keys create failed: {stderr}");
-    let secret = stdout.trim().to_owned();
-    assert!(secret.starts_with("jw_"), "{stdout:?}");
+    let mut flags = ttl.map_or_else(Vec::new, |ttl| vec!["--ttl", ttl]);
+    flags.extend_from_slice(more);
+    let secret = ServerProcess::api_key_with(db, tenant, roles, &flags).await;
+    assert!(secret.starts_with("jw_"), "{secret:?}");
     secret
 }
 
