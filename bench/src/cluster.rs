@@ -36,9 +36,9 @@ pub fn require_api_keys() {
 static PRUNING: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
 
 /// Makes every server started from now on prune finished jobs `after` their end (at least a
-/// second, the server's least retention), checking as often. Archived as they go (`archive`), with event
-/// partitions of that span; or discarded, with event partitions of an hour so that the events
-/// that count them outlast the workload.
+/// second, the server's least retention), checking as often. Archived as they go (`archive`),
+/// with event partitions of that span; or discarded, with event partitions of an hour so that
+/// the events that count them outlast the workload.
 pub fn prune_after(after: Duration, archive: bool) {
     let span = format!("{}ms", after.as_millis());
     let mut args = vec![

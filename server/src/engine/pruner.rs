@@ -3,11 +3,12 @@
 //! is reached (issue 30; DESIGN's retention pruner).
 //!
 //! Runs on the leader only, each pass under its term: it makes the event log's partitions
-//! ahead of time (again between batches when a backlog keeps it longer than a pass), prunes each queue's finished jobs past its retention in batches of
-//! [`BATCH`] (each its own short transaction taking only unlocked rows, so claims, enqueues
-//! and settles never wait for it), then drops the partitions of the event log whose events are
-//! all older than the longest retention of any queue. Events of pruned jobs stay in the log
-//! until then: the log is never deleted from row by row.
+//! ahead of time (again between batches when a backlog keeps it longer than a pass), prunes
+//! each queue's finished jobs past its retention in batches of [`BATCH`] (each its own short
+//! transaction taking only unlocked rows, so claims, enqueues and settles never wait for it),
+//! then drops the partitions of the event log whose events are all older than the longest
+//! retention of any queue. Events of pruned jobs stay in the log until then: the log is never
+//! deleted from row by row.
 //!
 //! It stops between batches on shutdown or when leadership is lost; what it has done so far is
 //! counted in [`PrunerProgress`] and in the Prometheus counters of [`crate::metrics`]

@@ -198,7 +198,8 @@ impl Store {
             "{PRUNE}, archived_jobs AS ( \
                  INSERT INTO jobs_archive ({jobs}) SELECT {jobs} FROM gone \
              ), archived_attempts AS ( \
-                 INSERT INTO job_attempts_archive ({attempts}) SELECT {attempts} FROM gone_attempts \
+                 INSERT INTO job_attempts_archive ({attempts}) \
+                 SELECT {attempts} FROM gone_attempts \
              ), archived_events AS ( \
                  INSERT INTO job_events_archive ({events}) SELECT {events} FROM job_events \
                  WHERE tenant_id = $1 AND job_id = ANY(ARRAY(SELECT id FROM gone)) \
